@@ -1,0 +1,112 @@
+"""What Rein costs on top of a frozen backbone: one training step's backbone work.
+
+For each backbone (random weights, the real architecture) it times, at the given resolution:
+
+- ``frozen``: the frozen backbone's forward (no graph: with a frozen VFM only the head trains, so
+  the backbone is never backpropagated);
+- ``rein fwd``: the forward with Rein, no graph (inference);
+- ``rein``: forward + backward with Rein after every block (gradients flow back through all blocks
+  to reach the tokens);
+- ``full``: forward + backward of the whole backbone fine-tuned, for reference.
+
+and prints the median times and the ratios to ``frozen``, with peak memory on CUDA.
+
+    python benchmarks/rein_overhead.py                          # ViT-S/B at 512 px on CPU
+    python benchmarks/rein_overhead.py --device cuda --batch 4 --backbones dinov2_vitl14
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from reinseg import build_backbone
+
+
+def _loss(out) -> torch.Tensor:
+    features, queries = out if isinstance(out, tuple) else (out, None)
+    loss = sum(f.float().square().mean() for f in features)
+    return loss if queries is None else loss + queries.float().square().mean()
+
+
+def time_step(backbone, images, mode: str, repeats: int, warmup: int) -> tuple[float, float]:
+    """Median seconds per step and peak memory (MiB, CUDA only) of one mode."""
+    cuda = images.device.type == "cuda"
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if mode in ("frozen", "rein_infer"):
+            with torch.no_grad():
+                _loss(backbone(images))
+        else:
+            _loss(backbone(images)).backward()
+            backbone.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    return statistics.median(times), peak
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["dinov2_vits14", "dinov2_vitb14"])
+    parser.add_argument("--img-size", type=int, default=512)
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cpu = _cpu_name()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
+    print(f"# {where}; torch {torch.__version__}; {args.img_size} px, patch {args.patch_size}, batch {args.batch}, "
+          f"median of {args.repeats}")
+    print("| backbone | frozen fwd (s) | Rein fwd (s) | Rein fwd+bwd (s) | full FT fwd+bwd (s) "
+          "| Rein fwd / frozen | Rein fwd+bwd / frozen | full / frozen |"
+          + (" peak MiB frozen / Rein / full |" if device.type == "cuda" else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else ""))
+    for name in args.backbones:
+        torch.manual_seed(0)
+        images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+        results = {}
+        for mode in ("frozen", "rein_infer", "rein", "full"):
+            backbone = build_backbone(name, img_size=args.img_size, patch_size=args.patch_size,
+                                      rein={} if mode.startswith("rein") else None).to(device)
+            if mode == "full":
+                backbone.freeze_backbone = False
+                backbone.vit.requires_grad_(True)
+            backbone.train()
+            results[mode] = time_step(backbone, images, mode, args.repeats, args.warmup)
+            del backbone
+        (frozen, mf), (infer, _), (rein, mr), (full, mfull) = (results[m] for m in ("frozen", "rein_infer", "rein", "full"))
+        row = (f"| {name} | {frozen:.3f} | {infer:.3f} | {rein:.3f} | {full:.3f} | {infer / frozen:.2f} "
+               f"| {rein / frozen:.2f} | {full / frozen:.2f} |")
+        if device.type == "cuda":
+            row += f" {mf:.0f} / {mr:.0f} / {mfull:.0f} |"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""Frozen vision foundation models from timm with Rein after every block.
+
+:func:`build_backbone` turns a zoo name (``dinov2_vitl14``, ``eva02_vitl14``, ``sam_vith16``, ...)
+into a :class:`ReinBackbone`: the timm model's patch embedding and blocks, Rein refining the
+tokens after every block, and the four feature maps the Mask2Former head reads, made as the
+official code makes them (patch tokens of the ``out_indices`` blocks as stride-``patch`` maps,
+resized x4, x2, x1 and x0.5).
+
+Families differ in how tokens enter the blocks:
+
+- ``dinov2`` / ``vit`` (timm ``VisionTransformer``: DINOv2, CLIP, MAE): ``(B, P + N, C)`` tokens
+  with CLS (and register) prefix tokens. DINOv2 interpolates its position grid at run time as the
+  original DINOv2 code does; the others as timm does.
+- ``eva`` (timm ``Eva``: EVA02, DINOv3): the same tokens, and blocks take the rotary embedding.
+- ``sam`` (timm ``VisionTransformerSAM``): blocks take NHWC maps ``(B, H, W, C)``, no prefix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoints import RESAMPLE_METHODS, fit_state_dict, load_into, read_state_dict, unwrap_state_dict
+from .rein import Rein
+
+__all__ = ["BackboneSpec", "BACKBONES", "ReinBackbone", "build_backbone", "list_backbones", "default_out_indices"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A zoo entry: which timm architecture and pretrained tag, and which family it belongs to."""
+
+    arch: str
+    tag: str
+    family: str
+    title: str
+
+    @property
+    def timm_name(self) -> str:
+        return f"{self.arch}.{self.tag}"
+
+
+def _dinov2(size: str, arch: str, reg: bool) -> BackboneSpec:
+    suffix = "_reg4" if reg else ""
+    return BackboneSpec(
+        f"vit_{arch}_patch14{suffix}_dinov2", "lvd142m", "dinov2", f"DINOv2 ViT-{size}/14{' + registers' if reg else ''}"
+    )
+
+
+def _dinov3(size: str, arch: str) -> BackboneSpec:
+    return BackboneSpec(f"vit_{arch}_patch16_dinov3", "lvd1689m", "eva", f"DINOv3 ViT-{size}/16")
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    **{
+        f"dinov2_vit{s}14{'_reg' if reg else ''}": _dinov2(s.upper(), arch, reg)
+        for reg in (False, True)
+        for s, arch in [("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")]
+    },
+    "dinov3_vits16": _dinov3("S", "small"),
+    "dinov3_vits16plus": _dinov3("S+", "small_plus"),
+    "dinov3_vitb16": _dinov3("B", "base"),
+    "dinov3_vitl16": _dinov3("L", "large"),
+    "dinov3_vith16plus": _dinov3("H+", "huge_plus"),
+    "dinov3_vit7b16": _dinov3("7B", "7b"),
+    "eva02_vitl14": BackboneSpec("eva02_large_patch14_224", "mim_m38m", "eva", "EVA02-L/14 (MIM, Merged-38M)"),
+    "clip_vitl14": BackboneSpec("vit_large_patch14_clip_quickgelu_224", "openai", "vit", "OpenAI CLIP ViT-L/14"),
+    "sam_vitb16": BackboneSpec("samvit_base_patch16", "sa1b", "sam", "SAM ViT-B/16 image encoder"),
+    "sam_vitl16": BackboneSpec("samvit_large_patch16", "sa1b", "sam", "SAM ViT-L/16 image encoder"),
+    "sam_vith16": BackboneSpec("samvit_huge_patch16", "sa1b", "sam", "SAM ViT-H/16 image encoder"),
+    "mae_vitl16": BackboneSpec("vit_large_patch16_224", "mae", "vit", "MAE ViT-L/16"),
+}
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`build_backbone`."""
+    return sorted(BACKBONES)
+
+
+def default_out_indices(depth: int) -> list[int]:
+    """Blocks whose outputs feed the head: at 1/3, 1/2, 2/3 and all of the depth.
+
+    24 blocks give the official ``[7, 11, 15, 23]``, 12 give ``[3, 5, 7, 11]``.
+    """
+    indices = [math.floor(depth * k / 12 + 0.5) - 1 for k in (4, 6, 8, 12)]
+    if depth < 4 or len(set(indices)) != 4:
+        raise ValueError(f"cannot spread 4 out_indices over {depth} blocks; pass out_indices explicitly")
+    return indices
+
+
+class ReinBackbone(nn.Module):
+    """A frozen timm ViT with an optional Rein after every block.
+
+    Args:
+        vit: the timm model (VisionTransformer, Eva or VisionTransformerSAM).
+        family: ``"dinov2"``, ``"vit"``, ``"eva"`` or ``"sam"`` (module docstring).
+        out_indices: the four blocks whose outputs become the feature maps.
+        rein: the Rein module, or None for the plain frozen backbone.
+
+    ``forward(images (B, 3, H, W))`` returns ``features``: four maps ``(B, C, 4H/p, 4W/p)``,
+    ``(B, C, 2H/p, 2W/p)``, ``(B, C, H/p, W/p)``, ``(B, C, H/2p, W/2p)``; and, when Rein links its
+    tokens to queries, ``(features, queries)`` with queries ``(token_length, query_dims)``.
+    The backbone stays frozen and in eval mode when the module is put in train mode; only Rein
+    trains.
+    """
+
+    def __init__(self, vit: nn.Module, family: str, out_indices: Sequence[int], rein: Rein | None = None) -> None:
+        super().__init__()
+        if family not in ("dinov2", "vit", "eva", "sam"):
+            raise ValueError(f"unknown backbone family {family!r}")
+        depth = len(vit.blocks)
+        out_indices = [int(i) for i in out_indices]
+        if len(out_indices) != 4 or any(not 0 <= i < depth for i in out_indices):
+            raise ValueError(f"out_indices must be 4 block indices in [0, {depth}), got {out_indices}")
+        self.vit = vit
+        self.family = family
+        self.out_indices = out_indices
+        self.rein = rein
+        self.embed_dim = int(vit.embed_dim)
+        self.depth = depth
+        self.patch_size = tuple(vit.patch_embed.patch_size)
+        self.num_prefix_tokens = 0 if family == "sam" else int(vit.num_prefix_tokens)
+        self.freeze_backbone = True
+        self.vit.requires_grad_(False)
+        self.vit.eval()
+
+    @property
+    def links_queries(self) -> bool:
+        return self.rein is not None and self.rein.link_token_to_query
+
+    def train(self, mode: bool = True) -> "ReinBackbone":
+        super().train(mode)
+        if self.freeze_backbone:
+            # As the official code does: dropout and drop-path of the frozen VFM stay off.
+            self.vit.eval()
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+        if images.dim() != 4:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        ph, pw = self.patch_size
+        height, width = images.shape[-2:]
+        if height % ph or width % pw:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the patch size {ph}x{pw}; "
+                f"pad or resize the images to a multiple of {ph}"
+            )
+        x, block_kwargs = self._embed(images)
+        maps = []
+        for index, block in enumerate(self.vit.blocks):
+            x = block(x, **block_kwargs)
+            if self.rein is not None:
+                x = self._refine(x, index)
+            if index in self.out_indices:
+                maps.append(self._patch_map(x, height // ph, width // pw))
+        features = [
+            F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else m
+            for m, s in zip(maps, (4, 2, 1, 0.5))
+        ]
+        if self.links_queries:
+            return features, self.rein.queries()
+        return features
+
+    def _embed(self, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """Patch + position embedding; returns the tokens entering block 0 and the blocks' kwargs."""
+        vit = self.vit
+        if self.family == "eva":
+            x, rope = vit._pos_embed(vit.patch_embed(images))
+            return vit.norm_pre(x), {"rope": rope}
+        if self.family == "sam":
+            from timm.layers import resample_abs_pos_embed_nhwc
+
+            x = vit.patch_embed(images)
+            if vit.pos_embed is not None:
+                x = x + resample_abs_pos_embed_nhwc(vit.pos_embed, list(x.shape[1:3]))
+            return vit.norm_pre(vit.patch_drop(vit.pos_drop(x))), {}
+        x = vit.patch_embed(images)  # (B, h, w, C): built with dynamic_img_size
+        batch, h, w, channels = x.shape
+        x = x.reshape(batch, h * w, channels)
+        pos = self._vit_pos_embed((h, w))
+        prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        if vit.no_embed_class:
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return vit.norm_pre(vit.patch_drop(vit.pos_drop(x))), {}
+
+    def _vit_pos_embed(self, grid: tuple[int, int]) -> Tensor:
+        vit = self.vit
+        pos = vit.pos_embed
+        stored = tuple(vit.patch_embed.grid_size)
+        if grid == stored:
+            return pos
+        num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        if self.family == "dinov2":
+            return dinov2_interpolate_pos_embed(pos, num_prefix, stored, grid)
+        from timm.layers import resample_abs_pos_embed
+
+        return resample_abs_pos_embed(pos, list(grid), list(stored), num_prefix_tokens=num_prefix)
+
+    def _refine(self, x: Tensor, index: int) -> Tensor:
+        if self.family == "sam":
+            batch, h, w, channels = x.shape
+            return self.rein(x.reshape(batch, h * w, channels), index).reshape(batch, h, w, channels)
+        return self.rein(x, index)
+
+    def _patch_map(self, x: Tensor, h: int, w: int) -> Tensor:
+        """Patch tokens as an NCHW map ``(B, C, h, w)``."""
+        if self.family == "sam":
+            return x.permute(0, 3, 1, 2).contiguous()
+        patches = x[:, self.num_prefix_tokens :]
+        return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w).contiguous()
+
+    def load_backbone_weights(
+        self, weights: str | Path | dict[str, Tensor], resample: str = "official"
+    ) -> None:
+        """Load VFM weights (a file path or a state dict) into the frozen ViT, fitting patch size and grid."""
+        if isinstance(weights, (str, Path)):
+            source = str(weights)
+            state_dict = read_state_dict(weights)
+        else:
+            source = "backbone state dict"
+            state_dict = unwrap_state_dict(weights, source)
+        fitted = fit_state_dict(state_dict, self.vit, _timm_filter(self.family), resample, source=source)
+        load_into(self.vit, fitted)
+
+
+def dinov2_interpolate_pos_embed(
+    pos_embed: Tensor, num_prefix_tokens: int, stored_grid: tuple[int, int], grid: tuple[int, int]
+) -> Tensor:
+    """Position embeddings for another grid, as the original DINOv2 code interpolates them.
+
+    Bicubic with scale factors ``(grid + 0.1) / stored_grid``: the 0.1 guards the output size
+    against floating-point floor errors (facebookresearch/dino#8), and because it also shifts the
+    sampling positions slightly, it is kept to match the released models exactly.
+    """
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    channels = patches.shape[-1]
+    patches = patches.float().reshape(1, *stored_grid, channels).permute(0, 3, 1, 2)
+    scale = ((grid[0] + 0.1) / stored_grid[0], (grid[1] + 0.1) / stored_grid[1])
+    patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", align_corners=False)
+    if tuple(patches.shape[-2:]) != tuple(grid):
+        raise RuntimeError(f"position interpolation produced {tuple(patches.shape[-2:])}, expected {grid}")
+    patches = patches.permute(0, 2, 3, 1).reshape(1, -1, channels).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def _timm_filter(family: str):
+    if family == "eva":
+        from timm.models.eva import checkpoint_filter_fn
+    elif family == "sam":
+        from timm.models.vision_transformer_sam import checkpoint_filter_fn
+    else:
+        from timm.models.vision_transformer import checkpoint_filter_fn
+    return checkpoint_filter_fn
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2 or min(value) < 1:
+        raise ValueError(f"{name} must be a positive int or an (H, W) pair, got {value}")
+    return value
+
+
+_REIN_FROM_BACKBONE = ("num_layers", "embed_dims", "patch_size", "num_prefix_tokens")
+
+
+def build_backbone(
+    name: str,
+    *,
+    rein: dict[str, Any] | None = None,
+    img_size: int | Sequence[int] = 512,
+    patch_size: int | None = None,
+    out_indices: Sequence[int] | None = None,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = False,
+    resample: str = "official",
+    **timm_overrides: Any,
+) -> ReinBackbone:
+    """Build a frozen VFM backbone from the zoo, with Rein after every block.
+
+    Args:
+        name: zoo name, see :func:`list_backbones` (e.g. ``"dinov2_vitl14"``).
+        rein: Rein arguments (see :class:`reinseg.Rein`); ``num_layers``, ``embed_dims``,
+            ``patch_size`` and ``num_prefix_tokens`` are filled from the backbone. ``None``: no Rein.
+        img_size: training resolution (int or (H, W)); sets the stored position grid. Inputs of
+            other sizes are accepted at run time (position embeddings are interpolated).
+        patch_size: patch size; ``None`` keeps the model's own (14 for DINOv2). The paper runs
+            every VFM at 16, converting the 14x14 kernels.
+        out_indices: the 4 blocks feeding the head (default: :func:`default_out_indices`).
+        checkpoint: local weights (``.pth``/``.pt``/``.bin``/``.safetensors``) in timm or the
+            original release layout; patch size and grid are converted when they differ.
+        pretrained: download timm's hub weights (needs network access).
+        resample: how weights of another patch size / grid are fitted, ``"official"`` (bicubic,
+            the official Rein conversion) or ``"timm"`` (timm's resampling).
+        **timm_overrides: passed to ``timm.create_model`` (``embed_dim``, ``depth``,
+            ``num_heads``, ``drop_path_rate``, ...).
+    """
+    import timm
+
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    if checkpoint is not None and pretrained:
+        raise ValueError("pass either checkpoint= or pretrained=True, not both")
+    if resample not in RESAMPLE_METHODS:
+        raise ValueError(f"resample must be one of {RESAMPLE_METHODS}, got {resample!r}")
+    spec = BACKBONES[name]
+    img_hw = _pair(img_size, "img_size")
+    kwargs: dict[str, Any] = dict(img_size=img_hw, num_classes=0, **timm_overrides)
+    if patch_size is not None:
+        kwargs["patch_size"] = int(patch_size)
+    if spec.family != "sam":
+        kwargs["dynamic_img_size"] = True
+    vit = timm.create_model(spec.arch, pretrained=False, **kwargs)
+    ph, pw = vit.patch_embed.patch_size
+    if img_hw[0] % ph or img_hw[1] % pw:
+        raise ValueError(
+            f"img_size {img_hw[0]}x{img_hw[1]} is not divisible by the patch size {ph} of {name}; "
+            f"pass patch_size=16 (the paper's setting, kernels are converted) or a multiple of {ph} as img_size"
+        )
+    # The segmentation backbone never runs the final norm or the classifier: drop them so
+    # that they neither count as parameters nor need to be in a checkpoint.
+    for unused in ("norm", "fc_norm", "head", "neck"):
+        if isinstance(getattr(vit, unused, None), nn.Module):
+            setattr(vit, unused, nn.Identity())
+
+    depth = len(vit.blocks)
+    indices = list(out_indices) if out_indices is not None else default_out_indices(depth)
+    family = spec.family
+    rein_module = None
+    if rein is not None:
+        if not isinstance(rein, dict):
+            raise TypeError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
+        derived = dict(
+            num_layers=depth,
+            embed_dims=int(vit.embed_dim),
+            patch_size=int(ph),
+            num_prefix_tokens=0 if family == "sam" else int(vit.num_prefix_tokens),
+        )
+        for key in _REIN_FROM_BACKBONE:
+            if key in rein and rein[key] != derived[key]:
+                raise ValueError(f"rein.{key}={rein[key]!r} does not match the backbone {name} ({derived[key]!r})")
+        unknown = set(rein) - set(_REIN_ARGS)
+        if unknown:
+            raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(_REIN_ARGS)}")
+        rein_module = Rein(**{**rein, **derived})
+    backbone = ReinBackbone(vit, family, indices, rein_module)
+
+    if checkpoint is not None:
+        backbone.load_backbone_weights(checkpoint, resample=resample)
+    elif pretrained:
+        backbone.load_backbone_weights(_download_pretrained(name, spec), resample=resample)
+    return backbone
+
+
+_REIN_ARGS = tuple(inspect.signature(Rein.__init__).parameters)[1:]
+
+
+def _download_pretrained(name: str, spec: BackboneSpec) -> dict[str, Tensor]:
+    import timm
+    from timm.models._hub import load_state_dict_from_hf
+
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    hub_id = cfg.hf_hub_id if cfg is not None else None
+    if not hub_id:
+        raise RuntimeError(f"timm has no hub weights for {spec.timm_name}; pass checkpoint=PATH")
+    try:
+        return load_state_dict_from_hf(hub_id)
+    except Exception as err:  # the hub raises many kinds (offline, missing, network)
+        raise RuntimeError(
+            f"could not download the pretrained weights of {name} ({hub_id}): {err}\n"
+            f"Without network access, download them elsewhere and pass checkpoint=PATH "
+            f"(the original release file or timm's model.safetensors)."
+        ) from err

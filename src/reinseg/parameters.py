@@ -1,0 +1,34 @@
+"""Parameter counting: how much of a model is frozen, how much Rein and the head add."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["count_parameters", "format_parameter_table"]
+
+
+def count_parameters(module: nn.Module | None) -> tuple[int, int]:
+    """``(total, trainable)`` parameter counts of ``module`` (0, 0 for None)."""
+    if module is None:
+        return 0, 0
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def format_parameter_table(components: dict[str, nn.Module | None]) -> str:
+    """A table of total and trainable parameters per component, with a total row.
+
+    The trainable share is given against all parameters of the model.
+    """
+    rows = [(name, *count_parameters(module)) for name, module in components.items()]
+    total = sum(r[1] for r in rows)
+    trainable = sum(r[2] for r in rows)
+    rows.append(("total", total, trainable))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'component':<{width}}  {'parameters':>15}  {'trainable':>13}  {'trainable %':>11}"]
+    for name, count, train in rows:
+        share = 100.0 * train / total if total else 0.0
+        if name == "total":
+            lines.append("-" * len(lines[0]))
+        lines.append(f"{name:<{width}}  {count:>15,}  {train:>13,}  {share:>10.2f}%")
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""Rein: learnable tokens that refine the features of a frozen vision foundation model.
+
+Wei et al., "Stronger, Fewer, & Superior: Harnessing Vision Foundation Models for Domain
+Generalized Semantic Segmentation", CVPR 2024.
+
+For block ``i`` of a frozen ViT with patch features ``f`` (N x C) and tokens ``T_i`` (m x C)::
+
+    S     = softmax(f @ T_i^T / sqrt(C))                                  (N x m)
+    delta = mlp_delta_f( S[:, 1:] @ mlp_token2feat(T_i[1:]) + f )           (N x C)
+    f    <- f + scale * delta
+
+The first token is a sink: it takes part in the softmax but never contributes to ``delta``.
+``mlp_token2feat``, ``mlp_delta_f`` and ``scale`` are shared by all layers. Tokens can be
+low-rank, ``T_i = A_i @ B_i`` with ``A_i`` (m x r) and ``B_i`` (r x C).
+
+The tokens are also linked to the instances of the segmentation head: for every layer,
+``transform(T_i)`` (m x D) is max-pooled, avg-pooled and last-layer-taken over layers, and the
+three are merged into the object queries (m x D) of Mask2Former (:meth:`Rein.queries`).
+
+Parameter names follow the official implementation (``Reins`` / ``LoRAReins`` in
+w1oves/Rein) so that its checkpoints load strictly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Rein"]
+
+
+class Rein(nn.Module):
+    """Rein adapter shared by all blocks of a ViT.
+
+    Args:
+        num_layers: number of transformer blocks ``L`` (one token set per block).
+        embed_dims: feature width ``C`` of the backbone.
+        patch_size: backbone patch size; only used for the token initialisation bound,
+            as in the official code.
+        query_dims: width ``D`` of the linked object queries.
+        token_length: number of tokens ``m`` per layer (= number of object queries).
+        lora_dim: rank ``r`` of the low-rank tokens ``A @ B``; ``None`` for full-rank tokens.
+        link_token_to_query: whether the tokens produce the head's object queries.
+        scale_init: initial value of the learnable ``scale``.
+        use_softmax: normalise the token similarities with a scaled softmax.
+        zero_mlp_delta_f: start with a zero delta MLP and a constant scale of 1 (the
+            official module then has no ``scale`` parameter).
+        num_prefix_tokens: leading tokens (CLS, registers) that Rein leaves untouched.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        embed_dims: int,
+        patch_size: int,
+        query_dims: int = 256,
+        token_length: int = 100,
+        lora_dim: int | None = 16,
+        link_token_to_query: bool = True,
+        scale_init: float = 1e-3,
+        use_softmax: bool = True,
+        zero_mlp_delta_f: bool = False,
+        num_prefix_tokens: int = 1,
+    ) -> None:
+        super().__init__()
+        for name, value in [
+            ("num_layers", num_layers),
+            ("embed_dims", embed_dims),
+            ("patch_size", patch_size),
+            ("query_dims", query_dims),
+        ]:
+            if int(value) < 1:
+                raise ValueError(f"Rein: {name} must be a positive integer, got {value!r}")
+        if int(token_length) < 2:
+            # The first token is a sink that never contributes, so one token would do nothing.
+            raise ValueError(f"Rein: token_length must be at least 2, got {token_length!r}")
+        if lora_dim is not None and int(lora_dim) < 1:
+            raise ValueError(f"Rein: lora_dim must be a positive integer or None, got {lora_dim!r}")
+        if int(num_prefix_tokens) < 0:
+            raise ValueError(f"Rein: num_prefix_tokens must be >= 0, got {num_prefix_tokens!r}")
+        self.num_layers = int(num_layers)
+        self.embed_dims = int(embed_dims)
+        self.patch_size = int(patch_size)
+        self.query_dims = int(query_dims)
+        self.token_length = int(token_length)
+        self.lora_dim = None if lora_dim is None else int(lora_dim)
+        self.link_token_to_query = bool(link_token_to_query)
+        self.scale_init = float(scale_init)
+        self.use_softmax = bool(use_softmax)
+        self.zero_mlp_delta_f = bool(zero_mlp_delta_f)
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self._create_parameters()
+
+    def _create_parameters(self) -> None:
+        # The creation and initialisation order replicates the official code call by call, so
+        # that the same seed gives the same initial weights. That is why low-rank Rein also
+        # draws (and then drops) full-rank tokens first, as the official LoRAReins does.
+        L, m, C = self.num_layers, self.token_length, self.embed_dims
+        patch_area = self.patch_size * self.patch_size
+        full_tokens = torch.empty(L, m, C)
+        scale = torch.tensor(self.scale_init)
+        self.mlp_token2feat = nn.Linear(C, C)
+        self.mlp_delta_f = nn.Linear(C, C)
+        bound = math.sqrt(6.0 / float(3 * patch_area + C))
+        nn.init.uniform_(full_tokens, -bound, bound)
+        nn.init.kaiming_uniform_(self.mlp_delta_f.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.mlp_token2feat.weight, a=math.sqrt(5))
+        self.transform = nn.Linear(C, self.query_dims)
+        self.merge = nn.Linear(self.query_dims * 3, self.query_dims)
+        if self.zero_mlp_delta_f:
+            nn.init.zeros_(self.mlp_delta_f.weight)
+            nn.init.zeros_(self.mlp_delta_f.bias)
+            self.scale = 1.0
+        else:
+            self.scale = nn.Parameter(scale)
+
+        if self.lora_dim is None:
+            self.learnable_tokens = nn.Parameter(full_tokens)
+        else:
+            r = self.lora_dim
+            self.learnable_tokens_a = nn.Parameter(torch.empty(L, m, r))
+            self.learnable_tokens_b = nn.Parameter(torch.empty(L, r, C))
+            bound = math.sqrt(6.0 / float(3 * patch_area + (C * r) ** 0.5))
+            nn.init.uniform_(self.learnable_tokens_a, -bound, bound)
+            nn.init.uniform_(self.learnable_tokens_b, -bound, bound)
+
+    def tokens(self, layer: int | None = None) -> Tensor:
+        """The tokens of one layer, ``(m, C)``, or of all layers, ``(L, m, C)``, when ``layer`` is None."""
+        if self.lora_dim is None:
+            return self.learnable_tokens if layer is None else self.learnable_tokens[layer]
+        if layer is None:
+            return self.learnable_tokens_a @ self.learnable_tokens_b
+        return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]
+
+    def delta(self, feats: Tensor, layer: int) -> Tensor:
+        """The refinement ``mlp_delta_f(S[..., 1:] @ mlp_token2feat(T[1:]) + f)`` before scaling.
+
+        Args:
+            feats: patch features ``(B, N, C)`` (no prefix tokens).
+            layer: block index selecting the tokens.
+        Returns:
+            ``(B, N, C)``.
+        """
+        tokens = self.tokens(layer)
+        attn = feats @ tokens.transpose(0, 1)  # (B, N, m)
+        if self.use_softmax:
+            attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
+        # The first token is a sink: it absorbs attention but never contributes.
+        token_feats = self.mlp_token2feat(tokens[1:])  # (m - 1, C)
+        return self.mlp_delta_f(attn[..., 1:] @ token_feats + feats)
+
+    def forward(self, x: Tensor, layer: int) -> Tensor:
+        """Refine the tokens output by block ``layer``.
+
+        Args:
+            x: batch-first tokens ``(B, P + N, C)``; the first ``num_prefix_tokens`` (P) are
+                CLS/register tokens and pass unchanged.
+            layer: index of the block whose output ``x`` is.
+        Returns:
+            ``(B, P + N, C)``.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dims:
+            raise ValueError(
+                f"Rein expects batch-first tokens (B, P + N, {self.embed_dims}), got {tuple(x.shape)}"
+            )
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"Rein has {self.num_layers} layers, got layer {layer}")
+        prefix, feats = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        feats = feats + self.delta(feats, layer) * self.scale
+        return torch.cat([prefix, feats], dim=1) if self.num_prefix_tokens else feats
+
+    def queries(self) -> Tensor:
+        """Object queries linked from the tokens of all layers, ``(m, query_dims)``."""
+        if not self.link_token_to_query:
+            raise RuntimeError("this Rein was built with link_token_to_query=False: it has no queries")
+        per_layer = self.transform(self.tokens())  # (L, m, D)
+        pooled = torch.stack([per_layer.amax(0), per_layer.mean(0), per_layer[-1]], dim=-1)  # (m, D, 3)
+        # Flattening (D, 3) interleaves the three poolings per channel, as the official
+        # merge weight expects.
+        return self.merge(pooled.flatten(-2))
+
+    def extra_repr(self) -> str:
+        rank = "full" if self.lora_dim is None else self.lora_dim
+        return (
+            f"num_layers={self.num_layers}, embed_dims={self.embed_dims}, token_length={self.token_length}, "
+            f"lora_dim={rank}, query_dims={self.query_dims}, link_token_to_query={self.link_token_to_query}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}"
+        )

@@ -1,0 +1,190 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import load_golden
+from reinseg import Rein
+
+OFFICIAL_NAMES = {
+    "scale",
+    "mlp_token2feat.weight",
+    "mlp_token2feat.bias",
+    "mlp_delta_f.weight",
+    "mlp_delta_f.bias",
+    "transform.weight",
+    "transform.bias",
+    "merge.weight",
+    "merge.bias",
+}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden("lora_rein_small.pt")
+
+
+def test_golden_low_rank_parity(golden):
+    rein = Rein(**golden["config"])
+    rein.load_state_dict(golden["state_dict"], strict=True)
+    for layer, (x, expected) in enumerate(zip(golden["inputs"], golden["outputs"])):
+        out = rein(x, layer)
+        assert out.shape == expected.shape
+        assert (out - expected).abs().max().item() <= 1e-5
+    assert (rein.queries() - golden["queries"]).abs().max().item() <= 1e-5
+
+
+def test_full_rank_tokens_compute_the_same_as_their_low_rank_product(golden):
+    config = dict(golden["config"], lora_dim=None)
+    rein = Rein(**config)
+    state = {k: v for k, v in golden["state_dict"].items() if not k.startswith("learnable_tokens")}
+    state["learnable_tokens"] = golden["state_dict"]["learnable_tokens_a"] @ golden["state_dict"]["learnable_tokens_b"]
+    rein.load_state_dict(state, strict=True)
+    assert rein.learnable_tokens.shape == (4, 10, 64)
+    for layer, (x, expected) in enumerate(zip(golden["inputs"], golden["outputs"])):
+        assert (rein(x, layer) - expected).abs().max().item() <= 1e-5
+    assert (rein.queries() - golden["queries"]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs, tokens",
+    [
+        (dict(lora_dim=4), {"learnable_tokens_a", "learnable_tokens_b"}),
+        (dict(lora_dim=None), {"learnable_tokens"}),
+    ],
+)
+def test_parameter_names_are_the_official_ones(kwargs, tokens):
+    rein = Rein(num_layers=2, embed_dims=16, patch_size=16, query_dims=8, token_length=5, **kwargs)
+    assert set(rein.state_dict()) == OFFICIAL_NAMES | tokens
+
+
+def test_zero_mlp_delta_f_has_no_scale_and_starts_as_identity():
+    rein = Rein(num_layers=2, embed_dims=16, patch_size=16, query_dims=8, token_length=5, zero_mlp_delta_f=True)
+    assert "scale" not in rein.state_dict()
+    assert rein.scale == 1.0
+    assert torch.count_nonzero(rein.mlp_delta_f.weight) == 0 and torch.count_nonzero(rein.mlp_delta_f.bias) == 0
+    x = torch.randn(2, 1 + 9, 16)
+    assert torch.equal(rein(x, 1), x)
+    # It still learns: the delta MLP receives gradients.
+    rein(x, 1).square().sum().backward()
+    assert rein.mlp_delta_f.weight.grad.abs().sum() > 0
+
+
+def test_strict_loading_rejects_foreign_names():
+    rein = Rein(num_layers=2, embed_dims=16, patch_size=16, query_dims=8, token_length=5, lora_dim=4)
+    state = dict(rein.state_dict())
+    state["learnable_tokens"] = torch.zeros(2, 5, 16)
+    with pytest.raises(RuntimeError, match="learnable_tokens"):
+        rein.load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize("num_prefix_tokens", [0, 1, 5])
+def test_prefix_tokens_pass_unchanged_and_patches_change(num_prefix_tokens):
+    rein = Rein(num_layers=3, embed_dims=16, patch_size=14, query_dims=8, token_length=6,
+                num_prefix_tokens=num_prefix_tokens, scale_init=1.0)
+    x = torch.randn(2, num_prefix_tokens + 12, 16)
+    out = rein(x, 2)
+    assert out.shape == x.shape
+    assert torch.equal(out[:, :num_prefix_tokens], x[:, :num_prefix_tokens])
+    assert (out[:, num_prefix_tokens:] - x[:, num_prefix_tokens:]).abs().min() > 0
+
+
+def test_first_token_is_a_sink_that_never_contributes():
+    # Without softmax the delta is linear in the tokens' contributions, so the first token
+    # must have no influence at all.
+    rein = Rein(num_layers=2, embed_dims=16, patch_size=16, query_dims=8, token_length=5, lora_dim=None,
+                use_softmax=False, scale_init=1.0)
+    x = torch.randn(2, 1 + 7, 16)
+    before = rein(x, 0)
+    with torch.no_grad():
+        rein.learnable_tokens[0, 0].normal_()
+    assert torch.allclose(rein(x, 0), before, atol=0, rtol=0)
+    with torch.no_grad():
+        rein.learnable_tokens[0, 1].normal_()
+    assert not torch.allclose(rein(x, 0), before)
+
+
+def test_initialisation_follows_the_official_code():
+    L, m, C, r, p, D = 3, 7, 24, 4, 16, 8
+    torch.manual_seed(123)
+    rein = Rein(num_layers=L, embed_dims=C, patch_size=p, query_dims=D, token_length=m, lora_dim=r)
+
+    # The official LoRAReins.create_model, call by call (w1oves/Rein, rein/models/backbones/reins.py).
+    torch.manual_seed(123)
+    tokens = torch.empty(L, m, C)
+    token2feat, delta_f = nn.Linear(C, C), nn.Linear(C, C)
+    val = math.sqrt(6.0 / float(3 * p * p + C))
+    nn.init.uniform_(tokens, -val, val)
+    nn.init.kaiming_uniform_(delta_f.weight, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(token2feat.weight, a=math.sqrt(5))
+    transform, merge = nn.Linear(C, D), nn.Linear(3 * D, D)
+    a, b = torch.empty(L, m, r), torch.empty(L, r, C)
+    val = math.sqrt(6.0 / float(3 * p * p + (C * r) ** 0.5))
+    nn.init.uniform_(a, -val, val)
+    nn.init.uniform_(b, -val, val)
+
+    assert rein.scale.item() == pytest.approx(1e-3)
+    for ours, theirs in [
+        (rein.learnable_tokens_a, a),
+        (rein.learnable_tokens_b, b),
+        (rein.mlp_token2feat.weight, token2feat.weight),
+        (rein.mlp_token2feat.bias, token2feat.bias),
+        (rein.mlp_delta_f.weight, delta_f.weight),
+        (rein.mlp_delta_f.bias, delta_f.bias),
+        (rein.transform.weight, transform.weight),
+        (rein.transform.bias, transform.bias),
+        (rein.merge.weight, merge.weight),
+        (rein.merge.bias, merge.bias),
+    ]:
+        assert torch.equal(ours, theirs)
+    assert rein.learnable_tokens_a.abs().max() <= val
+
+
+def test_queries_pool_over_layers_in_the_official_order():
+    rein = Rein(num_layers=3, embed_dims=16, patch_size=16, query_dims=8, token_length=5, lora_dim=None)
+    per_layer = rein.transform(rein.learnable_tokens)  # (L, m, D)
+    # Official: permute to (m, D, L), max/avg-pool over L, take the last, cat -> (m, D, 3), flatten.
+    t = per_layer.permute(1, 2, 0)
+    pooled = torch.cat([t.max(-1, keepdim=True).values, t.mean(-1, keepdim=True), t[..., -1:]], dim=-1)
+    expected = rein.merge(pooled.flatten(-2))
+    queries = rein.queries()
+    assert queries.shape == (5, 8)
+    assert torch.allclose(queries, expected, atol=1e-6)
+
+
+def test_gradients_reach_every_rein_parameter():
+    rein = Rein(num_layers=2, embed_dims=16, patch_size=16, query_dims=8, token_length=5, lora_dim=4)
+    x = torch.randn(2, 1 + 6, 16)
+    (rein(x, 0).sum() + rein(x, 1).sum() + rein.queries().sum()).backward()
+    for name, param in rein.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_no_queries_without_link():
+    rein = Rein(num_layers=2, embed_dims=16, patch_size=16, link_token_to_query=False)
+    with pytest.raises(RuntimeError, match="link_token_to_query"):
+        rein.queries()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(token_length=1), "token_length"),
+        (dict(lora_dim=0), "lora_dim"),
+        (dict(num_prefix_tokens=-1), "num_prefix_tokens"),
+        (dict(embed_dims=0), "embed_dims"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    args = dict(num_layers=2, embed_dims=16, patch_size=16) | kwargs
+    with pytest.raises(ValueError, match=message):
+        Rein(**args)
+
+
+def test_bad_input_shapes_are_reported():
+    rein = Rein(num_layers=2, embed_dims=16, patch_size=16)
+    with pytest.raises(ValueError, match=r"\(B, P \+ N, 16\)"):
+        rein(torch.randn(2, 5, 8), 0)
+    with pytest.raises(IndexError, match="2 layers"):
+        rein(torch.randn(2, 5, 16), 2)
