@@ -9,6 +9,8 @@ def test_params_prints_the_papers_rein_count(capsys):
     rein_row = next(line for line in out.splitlines() if line.startswith("Rein"))
     assert "2,990,081" in rein_row
     assert "304,196,608" in out  # the frozen DINOv2-L at patch 16, 512 px
+    head_row = next(line for line in out.splitlines() if line.startswith("head"))
+    assert "20,579,796" in head_row  # the paper's Mask2Former head: 256 channels, 100 queries, 19 classes
 
 
 def test_backbones_lists_the_zoo(capsys):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoints import RESAMPLE_METHODS, fit_state_dict, load_into, read_state_dict, unwrap_state_dict
+from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_state_dict, unwrap_state_dict
 from .rein import Rein
 
 __all__ = ["BackboneSpec", "BACKBONES", "ReinBackbone", "build_backbone", "list_backbones", "default_out_indices"]

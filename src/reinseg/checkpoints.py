@@ -1,224 +1,112 @@
-"""Reading backbone weight files and fitting them to a timm model of another patch size or grid.
+"""reinseg checkpoints: the trainable weights (Rein + head) with the configuration they belong to.
 
-Supported files: PyTorch pickles (``.pth``/``.pt``/``.bin``, read with ``weights_only=True``) and
-safetensors, holding either timm state dicts or the original releases' layouts that timm's
-checkpoint filters understand (DINOv2 as Facebook releases it and as the official Rein
-conversion script writes it, DINOv3, EVA02, OpenAI CLIP, SAM, MAE).
-
-Two ways to fit a checkpoint trained at another patch size or resolution:
-
-- ``"official"`` (default): the official Rein conversion (``tools/convert_models`` in
-  w1oves/Rein): bicubic resize (align_corners False, no antialiasing) of the patch kernel to the
-  new patch size and of the position grid to the new grid, prefix (CLS) positions kept. The
-  released Rein heads were trained on DINOv2 weights converted this way.
-- ``"timm"``: timm's resampling (pseudo-inverse patch-kernel resampling, antialiased bicubic
-  position grid).
+The frozen VFM weights are not copied: the configuration references them
+(``model.backbone.checkpoint`` or ``pretrained``). Files are written atomically (a temporary file
+in the same folder, flushed to disk, then renamed over the target), so a killed process never
+leaves a half-written checkpoint behind.
 """
 
 from __future__ import annotations
 
-import math
-import re
+import os
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = [
-    "RESAMPLE_METHODS",
-    "read_state_dict",
-    "resize_patch_kernel",
-    "resize_pos_grid",
-    "fit_state_dict",
-    "load_into",
-]
+from .config import ModelConfig, from_dict
+from .pretrained import state_dict_mismatches
 
-RESAMPLE_METHODS = ("official", "timm")
+__all__ = ["CHECKPOINT_FORMAT", "atomic_write", "save_checkpoint", "load_checkpoint", "trainable_state_dict",
+           "load_trainable_weights", "segmentor_from_checkpoint"]
 
-# Wrappers that training frameworks put around a state dict.
-_WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
-# Keys of parts of a ViT that the segmentation backbone never runs (final norms, classifier,
-# SAM's neck, MIM heads); checkpoints may or may not hold them.
-_UNUSED_PREFIXES = ("norm.", "fc_norm.", "head.", "neck.", "attn_pool.", "lm_head.", "head_drop.")
-# Where position embeddings and patch kernels live in the layouts we read, before conversion.
-_POS_KEYS = ("pos_embed", "visual.positional_embedding", "positional_embedding", "image_encoder.pos_embed")
-_PATCH_KEYS = ("patch_embed.proj.weight", "visual.conv1.weight", "conv1.weight", "image_encoder.patch_embed.proj.weight")
+CHECKPOINT_FORMAT = "reinseg-checkpoint-v1"
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a weight file into a flat ``{name: tensor}`` dict, unwrapping framework wrappers.
-
-    Raises a ``FileNotFoundError``/``ValueError`` naming ``path`` when the file is missing,
-    unreadable or holds no tensors.
-    """
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(file_object)`` on a temporary file, then rename it to ``path``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many kinds on a corrupt file
-        raise ValueError(f"could not read checkpoint {path}: {err}") from err
-    return unwrap_state_dict(obj, source=str(path))
-
-
-def unwrap_state_dict(obj: object, source: str = "state dict") -> dict[str, Tensor]:
-    """Return the tensor dict inside ``obj`` (unwrapping ``state_dict``/``model``/... and ``module.``)."""
-    while isinstance(obj, dict):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"{source} holds no state dict (got {type(obj).__name__})")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not tensors:
-        raise ValueError(f"{source} holds no tensors")
-    if all(k.startswith("module.") for k in tensors):
-        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
-    # DINOv2 trained with block_chunks > 0 names blocks ``blocks.<chunk>.<index>.``.
-    chunked = re.compile(r"^blocks\.\d+\.(\d+)\.")
-    if any(chunked.match(k) for k in tensors):
-        tensors = {chunked.sub(r"blocks.\1.", k): v for k, v in tensors.items()}
-    return tensors
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
-def resize_patch_kernel(kernel: Tensor, patch_size: tuple[int, int], method: str = "official") -> Tensor:
-    """Resize a patch-embedding kernel ``(C, 3, p, p)`` to ``patch_size``."""
-    if tuple(kernel.shape[-2:]) == tuple(patch_size):
-        return kernel
-    if method == "official":
-        return F.interpolate(kernel.float(), size=patch_size, mode="bicubic", align_corners=False).to(kernel.dtype)
-    from timm.layers import resample_patch_embed
-
-    return resample_patch_embed(kernel, list(patch_size), interpolation="bicubic", antialias=True)
+def trainable_state_dict(segmentor: torch.nn.Module) -> dict[str, Tensor]:
+    """The weights a checkpoint stores: everything but the frozen VFM."""
+    frozen = getattr(segmentor.backbone, "freeze_backbone", True)
+    return {k: v for k, v in segmentor.state_dict().items() if not (frozen and k.startswith("backbone.vit."))}
 
 
-def resize_pos_grid(grid: Tensor, size: tuple[int, int], method: str = "official") -> Tensor:
-    """Resize position embeddings laid out as an image ``(1, C, h, w)`` to ``size``."""
-    if tuple(grid.shape[-2:]) == tuple(size):
-        return grid
-    antialias = method == "timm"
-    return F.interpolate(grid.float(), size=size, mode="bicubic", align_corners=False, antialias=antialias).to(
-        grid.dtype
-    )
-
-
-def _resize_pos_embed(pos: Tensor, grid: tuple[int, int], method: str) -> Tensor:
-    """Resize a position embedding in any of the layouts we read to ``grid``, prefix kept.
-
-    Layouts: ``(1, P + h*w, C)`` (timm, DINOv2, EVA), ``(P + h*w, C)`` (OpenAI CLIP),
-    ``(1, h, w, C)`` (SAM). Stored grids are square; ``P`` is 0 or 1.
-    """
-    if pos.dim() == 4:
-        out = resize_pos_grid(pos.permute(0, 3, 1, 2), grid, method)
-        return out.permute(0, 2, 3, 1)
-    flat = pos.unsqueeze(0) if pos.dim() == 2 else pos
-    n, c = flat.shape[1], flat.shape[2]
-    num_prefix = next((p for p in (0, 1) if math.isqrt(n - p) ** 2 == n - p), None)
-    if num_prefix is None:
-        raise ValueError(f"position embedding of {n} tokens is not a square grid with 0 or 1 prefix tokens")
-    side = math.isqrt(n - num_prefix)
-    if (side, side) == tuple(grid):
-        return pos
-    patch = flat[:, num_prefix:].reshape(1, side, side, c).permute(0, 3, 1, 2)
-    patch = resize_pos_grid(patch, grid, method).permute(0, 2, 3, 1).reshape(1, -1, c)
-    out = torch.cat([flat[:, :num_prefix], patch], dim=1)
-    return out[0] if pos.dim() == 2 else out
-
-
-def _resize_rel_pos(rel_pos: Tensor, length: int) -> Tensor:
-    """Resize SAM's decomposed relative positions ``(2s - 1, C)`` linearly, as SAM does at run time."""
-    if rel_pos.shape[0] == length:
-        return rel_pos
-    out = F.interpolate(rel_pos.float().t().unsqueeze(0), size=length, mode="linear")
-    return out[0].t().to(rel_pos.dtype)
-
-
-def fit_state_dict(
-    state_dict: dict[str, Tensor],
-    model: nn.Module,
-    filter_fn: Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]],
-    method: str = "official",
-    source: str = "checkpoint",
-) -> dict[str, Tensor]:
-    """Convert ``state_dict`` to ``model``'s timm layout, patch size and grid.
+def save_checkpoint(path: str | Path, config: dict[str, Any], state_dict: dict[str, Tensor], **extra: Any) -> Path:
+    """Write a checkpoint atomically.
 
     Args:
-        state_dict: weights in any supported layout.
-        model: the timm model to fit (its patch kernel and position grid give the targets).
-        filter_fn: timm's checkpoint filter for the model's family (layout conversion).
-        method: ``"official"`` or ``"timm"`` resampling (module docstring).
-        source: name of the weights for error messages.
-    Returns:
-        A state dict whose keys and shapes match ``model`` (unused heads and norms dropped).
+        config: the full configuration as a plain dict (at least its ``model`` section).
+        state_dict: the trainable weights (:func:`trainable_state_dict`).
+        **extra: training state (optimizer, schedule, step, ...).
     """
-    if method not in RESAMPLE_METHODS:
-        raise ValueError(f"resample must be one of {RESAMPLE_METHODS}, got {method!r}")
-    patch = tuple(model.patch_embed.proj.weight.shape[-2:])
-    grid = tuple(model.patch_embed.grid_size)
-    state_dict = dict(state_dict)
-    if method == "official":
-        # Resample before timm's filter sees the weights, so that it finds the shapes it
-        # expects and leaves them alone.
-        for key in _PATCH_KEYS:
-            if key in state_dict:
-                state_dict[key] = resize_patch_kernel(state_dict[key], patch, method)
-        for key in _POS_KEYS:
-            if key in state_dict:
-                state_dict[key] = _resize_pos_embed(state_dict[key], grid, method)
-    state_dict = filter_fn(state_dict, model)
+    payload = {"format": CHECKPOINT_FORMAT, "config": config, "state_dict": state_dict, **extra}
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
-    # Whatever the filter left unfitted (SAM's filter does no resampling).
-    target = model.state_dict()
-    for key, value in list(state_dict.items()):
-        if key not in target or target[key].shape == value.shape:
-            continue
-        if key == "patch_embed.proj.weight":
-            state_dict[key] = resize_patch_kernel(value, patch, method)
-        elif key == "pos_embed":
-            state_dict[key] = _resize_pos_embed(value, grid, method)
-        elif key.endswith((".rel_pos_h", ".rel_pos_w")):
-            state_dict[key] = _resize_rel_pos(value, target[key].shape[0])
 
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
-    missing = [k for k in target if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in target]
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in state_dict.items()
-        if k in target and v.shape != target[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_first(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_first(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {_first(mismatched)}")
-    if problems:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a reinseg checkpoint, refusing (with the path) files that are not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"could not read checkpoint {path}: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
-            f"{source} does not fit {type(model).__name__} "
-            f"(embed_dim {getattr(model, 'embed_dim', '?')}, depth {len(model.blocks)}): " + "; ".join(problems)
+            f"{path} is not a reinseg checkpoint (official Rein releases are converted with "
+            f"`reinseg convert-official`)"
         )
-    return state_dict
+    return payload
 
 
-def load_into(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
-    """Copy a fitted state dict into ``model`` (works for models built on the meta device)."""
-    model.load_state_dict(state_dict, strict=True, assign=_is_meta(model))
+def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None = None):
+    """Build the segmentor of a checkpoint and load its weights.
+
+    Args:
+        path: the checkpoint.
+        model_config: use this model configuration instead of the checkpoint's (its weights must
+            fit it: anything else is an error naming the keys).
+    Returns:
+        ``(segmentor, payload)``.
+    """
+    from .segmentor import build_segmentor
+
+    payload = load_checkpoint(path)
+    if model_config is None:
+        model_config = from_dict(ModelConfig, payload["config"].get("model"), "model")
+    segmentor = build_segmentor(model_config)
+    load_trainable_weights(segmentor, payload["state_dict"], source=str(path))
+    return segmentor, payload
 
 
-def _is_meta(model: nn.Module) -> bool:
-    return any(p.is_meta for p in model.parameters())
-
-
-def _first(names: list[str], n: int = 8) -> str:
-    shown = ", ".join(names[:n])
-    return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+def load_trainable_weights(segmentor, state_dict: dict[str, Tensor], source: str, names=lambda name: name) -> None:
+    """Load Rein + head weights strictly; what does not fit is named (in ``names``' convention)."""
+    expected = trainable_state_dict(segmentor)
+    cls_key = "head.cls_embed.weight"
+    if cls_key in state_dict and cls_key in expected and state_dict[cls_key].shape != expected[cls_key].shape:
+        raise ValueError(
+            f"class count mismatch: the config has {segmentor.num_classes} classes but {source}'s "
+            f"{names(cls_key)} has {state_dict[cls_key].shape[0] - 1} (+1 no-object)"
+        )
+    problems = state_dict_mismatches(expected, state_dict, names)
+    if problems:
+        raise ValueError(f"{source} does not fit the model configuration: " + "; ".join(problems))
+    segmentor.load_state_dict(state_dict, strict=False)

@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 from conftest import load_golden, tiny_overrides
 from reinseg import build_backbone
-from reinseg.checkpoints import read_state_dict
+from reinseg.pretrained import read_state_dict
 
 TINY = tiny_overrides("dinov2_vits14")
 

@@ -1,0 +1,209 @@
+"""Mask2Former's training loss for semantic segmentation, with the official Rein settings.
+
+Every prediction (the initial queries' and each decoder layer's) is matched to the ground-truth
+segments one-to-one (Hungarian, on ``num_points`` uniformly sampled points) and then scored:
+class cross-entropy (no-object weighted 0.1), and mask BCE + dice on points chosen by
+uncertainty (``oversample_ratio`` candidates, ``importance_sample_ratio`` of them the most
+uncertain, the rest uniform). Semantic labels become one binary mask per class present; ignored
+pixels (255) belong to no class, so, as in mmseg, they count as background of every mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+# mmdet divides summed losses by (avg_factor + eps).
+_EPS = torch.finfo(torch.float32).eps
+
+__all__ = ["point_sample", "semantic_to_masks", "HungarianMatcher", "Mask2FormerLoss"]
+
+
+def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
+    """Bilinear values of ``maps (N, C, H, W)`` at normalized ``coords (N, P, 2)`` (x, y in [0, 1]) -> ``(N, C, P)``."""
+    return F.grid_sample(maps, 2.0 * coords.unsqueeze(2) - 1.0, align_corners=False).squeeze(3)
+
+
+def semantic_to_masks(label: Tensor, ignore_index: int = 255) -> tuple[Tensor, Tensor]:
+    """One binary mask per class present in ``label (H, W)``: ``(classes (G,), masks (G, H, W))``."""
+    classes = torch.unique(label)
+    classes = classes[classes != ignore_index]
+    return classes, label.unsqueeze(0) == classes.view(-1, 1, 1)
+
+
+def uncertain_points(mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float) -> Tensor:
+    """Sample points where masks are least certain (logit near 0), plus uniform ones.
+
+    Args:
+        mask_logits: ``(N, 1, h, w)``.
+    Returns:
+        ``(N, num_points, 2)`` normalized coordinates.
+    """
+    n = mask_logits.shape[0]
+    num_candidates = int(num_points * oversample_ratio)
+    candidates = torch.rand(n, num_candidates, 2, device=mask_logits.device)
+    uncertainty = -point_sample(mask_logits, candidates)[:, 0].abs()
+    num_uncertain = int(importance_ratio * num_points)
+    chosen = uncertainty.topk(num_uncertain, dim=1).indices
+    coords = torch.gather(candidates, 1, chosen.unsqueeze(-1).expand(-1, -1, 2))
+    if num_points > num_uncertain:
+        coords = torch.cat([coords, torch.rand(n, num_points - num_uncertain, 2, device=mask_logits.device)], dim=1)
+    return coords
+
+
+class HungarianMatcher:
+    """One-to-one assignment of queries to ground-truth segments (mmdet's ``HungarianAssigner``).
+
+    Cost = ``class_weight * -p(class)`` + ``mask_weight * BCE`` + ``dice_weight * dice``, masks
+    compared on ``num_points`` random points shared by all queries and segments.
+    """
+
+    def __init__(self, class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
+                 num_points: int = 12544) -> None:
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.num_points = num_points
+
+    @torch.no_grad()
+    def cost(self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor) -> Tensor:
+        """The ``(Q, G)`` matching cost of one image."""
+        coords = torch.rand(1, self.num_points, 2, device=mask_logits.device)
+        pred = point_sample(mask_logits.unsqueeze(1), coords.expand(mask_logits.shape[0], -1, -1))[:, 0].float()
+        target = point_sample(gt_masks.unsqueeze(1).float(), coords.expand(gt_masks.shape[0], -1, -1))[:, 0]
+
+        cost_class = -class_logits.float().softmax(-1)[:, gt_classes]
+        # Sigmoid BCE of every prediction against every target, averaged over points.
+        pos = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred), reduction="none")
+        neg = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none")
+        cost_mask = (pos @ target.t() + neg @ (1 - target).t()) / pred.shape[1]
+        prob = pred.sigmoid()
+        cost_dice = 1 - (2 * prob @ target.t() + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None, :] + 1)
+        return self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
+
+    def __call__(self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """Matched ``(query_indices, gt_indices)`` of one image.
+
+        Args:
+            class_logits: ``(Q, K + 1)``; mask_logits: ``(Q, h, w)``;
+            gt_classes: ``(G,)``; gt_masks: ``(G, H, W)`` boolean.
+        """
+        cost = self.cost(class_logits, mask_logits, gt_classes, gt_masks).cpu().numpy()
+        if not np.isfinite(cost).all():
+            raise FloatingPointError("the matching cost is not finite: the predictions hold NaN or Inf")
+        rows, cols = linear_sum_assignment(cost)
+        device = class_logits.device
+        return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(cols, dtype=torch.long, device=device)
+
+
+class Mask2FormerLoss(nn.Module):
+    """Deep-supervised Mask2Former loss on semantic labels.
+
+    Args:
+        num_classes: ``K`` (the no-object class is ``K``).
+        class_weight, mask_weight, dice_weight: loss weights (2, 5, 5), also the matching costs'.
+        no_object_weight: cross-entropy weight of the no-object class (0.1).
+        num_points, oversample_ratio, importance_sample_ratio: point sampling (12544, 3, 0.75).
+        ignore_index: label value that belongs to no class (255).
+
+    ``forward(class_logits, mask_logits, labels)`` takes the head's per-prediction lists and
+    ``labels (B, H, W)``, and returns a dict: ``loss_cls``, ``loss_mask``, ``loss_dice`` for the
+    last prediction, ``d{i}.loss_*`` for the earlier ones (mmdet's names), and their sum ``loss``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        no_object_weight: float = 0.1,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.class_weight = class_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.ignore_index = ignore_index
+        self.matcher = HungarianMatcher(class_weight, mask_weight, dice_weight, num_points)
+        weights = torch.ones(num_classes + 1)
+        weights[-1] = no_object_weight
+        self.register_buffer("ce_class_weights", weights, persistent=False)
+
+    def forward(self, class_logits: list[Tensor], mask_logits: list[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        if labels.dim() != 3:
+            raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
+        valid = (labels != self.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
+        if valid.any():
+            bad = labels[valid].unique()[:8].tolist()
+            raise ValueError(f"label values {bad} are outside 0..{self.num_classes - 1} and not {self.ignore_index}")
+        targets = [semantic_to_masks(label, self.ignore_index) for label in labels]
+        num_masks = _mean_over_ranks(sum(len(c) for c, _ in targets), labels.device)
+        losses: dict[str, Tensor] = {}
+        last = len(class_logits) - 1
+        for i, (cls, masks) in enumerate(zip(class_logits, mask_logits)):
+            prefix = "" if i == last else f"d{i}."
+            for name, value in self._single(cls, masks, targets, num_masks).items():
+                losses[prefix + name] = value
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def _single(self, class_logits: Tensor, mask_logits: Tensor, targets, num_masks: float) -> dict[str, Tensor]:
+        """Losses of one prediction ``(B, Q, K + 1)``, ``(B, Q, h, w)``."""
+        batch, num_queries = class_logits.shape[:2]
+        target_classes = torch.full((batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device)
+        matched_preds, matched_targets = [], []
+        for b, (gt_classes, gt_masks) in enumerate(targets):
+            if len(gt_classes) == 0:
+                continue
+            query_idx, gt_idx = self.matcher(class_logits[b], mask_logits[b], gt_classes, gt_masks)
+            target_classes[b, query_idx] = gt_classes[gt_idx]
+            matched_preds.append(mask_logits[b, query_idx])
+            matched_targets.append(gt_masks[gt_idx])
+
+        weights = self.ce_class_weights.to(class_logits.dtype)
+        ce = F.cross_entropy(class_logits.flatten(0, 1).float(), target_classes.flatten(), weight=weights.float(),
+                             reduction="sum")
+        loss_cls = ce / (weights[target_classes].sum().float() + _EPS)
+
+        if not matched_preds:
+            # Nothing to match: keep the graph (and DDP's gradient buckets) alive with zeros.
+            zero = mask_logits.sum() * 0.0
+            return {"loss_cls": self.class_weight * loss_cls, "loss_mask": zero, "loss_dice": zero}
+        preds = torch.cat(matched_preds).unsqueeze(1)  # (N, 1, h, w)
+        gts = torch.cat(matched_targets).unsqueeze(1).float()  # (N, 1, H, W)
+        with torch.no_grad():
+            coords = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+            point_targets = point_sample(gts, coords)[:, 0]
+        point_logits = point_sample(preds, coords)[:, 0].float()
+
+        loss_mask = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
+        loss_mask = loss_mask / (num_masks * self.num_points + _EPS)
+        prob = point_logits.sigmoid()
+        dice = 1 - (2 * (prob * point_targets).sum(-1) + 1) / (prob.sum(-1) + point_targets.sum(-1) + 1)
+        loss_dice = dice.sum() / (num_masks + _EPS)
+        return {
+            "loss_cls": self.class_weight * loss_cls,
+            "loss_mask": self.mask_weight * loss_mask,
+            "loss_dice": self.dice_weight * loss_dice,
+        }
+
+
+def _mean_over_ranks(count: int, device: torch.device) -> float:
+    """The number of target masks averaged over DDP ranks (at least 1), as mmdet normalizes."""
+    value = torch.tensor(float(count), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value)
+        value = value / torch.distributed.get_world_size()
+    return max(value.item(), 1.0)

@@ -1,0 +1,111 @@
+"""Multi-scale deformable attention (Deformable DETR) in pure PyTorch.
+
+:func:`multi_scale_deformable_attention` is the one place where sampling happens
+(``grid_sample``: bilinear, zero padding, align_corners False, as mmcv's PyTorch path); a faster
+kernel can replace it behind the same signature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
+
+
+def multi_scale_deformable_attention(
+    value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Sample every level at the given locations and take the attention-weighted sum.
+
+    Args:
+        value: ``(B, sum(h*w), heads, head_dim)``, the levels' maps flattened and concatenated.
+        spatial_shapes: ``(h, w)`` of each level.
+        sampling_locations: ``(B, Q, heads, levels, points, 2)``, ``(x, y)`` in [0, 1].
+        attention_weights: ``(B, Q, heads, levels, points)``.
+    Returns:
+        ``(B, Q, heads * head_dim)``.
+    """
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    value_per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    sampled = []
+    for level, (h, w) in enumerate(spatial_shapes):
+        # (B, h*w, heads, d) -> (B*heads, d, h, w)
+        value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
+        # (B, Q, heads, points, 2) -> (B*heads, Q, points, 2)
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # (B*heads, d, Q, levels*points) weighted by (B*heads, 1, Q, levels*points)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    return out.view(batch, heads * head_dim, queries).transpose(1, 2)
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Deformable self-attention over several feature levels, with its residual (as mmcv's module).
+
+    Parameter names follow mmcv (``sampling_offsets``, ``attention_weights``, ``value_proj``,
+    ``output_proj``) so that official weights load unchanged.
+    """
+
+    def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4) -> None:
+        super().__init__()
+        if embed_dims % num_heads:
+            raise ValueError(f"embed_dims {embed_dims} is not divisible by num_heads {num_heads}")
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dims, embed_dims)
+        self.output_proj = nn.Linear(embed_dims, embed_dims)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each head starts looking in its own direction, farther with each point (Deformable DETR).
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.num_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(
+        self, query: Tensor, query_pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """Self-attention of ``query`` (its own values) around the reference points.
+
+        Args:
+            query: ``(B, Q, C)``, the flattened levels (also the values).
+            query_pos: ``(B, Q, C)`` positional encoding added for offsets and weights.
+            reference_points: ``(B, Q, levels, 2)``, normalized ``(x, y)``.
+            spatial_shapes: ``(h, w)`` per level.
+        Returns:
+            ``(B, Q, C)``, residual included.
+        """
+        batch, num_query, _ = query.shape
+        value = self.value_proj(query).view(batch, num_query, self.num_heads, -1)
+        with_pos = query + query_pos
+        offsets = self.sampling_offsets(with_pos).view(
+            batch, num_query, self.num_heads, self.num_levels, self.num_points, 2
+        )
+        weights = self.attention_weights(with_pos).view(batch, num_query, self.num_heads, -1).softmax(-1)
+        weights = weights.view(batch, num_query, self.num_heads, self.num_levels, self.num_points)
+        # Offsets are in pixels of each level: normalize by its (w, h).
+        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
+        return query + self.output_proj(out)

@@ -1,0 +1,172 @@
+"""The Mask2Former head whose object queries come from Rein's tokens.
+
+Wei et al. link Rein's tokens to the instances: the backbone's linked queries ``(m, D)`` are the
+positional query embedding of every decoder layer, and through the linear ``querys2feat`` the
+initial query features (``ReinMask2FormerHead`` of the official code, ``replace_query_feat``).
+Without linked queries the head learns its own (``query_embed``, ``query_feat``), as the original
+Mask2Former.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .pixel_decoder import PixelDecoder
+from .position_encoding import sine_position_encoding
+from .transformer_decoder import TransformerDecoder
+
+__all__ = ["Mask2FormerHead", "semantic_logits"]
+
+
+class Mask2FormerHead(nn.Module):
+    """Mask2Former for semantic segmentation.
+
+    Args:
+        in_channels: channels of the four backbone maps (strides 4, 8, 16, 32).
+        num_classes: number of classes ``K`` (a no-object class is added).
+        feat_channels: decoder width (256).
+        out_channels: mask-embedding width (256).
+        num_queries: object queries (the Rein ``token_length`` when linked, 100).
+        num_feature_levels: coarse levels attended to by both decoders (3).
+        num_heads: attention heads of both transformers (8).
+        num_decoder_layers: masked-attention decoder layers (9).
+        decoder_ffn_dims: FFN width of the decoder (2048).
+        num_encoder_layers, encoder_ffn_dims, num_points: the pixel decoder's deformable encoder
+            (6, 1024, 4).
+        num_groups: GroupNorm groups of the pixel decoder (32).
+        linked_queries: queries come from the backbone (Rein) rather than from the head.
+
+    ``forward(features, queries)`` returns per-prediction lists (the initial queries' and every
+    decoder layer's): class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int = 19,
+        feat_channels: int = 256,
+        out_channels: int = 256,
+        num_queries: int = 100,
+        num_feature_levels: int = 3,
+        num_heads: int = 8,
+        num_decoder_layers: int = 9,
+        decoder_ffn_dims: int = 2048,
+        num_encoder_layers: int = 6,
+        encoder_ffn_dims: int = 1024,
+        num_points: int = 4,
+        num_groups: int = 32,
+        linked_queries: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"the head reads 4 backbone maps, got in_channels={list(in_channels)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.num_feature_levels = num_feature_levels
+        self.feat_channels = feat_channels
+        self.linked_queries = linked_queries
+        self.pixel_decoder = PixelDecoder(
+            in_channels,
+            feat_channels,
+            out_channels,
+            num_encoder_levels=num_feature_levels,
+            num_layers=num_encoder_layers,
+            num_heads=num_heads,
+            num_points=num_points,
+            ffn_dims=encoder_ffn_dims,
+            num_groups=num_groups,
+        )
+        self.transformer_decoder = TransformerDecoder(num_decoder_layers, feat_channels, num_heads, decoder_ffn_dims)
+        self.level_embed = nn.Embedding(num_feature_levels, feat_channels)
+        self.cls_embed = nn.Linear(feat_channels, num_classes + 1)
+        self.mask_embed = nn.Sequential(
+            nn.Linear(feat_channels, feat_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(feat_channels, feat_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(feat_channels, out_channels),
+        )
+        if linked_queries:
+            self.querys2feat = nn.Linear(feat_channels, feat_channels)
+        else:
+            self.query_embed = nn.Embedding(num_queries, feat_channels)
+            self.query_feat = nn.Embedding(num_queries, feat_channels)
+
+    def forward(self, features: Sequence[Tensor], queries: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """
+        Args:
+            features: four maps ``(B, C_i, H/s, W/s)``, strides 4, 8, 16, 32.
+            queries: linked object queries ``(Q, D)`` or ``(B, Q, D)`` (required iff linked).
+        Returns:
+            ``(class_logits, mask_logits)``: lists of ``1 + num_decoder_layers`` tensors
+            ``(B, Q, K + 1)`` and ``(B, Q, H/4, W/4)``.
+        """
+        batch = features[0].shape[0]
+        if self.linked_queries:
+            if queries is None:
+                raise ValueError("this head takes its queries from the backbone (Rein), but none were given")
+            if queries.shape[-2:] != (self.num_queries, self.feat_channels):
+                raise ValueError(
+                    f"linked queries must be ({self.num_queries}, {self.feat_channels}), got {tuple(queries.shape)}"
+                )
+            query_pos = queries.expand(batch, -1, -1) if queries.dim() == 2 else queries
+            query = self.querys2feat(query_pos)
+        else:
+            query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
+            query = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
+
+        mask_features, levels = self.pixel_decoder(features)  # levels coarsest first
+        memories, memory_pos = [], []
+        for i, level in enumerate(levels):
+            h, w = level.shape[-2:]
+            memories.append(level.flatten(2).transpose(1, 2) + self.level_embed.weight[i].view(1, 1, -1))
+            pos = sine_position_encoding(batch, h, w, self.feat_channels // 2, device=level.device)
+            memory_pos.append(pos.to(level.dtype).flatten(2).transpose(1, 2))
+
+        decoder = self.transformer_decoder
+        class_logits, mask_logits = [], []
+        cls, masks, attn_mask = self._predict(query, mask_features, levels[0].shape[-2:])
+        class_logits.append(cls)
+        mask_logits.append(masks)
+        for i, layer in enumerate(decoder.layers):
+            level = i % self.num_feature_levels
+            # A query whose mask covers nothing would attend to nothing: let it see everything.
+            attn_mask[attn_mask.all(-1)] = False
+            query = layer(query, query_pos, memories[level], memory_pos[level], attn_mask)
+            next_size = levels[(i + 1) % self.num_feature_levels].shape[-2:]
+            cls, masks, attn_mask = self._predict(query, mask_features, next_size)
+            class_logits.append(cls)
+            mask_logits.append(masks)
+        return class_logits, mask_logits
+
+    def _predict(self, query: Tensor, mask_features: Tensor, attn_size) -> tuple[Tensor, Tensor, Tensor]:
+        """Class and mask logits of the current queries, and the attention mask for the next layer."""
+        decoder = self.transformer_decoder
+        query = decoder.post_norm(query)
+        cls = self.cls_embed(query)
+        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(query), mask_features)
+        attn_mask = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
+        # (B, Q, h, w) -> (B * heads, Q, h*w); True where the predicted mask is off.
+        attn_mask = attn_mask.flatten(2).unsqueeze(1).repeat(1, decoder.num_heads, 1, 1).flatten(0, 1)
+        attn_mask = (attn_mask.sigmoid() < 0.5).detach()
+        return cls, masks, attn_mask
+
+
+def semantic_logits(class_logits: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Per-class scores: sum over queries of ``softmax(class)[:, :-1] * sigmoid(mask)``.
+
+    Args:
+        class_logits: ``(B, Q, K + 1)``.
+        mask_logits: ``(B, Q, h, w)``, upsampled bilinearly to ``size`` before the sigmoid.
+    Returns:
+        ``(B, K, H, W)``.
+    """
+    masks = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False).sigmoid()
+    scores = class_logits.softmax(-1)[..., :-1]
+    return torch.einsum("bqc,bqhw->bchw", scores, masks)

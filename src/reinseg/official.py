@@ -1,0 +1,360 @@
+"""Loading the official Rein release checkpoints (mmseg configs and weights) into reinseg.
+
+The official model is mmseg's ``EncoderDecoder`` with a ``ReinsDinoVisionTransformer`` backbone
+and a ``ReinMask2FormerHead``. :func:`official_model_config` reads every dimension from its
+``model`` dict and refuses, naming the field, what reinseg cannot represent; :func:`from_official`
+builds the :class:`~reinseg.segmentor.Segmentor` and loads the released weights
+(``backbone.reins.*`` -> ``backbone.rein.*``, ``decode_head.*`` -> ``head.*``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from .checkpoints import atomic_write, load_trainable_weights, save_checkpoint, trainable_state_dict
+from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig, to_dict
+from .pretrained import read_state_dict, unwrap_state_dict
+from .segmentor import Segmentor, build_segmentor
+
+__all__ = ["official_model_config", "from_official", "convert_official", "read_official_model_config",
+           "OFFICIAL_PREFIXES"]
+
+# Official name prefix -> reinseg name prefix.
+OFFICIAL_PREFIXES = {"backbone.reins.": "backbone.rein.", "decode_head.": "head."}
+_IMAGENET_MEAN = [123.675, 116.28, 103.53]
+_IMAGENET_STD = [58.395, 57.12, 57.375]
+# DINOv2 sizes timm knows by name: embed_dim -> (zoo name, depth, heads).
+_DINOV2_SIZES = {384: ("dinov2_vits14", 12, 6), 768: ("dinov2_vitb14", 12, 12), 1024: ("dinov2_vitl14", 24, 16),
+                 1536: ("dinov2_vitg14", 40, 24)}
+_BACKBONES = ("ReinsDinoVisionTransformer", "DinoVisionTransformer")
+_HEADS = ("ReinMask2FormerHead", "Mask2FormerHead")
+
+
+class _Fields:
+    """Reads an official config dict, naming ``model.<path>`` in every error."""
+
+    def __init__(self, data: dict[str, Any], path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must be a dict, got {type(data).__name__}")
+        self.data = data
+        self.path = path
+
+    def get(self, key: str, default: Any = ...) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if default is ...:
+            raise ConfigError(f"{self.path}.{key} is missing")
+        return default
+
+    def sub(self, key: str) -> "_Fields":
+        return _Fields(self.get(key), f"{self.path}.{key}")
+
+    def expect(self, key: str, allowed: Any, default: Any = ...) -> Any:
+        """The value of ``key``, refused unless it is (one of) ``allowed``."""
+        value = self.get(key, default)
+        options = allowed if isinstance(allowed, (list, tuple, set)) else [allowed]
+        if not any(_same(value, option) for option in options):
+            raise ConfigError(
+                f"{self.path}.{key}={value!r} is not supported by reinseg (supported: "
+                f"{' or '.join(repr(o) for o in options)})"
+            )
+        return value
+
+    def equal(self, key: str, expected: Any, why: str, default: Any = ...) -> Any:
+        value = self.get(key, default)
+        if not _same(value, expected):
+            raise ConfigError(f"{self.path}.{key}={value!r} must equal {expected!r} ({why})")
+        return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def _type(fields: _Fields, allowed: tuple[str, ...]) -> str:
+    """The ``type`` of an official module, with mmdet's ``mmdet.`` scope prefix removed."""
+    value = str(fields.get("type")).split(".")[-1]
+    if value not in allowed:
+        raise ConfigError(f"{fields.path}.type={fields.get('type')!r} is not supported (supported: {', '.join(allowed)})")
+    return value
+
+
+def official_model_config(model: dict[str, Any]) -> ModelConfig:
+    """Translate the official mmseg ``model`` dict into reinseg's :class:`ModelConfig`."""
+    root = _Fields(model, "model")
+    root.expect("type", ("EncoderDecoder", "FrozenBackboneEncoderDecoder"))
+    if "neck" in model and model["neck"] is not None:
+        raise ConfigError("model.neck is not supported: the Rein backbones resize their own maps")
+    pre = root.sub("data_preprocessor")
+    pre.equal("mean", _IMAGENET_MEAN, "reinseg normalizes images with ImageNet's mean")
+    pre.equal("std", _IMAGENET_STD, "reinseg normalizes images with ImageNet's std")
+    pre.equal("bgr_to_rgb", True, "reinseg feeds RGB images")
+
+    bb = root.sub("backbone")
+    has_rein = _type(bb, _BACKBONES) == "ReinsDinoVisionTransformer"
+    embed_dim = bb.get("embed_dim", 768)
+    depth = bb.get("depth", 12)
+    num_heads = bb.get("num_heads", 12)
+    patch_size = bb.get("patch_size", 16)
+    for key in ("qkv_bias", "proj_bias", "ffn_bias"):
+        bb.expect(key, True, default=True)
+    ffn = bb.expect("ffn_layer", ("mlp", "swiglu", "swiglufused"), default="mlp")
+    mlp_ratio = bb.get("mlp_ratio", 4.0)
+    name, zoo_depth, zoo_heads = _DINOV2_SIZES.get(embed_dim, ("dinov2_vits14", None, None))
+    timm_kwargs: dict[str, Any] = {}
+    if (depth, num_heads) != (zoo_depth, zoo_heads):
+        timm_kwargs.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    if ffn == "mlp":
+        if name == "dinov2_vitg14":
+            raise ConfigError("model.backbone.ffn_layer='mlp' with embed_dim 1536: DINOv2-g uses 'swiglufused'")
+        if mlp_ratio != 4:
+            timm_kwargs["mlp_ratio"] = mlp_ratio
+    else:
+        if name != "dinov2_vitg14":
+            raise ConfigError(f"model.backbone.ffn_layer={ffn!r} is only supported for DINOv2-g (embed_dim 1536)")
+        # DINOv2's fused SwiGLU hidden width, in timm's packed (2 x hidden) convention.
+        hidden = (int(embed_dim * mlp_ratio * 2 / 3) + 7) // 8 * 8
+        timm_kwargs["mlp_ratio"] = 2 * hidden / embed_dim
+    init_values = bb.get("init_values", None)
+    if init_values != 1e-5:
+        timm_kwargs["init_values"] = init_values
+    out_indices = list(bb.get("out_indices", [7, 11, 15, 23]))
+    backbone = BackboneConfig(
+        name=name,
+        img_size=bb.get("img_size", 224),
+        patch_size=patch_size,
+        out_indices=out_indices,
+        timm_kwargs=timm_kwargs,
+    )
+
+    rein = None
+    if has_rein:
+        rc = bb.sub("reins_config")
+        lora = _type(rc, ("LoRAReins", "Reins")) == "LoRAReins"
+        rc.equal("num_layers", depth, "the Rein layers are the backbone's blocks")
+        rc.equal("embed_dims", embed_dim, "Rein works at the backbone's width")
+        rc.equal("patch_size", patch_size, "Rein's initialisation uses the backbone's patch size", default=patch_size)
+        rein = ReinConfig(
+            token_length=rc.get("token_length", 100),
+            lora_dim=rc.get("lora_dim", 16) if lora else None,
+            query_dims=rc.get("query_dims", 256),
+            link_token_to_query=rc.get("link_token_to_query", True),
+            scale_init=rc.get("scale_init", 0.001),
+            use_softmax=rc.get("use_softmax", True),
+            zero_mlp_delta_f=rc.get("zero_mlp_delta_f", False),
+        )
+
+    dh = root.sub("decode_head")
+    head_type = _type(dh, _HEADS)
+    linked = head_type == "ReinMask2FormerHead"
+    if linked:
+        dh.expect("replace_query_feat", True)
+        if rein is None or not rein.link_token_to_query:
+            raise ConfigError("model.decode_head.type='ReinMask2FormerHead' needs a Rein backbone that links its tokens")
+    elif rein is not None and rein.link_token_to_query:
+        raise ConfigError(f"model.decode_head.type={dh.get('type')!r} cannot take the queries Rein links")
+    dh.equal("in_channels", [embed_dim] * 4, "the head reads four maps of the backbone's width")
+    dh.equal("strides", [4, 8, 16, 32], "the backbone's maps are at strides 4, 8, 16, 32", default=[4, 8, 16, 32])
+    dh.expect("align_corners", False, default=False)
+    dh.expect("enforce_decoder_input_project", False, default=False)
+    feat = dh.get("feat_channels")
+    levels = dh.get("num_transformer_feat_level", 3)
+    num_queries = dh.get("num_queries", 100)
+    if linked:
+        dh.equal("num_queries", rein.token_length, "the queries are Rein's tokens")
+        if rein.query_dims != feat:
+            raise ConfigError(
+                f"model.backbone.reins_config.query_dims={rein.query_dims} must equal "
+                f"model.decode_head.feat_channels={feat}"
+            )
+    dh.sub("positional_encoding").equal("num_feats", feat // 2, "half the decoder width")
+    dh.sub("positional_encoding").expect("normalize", True)
+
+    pd = dh.sub("pixel_decoder")
+    _type(pd, ("MSDeformAttnPixelDecoder",))
+    pd.equal("num_outs", levels, "model.decode_head.num_transformer_feat_level", default=3)
+    norm = pd.sub("norm_cfg")
+    norm.expect("type", "GN")
+    pd.sub("act_cfg").expect("type", "ReLU")
+    encoder = pd.sub("encoder")
+    enc_attn = encoder.sub("layer_cfg").sub("self_attn_cfg")
+    enc_attn.equal("embed_dims", feat, "model.decode_head.feat_channels")
+    enc_attn.equal("num_levels", levels, "model.decode_head.num_transformer_feat_level")
+    enc_ffn = encoder.sub("layer_cfg").sub("ffn_cfg")
+    enc_ffn.equal("embed_dims", feat, "model.decode_head.feat_channels", default=feat)
+    enc_ffn.expect("num_fcs", 2, default=2)
+    pd.sub("positional_encoding").equal("num_feats", feat // 2, "half the decoder width")
+    num_heads_head = enc_attn.get("num_heads", 8)
+
+    decoder = dh.sub("transformer_decoder")
+    dec_layer = decoder.sub("layer_cfg")
+    for attn in ("self_attn_cfg", "cross_attn_cfg"):
+        dec_layer.sub(attn).equal("num_heads", num_heads_head, "reinseg uses one head count for both transformers")
+        dec_layer.sub(attn).equal("embed_dims", feat, "model.decode_head.feat_channels", default=feat)
+    dec_ffn = dec_layer.sub("ffn_cfg")
+    dec_ffn.expect("num_fcs", 2, default=2)
+    head = HeadConfig(
+        num_classes=dh.get("num_classes"),
+        feat_channels=feat,
+        out_channels=dh.get("out_channels"),
+        num_queries=None if linked else num_queries,
+        num_feature_levels=levels,
+        num_heads=num_heads_head,
+        num_decoder_layers=decoder.get("num_layers", 9),
+        decoder_ffn_dims=dec_ffn.get("feedforward_channels", 2048),
+        num_encoder_layers=encoder.get("num_layers", 6),
+        encoder_ffn_dims=enc_ffn.get("feedforward_channels", 1024),
+        num_points=enc_attn.get("num_points", 4),
+        num_groups=norm.get("num_groups", 32),
+    )
+    loss = _official_loss(dh, head.num_classes)
+
+    test = root.sub("test_cfg")
+    mode = test.expect("mode", ("whole", "slide"), default="whole")
+    crop = list(test.get("crop_size")) if mode == "slide" else None
+    stride = list(test.get("stride")) if mode == "slide" else None
+    if crop is not None and (crop[0] % patch_size or crop[1] % patch_size):
+        raise ConfigError(f"model.test_cfg.crop_size={tuple(crop)} is not divisible by the patch size {patch_size}")
+    return ModelConfig(backbone=backbone, rein=rein, head=head, loss=loss,
+                       test=TestConfig(mode=mode, crop_size=crop, stride=stride))
+
+
+def _official_loss(dh: _Fields, num_classes: int) -> LossConfig:
+    cls = dh.sub("loss_cls")
+    class_weight = cls.get("class_weight", [1.0] * num_classes + [0.1])
+    if len(class_weight) != num_classes + 1 or any(w != 1.0 for w in class_weight[:-1]):
+        raise ConfigError(
+            "model.decode_head.loss_cls.class_weight must be [1.0] * num_classes + [no-object weight] "
+            f"({num_classes + 1} values), got {len(class_weight)} values"
+        )
+    mask = dh.sub("loss_mask")
+    dice = dh.sub("loss_dice")
+    dice.expect("naive_dice", True, default=True)
+    dice.expect("eps", 1.0, default=1.0)
+    weights = dict(class_weight=cls.get("loss_weight", 2.0), mask_weight=mask.get("loss_weight", 5.0),
+                   dice_weight=dice.get("loss_weight", 5.0))
+    train = dh.get("train_cfg", None)
+    train = _Fields(train or {}, "model.decode_head.train_cfg")
+    if "assigner" in train.data:
+        costs = train.sub("assigner").get("match_costs", [])
+        for cost, key in zip(costs, ("class_weight", "mask_weight", "dice_weight")):
+            if not _same(cost.get("weight", 1.0), weights[key]):
+                raise ConfigError(
+                    f"model.decode_head.train_cfg.assigner.match_costs weight {cost.get('weight')} differs from the "
+                    f"matching loss weight {weights[key]}: reinseg matches with the loss weights"
+                )
+    return LossConfig(
+        **weights,
+        no_object_weight=class_weight[-1],
+        num_points=train.get("num_points", 12544),
+        oversample_ratio=train.get("oversample_ratio", 3.0),
+        importance_sample_ratio=train.get("importance_sample_ratio", 0.75),
+    )
+
+
+def split_release_state_dict(release: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split released weights into reinseg-named trainable weights and any backbone (VFM) weights."""
+    trainable, vfm = {}, {}
+    for key, value in release.items():
+        for official, ours in OFFICIAL_PREFIXES.items():
+            if key.startswith(official):
+                trainable[ours + key[len(official) :]] = value
+                break
+        else:
+            if key.startswith("backbone."):
+                vfm[key[len("backbone.") :]] = value
+            else:
+                trainable[key] = value  # reported as unexpected below
+    return trainable, vfm
+
+
+def to_official_name(name: str) -> str:
+    for official, ours in OFFICIAL_PREFIXES.items():
+        if name.startswith(ours):
+            return official + name[len(ours) :]
+    return name
+
+
+def from_official(
+    model_config: dict[str, Any],
+    release_state_dict: dict[str, Tensor],
+    backbone_state_dict: dict[str, Tensor] | None = None,
+) -> Segmentor:
+    """Build a :class:`Segmentor` from an official config and released weights.
+
+    Args:
+        model_config: the official mmseg ``model`` dict (as in the official configs and the
+            ``config.py`` files published with the release checkpoints).
+        release_state_dict: the released weights, keys ``backbone.reins.*`` and ``decode_head.*``
+            (a whole released ``.pth`` dict with its ``state_dict`` is accepted too).
+        backbone_state_dict: the DINOv2 weights (original layout, e.g. converted by the official
+            script); ``None`` when the release holds them under ``backbone.*``.
+    """
+    config = official_model_config(model_config)
+    release = unwrap_state_dict(release_state_dict, "release state dict")
+    trainable, vfm = split_release_state_dict(release)
+    if backbone_state_dict is None:
+        if not vfm:
+            raise ValueError("no backbone weights: pass backbone_state_dict (the converted DINOv2 weights)")
+        backbone_state_dict = vfm
+    segmentor = build_segmentor(config, load_backbone_weights=False)
+    segmentor.backbone.load_backbone_weights(backbone_state_dict)
+    load_trainable_weights(segmentor, trainable, source="release checkpoint", names=to_official_name)
+    return segmentor
+
+
+def read_official_model_config(path: str | Path) -> dict[str, Any]:
+    """The ``model`` dict of an official config file (read without executing it)."""
+    from .official_config import read_official_config
+
+    config = read_official_config(path)
+    if "model" not in config:
+        raise ConfigError(f"{path} defines no 'model'")
+    return config["model"]
+
+
+def convert_official(config_path: str | Path, checkpoint_path: str | Path, backbone_path: str | Path | None,
+                     output_dir: str | Path) -> tuple[Path, Path]:
+    """Convert an official release into ``output_dir/config.yaml`` and ``output_dir/checkpoint.pt``.
+
+    The written configuration references the backbone file (absolute path) rather than copying
+    it; only when the release itself holds the VFM weights (``backbone.*`` keys, as the official
+    ``generate_full_weights.py`` writes them) are those saved as ``output_dir/backbone.safetensors``.
+    Everything is read and checked before anything is written.
+    """
+    import yaml
+
+    model = read_official_model_config(config_path)
+    release = read_state_dict(checkpoint_path)
+    backbone = read_state_dict(backbone_path) if backbone_path is not None else None
+    segmentor = from_official(model, release, backbone)
+    config = official_model_config(model)
+    output_dir = Path(output_dir)
+    if backbone_path is not None:
+        config.backbone.checkpoint = str(Path(backbone_path).resolve())
+    else:
+        vfm = {k: v.contiguous() for k, v in segmentor.backbone.vit.state_dict().items()}
+        backbone_file = atomic_write(output_dir / "backbone.safetensors", lambda f: f.write(_safetensors_bytes(vfm)))
+        config.backbone.checkpoint = str(backbone_file.resolve())
+    full_config = {"model": to_dict(config)}
+    checkpoint = save_checkpoint(output_dir / "checkpoint.pt", full_config, trainable_state_dict(segmentor),
+                                 source={"config": str(config_path), "checkpoint": str(checkpoint_path)})
+    config_file = atomic_write(
+        output_dir / "config.yaml",
+        lambda f: f.write(yaml.safe_dump(full_config, sort_keys=False).encode()),
+    )
+    return config_file, checkpoint
+
+
+def _safetensors_bytes(tensors: dict[str, Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)

@@ -1,0 +1,211 @@
+"""The segmentor: frozen VFM + Rein + Mask2Former head, with training loss and inference.
+
+Inference follows mmseg's semantics, so that official checkpoints give the same predictions:
+``whole`` runs the model on the full image; ``slide`` runs it on ``crop_size`` windows every
+``stride`` pixels (the last window of a row/column is shifted back inside the image) and averages
+the overlapping scores. Horizontal-flip test-time augmentation averages the softmax of the scores
+of the image and of its mirror, as mmseg's ``SegTTAModel`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import ReinBackbone, build_backbone
+from .config import ConfigError, ModelConfig, to_dict
+from .heads import Mask2FormerHead, semantic_logits
+from .heads.criterion import Mask2FormerLoss
+
+__all__ = ["Segmentor", "build_segmentor", "sliding_windows"]
+
+
+def sliding_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Windows ``(y1, y2, x1, x2)`` covering the image as mmseg's ``slide_inference`` places them."""
+    (crop_h, crop_w), (stride_h, stride_w) = crop, stride
+    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    windows = []
+    for row in range(rows):
+        for col in range(cols):
+            y2 = min(row * stride_h + crop_h, height)
+            x2 = min(col * stride_w + crop_w, width)
+            windows.append((max(y2 - crop_h, 0), y2, max(x2 - crop_w, 0), x2))
+    return windows
+
+
+class Segmentor(nn.Module):
+    """Backbone (+ Rein) and Mask2Former head.
+
+    Args:
+        backbone: the frozen VFM with Rein (:func:`reinseg.build_backbone`).
+        head: the Mask2Former head; it takes the backbone's queries when they are linked.
+        criterion: the training loss (optional for inference-only models).
+        test_mode, crop_size, stride, flip: default inference settings of :meth:`predict`.
+
+    Images are normalized RGB ``(B, 3, H, W)`` (ImageNet mean/std on 0-255 pixels).
+    """
+
+    def __init__(
+        self,
+        backbone: ReinBackbone,
+        head: Mask2FormerHead,
+        criterion: Mask2FormerLoss | None = None,
+        test_mode: str = "whole",
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+        flip: bool = False,
+    ) -> None:
+        super().__init__()
+        if head.linked_queries != backbone.links_queries:
+            raise ValueError(
+                "the head's linked_queries must match whether the backbone links Rein's tokens to queries "
+                f"(head: {head.linked_queries}, backbone: {backbone.links_queries})"
+            )
+        self.backbone = backbone
+        self.head = head
+        self.criterion = criterion
+        self.num_classes = head.num_classes
+        self.test_mode = test_mode
+        self.crop_size = None if crop_size is None else _pair(crop_size, "crop_size")
+        self.stride = None if stride is None else _pair(stride, "stride")
+        self.flip = flip
+        self._check_inference_settings(test_mode, self.crop_size, self.stride)
+
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-prediction class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``."""
+        out = self.backbone(images)
+        features, queries = out if isinstance(out, tuple) else (out, None)
+        return self.head(features, queries)
+
+    def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Training losses for ``images (B, 3, H, W)`` and semantic ``labels (B, H, W)`` (255 ignored)."""
+        if self.criterion is None:
+            raise RuntimeError("this segmentor has no criterion; build it with a loss configuration to train")
+        class_logits, mask_logits = self(images)
+        return self.criterion(class_logits, mask_logits, labels)
+
+    def encode_decode(self, images: Tensor) -> Tensor:
+        """Semantic scores ``(B, K, H, W)`` of images run whole."""
+        class_logits, mask_logits = self(images)
+        return semantic_logits(class_logits[-1], mask_logits[-1], images.shape[-2:])
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Tensor,
+        mode: str | None = None,
+        crop_size: Sequence[int] | None = None,
+        stride: Sequence[int] | None = None,
+        flip: bool | None = None,
+    ) -> Tensor:
+        """Semantic scores ``(B, num_classes, H, W)``; argmax over classes gives the prediction.
+
+        Args:
+            images: normalized ``(B, 3, H, W)``.
+            mode: ``"whole"`` or ``"slide"`` (default: the segmentor's ``test_mode``).
+            crop_size, stride: sliding window ``(h, w)`` (default: the segmentor's).
+            flip: also run the mirrored image and average (default: the segmentor's ``flip``).
+        """
+        mode = self.test_mode if mode is None else mode
+        crop = self.crop_size if crop_size is None else _pair(crop_size, "crop_size")
+        step = self.stride if stride is None else _pair(stride, "stride")
+        flip = self.flip if flip is None else flip
+        self._check_inference_settings(mode, crop, step)
+        run = self.encode_decode if mode == "whole" else lambda x: self._slide(x, crop, step)
+        if not flip:
+            return run(images)
+        scores = run(images).softmax(1) + run(images.flip(-1)).flip(-1).softmax(1)
+        return scores / 2
+
+    def _slide(self, images: Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+        batch, _, height, width = images.shape
+        scores = images.new_zeros(batch, self.num_classes, height, width)
+        counts = images.new_zeros(1, 1, height, width)
+        for y1, y2, x1, x2 in sliding_windows(height, width, crop, stride):
+            scores[:, :, y1:y2, x1:x2] += self.encode_decode(images[:, :, y1:y2, x1:x2])
+            counts[:, :, y1:y2, x1:x2] += 1
+        return scores / counts
+
+    def _check_inference_settings(self, mode: str, crop: tuple[int, int] | None, stride: tuple[int, int] | None) -> None:
+        if mode not in ("whole", "slide"):
+            raise ValueError(f"test mode must be 'whole' or 'slide', got {mode!r}")
+        if mode != "slide":
+            return
+        if crop is None or stride is None:
+            raise ValueError("sliding-window inference needs crop_size and stride")
+        patch = self.backbone.patch_size
+        if crop[0] % patch[0] or crop[1] % patch[1]:
+            raise ValueError(f"crop_size {crop[0]}x{crop[1]} is not divisible by the patch size {patch[0]}")
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be a positive int or an (h, w) pair, got {value!r}")
+    return pair
+
+
+def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) -> Segmentor:
+    """Build the segmentor a :class:`~reinseg.config.ModelConfig` describes.
+
+    Args:
+        config: the ``model`` section of a configuration.
+        load_backbone_weights: load the VFM weights named by ``backbone.checkpoint`` /
+            ``backbone.pretrained`` (off for a model whose weights come from elsewhere).
+    """
+    bb = config.backbone
+    rein = None if config.rein is None else to_dict(config.rein)
+    backbone = build_backbone(
+        bb.name,
+        rein=rein,
+        img_size=bb.img_size,
+        patch_size=bb.patch_size,
+        out_indices=bb.out_indices,
+        checkpoint=bb.checkpoint if load_backbone_weights else None,
+        pretrained=bb.pretrained and load_backbone_weights,
+        resample=bb.resample,
+        **bb.timm_kwargs,
+    )
+    hc = config.head
+    linked = backbone.links_queries
+    num_queries = hc.num_queries
+    if linked:
+        if num_queries is not None and num_queries != config.rein.token_length:
+            raise ConfigError(
+                f"model.head.num_queries={num_queries} must equal model.rein.token_length="
+                f"{config.rein.token_length}: the queries are Rein's tokens"
+            )
+        if config.rein.query_dims != hc.feat_channels:
+            raise ConfigError(
+                f"model.rein.query_dims={config.rein.query_dims} must equal model.head.feat_channels={hc.feat_channels}"
+            )
+        num_queries = config.rein.token_length
+    head = Mask2FormerHead(
+        [backbone.embed_dim] * 4,
+        num_classes=hc.num_classes,
+        feat_channels=hc.feat_channels,
+        out_channels=hc.out_channels,
+        num_queries=num_queries or 100,
+        num_feature_levels=hc.num_feature_levels,
+        num_heads=hc.num_heads,
+        num_decoder_layers=hc.num_decoder_layers,
+        decoder_ffn_dims=hc.decoder_ffn_dims,
+        num_encoder_layers=hc.num_encoder_layers,
+        encoder_ffn_dims=hc.encoder_ffn_dims,
+        num_points=hc.num_points,
+        num_groups=hc.num_groups,
+        linked_queries=linked,
+    )
+    criterion = Mask2FormerLoss(hc.num_classes, **to_dict(config.loss))
+    test = config.test
+    img_size = bb.img_size if isinstance(bb.img_size, int) else tuple(bb.img_size)
+    crop = _pair(test.crop_size if test.crop_size is not None else img_size, "model.test.crop_size")
+    stride = test.stride if test.stride is not None else tuple(round(c * 2 / 3) for c in crop)
+    try:
+        return Segmentor(backbone, head, criterion, test.mode, crop, stride, test.flip)
+    except ValueError as err:
+        raise ConfigError(f"model.test: {err}") from err

@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from reinseg.heads.criterion import HungarianMatcher, Mask2FormerLoss, semantic_to_masks
+from reinseg.segmentor import build_segmentor
+
+
+def test_semantic_labels_become_one_mask_per_present_class():
+    label = torch.tensor([[0, 0, 255], [7, 7, 3]])
+    classes, masks = semantic_to_masks(label)
+    assert classes.tolist() == [0, 3, 7]
+    assert masks.shape == (3, 2, 3)
+    assert masks[0].tolist() == [[True, True, False], [False, False, False]]
+    assert not masks[:, 0, 2].any()  # the ignored pixel belongs to no class
+
+
+def test_matcher_recovers_a_known_assignment():
+    torch.manual_seed(0)
+    h = w = 16
+    gt_masks = torch.zeros(3, h, w, dtype=torch.bool)
+    gt_masks[0, :8, :8] = True
+    gt_masks[1, 8:, :] = True
+    gt_masks[2, :8, 8:] = True
+    gt_classes = torch.tensor([4, 11, 0])
+    # Query q predicts gt expected[q] (mask and class); the others predict nothing in particular.
+    expected = {3: 0, 0: 2, 5: 1}
+    class_logits = torch.zeros(6, 20)
+    mask_logits = torch.full((6, h, w), -8.0)
+    for q, g in expected.items():
+        class_logits[q, gt_classes[g]] = 8.0
+        mask_logits[q][gt_masks[g]] = 8.0
+    queries, gts = HungarianMatcher(num_points=1024)(class_logits, mask_logits, gt_classes, gt_masks)
+    assert dict(zip(queries.tolist(), gts.tolist())) == expected
+
+
+def tiny_batch():
+    labels = torch.full((2, 64, 64), 255, dtype=torch.long)
+    labels[0, :32] = 0
+    labels[0, 32:] = 13
+    labels[1, :, :40] = 10
+    labels[1, :, 40:] = 2
+    images = torch.randn(2, 3, 64, 64)
+    return images, labels
+
+
+def test_a_tiny_model_fits_one_batch():
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config())
+    segmentor.train()
+    images, labels = tiny_batch()
+    optimizer = torch.optim.AdamW([p for p in segmentor.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = segmentor.loss(images, labels)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < losses[0] / 4, losses
+
+
+def test_gradients_reach_rein_and_the_head_only():
+    segmentor = build_segmentor(tiny_model_config())
+    segmentor.train()
+    images, labels = tiny_batch()
+    losses = segmentor.loss(images, labels)
+    assert {"loss", "loss_cls", "loss_mask", "loss_dice", "d0.loss_cls", "d2.loss_dice"} <= set(losses)
+    losses["loss"].backward()
+    for name, param in segmentor.named_parameters():
+        if name.startswith("backbone.vit."):
+            assert param.grad is None and not param.requires_grad, name
+        else:
+            assert param.grad is not None, name
+    rein_grads = [p.grad.abs().sum() for n, p in segmentor.named_parameters() if n.startswith("backbone.rein.")]
+    assert all(g > 0 for g in rein_grads)
+
+
+def test_images_without_any_labelled_pixel_give_a_finite_loss():
+    criterion = Mask2FormerLoss(19, num_points=64)
+    class_logits = [torch.randn(2, 5, 20, requires_grad=True)]
+    mask_logits = [torch.randn(2, 5, 8, 8, requires_grad=True)]
+    losses = criterion(class_logits, mask_logits, torch.full((2, 32, 32), 255))
+    assert torch.isfinite(losses["loss"]) and losses["loss_mask"] == 0 and losses["loss_dice"] == 0
+    losses["loss"].backward()
+    assert mask_logits[0].grad is not None
+
+
+def test_label_values_outside_the_classes_are_refused():
+    criterion = Mask2FormerLoss(19, num_points=64)
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, 0, 0] = 19
+    with pytest.raises(ValueError, match=r"\[19\] are outside 0..18"):
+        criterion([torch.randn(1, 5, 20)], [torch.randn(1, 5, 4, 4)], labels)
+
+
+def test_no_object_class_is_down_weighted():
+    criterion = Mask2FormerLoss(3, num_points=16)
+    # All queries unmatched (no labels): the classification loss is the plain mean CE to no-object,
+    # whatever the weight, because the weights normalize the sum.
+    class_logits = torch.randn(1, 4, 4)
+    labels = torch.full((1, 4, 4), 255)
+    loss = criterion([class_logits], [torch.randn(1, 4, 4, 4)], labels)["loss_cls"]
+    expected = torch.nn.functional.cross_entropy(class_logits[0], torch.full((4,), 3))
+    assert torch.allclose(loss, 2.0 * expected, atol=1e-6)
+    assert criterion.ce_class_weights.tolist() == pytest.approx([1, 1, 1, 0.1])

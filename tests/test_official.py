@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from conftest import load_golden
+from reinseg.checkpoints import segmentor_from_checkpoint
+from reinseg.cli import main
+from reinseg.config import ConfigError
+from reinseg.official import from_official
+from reinseg.official_config import read_official_config
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden("official_segmentor_tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def segmentor(golden):
+    return from_official(golden["model_config"], golden["release_state_dict"], golden["backbone_state_dict"]).eval()
+
+
+def max_error(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_per_layer_head_outputs_match_the_official_code(golden, segmentor):
+    with torch.no_grad():
+        class_logits, mask_logits = segmentor(golden["crop_input"])
+    assert len(class_logits) == len(golden["crop_class_logits_per_layer"]) == 10
+    for ours, theirs in zip(class_logits, golden["crop_class_logits_per_layer"]):
+        assert max_error(ours, theirs) <= 1e-4
+    for ours, theirs in zip(mask_logits, golden["crop_mask_logits_per_layer"]):
+        assert max_error(ours, theirs) <= 1e-4
+
+
+def test_whole_image_logits_match_the_official_code(golden, segmentor):
+    assert max_error(segmentor.predict(golden["crop_input"], mode="whole"), golden["crop_seg_logits"]) <= 1e-4
+
+
+def test_sliding_window_logits_match_the_official_code(golden, segmentor):
+    assert segmentor.test_mode == "slide" and segmentor.crop_size == tuple(golden["slide_crop"])
+    assert segmentor.stride == tuple(golden["slide_stride"])
+    assert max_error(segmentor.predict(golden["slide_input"]), golden["slide_seg_logits"]) <= 1e-4
+
+
+def write_release(golden, tmp_path, release=None, config=None):
+    release = golden["release_state_dict"] if release is None else release
+    # Released files hold the weights under state_dict next to framework objects.
+    torch.save({"state_dict": release, "meta": {"iter": 40000, "seed": 42}}, tmp_path / "release.pth")
+    torch.save(golden["backbone_state_dict"], tmp_path / "dinov2_converted.pth")
+    (tmp_path / "config.py").write_text(f"model = {config or golden['model_config']!r}\n")
+    return ["convert-official", "--config", str(tmp_path / "config.py"), "--checkpoint",
+            str(tmp_path / "release.pth"), "--backbone", str(tmp_path / "dinov2_converted.pth"),
+            "--output", str(tmp_path / "out")]
+
+
+def test_convert_official_round_trip(golden, tmp_path, capsys):
+    assert main(write_release(golden, tmp_path)) == 0
+    assert (tmp_path / "out" / "config.yaml").is_file() and (tmp_path / "out" / "checkpoint.pt").is_file()
+    segmentor, payload = segmentor_from_checkpoint(tmp_path / "out" / "checkpoint.pt")
+    assert not any(k.startswith("backbone.vit.") for k in payload["state_dict"])  # referenced, not copied
+    segmentor.eval()
+    assert max_error(segmentor.predict(golden["slide_input"]), golden["slide_seg_logits"]) <= 1e-4
+
+
+def test_release_keys_that_do_not_fit_are_named(golden, tmp_path, capsys):
+    release = dict(golden["release_state_dict"])
+    del release["decode_head.querys2feat.weight"]
+    release["decode_head.query_feat.weight"] = torch.zeros(10, 32)
+    assert main(write_release(golden, tmp_path, release=release)) == 2
+    err = capsys.readouterr().err
+    assert "missing keys (1): decode_head.querys2feat.weight" in err
+    assert "unexpected keys (1): decode_head.query_feat.weight" in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_class_count_mismatch(golden):
+    config = dict(golden["model_config"], decode_head=dict(golden["model_config"]["decode_head"], num_classes=18))
+    config["decode_head"]["loss_cls"] = dict(config["decode_head"]["loss_cls"], class_weight=[1.0] * 18 + [0.1])
+    with pytest.raises(ValueError, match=r"class count mismatch: the config has 18 classes .* has 19"):
+        from_official(config, golden["release_state_dict"], golden["backbone_state_dict"])
+
+
+def test_crop_size_not_divisible_by_the_patch_size(golden):
+    config = dict(golden["model_config"], test_cfg=dict(mode="slide", crop_size=(60, 60), stride=(40, 40)))
+    with pytest.raises(ConfigError, match=r"model.test_cfg.crop_size=\(60, 60\) is not divisible by the patch size 16"):
+        from_official(config, golden["release_state_dict"], golden["backbone_state_dict"])
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("backbone", "type"), "ReinsConvNeXt", "model.backbone.type='ReinsConvNeXt' is not supported"),
+        (("decode_head", "feat_channels"), 48,
+         "model.backbone.reins_config.query_dims=32 must equal model.decode_head.feat_channels=48"),
+        (("decode_head", "num_queries"), 12, "model.decode_head.num_queries=12 must equal 10"),
+        (("backbone", "reins_config", "embed_dims"), 32, "model.backbone.reins_config.embed_dims=32 must equal 64"),
+        (("decode_head", "align_corners"), True, "model.decode_head.align_corners=True is not supported"),
+    ],
+)
+def test_unsupported_config_fields_are_named(golden, path, value, message):
+    import copy
+
+    config = copy.deepcopy(golden["model_config"])
+    node = config
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        from_official(config, golden["release_state_dict"], golden["backbone_state_dict"])
+
+
+def test_official_python_configs_are_read_without_executing_them(tmp_path):
+    (tmp_path / "_base_").mkdir()
+    (tmp_path / "_base_" / "model.py").write_text(
+        "crop_size = (512, 512)\nnum_classes = 19\n"
+        "model = dict(type='EncoderDecoder', decode_head=dict(num_classes=num_classes,\n"
+        "    class_weight=[1.0] * num_classes + [0.1]), test_cfg=dict(mode='slide', crop_size=crop_size))\n"
+    )
+    (tmp_path / "child.py").write_text(
+        "_base_ = ['./_base_/model.py']\n"
+        "model = dict(test_cfg=dict(crop_size=(1024, 1024)))\n"
+        "scales = [int(512 * x * 0.1) for x in range(5, 21)]\n"
+        "pipeline = [dict(type='RandomCrop', crop_size={{_base_.crop_size}})]\n"
+    )
+    config = read_official_config(tmp_path / "child.py")
+    assert config["model"]["test_cfg"] == {"mode": "slide", "crop_size": (1024, 1024)}  # merged
+    assert config["model"]["decode_head"]["class_weight"] == [1.0] * 19 + [0.1]
+    assert config["scales"][:3] == [256, 307, 358] and len(config["scales"]) == 16
+    assert config["pipeline"][0]["crop_size"] == (512, 512)
+
+    (tmp_path / "evil.py").write_text("import os\nmodel = os.system('echo pwned')\n")
+    with pytest.raises(ValueError, match=r"evil.py, line 1: only 'name = value' assignments"):
+        read_official_config(tmp_path / "evil.py")
+    (tmp_path / "evil2.py").write_text("model = __import__('os').system('echo pwned')\n")
+    with pytest.raises(ValueError, match="evil2.py, line 1"):
+        read_official_config(tmp_path / "evil2.py")
