@@ -12,7 +12,7 @@ def test_round_trip_through_plain_dicts():
 def test_unknown_keys_suggest_the_closest_one():
     with pytest.raises(ConfigError, match=r"unknown config key 'model.backbone.nmae'; did you mean 'name'\?"):
         from_dict(ModelConfig, {"backbone": {"nmae": "dinov2_vitl14"}}, "model")
-    with pytest.raises(ConfigError, match="unknown config key 'model.zzz'; known keys: backbone, rein"):
+    with pytest.raises(ConfigError, match="unknown config key 'model.zzz'; known keys: tuning, backbone, rein"):
         from_dict(ModelConfig, {"zzz": 1}, "model")
 
 

@@ -75,7 +75,7 @@ def test_linked_queries_must_fit_the_head():
 
 def test_without_rein_the_head_learns_its_queries():
     config = tiny_model_config()
-    config.rein = None
+    config.tuning = "frozen"
     segmentor = build_segmentor(config)
     assert not segmentor.head.linked_queries
     trainable = {n.split(".")[0] for n, p in segmentor.named_parameters() if p.requires_grad}
@@ -88,3 +88,23 @@ def test_loss_needs_a_criterion():
     segmentor.criterion = None
     with pytest.raises(RuntimeError, match="criterion"):
         segmentor.loss(torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long))
+
+
+def test_full_fine_tuning_trains_the_backbone_too():
+    config = tiny_model_config()
+    config.tuning = "full"
+    segmentor = build_segmentor(config).train()
+    assert segmentor.backbone.rein is None
+    assert all(p.requires_grad for p in segmentor.parameters())
+    assert segmentor.backbone.vit.training  # not held in eval mode
+
+
+def test_tuning_must_be_known_and_consistent():
+    config = tiny_model_config()
+    config.tuning = "prompt"
+    with pytest.raises(ConfigError, match="model.tuning='prompt' is not one of"):
+        build_segmentor(config)
+    config = tiny_model_config()
+    config.rein = None
+    with pytest.raises(ConfigError, match="model.rein is null"):
+        build_segmentor(config)

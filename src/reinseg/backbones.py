@@ -339,7 +339,7 @@ def build_backbone(
     rein_module = None
     if rein is not None:
         if not isinstance(rein, dict):
-            raise TypeError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
+            raise ValueError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
         derived = dict(
             num_layers=depth,
             embed_dims=int(vit.embed_dim),

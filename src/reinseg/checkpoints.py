@@ -74,6 +74,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a reinseg checkpoint (official Rein releases are converted with "
             f"`reinseg convert-official`)"
         )
+    # Training checkpoints name the weights as the LightningModule holds them.
+    payload["state_dict"] = {k.removeprefix("segmentor."): v for k, v in payload["state_dict"].items()}
     return payload
 
 

@@ -1,12 +1,15 @@
-"""The ``reinseg`` command line."""
+"""The ``reinseg`` command line: train, eval, predict, score, params, demo, and data/checkpoint tools."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import textwrap
+from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
 def _cmd_backbones(args: argparse.Namespace) -> int:
@@ -22,31 +25,107 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import BackboneConfig, HeadConfig, ModelConfig, ReinConfig
+    from .config import BackboneConfig, HeadConfig, ModelConfig, ReinConfig, load_config
     from .parameters import format_parameter_table
     from .segmentor import build_segmentor
 
-    rein = None
-    if not args.no_rein:
-        rein = ReinConfig(lora_dim=args.lora_dim or None, token_length=args.token_length, query_dims=args.query_dims)
-    config = ModelConfig(
-        backbone=BackboneConfig(name=args.backbone, img_size=args.img_size, patch_size=args.patch_size or None),
-        rein=rein,
-        head=HeadConfig(num_classes=args.num_classes, feat_channels=args.query_dims),
-    )
+    if args.config:
+        config = load_config(args.config, args.overrides).model
+        title = f"{args.config}: {config.backbone.name}"
+    else:
+        rein = None
+        if not args.no_rein:
+            rein = ReinConfig(lora_dim=args.lora_dim or None, token_length=args.token_length,
+                              query_dims=args.query_dims)
+        config = ModelConfig(
+            tuning="frozen" if rein is None else "rein",
+            backbone=BackboneConfig(name=args.backbone, img_size=args.img_size, patch_size=args.patch_size or None),
+            rein=rein,
+            head=HeadConfig(num_classes=args.num_classes, feat_channels=args.query_dims),
+        )
+        title = args.backbone
     # The meta device builds even giant models instantly and without memory.
     with torch.device("meta"):
         segmentor = build_segmentor(config, load_backbone_weights=False)
+    rein = config.rein if config.tuning == "rein" else None
     patch = segmentor.backbone.patch_size[0]
-    described = "no Rein" if rein is None else (
+    described = f"tuning {config.tuning}" if rein is None else (
         f"Rein: {rein.token_length} tokens, rank {rein.lora_dim or 'full'}, {rein.query_dims}-d queries")
-    print(f"{args.backbone} at {args.img_size} px, patch {patch}, {described}, "
-          f"Mask2Former head for {args.num_classes} classes")
+    print(f"{title} at {config.backbone.img_size} px, patch {patch}, {described}, "
+          f"Mask2Former head for {config.head.num_classes} classes")
     print(format_parameter_table({
-        "backbone (frozen)": segmentor.backbone.vit,
+        "backbone (frozen)" if segmentor.backbone.freeze_backbone else "backbone": segmentor.backbone.vit,
         "Rein": segmentor.backbone.rein,
         "head": segmentor.head,
     }))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import dump_config, load_config
+    from .engine import train
+
+    config = load_config(args.config, args.overrides)
+    if args.output:
+        config.train.output_dir = args.output
+    out = Path(config.train.output_dir)
+    text = dump_config(config).encode()
+    _atomic_bytes(out / "config.yaml", text)
+    task = train(config, resume=args.resume)
+    if not task.trainer.is_global_zero:
+        return 0
+    print(f"checkpoints in {out / 'checkpoints'}, logs in {out}")
+    if task.last_results is not None and task.last_results["mean_mIoU"] is not None:
+        print(f"final mean mIoU: {task.last_results['mean_mIoU']:.2f}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import evaluate
+
+    config = load_config(args.config, args.overrides)
+    if args.output:
+        config.train.output_dir = args.output
+    results = evaluate(config, args.checkpoint, save_predictions=args.save_preds)
+    target = Path(args.json) if args.json else Path(config.train.output_dir) / "eval_metrics.json"
+    _write_json(target, results)
+    print(f"wrote {target}")
+    if args.save_preds:
+        print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
+        from .engine import label_root, validation_sets
+
+        for domain, dataset, _ in validation_sets(config):
+            print(f"  reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    written = predict_files(args.checkpoint, args.images, args.output, scale=args.scale, mode=args.mode,
+                            flip=args.flip, device=args.device)
+    print(f"wrote {len(written)} predictions (train-ID PNGs and overlays) to {args.output}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .data import CLASSES
+    from .metrics import format_scores_table, score_directories
+
+    results = score_directories(args.predictions, args.labels, CLASSES)
+    print(format_scores_table({Path(args.labels).name or "scores": results}, CLASSES))
+    print(f"{results['num_images']} images, mIoU {results['mIoU']:.2f}")
+    if args.json:
+        _write_json(Path(args.json), results)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.output, seed=args.seed, max_iters=args.iters)
     return 0
 
 
@@ -56,8 +135,23 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
     config_file, checkpoint = convert_official(args.config, args.checkpoint, args.backbone, args.output)
     print(f"wrote {config_file}")
     print(f"wrote {checkpoint}")
-    print(f"evaluate with: reinseg eval {config_file} {checkpoint}")
+    print(f"evaluate with: reinseg eval {config_file} {checkpoint}  (add a data.val section for your datasets)")
     return 0
+
+
+def _write_json(path: Path, payload) -> None:
+    _atomic_bytes(path, json.dumps(payload, indent=2).encode())
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    from .checkpoints import atomic_write
+
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _parser(sub, name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  "))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,32 +160,68 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rein: domain-generalized semantic segmentation with frozen vision foundation models.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    overrides_help = "config overrides key.path=value, e.g. train.max_iters=1000 data.batch_size=2"
 
-    p = sub.add_parser(
-        "backbones",
-        help="list the backbone zoo",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="List the backbones build_backbone accepts, with their timm models.",
-        epilog="example:\n  reinseg backbones",
-    )
-    p.set_defaults(func=_cmd_backbones)
+    p = _parser(sub, "train", "train Rein + head as a config says",
+                "Train on data.train, validating on data.val every train.val_interval iterations. Checkpoints "
+                "(Rein + head + optimizer state; the VFM is referenced, not copied) go to "
+                "<train.output_dir>/checkpoints; a killed run resumes from last.ckpt when started again.",
+                "reinseg train configs/rein_dinov2_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2")
+    p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    p.add_argument("--output", default=None, help="output folder (overrides train.output_dir)")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (default: continue from <output>/checkpoints/last.ckpt if present), 'never', or a path")
+    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser(
-        "params",
-        help="parameter table of a backbone with Rein and the Mask2Former head",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build a backbone with Rein and the Mask2Former head on the meta device (no weights, "
-        "no memory) and print their parameter counts: frozen backbone, Rein, head, trainable share.",
-        epilog=textwrap.dedent(
-            """\
-            examples:
-              reinseg params --backbone dinov2_vitl14                # the paper's 2.99 M
-              reinseg params --backbone eva02_vitl14 --lora-dim 0    # full-rank tokens"""
-        ),
-    )
+    p = _parser(sub, "eval", "evaluate a checkpoint on the config's validation sets",
+                "Per-domain mIoU, per-class IoU and aAcc on data.val, and their mean over the target domains; "
+                "printed as a table and written as JSON.",
+                "reinseg eval configs/rein_dinov2_gta_512.yaml work_dirs/gta/checkpoints/last.ckpt --save-preds preds")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a reinseg checkpoint (training or converted)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    p.add_argument("--save-preds", default=None, metavar="DIR",
+                   help="also write the predictions as train-ID PNGs, mirroring each domain's label folder")
+    p.add_argument("--json", default=None, help="results file (default <train.output_dir>/eval_metrics.json)")
+    p.add_argument("--output", default=None, help="folder for logs (overrides train.output_dir)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = _parser(sub, "predict", "segment images with a checkpoint",
+                "Segment images (files, folders or glob patterns) and write, per image, <stem>_labelTrainIds.png "
+                "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image).",
+                "reinseg predict work_dirs/gta/checkpoints/last.ckpt street.jpg photos/ 'more/*.png' --output out")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("images", nargs="+", metavar="IMAGES")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--scale", type=int, nargs=2, default=[1024, 512], metavar=("LONG", "SHORT"),
+                   help="resize (keeping the ratio) to fit LONG x SHORT before inference (default 1024 512, "
+                        "the Cityscapes test scale); predictions are resized back")
+    p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
+    p.add_argument("--flip", action="store_true", help="average with the mirrored image")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = _parser(sub, "score", "score saved predictions against labels",
+                "Score train-ID PNG predictions against train-ID PNG labels matched by relative path, as the "
+                "official Cityscapes evaluation does (classes absent from both are left out of the mean).",
+                "reinseg score preds/cityscapes data/cityscapes/gtFine/val --json scores.json")
+    p.add_argument("predictions", metavar="PRED_DIR")
+    p.add_argument("labels", metavar="GT_DIR")
+    p.add_argument("--json", default=None, help="write the scores: mIoU (0-100) and IoU per class (null: absent)")
+    p.set_defaults(func=_cmd_score)
+
+    p = _parser(sub, "params", "parameter table: frozen backbone, Rein, head",
+                "Build the model of a config (or of the options below) on the meta device (no weights, no memory) "
+                "and print its parameter counts and trainable share.",
+                """
+                reinseg params configs/rein_dinov2_gta_512.yaml
+                reinseg params --backbone eva02_vitl14 --lora-dim 0   # full-rank tokens""")
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="a YAML config (else the options below)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     p.add_argument("--backbone", default="dinov2_vitl14", help="zoo name (see `reinseg backbones`)")
     p.add_argument("--img-size", type=int, default=512, help="input resolution (default 512)")
-    p.add_argument("--patch-size", type=int, default=16, help="patch size (default 16, the paper's setting; 0: the model's own)")
+    p.add_argument("--patch-size", type=int, default=16, help="patch size (default 16, the paper's; 0: the model's own)")
     p.add_argument("--lora-dim", type=int, default=16, help="rank of the Rein tokens, 0 for full rank (default 16)")
     p.add_argument("--token-length", type=int, default=100, help="Rein tokens per layer (default 100)")
     p.add_argument("--query-dims", type=int, default=256, help="width of the linked queries (default 256)")
@@ -99,20 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-rein", action="store_true", help="the plain frozen backbone")
     p.set_defaults(func=_cmd_params)
 
-    p = sub.add_parser(
-        "convert-official",
-        help="convert an official Rein release (mmseg config + .pth) to a reinseg checkpoint",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Read an official Rein config (a Python file, read without executing it) and its "
-        "released weights, check that they fit each other, and write DIR/config.yaml and DIR/checkpoint.pt. "
-        "The backbone weights are referenced by path, not copied.",
-        epilog=textwrap.dedent(
-            """\
-            example:
-              reinseg convert-official --config config.py --checkpoint iter_40000_published.pth \\
-                  --backbone checkpoints/dinov2_converted.pth --output checkpoints/rein_gta"""
-        ),
-    )
+    p = _parser(sub, "backbones", "list the backbone zoo", "List the backbones, with their timm models.",
+                "reinseg backbones")
+    p.set_defaults(func=_cmd_backbones)
+
+    p = _parser(sub, "demo", "train and evaluate on the synthetic domain-shift benchmark (offline, CPU)",
+                "Generate the synthetic street scenes, train Rein + head on a small ViT on the source domain, "
+                "evaluate on the unseen target domains, and write metrics.json and a picture per domain.",
+                "reinseg demo --output reinseg-demo")
+    p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the demo's)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = _parser(sub, "convert-official", "convert an official Rein release to a reinseg checkpoint",
+                "Read an official Rein config (a Python file, read without executing it) and its released weights, "
+                "check that they fit each other, and write DIR/config.yaml and DIR/checkpoint.pt. The backbone "
+                "weights are referenced by path, not copied.",
+                """
+                reinseg convert-official --config config.py --checkpoint iter_40000_published.pth \\
+                    --backbone checkpoints/dinov2_converted.pth --output checkpoints/rein_gta""")
     p.add_argument("--config", required=True, help="the official config .py (e.g. the release's config.py)")
     p.add_argument("--checkpoint", required=True, help="the released .pth (backbone.reins.* and decode_head.*)")
     p.add_argument("--backbone", default=None,
@@ -120,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "omit if the release holds them")
     p.add_argument("--output", required=True, help="output folder")
     p.set_defaults(func=_cmd_convert_official)
+
+    from .data.commands import register_commands
+
+    register_commands(sub)
     return parser
 
 
@@ -128,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if os.environ.get("REINSEG_DEBUG"):
+            raise
         print(f"reinseg {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -23,6 +24,12 @@ __all__ = [
     "LossConfig",
     "TestConfig",
     "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "Config",
+    "load_config",
+    "apply_overrides",
+    "dump_config",
 ]
 
 
@@ -101,11 +108,122 @@ class TestConfig:
 
 @dataclass
 class ModelConfig:
+    # What trains besides the head: "rein" (Rein, the default), "frozen" (the head only: the VFM
+    # stays frozen) or "full" (the whole VFM fine-tunes, at train.backbone_lr_mult x the lr).
+    tuning: str = "rein"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    rein: ReinConfig | None = field(default_factory=ReinConfig)  # null: the plain frozen backbone
+    rein: ReinConfig | None = field(default_factory=ReinConfig)  # used when tuning is "rein"
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
+
+
+@dataclass
+class DataConfig:
+    """Datasets and the training pipeline. Each dataset entry is ``{name, root, split, ...}``
+    with the options of :func:`reinseg.data.build_dataset` (e.g. ``condition`` for ACDC) and, for
+    validation sets, an optional test ``scale: [long, short]`` (default: the dataset's own)."""
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    val: list[dict[str, Any]] = field(default_factory=list)
+    crop_size: int = 512
+    base_size: int = 512  # random shortest-edge resize to base_size x {0.5, 0.6, ..., 2.0}
+    max_size: int = 2048  # ... with the long side at most this
+    cat_max_ratio: float = 0.75
+    batch_size: int = 4  # per device
+    num_workers: int = 4
+    on_error: str = "raise"  # a bad image/label pair: "raise" or "skip" (counted and reported)
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and the run (AdamW with poly decay, as the official Rein)."""
+
+    max_iters: int = 40000
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_iters: int = 0  # linear warm-up from warmup_start_factor * lr
+    warmup_start_factor: float = 1e-6
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    grad_clip: float | None = None  # max gradient norm
+    backbone_lr_mult: float = 0.1  # when the backbone itself trains (full fine-tuning)
+    val_interval: int = 10000
+    checkpoint_interval: int = 4000
+    keep_checkpoints: int = 3
+    log_interval: int = 50
+    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or a Lightning precision
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    seed: int = 42
+    output_dir: str = "work_dirs/run"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML configuration, apply ``key.path=value`` overrides, and check it."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping with sections model, data, train")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(Config, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` (value parsed as YAML; list items by index, ``data.val.0.root=...``)."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not of the form key.path=value")
+        value = yaml.safe_load(raw) if raw else None
+        node: Any = data
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {key}: {'.'.join(parts[:i])} has no item {part}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[:i])} is not a section")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return data
+
+
+def dump_config(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:

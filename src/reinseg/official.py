@@ -223,7 +223,7 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
     stride = list(test.get("stride")) if mode == "slide" else None
     if crop is not None and (crop[0] % patch_size or crop[1] % patch_size):
         raise ConfigError(f"model.test_cfg.crop_size={tuple(crop)} is not divisible by the patch size {patch_size}")
-    return ModelConfig(backbone=backbone, rein=rein, head=head, loss=loss,
+    return ModelConfig(tuning="rein" if has_rein else "frozen", backbone=backbone, rein=rein, head=head, loss=loss,
                        test=TestConfig(mode=mode, crop_size=crop, stride=stride))
 
 

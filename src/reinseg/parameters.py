@@ -20,7 +20,7 @@ def format_parameter_table(components: dict[str, nn.Module | None]) -> str:
 
     The trainable share is given against all parameters of the model.
     """
-    rows = [(name, *count_parameters(module)) for name, module in components.items()]
+    rows = [(name, *count_parameters(module)) for name, module in components.items() if module is not None]
     total = sum(r[1] for r in rows)
     trainable = sum(r[2] for r in rows)
     rows.append(("total", total, trainable))

@@ -73,6 +73,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def _torch_load(path: Path) -> object:
+    if _is_torchscript(path):
+        # OpenAI releases CLIP as a TorchScript archive: its weights are the module's state dict.
+        return {k: v.float() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -82,6 +85,16 @@ def _torch_load(path: Path) -> object:
     # config objects, ...). Read the file again with those replaced by inert placeholders:
     # nothing outside torch's tensor-rebuilding functions is imported or called.
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_placeholder_pickle)
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 
 class _Placeholder:

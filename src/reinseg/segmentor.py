@@ -20,7 +20,10 @@ from .config import ConfigError, ModelConfig, to_dict
 from .heads import Mask2FormerHead, semantic_logits
 from .heads.criterion import Mask2FormerLoss
 
-__all__ = ["Segmentor", "build_segmentor", "sliding_windows"]
+__all__ = ["Segmentor", "build_segmentor", "sliding_windows", "TUNINGS"]
+
+# What trains besides the head (see ModelConfig.tuning).
+TUNINGS = ("rein", "frozen", "full")
 
 
 def sliding_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
@@ -157,8 +160,12 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
         load_backbone_weights: load the VFM weights named by ``backbone.checkpoint`` /
             ``backbone.pretrained`` (off for a model whose weights come from elsewhere).
     """
+    if config.tuning not in TUNINGS:
+        raise ConfigError(f"model.tuning={config.tuning!r} is not one of {', '.join(TUNINGS)}")
+    if config.tuning == "rein" and config.rein is None:
+        raise ConfigError("model.tuning is 'rein' but model.rein is null (use tuning: frozen for the plain VFM)")
     bb = config.backbone
-    rein = None if config.rein is None else to_dict(config.rein)
+    rein = to_dict(config.rein) if config.tuning == "rein" else None
     backbone = build_backbone(
         bb.name,
         rein=rein,
@@ -170,6 +177,9 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
         resample=bb.resample,
         **bb.timm_kwargs,
     )
+    if config.tuning == "full":
+        backbone.freeze_backbone = False
+        backbone.vit.requires_grad_(True)
     hc = config.head
     linked = backbone.links_queries
     num_queries = hc.num_queries

@@ -1,0 +1,176 @@
+"""Semantic-segmentation scores from a confusion matrix, reduced over DDP ranks.
+
+IoU of class c = TP / (TP + FP + FN), counted over pixels whose ground truth is not ignored (255);
+a prediction outside the classes counts as a miss of the true class. A class that is neither in
+the ground truth nor predicted has no IoU (None) and is left out of the mean, as mmseg and the
+official Cityscapes evaluation (cityscapesScripts) do. The domain-generalization papers report
+the mIoU per unseen target domain and the mean of those.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ConfusionMatrix", "scores_from_confusion", "format_scores_table", "mean_over_domains"]
+
+
+class ConfusionMatrix:
+    """Pixel counts ``matrix[true, predicted]``; column ``num_classes`` collects out-of-range predictions."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu") -> None:
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64, device=device)
+
+    def update(self, prediction: Tensor, target: Tensor) -> None:
+        """Count ``prediction`` against ``target`` (same shape, integer class ids)."""
+        if prediction.shape != target.shape:
+            raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+        target = target.to(self.matrix.device).long().flatten()
+        prediction = prediction.to(self.matrix.device).long().flatten()
+        valid = target != self.ignore_index
+        if ((target[valid] < 0) | (target[valid] >= self.num_classes)).any():
+            bad = target[valid & ((target < 0) | (target >= self.num_classes))].unique()[:8].tolist()
+            raise ValueError(f"target values {bad} are outside 0..{self.num_classes - 1} and not {self.ignore_index}")
+        target, prediction = target[valid], prediction[valid]
+        prediction = torch.where((prediction < 0) | (prediction >= self.num_classes), self.num_classes, prediction)
+        counts = torch.bincount(target * (self.num_classes + 1) + prediction,
+                                minlength=self.num_classes * (self.num_classes + 1))
+        self.matrix += counts.view(self.num_classes, self.num_classes + 1)
+
+    def reduce(self) -> None:
+        """Sum the counts of all DDP ranks (a no-op outside distributed runs)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.matrix)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def scores(self, class_names: Sequence[str] | None = None) -> dict:
+        return scores_from_confusion(self.matrix, class_names)
+
+
+def scores_from_confusion(matrix: Tensor, class_names: Sequence[str] | None = None) -> dict:
+    """Scores in percent from a ``(K, K [+ 1])`` confusion matrix.
+
+    Returns a dict: ``mIoU``, ``aAcc`` (pixel accuracy), ``mAcc``, ``IoU`` and ``Acc`` (class name
+    -> value, None for a class absent from both ground truth and prediction), ``pixels``.
+    """
+    matrix = matrix.double().cpu()
+    num_classes = matrix.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
+    tp = matrix.diagonal()[:num_classes]
+    gt = matrix.sum(1)
+    predicted = matrix[:, :num_classes].sum(0)
+    union = gt + predicted - tp
+    iou = [None if u == 0 else 100.0 * t / u for t, u in zip(tp.tolist(), union.tolist())]
+    acc = [None if g == 0 else 100.0 * t / g for t, g in zip(tp.tolist(), gt.tolist())]
+    total = gt.sum().item()
+    return {
+        "mIoU": _mean(iou),
+        "aAcc": None if total == 0 else 100.0 * tp.sum().item() / total,
+        "mAcc": _mean(acc),
+        "IoU": dict(zip(names, iou)),
+        "Acc": dict(zip(names, acc)),
+        "pixels": int(total),
+    }
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def mean_over_domains(results: Mapping[str, dict], domains: Sequence[str] | None = None) -> float | None:
+    """Mean mIoU over ``domains`` (default: all), as the DG papers average their unseen targets."""
+    keys = list(results) if domains is None else list(domains)
+    missing = [k for k in keys if k not in results]
+    if missing:
+        raise KeyError(f"no results for domains {missing}")
+    values = [results[k]["mIoU"] for k in keys]
+    return None if any(v is None for v in values) or not values else sum(values) / len(values)
+
+
+def format_scores_table(results: Mapping[str, dict], class_names: Sequence[str]) -> str:
+    """Per-class IoU (rows) per domain (columns), with mIoU / aAcc rows."""
+    domains = list(results)
+    width = max(12, *(len(n) for n in class_names))
+    cols = [max(8, len(d)) for d in domains]
+    header = f"{'class':<{width}}" + "".join(f"  {d:>{c}}" for d, c in zip(domains, cols))
+    lines = [header, "-" * len(header)]
+
+    def row(label: str, values: list[float | None]) -> str:
+        cells = "".join(f"  {_fmt(v):>{c}}" for v, c in zip(values, cols))
+        return f"{label:<{width}}{cells}"
+
+    for name in class_names:
+        lines.append(row(name, [results[d]["IoU"].get(name) for d in domains]))
+    lines.append("-" * len(header))
+    lines.append(row("mIoU", [results[d]["mIoU"] for d in domains]))
+    lines.append(row("aAcc", [results[d]["aAcc"] for d in domains]))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def score_directories(prediction_dir: str, label_dir: str, class_names: Sequence[str], ignore_index: int = 255,
+                      label_suffix: str = ".png") -> dict:
+    """Score train-ID PNG predictions against train-ID PNG labels matched by relative path.
+
+    Every label file (``*{label_suffix}`` under ``label_dir``) needs a prediction at the same
+    relative path under ``prediction_dir``; a missing or extra prediction, a size mismatch or an
+    unreadable file is an error naming the file.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    pred_root, label_root = Path(prediction_dir), Path(label_dir)
+    for root, what in ((pred_root, "prediction"), (label_root, "label")):
+        if not root.is_dir():
+            raise FileNotFoundError(f"{what} folder not found: {root}")
+    labels = sorted(p.relative_to(label_root) for p in label_root.rglob(f"*{label_suffix}"))
+    predictions = sorted(p.relative_to(pred_root) for p in pred_root.rglob("*.png"))
+    if not labels:
+        raise ValueError(f"no label files (*{label_suffix}) under {label_root}")
+    missing = sorted(set(labels) - set(predictions))
+    extra = sorted(set(predictions) - set(labels))
+    if missing:
+        raise ValueError(f"{len(missing)} labels have no prediction at the same relative path under {pred_root}, "
+                         f"e.g. {', '.join(map(str, missing[:3]))}")
+    if extra:
+        raise ValueError(f"{len(extra)} predictions have no label at the same relative path under {label_root}, "
+                         f"e.g. {', '.join(map(str, extra[:3]))}")
+
+    def read(path: Path) -> np.ndarray:
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image)
+        except Exception as err:
+            raise ValueError(f"could not read {path}: {err}") from err
+        if array.ndim != 2:
+            raise ValueError(f"{path} is not a single-channel label image (shape {array.shape})")
+        return array
+
+    confusion = ConfusionMatrix(len(class_names), ignore_index)
+    for relative in labels:
+        label, prediction = read(label_root / relative), read(pred_root / relative)
+        if label.shape != prediction.shape:
+            raise ValueError(f"{pred_root / relative} is {prediction.shape[1]}x{prediction.shape[0]} but its label "
+                             f"{label_root / relative} is {label.shape[1]}x{label.shape[0]}")
+        try:
+            confusion.update(torch.from_numpy(prediction.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
+        except ValueError as err:
+            raise ValueError(f"{label_root / relative}: {err}") from err
+    results = confusion.scores(class_names)
+    results["num_images"] = len(labels)
+    return results

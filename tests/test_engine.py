@@ -1,0 +1,181 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import tiny_model_config
+from fake_datasets import make_fake_cityscapes
+from reinseg.config import Config, DataConfig, TrainConfig, dump_config
+from reinseg.engine import ShardSampler, TrainingStream, lr_factor, parameter_groups
+from reinseg.segmentor import build_segmentor
+
+
+def tiny_config(tmp_path, num_val=4, **train):
+    root = tmp_path / "cityscapes"
+    if not root.exists():
+        make_fake_cityscapes(root, n=num_val, size=(64, 128), prepared=True)
+    data = DataConfig(train=[dict(name="cityscapes", root=str(root), split="train")],
+                      val=[dict(name="cityscapes", root=str(root), split="val", scale=[128, 64])],
+                      crop_size=64, base_size=64, max_size=256, batch_size=2, num_workers=0)
+    options = dict(max_iters=6, val_interval=100, checkpoint_interval=2, log_interval=1, lr=1e-3,
+                   output_dir=str(tmp_path / "run")) | train
+    return Config(model=tiny_model_config(), data=data, train=TrainConfig(**options))
+
+
+def run_reinseg(*args, timeout=300):
+    """The command line in a fresh process (as users and DDP launchers run it)."""
+    return subprocess.run([sys.executable, "-m", "reinseg", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_poly_schedule_with_warmup():
+    assert lr_factor(0, 100) == 1.0
+    assert lr_factor(50, 100) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(100, 100) == 0.0
+    assert lr_factor(0, 100, warmup_iters=10) == pytest.approx(1e-6)
+    assert lr_factor(5, 100, warmup_iters=10) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
+    # The poly phase spans warm-up end to max_iters (mmengine's LinearLR + PolyLR(begin=warmup)).
+    assert lr_factor(10, 100, warmup_iters=10) == 1.0
+    assert lr_factor(55, 100, warmup_iters=10) == pytest.approx(0.5 ** 0.9)
+
+
+def test_no_weight_decay_where_the_official_config_has_none():
+    segmentor = build_segmentor(tiny_model_config())
+    groups = parameter_groups(segmentor, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(segmentor.named_parameters())
+    no_decay = {n for n, p in named.items() if p.requires_grad and decay_of[id(p)] == 0}
+    assert {"backbone.rein.learnable_tokens_a", "backbone.rein.learnable_tokens_b", "backbone.rein.scale",
+            "head.level_embed.weight", "head.transformer_decoder.post_norm.weight",
+            "head.pixel_decoder.input_convs.0.gn.weight", "head.transformer_decoder.layers.0.norms.1.bias"} <= no_decay
+    assert decay_of[id(named["backbone.rein.mlp_delta_f.weight"])] == 0.05
+    assert decay_of[id(named["head.cls_embed.bias"])] == 0.05
+    assert all(p.requires_grad for g in groups for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in named.values())
+
+
+def test_backbone_lr_multiplier_when_the_backbone_trains():
+    segmentor = build_segmentor(tiny_model_config())
+    segmentor.backbone.vit.requires_grad_(True)
+    groups = parameter_groups(segmentor, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(segmentor.backbone.vit.blocks[0].attn.qkv.weight)] == pytest.approx(1e-5)
+    assert lr_of[id(segmentor.head.cls_embed.weight)] == pytest.approx(1e-4)
+
+
+class Numbers(torch.utils.data.Dataset):
+    """Items are their index and the epoch the stream set."""
+
+    def __init__(self, n):
+        self.n, self.epoch = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, i):
+        return (self.epoch, i)
+
+
+def take(stream, count):
+    iterator = iter(stream)
+    return [next(iterator) for _ in range(count)]
+
+
+def test_training_stream_is_reproducible_and_resumable():
+    full = take(TrainingStream(Numbers(5), batch_size=2, seed=3), 14)
+    assert full == take(TrainingStream(Numbers(5), batch_size=2, seed=3), 14)
+    assert sorted(i for _, i in full[:5]) == [0, 1, 2, 3, 4]  # each epoch is a permutation
+    assert {e for e, _ in full[5:10]} == {1}
+    resumed = take(TrainingStream(Numbers(5), batch_size=2, seed=3, start_step=3), 8)
+    assert resumed == full[6:14]
+
+
+def test_ranks_take_disjoint_consecutive_samples():
+    full = take(TrainingStream(Numbers(7), batch_size=2, seed=0), 8)
+    rank0 = take(TrainingStream(Numbers(7), batch_size=2, seed=0, rank=0, world_size=2), 4)
+    rank1 = take(TrainingStream(Numbers(7), batch_size=2, seed=0, rank=1, world_size=2), 4)
+    assert rank0 == full[0:2] + full[4:6] and rank1 == full[2:4] + full[6:8]
+    shards = [list(ShardSampler(7, r, 2)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(7))
+
+
+def test_workers_keep_the_stream_order():
+    stream = TrainingStream(Numbers(9), batch_size=3, seed=1)
+    serial = [b for _, b in zip(range(4), torch.utils.data.DataLoader(stream, batch_size=3))]
+    parallel = [b for _, b in zip(range(4), torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2))]
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(serial, parallel))
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    import lightning as L
+    from reinseg.config import load_config
+    from reinseg.engine import train
+
+    class Kill(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGKILL)  # as a power cut: no clean-up
+
+    train(load_config(sys.argv[1]), callbacks=[Kill()])
+    """
+)
+
+
+def test_a_killed_run_resumes_exactly(tmp_path):
+    reference = tiny_config(tmp_path / "a")
+    interrupted = tiny_config(tmp_path / "b")
+    for config, name in ((reference, "a.yaml"), (interrupted, "b.yaml")):
+        (tmp_path / name).write_text(dump_config(config))
+    assert run_reinseg("train", str(tmp_path / "a.yaml")).returncode == 0
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "b.yaml"), "4"], capture_output=True,
+                            timeout=300)
+    assert killed.returncode == -9  # SIGKILL after iteration 4 (checkpoints at 2 and 4)
+    checkpoints = tmp_path / "b" / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000002.ckpt", "iter_000004.ckpt", "last.ckpt"]
+    result = run_reinseg("train", str(tmp_path / "b.yaml"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    a = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+
+
+def test_checkpoints_hold_only_the_trainable_weights(tmp_path):
+    from reinseg.engine import train
+
+    train(tiny_config(tmp_path, max_iters=2))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    keys = set(checkpoint["state_dict"])
+    assert keys and all(k.startswith(("segmentor.backbone.rein.", "segmentor.head.")) for k in keys)
+    assert checkpoint["config"]["model"]["backbone"]["name"] == "dinov2_vits14"
+    assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
+    leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # atomic writes leave no temporary files
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    config = tiny_config(tmp_path, num_val=5, max_iters=3, val_interval=3, devices=2, accelerator="cpu")
+    (tmp_path / "ddp.yaml").write_text(dump_config(config))
+    result = run_reinseg("train", str(tmp_path / "ddp.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in result.stderr + result.stdout
+    import json
+
+    metrics = json.loads((tmp_path / "run" / "metrics" / "val_step0000003.json").read_text())
+    # 5 validation images on 2 ranks: the summed confusion matrix counts every labelled pixel once.
+    from reinseg.data import build_dataset
+
+    dataset = build_dataset("cityscapes", tmp_path / "cityscapes", "val")
+    labelled = sum(int((item["label"] != 255).sum()) for item in (dataset[i] for i in range(len(dataset))))
+    assert len(dataset) == 5
+    assert metrics["domains"]["cityscapes"]["pixels"] == labelled
