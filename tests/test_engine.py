@@ -150,17 +150,34 @@ def test_a_killed_run_resumes_exactly(tmp_path):
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
 
 
-def test_checkpoints_hold_only_the_trainable_weights(tmp_path):
+def test_checkpoints_hold_the_trainable_weights_and_reference_the_vfm(tmp_path):
     from reinseg.engine import train
+    from reinseg.segmentor import build_segmentor
 
-    train(tiny_config(tmp_path, max_iters=2))
+    config = tiny_config(tmp_path, max_iters=2)
+    vfm = tmp_path / "vfm.pth"
+    torch.save(build_segmentor(config.model).backbone.vit.state_dict(), vfm)
+    config.model.backbone.checkpoint = str(vfm)
+    train(config)
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     keys = set(checkpoint["state_dict"])
     assert keys and all(k.startswith(("segmentor.backbone.rein.", "segmentor.head.")) for k in keys)
-    assert checkpoint["config"]["model"]["backbone"]["name"] == "dinov2_vits14"
+    assert checkpoint["config"]["model"]["backbone"]["checkpoint"] == str(vfm)
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
     leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # atomic writes leave no temporary files
+
+
+def test_a_randomly_initialised_vfm_is_stored_since_it_cannot_be_referenced(tmp_path):
+    from reinseg.checkpoints import segmentor_from_checkpoint
+    from reinseg.engine import train
+
+    task = train(tiny_config(tmp_path, max_iters=2))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert any(k.startswith("segmentor.backbone.vit.") for k in torch.load(checkpoint, weights_only=True)["state_dict"])
+    restored, _ = segmentor_from_checkpoint(checkpoint)
+    for key, value in task.segmentor.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
 
 
 def test_two_process_ddp_on_cpu(tmp_path):

@@ -202,3 +202,26 @@ def test_golden_layout_is_the_release_layout():
     """The golden backbone weights are in the layout the loader reads (guards the fixture itself)."""
     state = load_golden("dinov2_lora_rein_tiny.pt")["backbone_state_dict"]
     assert "mask_token" in state and "blocks.0.ls1.gamma" in state
+
+
+def test_torchscript_release_files_are_read(tmp_path):
+    """OpenAI ships CLIP as a TorchScript archive; its state dict is what counts."""
+    source = build_backbone("dinov2_vits14", img_size=32, patch_size=16, **TINY)
+    traced = torch.jit.trace(source.vit, torch.randn(1, 3, 32, 32), strict=False)
+    traced.save(str(tmp_path / "model.pt"))
+    loaded = build_backbone("dinov2_vits14", img_size=32, patch_size=16, checkpoint=tmp_path / "model.pt", **TINY)
+    for key, value in source.vit.state_dict().items():
+        assert torch.equal(loaded.vit.state_dict()[key], value), key
+
+
+def test_framework_objects_in_a_checkpoint_become_inert_placeholders(tmp_path):
+    import collections
+    import fractions
+
+    source = build_backbone("dinov2_vits14", img_size=32, patch_size=16, **TINY)
+    # An mmengine-style file: weights plus objects of libraries that are not installed here.
+    payload = {"state_dict": collections.OrderedDict(source.vit.state_dict()),
+               "meta": {"hub": fractions.Fraction(1, 3), "iter": 40000}}
+    torch.save(payload, tmp_path / "mm.pth")
+    state = read_state_dict(tmp_path / "mm.pth")
+    assert set(state) == set(source.vit.state_dict())

@@ -1,8 +1,24 @@
 """reinseg: Rein (CVPR 2024) for domain-generalized semantic segmentation with vision foundation models."""
 
 from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones
+from .config import Config, ModelConfig, load_config
+from .official import from_official
 from .rein import Rein
+from .segmentor import Segmentor, build_segmentor
 
 __version__ = "0.1.0"
 
-__all__ = ["Rein", "ReinBackbone", "build_backbone", "list_backbones", "BACKBONES", "__version__"]
+__all__ = [
+    "Rein",
+    "ReinBackbone",
+    "build_backbone",
+    "list_backbones",
+    "BACKBONES",
+    "Segmentor",
+    "build_segmentor",
+    "from_official",
+    "Config",
+    "ModelConfig",
+    "load_config",
+    "__version__",
+]

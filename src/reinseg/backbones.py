@@ -128,6 +128,7 @@ class ReinBackbone(nn.Module):
         self.patch_size = tuple(vit.patch_embed.patch_size)
         self.num_prefix_tokens = 0 if family == "sam" else int(vit.num_prefix_tokens)
         self.freeze_backbone = True
+        self.weights_source: str | None = None  # where the VFM weights came from; None: random init
         self.vit.requires_grad_(False)
         self.vit.eval()
 
@@ -230,6 +231,7 @@ class ReinBackbone(nn.Module):
             state_dict = unwrap_state_dict(weights, source)
         fitted = fit_state_dict(state_dict, self.vit, _timm_filter(self.family), resample, source=source)
         load_into(self.vit, fitted)
+        self.weights_source = source
 
 
 def dinov2_interpolate_pos_embed(
@@ -359,6 +361,7 @@ def build_backbone(
         backbone.load_backbone_weights(checkpoint, resample=resample)
     elif pretrained:
         backbone.load_backbone_weights(_download_pretrained(name, spec), resample=resample)
+        backbone.weights_source = f"timm hub: {spec.timm_name}"
     return backbone
 
 

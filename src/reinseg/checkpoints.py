@@ -19,8 +19,8 @@ from torch import Tensor
 from .config import ModelConfig, from_dict
 from .pretrained import state_dict_mismatches
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_write", "save_checkpoint", "load_checkpoint", "trainable_state_dict",
-           "load_trainable_weights", "segmentor_from_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "atomic_write", "save_checkpoint", "load_checkpoint", "checkpoint_state_dict",
+           "load_checkpoint_weights", "segmentor_from_checkpoint"]
 
 CHECKPOINT_FORMAT = "reinseg-checkpoint-v1"
 
@@ -35,6 +35,10 @@ def atomic_write(path: str | Path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -42,10 +46,13 @@ def atomic_write(path: str | Path, write) -> Path:
     return path
 
 
-def trainable_state_dict(segmentor: torch.nn.Module) -> dict[str, Tensor]:
-    """The weights a checkpoint stores: everything but the frozen VFM."""
-    frozen = getattr(segmentor.backbone, "freeze_backbone", True)
-    return {k: v for k, v in segmentor.state_dict().items() if not (frozen and k.startswith("backbone.vit."))}
+def checkpoint_state_dict(segmentor: torch.nn.Module) -> dict[str, Tensor]:
+    """The weights a checkpoint stores: everything but a frozen VFM whose weights come from a file
+    or the hub (a randomly initialised VFM, as in tests and the demo, cannot be referenced, so it
+    is stored)."""
+    backbone = segmentor.backbone
+    referenced = backbone.freeze_backbone and backbone.weights_source is not None
+    return {k: v for k, v in segmentor.state_dict().items() if not (referenced and k.startswith("backbone.vit."))}
 
 
 def save_checkpoint(path: str | Path, config: dict[str, Any], state_dict: dict[str, Tensor], **extra: Any) -> Path:
@@ -53,7 +60,7 @@ def save_checkpoint(path: str | Path, config: dict[str, Any], state_dict: dict[s
 
     Args:
         config: the full configuration as a plain dict (at least its ``model`` section).
-        state_dict: the trainable weights (:func:`trainable_state_dict`).
+        state_dict: the trainable weights (:func:`checkpoint_state_dict`).
         **extra: training state (optimizer, schedule, step, ...).
     """
     payload = {"format": CHECKPOINT_FORMAT, "config": config, "state_dict": state_dict, **extra}
@@ -95,13 +102,14 @@ def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None
     if model_config is None:
         model_config = from_dict(ModelConfig, payload["config"].get("model"), "model")
     segmentor = build_segmentor(model_config)
-    load_trainable_weights(segmentor, payload["state_dict"], source=str(path))
+    load_checkpoint_weights(segmentor, payload["state_dict"], source=str(path))
     return segmentor, payload
 
 
-def load_trainable_weights(segmentor, state_dict: dict[str, Tensor], source: str, names=lambda name: name) -> None:
-    """Load Rein + head weights strictly; what does not fit is named (in ``names``' convention)."""
-    expected = trainable_state_dict(segmentor)
+def load_checkpoint_weights(segmentor, state_dict: dict[str, Tensor], source: str, names=lambda name: name) -> None:
+    """Load the weights of :func:`checkpoint_state_dict` strictly; what does not fit is named (in
+    ``names``' convention)."""
+    expected = checkpoint_state_dict(segmentor)
     cls_key = "head.cls_embed.weight"
     if cls_key in state_dict and cls_key in expected and state_dict[cls_key].shape != expected[cls_key].shape:
         raise ValueError(

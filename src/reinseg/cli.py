@@ -62,15 +62,13 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import dump_config, load_config
+    from .config import load_config
     from .engine import train
 
     config = load_config(args.config, args.overrides)
     if args.output:
         config.train.output_dir = args.output
     out = Path(config.train.output_dir)
-    text = dump_config(config).encode()
-    _atomic_bytes(out / "config.yaml", text)
     task = train(config, resume=args.resume)
     if not task.trainer.is_global_zero:
         return 0
@@ -113,7 +111,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from .data import CLASSES
     from .metrics import format_scores_table, score_directories
 
-    results = score_directories(args.predictions, args.labels, CLASSES)
+    results = score_directories(args.predictions, args.labels, CLASSES, label_suffix=args.label_suffix)
     print(format_scores_table({Path(args.labels).name or "scores": results}, CLASSES))
     print(f"{results['num_images']} images, mIoU {results['mIoU']:.2f}")
     if args.json:
@@ -123,9 +121,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DEMO_ITERS, run_demo
 
-    run_demo(args.output, seed=args.seed, max_iters=args.iters)
+    run_demo(args.output, seed=args.seed, max_iters=args.iters or DEMO_ITERS)
     return 0
 
 
@@ -140,12 +138,9 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, payload) -> None:
-    _atomic_bytes(path, json.dumps(payload, indent=2).encode())
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
     from .checkpoints import atomic_write
 
+    data = json.dumps(payload, indent=2).encode()
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -209,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("predictions", metavar="PRED_DIR")
     p.add_argument("labels", metavar="GT_DIR")
     p.add_argument("--json", default=None, help="write the scores: mIoU (0-100) and IoU per class (null: absent)")
+    p.add_argument("--label-suffix", default=None,
+                   help="which files under GT_DIR are labels (default: *labelTrainIds.png if any, else *.png)")
     p.set_defaults(func=_cmd_score)
 
     p = _parser(sub, "params", "parameter table: frozen backbone, Rein, head",
@@ -239,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "reinseg demo --output reinseg-demo")
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the demo's)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default 250)")
     p.set_defaults(func=_cmd_demo)
 
     p = _parser(sub, "convert-official", "convert an official Rein release to a reinseg checkpoint",

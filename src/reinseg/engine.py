@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .checkpoints import CHECKPOINT_FORMAT, atomic_write, trainable_state_dict
+from .checkpoints import CHECKPOINT_FORMAT, atomic_write, checkpoint_state_dict
 from .config import Config, ConfigError, to_dict
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .segmentor import Segmentor, build_segmentor
@@ -39,6 +40,9 @@ __all__ = ["TrainingStream", "ShardSampler", "parameter_groups", "lr_factor", "S
            "evaluate", "validation_sets", "EVAL_ENTRY_KEYS"]
 
 log = logging.getLogger("reinseg")
+# The frozen VFM is in eval mode on purpose (no dropout or drop-path in it).
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 # Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
 EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
@@ -144,6 +148,12 @@ def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
         dataset = build_dataset(entry["name"], entry["root"], entry.get("split", "val"),
                                 transform=eval_transform(None if scale is None else tuple(scale)),
                                 on_error=config.data.on_error, **options)
+        if config.data.on_error == "skip":
+            # Drop bad pairs now: skipping at load time would score a replacement image twice.
+            dataset.validate()
+            if dataset.skipped:
+                log.warning("%s: %d pairs left out of the evaluation (data.on_error=skip)", dataset.name,
+                            len(dataset.skipped))
         sets.append((entry.get("label", dataset.name), dataset, entry))
     names = [name for name, _, _ in sets]
     duplicated = {n for n in names if names.count(n) > 1}
@@ -182,6 +192,7 @@ class SegmentationTask(L.LightningModule):
         # Checkpoints hold only the trainable weights; on_load_checkpoint checks they are all there.
         self.strict_loading = False
         self._resume_step = 0
+        self._train_set = None
         self._val_sets: list[tuple[str, Any, dict]] | None = None
         self._confusions: list[ConfusionMatrix] = []
         self.last_results: dict[str, Any] | None = None
@@ -189,7 +200,7 @@ class SegmentationTask(L.LightningModule):
     # -- data -----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         data = self.config.data
-        stream = TrainingStream(training_set(self.config), data.batch_size, self.config.train.seed,
+        stream = TrainingStream(self.train_set(), data.batch_size, self.config.train.seed,
                                 start_step=self._resume_step, rank=self.global_rank, world_size=self.trainer.world_size)
         from .data import collate
 
@@ -199,6 +210,11 @@ class SegmentationTask(L.LightningModule):
         return DataLoader(stream, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=collate,
                           persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available(),
                           generator=generator)
+
+    def train_set(self):
+        if self._train_set is None:
+            self._train_set = training_set(self.config)
+        return self._train_set
 
     def val_sets(self) -> list[tuple[str, Any, dict]]:
         if self._val_sets is None:
@@ -288,7 +304,7 @@ class SegmentationTask(L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = {f"segmentor.{k}" for k in trainable_state_dict(self.segmentor)}
+        keep = {f"segmentor.{k}" for k in checkpoint_state_dict(self.segmentor)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["format"] = CHECKPOINT_FORMAT
         checkpoint["config"] = to_dict(self.config)
@@ -302,7 +318,7 @@ class SegmentationTask(L.LightningModule):
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a reinseg training checkpoint")
         check_same_model(checkpoint.get("config", {}).get("model"), to_dict(self.config.model), "the checkpoint")
-        expected = {f"segmentor.{k}" for k in trainable_state_dict(self.segmentor)}
+        expected = {f"segmentor.{k}" for k in checkpoint_state_dict(self.segmentor)}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
             raise ValueError(f"the checkpoint lacks {len(missing)} trainable weights, e.g. {', '.join(missing[:5])}")
@@ -375,7 +391,7 @@ class _Progress(TQDMProgressBar):
 
 
 def build_trainer(config: Config, callbacks: list | None = None, validate_during_training: bool = True,
-                  enable_progress_bar: bool = True) -> L.Trainer:
+                  enable_progress_bar: bool = True, logging: bool = True) -> L.Trainer:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -394,6 +410,8 @@ def build_trainer(config: Config, callbacks: list | None = None, validate_during
                                  save_last=True, save_top_k=tc.keep_checkpoints, monitor="iteration", mode="max")
     val_interval = min(tc.val_interval, tc.max_iters)
     loggers = [TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv", version="")]
+    if not logging:
+        loggers = False
     return L.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -430,9 +448,16 @@ def train(config: Config, resume: str = "auto", callbacks: list | None = None) -
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt_path}")
     task = SegmentationTask(config)
+    # Fail on bad data now, not after hours of training (and before writing anything).
+    task.train_set()
     if config.data.val:
-        task.val_sets()  # fail on a bad validation set now, not after hours of training
+        task.val_sets()
     trainer = build_trainer(config, callbacks)
+    if trainer.is_global_zero:
+        from .config import dump_config
+
+        text = dump_config(config).encode()
+        atomic_write(out / "config.yaml", lambda f: f.write(text))
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(task, ckpt_path=ckpt_path)
@@ -453,7 +478,8 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
     segmentor, _ = segmentor_from_checkpoint(checkpoint, config.model)
     task = SegmentationTask(config, segmentor=segmentor, save_predictions=save_predictions)
     task.val_sets()
-    trainer = build_trainer(config, validate_during_training=True)
+    # No loggers: evaluating must not touch (or overwrite) the training run's logs.
+    trainer = build_trainer(config, validate_during_training=True, logging=False)
     trainer.validate(task, verbose=False)
     results = task.last_results
     if results is None:

@@ -122,12 +122,13 @@ def _fmt(value: float | None) -> str:
 
 
 def score_directories(prediction_dir: str, label_dir: str, class_names: Sequence[str], ignore_index: int = 255,
-                      label_suffix: str = ".png") -> dict:
+                      label_suffix: str | None = None) -> dict:
     """Score train-ID PNG predictions against train-ID PNG labels matched by relative path.
 
-    Every label file (``*{label_suffix}`` under ``label_dir``) needs a prediction at the same
-    relative path under ``prediction_dir``; a missing or extra prediction, a size mismatch or an
-    unreadable file is an error naming the file.
+    Every label file (``*{label_suffix}`` under ``label_dir``; by default ``*labelTrainIds.png``
+    where there are such files, as in Cityscapes, GTAV and ACDC, else every ``*.png``) needs a
+    prediction at the same relative path under ``prediction_dir``; a missing or extra prediction,
+    a size mismatch or an unreadable file is an error naming the file.
     """
     from pathlib import Path
 
@@ -138,6 +139,8 @@ def score_directories(prediction_dir: str, label_dir: str, class_names: Sequence
     for root, what in ((pred_root, "prediction"), (label_root, "label")):
         if not root.is_dir():
             raise FileNotFoundError(f"{what} folder not found: {root}")
+    if label_suffix is None:
+        label_suffix = "labelTrainIds.png" if next(label_root.rglob("*labelTrainIds.png"), None) else ".png"
     labels = sorted(p.relative_to(label_root) for p in label_root.rglob(f"*{label_suffix}"))
     predictions = sorted(p.relative_to(pred_root) for p in pred_root.rglob("*.png"))
     if not labels:

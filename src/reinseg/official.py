@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .checkpoints import atomic_write, load_trainable_weights, save_checkpoint, trainable_state_dict
+from .checkpoints import atomic_write, load_checkpoint_weights, save_checkpoint, checkpoint_state_dict
 from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig, to_dict
 from .pretrained import read_state_dict, unwrap_state_dict
 from .segmentor import Segmentor, build_segmentor
@@ -307,7 +307,7 @@ def from_official(
         backbone_state_dict = vfm
     segmentor = build_segmentor(config, load_backbone_weights=False)
     segmentor.backbone.load_backbone_weights(backbone_state_dict)
-    load_trainable_weights(segmentor, trainable, source="release checkpoint", names=to_official_name)
+    load_checkpoint_weights(segmentor, trainable, source="release checkpoint", names=to_official_name)
     return segmentor
 
 
@@ -345,7 +345,7 @@ def convert_official(config_path: str | Path, checkpoint_path: str | Path, backb
         backbone_file = atomic_write(output_dir / "backbone.safetensors", lambda f: f.write(_safetensors_bytes(vfm)))
         config.backbone.checkpoint = str(backbone_file.resolve())
     full_config = {"model": to_dict(config)}
-    checkpoint = save_checkpoint(output_dir / "checkpoint.pt", full_config, trainable_state_dict(segmentor),
+    checkpoint = save_checkpoint(output_dir / "checkpoint.pt", full_config, checkpoint_state_dict(segmentor),
                                  source={"config": str(config_path), "checkpoint": str(checkpoint_path)})
     config_file = atomic_write(
         output_dir / "config.yaml",

@@ -1,0 +1,193 @@
+"""``reinseg check-data``: what is in a dataset and what is wrong with it.
+
+For every dataset split: the number of pairs, the files without a partner, unreadable files,
+labels whose size differs from their image, label values outside the encoding (for train-ID
+files: outside {0..18, 255}) with the files that hold them, and the class histogram.
+The target is a dataset root (the dataset named or recognised by its layout) or a YAML config
+whose ``data`` section lists datasets::
+
+    data:
+      train:
+        - {name: gtav, root: data/gta, split: train}
+      val:
+        - {name: cityscapes, root: data/cityscapes, split: val}
+        - {name: acdc, root: data/acdc, split: val, condition: night}
+
+Relative roots are relative to the working directory, as in the official configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .classes import CLASSES
+from .datasets import Problem, SegmentationDataset, build_dataset, inspect_pair
+from .layouts import ACDC_CONDITIONS, dataset_info
+from .parallel import parallel_map
+
+__all__ = ["DatasetReport", "check_dataset", "check", "detect_dataset", "config_entries"]
+
+
+@dataclass
+class DatasetReport:
+    """The check of one dataset split. ``histogram`` counts pixels of train IDs 0..18, then ignore."""
+
+    name: str
+    split: str
+    root: str
+    pairs: int
+    missing_partners: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(CLASSES) + 1, dtype=np.int64))
+
+    def of_kind(self, kind: str) -> list[Problem]:
+        return [p for p in self.problems if p.kind == kind]
+
+    @property
+    def invalid_values(self) -> dict[str, list[int]]:
+        """{label path: values outside the encoding}."""
+        return {p.path: list(p.values) for p in self.of_kind("invalid values")}
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing_partners or self.problems)
+
+    def to_dict(self) -> dict:
+        names = list(CLASSES) + ["ignore"]
+        return {
+            "name": self.name, "split": self.split, "root": self.root, "pairs": self.pairs, "ok": self.ok,
+            "missing_partners": [{"path": p, "reason": r} for p, r in self.missing_partners],
+            "unreadable": [{"path": p.path, "reason": p.reason} for p in self.of_kind("unreadable")],
+            "size_mismatches": [{"path": p.path, "reason": p.reason} for p in self.of_kind("size mismatch")],
+            "invalid_values": [{"path": p.path, "values": list(p.values), "reason": p.reason}
+                               for p in self.of_kind("invalid values")],
+            "histogram": dict(zip(names, self.histogram.tolist())),
+        }
+
+    def format(self, most: int = 10) -> str:
+        lines = [f"{self.name} {self.split} ({self.root}): {self.pairs} pairs"]
+        sections = [("missing partners", [f"{p}: {r}" for p, r in self.missing_partners])]
+        for kind, title in (("unreadable", "unreadable files"), ("size mismatch", "size mismatches"),
+                            ("invalid values", "labels with values outside the classes")):
+            sections.append((title, [f"{p.path}: {p.reason}" for p in self.of_kind(kind)]))
+        for title, rows in sections:
+            lines.append(f"  {title}: {len(rows)}")
+            lines += [f"    {row}" for row in rows[:most]]
+            if len(rows) > most:
+                lines.append(f"    ... and {len(rows) - most} more")
+        total = int(self.histogram.sum())
+        if total:
+            shares = [f"{name} {100 * count / total:.1f}%" for name, count in
+                      zip(list(CLASSES) + ["ignore"], self.histogram.tolist()) if count]
+            lines.append("  class histogram (share of label pixels): " + ", ".join(shares))
+        return "\n".join(lines)
+
+
+def _inspect(pair_and_encoding):
+    (image, label), encoding = pair_and_encoding
+    return inspect_pair(image, label, encoding)
+
+
+def check_dataset(dataset: SegmentationDataset, split: str = "", root: str = "", workers: int | None = None,
+                  progress: bool = True) -> DatasetReport:
+    """Read every pair of ``dataset`` and report its problems and class histogram."""
+    report = DatasetReport(dataset.name, split, str(root), len(dataset.pairs),
+                           missing_partners=list(dataset.skipped))
+    items = list(zip(dataset.pairs, dataset.encodings))
+    for pair_report in parallel_map(_inspect, items, workers, desc=f"check {dataset.name}", progress=progress):
+        report.problems += pair_report.problems
+        if pair_report.histogram is not None:
+            report.histogram += pair_report.histogram
+    return report
+
+
+def detect_dataset(root) -> str:
+    """The dataset whose layout ``root`` has; ValueError listing what was looked for otherwise."""
+    root = Path(root)
+    markers = [  # the first match wins: BDD100K also has images/ and labels/, like GTAV
+        ("cityscapes", ("leftImg8bit", "gtFine")), ("acdc", ("rgb_anon",)), ("bdd100k", ("images/10k",)),
+        ("synthia", ("RGB", "GT/LABELS")), ("urbansyn", ("rgb", "ss")), ("gtav", ("images", "labels")),
+        ("mapillary", ("training/images",)), ("mapillary", ("half/val_img",)),
+    ]
+    for name, folders in markers:
+        if all((root / folder).is_dir() for folder in folders):
+            return name
+    if root.is_dir() and any((child / "leftImg8bit").is_dir() for child in root.iterdir()):
+        return "synthetic"
+    looked_for = "; ".join(f"{name}: {' + '.join(folders)}" for name, folders in markers)
+    raise ValueError(f"cannot tell which dataset {root} holds (looked for {looked_for}; "
+                     f"synthetic: <domain>/leftImg8bit); name it with --dataset")
+
+
+def config_entries(path) -> list[dict]:
+    """The dataset entries of a YAML config's ``data`` section, each with a ``section`` key."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: no 'data' section with train/val/test lists of datasets")
+    entries = []
+    for section, items in data.items():
+        for item in items if isinstance(items, list) else [items]:
+            if not isinstance(item, dict) or "name" not in item or "root" not in item:
+                raise ValueError(f"{path}: data.{section}: each dataset needs 'name' and 'root', got {item!r}")
+            entries.append({"section": section, **item})
+    return entries
+
+
+def _root_entries(root: Path, dataset: str | None, split: str | None, options: dict) -> list[dict]:
+    """Entries for every split of a dataset root (only those present unless ``split`` is given)."""
+    name = dataset or detect_dataset(root)
+    info = dataset_info(name)
+    # One entry per synthetic domain and ACDC condition, so a root holding some of them checks those.
+    if name == "synthetic" and "domain" not in options:
+        domains = sorted(p.name for p in root.iterdir() if (p / "leftImg8bit").is_dir())
+        return [e for d in domains for e in _root_entries(root, name, split, {**options, "domain": d})]
+    if name == "acdc" and "condition" not in options:
+        return [e for c in ACDC_CONDITIONS for e in _root_entries(root, name, split, {**options, "condition": c})]
+    splits = [split] if split else list(info.splits)
+    return [{"name": name, "root": str(root), "split": s, "optional": split is None, **options} for s in splits]
+
+
+def check(target, dataset: str | None = None, split: str | None = None, workers: int | None = None,
+          on_error: str = "skip", progress: bool = True, **options) -> list[DatasetReport]:
+    """Check a dataset root or every dataset of a YAML config (see the module docstring).
+
+    With ``on_error="raise"`` the first problem raises a ValueError naming the file; with
+    "skip" (default) every problem is collected into the reports.
+    """
+    target = Path(target)
+    if not target.exists():
+        raise FileNotFoundError(f"not found: {target}")
+    if target.is_file():
+        if dataset or split or options:
+            raise ValueError("--dataset, --split and dataset options go with a dataset root, not a config")
+        entries = config_entries(target)
+    else:
+        entries = _root_entries(target, dataset, split, options)
+    reports = []
+    for entry in entries:
+        entry = dict(entry)
+        entry.pop("section", None)
+        optional = entry.pop("optional", False)
+        name, root, entry_split = entry.pop("name"), entry.pop("root"), entry.pop("split", "train")
+        try:
+            data = build_dataset(name, root, entry_split, on_error=on_error, **entry)
+        except FileNotFoundError:
+            if optional:  # a root holding only some splits
+                continue
+            raise
+        if on_error == "raise":
+            data.validate(workers or 1)
+        reports.append(check_dataset(data, entry_split, root, workers, progress))
+    if not reports:
+        raise FileNotFoundError(f"no split of {dataset or 'the dataset'} found in {target}")
+    return reports
+

@@ -1,0 +1,126 @@
+"""Reading and writing images and label maps, with errors that name the file.
+
+Images come back as (H, W, 3) uint8 RGB; label files as (H, W) integer arrays of their stored
+values. Every failure is a :class:`DataError` (a ValueError) whose message starts with the path.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["DataError", "size_mismatch", "read_image", "read_label", "image_size", "write_png", "write_jpeg"]
+
+
+class DataError(ValueError):
+    """A problem with one file of a dataset: ``path`` is the file, ``reason`` what is wrong."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def size_mismatch(image_path, image_hw, label_path, label_hw) -> DataError:
+    """The error for a label whose (H, W) differs from its image's."""
+    return DataError(label_path, f"label is {label_hw[0]}x{label_hw[1]} (HxW) but its image {image_path} "
+                                 f"is {image_hw[0]}x{image_hw[1]}")
+
+
+def _open(path, load: bool = True, rawmode: str | None = None) -> Image.Image:
+    """Open an image file; with ``load`` also decode its pixels (which finds truncated files).
+
+    ``rawmode`` overrides how Pillow unpacks the decoded bytes (see :func:`_first_channel`).
+    """
+    try:
+        image = Image.open(path)
+        if rawmode is not None:
+            image.tile = [(tile[0], tile[1], tile[2], rawmode) for tile in image.tile]
+        if load:
+            image.load()
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except Exception as err:  # PIL raises many types for truncated or foreign files
+        raise DataError(path, _unreadable(path, err)) from None
+    return image
+
+
+def _unreadable(path, err: Exception) -> str:
+    message = str(err).replace(f" '{path}'", "").replace(str(path), "the file")
+    return f"unreadable ({type(err).__name__}: {message})"
+
+
+def read_image(path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB (grayscale and palette images are converted)."""
+    image = _open(path)
+    if image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr"):
+        raise DataError(path, f"not an 8-bit colour image (PIL mode {image.mode})")
+    return np.array(image.convert("RGB"))  # a writable copy
+
+
+def read_label(path, first_channel: bool = False) -> np.ndarray:
+    """The stored values of a label PNG as an (H, W) integer array.
+
+    Single-channel files (8-bit grayscale, palette indices, 16-bit grayscale) give their values.
+    With ``first_channel`` the file must be an RGB PNG and its first channel is returned at full
+    depth: Synthia stores class IDs in the first channel of 16-bit RGB PNGs, which Pillow would
+    otherwise cut to their high byte.
+    """
+    if first_channel:
+        return _first_channel(path)
+    image = _open(path)
+    if image.mode in ("L", "P", "I;16", "I;16B", "I", "1"):
+        return np.array(image)
+    hint = " (a colour-coded label? use the ID-encoded file)" if image.mode.startswith("RGB") else ""
+    raise DataError(path, f"a label map must be a single-channel image, got PIL mode {image.mode}{hint}")
+
+
+def _first_channel(path) -> np.ndarray:
+    """First channel of an RGB PNG at full bit depth (8 or 16 bit)."""
+    image = _open(path, load=False)
+    rawmode = image.tile[0][3] if image.tile else None
+    if image.mode == "RGB" and rawmode == "RGB;16B":
+        # Pillow keeps only the high byte of 16-bit samples. Decode twice, reading the
+        # big-endian samples once as big- and once as little-endian, to get both bytes.
+        high = np.asarray(_open(path, rawmode="RGB;16B"))[..., 0].astype(np.uint16)
+        low = np.asarray(_open(path, rawmode="RGB;16L"))[..., 0].astype(np.uint16)
+        return (high << 8) | low
+    if image.mode in ("RGB", "RGBA"):
+        return np.asarray(_open(path))[..., 0]
+    raise DataError(path, f"expected an RGB label PNG with the class in the first channel, got PIL mode {image.mode}")
+
+
+def image_size(path) -> tuple[int, int]:
+    """(H, W) of an image file from its header, without decoding the pixels."""
+    width, height = _open(path, load=False).size
+    return height, width
+
+
+def _atomic_save(path, save) -> None:
+    """Write through a temporary file so an interrupted run never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique hidden name in the same folder (os.replace is atomic there); created by the
+    # writer itself, so it gets the usual permissions.
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_png(path, array: np.ndarray, compress_level: int = 6) -> None:
+    """Save an (H, W) uint8 label map or (H, W, 3) uint8 image as PNG, atomically."""
+    image = Image.fromarray(np.ascontiguousarray(array))
+    _atomic_save(path, lambda tmp: image.save(tmp, format="PNG", compress_level=compress_level))
+
+
+def write_jpeg(path, image: Image.Image) -> None:
+    """Save a PIL image as JPEG with Pillow's defaults (as the official Mapillary resize does), atomically."""
+    _atomic_save(path, lambda tmp: image.save(tmp, format="JPEG"))

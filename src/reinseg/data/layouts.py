@@ -1,0 +1,288 @@
+"""Where each dataset keeps its images and labels on disk, and how files pair up.
+
+A split of a dataset is described by :class:`FolderPairs`: an image folder and suffix, and the
+label files that may go with each image, in order of preference (the prepared train-ID file
+first, the native file second, so a dataset reads the same before and after ``reinseg prepare``).
+An image and a label pair up when their paths below their folders agree once suffix and prefix
+are removed. The trees are drawn in docs/datasets.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .encodings import (
+    CITYSCAPES_IDS,
+    GTAV_IDS,
+    SYNTHIA_IDS,
+    TRAIN_IDS,
+    URBANSYN_IDS,
+    LabelEncoding,
+    mapillary_encoding,
+)
+
+__all__ = ["LabelSource", "FolderPairs", "Sample", "Discovery", "DatasetInfo", "DATASETS",
+           "TEST_SCALES", "ACDC_CONDITIONS", "discover", "dataset_info", "split_layout"]
+
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """Label files ``<folder>/<dirs>/<prefix><name><suffix>`` read with ``encoding``.
+
+    ``exclude`` names a suffix this source must not claim (a native ``.png`` source must not take
+    the prepared ``*_labelTrainIds.png`` files that live next to it).
+    """
+
+    folder: str
+    suffix: str
+    encoding: LabelEncoding
+    prefix: str = ""
+    exclude: str | None = None
+
+    def path_for(self, root: Path, key: str) -> Path:
+        """The file of this source for a pairing key (``dirs/name``)."""
+        directory, _, name = key.rpartition("/")
+        return root / self.folder / directory / f"{self.prefix}{name}{self.suffix}"
+
+
+@dataclass(frozen=True)
+class FolderPairs:
+    """Images ``<image_folder>/<dirs>/<image_prefix><name><image_suffix>`` and their labels.
+
+    ``labels`` lists the label sources by preference; empty when the split has no labels.
+    """
+
+    image_folder: str
+    image_suffix: str
+    labels: tuple[LabelSource, ...]
+    image_prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A pair: its image, its label file and encoding (None for unlabeled splits), and the pairing
+    key (the path below the folders without prefix and suffix)."""
+
+    image: str
+    label: str | None
+    encoding: LabelEncoding | None
+    key: str
+
+
+@dataclass
+class Discovery:
+    """The pairs found in one split, and the files without a partner as (path, reason)."""
+
+    samples: list[Sample] = field(default_factory=list)
+    unpaired: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _files(root: Path, folder: str, suffix: str, prefix: str = "", exclude: str | None = None) -> dict[str, Path]:
+    """{key: path} of the files below ``root/folder`` named ``<prefix><name><suffix>``, recursively."""
+    base = root / folder
+    found = {}
+    for directory, dirs, names in os.walk(base):
+        dirs.sort()
+        rel = Path(directory).relative_to(base).as_posix()
+        for name in sorted(names):
+            if not (name.endswith(suffix) and name.startswith(prefix)) or (exclude and name.endswith(exclude)):
+                continue
+            if name.startswith("."):  # temporary files of an interrupted write
+                continue
+            stem = name[len(prefix):len(name) - len(suffix)]
+            found[stem if rel == "." else f"{rel}/{stem}"] = Path(directory) / name
+    return found
+
+
+def discover(root: Path, layout: FolderPairs) -> Discovery:
+    """Pair the images of ``layout`` below ``root`` with their labels.
+
+    Raises FileNotFoundError naming the folder when the image folder, or every label folder,
+    is missing, and ValueError when the image folder holds no matching file.
+    """
+    image_dir = root / layout.image_folder
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
+    images = _files(root, layout.image_folder, layout.image_suffix, layout.image_prefix)
+    if not images:
+        raise ValueError(f"no images '{layout.image_prefix}*{layout.image_suffix}' found below {image_dir}")
+    result = Discovery()
+    if not layout.labels:
+        result.samples = [Sample(str(path), None, None, key) for key, path in images.items()]
+        return result
+    label_dirs = {source.folder for source in layout.labels}
+    if not any((root / folder).is_dir() for folder in label_dirs):
+        raise FileNotFoundError("label folder not found: " + " or ".join(str(root / f) for f in sorted(label_dirs)))
+
+    chosen: dict[str, tuple[Path, LabelEncoding]] = {}  # per key, the first source that has it
+    for source in layout.labels:
+        for key, path in _files(root, source.folder, source.suffix, source.prefix, source.exclude).items():
+            chosen.setdefault(key, (path, source.encoding))
+    for key, image in images.items():
+        if key in chosen:
+            label, encoding = chosen[key]
+            result.samples.append(Sample(str(image), str(label), encoding, key))
+        else:
+            expected = " or ".join(sorted({str(source.path_for(root, key)) for source in layout.labels}))
+            result.unpaired.append((str(image), f"image has no label (expected {expected})"))
+    for key in sorted(chosen.keys() - images.keys()):
+        expected = root / layout.image_folder / f"{layout.image_prefix}{key}{layout.image_suffix}"
+        result.unpaired.append((str(chosen[key][0]), f"label has no image (expected {expected})"))
+    return result
+
+
+# --- the datasets ---------------------------------------------------------------------------
+
+
+def _prepared_and_native(folder: str, native_suffix: str, native: LabelEncoding, prepared_suffix: str,
+                         prefix: str = "") -> tuple[LabelSource, LabelSource]:
+    """A prepared train-ID source and the native source it is converted from, in one folder."""
+    return (LabelSource(folder, prepared_suffix, TRAIN_IDS, prefix),
+            LabelSource(folder, native_suffix, native, prefix, exclude=prepared_suffix))
+
+
+def _cityscapes(root: Path, split: str) -> FolderPairs:
+    return FolderPairs(f"leftImg8bit/{split}", "_leftImg8bit.png", _prepared_and_native(
+        f"gtFine/{split}", "_gtFine_labelIds.png", CITYSCAPES_IDS, "_gtFine_labelTrainIds.png"))
+
+
+def _gtav(root: Path, split: str) -> FolderPairs:
+    return FolderPairs("images", ".png", _prepared_and_native("labels", ".png", GTAV_IDS, "_labelTrainIds.png"))
+
+
+def _synthia(root: Path, split: str) -> FolderPairs:
+    return FolderPairs("RGB", ".png", _prepared_and_native("GT/LABELS", ".png", SYNTHIA_IDS, "_labelTrainIds.png"))
+
+
+def _urbansyn(root: Path, split: str) -> FolderPairs:
+    return FolderPairs("rgb", ".png", _prepared_and_native("ss", ".png", URBANSYN_IDS, "_labelTrainIds.png",
+                                                           prefix="ss_"), image_prefix="rgb_")
+
+
+def _bdd100k(root: Path, split: str) -> FolderPairs:
+    labels = LabelSource(f"labels/sem_seg/masks/{split}", ".png", TRAIN_IDS)
+    return FolderPairs(f"images/10k/{split}", ".jpg", (labels,))
+
+
+def _mapillary_native(root: Path, split_folder: str) -> LabelSource:
+    """Native labels of a Mapillary split: ``<split>/v1.2/labels`` (v2.0 package) or ``<split>/labels`` (v1.x)."""
+    folder = f"{split_folder}/v1.2/labels"
+    if not (root / folder).is_dir() and (root / split_folder / "labels").is_dir():
+        folder = f"{split_folder}/labels"
+    names = None
+    for config in ("config_v1.2.json", "config.json"):
+        if (root / config).is_file():
+            try:
+                names = [label["readable"] for label in json.loads((root / config).read_text())["labels"]]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{root / config}: not a Mapillary config ({err})") from None
+            break
+    return LabelSource(folder, ".png", mapillary_encoding(names))
+
+
+def _mapillary_prepared(split: str) -> LabelSource:
+    """The official converter's output: ``cityscapes_trainIdLabel/<split>/label/<name>.png``."""
+    return LabelSource(f"cityscapes_trainIdLabel/{split}/label", ".png", TRAIN_IDS)
+
+
+def _mapillary(root: Path, split: str, half: bool = True) -> FolderPairs:
+    if split == "val" and half:
+        return FolderPairs("half/val_img", ".jpg", (LabelSource("half/val_label", ".png", TRAIN_IDS),))
+    folder = {"train": "training", "val": "validation"}[split]
+    return FolderPairs(f"{folder}/images", ".jpg", (_mapillary_prepared(split), _mapillary_native(root, folder)))
+
+
+def _acdc(root: Path, split: str, condition: str) -> FolderPairs:
+    labels = () if split == "test" else _prepared_and_native(
+        f"gt/{condition}/{split}", "_gt_labelIds.png", CITYSCAPES_IDS, "_gt_labelTrainIds.png")
+    return FolderPairs(f"rgb_anon/{condition}/{split}", "_rgb_anon.png", labels)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset reinseg reads: its splits, options, evaluation scale and a one-line description."""
+
+    name: str
+    splits: tuple[str, ...]
+    test_scale: tuple[int, int] | None
+    description: str
+    options: dict = field(default_factory=dict)  # option -> (allowed values or None, default)
+
+
+DATASETS = {
+    "gtav": DatasetInfo("gtav", ("train",), (1280, 720), "GTAV 'Playing for Data' (24,966 frames), source"),
+    "synthia": DatasetInfo("synthia", ("train",), (1280, 760), "SYNTHIA RAND-CITYSCAPES (9,400 frames), source"),
+    "urbansyn": DatasetInfo("urbansyn", ("train",), (1024, 512), "UrbanSyn (about 7,500 frames), source"),
+    "cityscapes": DatasetInfo("cityscapes", ("train", "val"), (1024, 512), "Cityscapes (2,975 train / 500 val)"),
+    "bdd100k": DatasetInfo("bdd100k", ("train", "val"), (1280, 720),
+                           "BDD100K 10k semantic segmentation (7,000 / 1,000)"),
+    "mapillary": DatasetInfo("mapillary", ("train", "val"), (1024, 512),
+                             "Mapillary Vistas v1.2 in the 19 classes (18,000 / 2,000; val at half resolution)",
+                             {"half": ((True, False), True)}),
+    "acdc": DatasetInfo("acdc", ("train", "val", "test"), (1920, 1080),
+                        "ACDC fog/night/rain/snow (1,600 / 406 / 2,000; test unlabeled)",
+                        {"condition": (ACDC_CONDITIONS + ("all",), "all")}),
+    "synthetic": DatasetInfo("synthetic", ("train", "val"), None,
+                             "reinseg's procedural domain-shift benchmark (Cityscapes layout per domain)",
+                             {"domain": (None, "game")}),
+}
+
+# Evaluation scales (w, h) of the official test pipelines: the image is resized keeping its ratio
+# to fit (long, short); the label stays at its resolution. ACDC follows the official 1024x1024
+# configs (night-acdc_1024x1024.py and siblings; the 512x512 ones use (960, 540)). Synthia and
+# UrbanSyn have no official test pipeline: their native sizes. None: the image as it is.
+TEST_SCALES = {name: info.test_scale for name, info in DATASETS.items()}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name``; ValueError listing the valid names otherwise."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def resolve_options(info: DatasetInfo, split: str, options: dict) -> dict:
+    """Check a split and options against a dataset and fill in the defaults."""
+    if split not in info.splits:
+        raise ValueError(f"{info.name} has no split '{split}'; valid: {', '.join(info.splits)}")
+    unknown = set(options) - set(info.options)
+    if unknown:
+        valid = ", ".join(info.options) or "none"
+        raise ValueError(f"{info.name} takes no option {', '.join(sorted(unknown))}; valid options: {valid}")
+    resolved = {}
+    for option, (allowed, default) in info.options.items():
+        value = options.get(option, default)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{info.name}: unknown {option} '{value}'; valid: {', '.join(map(str, allowed))}")
+        resolved[option] = value
+    return resolved
+
+
+def split_layout(name: str, root: Path, split: str, options: dict) -> list[tuple[str, Path, FolderPairs]]:
+    """The parts of a dataset split as (display name, root, layout): one part, or one per ACDC
+    condition with ``condition="all"``."""
+    info = dataset_info(name)
+    opts = resolve_options(info, split, options)
+    if name == "acdc":
+        conditions = ACDC_CONDITIONS if opts["condition"] == "all" else (opts["condition"],)
+        return [(f"acdc/{c}", root, _acdc(root, split, c)) for c in conditions]
+    if name == "mapillary":
+        return [("mapillary", root, _mapillary(root, split, opts["half"]))]
+    if name == "synthetic":
+        domain_root = _synthetic_domain(root, opts["domain"])
+        return [(f"synthetic/{domain_root.name}", domain_root, _cityscapes(domain_root, split))]
+    layout = {"gtav": _gtav, "synthia": _synthia, "urbansyn": _urbansyn, "cityscapes": _cityscapes,
+              "bdd100k": _bdd100k}[name]
+    return [(name, root, layout(root, split))]
+
+
+def _synthetic_domain(root: Path, domain: str) -> Path:
+    domains = sorted(p.name for p in root.iterdir() if (p / "leftImg8bit").is_dir())
+    if domain not in domains:
+        raise ValueError(f"no synthetic domain '{domain}' in {root}; found: {', '.join(domains) or 'none'}")
+    return root / domain

@@ -1,0 +1,305 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from fake_datasets import (
+    FAKE_MAKERS,
+    make_fake_acdc,
+    make_fake_cityscapes,
+    make_fake_gtav,
+    make_fake_mapillary,
+    make_fake_synthia,
+    make_fake_urbansyn,
+    write_png,
+    write_png16_rgb,
+)
+from torch.utils.data import DataLoader
+
+from reinseg.data import (
+    CLASSES,
+    DATASETS,
+    IGNORE_INDEX,
+    PALETTE,
+    ConcatSegmentationDataset,
+    SegmentationDataset,
+    build_dataset,
+    build_datasets,
+    collate,
+    train_transform,
+)
+
+NATIVE_SPLITS = [(name, split) for name in FAKE_MAKERS for split in DATASETS[name].splits]
+
+
+def _options(name):
+    return {"half": False} if name == "mapillary" else {}  # the half-resolution set needs `prepare`
+
+
+def test_class_contract():
+    assert CLASSES == ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                       "motorcycle", "bicycle")
+    assert IGNORE_INDEX == 255
+    palette = np.asarray(PALETTE)
+    assert palette.shape == (19, 3) and palette.dtype == np.uint8
+    assert palette[0].tolist() == [128, 64, 128] and palette[13].tolist() == [0, 0, 142]
+
+
+@pytest.mark.parametrize("name, split", NATIVE_SPLITS)
+def test_every_dataset_reads_in_its_native_layout(tmp_path, name, split):
+    fake = FAKE_MAKERS[name](tmp_path / name)
+    dataset = build_dataset(name, fake.root, split, **_options(name))
+    assert len(dataset) > 0 and not dataset.skipped
+    for item in dataset:
+        expected = fake.expected[item["image_path"]]
+        assert item["image"].shape == (3, 32, 64) and item["image"].dtype == torch.float32
+        assert item["ori_size"] == (32, 64)
+        if expected is None:  # ACDC test: no labels
+            assert item["label"] is None and item["label_path"] is None
+            continue
+        assert item["label"].dtype == torch.int64
+        assert np.array_equal(item["label"].numpy(), expected), item["label_path"]
+
+
+def test_prepared_labels_are_preferred_to_native_ones(tmp_path):
+    fake = make_fake_cityscapes(tmp_path, prepared=True)
+    dataset = build_dataset("cityscapes", fake.root, "val")
+    assert all(label.endswith("_gtFine_labelTrainIds.png") for _, label in dataset.pairs)
+    for item in dataset:
+        assert np.array_equal(item["label"].numpy(), fake.expected[item["image_path"]])
+
+
+def test_mapillary_classes_map_to_cityscapes_train_ids(tmp_path):
+    fake = make_fake_mapillary(tmp_path, n=1)
+    label_path = next((tmp_path / "training/v1.2/labels").iterdir())
+    # v1.2 IDs: 2 Curb, 0 Bird, 50 Traffic Sign (Front), 58 On Rails, 20 Bicyclist, 44 Street Light,
+    # 24 Lane Marking - General, 65 Unlabeled.
+    native = np.array([[2, 0, 50, 58, 20, 44, 24, 65]] * 32, np.uint8).repeat(8, axis=1)
+    write_png(label_path, native, palette=True)
+    item = build_dataset("mapillary", fake.root, "train")[0]
+    assert item["label"][0, ::8].tolist() == [1, 255, 7, 16, 12, 5, 0, 255]
+
+
+def test_mapillary_mapping_follows_the_datasets_own_config(tmp_path):
+    fake = make_fake_mapillary(tmp_path, n=1)
+    config = json.loads((tmp_path / "config_v1.2.json").read_text())
+    config["labels"][0]["readable"], config["labels"][2]["readable"] = "Curb", "Bird"  # swap two classes
+    (tmp_path / "config_v1.2.json").write_text(json.dumps(config))
+    label_path = next((tmp_path / "training/v1.2/labels").iterdir())
+    write_png(label_path, np.array([[0, 2]], np.uint8).repeat(32, 0).repeat(32, 1), palette=True)
+    item = build_dataset("mapillary", fake.root, "train")[0]
+    assert item["label"][0, ::32].tolist() == [1, 255]
+
+
+def test_mapillary_v12_package_layout(tmp_path):
+    fake = make_fake_mapillary(tmp_path, package="v1.2")
+    item = build_dataset("mapillary", fake.root, "val", half=False)[0]
+    assert item["label_path"].startswith(str(tmp_path / "validation" / "labels"))
+    assert np.array_equal(item["label"].numpy(), fake.expected[item["image_path"]])
+
+
+def test_gtav_and_cityscapes_ids(tmp_path):
+    fake = make_fake_gtav(tmp_path, n=1)
+    label = np.array([[7, 8, 26, 24, 33, 9, 34, 0]], np.uint8).repeat(32, 0).repeat(8, 1)
+    write_png(tmp_path / "labels" / "00001.png", label, palette=True)
+    item = build_dataset("gtav", fake.root)[0]
+    assert item["label"][0, ::8].tolist() == [0, 1, 13, 11, 18, 255, 255, 255]
+
+
+def test_synthia_reads_both_bytes_of_its_16_bit_labels(tmp_path):
+    fake = make_fake_synthia(tmp_path, n=1)
+    path = tmp_path / "GT" / "LABELS" / "0000000.png"
+    classes = np.array([[3, 8, 10, 21, 0]], np.uint16).repeat(32, 0).repeat(13, 1)[:, :64]
+    write_png16_rgb(path, np.stack([classes, np.full_like(classes, 4000), 0 * classes], -1))
+    item = build_dataset("synthia", fake.root)[0]
+    assert item["label"][0, ::13].tolist() == [0, 13, 11, 3, 255]
+    # 259 = 0x0103: reading only the low byte would see 3 (road) where the class is unknown.
+    classes[0, 0] = 259
+    write_png16_rgb(path, np.stack([classes, 0 * classes, 0 * classes], -1))
+    with pytest.raises(ValueError, match=r"0000000\.png.*\{259\}"):
+        build_dataset("synthia", fake.root)[0]
+
+
+def test_urbansyn_unlabeled_is_ignore(tmp_path):
+    fake = make_fake_urbansyn(tmp_path, n=1)
+    write_png(tmp_path / "ss" / "ss_0001.png", np.array([[0, 13, 18, 19]], np.uint8).repeat(32, 0).repeat(16, 1))
+    item = build_dataset("urbansyn", fake.root)[0]
+    assert item["label"][0, ::16].tolist() == [0, 13, 18, 255]
+
+
+def test_acdc_conditions(tmp_path):
+    fake = make_fake_acdc(tmp_path, n=2)
+    night = build_dataset("acdc", fake.root, "val", condition="night")
+    assert night.name == "acdc/night" and len(night) == 2
+    assert all("/rgb_anon/night/val/" in image for image, _ in night.pairs)
+    everything = build_dataset("acdc", fake.root, "train", condition="all")
+    assert everything.name == "acdc" and len(everything) == 8
+    test = build_dataset("acdc", fake.root, "test", condition="snow")
+    assert all(label is None for _, label in test.pairs)
+    with pytest.raises(ValueError, match="fog, night, rain, snow"):
+        build_dataset("acdc", fake.root, "val", condition="sunny")
+
+
+def test_unknown_names_splits_and_options_list_the_valid_ones(tmp_path):
+    make_fake_cityscapes(tmp_path)
+    with pytest.raises(ValueError, match="valid: gtav, synthia, urbansyn, cityscapes, bdd100k"):
+        build_dataset("kitti", tmp_path)
+    with pytest.raises(ValueError, match="no split 'test'; valid: train, val"):
+        build_dataset("cityscapes", tmp_path, "test")
+    with pytest.raises(ValueError, match="takes no option condition"):
+        build_dataset("cityscapes", tmp_path, "val", condition="night")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_dataset("cityscapes", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="on_error"):
+        build_dataset("cityscapes", tmp_path, on_error="ignore")
+
+
+def test_missing_label_folder_is_named(tmp_path):
+    make_fake_cityscapes(tmp_path)
+    for path in (tmp_path / "gtFine").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    (tmp_path / "gtFine" / "train").rename(tmp_path / "gtFine" / "training")
+    with pytest.raises(FileNotFoundError, match=r"gtFine/train"):
+        build_dataset("cityscapes", tmp_path, "train")
+
+
+# --- bad input: failing and skipping --------------------------------------------------------
+
+
+def test_image_without_label_fails_or_is_skipped(tmp_path, caplog):
+    fake = make_fake_cityscapes(tmp_path, n=3)
+    orphan = next(p for p in (tmp_path / "gtFine" / "val").rglob("*_labelIds.png"))
+    orphan.unlink()
+    image = str(orphan).replace("_gtFine_labelIds", "_leftImg8bit").replace("/gtFine/", "/leftImg8bit/")
+    with pytest.raises(ValueError, match="image has no label") as info:
+        build_dataset("cityscapes", fake.root, "val")
+    assert image in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="reinseg.data"):
+        dataset = build_dataset("cityscapes", fake.root, "val", on_error="skip")
+    assert len(dataset) == 2 and image not in [p for p, _ in dataset.pairs]
+    assert dataset.skipped == [(image, dataset.skipped[0][1])] and "has no label" in dataset.skipped[0][1]
+    assert image in caplog.text
+
+
+def test_label_without_image_is_reported(tmp_path):
+    make_fake_gtav(tmp_path, n=2)
+    (tmp_path / "images" / "00002.png").unlink()
+    dataset = build_dataset("gtav", tmp_path, on_error="skip")
+    assert len(dataset) == 1
+    assert dataset.skipped[0][0] == str(tmp_path / "labels" / "00002.png")
+    assert "label has no image" in dataset.skipped[0][1]
+
+
+def _corrupt(tmp_path, kind):
+    """A GTAV copy whose second pair has one problem; returns (root, the file at fault)."""
+    make_fake_gtav(tmp_path, n=3)
+    label, image = tmp_path / "labels" / "00002.png", tmp_path / "images" / "00002.png"
+    if kind == "size mismatch":
+        write_png(label, np.full((30, 64), 7, np.uint8), palette=True)
+        return label
+    if kind == "invalid values":
+        write_png(label, np.full((32, 64), 200, np.uint8), palette=True)
+        return label
+    image.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return image
+
+
+@pytest.mark.parametrize("kind, message", [("size mismatch", r"30x64 \(HxW\) but its image"),
+                                           ("invalid values", r"outside the GTAV label IDs \{0\.\.34\}: \{200\}"),
+                                           ("unreadable", "unreadable")])
+def test_bad_pairs_fail_at_load_time_naming_the_file(tmp_path, kind, message):
+    culprit = _corrupt(tmp_path, kind)
+    dataset = build_dataset("gtav", tmp_path)
+    dataset[0]
+    with pytest.raises(ValueError, match=message) as info:
+        dataset[1]
+    assert str(culprit) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["size mismatch", "invalid values", "unreadable"])
+def test_bad_pairs_are_skipped_counted_and_logged(tmp_path, caplog, kind):
+    culprit = _corrupt(tmp_path, kind)
+    dataset = build_dataset("gtav", tmp_path, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="reinseg.data"):
+        item = dataset[1]
+    assert item["image_path"] == str(tmp_path / "images" / "00003.png")  # the next good pair
+    assert [path for path, _ in dataset.skipped] == [str(culprit)]
+    assert str(culprit) in caplog.text
+    dataset[1]
+    assert len(dataset.skipped) == 1  # counted once
+
+
+@pytest.mark.parametrize("kind", ["size mismatch", "invalid values", "unreadable"])
+def test_validate_scans_every_pair_up_front(tmp_path, kind):
+    culprit = _corrupt(tmp_path, kind)
+    with pytest.raises(ValueError, match=str(culprit)):
+        build_dataset("gtav", tmp_path).validate(workers=1)
+    dataset = build_dataset("gtav", tmp_path, on_error="skip")
+    problems = dataset.validate(workers=2)
+    assert [p.path for p in problems] == [str(culprit)] and problems[0].kind == kind
+    assert len(dataset) == 2 and str(culprit) not in [p for pair in dataset.pairs for p in pair]
+
+
+def test_train_id_labels_outside_the_classes_never_pass(tmp_path):
+    fake = make_fake_cityscapes(tmp_path, n=1, prepared=True)
+    label = next((tmp_path / "gtFine" / "train").rglob("*_labelTrainIds.png"))
+    values = fake.expected[next(iter(fake.expected))].copy()
+    values[0, 0] = 19
+    write_png(label, values)
+    with pytest.raises(ValueError, match=r"outside the train IDs \{0\.\.18, 255\}: \{19\}"):
+        build_dataset("cityscapes", fake.root, "train")[0]
+
+
+# --- batching, concatenation, reproducibility -----------------------------------------------
+
+
+def test_collate_batches_through_a_dataloader(tmp_path):
+    fake = make_fake_cityscapes(tmp_path, n=4)
+    dataset = build_dataset("cityscapes", fake.root, "train", transform=train_transform(crop_size=16, base_size=32))
+    batch = next(iter(DataLoader(dataset, batch_size=4, collate_fn=collate)))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].shape == (4, 16, 16)
+    assert len(batch["image_path"]) == 4 and batch["ori_size"] == [(32, 64)] * 4
+    unlabeled = build_dataset("acdc", make_fake_acdc(tmp_path / "acdc", conditions=("fog",)).root, "test",
+                              condition="fog")
+    assert collate([unlabeled[0], unlabeled[1]])["label"] is None
+    items = [dataset[0], {**dataset[1], "image": torch.zeros(3, 8, 8)}]
+    with pytest.raises(ValueError, match="different sizes"):
+        collate(items)
+
+
+def test_sources_concatenate_for_training(tmp_path):
+    entries = []
+    for name in ("gtav", "synthia", "urbansyn"):
+        FAKE_MAKERS[name](tmp_path / name, n=2)
+        entries.append({"name": name, "root": tmp_path / name, "split": "train"})
+    combined = ConcatSegmentationDataset(build_datasets(entries, transform=train_transform(crop_size=16, base_size=32)))
+    assert combined.name == "gtav+synthia+urbansyn" and len(combined) == 6 and len(combined.pairs) == 6
+    sources = {name for i in range(6) for name in ("gtav", "synthia", "urbansyn")
+               if str(tmp_path / name) in combined[i]["image_path"]}
+    assert sources == {"gtav", "synthia", "urbansyn"}
+    with pytest.raises(ValueError, match="lacks 'root'"):
+        build_datasets([{"name": "gtav"}])
+
+
+def test_seeded_datasets_reproduce_augmentations_per_epoch(tmp_path):
+    fake = make_fake_cityscapes(tmp_path, n=1)
+    transform = train_transform(crop_size=16, base_size=32)
+    a, b = (build_dataset("cityscapes", fake.root, transform=transform, seed=3) for _ in range(2))
+    assert torch.equal(a[0]["image"], b[0]["image"])
+    epochs = set()
+    for epoch in range(6):
+        a.set_epoch(epoch)
+        epochs.add(a[0]["image"].sum().item())
+    assert len(epochs) > 1
+
+
+def test_dataset_from_explicit_pairs(tmp_path):
+    fake = FAKE_MAKERS["bdd100k"](tmp_path, n=1, splits=("val",))
+    image = next(iter(fake.expected))
+    label = image.replace("images/10k", "labels/sem_seg/masks").replace(".jpg", ".png")
+    dataset = SegmentationDataset("mine", [(image, label)])
+    assert np.array_equal(dataset[0]["label"].numpy(), fake.expected[image])
+    assert repr(dataset) == "SegmentationDataset('mine', 1 pairs, 0 skipped)"
