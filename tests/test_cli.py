@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from reinseg.cli import main
@@ -26,9 +28,25 @@ def test_unknown_backbone_is_a_clear_error(capsys):
     assert "unknown backbone 'dinov2_vitq14'" in err and "dinov2_vitl14" in err
 
 
-@pytest.mark.parametrize("command", ["params", "backbones"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "score", "params", "backbones", "demo", "prepare",
+                                     "check-data", "convert-official"])
 def test_help_has_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "example" in capsys.readouterr().out
+
+
+def test_params_compares_the_tuning_strategies(capsys):
+    assert main(["params", "--backbone", "dinov2_vitl14", "--compare"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) >= {"rein", "frozen", "full", "lora", "vpt", "adaptformer"}
+    assert "2,990,081 (   2.99 M)" in rows["rein"]
+    assert "304,196,608" in rows["full"] and " 0 (   0.00 M)" in rows["frozen"]
+
+
+def test_params_of_a_config(capsys):
+    config = Path(__file__).parents[1] / "configs" / "rein_dinov2-l_gta_512.yaml"
+    assert main(["params", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "2,990,081" in out and "20,579,796" in out

@@ -123,6 +123,7 @@ class ReinBackbone(nn.Module):
         self.family = family
         self.out_indices = out_indices
         self.rein = rein
+        self.prompts = None  # deep visual prompts (tuning: vpt), see reinseg.tuning
         self.embed_dim = int(vit.embed_dim)
         self.depth = depth
         self.patch_size = tuple(vit.patch_embed.patch_size)
@@ -156,7 +157,10 @@ class ReinBackbone(nn.Module):
         x, block_kwargs = self._embed(images)
         maps = []
         for index, block in enumerate(self.vit.blocks):
-            x = block(x, **block_kwargs)
+            if self.prompts is None:
+                x = block(x, **block_kwargs)
+            else:
+                x = self.prompts.run_block(block, x, index, self.num_prefix_tokens, self.family == "sam", block_kwargs)
             if self.rein is not None:
                 x = self._refine(x, index)
             if index in self.out_indices:

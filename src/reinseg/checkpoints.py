@@ -47,12 +47,14 @@ def atomic_write(path: str | Path, write) -> Path:
 
 
 def checkpoint_state_dict(segmentor: torch.nn.Module) -> dict[str, Tensor]:
-    """The weights a checkpoint stores: everything but a frozen VFM whose weights come from a file
-    or the hub (a randomly initialised VFM, as in tests and the demo, cannot be referenced, so it
-    is stored)."""
+    """The weights a checkpoint stores: everything but the frozen weights of a VFM that come from
+    a file or the hub (trainable weights inside it, such as LoRA's, are stored; a randomly
+    initialised VFM, as in tests and the demo, cannot be referenced, so it is stored whole)."""
     backbone = segmentor.backbone
     referenced = backbone.freeze_backbone and backbone.weights_source is not None
-    return {k: v for k, v in segmentor.state_dict().items() if not (referenced and k.startswith("backbone.vit."))}
+    trainable = {name for name, param in segmentor.named_parameters() if param.requires_grad}
+    return {k: v for k, v in segmentor.state_dict().items()
+            if not (referenced and k.startswith("backbone.vit.") and k not in trainable)}
 
 
 def save_checkpoint(path: str | Path, config: dict[str, Any], state_dict: dict[str, Tensor], **extra: Any) -> Path:

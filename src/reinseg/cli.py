@@ -26,8 +26,9 @@ def _cmd_params(args: argparse.Namespace) -> int:
     import torch
 
     from .config import BackboneConfig, HeadConfig, ModelConfig, ReinConfig, load_config
-    from .parameters import format_parameter_table
+    from .parameters import format_parameter_table, format_strategy_table
     from .segmentor import build_segmentor
+    from .tuning import TUNINGS
 
     if args.config:
         config = load_config(args.config, args.overrides).model
@@ -44,6 +45,21 @@ def _cmd_params(args: argparse.Namespace) -> int:
             head=HeadConfig(num_classes=args.num_classes, feat_channels=args.query_dims),
         )
         title = args.backbone
+    if args.tuning:
+        config.tuning = args.tuning
+    if args.compare:
+        rows = []
+        for tuning in TUNINGS:
+            config.tuning = tuning
+            with torch.device("meta"):
+                segmentor = build_segmentor(config, load_backbone_weights=False)
+            backbone = sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)
+            head = sum(p.numel() for p in segmentor.head.parameters())
+            rows.append((tuning, backbone, head, sum(p.numel() for p in segmentor.parameters())))
+        print(f"{title} at {config.backbone.img_size} px, Mask2Former head for {config.head.num_classes} classes: "
+              "trainable parameters per tuning strategy")
+        print(format_strategy_table(rows))
+        return 0
     # The meta device builds even giant models instantly and without memory.
     with torch.device("meta"):
         segmentor = build_segmentor(config, load_backbone_weights=False)
@@ -53,9 +69,11 @@ def _cmd_params(args: argparse.Namespace) -> int:
         f"Rein: {rein.token_length} tokens, rank {rein.lora_dim or 'full'}, {rein.query_dims}-d queries")
     print(f"{title} at {config.backbone.img_size} px, patch {patch}, {described}, "
           f"Mask2Former head for {config.head.num_classes} classes")
+    backbone = segmentor.backbone
+    added = [m for m in (backbone.rein, backbone.prompts) if m is not None]
     print(format_parameter_table({
-        "backbone (frozen)" if segmentor.backbone.freeze_backbone else "backbone": segmentor.backbone.vit,
-        "Rein": segmentor.backbone.rein,
+        "backbone" if any(p.requires_grad for p in backbone.vit.parameters()) else "backbone (frozen)": backbone.vit,
+        {"rein": "Rein", "vpt": "prompts"}.get(config.tuning, config.tuning): added[0] if added else None,
         "head": segmentor.head,
     }))
     return 0
@@ -224,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-dims", type=int, default=256, help="width of the linked queries (default 256)")
     p.add_argument("--num-classes", type=int, default=19, help="classes of the head (default 19)")
     p.add_argument("--no-rein", action="store_true", help="the plain frozen backbone")
+    p.add_argument("--tuning", default=None, help="a tuning strategy (rein, frozen, full, lora, vpt, adaptformer)")
+    p.add_argument("--compare", action="store_true", help="trainable parameters of every tuning strategy")
     p.set_defaults(func=_cmd_params)
 
     p = _parser(sub, "backbones", "list the backbone zoo", "List the backbones, with their timm models.",

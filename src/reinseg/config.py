@@ -20,6 +20,9 @@ __all__ = [
     "to_dict",
     "BackboneConfig",
     "ReinConfig",
+    "LoraConfig",
+    "VptConfig",
+    "AdaptFormerConfig",
     "HeadConfig",
     "LossConfig",
     "TestConfig",
@@ -62,6 +65,31 @@ class ReinConfig:
     scale_init: float = 1e-3
     use_softmax: bool = True
     zero_mlp_delta_f: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the attention projections (``tuning: lora``); ``alpha`` null means ``rank``."""
+
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["qkv", "q_proj", "k_proj", "v_proj"])
+
+
+@dataclass
+class VptConfig:
+    """Deep visual prompt tuning (``tuning: vpt``): prompt tokens per block."""
+
+    num_prompts: int = 150
+
+
+@dataclass
+class AdaptFormerConfig:
+    """AdaptFormer (``tuning: adaptformer``): a bottleneck adapter beside every block's MLP."""
+
+    bottleneck: int = 64
+    scale: float = 0.1
 
 
 @dataclass
@@ -108,11 +136,15 @@ class TestConfig:
 
 @dataclass
 class ModelConfig:
-    # What trains besides the head: "rein" (Rein, the default), "frozen" (the head only: the VFM
-    # stays frozen) or "full" (the whole VFM fine-tunes, at train.backbone_lr_mult x the lr).
+    # What trains besides the head (reinseg.tuning): "rein" (the default), "frozen" (the head
+    # only), "full" (the whole VFM, at train.backbone_lr_mult x the lr), "lora", "vpt" or
+    # "adaptformer"; each strategy reads its own section below.
     tuning: str = "rein"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    rein: ReinConfig | None = field(default_factory=ReinConfig)  # used when tuning is "rein"
+    rein: ReinConfig | None = field(default_factory=ReinConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    vpt: VptConfig = field(default_factory=VptConfig)
+    adaptformer: AdaptFormerConfig = field(default_factory=AdaptFormerConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)

@@ -47,7 +47,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 # Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
 EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
 # No weight decay for these (the official paramwise_cfg custom keys, and norm layers).
-NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "rein.scale")
+NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "rein.scale", "prompts.tokens")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
@@ -239,7 +239,10 @@ class SegmentationTask(L.LightningModule):
 
     def configure_optimizers(self):
         tc = self.config.train
-        groups = parameter_groups(self.segmentor, tc.lr, tc.weight_decay, tc.backbone_lr_mult)
+        # The multiplier is for the VFM's own weights when they fine-tune, not for modules added
+        # inside it (LoRA, adapters).
+        backbone_lr_mult = tc.backbone_lr_mult if self.config.model.tuning == "full" else 1.0
+        groups = parameter_groups(self.segmentor, tc.lr, tc.weight_decay, backbone_lr_mult)
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
                                       weight_decay=tc.weight_decay)
         min_factor = tc.min_lr / tc.lr if tc.lr else 0.0

@@ -32,3 +32,15 @@ def format_parameter_table(components: dict[str, nn.Module | None]) -> str:
             lines.append("-" * len(lines[0]))
         lines.append(f"{name:<{width}}  {count:>15,}  {train:>13,}  {share:>10.2f}%")
     return "\n".join(lines)
+
+
+def format_strategy_table(rows: list[tuple[str, int, int, int]]) -> str:
+    """Trainable parameters per tuning strategy: rows of (strategy, trainable in the backbone,
+    head parameters, all parameters of the model)."""
+    lines = [f"{'strategy':<12}  {'trainable in backbone':>26}  {'head':>12}  {'trainable':>12}  {'of all':>7}"]
+    lines.append("-" * len(lines[0]))
+    for strategy, backbone, head, total in rows:
+        trainable = backbone + head
+        lines.append(f"{strategy:<12}  {backbone:>15,} ({backbone / 1e6:7.2f} M)  {head:>12,}  {trainable:>12,}  "
+                     f"{100 * trainable / total:6.2f}%")
+    return "\n".join(lines)

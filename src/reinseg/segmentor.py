@@ -19,11 +19,9 @@ from .backbones import ReinBackbone, build_backbone
 from .config import ConfigError, ModelConfig, to_dict
 from .heads import Mask2FormerHead, semantic_logits
 from .heads.criterion import Mask2FormerLoss
+from .tuning import TUNINGS, apply_tuning
 
-__all__ = ["Segmentor", "build_segmentor", "sliding_windows", "TUNINGS"]
-
-# What trains besides the head (see ModelConfig.tuning).
-TUNINGS = ("rein", "frozen", "full")
+__all__ = ["Segmentor", "build_segmentor", "sliding_windows"]
 
 
 def sliding_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
@@ -177,9 +175,7 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
         resample=bb.resample,
         **bb.timm_kwargs,
     )
-    if config.tuning == "full":
-        backbone.freeze_backbone = False
-        backbone.vit.requires_grad_(True)
+    apply_tuning(backbone, config)
     hc = config.head
     linked = backbone.links_queries
     num_queries = hc.num_queries
