@@ -81,28 +81,37 @@ def main() -> None:
     device = torch.device(args.device)
     cpu = _cpu_name()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu}, {torch.get_num_threads()} threads"
-    print(f"# {where}; torch {torch.__version__}; {args.img_size} px, patch {args.patch_size}, batch {args.batch}, "
-          f"median of {args.repeats}")
-    print("| backbone | frozen fwd (s) | Rein fwd (s) | Rein fwd+bwd (s) | full FT fwd+bwd (s) "
-          "| Rein fwd / frozen | Rein fwd+bwd / frozen | full / frozen |"
-          + (" peak MiB frozen / Rein / full |" if device.type == "cuda" else ""))
+    print(
+        f"# {where}; torch {torch.__version__}; {args.img_size} px, patch {args.patch_size}, batch {args.batch}, "
+        f"median of {args.repeats}"
+    )
+    print(
+        "| backbone | frozen fwd (s) | Rein fwd (s) | Rein fwd+bwd (s) | full FT fwd+bwd (s) "
+        "| Rein fwd / frozen | Rein fwd+bwd / frozen | full / frozen |"
+        + (" peak MiB frozen / Rein / full |" if device.type == "cuda" else "")
+    )
     print("|---|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else ""))
     for name in args.backbones:
         torch.manual_seed(0)
         images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
         results = {}
         for mode in ("frozen", "rein_infer", "rein", "full"):
-            backbone = build_backbone(name, img_size=args.img_size, patch_size=args.patch_size,
-                                      rein={} if mode.startswith("rein") else None).to(device)
+            backbone = build_backbone(
+                name, img_size=args.img_size, patch_size=args.patch_size, rein={} if mode.startswith("rein") else None
+            ).to(device)
             if mode == "full":
                 backbone.freeze_backbone = False
                 backbone.vit.requires_grad_(True)
             backbone.train()
             results[mode] = time_step(backbone, images, mode, args.repeats, args.warmup)
             del backbone
-        (frozen, mf), (infer, _), (rein, mr), (full, mfull) = (results[m] for m in ("frozen", "rein_infer", "rein", "full"))
-        row = (f"| {name} | {frozen:.3f} | {infer:.3f} | {rein:.3f} | {full:.3f} | {infer / frozen:.2f} "
-               f"| {rein / frozen:.2f} | {full / frozen:.2f} |")
+        (frozen, mf), (infer, _), (rein, mr), (full, mfull) = (
+            results[m] for m in ("frozen", "rein_infer", "rein", "full")
+        )
+        row = (
+            f"| {name} | {frozen:.3f} | {infer:.3f} | {rein:.3f} | {full:.3f} | {infer / frozen:.2f} "
+            f"| {rein / frozen:.2f} | {full / frozen:.2f} |"
+        )
         if device.type == "cuda":
             row += f" {mf:.0f} / {mr:.0f} / {mfull:.0f} |"
         print(row, flush=True)

@@ -53,8 +53,10 @@ def trainable_in_backbone(segmentor) -> int:
 
 
 def cmd_params(args) -> None:
-    print(f"Trainable backbone parameters (M) at {args.img_size} px, patch 16, built on the meta device "
-          "(the head adds about 20.6 M for every strategy).\n")
+    print(
+        f"Trainable backbone parameters (M) at {args.img_size} px, patch 16, built on the meta device "
+        "(the head adds about 20.6 M for every strategy).\n"
+    )
     print("| backbone | VFM total | " + " | ".join(STRATEGIES[2:]) + " |")
     print("|---|---|" + "---|" * len(STRATEGIES[2:]))
     for name in list_backbones():
@@ -102,20 +104,44 @@ def measure_training(args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"strategy": args.child, "step_s": statistics.median(times), "peak_mib": peak,
-            "trainable": sum(p.numel() for p in params)}
+    return {
+        "strategy": args.child,
+        "step_s": statistics.median(times),
+        "peak_mib": peak,
+        "trainable": sum(p.numel() for p in params),
+    }
 
 
 def cmd_train(args) -> None:
-    print(f"# {machine(args.device)}; {args.backbone} at {args.img_size} px, batch {args.batch}, "
-          f"median of {args.steps} steps after {args.warmup} warm-up, one process per strategy")
+    print(
+        f"# {machine(args.device)}; {args.backbone} at {args.img_size} px, batch {args.batch}, "
+        f"median of {args.steps} steps after {args.warmup} warm-up, one process per strategy"
+    )
     memory = "peak allocated (MiB)" if args.device.startswith("cuda") else "peak resident (MiB)"
     for precision in args.precision:
         rows = []
         for strategy in args.strategies:
-            command = [sys.executable, __file__, "train", "--child", strategy, "--backbone", args.backbone,
-                       "--img-size", str(args.img_size), "--batch", str(args.batch), "--device", args.device,
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", precision]
+            command = [
+                sys.executable,
+                __file__,
+                "train",
+                "--child",
+                strategy,
+                "--backbone",
+                args.backbone,
+                "--img-size",
+                str(args.img_size),
+                "--batch",
+                str(args.batch),
+                "--device",
+                args.device,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--precision",
+                precision,
+            ]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 rows.append({"strategy": strategy, "error": done.stderr.strip().splitlines()[-1]})
@@ -131,15 +157,20 @@ def cmd_train(args) -> None:
                 continue
             ratio_t = f"{row['step_s'] / base['step_s']:.2f}" if base else "-"
             ratio_m = f"{row['peak_mib'] / base['peak_mib']:.2f}" if base else "-"
-            print(f"| {row['strategy']} | {row['trainable'] / 1e6:.2f} M | {row['step_s']:.3f} | "
-                  f"{args.batch / row['step_s']:.2f} | {row['peak_mib']:.0f} | {ratio_t} | {ratio_m} |", flush=True)
+            print(
+                f"| {row['strategy']} | {row['trainable'] / 1e6:.2f} M | {row['step_s']:.3f} | "
+                f"{args.batch / row['step_s']:.2f} | {row['peak_mib']:.0f} | {ratio_t} | {ratio_m} |",
+                flush=True,
+            )
 
 
 @torch.no_grad()
 def cmd_slide(args) -> None:
     device = torch.device(args.device)
-    print(f"# {machine(args.device)}; {args.backbone} + Rein + head, sliding window 512 / stride 341 on "
-          f"{args.height}x{args.width} images, batch 1, median of {args.steps} after {args.warmup} warm-up")
+    print(
+        f"# {machine(args.device)}; {args.backbone} + Rein + head, sliding window 512 / stride 341 on "
+        f"{args.height}x{args.width} images, batch 1, median of {args.steps} after {args.warmup} warm-up"
+    )
     config = model_config(args.backbone, "rein", 512)
     config.test.mode = "slide"
     segmentor = build_segmentor(config, load_backbone_weights=False).to(device).eval()

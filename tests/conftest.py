@@ -32,12 +32,30 @@ def tiny_model_config(num_classes: int = 19, **head):
     from reinseg.config import BackboneConfig, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig
 
     return ModelConfig(
-        backbone=BackboneConfig(name="dinov2_vits14", img_size=64, patch_size=16, out_indices=[0, 1, 2, 3],
-                                timm_kwargs=dict(embed_dim=32, depth=4, num_heads=2)),
+        backbone=BackboneConfig(
+            name="dinov2_vits14",
+            img_size=64,
+            patch_size=16,
+            out_indices=[0, 1, 2, 3],
+            timm_kwargs=dict(embed_dim=32, depth=4, num_heads=2),
+        ),
         rein=ReinConfig(token_length=8, lora_dim=4, query_dims=32),
-        head=HeadConfig(**(dict(num_classes=num_classes, feat_channels=32, out_channels=32, num_heads=4,
-                                num_decoder_layers=3, decoder_ffn_dims=64, num_encoder_layers=1,
-                                encoder_ffn_dims=64, num_groups=8) | head)),
+        head=HeadConfig(
+            **(
+                dict(
+                    num_classes=num_classes,
+                    feat_channels=32,
+                    out_channels=32,
+                    num_heads=4,
+                    num_decoder_layers=3,
+                    decoder_ffn_dims=64,
+                    num_encoder_layers=1,
+                    encoder_ffn_dims=64,
+                    num_groups=8,
+                )
+                | head
+            )
+        ),
         loss=LossConfig(num_points=256),
         test=TestConfig(mode="whole"),
     )

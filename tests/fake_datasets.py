@@ -20,31 +20,155 @@ import numpy as np
 from PIL import Image
 
 # Native label value -> train ID, a subset of each dataset's classes (255: a void class).
-CITYSCAPES_NATIVE = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-                     25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18, 0: 255, 4: 255, 9: 255, 14: 255,
-                     29: 255}
+CITYSCAPES_NATIVE = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+    0: 255,
+    4: 255,
+    9: 255,
+    14: 255,
+    29: 255,
+}
 GTAV_NATIVE = {**CITYSCAPES_NATIVE, 34: 255}
-SYNTHIA_NATIVE = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13,
-                  18: 14, 19: 15, 20: 16, 12: 17, 11: 18, 0: 255, 13: 255, 22: 255}
+SYNTHIA_NATIVE = {
+    3: 0,
+    4: 1,
+    2: 2,
+    21: 3,
+    5: 4,
+    7: 5,
+    15: 6,
+    9: 7,
+    6: 8,
+    16: 9,
+    1: 10,
+    10: 11,
+    17: 12,
+    8: 13,
+    18: 14,
+    19: 15,
+    20: 16,
+    12: 17,
+    11: 18,
+    0: 255,
+    13: 255,
+    22: 255,
+}
 # Mapillary v1.2 IDs: 13 Road, 2 Curb, 15 Sidewalk, 17 Building, 6 Wall, 3 Fence, 45 Pole, 48 Traffic
 # Light, 50 Traffic Sign (Front), 30 Vegetation, 29 Terrain, 27 Sky, 19 Person, 20 Bicyclist, 55 Car,
 # 61 Truck, 54 Bus, 58 On Rails, 57 Motorcycle, 52 Bicycle; void: 0 Bird, 35 Billboard, 65 Unlabeled.
-MAPILLARY_NATIVE = {13: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 48: 6, 50: 7, 30: 8, 29: 9, 27: 10, 19: 11,
-                    20: 12, 55: 13, 61: 14, 54: 15, 58: 16, 57: 17, 52: 18, 0: 255, 35: 255, 65: 255}
+MAPILLARY_NATIVE = {
+    13: 0,
+    2: 1,
+    15: 1,
+    17: 2,
+    6: 3,
+    3: 4,
+    45: 5,
+    48: 6,
+    50: 7,
+    30: 8,
+    29: 9,
+    27: 10,
+    19: 11,
+    20: 12,
+    55: 13,
+    61: 14,
+    54: 15,
+    58: 16,
+    57: 17,
+    52: 18,
+    0: 255,
+    35: 255,
+    65: 255,
+}
 URBANSYN_NATIVE = {**{i: i for i in range(19)}, 19: 255}
 TRAIN_ID_NATIVE = {**{i: i for i in range(19)}, 255: 255}
 
 MAPILLARY_V12_CLASSES = (
-    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane",
-    "Crosswalk - Plain", "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road",
-    "Service Lane", "Sidewalk", "Bridge", "Building", "Tunnel", "Person", "Bicyclist", "Motorcyclist",
-    "Other Rider", "Lane Marking - Crosswalk", "Lane Marking - General", "Mountain", "Sand", "Sky",
-    "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench", "Bike Rack", "Billboard",
-    "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox", "Manhole",
-    "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole",
-    "Traffic Light", "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat",
-    "Bus", "Car", "Caravan", "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck",
-    "Wheeled Slow", "Car Mount", "Ego Vehicle", "Unlabeled",
+    "Bird",
+    "Ground Animal",
+    "Curb",
+    "Fence",
+    "Guard Rail",
+    "Barrier",
+    "Wall",
+    "Bike Lane",
+    "Crosswalk - Plain",
+    "Curb Cut",
+    "Parking",
+    "Pedestrian Area",
+    "Rail Track",
+    "Road",
+    "Service Lane",
+    "Sidewalk",
+    "Bridge",
+    "Building",
+    "Tunnel",
+    "Person",
+    "Bicyclist",
+    "Motorcyclist",
+    "Other Rider",
+    "Lane Marking - Crosswalk",
+    "Lane Marking - General",
+    "Mountain",
+    "Sand",
+    "Sky",
+    "Snow",
+    "Terrain",
+    "Vegetation",
+    "Water",
+    "Banner",
+    "Bench",
+    "Bike Rack",
+    "Billboard",
+    "Catch Basin",
+    "CCTV Camera",
+    "Fire Hydrant",
+    "Junction Box",
+    "Mailbox",
+    "Manhole",
+    "Phone Booth",
+    "Pothole",
+    "Street Light",
+    "Pole",
+    "Traffic Sign Frame",
+    "Utility Pole",
+    "Traffic Light",
+    "Traffic Sign (Back)",
+    "Traffic Sign (Front)",
+    "Trash Can",
+    "Bicycle",
+    "Boat",
+    "Bus",
+    "Car",
+    "Caravan",
+    "Motorcycle",
+    "On Rails",
+    "Other Vehicle",
+    "Trailer",
+    "Truck",
+    "Wheeled Slow",
+    "Car Mount",
+    "Ego Vehicle",
+    "Unlabeled",
 )
 
 
@@ -83,8 +207,9 @@ def write_png16_rgb(path, array: np.ndarray) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -114,8 +239,9 @@ def random_native(rng: np.random.Generator, size, table: dict[int, int]) -> tupl
 # --- the datasets ---------------------------------------------------------------------------
 
 
-def make_fake_cityscapes(root, n: int = 2, size=(32, 64), splits=("train", "val"), prepared: bool = False,
-                         seed: int = 0) -> Fake:
+def make_fake_cityscapes(
+    root, n: int = 2, size=(32, 64), splits=("train", "val"), prepared: bool = False, seed: int = 0
+) -> Fake:
     """leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png and gtFine/... with
     *_gtFine_labelIds.png (native), *_gtFine_color.png, *_gtFine_polygons.json, and with
     ``prepared`` the converter's *_gtFine_labelTrainIds.png."""
@@ -201,8 +327,18 @@ def make_fake_mapillary(root, n: int = 2, size=(32, 64), seed: int = 0, package:
     ``package="v1.2"``, in <split>/labels next to config.json."""
     root, rng = Path(root), np.random.default_rng(seed)
     fake = Fake(root)
-    config = {"labels": [{"name": name.lower().replace(" ", "-"), "readable": name, "color": [0, 0, 0],
-                          "instances": False, "evaluate": True} for name in MAPILLARY_V12_CLASSES]}
+    config = {
+        "labels": [
+            {
+                "name": name.lower().replace(" ", "-"),
+                "readable": name,
+                "color": [0, 0, 0],
+                "instances": False,
+                "evaluate": True,
+            }
+            for name in MAPILLARY_V12_CLASSES
+        ]
+    }
     root.mkdir(parents=True, exist_ok=True)
     (root / ("config_v1.2.json" if package == "v2.0" else "config.json")).write_text(json.dumps(config))
     for folder in ("training", "validation"):
@@ -216,8 +352,14 @@ def make_fake_mapillary(root, n: int = 2, size=(32, 64), seed: int = 0, package:
     return fake
 
 
-def make_fake_acdc(root, n: int = 2, size=(32, 64), conditions=("fog", "night", "rain", "snow"),
-                   splits=("train", "val", "test"), seed: int = 0) -> Fake:
+def make_fake_acdc(
+    root,
+    n: int = 2,
+    size=(32, 64),
+    conditions=("fog", "night", "rain", "snow"),
+    splits=("train", "val", "test"),
+    seed: int = 0,
+) -> Fake:
     """rgb_anon/<condition>/<split>/<sequence>/<frame>_rgb_anon.png (and <split>_ref/ reference
     frames), gt/<condition>/<split>/<sequence>/<frame>_gt_labelTrainIds.png with the
     _gt_labelIds, _gt_labelColor and _gt_invIds files beside it; test has no gt."""
@@ -227,10 +369,13 @@ def make_fake_acdc(root, n: int = 2, size=(32, 64), conditions=("fog", "night", 
         for split in splits:
             for i in range(n):
                 sequence, stem = f"GOPR{i % 2:04d}", f"GOPR{i % 2:04d}_frame_{i:06d}"
-                image = write_png(root / "rgb_anon" / condition / split / sequence / f"{stem}_rgb_anon.png",
-                                  random_image(rng, size))
-                write_png(root / "rgb_anon" / condition / f"{split}_ref" / sequence / f"{stem}_ref_rgb_anon.png",
-                          random_image(rng, size))
+                image = write_png(
+                    root / "rgb_anon" / condition / split / sequence / f"{stem}_rgb_anon.png", random_image(rng, size)
+                )
+                write_png(
+                    root / "rgb_anon" / condition / f"{split}_ref" / sequence / f"{stem}_ref_rgb_anon.png",
+                    random_image(rng, size),
+                )
                 if split == "test":
                     fake.expected[str(image)] = None
                     continue

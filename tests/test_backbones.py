@@ -20,8 +20,15 @@ def build_golden_backbone(golden, tmp_path, **kwargs):
     path = tmp_path / "dinov2_tiny.pth"
     torch.save(golden["backbone_state_dict"], path)
     return build_backbone(
-        "dinov2_vits14", img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=4,
-        out_indices=[0, 1, 2, 3], checkpoint=path, **kwargs,
+        "dinov2_vits14",
+        img_size=64,
+        patch_size=16,
+        embed_dim=64,
+        depth=4,
+        num_heads=4,
+        out_indices=[0, 1, 2, 3],
+        checkpoint=path,
+        **kwargs,
     )
 
 
@@ -39,8 +46,9 @@ def test_golden_dinov2_rein_parity(golden, tmp_path):
 
 def test_zero_delta_leaves_the_backbone_output_unchanged(golden, tmp_path):
     plain = build_golden_backbone(golden, tmp_path)
-    adapted = build_golden_backbone(golden, tmp_path, rein=dict(lora_dim=4, token_length=10, query_dims=32,
-                                                                zero_mlp_delta_f=True))
+    adapted = build_golden_backbone(
+        golden, tmp_path, rein=dict(lora_dim=4, token_length=10, query_dims=32, zero_mlp_delta_f=True)
+    )
     image = golden["image"]
     with torch.no_grad():
         expected = plain(image)
@@ -83,8 +91,9 @@ def test_every_zoo_entry_builds_full_size_on_the_meta_device(name):
 
 def test_dinov2_large_rein_has_the_papers_parameter_count():
     with torch.device("meta"):
-        backbone = build_backbone("dinov2_vitl14", img_size=512, patch_size=16,
-                                  rein=dict(lora_dim=16, token_length=100, query_dims=256))
+        backbone = build_backbone(
+            "dinov2_vitl14", img_size=512, patch_size=16, rein=dict(lora_dim=16, token_length=100, query_dims=256)
+        )
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
     assert trainable == 2_990_081
     assert sum(p.numel() for p in backbone.rein.parameters()) == trainable
@@ -92,8 +101,14 @@ def test_dinov2_large_rein_has_the_papers_parameter_count():
 
 
 def test_backbone_stays_in_eval_mode_while_rein_trains():
-    backbone = build_backbone("dinov2_vits14", img_size=32, patch_size=16, rein=TINY_REIN, drop_path_rate=0.5,
-                              **tiny_overrides("dinov2_vits14"))
+    backbone = build_backbone(
+        "dinov2_vits14",
+        img_size=32,
+        patch_size=16,
+        rein=TINY_REIN,
+        drop_path_rate=0.5,
+        **tiny_overrides("dinov2_vits14"),
+    )
     backbone.train()
     assert backbone.training and backbone.rein.training
     assert not any(m.training for m in backbone.vit.modules())
@@ -106,8 +121,9 @@ def test_backbone_stays_in_eval_mode_while_rein_trains():
 
 
 def test_rein_fields_are_filled_from_the_backbone():
-    backbone = build_backbone("dinov2_vits14_reg", img_size=32, patch_size=16, rein=TINY_REIN,
-                              **tiny_overrides("dinov2_vits14_reg"))
+    backbone = build_backbone(
+        "dinov2_vits14_reg", img_size=32, patch_size=16, rein=TINY_REIN, **tiny_overrides("dinov2_vits14_reg")
+    )
     rein = backbone.rein
     assert (rein.num_layers, rein.embed_dims, rein.patch_size, rein.num_prefix_tokens) == (4, 32, 16, 5)
     sam = build_backbone("sam_vitb16", img_size=32, patch_size=16, rein=TINY_REIN, **tiny_overrides("sam_vitb16"))
@@ -118,8 +134,13 @@ def test_plain_backbone_returns_features_only():
     backbone = build_backbone("mae_vitl16", img_size=32, patch_size=16, **tiny_overrides("mae_vitl16"))
     features = backbone(torch.randn(1, 3, 32, 32))
     assert isinstance(features, list) and len(features) == 4
-    linked_off = build_backbone("mae_vitl16", img_size=32, patch_size=16, rein=dict(TINY_REIN, link_token_to_query=False),
-                                **tiny_overrides("mae_vitl16"))
+    linked_off = build_backbone(
+        "mae_vitl16",
+        img_size=32,
+        patch_size=16,
+        rein=dict(TINY_REIN, link_token_to_query=False),
+        **tiny_overrides("mae_vitl16"),
+    )
     assert isinstance(linked_off(torch.randn(1, 3, 32, 32)), list)
 
 
@@ -182,8 +203,9 @@ def test_bad_rein_arguments_are_named(rein, message):
 
 def test_bad_out_indices():
     with pytest.raises(ValueError, match="out_indices"):
-        build_backbone("dinov2_vits14", img_size=32, patch_size=16, out_indices=[0, 1, 2, 9],
-                       **tiny_overrides("dinov2_vits14"))
+        build_backbone(
+            "dinov2_vits14", img_size=32, patch_size=16, out_indices=[0, 1, 2, 9], **tiny_overrides("dinov2_vits14")
+        )
 
 
 def test_pretrained_offline_says_to_pass_a_checkpoint():

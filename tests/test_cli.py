@@ -28,8 +28,10 @@ def test_unknown_backbone_is_a_clear_error(capsys):
     assert "unknown backbone 'dinov2_vitq14'" in err and "dinov2_vitl14" in err
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "score", "params", "backbones", "demo", "prepare",
-                                     "check-data", "convert-official"])
+@pytest.mark.parametrize(
+    "command",
+    ["train", "eval", "predict", "score", "params", "backbones", "demo", "prepare", "check-data", "convert-official"],
+)
 def test_help_has_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -38,9 +38,27 @@ def _options(name):
 
 
 def test_class_contract():
-    assert CLASSES == ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                       "motorcycle", "bicycle")
+    assert CLASSES == (
+        "road",
+        "sidewalk",
+        "building",
+        "wall",
+        "fence",
+        "pole",
+        "traffic light",
+        "traffic sign",
+        "vegetation",
+        "terrain",
+        "sky",
+        "person",
+        "rider",
+        "car",
+        "truck",
+        "bus",
+        "train",
+        "motorcycle",
+        "bicycle",
+    )
     assert IGNORE_INDEX == 255
     palette = np.asarray(PALETTE)
     assert palette.shape == (19, 3) and palette.dtype == np.uint8
@@ -207,9 +225,14 @@ def _corrupt(tmp_path, kind):
     return image
 
 
-@pytest.mark.parametrize("kind, message", [("size mismatch", r"30x64 \(HxW\) but its image"),
-                                           ("invalid values", r"outside the GTAV label IDs \{0\.\.34\}: \{200\}"),
-                                           ("unreadable", "unreadable")])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("size mismatch", r"30x64 \(HxW\) but its image"),
+        ("invalid values", r"outside the GTAV label IDs \{0\.\.34\}: \{200\}"),
+        ("unreadable", "unreadable"),
+    ],
+)
 def test_bad_pairs_fail_at_load_time_naming_the_file(tmp_path, kind, message):
     culprit = _corrupt(tmp_path, kind)
     dataset = build_dataset("gtav", tmp_path)
@@ -262,8 +285,9 @@ def test_collate_batches_through_a_dataloader(tmp_path):
     batch = next(iter(DataLoader(dataset, batch_size=4, collate_fn=collate)))
     assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].shape == (4, 16, 16)
     assert len(batch["image_path"]) == 4 and batch["ori_size"] == [(32, 64)] * 4
-    unlabeled = build_dataset("acdc", make_fake_acdc(tmp_path / "acdc", conditions=("fog",)).root, "test",
-                              condition="fog")
+    unlabeled = build_dataset(
+        "acdc", make_fake_acdc(tmp_path / "acdc", conditions=("fog",)).root, "test", condition="fog"
+    )
     assert collate([unlabeled[0], unlabeled[1]])["label"] is None
     items = [dataset[0], {**dataset[1], "image": torch.zeros(3, 8, 8)}]
     with pytest.raises(ValueError, match="different sizes"):
@@ -277,8 +301,12 @@ def test_sources_concatenate_for_training(tmp_path):
         entries.append({"name": name, "root": tmp_path / name, "split": "train"})
     combined = ConcatSegmentationDataset(build_datasets(entries, transform=train_transform(crop_size=16, base_size=32)))
     assert combined.name == "gtav+synthia+urbansyn" and len(combined) == 6 and len(combined.pairs) == 6
-    sources = {name for i in range(6) for name in ("gtav", "synthia", "urbansyn")
-               if str(tmp_path / name) in combined[i]["image_path"]}
+    sources = {
+        name
+        for i in range(6)
+        for name in ("gtav", "synthia", "urbansyn")
+        if str(tmp_path / name) in combined[i]["image_path"]
+    }
     assert sources == {"gtav", "synthia", "urbansyn"}
     with pytest.raises(ValueError, match="lacks 'root'"):
         build_datasets([{"name": "gtav"}])

@@ -20,9 +20,15 @@ def trained(tmp_path_factory):
     make_fake_cityscapes(tmp / "cityscapes", n=3, size=(64, 128), prepared=True)
     config = Config(
         model=tiny_model_config(),
-        data=DataConfig(train=[dict(name="cityscapes", root=str(tmp / "cityscapes"), split="train")],
-                        val=[dict(name="cityscapes", root=str(tmp / "cityscapes"), split="val", scale=[128, 64])],
-                        crop_size=64, base_size=64, max_size=256, batch_size=2, num_workers=0),
+        data=DataConfig(
+            train=[dict(name="cityscapes", root=str(tmp / "cityscapes"), split="train")],
+            val=[dict(name="cityscapes", root=str(tmp / "cityscapes"), split="val", scale=[128, 64])],
+            crop_size=64,
+            base_size=64,
+            max_size=256,
+            batch_size=2,
+            num_workers=0,
+        ),
         train=TrainConfig(max_iters=4, val_interval=4, checkpoint_interval=4, lr=1e-3, output_dir=str(tmp / "run")),
     )
     (tmp / "config.yaml").write_text(dump_config(config))
@@ -42,8 +48,10 @@ def test_train_writes_checkpoints_logs_and_metrics(trained):
 def test_eval_score_and_predict_agree(trained, capsys):
     checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
     config = str(trained / "config.yaml")
-    assert main(["eval", config, checkpoint, "--save-preds", str(trained / "preds"),
-                 "--json", str(trained / "eval.json")]) == 0
+    assert (
+        main(["eval", config, checkpoint, "--save-preds", str(trained / "preds"), "--json", str(trained / "eval.json")])
+        == 0
+    )
     evaluated = json.loads((trained / "eval.json").read_text())
     scores = evaluated["domains"]["cityscapes"]
     # The saved predictions, scored on their own, give the same numbers.
@@ -69,8 +77,16 @@ def test_eval_score_and_predict_agree(trained, capsys):
 def test_predict_refuses_a_non_image_and_writes_nothing(trained, capsys):
     (trained / "notes.txt").write_text("not an image")
     image = next((trained / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))
-    code = main(["predict", str(trained / "run" / "checkpoints" / "last.ckpt"), str(image), str(trained / "notes.txt"),
-                 "--output", str(trained / "never")])
+    code = main(
+        [
+            "predict",
+            str(trained / "run" / "checkpoints" / "last.ckpt"),
+            str(image),
+            str(trained / "notes.txt"),
+            "--output",
+            str(trained / "never"),
+        ]
+    )
     assert code == 2
     assert "notes.txt" in capsys.readouterr().err
     assert not (trained / "never").exists()

@@ -17,29 +17,49 @@ def tiny_config(tmp_path, num_val=4, **train):
     root = tmp_path / "cityscapes"
     if not root.exists():
         make_fake_cityscapes(root, n=num_val, size=(64, 128), prepared=True)
-    data = DataConfig(train=[dict(name="cityscapes", root=str(root), split="train")],
-                      val=[dict(name="cityscapes", root=str(root), split="val", scale=[128, 64])],
-                      crop_size=64, base_size=64, max_size=256, batch_size=2, num_workers=0)
-    options = dict(max_iters=6, val_interval=100, checkpoint_interval=2, log_interval=1, lr=1e-3,
-                   output_dir=str(tmp_path / "run")) | train
+    data = DataConfig(
+        train=[dict(name="cityscapes", root=str(root), split="train")],
+        val=[dict(name="cityscapes", root=str(root), split="val", scale=[128, 64])],
+        crop_size=64,
+        base_size=64,
+        max_size=256,
+        batch_size=2,
+        num_workers=0,
+    )
+    options = (
+        dict(
+            max_iters=6,
+            val_interval=100,
+            checkpoint_interval=2,
+            log_interval=1,
+            lr=1e-3,
+            output_dir=str(tmp_path / "run"),
+        )
+        | train
+    )
     return Config(model=tiny_model_config(), data=data, train=TrainConfig(**options))
 
 
 def run_reinseg(*args, timeout=300):
     """The command line in a fresh process (as users and DDP launchers run it)."""
-    return subprocess.run([sys.executable, "-m", "reinseg", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [sys.executable, "-m", "reinseg", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def test_poly_schedule_with_warmup():
     assert lr_factor(0, 100) == 1.0
-    assert lr_factor(50, 100) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(50, 100) == pytest.approx(0.5**0.9)
     assert lr_factor(100, 100) == 0.0
     assert lr_factor(0, 100, warmup_iters=10) == pytest.approx(1e-6)
     assert lr_factor(5, 100, warmup_iters=10) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
     # The poly phase spans warm-up end to max_iters (mmengine's LinearLR + PolyLR(begin=warmup)).
     assert lr_factor(10, 100, warmup_iters=10) == 1.0
-    assert lr_factor(55, 100, warmup_iters=10) == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(55, 100, warmup_iters=10) == pytest.approx(0.5**0.9)
 
 
 def test_no_weight_decay_where_the_official_config_has_none():
@@ -48,9 +68,15 @@ def test_no_weight_decay_where_the_official_config_has_none():
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     named = dict(segmentor.named_parameters())
     no_decay = {n for n, p in named.items() if p.requires_grad and decay_of[id(p)] == 0}
-    assert {"backbone.rein.learnable_tokens_a", "backbone.rein.learnable_tokens_b", "backbone.rein.scale",
-            "head.level_embed.weight", "head.transformer_decoder.post_norm.weight",
-            "head.pixel_decoder.input_convs.0.gn.weight", "head.transformer_decoder.layers.0.norms.1.bias"} <= no_decay
+    assert {
+        "backbone.rein.learnable_tokens_a",
+        "backbone.rein.learnable_tokens_b",
+        "backbone.rein.scale",
+        "head.level_embed.weight",
+        "head.transformer_decoder.post_norm.weight",
+        "head.pixel_decoder.input_convs.0.gn.weight",
+        "head.transformer_decoder.layers.0.norms.1.bias",
+    } <= no_decay
     assert decay_of[id(named["backbone.rein.mlp_delta_f.weight"])] == 0.05
     assert decay_of[id(named["head.cls_embed.bias"])] == 0.05
     assert all(p.requires_grad for g in groups for p in g["params"])
@@ -135,8 +161,9 @@ def test_a_killed_run_resumes_exactly(tmp_path):
     for config, name in ((reference, "a.yaml"), (interrupted, "b.yaml")):
         (tmp_path / name).write_text(dump_config(config))
     assert run_reinseg("train", str(tmp_path / "a.yaml")).returncode == 0
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "b.yaml"), "4"], capture_output=True,
-                            timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(tmp_path / "b.yaml"), "4"], capture_output=True, timeout=300
+    )
     assert killed.returncode == -9  # SIGKILL after iteration 4 (checkpoints at 2 and 4)
     checkpoints = tmp_path / "b" / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000002.ckpt", "iter_000004.ckpt", "last.ckpt"]

@@ -46,14 +46,18 @@ def naive_deformable_attention(value, shapes, locations, weights):
         for q in range(queries):
             for m in range(heads):
                 for lvl, (h, w) in enumerate(shapes):
-                    grid = value[b, starts[lvl]:starts[lvl + 1], m].reshape(h, w, dim)
+                    grid = value[b, starts[lvl] : starts[lvl + 1], m].reshape(h, w, dim)
                     for p in range(points):
                         x = locations[b, q, m, lvl, p, 0] * w - 0.5
                         y = locations[b, q, m, lvl, p, 1] * h - 0.5
                         x0, y0 = math.floor(x), math.floor(y)
                         sample = torch.zeros(dim)
-                        for yy, xx, wt in [(y0, x0, (1 - (x - x0)) * (1 - (y - y0))), (y0, x0 + 1, (x - x0) * (1 - (y - y0))),
-                                           (y0 + 1, x0, (1 - (x - x0)) * (y - y0)), (y0 + 1, x0 + 1, (x - x0) * (y - y0))]:
+                        for yy, xx, wt in [
+                            (y0, x0, (1 - (x - x0)) * (1 - (y - y0))),
+                            (y0, x0 + 1, (x - x0) * (1 - (y - y0))),
+                            (y0 + 1, x0, (1 - (x - x0)) * (y - y0)),
+                            (y0 + 1, x0 + 1, (x - x0) * (y - y0)),
+                        ]:
                             if 0 <= yy < h and 0 <= xx < w:
                                 sample += wt * grid[yy, xx]
                         out[b, q, m] += weights[b, q, m, lvl, p] * sample
@@ -70,14 +74,15 @@ def test_deformable_attention_samples_bilinearly_with_zero_padding():
 
 
 def tiny_head(**kwargs):
-    args = dict(num_classes=19, feat_channels=32, out_channels=32, num_queries=10, decoder_ffn_dims=256,
-                encoder_ffn_dims=128)
+    args = dict(
+        num_classes=19, feat_channels=32, out_channels=32, num_queries=10, decoder_ffn_dims=256, encoder_ffn_dims=128
+    )
     return Mask2FormerHead([64] * 4, **(args | kwargs))
 
 
 def test_head_structure_maps_one_to_one_to_the_official_weights():
     release = load_golden("official_segmentor_tiny.pt")["release_state_dict"]
-    official = {k[len("decode_head."):]: tuple(v.shape) for k, v in release.items() if k.startswith("decode_head.")}
+    official = {k[len("decode_head.") :]: tuple(v.shape) for k, v in release.items() if k.startswith("decode_head.")}
     ours = {k: tuple(v.shape) for k, v in tiny_head().state_dict().items()}
     assert ours == official
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from reinseg.cli import main
 from reinseg.data import CLASSES
-from reinseg.metrics import ConfusionMatrix, format_scores_table, mean_over_domains, score_directories
+from reinseg.metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 
 
 def test_iou_counts_by_hand():
@@ -38,8 +38,10 @@ def test_targets_outside_the_classes_are_refused():
 
 
 def test_mean_over_domains_and_table():
-    results = {"a": {"mIoU": 40.0, "aAcc": 80.0, "IoU": {"road": 40.0}}, "b": {"mIoU": 60.0, "aAcc": 90.0,
-                                                                              "IoU": {"road": None}}}
+    results = {
+        "a": {"mIoU": 40.0, "aAcc": 80.0, "IoU": {"road": 40.0}},
+        "b": {"mIoU": 60.0, "aAcc": 90.0, "IoU": {"road": None}},
+    }
     assert mean_over_domains(results) == 50.0
     assert mean_over_domains(results, ["b"]) == 60.0
     table = format_scores_table(results, ["road"])

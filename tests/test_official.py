@@ -49,9 +49,17 @@ def write_release(golden, tmp_path, release=None, config=None):
     torch.save({"state_dict": release, "meta": {"iter": 40000, "seed": 42}}, tmp_path / "release.pth")
     torch.save(golden["backbone_state_dict"], tmp_path / "dinov2_converted.pth")
     (tmp_path / "config.py").write_text(f"model = {config or golden['model_config']!r}\n")
-    return ["convert-official", "--config", str(tmp_path / "config.py"), "--checkpoint",
-            str(tmp_path / "release.pth"), "--backbone", str(tmp_path / "dinov2_converted.pth"),
-            "--output", str(tmp_path / "out")]
+    return [
+        "convert-official",
+        "--config",
+        str(tmp_path / "config.py"),
+        "--checkpoint",
+        str(tmp_path / "release.pth"),
+        "--backbone",
+        str(tmp_path / "dinov2_converted.pth"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
 
 
 def test_convert_official_round_trip(golden, tmp_path, capsys):
@@ -91,8 +99,11 @@ def test_crop_size_not_divisible_by_the_patch_size(golden):
     "path, value, message",
     [
         (("backbone", "type"), "ReinsConvNeXt", "model.backbone.type='ReinsConvNeXt' is not supported"),
-        (("decode_head", "feat_channels"), 48,
-         "model.backbone.reins_config.query_dims=32 must equal model.decode_head.feat_channels=48"),
+        (
+            ("decode_head", "feat_channels"),
+            48,
+            "model.backbone.reins_config.query_dims=32 must equal model.decode_head.feat_channels=48",
+        ),
         (("decode_head", "num_queries"), 12, "model.decode_head.num_queries=12 must equal 10"),
         (("backbone", "reins_config", "embed_dims"), 32, "model.backbone.reins_config.embed_dims=32 must equal 64"),
         (("decode_head", "align_corners"), True, "model.decode_head.align_corners=True is not supported"),

@@ -18,10 +18,14 @@ OUTPUT = {
     "gtav": ("labels/00001.png", "labels/00001_labelTrainIds.png"),
     "synthia": ("GT/LABELS/0000000.png", "GT/LABELS/0000000_labelTrainIds.png"),
     "urbansyn": ("ss/ss_0001.png", "ss/ss_0001_labelTrainIds.png"),
-    "cityscapes": ("gtFine/val/aachen/aachen_000000_000019_gtFine_labelIds.png",
-                   "gtFine/val/aachen/aachen_000000_000019_gtFine_labelTrainIds.png"),
-    "mapillary": ("training/v1.2/labels/t00Xy_Zz0123456789.png",
-                  "cityscapes_trainIdLabel/train/label/t00Xy_Zz0123456789.png"),
+    "cityscapes": (
+        "gtFine/val/aachen/aachen_000000_000019_gtFine_labelIds.png",
+        "gtFine/val/aachen/aachen_000000_000019_gtFine_labelTrainIds.png",
+    ),
+    "mapillary": (
+        "training/v1.2/labels/t00Xy_Zz0123456789.png",
+        "cityscapes_trainIdLabel/train/label/t00Xy_Zz0123456789.png",
+    ),
 }
 
 
@@ -34,8 +38,9 @@ def test_prepare_writes_train_id_labels_once(tmp_path, name):
     assert (tmp_path / OUTPUT[name][0]).exists()  # the native label stays
     for split in ("train",) if name != "cityscapes" else ("train", "val"):
         dataset = build_dataset(name, tmp_path, split)
-        assert all(label.endswith("_labelTrainIds.png") or "/cityscapes_trainIdLabel/" in label
-                   for _, label in dataset.pairs)
+        assert all(
+            label.endswith("_labelTrainIds.png") or "/cityscapes_trainIdLabel/" in label for _, label in dataset.pairs
+        )
         for item in dataset:
             assert np.array_equal(item["label"].numpy(), fake.expected[item["image_path"]])
     again = prepare(name, tmp_path, workers=1, progress=False)
@@ -64,8 +69,10 @@ def test_prepare_mapillary_makes_the_half_resolution_validation_set(tmp_path):
         assert np.array_equal(item["label"].numpy(), full[::2, ::2])  # nearest of the full labels
 
 
-@pytest.mark.parametrize("policy, written, action", [("resize", True, "label resized to the image (nearest)"),
-                                                     ("skip", False, "not converted")])
+@pytest.mark.parametrize(
+    "policy, written, action",
+    [("resize", True, "label resized to the image (nearest)"), ("skip", False, "not converted")],
+)
 def test_prepare_handles_labels_whose_size_differs_from_their_image(tmp_path, policy, written, action):
     make_fake_gtav(tmp_path, n=2)
     write_png(tmp_path / "labels" / "00002.png", np.full((16, 32), 26, np.uint8), palette=True)
@@ -91,8 +98,9 @@ def test_prepare_never_converts_unknown_values(tmp_path):
     make_fake_gtav(tmp_path, n=2)
     write_png(tmp_path / "labels" / "00002.png", np.full((32, 64), 200, np.uint8), palette=True)
     summary = prepare("gtav", tmp_path, workers=1, progress=False)
-    assert summary.errors == [(str(tmp_path / "labels" / "00002.png"),
-                               "label values outside the GTAV label IDs {0..34}: {200}")]
+    assert summary.errors == [
+        (str(tmp_path / "labels" / "00002.png"), "label values outside the GTAV label IDs {0..34}: {200}")
+    ]
     assert len(summary.written) == 1 and not (tmp_path / "labels" / "00002_labelTrainIds.png").exists()
 
 
@@ -126,7 +134,8 @@ def test_check_reports_every_problem_with_its_file(tmp_path):
     (report,) = check(tmp_path, workers=1, progress=False)
     assert (report.name, report.split, report.pairs, report.ok) == ("cityscapes", "val", 2, False)
     assert [p for p, _ in report.missing_partners] == [
-        str(labels[2]).replace("_gtFine_labelIds", "_leftImg8bit").replace("/gtFine/", "/leftImg8bit/")]
+        str(labels[2]).replace("_gtFine_labelIds", "_leftImg8bit").replace("/gtFine/", "/leftImg8bit/")
+    ]
     assert report.invalid_values == {str(labels[0]): [99]}
     assert [p.path for p in report.of_kind("size mismatch")] == [str(labels[1])]
     # Only the valid labels count: one of 16x64 pixels, all road.
@@ -146,8 +155,12 @@ def test_check_counts_classes_of_clean_data(tmp_path):
 def test_check_reads_a_yaml_config(tmp_path):
     make_fake_gtav(tmp_path / "gta")
     FAKE_MAKERS["acdc"](tmp_path / "acdc", conditions=("night",))
-    config = {"data": {"train": [{"name": "gtav", "root": str(tmp_path / "gta"), "split": "train"}],
-                       "val": [{"name": "acdc", "root": str(tmp_path / "acdc"), "split": "val", "condition": "night"}]}}
+    config = {
+        "data": {
+            "train": [{"name": "gtav", "root": str(tmp_path / "gta"), "split": "train"}],
+            "val": [{"name": "acdc", "root": str(tmp_path / "acdc"), "split": "val", "condition": "night"}],
+        }
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert [e["section"] for e in config_entries(path)] == ["train", "val"]

@@ -36,8 +36,9 @@ def official_dinov2_conversion(weight, old_grid, new_grid, patch):
 
 def dinov2_release_layout(grid=5, patch=14, registers=False):
     """A tiny state dict in the layout Facebook releases DINOv2 in (patch 14, square grid + CLS)."""
-    source = build_backbone("dinov2_vits14_reg" if registers else "dinov2_vits14", img_size=grid * patch,
-                            patch_size=patch, **TINY)
+    source = build_backbone(
+        "dinov2_vits14_reg" if registers else "dinov2_vits14", img_size=grid * patch, patch_size=patch, **TINY
+    )
     state = {k: v.clone() for k, v in source.vit.state_dict().items()}
     if registers:  # back from timm's no-embed-class layout to the original one
         state["register_tokens"] = state.pop("reg_token")
@@ -120,8 +121,9 @@ def test_dinov2_with_registers_release_layout(tmp_path):
     release = dinov2_release_layout(grid=4, patch=16, registers=True)
     path = tmp_path / "w.pth"
     torch.save(release, path)
-    backbone = build_backbone("dinov2_vits14_reg", img_size=64, patch_size=16, checkpoint=path,
-                              **tiny_overrides("dinov2_vits14_reg"))
+    backbone = build_backbone(
+        "dinov2_vits14_reg", img_size=64, patch_size=16, checkpoint=path, **tiny_overrides("dinov2_vits14_reg")
+    )
     vit = backbone.vit
     assert torch.equal(vit.reg_token, release["register_tokens"])
     # Original DINOv2 adds the CLS position to the CLS token and inserts registers after it.
@@ -155,8 +157,9 @@ def test_sam_release_layout_with_another_resolution(tmp_path):
     global_attn = vit.blocks[1].attn
     assert global_attn.rel_pos_h.shape[0] == 2 * 4 - 1
     assert torch.equal(vit.blocks[0].mlp.fc1.weight, source.vit.blocks[0].mlp.fc1.weight)
-    expected = F.interpolate(source.vit.pos_embed.permute(0, 3, 1, 2), size=(4, 4), mode="bicubic",
-                             align_corners=False).permute(0, 2, 3, 1)
+    expected = F.interpolate(
+        source.vit.pos_embed.permute(0, 3, 1, 2), size=(4, 4), mode="bicubic", align_corners=False
+    ).permute(0, 2, 3, 1)
     assert torch.allclose(vit.pos_embed, expected)
     features = backbone(torch.randn(1, 3, 64, 64))
     assert features[2].shape == (1, 32, 4, 4)
@@ -181,8 +184,7 @@ def test_checkpoint_of_another_width_is_refused(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(release, path)
     with pytest.raises(ValueError, match="shape mismatches"):
-        build_backbone("dinov2_vits14", img_size=64, patch_size=16, checkpoint=path, embed_dim=48, depth=4,
-                       num_heads=2)
+        build_backbone("dinov2_vits14", img_size=64, patch_size=16, checkpoint=path, embed_dim=48, depth=4, num_heads=2)
 
 
 def test_unreadable_and_missing_files(tmp_path):
@@ -220,8 +222,10 @@ def test_framework_objects_in_a_checkpoint_become_inert_placeholders(tmp_path):
 
     source = build_backbone("dinov2_vits14", img_size=32, patch_size=16, **TINY)
     # An mmengine-style file: weights plus objects of libraries that are not installed here.
-    payload = {"state_dict": collections.OrderedDict(source.vit.state_dict()),
-               "meta": {"hub": fractions.Fraction(1, 3), "iter": 40000}}
+    payload = {
+        "state_dict": collections.OrderedDict(source.vit.state_dict()),
+        "meta": {"hub": fractions.Fraction(1, 3), "iter": 40000},
+    }
     torch.save(payload, tmp_path / "mm.pth")
     state = read_state_dict(tmp_path / "mm.pth")
     assert set(state) == set(source.vit.state_dict())

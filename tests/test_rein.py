@@ -81,8 +81,15 @@ def test_strict_loading_rejects_foreign_names():
 
 @pytest.mark.parametrize("num_prefix_tokens", [0, 1, 5])
 def test_prefix_tokens_pass_unchanged_and_patches_change(num_prefix_tokens):
-    rein = Rein(num_layers=3, embed_dims=16, patch_size=14, query_dims=8, token_length=6,
-                num_prefix_tokens=num_prefix_tokens, scale_init=1.0)
+    rein = Rein(
+        num_layers=3,
+        embed_dims=16,
+        patch_size=14,
+        query_dims=8,
+        token_length=6,
+        num_prefix_tokens=num_prefix_tokens,
+        scale_init=1.0,
+    )
     x = torch.randn(2, num_prefix_tokens + 12, 16)
     out = rein(x, 2)
     assert out.shape == x.shape
@@ -93,8 +100,16 @@ def test_prefix_tokens_pass_unchanged_and_patches_change(num_prefix_tokens):
 def test_first_token_is_a_sink_that_never_contributes():
     # Without softmax the delta is linear in the tokens' contributions, so the first token
     # must have no influence at all.
-    rein = Rein(num_layers=2, embed_dims=16, patch_size=16, query_dims=8, token_length=5, lora_dim=None,
-                use_softmax=False, scale_init=1.0)
+    rein = Rein(
+        num_layers=2,
+        embed_dims=16,
+        patch_size=16,
+        query_dims=8,
+        token_length=5,
+        lora_dim=None,
+        use_softmax=False,
+        scale_init=1.0,
+    )
     x = torch.randn(2, 1 + 7, 16)
     before = rein(x, 0)
     with torch.no_grad():

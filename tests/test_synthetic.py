@@ -67,8 +67,9 @@ def _nearest_mean_miou(train, test):
     """mIoU of a per-pixel classifier (nearest class mean of colour and row) fit on ``train``."""
 
     def features(images):
-        rows = np.broadcast_to(np.linspace(0, 255, images.shape[1], dtype=np.float32)[None, :, None, None],
-                               (*images.shape[:3], 1))
+        rows = np.broadcast_to(
+            np.linspace(0, 255, images.shape[1], dtype=np.float32)[None, :, None, None], (*images.shape[:3], 1)
+        )
         return np.concatenate([images.astype(np.float32), rows], -1).reshape(-1, 4)
 
     x, y = features(train[0]), train[1].ravel()
@@ -76,8 +77,11 @@ def _nearest_mean_miou(train, test):
     means = np.stack([x[y == c].mean(0) for c in classes])
     xt, yt = features(test[0]), test[1].ravel()
     prediction = classes[((xt[:, None] - means[None]) ** 2).sum(-1).argmin(1)]
-    ious = [((prediction == c) & (yt == c)).sum() / ((prediction == c) | (yt == c)).sum()
-            for c in classes if (yt == c).any()]
+    ious = [
+        ((prediction == c) & (yt == c)).sum() / ((prediction == c) | (yt == c)).sum()
+        for c in classes
+        if (yt == c).any()
+    ]
     return float(np.mean(ious))
 
 
@@ -98,8 +102,9 @@ def test_scenes_are_learnable_and_shifted():
 
 
 def test_write_cityscapes_layout_is_read_by_the_loaders(tmp_path):
-    info = write_cityscapes_layout(tmp_path, domains=("game", "fog"), num_train=2, num_val=1, size=(32, 64),
-                                   seed=5, workers=1, progress=False)
+    info = write_cityscapes_layout(
+        tmp_path, domains=("game", "fog"), num_train=2, num_val=1, size=(32, 64), seed=5, workers=1, progress=False
+    )
     assert info["written"] == 6
     image = tmp_path / "fog" / "leftImg8bit" / "val" / "synth" / "synth_000000_000019_leftImg8bit.png"
     label = tmp_path / "fog" / "gtFine" / "val" / "synth" / "synth_000000_000019_gtFine_labelTrainIds.png"
@@ -113,8 +118,9 @@ def test_write_cityscapes_layout_is_read_by_the_loaders(tmp_path):
     assert build_dataset("synthetic", tmp_path, "val").name == "synthetic/game"  # the source by default
     with pytest.raises(ValueError, match="found: fog, game"):
         build_dataset("synthetic", tmp_path, "val", domain="dusk")
-    again = write_cityscapes_layout(tmp_path, domains=("game", "fog"), num_train=2, num_val=1, size=(32, 64),
-                                    seed=5, workers=1, progress=False)
+    again = write_cityscapes_layout(
+        tmp_path, domains=("game", "fog"), num_train=2, num_val=1, size=(32, 64), seed=5, workers=1, progress=False
+    )
     assert again["written"] == 0
 
 

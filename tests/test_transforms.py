@@ -130,11 +130,10 @@ def test_random_crop_has_the_crop_size_and_cuts_a_window_of_the_pair():
     crop = RandomCrop((16, 20), cat_max_ratio=1.0)
     out_image, out_label = crop(image, label, rng=3)
     assert out_image.shape == (16, 20, 3) and out_label.shape == (16, 20)
-    windows = [(y, x) for y in range(15) for x in range(31)
-               if np.array_equal(image[y:y + 16, x:x + 20], out_image)]
+    windows = [(y, x) for y in range(15) for x in range(31) if np.array_equal(image[y : y + 16, x : x + 20], out_image)]
     assert len(windows) == 1
     y, x = windows[0]
-    assert np.array_equal(label[y:y + 16, x:x + 20], out_label)
+    assert np.array_equal(label[y : y + 16, x : x + 20], out_label)
 
 
 def test_random_crop_pads_small_images_with_zero_and_ignore():
@@ -191,9 +190,11 @@ def test_hsv_conversions_match_opencv_bit_for_bit():
     to_rgb = hsv_to_rgb(hsv.reshape(1, -1, 3).astype(np.uint8))
     to_hsv = rgb_to_hsv(rgb.reshape(1, -1, 3).astype(np.uint8))
     assert hashlib.sha256(to_rgb.tobytes()).hexdigest() == (
-        "6d2e14271961e96d33c4d602ffc63599be872cb97b4259ae44769e87ec3ee910")
+        "6d2e14271961e96d33c4d602ffc63599be872cb97b4259ae44769e87ec3ee910"
+    )
     assert hashlib.sha256(to_hsv.tobytes()).hexdigest() == (
-        "81fbd79e7a38684b106ae5be1247efab2ea175723718da134521ea1ed2492f0b")
+        "81fbd79e7a38684b106ae5be1247efab2ea175723718da134521ea1ed2492f0b"
+    )
 
 
 def test_hsv_of_known_colours():
@@ -207,9 +208,15 @@ def test_photometric_distortion_draws_in_mmseg_order_and_ranges():
     rng = Scripted(integers=[1, 0, 0, 0, 1], uniform=[10.7, 1.5])
     out, label = PhotoMetricDistortion()(image, None, rng=rng)
     assert label is None
-    assert rng.calls == [("integers", 2, None), ("uniform", -32, 32), ("integers", 2, None),
-                         ("integers", 2, None), ("integers", 2, None), ("integers", 2, None),
-                         ("uniform", 0.5, 1.5)]
+    assert rng.calls == [
+        ("integers", 2, None),
+        ("uniform", -32, 32),
+        ("integers", 2, None),
+        ("integers", 2, None),
+        ("integers", 2, None),
+        ("integers", 2, None),
+        ("uniform", 0.5, 1.5),
+    ]
     # (100 + 10.7) truncated to 110, then 110 * 1.5 = 165: uint8 truncation after each step.
     assert np.all(out == 165)
 

@@ -32,8 +32,9 @@ def with_trained_layer_scale(*models):
 def tiny_config(name, tuning):
     config = tiny_model_config()
     config.tuning = tuning
-    config.backbone = BackboneConfig(name=name, img_size=64, patch_size=16, out_indices=[0, 1, 2, 3],
-                                     timm_kwargs=tiny_overrides(name))
+    config.backbone = BackboneConfig(
+        name=name, img_size=64, patch_size=16, out_indices=[0, 1, 2, 3], timm_kwargs=tiny_overrides(name)
+    )
     config.lora.rank = 2
     config.vpt.num_prompts = 3
     config.adaptformer.bottleneck = 4
@@ -117,8 +118,10 @@ def test_save_and_load_round_trip(tmp_path, tuning):
                 param.normal_(std=0.02)  # as if trained
     saved = checkpoint_state_dict(segmentor)
     stores_vfm = tuning == "full"
-    assert any(k.startswith("backbone.vit.") and ".lora_" not in k and ".adaptformer." not in k for k in saved) \
+    assert (
+        any(k.startswith("backbone.vit.") and ".lora_" not in k and ".adaptformer." not in k for k in saved)
         == stores_vfm
+    )
     save_checkpoint(tmp_path / "c.pt", {"model": to_dict(config)}, saved)
     restored, _ = segmentor_from_checkpoint(tmp_path / "c.pt")
     images = torch.randn(1, 3, 64, 64)
@@ -140,7 +143,7 @@ def test_lora_without_peft_says_how_to_install(monkeypatch):
         build_segmentor(tiny_config("dinov2_vits14", "lora"))
 
 
-def test_prompts_and_adapters_take_no_weight_decay_where_the_tokens_do_not():
+def test_prompt_tokens_take_no_weight_decay_as_reins_tokens():
     from reinseg.engine import parameter_groups
 
     segmentor = build_segmentor(tiny_config("dinov2_vits14", "vpt"))

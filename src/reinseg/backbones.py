@@ -50,7 +50,10 @@ class BackboneSpec:
 def _dinov2(size: str, arch: str, reg: bool) -> BackboneSpec:
     suffix = "_reg4" if reg else ""
     return BackboneSpec(
-        f"vit_{arch}_patch14{suffix}_dinov2", "lvd142m", "dinov2", f"DINOv2 ViT-{size}/14{' + registers' if reg else ''}"
+        f"vit_{arch}_patch14{suffix}_dinov2",
+        "lvd142m",
+        "dinov2",
+        f"DINOv2 ViT-{size}/14{' + registers' if reg else ''}",
     )
 
 
@@ -223,9 +226,7 @@ class ReinBackbone(nn.Module):
         patches = x[:, self.num_prefix_tokens :]
         return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w).contiguous()
 
-    def load_backbone_weights(
-        self, weights: str | Path | dict[str, Tensor], resample: str = "official"
-    ) -> None:
+    def load_backbone_weights(self, weights: str | Path | dict[str, Tensor], resample: str = "official") -> None:
         """Load VFM weights (a file path or a state dict) into the frozen ViT, fitting patch size and grid."""
         if isinstance(weights, (str, Path)):
             source = str(weights)

@@ -19,8 +19,15 @@ from torch import Tensor
 from .config import ModelConfig, from_dict
 from .pretrained import state_dict_mismatches
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_write", "save_checkpoint", "load_checkpoint", "checkpoint_state_dict",
-           "load_checkpoint_weights", "segmentor_from_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "atomic_write",
+    "save_checkpoint",
+    "load_checkpoint",
+    "checkpoint_state_dict",
+    "load_checkpoint_weights",
+    "segmentor_from_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "reinseg-checkpoint-v1"
 
@@ -53,8 +60,11 @@ def checkpoint_state_dict(segmentor: torch.nn.Module) -> dict[str, Tensor]:
     backbone = segmentor.backbone
     referenced = backbone.freeze_backbone and backbone.weights_source is not None
     trainable = {name for name, param in segmentor.named_parameters() if param.requires_grad}
-    return {k: v for k, v in segmentor.state_dict().items()
-            if not (referenced and k.startswith("backbone.vit.") and k not in trainable)}
+    return {
+        k: v
+        for k, v in segmentor.state_dict().items()
+        if not (referenced and k.startswith("backbone.vit.") and k not in trainable)
+    }
 
 
 def save_checkpoint(path: str | Path, config: dict[str, Any], state_dict: dict[str, Tensor], **extra: Any) -> Path:
@@ -80,8 +90,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"could not read checkpoint {path}: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
-            f"{path} is not a reinseg checkpoint (official Rein releases are converted with "
-            f"`reinseg convert-official`)"
+            f"{path} is not a reinseg checkpoint (official Rein releases are converted with `reinseg convert-official`)"
         )
     # Training checkpoints name the weights as the LightningModule holds them.
     payload["state_dict"] = {k.removeprefix("segmentor."): v for k, v in payload["state_dict"].items()}

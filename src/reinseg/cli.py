@@ -36,8 +36,9 @@ def _cmd_params(args: argparse.Namespace) -> int:
     else:
         rein = None
         if not args.no_rein:
-            rein = ReinConfig(lora_dim=args.lora_dim or None, token_length=args.token_length,
-                              query_dims=args.query_dims)
+            rein = ReinConfig(
+                lora_dim=args.lora_dim or None, token_length=args.token_length, query_dims=args.query_dims
+            )
         config = ModelConfig(
             tuning="frozen" if rein is None else "rein",
             backbone=BackboneConfig(name=args.backbone, img_size=args.img_size, patch_size=args.patch_size or None),
@@ -56,8 +57,10 @@ def _cmd_params(args: argparse.Namespace) -> int:
             backbone = sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)
             head = sum(p.numel() for p in segmentor.head.parameters())
             rows.append((tuning, backbone, head, sum(p.numel() for p in segmentor.parameters())))
-        print(f"{title} at {config.backbone.img_size} px, Mask2Former head for {config.head.num_classes} classes: "
-              "trainable parameters per tuning strategy")
+        print(
+            f"{title} at {config.backbone.img_size} px, Mask2Former head for {config.head.num_classes} classes: "
+            "trainable parameters per tuning strategy"
+        )
         print(format_strategy_table(rows))
         return 0
     # The meta device builds even giant models instantly and without memory.
@@ -65,17 +68,28 @@ def _cmd_params(args: argparse.Namespace) -> int:
         segmentor = build_segmentor(config, load_backbone_weights=False)
     rein = config.rein if config.tuning == "rein" else None
     patch = segmentor.backbone.patch_size[0]
-    described = f"tuning {config.tuning}" if rein is None else (
-        f"Rein: {rein.token_length} tokens, rank {rein.lora_dim or 'full'}, {rein.query_dims}-d queries")
-    print(f"{title} at {config.backbone.img_size} px, patch {patch}, {described}, "
-          f"Mask2Former head for {config.head.num_classes} classes")
+    described = (
+        f"tuning {config.tuning}"
+        if rein is None
+        else (f"Rein: {rein.token_length} tokens, rank {rein.lora_dim or 'full'}, {rein.query_dims}-d queries")
+    )
+    print(
+        f"{title} at {config.backbone.img_size} px, patch {patch}, {described}, "
+        f"Mask2Former head for {config.head.num_classes} classes"
+    )
     backbone = segmentor.backbone
     added = [m for m in (backbone.rein, backbone.prompts) if m is not None]
-    print(format_parameter_table({
-        "backbone" if any(p.requires_grad for p in backbone.vit.parameters()) else "backbone (frozen)": backbone.vit,
-        {"rein": "Rein", "vpt": "prompts"}.get(config.tuning, config.tuning): added[0] if added else None,
-        "head": segmentor.head,
-    }))
+    print(
+        format_parameter_table(
+            {
+                "backbone"
+                if any(p.requires_grad for p in backbone.vit.parameters())
+                else "backbone (frozen)": backbone.vit,
+                {"rein": "Rein", "vpt": "prompts"}.get(config.tuning, config.tuning): added[0] if added else None,
+                "head": segmentor.head,
+            }
+        )
+    )
     return 0
 
 
@@ -119,8 +133,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
-    written = predict_files(args.checkpoint, args.images, args.output, scale=args.scale, mode=args.mode,
-                            flip=args.flip, device=args.device)
+    written = predict_files(
+        args.checkpoint, args.images, args.output, scale=args.scale, mode=args.mode, flip=args.flip, device=args.device
+    )
     print(f"wrote {len(written)} predictions (train-ID PNGs and overlays) to {args.output}")
     return 0
 
@@ -163,8 +178,13 @@ def _write_json(path: Path, payload) -> None:
 
 
 def _parser(sub, name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                          epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  "))
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  "),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,68 +195,106 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     overrides_help = "config overrides key.path=value, e.g. train.max_iters=1000 data.batch_size=2"
 
-    p = _parser(sub, "train", "train Rein + head as a config says",
-                "Train on data.train, validating on data.val every train.val_interval iterations. Checkpoints "
-                "(Rein + head + optimizer state; the VFM is referenced, not copied) go to "
-                "<train.output_dir>/checkpoints; a killed run resumes from last.ckpt when started again.",
-                "reinseg train configs/rein_dinov2_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2")
+    p = _parser(
+        sub,
+        "train",
+        "train Rein + head as a config says",
+        "Train on data.train, validating on data.val every train.val_interval iterations. Checkpoints "
+        "(Rein + head + optimizer state; the VFM is referenced, not copied) go to "
+        "<train.output_dir>/checkpoints; a killed run resumes from last.ckpt when started again.",
+        "reinseg train configs/rein_dinov2_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2",
+    )
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     p.add_argument("--output", default=None, help="output folder (overrides train.output_dir)")
-    p.add_argument("--resume", default="auto",
-                   help="'auto' (default: continue from <output>/checkpoints/last.ckpt if present), 'never', or a path")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="'auto' (default: continue from <output>/checkpoints/last.ckpt if present), 'never', or a path",
+    )
     p.set_defaults(func=_cmd_train)
 
-    p = _parser(sub, "eval", "evaluate a checkpoint on the config's validation sets",
-                "Per-domain mIoU, per-class IoU and aAcc on data.val, and their mean over the target domains; "
-                "printed as a table and written as JSON.",
-                "reinseg eval configs/rein_dinov2_gta_512.yaml work_dirs/gta/checkpoints/last.ckpt --save-preds preds")
+    p = _parser(
+        sub,
+        "eval",
+        "evaluate a checkpoint on the config's validation sets",
+        "Per-domain mIoU, per-class IoU and aAcc on data.val, and their mean over the target domains; "
+        "printed as a table and written as JSON.",
+        "reinseg eval configs/rein_dinov2_gta_512.yaml work_dirs/gta/checkpoints/last.ckpt --save-preds preds",
+    )
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a reinseg checkpoint (training or converted)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
-    p.add_argument("--save-preds", default=None, metavar="DIR",
-                   help="also write the predictions as train-ID PNGs, mirroring each domain's label folder")
+    p.add_argument(
+        "--save-preds",
+        default=None,
+        metavar="DIR",
+        help="also write the predictions as train-ID PNGs, mirroring each domain's label folder",
+    )
     p.add_argument("--json", default=None, help="results file (default <train.output_dir>/eval_metrics.json)")
     p.add_argument("--output", default=None, help="folder for logs (overrides train.output_dir)")
     p.set_defaults(func=_cmd_eval)
 
-    p = _parser(sub, "predict", "segment images with a checkpoint",
-                "Segment images (files, folders or glob patterns) and write, per image, <stem>_labelTrainIds.png "
-                "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image).",
-                "reinseg predict work_dirs/gta/checkpoints/last.ckpt street.jpg photos/ 'more/*.png' --output out")
+    p = _parser(
+        sub,
+        "predict",
+        "segment images with a checkpoint",
+        "Segment images (files, folders or glob patterns) and write, per image, <stem>_labelTrainIds.png "
+        "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image).",
+        "reinseg predict work_dirs/gta/checkpoints/last.ckpt street.jpg photos/ 'more/*.png' --output out",
+    )
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("images", nargs="+", metavar="IMAGES")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--scale", type=int, nargs=2, default=[1024, 512], metavar=("LONG", "SHORT"),
-                   help="resize (keeping the ratio) to fit LONG x SHORT before inference (default 1024 512, "
-                        "the Cityscapes test scale); predictions are resized back")
+    p.add_argument(
+        "--scale",
+        type=int,
+        nargs=2,
+        default=[1024, 512],
+        metavar=("LONG", "SHORT"),
+        help="resize (keeping the ratio) to fit LONG x SHORT before inference (default 1024 512, "
+        "the Cityscapes test scale); predictions are resized back",
+    )
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.set_defaults(func=_cmd_predict)
 
-    p = _parser(sub, "score", "score saved predictions against labels",
-                "Score train-ID PNG predictions against train-ID PNG labels matched by relative path, as the "
-                "official Cityscapes evaluation does (classes absent from both are left out of the mean).",
-                "reinseg score preds/cityscapes data/cityscapes/gtFine/val --json scores.json")
+    p = _parser(
+        sub,
+        "score",
+        "score saved predictions against labels",
+        "Score train-ID PNG predictions against train-ID PNG labels matched by relative path, as the "
+        "official Cityscapes evaluation does (classes absent from both are left out of the mean).",
+        "reinseg score preds/cityscapes data/cityscapes/gtFine/val --json scores.json",
+    )
     p.add_argument("predictions", metavar="PRED_DIR")
     p.add_argument("labels", metavar="GT_DIR")
     p.add_argument("--json", default=None, help="write the scores: mIoU (0-100) and IoU per class (null: absent)")
-    p.add_argument("--label-suffix", default=None,
-                   help="which files under GT_DIR are labels (default: *labelTrainIds.png if any, else *.png)")
+    p.add_argument(
+        "--label-suffix",
+        default=None,
+        help="which files under GT_DIR are labels (default: *labelTrainIds.png if any, else *.png)",
+    )
     p.set_defaults(func=_cmd_score)
 
-    p = _parser(sub, "params", "parameter table: frozen backbone, Rein, head",
-                "Build the model of a config (or of the options below) on the meta device (no weights, no memory) "
-                "and print its parameter counts and trainable share.",
-                """
+    p = _parser(
+        sub,
+        "params",
+        "parameter table: frozen backbone, Rein, head",
+        "Build the model of a config (or of the options below) on the meta device (no weights, no memory) "
+        "and print its parameter counts and trainable share.",
+        """
                 reinseg params configs/rein_dinov2_gta_512.yaml
-                reinseg params --backbone eva02_vitl14 --lora-dim 0   # full-rank tokens""")
+                reinseg params --backbone eva02_vitl14 --lora-dim 0   # full-rank tokens""",
+    )
     p.add_argument("config", nargs="?", metavar="CONFIG", help="a YAML config (else the options below)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
     p.add_argument("--backbone", default="dinov2_vitl14", help="zoo name (see `reinseg backbones`)")
     p.add_argument("--img-size", type=int, default=512, help="input resolution (default 512)")
-    p.add_argument("--patch-size", type=int, default=16, help="patch size (default 16, the paper's; 0: the model's own)")
+    p.add_argument(
+        "--patch-size", type=int, default=16, help="patch size (default 16, the paper's; 0: the model's own)"
+    )
     p.add_argument("--lora-dim", type=int, default=16, help="rank of the Rein tokens, 0 for full rank (default 16)")
     p.add_argument("--token-length", type=int, default=100, help="Rein tokens per layer (default 100)")
     p.add_argument("--query-dims", type=int, default=256, help="width of the linked queries (default 256)")
@@ -246,31 +304,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="trainable parameters of every tuning strategy")
     p.set_defaults(func=_cmd_params)
 
-    p = _parser(sub, "backbones", "list the backbone zoo", "List the backbones, with their timm models.",
-                "reinseg backbones")
+    p = _parser(
+        sub, "backbones", "list the backbone zoo", "List the backbones, with their timm models.", "reinseg backbones"
+    )
     p.set_defaults(func=_cmd_backbones)
 
-    p = _parser(sub, "demo", "train and evaluate on the synthetic domain-shift benchmark (offline, CPU)",
-                "Generate the synthetic street scenes, train Rein + head on a small ViT on the source domain, "
-                "evaluate on the unseen target domains, and write metrics.json and a picture per domain.",
-                "reinseg demo --output reinseg-demo")
+    p = _parser(
+        sub,
+        "demo",
+        "train and evaluate on the synthetic domain-shift benchmark (offline, CPU)",
+        "Generate the synthetic street scenes, train Rein + head on a small ViT on the source domain, "
+        "evaluate on the unseen target domains, and write metrics.json and a picture per domain.",
+        "reinseg demo --output reinseg-demo",
+    )
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=None, help="training iterations (default 250)")
     p.set_defaults(func=_cmd_demo)
 
-    p = _parser(sub, "convert-official", "convert an official Rein release to a reinseg checkpoint",
-                "Read an official Rein config (a Python file, read without executing it) and its released weights, "
-                "check that they fit each other, and write DIR/config.yaml and DIR/checkpoint.pt. The backbone "
-                "weights are referenced by path, not copied.",
-                """
+    p = _parser(
+        sub,
+        "convert-official",
+        "convert an official Rein release to a reinseg checkpoint",
+        "Read an official Rein config (a Python file, read without executing it) and its released weights, "
+        "check that they fit each other, and write DIR/config.yaml and DIR/checkpoint.pt. The backbone "
+        "weights are referenced by path, not copied.",
+        """
                 reinseg convert-official --config config.py --checkpoint iter_40000_published.pth \\
-                    --backbone checkpoints/dinov2_converted.pth --output checkpoints/rein_gta""")
+                    --backbone checkpoints/dinov2_converted.pth --output checkpoints/rein_gta""",
+    )
     p.add_argument("--config", required=True, help="the official config .py (e.g. the release's config.py)")
     p.add_argument("--checkpoint", required=True, help="the released .pth (backbone.reins.* and decode_head.*)")
-    p.add_argument("--backbone", default=None,
-                   help="the DINOv2 weights (original release or converted by the official script); "
-                   "omit if the release holds them")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="the DINOv2 weights (original release or converted by the official script); "
+        "omit if the release holds them",
+    )
     p.add_argument("--output", required=True, help="output folder")
     p.set_defaults(func=_cmd_convert_official)
 

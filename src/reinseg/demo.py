@@ -17,8 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import (BackboneConfig, Config, DataConfig, HeadConfig, LossConfig, ModelConfig, ReinConfig,
-                     TestConfig, TrainConfig, dump_config)
+from .config import (
+    BackboneConfig,
+    Config,
+    DataConfig,
+    HeadConfig,
+    LossConfig,
+    ModelConfig,
+    ReinConfig,
+    TestConfig,
+    TrainConfig,
+    dump_config,
+)
 
 __all__ = ["DEMO_ITERS", "demo_config", "run_demo"]
 
@@ -32,28 +42,71 @@ def demo_config(root: Path, output: Path, max_iters: int = DEMO_ITERS, seed: int
 
     model = ModelConfig(
         tuning="rein",
-        backbone=BackboneConfig(name="dinov2_vits14", img_size=128, patch_size=8, out_indices=[1, 2, 3, 5],
-                                timm_kwargs=dict(embed_dim=96, depth=6, num_heads=3)),
+        backbone=BackboneConfig(
+            name="dinov2_vits14",
+            img_size=128,
+            patch_size=8,
+            out_indices=[1, 2, 3, 5],
+            timm_kwargs=dict(embed_dim=96, depth=6, num_heads=3),
+        ),
         rein=ReinConfig(token_length=16, lora_dim=8, query_dims=64),
-        head=HeadConfig(num_classes=19, feat_channels=64, out_channels=64, num_heads=4, num_decoder_layers=3,
-                        decoder_ffn_dims=256, num_encoder_layers=2, encoder_ffn_dims=256, num_groups=16),
+        head=HeadConfig(
+            num_classes=19,
+            feat_channels=64,
+            out_channels=64,
+            num_heads=4,
+            num_decoder_layers=3,
+            decoder_ffn_dims=256,
+            num_encoder_layers=2,
+            encoder_ffn_dims=256,
+            num_groups=16,
+        ),
         loss=LossConfig(num_points=2048),
         test=TestConfig(mode="whole"),
     )
     data = DataConfig(
         train=[dict(name="synthetic", root=str(root), split="train", domain=DOMAINS[0])],
-        val=[dict(name="synthetic", root=str(root), split="val", domain=d, label=d, scale=[SIZE[1], SIZE[0]],
-                  in_mean=d != DOMAINS[0]) for d in DOMAINS],
-        crop_size=128, base_size=128, max_size=512, batch_size=8, num_workers=0,
+        val=[
+            dict(
+                name="synthetic",
+                root=str(root),
+                split="val",
+                domain=d,
+                label=d,
+                scale=[SIZE[1], SIZE[0]],
+                in_mean=d != DOMAINS[0],
+            )
+            for d in DOMAINS
+        ],
+        crop_size=128,
+        base_size=128,
+        max_size=512,
+        batch_size=8,
+        num_workers=0,
     )
-    train = TrainConfig(max_iters=max_iters, lr=1e-3, warmup_iters=20, val_interval=max_iters,
-                        checkpoint_interval=max_iters, keep_checkpoints=1, log_interval=10, seed=seed,
-                        accelerator="cpu", devices=1, output_dir=str(output / "run"))
+    train = TrainConfig(
+        max_iters=max_iters,
+        lr=1e-3,
+        warmup_iters=20,
+        val_interval=max_iters,
+        checkpoint_interval=max_iters,
+        keep_checkpoints=1,
+        log_interval=10,
+        seed=seed,
+        accelerator="cpu",
+        devices=1,
+        output_dir=str(output / "run"),
+    )
     return Config(model=model, data=data, train=train)
 
 
-def run_demo(output: str | Path = "reinseg-demo", seed: int = 0, max_iters: int = DEMO_ITERS,
-             num_train: int = 400, num_val: int = 50) -> dict:
+def run_demo(
+    output: str | Path = "reinseg-demo",
+    seed: int = 0,
+    max_iters: int = DEMO_ITERS,
+    num_train: int = 400,
+    num_val: int = 50,
+) -> dict:
     """Generate, train, evaluate; writes ``metrics.json`` and ``<domain>.png`` into ``output``."""
     from .checkpoints import atomic_write
     from .data.synthetic import DOMAINS, write_cityscapes_layout
@@ -62,23 +115,30 @@ def run_demo(output: str | Path = "reinseg-demo", seed: int = 0, max_iters: int 
     output = Path(output)
     start = time.perf_counter()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners
-    print(f"[1/3] generating the synthetic benchmark ({num_train} training scenes, {num_val} per domain to "
-          f"test) in {output / 'data'}")
-    generated = write_cityscapes_layout(output / "data", num_train=num_train, num_val=num_val, size=SIZE, seed=seed,
-                                        progress=False)
+    print(
+        f"[1/3] generating the synthetic benchmark ({num_train} training scenes, {num_val} per domain to "
+        f"test) in {output / 'data'}"
+    )
+    generated = write_cityscapes_layout(
+        output / "data", num_train=num_train, num_val=num_val, size=SIZE, seed=seed, progress=False
+    )
     print(f"      {generated['written']} renders in {generated['seconds']:.1f} s")
     config = demo_config(output / "data", output, max_iters=max_iters, seed=seed)
     (output).mkdir(parents=True, exist_ok=True)
     atomic_write(output / "config.yaml", lambda f: f.write(dump_config(config).encode()))
-    print(f"[2/3] training Rein + head on '{DOMAINS[0]}' for {config.train.max_iters} iterations (small ViT, "
-          f"random weights; config in {output / 'config.yaml'})")
+    print(
+        f"[2/3] training Rein + head on '{DOMAINS[0]}' for {config.train.max_iters} iterations (small ViT, "
+        f"random weights; config in {output / 'config.yaml'})"
+    )
     task = train(config, resume="never")
     results = task.last_results
     if results is None:
         raise RuntimeError("the demo's validation produced no results")
     print("[3/3] evaluated on the held-out source images and the unseen target domains")
-    metrics = {domain: {"mIoU": scores["mIoU"], "aAcc": scores["aAcc"], "IoU": scores["IoU"]}
-               for domain, scores in results["domains"].items()}
+    metrics = {
+        domain: {"mIoU": scores["mIoU"], "aAcc": scores["aAcc"], "IoU": scores["IoU"]}
+        for domain, scores in results["domains"].items()
+    }
     metrics_json = json.dumps(metrics, indent=2).encode()
     atomic_write(output / "metrics.json", lambda f: f.write(metrics_json))
     for domain, dataset, _ in task.val_sets():
@@ -92,8 +152,10 @@ def run_demo(output: str | Path = "reinseg-demo", seed: int = 0, max_iters: int 
         role = "(source)" if domain == DOMAINS[0] else "(unseen)"
         print(f"{domain:<8} {scores['mIoU']:6.2f}  {role}")
     print(f"mean over unseen domains: {results['mean_mIoU']:.2f}")
-    print(f"wrote {output / 'metrics.json'} and {', '.join(f'{d}.png' for d in metrics)} to {output} "
-          f"in {seconds / 60:.1f} min")
+    print(
+        f"wrote {output / 'metrics.json'} and {', '.join(f'{d}.png' for d in metrics)} to {output} "
+        f"in {seconds / 60:.1f} min"
+    )
     return {"metrics": metrics, "mean_mIoU": results["mean_mIoU"], "seconds": seconds}
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,8 +35,18 @@ from .config import Config, ConfigError, to_dict
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .segmentor import Segmentor, build_segmentor
 
-__all__ = ["TrainingStream", "ShardSampler", "parameter_groups", "lr_factor", "SegmentationTask", "build_trainer", "train",
-           "evaluate", "validation_sets", "EVAL_ENTRY_KEYS"]
+__all__ = [
+    "TrainingStream",
+    "ShardSampler",
+    "parameter_groups",
+    "lr_factor",
+    "SegmentationTask",
+    "build_trainer",
+    "train",
+    "evaluate",
+    "validation_sets",
+    "EVAL_ENTRY_KEYS",
+]
 
 log = logging.getLogger("reinseg")
 # The frozen VFM is in eval mode on purpose (no dropout or drop-path in it).
@@ -61,8 +70,9 @@ class TrainingStream(IterableDataset):
     the DataLoader interleaves back in order.
     """
 
-    def __init__(self, dataset, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(
+        self, dataset, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         if len(dataset) == 0:
             raise ValueError(f"the training set {getattr(dataset, 'name', '')} is empty")
         self.dataset = dataset
@@ -71,13 +81,15 @@ class TrainingStream(IterableDataset):
         self.start_step = start_step
         self.rank = rank
         self.world_size = world_size
+        self._epoch, self._order = -1, None
 
     def sample_index(self, sample: int) -> tuple[int, int]:
         """``(epoch, dataset index)`` of global sample ``sample``."""
         n = len(self.dataset)
         epoch = sample // n
-        order = np.random.default_rng([self.seed, epoch]).permutation(n)
-        return epoch, int(order[sample % n])
+        if epoch != self._epoch:  # one permutation per epoch, kept while the epoch lasts
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(n)
+        return epoch, int(self._order[sample % n])
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
@@ -121,8 +133,14 @@ def parameter_groups(segmentor: Segmentor, lr: float, weight_decay: float, backb
     return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]
 
 
-def lr_factor(step: int, max_iters: int, warmup_iters: int = 0, warmup_start_factor: float = 1e-6,
-              power: float = 0.9, min_factor: float = 0.0) -> float:
+def lr_factor(
+    step: int,
+    max_iters: int,
+    warmup_iters: int = 0,
+    warmup_start_factor: float = 1e-6,
+    power: float = 0.9,
+    min_factor: float = 0.0,
+) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up, then poly decay to ``min_factor``.
 
     As mmengine's LinearLR + PolyLR: the poly phase runs from the end of warm-up to ``max_iters``.
@@ -145,15 +163,21 @@ def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
         if "name" not in entry or "root" not in entry:
             raise ConfigError(f"data.val entry {entry} needs a name and a root")
         scale = entry.get("scale") or TEST_SCALES.get(entry["name"])
-        dataset = build_dataset(entry["name"], entry["root"], entry.get("split", "val"),
-                                transform=eval_transform(None if scale is None else tuple(scale)),
-                                on_error=config.data.on_error, **options)
+        dataset = build_dataset(
+            entry["name"],
+            entry["root"],
+            entry.get("split", "val"),
+            transform=eval_transform(None if scale is None else tuple(scale)),
+            on_error=config.data.on_error,
+            **options,
+        )
         if config.data.on_error == "skip":
             # Drop bad pairs now: skipping at load time would score a replacement image twice.
             dataset.validate()
             if dataset.skipped:
-                log.warning("%s: %d pairs left out of the evaluation (data.on_error=skip)", dataset.name,
-                            len(dataset.skipped))
+                log.warning(
+                    "%s: %d pairs left out of the evaluation (data.on_error=skip)", dataset.name, len(dataset.skipped)
+                )
         sets.append((entry.get("label", dataset.name), dataset, entry))
     names = [name for name, _, _ in sets]
     duplicated = {n for n in names if names.count(n) > 1}
@@ -168,16 +192,23 @@ def training_set(config: Config):
 
     if not config.data.train:
         raise ConfigError("data.train lists no dataset")
-    transform = train_transform(crop_size=config.data.crop_size, base_size=config.data.base_size,
-                                max_size=config.data.max_size, cat_max_ratio=config.data.cat_max_ratio)
+    transform = train_transform(
+        crop_size=config.data.crop_size,
+        base_size=config.data.base_size,
+        max_size=config.data.max_size,
+        cat_max_ratio=config.data.cat_max_ratio,
+    )
     datasets = []
     for entry in config.data.train:
         entry = dict(entry)
         if "name" not in entry or "root" not in entry:
             raise ConfigError(f"data.train entry {entry} needs a name and a root")
         name, root, split = entry.pop("name"), entry.pop("root"), entry.pop("split", "train")
-        datasets.append(build_dataset(name, root, split, transform=transform, on_error=config.data.on_error,
-                                      seed=config.train.seed, **entry))
+        datasets.append(
+            build_dataset(
+                name, root, split, transform=transform, on_error=config.data.on_error, seed=config.train.seed, **entry
+            )
+        )
     return datasets[0] if len(datasets) == 1 else ConcatSegmentationDataset(datasets)
 
 
@@ -195,21 +226,34 @@ class SegmentationTask(L.LightningModule):
         self._train_set = None
         self._val_sets: list[tuple[str, Any, dict]] | None = None
         self._confusions: list[ConfusionMatrix] = []
+        self._label_roots: dict[int, Path] = {}
         self.last_results: dict[str, Any] | None = None
 
     # -- data -----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         data = self.config.data
-        stream = TrainingStream(self.train_set(), data.batch_size, self.config.train.seed,
-                                start_step=self._resume_step, rank=self.global_rank, world_size=self.trainer.world_size)
+        stream = TrainingStream(
+            self.train_set(),
+            data.batch_size,
+            self.config.train.seed,
+            start_step=self._resume_step,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+        )
         from .data import collate
 
         # Its own generator: creating the iterator must not draw from the global RNG, which the
         # loss's point sampling uses (a resumed run would otherwise draw different points).
         generator = torch.Generator().manual_seed(self.config.train.seed)
-        return DataLoader(stream, batch_size=data.batch_size, num_workers=data.num_workers, collate_fn=collate,
-                          persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available(),
-                          generator=generator)
+        return DataLoader(
+            stream,
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            collate_fn=collate,
+            persistent_workers=data.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator,
+        )
 
     def train_set(self):
         if self._train_set is None:
@@ -224,10 +268,17 @@ class SegmentationTask(L.LightningModule):
     def val_dataloader(self) -> list[DataLoader]:
         from .data import collate
 
-        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
-        return [DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), rank, world),
-                           num_workers=self.config.data.num_workers, collate_fn=collate)
-                for _, dataset, _ in self.val_sets()]
+        rank, world = self.global_rank, self.trainer.world_size
+        return [
+            DataLoader(
+                dataset,
+                batch_size=1,
+                sampler=ShardSampler(len(dataset), rank, world),
+                num_workers=self.config.data.num_workers,
+                collate_fn=collate,
+            )
+            for _, dataset, _ in self.val_sets()
+        ]
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -243,13 +294,13 @@ class SegmentationTask(L.LightningModule):
         # inside it (LoRA, adapters).
         backbone_lr_mult = tc.backbone_lr_mult if self.config.model.tuning == "full" else 1.0
         groups = parameter_groups(self.segmentor, tc.lr, tc.weight_decay, backbone_lr_mult)
-        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps,
-                                      weight_decay=tc.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
         min_factor = tc.min_lr / tc.lr if tc.lr else 0.0
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
-            lambda step: lr_factor(step, tc.max_iters, tc.warmup_iters, tc.warmup_start_factor, tc.poly_power,
-                                   min_factor),
+            lambda step: lr_factor(
+                step, tc.max_iters, tc.warmup_iters, tc.warmup_start_factor, tc.poly_power, min_factor
+            ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -275,8 +326,10 @@ class SegmentationTask(L.LightningModule):
         from PIL import Image
 
         domain, dataset, _ = self.val_sets()[dataloader_idx]
-        root = label_root(dataset)
-        target = self.save_predictions / domain.replace("/", "_") / Path(label_path).relative_to(root)
+        if dataloader_idx not in self._label_roots:
+            self._label_roots[dataloader_idx] = label_root(dataset)
+        relative = Path(label_path).relative_to(self._label_roots[dataloader_idx])
+        target = self.save_predictions / domain.replace("/", "_") / relative
         array = prediction.to(torch.uint8).cpu().numpy()
         atomic_write(target, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
@@ -288,8 +341,12 @@ class SegmentationTask(L.LightningModule):
             confusion.reduce()
             results[domain] = confusion.scores(CLASSES)
         in_mean = [domain for domain, _, entry in self.val_sets() if entry.get("in_mean", True)]
-        summary = {"step": int(self.global_step), "domains": results,
-                   "mean_mIoU": mean_over_domains(results, in_mean) if in_mean else None, "mean_domains": in_mean}
+        summary = {
+            "step": int(self.global_step),
+            "domains": results,
+            "mean_mIoU": mean_over_domains(results, in_mean) if in_mean else None,
+            "mean_domains": in_mean,
+        }
         self.last_results = summary
         # The scores are already summed over ranks: rank 0 logs them.
         for domain, scores in results.items():
@@ -311,8 +368,8 @@ class SegmentationTask(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["format"] = CHECKPOINT_FORMAT
         checkpoint["config"] = to_dict(self.config)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-               "python": random.getstate()[1]}
+        # The loss samples points with torch's generator; the data has its own seeded generators.
+        rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["rng"] = rng
@@ -340,17 +397,27 @@ def label_root(dataset) -> Path:
     labels = [label for _, label in dataset.pairs if label is not None]
     if not labels:
         raise ValueError(f"{dataset.name} has no labels")
-    root = Path(os.path.commonpath([str(Path(p).parent) for p in labels]))
-    return root
+    return Path(os.path.commonpath([str(Path(p).parent) for p in labels]))
 
 
 def check_same_model(saved: dict | None, current: dict, what: str) -> None:
     """Refuse weights trained for another model configuration, naming the differing keys."""
     if saved is None:
         raise ValueError(f"{what} holds no model configuration")
-    ignored = {"backbone.checkpoint", "backbone.pretrained", "backbone.resample", "test.mode", "test.crop_size",
-               "test.stride", "test.flip"}
-    differences = [key for key in _diff_keys(saved, current) if key not in ignored and not key.startswith("loss.")]
+    ignored = {
+        "backbone.checkpoint",
+        "backbone.pretrained",
+        "backbone.resample",
+        "test.mode",
+        "test.crop_size",
+        "test.stride",
+        "test.flip",
+    }
+    # Sections that change no weight: the loss, and the options of strategies not in use.
+    unused = tuple(
+        f"{section}." for section in ("loss", "rein", "lora", "vpt", "adaptformer") if section != current.get("tuning")
+    )
+    differences = [key for key in _diff_keys(saved, current) if key not in ignored and not key.startswith(unused)]
     if differences:
         shown = ", ".join(f"model.{k}: {_get(saved, k)!r} vs {_get(current, k)!r}" for k in differences[:5])
         raise ValueError(f"{what} belongs to another model configuration ({shown})")
@@ -393,8 +460,13 @@ class _Progress(TQDMProgressBar):
         self.train_progress_bar.set_description("train")
 
 
-def build_trainer(config: Config, callbacks: list | None = None, validate_during_training: bool = True,
-                  enable_progress_bar: bool = True, logging: bool = True) -> L.Trainer:
+def build_trainer(
+    config: Config,
+    callbacks: list | None = None,
+    validate_during_training: bool = True,
+    enable_progress_bar: bool = True,
+    logging: bool = True,
+) -> L.Trainer:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -404,13 +476,23 @@ def build_trainer(config: Config, callbacks: list | None = None, validate_during
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
     precision = tc.precision if tc.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
     devices = tc.devices
-    many = (isinstance(devices, int) and devices > 1) or tc.num_nodes > 1 or (
-        devices == "auto" and on_gpu and torch.cuda.device_count() > 1)
+    many = (
+        (isinstance(devices, int) and devices > 1)
+        or tc.num_nodes > 1
+        or (devices == "auto" and on_gpu and torch.cuda.device_count() > 1)
+    )
     # Every trainable parameter gets a gradient each step: no find_unused_parameters.
     strategy = DDPStrategy(find_unused_parameters=False) if many else "auto"
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="iter_{iteration:06.0f}",
-                                 auto_insert_metric_name=False, every_n_train_steps=tc.checkpoint_interval,
-                                 save_last=True, save_top_k=tc.keep_checkpoints, monitor="iteration", mode="max")
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="iter_{iteration:06.0f}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=tc.checkpoint_interval,
+        save_last=True,
+        save_top_k=tc.keep_checkpoints,
+        monitor="iteration",
+        mode="max",
+    )
     val_interval = min(tc.val_interval, tc.max_iters)
     loggers = [TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv", version="")]
     if not logging:
@@ -488,4 +570,3 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
     if results is None:
         raise RuntimeError("validation produced no results")
     return results
-

@@ -38,8 +38,9 @@ class ConfusionMatrix:
             raise ValueError(f"target values {bad} are outside 0..{self.num_classes - 1} and not {self.ignore_index}")
         target, prediction = target[valid], prediction[valid]
         prediction = torch.where((prediction < 0) | (prediction >= self.num_classes), self.num_classes, prediction)
-        counts = torch.bincount(target * (self.num_classes + 1) + prediction,
-                                minlength=self.num_classes * (self.num_classes + 1))
+        counts = torch.bincount(
+            target * (self.num_classes + 1) + prediction, minlength=self.num_classes * (self.num_classes + 1)
+        )
         self.matrix += counts.view(self.num_classes, self.num_classes + 1)
 
     def reduce(self) -> None:
@@ -121,8 +122,13 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
-def score_directories(prediction_dir: str, label_dir: str, class_names: Sequence[str], ignore_index: int = 255,
-                      label_suffix: str | None = None) -> dict:
+def score_directories(
+    prediction_dir: str,
+    label_dir: str,
+    class_names: Sequence[str],
+    ignore_index: int = 255,
+    label_suffix: str | None = None,
+) -> dict:
     """Score train-ID PNG predictions against train-ID PNG labels matched by relative path.
 
     Every label file (``*{label_suffix}`` under ``label_dir``; by default ``*labelTrainIds.png``
@@ -148,11 +154,15 @@ def score_directories(prediction_dir: str, label_dir: str, class_names: Sequence
     missing = sorted(set(labels) - set(predictions))
     extra = sorted(set(predictions) - set(labels))
     if missing:
-        raise ValueError(f"{len(missing)} labels have no prediction at the same relative path under {pred_root}, "
-                         f"e.g. {', '.join(map(str, missing[:3]))}")
+        raise ValueError(
+            f"{len(missing)} labels have no prediction at the same relative path under {pred_root}, "
+            f"e.g. {', '.join(map(str, missing[:3]))}"
+        )
     if extra:
-        raise ValueError(f"{len(extra)} predictions have no label at the same relative path under {label_root}, "
-                         f"e.g. {', '.join(map(str, extra[:3]))}")
+        raise ValueError(
+            f"{len(extra)} predictions have no label at the same relative path under {label_root}, "
+            f"e.g. {', '.join(map(str, extra[:3]))}"
+        )
 
     def read(path: Path) -> np.ndarray:
         try:
@@ -168,8 +178,10 @@ def score_directories(prediction_dir: str, label_dir: str, class_names: Sequence
     for relative in labels:
         label, prediction = read(label_root / relative), read(pred_root / relative)
         if label.shape != prediction.shape:
-            raise ValueError(f"{pred_root / relative} is {prediction.shape[1]}x{prediction.shape[0]} but its label "
-                             f"{label_root / relative} is {label.shape[1]}x{label.shape[0]}")
+            raise ValueError(
+                f"{pred_root / relative} is {prediction.shape[1]}x{prediction.shape[0]} but its label "
+                f"{label_root / relative} is {label.shape[1]}x{label.shape[0]}"
+            )
         try:
             confusion.update(torch.from_numpy(prediction.astype(np.int64)), torch.from_numpy(label.astype(np.int64)))
         except ValueError as err:

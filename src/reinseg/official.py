@@ -20,16 +20,25 @@ from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelCo
 from .pretrained import read_state_dict, unwrap_state_dict
 from .segmentor import Segmentor, build_segmentor
 
-__all__ = ["official_model_config", "from_official", "convert_official", "read_official_model_config",
-           "OFFICIAL_PREFIXES"]
+__all__ = [
+    "official_model_config",
+    "from_official",
+    "convert_official",
+    "read_official_model_config",
+    "OFFICIAL_PREFIXES",
+]
 
 # Official name prefix -> reinseg name prefix.
 OFFICIAL_PREFIXES = {"backbone.reins.": "backbone.rein.", "decode_head.": "head."}
 _IMAGENET_MEAN = [123.675, 116.28, 103.53]
 _IMAGENET_STD = [58.395, 57.12, 57.375]
 # DINOv2 sizes timm knows by name: embed_dim -> (zoo name, depth, heads).
-_DINOV2_SIZES = {384: ("dinov2_vits14", 12, 6), 768: ("dinov2_vitb14", 12, 12), 1024: ("dinov2_vitl14", 24, 16),
-                 1536: ("dinov2_vitg14", 40, 24)}
+_DINOV2_SIZES = {
+    384: ("dinov2_vits14", 12, 6),
+    768: ("dinov2_vitb14", 12, 12),
+    1024: ("dinov2_vitl14", 24, 16),
+    1536: ("dinov2_vitg14", 40, 24),
+}
 _BACKBONES = ("ReinsDinoVisionTransformer", "DinoVisionTransformer")
 _HEADS = ("ReinMask2FormerHead", "Mask2FormerHead")
 
@@ -83,7 +92,9 @@ def _type(fields: _Fields, allowed: tuple[str, ...]) -> str:
     """The ``type`` of an official module, with mmdet's ``mmdet.`` scope prefix removed."""
     value = str(fields.get("type")).split(".")[-1]
     if value not in allowed:
-        raise ConfigError(f"{fields.path}.type={fields.get('type')!r} is not supported (supported: {', '.join(allowed)})")
+        raise ConfigError(
+            f"{fields.path}.type={fields.get('type')!r} is not supported (supported: {', '.join(allowed)})"
+        )
     return value
 
 
@@ -158,7 +169,9 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
     if linked:
         dh.expect("replace_query_feat", True)
         if rein is None or not rein.link_token_to_query:
-            raise ConfigError("model.decode_head.type='ReinMask2FormerHead' needs a Rein backbone that links its tokens")
+            raise ConfigError(
+                "model.decode_head.type='ReinMask2FormerHead' needs a Rein backbone that links its tokens"
+            )
     elif rein is not None and rein.link_token_to_query:
         raise ConfigError(f"model.decode_head.type={dh.get('type')!r} cannot take the queries Rein links")
     dh.equal("in_channels", [embed_dim] * 4, "the head reads four maps of the backbone's width")
@@ -223,8 +236,14 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
     stride = list(test.get("stride")) if mode == "slide" else None
     if crop is not None and (crop[0] % patch_size or crop[1] % patch_size):
         raise ConfigError(f"model.test_cfg.crop_size={tuple(crop)} is not divisible by the patch size {patch_size}")
-    return ModelConfig(tuning="rein" if has_rein else "frozen", backbone=backbone, rein=rein, head=head, loss=loss,
-                       test=TestConfig(mode=mode, crop_size=crop, stride=stride))
+    return ModelConfig(
+        tuning="rein" if has_rein else "frozen",
+        backbone=backbone,
+        rein=rein,
+        head=head,
+        loss=loss,
+        test=TestConfig(mode=mode, crop_size=crop, stride=stride),
+    )
 
 
 def _official_loss(dh: _Fields, num_classes: int) -> LossConfig:
@@ -239,8 +258,11 @@ def _official_loss(dh: _Fields, num_classes: int) -> LossConfig:
     dice = dh.sub("loss_dice")
     dice.expect("naive_dice", True, default=True)
     dice.expect("eps", 1.0, default=1.0)
-    weights = dict(class_weight=cls.get("loss_weight", 2.0), mask_weight=mask.get("loss_weight", 5.0),
-                   dice_weight=dice.get("loss_weight", 5.0))
+    weights = dict(
+        class_weight=cls.get("loss_weight", 2.0),
+        mask_weight=mask.get("loss_weight", 5.0),
+        dice_weight=dice.get("loss_weight", 5.0),
+    )
     train = dh.get("train_cfg", None)
     train = _Fields(train or {}, "model.decode_head.train_cfg")
     if "assigner" in train.data:
@@ -321,8 +343,9 @@ def read_official_model_config(path: str | Path) -> dict[str, Any]:
     return config["model"]
 
 
-def convert_official(config_path: str | Path, checkpoint_path: str | Path, backbone_path: str | Path | None,
-                     output_dir: str | Path) -> tuple[Path, Path]:
+def convert_official(
+    config_path: str | Path, checkpoint_path: str | Path, backbone_path: str | Path | None, output_dir: str | Path
+) -> tuple[Path, Path]:
     """Convert an official release into ``output_dir/config.yaml`` and ``output_dir/checkpoint.pt``.
 
     The written configuration references the backbone file (absolute path) rather than copying
@@ -345,8 +368,12 @@ def convert_official(config_path: str | Path, checkpoint_path: str | Path, backb
         backbone_file = atomic_write(output_dir / "backbone.safetensors", lambda f: f.write(_safetensors_bytes(vfm)))
         config.backbone.checkpoint = str(backbone_file.resolve())
     full_config = {"model": to_dict(config)}
-    checkpoint = save_checkpoint(output_dir / "checkpoint.pt", full_config, checkpoint_state_dict(segmentor),
-                                 source={"config": str(config_path), "checkpoint": str(checkpoint_path)})
+    checkpoint = save_checkpoint(
+        output_dir / "checkpoint.pt",
+        full_config,
+        checkpoint_state_dict(segmentor),
+        source={"config": str(config_path), "checkpoint": str(checkpoint_path)},
+    )
     config_file = atomic_write(
         output_dir / "config.yaml",
         lambda f: f.write(yaml.safe_dump(full_config, sort_keys=False).encode()),

@@ -37,8 +37,18 @@ _COMPARE = {
     ast.Gt: operator.gt,
     ast.GtE: operator.ge,
 }
-_FUNCTIONS = {"range": range, "int": int, "float": float, "round": round, "min": min, "max": max, "len": len,
-              "abs": abs, "list": list, "tuple": tuple}
+_FUNCTIONS = {
+    "range": range,
+    "int": int,
+    "float": float,
+    "round": round,
+    "min": min,
+    "max": max,
+    "len": len,
+    "abs": abs,
+    "list": list,
+    "tuple": tuple,
+}
 _UNSET = object()
 _BASE_REF = re.compile(r"\{\{\s*_base_\.([A-Za-z_][\w.]*)\s*\}\}")
 

@@ -41,6 +41,8 @@ def format_strategy_table(rows: list[tuple[str, int, int, int]]) -> str:
     lines.append("-" * len(lines[0]))
     for strategy, backbone, head, total in rows:
         trainable = backbone + head
-        lines.append(f"{strategy:<12}  {backbone:>15,} ({backbone / 1e6:7.2f} M)  {head:>12,}  {trainable:>12,}  "
-                     f"{100 * trainable / total:6.2f}%")
+        lines.append(
+            f"{strategy:<12}  {backbone:>15,} ({backbone / 1e6:7.2f} M)  {head:>12,}  {trainable:>12,}  "
+            f"{100 * trainable / total:6.2f}%"
+        )
     return "\n".join(lines)

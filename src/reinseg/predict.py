@@ -52,8 +52,13 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 
 
 @torch.no_grad()
-def segment_image(segmentor: Segmentor, image: np.ndarray, scale: tuple[int, int] | None = (1024, 512),
-                  mode: str | None = None, flip: bool | None = None) -> np.ndarray:
+def segment_image(
+    segmentor: Segmentor,
+    image: np.ndarray,
+    scale: tuple[int, int] | None = (1024, 512),
+    mode: str | None = None,
+    flip: bool | None = None,
+) -> np.ndarray:
     """Train IDs ``(H, W)`` of an RGB ``image (H, W, 3)`` uint8, at the image's resolution.
 
     The image is resized to fit ``scale`` keeping its ratio (as the test pipelines), padded to a
@@ -79,8 +84,15 @@ def segment_image(segmentor: Segmentor, image: np.ndarray, scale: tuple[int, int
     return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
-def predict_files(checkpoint: str, inputs: Sequence[str], output: str, scale: Sequence[int] | None = (1024, 512),
-                  mode: str | None = None, flip: bool = False, device: str | None = None) -> list[Path]:
+def predict_files(
+    checkpoint: str,
+    inputs: Sequence[str],
+    output: str,
+    scale: Sequence[int] | None = (1024, 512),
+    mode: str | None = None,
+    flip: bool = False,
+    device: str | None = None,
+) -> list[Path]:
     """Segment every input image; writes ``<stem>_labelTrainIds.png`` and ``<stem>_overlay.png``."""
     from PIL import Image
 

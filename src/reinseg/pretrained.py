@@ -48,7 +48,12 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
 _UNUSED_PREFIXES = ("norm.", "fc_norm.", "head.", "neck.", "attn_pool.", "lm_head.", "head_drop.")
 # Where position embeddings and patch kernels live in the layouts we read, before conversion.
 _POS_KEYS = ("pos_embed", "visual.positional_embedding", "positional_embedding", "image_encoder.pos_embed")
-_PATCH_KEYS = ("patch_embed.proj.weight", "visual.conv1.weight", "conv1.weight", "image_encoder.patch_embed.proj.weight")
+_PATCH_KEYS = (
+    "patch_embed.proj.weight",
+    "visual.conv1.weight",
+    "conv1.weight",
+    "image_encoder.patch_embed.proj.weight",
+)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

@@ -163,9 +163,7 @@ class Rein(nn.Module):
             ``(B, P + N, C)``.
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dims:
-            raise ValueError(
-                f"Rein expects batch-first tokens (B, P + N, {self.embed_dims}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"Rein expects batch-first tokens (B, P + N, {self.embed_dims}), got {tuple(x.shape)}")
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"Rein has {self.num_layers} layers, got layer {layer}")
         prefix, feats = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]

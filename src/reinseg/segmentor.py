@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import ReinBackbone, build_backbone
@@ -24,7 +23,9 @@ from .tuning import TUNINGS, apply_tuning
 __all__ = ["Segmentor", "build_segmentor", "sliding_windows"]
 
 
-def sliding_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def sliding_windows(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
     """Windows ``(y1, y2, x1, x2)`` covering the image as mmseg's ``slide_inference`` places them."""
     (crop_h, crop_w), (stride_h, stride_w) = crop, stride
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
@@ -131,7 +132,9 @@ class Segmentor(nn.Module):
             counts[:, :, y1:y2, x1:x2] += 1
         return scores / counts
 
-    def _check_inference_settings(self, mode: str, crop: tuple[int, int] | None, stride: tuple[int, int] | None) -> None:
+    def _check_inference_settings(
+        self, mode: str, crop: tuple[int, int] | None, stride: tuple[int, int] | None
+    ) -> None:
         if mode not in ("whole", "slide"):
             raise ValueError(f"test mode must be 'whole' or 'slide', got {mode!r}")
         if mode != "slide":

@@ -25,8 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TUNINGS", "VisualPrompts", "BottleneckAdapter", "apply_tuning", "add_lora", "add_adaptformer",
-           "add_visual_prompts"]
+__all__ = [
+    "TUNINGS",
+    "VisualPrompts",
+    "BottleneckAdapter",
+    "apply_tuning",
+    "add_lora",
+    "add_adaptformer",
+    "add_visual_prompts",
+]
 
 TUNINGS = ("rein", "frozen", "full", "lora", "vpt", "adaptformer")
 
@@ -46,8 +53,9 @@ class VisualPrompts(nn.Module):
         bound = math.sqrt(6.0 / float(3 * patch_size * patch_size + embed_dims))
         nn.init.uniform_(self.tokens, -bound, bound)
 
-    def run_block(self, block: nn.Module, x: Tensor, layer: int, num_prefix: int, sam: bool,
-                  block_kwargs: dict[str, Any]) -> Tensor:
+    def run_block(
+        self, block: nn.Module, x: Tensor, layer: int, num_prefix: int, sam: bool, block_kwargs: dict[str, Any]
+    ) -> Tensor:
         """``block(x)`` with this layer's prompts: tokens ``(B, P + N, C)`` or SAM's ``(B, H, W, C)``."""
         prompts = self.tokens[layer].to(x.dtype)
         if sam:
@@ -140,8 +148,13 @@ def add_adaptformer(backbone, bottleneck: int = 64, scale: float = 0.1) -> None:
         block.mlp.register_forward_hook(_AddAdapterOutput(block.adaptformer))
 
 
-def add_lora(backbone, rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
-             targets: tuple[str, ...] = ("qkv", "q_proj", "k_proj", "v_proj")) -> None:
+def add_lora(
+    backbone,
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: tuple[str, ...] = ("qkv", "q_proj", "k_proj", "v_proj"),
+) -> None:
     """LoRA (through ``peft``) on the attention projections named ``targets`` of every block."""
     try:
         from peft import LoraConfig as PeftLoraConfig
@@ -152,8 +165,9 @@ def add_lora(backbone, rank: int = 8, alpha: float | None = None, dropout: float
     found = [name for name, _ in backbone.vit.named_modules() if _fullmatch(pattern, name)]
     if not found:
         raise ValueError(f"model.lora.targets {list(targets)} match no attention projection of {backbone.family}")
-    config = PeftLoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
-                            target_modules=pattern)
+    config = PeftLoraConfig(
+        r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout, target_modules=pattern
+    )
     inject_adapter_in_model(config, backbone.vit)
     for name, param in backbone.vit.named_parameters():
         param.requires_grad = "lora_" in name

@@ -59,20 +59,28 @@ class DatasetReport:
     def to_dict(self) -> dict:
         names = list(CLASSES) + ["ignore"]
         return {
-            "name": self.name, "split": self.split, "root": self.root, "pairs": self.pairs, "ok": self.ok,
+            "name": self.name,
+            "split": self.split,
+            "root": self.root,
+            "pairs": self.pairs,
+            "ok": self.ok,
             "missing_partners": [{"path": p, "reason": r} for p, r in self.missing_partners],
             "unreadable": [{"path": p.path, "reason": p.reason} for p in self.of_kind("unreadable")],
             "size_mismatches": [{"path": p.path, "reason": p.reason} for p in self.of_kind("size mismatch")],
-            "invalid_values": [{"path": p.path, "values": list(p.values), "reason": p.reason}
-                               for p in self.of_kind("invalid values")],
+            "invalid_values": [
+                {"path": p.path, "values": list(p.values), "reason": p.reason} for p in self.of_kind("invalid values")
+            ],
             "histogram": dict(zip(names, self.histogram.tolist())),
         }
 
     def format(self, most: int = 10) -> str:
         lines = [f"{self.name} {self.split} ({self.root}): {self.pairs} pairs"]
         sections = [("missing partners", [f"{p}: {r}" for p, r in self.missing_partners])]
-        for kind, title in (("unreadable", "unreadable files"), ("size mismatch", "size mismatches"),
-                            ("invalid values", "labels with values outside the classes")):
+        for kind, title in (
+            ("unreadable", "unreadable files"),
+            ("size mismatch", "size mismatches"),
+            ("invalid values", "labels with values outside the classes"),
+        ):
             sections.append((title, [f"{p.path}: {p.reason}" for p in self.of_kind(kind)]))
         for title, rows in sections:
             lines.append(f"  {title}: {len(rows)}")
@@ -81,8 +89,11 @@ class DatasetReport:
                 lines.append(f"    ... and {len(rows) - most} more")
         total = int(self.histogram.sum())
         if total:
-            shares = [f"{name} {100 * count / total:.1f}%" for name, count in
-                      zip(list(CLASSES) + ["ignore"], self.histogram.tolist()) if count]
+            shares = [
+                f"{name} {100 * count / total:.1f}%"
+                for name, count in zip(list(CLASSES) + ["ignore"], self.histogram.tolist())
+                if count
+            ]
             lines.append("  class histogram (share of label pixels): " + ", ".join(shares))
         return "\n".join(lines)
 
@@ -92,11 +103,11 @@ def _inspect(pair_and_encoding):
     return inspect_pair(image, label, encoding)
 
 
-def check_dataset(dataset: SegmentationDataset, split: str = "", root: str = "", workers: int | None = None,
-                  progress: bool = True) -> DatasetReport:
+def check_dataset(
+    dataset: SegmentationDataset, split: str = "", root: str = "", workers: int | None = None, progress: bool = True
+) -> DatasetReport:
     """Read every pair of ``dataset`` and report its problems and class histogram."""
-    report = DatasetReport(dataset.name, split, str(root), len(dataset.pairs),
-                           missing_partners=list(dataset.skipped))
+    report = DatasetReport(dataset.name, split, str(root), len(dataset.pairs), missing_partners=list(dataset.skipped))
     items = list(zip(dataset.pairs, dataset.encodings))
     for pair_report in parallel_map(_inspect, items, workers, desc=f"check {dataset.name}", progress=progress):
         report.problems += pair_report.problems
@@ -109,9 +120,14 @@ def detect_dataset(root) -> str:
     """The dataset whose layout ``root`` has; ValueError listing what was looked for otherwise."""
     root = Path(root)
     markers = [  # the first match wins: BDD100K also has images/ and labels/, like GTAV
-        ("cityscapes", ("leftImg8bit", "gtFine")), ("acdc", ("rgb_anon",)), ("bdd100k", ("images/10k",)),
-        ("synthia", ("RGB", "GT/LABELS")), ("urbansyn", ("rgb", "ss")), ("gtav", ("images", "labels")),
-        ("mapillary", ("training/images",)), ("mapillary", ("half/val_img",)),
+        ("cityscapes", ("leftImg8bit", "gtFine")),
+        ("acdc", ("rgb_anon",)),
+        ("bdd100k", ("images/10k",)),
+        ("synthia", ("RGB", "GT/LABELS")),
+        ("urbansyn", ("rgb", "ss")),
+        ("gtav", ("images", "labels")),
+        ("mapillary", ("training/images",)),
+        ("mapillary", ("half/val_img",)),
     ]
     for name, folders in markers:
         if all((root / folder).is_dir() for folder in folders):
@@ -119,8 +135,10 @@ def detect_dataset(root) -> str:
     if root.is_dir() and any((child / "leftImg8bit").is_dir() for child in root.iterdir()):
         return "synthetic"
     looked_for = "; ".join(f"{name}: {' + '.join(folders)}" for name, folders in markers)
-    raise ValueError(f"cannot tell which dataset {root} holds (looked for {looked_for}; "
-                     f"synthetic: <domain>/leftImg8bit); name it with --dataset")
+    raise ValueError(
+        f"cannot tell which dataset {root} holds (looked for {looked_for}; "
+        f"synthetic: <domain>/leftImg8bit); name it with --dataset"
+    )
 
 
 def config_entries(path) -> list[dict]:
@@ -156,8 +174,15 @@ def _root_entries(root: Path, dataset: str | None, split: str | None, options: d
     return [{"name": name, "root": str(root), "split": s, "optional": split is None, **options} for s in splits]
 
 
-def check(target, dataset: str | None = None, split: str | None = None, workers: int | None = None,
-          on_error: str = "skip", progress: bool = True, **options) -> list[DatasetReport]:
+def check(
+    target,
+    dataset: str | None = None,
+    split: str | None = None,
+    workers: int | None = None,
+    on_error: str = "skip",
+    progress: bool = True,
+    **options,
+) -> list[DatasetReport]:
     """Check a dataset root or every dataset of a YAML config (see the module docstring).
 
     With ``on_error="raise"`` the first problem raises a ValueError naming the file; with
@@ -190,4 +215,3 @@ def check(target, dataset: str | None = None, split: str | None = None, workers:
     if not reports:
         raise FileNotFoundError(f"no split of {dataset or 'the dataset'} found in {target}")
     return reports
-

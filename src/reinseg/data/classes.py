@@ -27,9 +27,25 @@ __all__ = [
 ]
 
 CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
 NUM_CLASSES = len(CLASSES)
 IGNORE_INDEX = 255
@@ -37,10 +53,25 @@ IGNORE_INDEX = 255
 # Cityscapes colours (cityscapesScripts labels.py), one RGB row per train ID.
 PALETTE = np.array(
     [
-        (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-        (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-        (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70),
-        (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+        (128, 64, 128),
+        (244, 35, 232),
+        (70, 70, 70),
+        (102, 102, 156),
+        (190, 153, 153),
+        (153, 153, 153),
+        (250, 170, 30),
+        (220, 220, 0),
+        (107, 142, 35),
+        (152, 251, 152),
+        (70, 130, 180),
+        (220, 20, 60),
+        (255, 0, 0),
+        (0, 0, 142),
+        (0, 0, 70),
+        (0, 60, 100),
+        (0, 80, 100),
+        (0, 0, 230),
+        (119, 11, 32),
     ],
     dtype=np.uint8,
 )
@@ -74,8 +105,27 @@ def gtav_id_to_train_id() -> dict[int, int]:
 # 13 parking-slot, 14 road-work, 15 traffic light, 16 terrain, 17 rider, 18 truck, 19 bus,
 # 20 train, 21 wall, 22 lanemarking. The field (DAFormer's synthia.py) keeps the 19 train
 # classes and voids parking-slot, road-work and lanemarking.
-_SYNTHIA_TRAIN_ID = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11,
-                     17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
+_SYNTHIA_TRAIN_ID = {
+    3: 0,
+    4: 1,
+    2: 2,
+    21: 3,
+    5: 4,
+    7: 5,
+    15: 6,
+    9: 7,
+    6: 8,
+    16: 9,
+    1: 10,
+    10: 11,
+    17: 12,
+    8: 13,
+    18: 14,
+    19: 15,
+    20: 16,
+    12: 17,
+    11: 18,
+}
 
 
 def synthia_id_to_train_id() -> dict[int, int]:
@@ -92,16 +142,72 @@ def urbansyn_id_to_train_id() -> dict[int, int]:
 
 # Mapillary Vistas v1.2: the 66 classes of config_v1.2.json ("readable" names), in label-ID order.
 MAPILLARY_V12_NAMES = (
-    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane",
-    "Crosswalk - Plain", "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road",
-    "Service Lane", "Sidewalk", "Bridge", "Building", "Tunnel", "Person", "Bicyclist", "Motorcyclist",
-    "Other Rider", "Lane Marking - Crosswalk", "Lane Marking - General", "Mountain", "Sand", "Sky",
-    "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench", "Bike Rack", "Billboard",
-    "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox", "Manhole",
-    "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole",
-    "Traffic Light", "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat",
-    "Bus", "Car", "Caravan", "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck",
-    "Wheeled Slow", "Car Mount", "Ego Vehicle", "Unlabeled",
+    "Bird",
+    "Ground Animal",
+    "Curb",
+    "Fence",
+    "Guard Rail",
+    "Barrier",
+    "Wall",
+    "Bike Lane",
+    "Crosswalk - Plain",
+    "Curb Cut",
+    "Parking",
+    "Pedestrian Area",
+    "Rail Track",
+    "Road",
+    "Service Lane",
+    "Sidewalk",
+    "Bridge",
+    "Building",
+    "Tunnel",
+    "Person",
+    "Bicyclist",
+    "Motorcyclist",
+    "Other Rider",
+    "Lane Marking - Crosswalk",
+    "Lane Marking - General",
+    "Mountain",
+    "Sand",
+    "Sky",
+    "Snow",
+    "Terrain",
+    "Vegetation",
+    "Water",
+    "Banner",
+    "Bench",
+    "Bike Rack",
+    "Billboard",
+    "Catch Basin",
+    "CCTV Camera",
+    "Fire Hydrant",
+    "Junction Box",
+    "Mailbox",
+    "Manhole",
+    "Phone Booth",
+    "Pothole",
+    "Street Light",
+    "Pole",
+    "Traffic Sign Frame",
+    "Utility Pole",
+    "Traffic Light",
+    "Traffic Sign (Back)",
+    "Traffic Sign (Front)",
+    "Trash Can",
+    "Bicycle",
+    "Boat",
+    "Bus",
+    "Car",
+    "Caravan",
+    "Motorcycle",
+    "On Rails",
+    "Other Vehicle",
+    "Trailer",
+    "Truck",
+    "Wheeled Slow",
+    "Car Mount",
+    "Ego Vehicle",
+    "Unlabeled",
 )
 
 # The official Rein converter (tools/convert_datasets/mapillary2cityscape.py) matches names with
@@ -131,8 +237,9 @@ def _mapillary_rule(squashed: str) -> int:
 def mapillary_to_train_id(names: tuple[str, ...] | list[str] = MAPILLARY_V12_NAMES) -> dict[int, int]:
     """Mapillary label IDs to train IDs, from the dataset's class names (``config_v1.2.json``)."""
     train_id_of = {_squash(name): t for t, name in enumerate(CLASSES)}
-    return {label_id: train_id_of.get(_squash(name), _mapillary_rule(_squash(name)))
-            for label_id, name in enumerate(names)}
+    return {
+        label_id: train_id_of.get(_squash(name), _mapillary_rule(_squash(name))) for label_id, name in enumerate(names)
+    }
 
 
 def colorize(label: np.ndarray) -> np.ndarray:

@@ -64,7 +64,14 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     v = hsv[..., 2].astype(np.float32) * np.float32(1.0 / 255.0)
     sector = np.trunc(h)
     frac = h - sector
-    table = np.stack([v, v * (np.float32(1.0) - s), v * _one_minus_product(s, frac),
-                      v * _one_minus_product(s, np.float32(1.0) - frac)], axis=-1)
+    table = np.stack(
+        [
+            v,
+            v * (np.float32(1.0) - s),
+            v * _one_minus_product(s, frac),
+            v * _one_minus_product(s, np.float32(1.0) - frac),
+        ],
+        axis=-1,
+    )
     bgr = np.take_along_axis(table, _SECTOR_BGR[sector.astype(np.int64) % 6], axis=-1)
     return np.clip(np.trunc(bgr[..., ::-1] * np.float32(255.0)), 0, 255).astype(np.uint8)

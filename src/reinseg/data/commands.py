@@ -19,8 +19,9 @@ __all__ = ["register_commands"]
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    summary = prepare(args.dataset, args.root, workers=args.workers, overwrite=args.overwrite,
-                      on_mismatch=args.on_mismatch)
+    summary = prepare(
+        args.dataset, args.root, workers=args.workers, overwrite=args.overwrite, on_mismatch=args.on_mismatch
+    )
     print(summary)
     return 0 if summary.ok else 1
 
@@ -33,8 +34,9 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
         options["condition"] = args.condition
     if args.domain:
         options["domain"] = args.domain
-    reports = check(args.target, dataset=args.dataset, split=args.split, workers=args.workers,
-                    on_error=args.on_error, **options)
+    reports = check(
+        args.target, dataset=args.dataset, split=args.split, workers=args.workers, on_error=args.on_error, **options
+    )
     for report in reports:
         print(report.format())
     if args.json:
@@ -70,9 +72,13 @@ def register_commands(subparsers) -> None:
     p.add_argument("root", metavar="ROOT", help="the dataset's root folder")
     p.add_argument("--workers", type=int, default=None, help="processes (default: the cores, up to 8)")
     p.add_argument("--overwrite", action="store_true", help="redo files that are already converted")
-    p.add_argument("--on-mismatch", choices=ON_MISMATCH, default="resize",
-                   help="a label whose size differs from its image: resize it to the image (nearest, "
-                        "default), skip it, or raise (report it as an error)")
+    p.add_argument(
+        "--on-mismatch",
+        choices=ON_MISMATCH,
+        default="resize",
+        help="a label whose size differs from its image: resize it to the image (nearest, "
+        "default), skip it, or raise (report it as an error)",
+    )
     p.set_defaults(func=_cmd_prepare)
 
     p = subparsers.add_parser(
@@ -101,7 +107,11 @@ def register_commands(subparsers) -> None:
     p.add_argument("--condition", choices=ACDC_CONDITIONS + ("all",), default=None, help="ACDC condition")
     p.add_argument("--domain", default=None, help="synthetic domain (default: every domain present)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: the cores, up to 8)")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="skip",
-                   help="stop at the first problem (raise) or list them all (skip, default)")
+    p.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="skip",
+        help="stop at the first problem (raise) or list them all (skip, default)",
+    )
     p.add_argument("--json", metavar="OUT", default=None, help="also write the reports as JSON to OUT")
     p.set_defaults(func=_cmd_check_data)

@@ -24,8 +24,17 @@ from .io import DataError, read_image, read_label, size_mismatch
 from .layouts import discover, split_layout
 from .transforms import eval_transform
 
-__all__ = ["SegmentationDataset", "ConcatSegmentationDataset", "build_dataset", "build_datasets", "collate",
-           "read_pair", "inspect_pair", "Problem", "PairReport"]
+__all__ = [
+    "SegmentationDataset",
+    "ConcatSegmentationDataset",
+    "build_dataset",
+    "build_datasets",
+    "collate",
+    "read_pair",
+    "inspect_pair",
+    "Problem",
+    "PairReport",
+]
 
 log = logging.getLogger("reinseg.data")
 
@@ -116,8 +125,17 @@ class SegmentationDataset(Dataset):
     image only: the label keeps its resolution, and predictions are resized back to it.
     """
 
-    def __init__(self, name: str, pairs, encodings=None, *, transform=None, on_error: str = "raise",
-                 skipped=None, seed: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        pairs,
+        encodings=None,
+        *,
+        transform=None,
+        on_error: str = "raise",
+        skipped=None,
+        seed: int | None = None,
+    ):
         self.name = name
         self.pairs = [(str(image), None if label is None else str(label)) for image, label in pairs]
         self.encodings = list(encodings) if encodings is not None else [TRAIN_IDS] * len(self.pairs)
@@ -149,8 +167,13 @@ class SegmentationDataset(Dataset):
         image, label = self.transform(image, label, rng=self._rng(index))
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"{self.name}: the transform must end with ToTensor(), got {type(image).__name__}")
-        return {"image": image, "label": label, "image_path": image_path, "label_path": label_path,
-                "ori_size": ori_size}
+        return {
+            "image": image,
+            "label": label,
+            "image_path": image_path,
+            "label_path": label_path,
+            "ori_size": ori_size,
+        }
 
     def __getitem__(self, index: int) -> dict:
         if not -len(self.pairs) <= index < len(self.pairs):
@@ -175,8 +198,7 @@ class SegmentationDataset(Dataset):
         """Read every pair now; raise on the first problem, or with ``on_error="skip"`` drop the
         bad pairs (recorded in ``skipped``). Returns the problems found."""
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            reports = list(pool.map(lambda p: inspect_pair(p[0][0], p[0][1], p[1]),
-                                    zip(self.pairs, self.encodings)))
+            reports = list(pool.map(lambda p: inspect_pair(p[0][0], p[0][1], p[1]), zip(self.pairs, self.encodings)))
         problems = [problem for report in reports for problem in report.problems]
         if problems and self.on_error == "raise":
             first = problems[0]
@@ -213,8 +235,16 @@ class ConcatSegmentationDataset(ConcatDataset):
             d.set_epoch(epoch)
 
 
-def build_dataset(name: str, root, split: str = "train", *, transform=None, on_error: str = "raise",
-                  seed: int | None = None, **options) -> SegmentationDataset:
+def build_dataset(
+    name: str,
+    root,
+    split: str = "train",
+    *,
+    transform=None,
+    on_error: str = "raise",
+    seed: int | None = None,
+    **options,
+) -> SegmentationDataset:
     """Read a dataset split from its native or prepared layout.
 
     Names: gtav, synthia, urbansyn, cityscapes, bdd100k, mapillary (option ``half``, default
@@ -243,8 +273,9 @@ def build_dataset(name: str, root, split: str = "train", *, transform=None, on_e
         raise DataError(path, f"{reason}{more} (on_error='skip' leaves them out)")
     for path, reason in unpaired:
         log.warning("%s: skipped %s: %s", display_name, path, reason)
-    return SegmentationDataset(display_name, pairs, encodings, transform=transform, on_error=on_error,
-                               skipped=unpaired, seed=seed)
+    return SegmentationDataset(
+        display_name, pairs, encodings, transform=transform, on_error=on_error, skipped=unpaired, seed=seed
+    )
 
 
 def build_datasets(entries, *, transform=None, on_error: str = "raise", seed: int | None = None):
@@ -256,8 +287,11 @@ def build_datasets(entries, *, transform=None, on_error: str = "raise", seed: in
             name, root = entry.pop("name"), entry.pop("root")
         except KeyError as err:
             raise ValueError(f"dataset entry {entry} lacks {err}") from None
-        datasets.append(build_dataset(name, root, entry.pop("split", "train"), transform=transform,
-                                      on_error=on_error, seed=seed, **entry))
+        datasets.append(
+            build_dataset(
+                name, root, entry.pop("split", "train"), transform=transform, on_error=on_error, seed=seed, **entry
+            )
+        )
     return datasets
 
 
@@ -266,8 +300,9 @@ def collate(items: list[dict]) -> dict:
     of ``image_path``, ``label_path``, ``ori_size``."""
     shapes = {tuple(item["image"].shape) for item in items}
     if len(shapes) > 1:
-        raise ValueError(f"cannot batch images of different sizes {sorted(shapes)}; use crops of one size "
-                         "or batch_size=1")
+        raise ValueError(
+            f"cannot batch images of different sizes {sorted(shapes)}; use crops of one size or batch_size=1"
+        )
     labels = [item["label"] for item in items]
     if any(label is None for label in labels):
         label = None

@@ -95,8 +95,7 @@ def _format_values(values: list[int]) -> str:
     return "{" + ", ".join(shown) + "}"
 
 
-TRAIN_IDS = LabelEncoding(
-    "train IDs", {**{i: i for i in range(NUM_CLASSES)}, IGNORE_INDEX: IGNORE_INDEX})
+TRAIN_IDS = LabelEncoding("train IDs", {**{i: i for i in range(NUM_CLASSES)}, IGNORE_INDEX: IGNORE_INDEX})
 CITYSCAPES_IDS = LabelEncoding("Cityscapes label IDs", cityscapes_id_to_train_id())
 GTAV_IDS = LabelEncoding("GTAV label IDs", gtav_id_to_train_id())
 SYNTHIA_IDS = LabelEncoding("Synthia class IDs", synthia_id_to_train_id(), first_channel=True)

@@ -27,8 +27,10 @@ class DataError(ValueError):
 
 def size_mismatch(image_path, image_hw, label_path, label_hw) -> DataError:
     """The error for a label whose (H, W) differs from its image's."""
-    return DataError(label_path, f"label is {label_hw[0]}x{label_hw[1]} (HxW) but its image {image_path} "
-                                 f"is {image_hw[0]}x{image_hw[1]}")
+    return DataError(
+        label_path,
+        f"label is {label_hw[0]}x{label_hw[1]} (HxW) but its image {image_path} is {image_hw[0]}x{image_hw[1]}",
+    )
 
 
 def _open(path, load: bool = True, rawmode: str | None = None) -> Image.Image:

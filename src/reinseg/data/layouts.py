@@ -24,8 +24,19 @@ from .encodings import (
     mapillary_encoding,
 )
 
-__all__ = ["LabelSource", "FolderPairs", "Sample", "Discovery", "DatasetInfo", "DATASETS",
-           "TEST_SCALES", "ACDC_CONDITIONS", "discover", "dataset_info", "split_layout"]
+__all__ = [
+    "LabelSource",
+    "FolderPairs",
+    "Sample",
+    "Discovery",
+    "DatasetInfo",
+    "DATASETS",
+    "TEST_SCALES",
+    "ACDC_CONDITIONS",
+    "discover",
+    "dataset_info",
+    "split_layout",
+]
 
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 
@@ -94,7 +105,7 @@ def _files(root: Path, folder: str, suffix: str, prefix: str = "", exclude: str 
                 continue
             if name.startswith("."):  # temporary files of an interrupted write
                 continue
-            stem = name[len(prefix):len(name) - len(suffix)]
+            stem = name[len(prefix) : len(name) - len(suffix)]
             found[stem if rel == "." else f"{rel}/{stem}"] = Path(directory) / name
     return found
 
@@ -139,16 +150,22 @@ def discover(root: Path, layout: FolderPairs) -> Discovery:
 # --- the datasets ---------------------------------------------------------------------------
 
 
-def _prepared_and_native(folder: str, native_suffix: str, native: LabelEncoding, prepared_suffix: str,
-                         prefix: str = "") -> tuple[LabelSource, LabelSource]:
+def _prepared_and_native(
+    folder: str, native_suffix: str, native: LabelEncoding, prepared_suffix: str, prefix: str = ""
+) -> tuple[LabelSource, LabelSource]:
     """A prepared train-ID source and the native source it is converted from, in one folder."""
-    return (LabelSource(folder, prepared_suffix, TRAIN_IDS, prefix),
-            LabelSource(folder, native_suffix, native, prefix, exclude=prepared_suffix))
+    return (
+        LabelSource(folder, prepared_suffix, TRAIN_IDS, prefix),
+        LabelSource(folder, native_suffix, native, prefix, exclude=prepared_suffix),
+    )
 
 
 def _cityscapes(root: Path, split: str) -> FolderPairs:
-    return FolderPairs(f"leftImg8bit/{split}", "_leftImg8bit.png", _prepared_and_native(
-        f"gtFine/{split}", "_gtFine_labelIds.png", CITYSCAPES_IDS, "_gtFine_labelTrainIds.png"))
+    return FolderPairs(
+        f"leftImg8bit/{split}",
+        "_leftImg8bit.png",
+        _prepared_and_native(f"gtFine/{split}", "_gtFine_labelIds.png", CITYSCAPES_IDS, "_gtFine_labelTrainIds.png"),
+    )
 
 
 def _gtav(root: Path, split: str) -> FolderPairs:
@@ -160,8 +177,12 @@ def _synthia(root: Path, split: str) -> FolderPairs:
 
 
 def _urbansyn(root: Path, split: str) -> FolderPairs:
-    return FolderPairs("rgb", ".png", _prepared_and_native("ss", ".png", URBANSYN_IDS, "_labelTrainIds.png",
-                                                           prefix="ss_"), image_prefix="rgb_")
+    return FolderPairs(
+        "rgb",
+        ".png",
+        _prepared_and_native("ss", ".png", URBANSYN_IDS, "_labelTrainIds.png", prefix="ss_"),
+        image_prefix="rgb_",
+    )
 
 
 def _bdd100k(root: Path, split: str) -> FolderPairs:
@@ -198,8 +219,13 @@ def _mapillary(root: Path, split: str, half: bool = True) -> FolderPairs:
 
 
 def _acdc(root: Path, split: str, condition: str) -> FolderPairs:
-    labels = () if split == "test" else _prepared_and_native(
-        f"gt/{condition}/{split}", "_gt_labelIds.png", CITYSCAPES_IDS, "_gt_labelTrainIds.png")
+    labels = (
+        ()
+        if split == "test"
+        else _prepared_and_native(
+            f"gt/{condition}/{split}", "_gt_labelIds.png", CITYSCAPES_IDS, "_gt_labelTrainIds.png"
+        )
+    )
     return FolderPairs(f"rgb_anon/{condition}/{split}", "_rgb_anon.png", labels)
 
 
@@ -219,17 +245,30 @@ DATASETS = {
     "synthia": DatasetInfo("synthia", ("train",), (1280, 760), "SYNTHIA RAND-CITYSCAPES (9,400 frames), source"),
     "urbansyn": DatasetInfo("urbansyn", ("train",), (1024, 512), "UrbanSyn (about 7,500 frames), source"),
     "cityscapes": DatasetInfo("cityscapes", ("train", "val"), (1024, 512), "Cityscapes (2,975 train / 500 val)"),
-    "bdd100k": DatasetInfo("bdd100k", ("train", "val"), (1280, 720),
-                           "BDD100K 10k semantic segmentation (7,000 / 1,000)"),
-    "mapillary": DatasetInfo("mapillary", ("train", "val"), (1024, 512),
-                             "Mapillary Vistas v1.2 in the 19 classes (18,000 / 2,000; val at half resolution)",
-                             {"half": ((True, False), True)}),
-    "acdc": DatasetInfo("acdc", ("train", "val", "test"), (1920, 1080),
-                        "ACDC fog/night/rain/snow (1,600 / 406 / 2,000; test unlabeled)",
-                        {"condition": (ACDC_CONDITIONS + ("all",), "all")}),
-    "synthetic": DatasetInfo("synthetic", ("train", "val"), None,
-                             "reinseg's procedural domain-shift benchmark (Cityscapes layout per domain)",
-                             {"domain": (None, "game")}),
+    "bdd100k": DatasetInfo(
+        "bdd100k", ("train", "val"), (1280, 720), "BDD100K 10k semantic segmentation (7,000 / 1,000)"
+    ),
+    "mapillary": DatasetInfo(
+        "mapillary",
+        ("train", "val"),
+        (1024, 512),
+        "Mapillary Vistas v1.2 in the 19 classes (18,000 / 2,000; val at half resolution)",
+        {"half": ((True, False), True)},
+    ),
+    "acdc": DatasetInfo(
+        "acdc",
+        ("train", "val", "test"),
+        (1920, 1080),
+        "ACDC fog/night/rain/snow (1,600 / 406 / 2,000; test unlabeled)",
+        {"condition": (ACDC_CONDITIONS + ("all",), "all")},
+    ),
+    "synthetic": DatasetInfo(
+        "synthetic",
+        ("train", "val"),
+        None,
+        "reinseg's procedural domain-shift benchmark (Cityscapes layout per domain)",
+        {"domain": (None, "game")},
+    ),
 }
 
 # Evaluation scales (w, h) of the official test pipelines: the image is resized keeping its ratio
@@ -276,8 +315,13 @@ def split_layout(name: str, root: Path, split: str, options: dict) -> list[tuple
     if name == "synthetic":
         domain_root = _synthetic_domain(root, opts["domain"])
         return [(f"synthetic/{domain_root.name}", domain_root, _cityscapes(domain_root, split))]
-    layout = {"gtav": _gtav, "synthia": _synthia, "urbansyn": _urbansyn, "cityscapes": _cityscapes,
-              "bdd100k": _bdd100k}[name]
+    layout = {
+        "gtav": _gtav,
+        "synthia": _synthia,
+        "urbansyn": _urbansyn,
+        "cityscapes": _cityscapes,
+        "bdd100k": _bdd100k,
+    }[name]
     return [(name, root, layout(root, split))]
 
 

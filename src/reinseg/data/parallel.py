@@ -19,8 +19,7 @@ def default_workers(workers: int | None = None) -> int:
     return workers
 
 
-def parallel_map(fn, items: list, workers: int | None = None, desc: str | None = None,
-                 progress: bool = True) -> list:
+def parallel_map(fn, items: list, workers: int | None = None, desc: str | None = None, progress: bool = True) -> list:
     """``[fn(item) for item in items]``, in order, on ``workers`` processes (in this one for 1).
 
     ``fn`` must be picklable: a module-level function or a ``functools.partial`` of one.

@@ -31,8 +31,13 @@ from .transforms import resize_label
 
 __all__ = ["PREPARABLE", "ON_MISMATCH", "PrepareSummary", "prepare"]
 
-PREPARABLE = {"gtav": ("train",), "synthia": ("train",), "urbansyn": ("train",),
-              "cityscapes": ("train", "val"), "mapillary": ("train", "val")}
+PREPARABLE = {
+    "gtav": ("train",),
+    "synthia": ("train",),
+    "urbansyn": ("train",),
+    "cityscapes": ("train", "val"),
+    "mapillary": ("train", "val"),
+}
 ON_MISMATCH = ("resize", "skip", "raise")
 
 
@@ -69,12 +74,16 @@ class PrepareSummary:
         return asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"prepared {self.dataset} in {self.root}: {len(self.written)} files written, "
-                 f"{len(self.skipped)} skipped (already done), {len(self.mismatched)} size mismatches, "
-                 f"{len(self.errors)} errors"]
+        lines = [
+            f"prepared {self.dataset} in {self.root}: {len(self.written)} files written, "
+            f"{len(self.skipped)} skipped (already done), {len(self.mismatched)} size mismatches, "
+            f"{len(self.errors)} errors"
+        ]
         lines += [f"  note: {note}" for note in self.notes]
-        lines += [f"  size mismatch: {label}: label {label_hw} vs image {image_hw}: {action}"
-                  for label, image_hw, label_hw, action in self.mismatched]
+        lines += [
+            f"  size mismatch: {label}: label {label_hw} vs image {image_hw}: {action}"
+            for label, image_hw, label_hw, action in self.mismatched
+        ]
         lines += [f"  error: {path}: {reason}" for path, reason in self.errors]
         return "\n".join(lines)
 
@@ -93,8 +102,9 @@ def _convert(job: _Job, overwrite: bool, on_mismatch: str) -> dict:
         if job.image is not None:
             image_hw = image_size(job.image)
             if train_ids.shape != image_hw:
-                action = {"resize": "label resized to the image (nearest)", "skip": "not converted",
-                          "raise": "error"}[on_mismatch]
+                action = {"resize": "label resized to the image (nearest)", "skip": "not converted", "raise": "error"}[
+                    on_mismatch
+                ]
                 mismatch = (job.label, _hw(image_hw), _hw(train_ids.shape), action)
                 if on_mismatch == "raise":
                     raise size_mismatch(job.image, image_hw, job.label, train_ids.shape)
@@ -127,14 +137,22 @@ def _jobs(dataset: str, root: Path, split: str) -> tuple[list[_Job], list[tuple[
     for sample in found.samples:
         half = {}
         if dataset == "mapillary" and split == "val":
-            half = dict(half_image=str(root / "half/val_img" / f"{sample.key}.jpg"),
-                        half_label=str(root / "half/val_label" / f"{sample.key}.png"))
+            half = dict(
+                half_image=str(root / "half/val_img" / f"{sample.key}.jpg"),
+                half_label=str(root / "half/val_label" / f"{sample.key}.png"),
+            )
         jobs.append(_Job(sample.label, str(prepared.path_for(root, sample.key)), sample.image, sample.encoding, **half))
     return jobs, found.unpaired
 
 
-def prepare(dataset: str, root, workers: int | None = None, overwrite: bool = False,
-            on_mismatch: str = "resize", progress: bool = True) -> PrepareSummary:
+def prepare(
+    dataset: str,
+    root,
+    workers: int | None = None,
+    overwrite: bool = False,
+    on_mismatch: str = "resize",
+    progress: bool = True,
+) -> PrepareSummary:
     """Convert a dataset's native labels to train-ID PNGs (see the module docstring).
 
     Args:

@@ -31,21 +31,60 @@ from .classes import colorize
 from .io import write_png
 from .parallel import parallel_map
 
-__all__ = ["DOMAINS", "CLASSES_USED", "render", "render_domains", "scene_seed", "write_cityscapes_layout",
-           "sample_grid", "save_grid"]
+__all__ = [
+    "DOMAINS",
+    "CLASSES_USED",
+    "render",
+    "render_domains",
+    "scene_seed",
+    "write_cityscapes_layout",
+    "sample_grid",
+    "save_grid",
+]
 
 DOMAINS = ("game", "real", "dusk", "fog")
 
 ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR = (
-    0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 13)
+    0,
+    1,
+    2,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+)
 CLASSES_USED = (ROAD, SIDEWALK, BUILDING, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON, CAR)
 
 # Material kinds and their class. A scene is a map of materials; a domain gives each kind a colour.
 KINDS = {
-    "sky": SKY, "road": ROAD, "marking": ROAD, "sidewalk": SIDEWALK, "terrain": TERRAIN, "far_ground": TERRAIN,
-    "facade": BUILDING, "window": BUILDING, "window_lit": BUILDING, "skyline": BUILDING, "tree": VEGETATION,
-    "fence": FENCE, "pole": POLE, "sign": SIGN, "light_box": LIGHT, "lamp": LIGHT, "car": CAR, "glass": CAR,
-    "tail_light": CAR, "tire": CAR, "shirt": PERSON, "trousers": PERSON, "skin": PERSON,
+    "sky": SKY,
+    "road": ROAD,
+    "marking": ROAD,
+    "sidewalk": SIDEWALK,
+    "terrain": TERRAIN,
+    "far_ground": TERRAIN,
+    "facade": BUILDING,
+    "window": BUILDING,
+    "window_lit": BUILDING,
+    "skyline": BUILDING,
+    "tree": VEGETATION,
+    "fence": FENCE,
+    "pole": POLE,
+    "sign": SIGN,
+    "light_box": LIGHT,
+    "lamp": LIGHT,
+    "car": CAR,
+    "glass": CAR,
+    "tail_light": CAR,
+    "tire": CAR,
+    "shirt": PERSON,
+    "trousers": PERSON,
+    "skin": PERSON,
 }
 _KIND_NAMES = tuple(KINDS)
 _KIND_CLASS = np.array([KINDS[k] for k in _KIND_NAMES], dtype=np.uint8)
@@ -142,7 +181,8 @@ def _scene(seed: int, size: tuple[int, int]) -> Scene:
     vx = width * rng.uniform(0.38, 0.62)
     scene = Scene(np.empty(0, np.uint8), np.empty(size, np.float32), horizon)  # material: below
     sky, road_id, marking_id, sidewalk_id, terrain_id, far_ground = (
-        scene.add(k, rng) for k in ("sky", "road", "marking", "sidewalk", "terrain", "far_ground"))
+        scene.add(k, rng) for k in ("sky", "road", "marking", "sidewalk", "terrain", "far_ground")
+    )
     left = xs < vx
 
     def per_side(values) -> np.ndarray:  # (1, W): the left value left of the vanishing point
@@ -224,8 +264,9 @@ def _windows(scene: Scene, rng, ys, dx, horizon: int, on_building: np.ndarray) -
     np.copyto(scene.material, scene.add("window_lit", rng), where=lit)
 
 
-def _paint(scene: Scene, material: int, near: float, top: float, bottom: float, left: float, right: float,
-           shape: str = "box") -> None:
+def _paint(
+    scene: Scene, material: int, near: float, top: float, bottom: float, left: float, right: float, shape: str = "box"
+) -> None:
     """Fill a box (or the ellipse in it) with a material; clipped to the image."""
     height, width = scene.material.shape
     y0, y1 = max(int(np.floor(top)), 0), min(int(np.ceil(bottom)), height)
@@ -236,7 +277,7 @@ def _paint(scene: Scene, material: int, near: float, top: float, bottom: float, 
     if shape == "ellipse":
         yy = (np.arange(y0, y1)[:, None] + 0.5 - (top + bottom) / 2) / max((bottom - top) / 2, 0.5)
         xx = (np.arange(x0, x1)[None, :] + 0.5 - (left + right) / 2) / max((right - left) / 2, 0.5)
-        mask = yy ** 2 + xx ** 2 <= 1
+        mask = yy**2 + xx**2 <= 1
         scene.material[region][mask] = material
         scene.nearness[region][mask] = near
     else:
@@ -275,8 +316,15 @@ def _car(scene, rng, near, base, x, unit):
     _paint(scene, body, near, base - h, base - h * 0.55, x - w * 0.38, x + w * 0.38)
     _paint(scene, glass, near, base - h * 0.93, base - h * 0.62, x - w * 0.32, x + w * 0.32)
     for side in (-1, 1):
-        _paint(scene, tail, near, base - h * 0.5, base - h * 0.38, x + side * w * 0.42 - w * 0.06,
-               x + side * w * 0.42 + w * 0.06)
+        _paint(
+            scene,
+            tail,
+            near,
+            base - h * 0.5,
+            base - h * 0.38,
+            x + side * w * 0.42 - w * 0.06,
+            x + side * w * 0.42 + w * 0.06,
+        )
 
 
 def _person(scene, rng, near, base, x, unit):
@@ -312,17 +360,28 @@ def _pole(scene, rng, near, base, x, unit):
 # Material kinds in the source (game) look: RGB base, RGB spread between instances, roughness
 # (how much of a domain's surface texture shows on it).
 PAINTS = {
-    "sky": ((120, 180, 250), (0, 0, 0), 0.0), "road": ((70, 70, 78), (8, 8, 8), 1.0),
-    "marking": ((235, 235, 235), (5, 5, 5), 0.5), "sidewalk": ((180, 172, 165), (15, 15, 15), 1.0),
-    "terrain": ((110, 185, 60), (20, 20, 15), 1.5), "far_ground": ((120, 170, 80), (10, 10, 10), 1.0),
-    "facade": ((200, 150, 110), (55, 50, 45), 1.0), "window": ((90, 140, 200), (15, 15, 20), 0.3),
-    "window_lit": ((90, 140, 200), (15, 15, 20), 0.3), "skyline": ((150, 160, 185), (25, 25, 25), 0.3),
-    "tree": ((40, 150, 45), (20, 35, 15), 2.0), "fence": ((160, 110, 70), (25, 20, 15), 1.2),
-    "pole": ((120, 120, 128), (10, 10, 10), 0.3), "sign": ((235, 200, 20), (20, 50, 20), 0.2),
-    "light_box": ((35, 35, 35), (5, 5, 5), 0.2), "lamp": ((60, 230, 70), (120, 40, 20), 0.0),
-    "car": ((150, 110, 120), (105, 105, 105), 0.4), "glass": ((40, 60, 90), (10, 10, 10), 0.3),
-    "tail_light": ((230, 30, 30), (10, 10, 10), 0.0), "tire": ((25, 25, 25), (5, 5, 5), 0.3),
-    "shirt": ((130, 110, 150), (110, 110, 110), 0.5), "trousers": ((60, 60, 110), (40, 40, 40), 0.5),
+    "sky": ((120, 180, 250), (0, 0, 0), 0.0),
+    "road": ((70, 70, 78), (8, 8, 8), 1.0),
+    "marking": ((235, 235, 235), (5, 5, 5), 0.5),
+    "sidewalk": ((180, 172, 165), (15, 15, 15), 1.0),
+    "terrain": ((110, 185, 60), (20, 20, 15), 1.5),
+    "far_ground": ((120, 170, 80), (10, 10, 10), 1.0),
+    "facade": ((200, 150, 110), (55, 50, 45), 1.0),
+    "window": ((90, 140, 200), (15, 15, 20), 0.3),
+    "window_lit": ((90, 140, 200), (15, 15, 20), 0.3),
+    "skyline": ((150, 160, 185), (25, 25, 25), 0.3),
+    "tree": ((40, 150, 45), (20, 35, 15), 2.0),
+    "fence": ((160, 110, 70), (25, 20, 15), 1.2),
+    "pole": ((120, 120, 128), (10, 10, 10), 0.3),
+    "sign": ((235, 200, 20), (20, 50, 20), 0.2),
+    "light_box": ((35, 35, 35), (5, 5, 5), 0.2),
+    "lamp": ((60, 230, 70), (120, 40, 20), 0.0),
+    "car": ((150, 110, 120), (105, 105, 105), 0.4),
+    "glass": ((40, 60, 90), (10, 10, 10), 0.3),
+    "tail_light": ((230, 30, 30), (10, 10, 10), 0.0),
+    "tire": ((25, 25, 25), (5, 5, 5), 0.3),
+    "shirt": ((130, 110, 150), (110, 110, 110), 0.5),
+    "trousers": ((60, 60, 110), (40, 40, 40), 0.5),
     "skin": ((225, 180, 145), (20, 20, 20), 0.2),
 }
 
@@ -350,19 +409,47 @@ class Look:
 
 LOOKS = {
     "game": Look(sky=((70, 150, 245), (175, 215, 250))),
-    "real": Look(sky=((140, 170, 205), (210, 215, 222)), saturation=0.6, texture=0.16, gain=(0.95, 0.93, 0.9),
-                 bias=5, shadow=0.65, fog=0.01, fog_color=(205, 210, 215), blur=1, noise=5.0,
-                 repaint={"window": ((60, 75, 95), (15, 15, 15), 0.3),
-                          "window_lit": ((65, 80, 100), (15, 15, 15), 0.3)}),
-    "dusk": Look(sky=((75, 60, 130), (245, 150, 110)), saturation=0.75, texture=0.1, gain=(0.82, 0.64, 0.68),
-                 fog=0.006, fog_color=(160, 105, 110), blur=1, noise=6.0,
-                 repaint={"window": ((40, 40, 60), (10, 10, 10), 0.1),
-                          "window_lit": ((255, 205, 110), (10, 25, 30), 0.0),
-                          "tail_light": ((255, 40, 30), (5, 10, 10), 0.0),
-                          "lamp": ((120, 255, 140), (110, 50, 40), 0.0)},
-                 emissive=("window_lit", "tail_light", "lamp")),
-    "fog": Look(sky=((200, 204, 210), (222, 224, 226)), saturation=0.7, texture=0.08, gain=(0.97, 0.98, 1.0), bias=10,
-                fog=0.06, fog_color=(218, 220, 223), blur=2, noise=3.0),
+    "real": Look(
+        sky=((140, 170, 205), (210, 215, 222)),
+        saturation=0.6,
+        texture=0.16,
+        gain=(0.95, 0.93, 0.9),
+        bias=5,
+        shadow=0.65,
+        fog=0.01,
+        fog_color=(205, 210, 215),
+        blur=1,
+        noise=5.0,
+        repaint={"window": ((60, 75, 95), (15, 15, 15), 0.3), "window_lit": ((65, 80, 100), (15, 15, 15), 0.3)},
+    ),
+    "dusk": Look(
+        sky=((75, 60, 130), (245, 150, 110)),
+        saturation=0.75,
+        texture=0.1,
+        gain=(0.82, 0.64, 0.68),
+        fog=0.006,
+        fog_color=(160, 105, 110),
+        blur=1,
+        noise=6.0,
+        repaint={
+            "window": ((40, 40, 60), (10, 10, 10), 0.1),
+            "window_lit": ((255, 205, 110), (10, 25, 30), 0.0),
+            "tail_light": ((255, 40, 30), (5, 10, 10), 0.0),
+            "lamp": ((120, 255, 140), (110, 50, 40), 0.0),
+        },
+        emissive=("window_lit", "tail_light", "lamp"),
+    ),
+    "fog": Look(
+        sky=((200, 204, 210), (222, 224, 226)),
+        saturation=0.7,
+        texture=0.08,
+        gain=(0.97, 0.98, 1.0),
+        bias=10,
+        fog=0.06,
+        fog_color=(218, 220, 223),
+        blur=2,
+        noise=3.0,
+    ),
 }
 
 
@@ -433,13 +520,14 @@ def _render(scene: Scene, domain: str, rng: np.random.Generator) -> np.ndarray:
     dy, dx = rng.integers(height), rng.integers(width)
     if amplitudes.any() or look.shadow < 1:
         shade = np.take(amplitudes, scene.material, out=ws.real[0])
-        shade *= texture[dy:dy + height, dx:dx + width]
+        shade *= texture[dy : dy + height, dx : dx + width]
         shade += 1
         if look.shadow < 1:  # a low sun puts one side of the street in shadow
             ys, xs = _grid(size)
             slope = rng.uniform(-1.5, 1.5)
-            in_shadow = np.greater(np.add(ys, xs * slope, out=ws.real[1]),
-                                   rng.uniform(0.3, 0.9) * height * (1 + slope), out=ws.mask[2])
+            in_shadow = np.greater(
+                np.add(ys, xs * slope, out=ws.real[1]), rng.uniform(0.3, 0.9) * height * (1 + slope), out=ws.mask[2]
+            )
             np.multiply(shade, look.shadow, out=shade, where=in_shadow)
         if glowing is not None:
             np.copyto(shade, 1.0, where=glowing)
@@ -459,7 +547,7 @@ def _render(scene: Scene, domain: str, rng: np.random.Generator) -> np.ndarray:
     if look.blur:
         _blur(image, look.blur, spare=ws.image[1])
     if look.noise:
-        image += sensor[:, dy:dy + height, dx:dx + width]
+        image += sensor[:, dy : dy + height, dx : dx + width]
     np.clip(image, 0, 255, out=image)
     planes = np.empty((3, height, width), np.uint8)
     np.copyto(planes, image, casting="unsafe")
@@ -505,8 +593,13 @@ def _stem(index: int) -> str:
 def _write_item(job, root: Path, domains, size, seed: int, overwrite: bool) -> int:
     split, index = job
     stem = _stem(index)
-    paths = {d: (root / d / "leftImg8bit" / split / "synth" / f"{stem}_leftImg8bit.png",
-                 root / d / "gtFine" / split / "synth" / f"{stem}_gtFine_labelTrainIds.png") for d in domains}
+    paths = {
+        d: (
+            root / d / "leftImg8bit" / split / "synth" / f"{stem}_leftImg8bit.png",
+            root / d / "gtFine" / split / "synth" / f"{stem}_gtFine_labelTrainIds.png",
+        )
+        for d in domains
+    }
     todo = [d for d in domains if overwrite or not all(p.exists() for p in paths[d])]
     if not todo:
         return 0
@@ -516,9 +609,17 @@ def _write_item(job, root: Path, domains, size, seed: int, overwrite: bool) -> i
     return len(todo)
 
 
-def write_cityscapes_layout(root, domains=DOMAINS, num_train: int = 500, num_val: int = 100, size=(256, 512),
-                            seed: int = 0, workers: int | None = None, overwrite: bool = False,
-                            progress: bool = True) -> dict:
+def write_cityscapes_layout(
+    root,
+    domains=DOMAINS,
+    num_train: int = 500,
+    num_val: int = 100,
+    size=(256, 512),
+    seed: int = 0,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
     """Write the benchmark as one Cityscapes tree per domain::
 
         root/<domain>/leftImg8bit/{train,val}/synth/synth_<index>_000019_leftImg8bit.png
@@ -535,8 +636,15 @@ def write_cityscapes_layout(root, domains=DOMAINS, num_train: int = 500, num_val
     start = time.perf_counter()
     write = partial(_write_item, root=root, domains=tuple(domains), size=tuple(size), seed=seed, overwrite=overwrite)
     written = sum(parallel_map(write, jobs, workers, desc="synthetic scenes", progress=progress))
-    return {"root": str(root), "domains": list(domains), "num_train": num_train, "num_val": num_val,
-            "size": tuple(size), "written": written, "seconds": time.perf_counter() - start}
+    return {
+        "root": str(root),
+        "domains": list(domains),
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": tuple(size),
+        "written": written,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def sample_grid(seeds=(1, 2, 3), domains=DOMAINS, size=(128, 256), gap: int = 4) -> np.ndarray:
@@ -589,8 +697,16 @@ def main(argv=None) -> int:
         save_grid(args.grid)
         print(f"wrote {args.grid}")
     if args.write:
-        print(write_cityscapes_layout(args.write, num_train=args.num_train, num_val=args.num_val,
-                                      size=args.size, seed=args.seed, workers=args.workers))
+        print(
+            write_cityscapes_layout(
+                args.write,
+                num_train=args.num_train,
+                num_val=args.num_val,
+                size=args.size,
+                seed=args.seed,
+                workers=args.workers,
+            )
+        )
     if args.speed:
         print(f"{_speed(tuple(args.size)):.0f} images/s at {args.size[0]}x{args.size[1]} (one process)")
     if not (args.grid or args.write or args.speed):

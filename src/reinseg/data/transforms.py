@@ -253,8 +253,9 @@ class PhotoMetricDistortion:
     :mod:`reinseg.data.colorspace`), so the effect on the colours is the same. Labels pass unchanged.
     """
 
-    def __init__(self, brightness_delta: int = 32, contrast_range=(0.5, 1.5),
-                 saturation_range=(0.5, 1.5), hue_delta: int = 18):
+    def __init__(
+        self, brightness_delta: int = 32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18
+    ):
         self.brightness_delta = brightness_delta
         self.contrast_range = tuple(contrast_range)
         self.saturation_range = tuple(saturation_range)
@@ -289,8 +290,10 @@ class PhotoMetricDistortion:
         return image, label
 
     def __repr__(self):
-        return (f"PhotoMetricDistortion(brightness_delta={self.brightness_delta}, contrast_range="
-                f"{self.contrast_range}, saturation_range={self.saturation_range}, hue_delta={self.hue_delta})")
+        return (
+            f"PhotoMetricDistortion(brightness_delta={self.brightness_delta}, contrast_range="
+            f"{self.contrast_range}, saturation_range={self.saturation_range}, hue_delta={self.hue_delta})"
+        )
 
 
 # --- to the model ---------------------------------------------------------------------------
@@ -323,8 +326,13 @@ class ToTensor:
         return "ToTensor()"
 
 
-def train_transform(crop_size: int = 512, base_size: int = 512, ratio_range=(0.5, 2.0),
-                    max_size: int = 2048, cat_max_ratio: float = 0.75) -> Compose:
+def train_transform(
+    crop_size: int = 512,
+    base_size: int = 512,
+    ratio_range=(0.5, 2.0),
+    max_size: int = 2048,
+    cat_max_ratio: float = 0.75,
+) -> Compose:
     """The official Rein training pipeline (configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py).
 
     Short edge drawn from ``[int(base_size * x * 0.1) for x in range(5, 21)]`` (for the default
@@ -333,14 +341,16 @@ def train_transform(crop_size: int = 512, base_size: int = 512, ratio_range=(0.5
     """
     low, high = round(ratio_range[0] * 10), round(ratio_range[1] * 10)
     scales = [int(base_size * x * 0.1) for x in range(low, high + 1)]
-    return Compose([
-        RandomResizeShortestEdge(scales, max_size),
-        RandomCrop(crop_size, cat_max_ratio=cat_max_ratio),
-        RandomFlip(0.5),
-        PhotoMetricDistortion(),
-        Normalize(),
-        ToTensor(),
-    ])
+    return Compose(
+        [
+            RandomResizeShortestEdge(scales, max_size),
+            RandomCrop(crop_size, cat_max_ratio=cat_max_ratio),
+            RandomFlip(0.5),
+            PhotoMetricDistortion(),
+            Normalize(),
+            ToTensor(),
+        ]
+    )
 
 
 def eval_transform(scale: tuple[int, int] | None = None) -> Compose:

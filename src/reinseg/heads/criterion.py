@@ -61,8 +61,9 @@ class HungarianMatcher:
     compared on ``num_points`` random points shared by all queries and segments.
     """
 
-    def __init__(self, class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0,
-                 num_points: int = 12544) -> None:
+    def __init__(
+        self, class_weight: float = 2.0, mask_weight: float = 5.0, dice_weight: float = 5.0, num_points: int = 12544
+    ) -> None:
         self.class_weight = class_weight
         self.mask_weight = mask_weight
         self.dice_weight = dice_weight
@@ -84,8 +85,9 @@ class HungarianMatcher:
         cost_dice = 1 - (2 * prob @ target.t() + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None, :] + 1)
         return self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
 
-    def __call__(self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor
-                 ) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Matched ``(query_indices, gt_indices)`` of one image.
 
         Args:
@@ -97,7 +99,9 @@ class HungarianMatcher:
             raise FloatingPointError("the matching cost is not finite: the predictions hold NaN or Inf")
         rows, cols = linear_sum_assignment(cost)
         device = class_logits.device
-        return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(cols, dtype=torch.long, device=device)
+        return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(
+            cols, dtype=torch.long, device=device
+        )
 
 
 class Mask2FormerLoss(nn.Module):
@@ -162,7 +166,9 @@ class Mask2FormerLoss(nn.Module):
     def _single(self, class_logits: Tensor, mask_logits: Tensor, targets, num_masks: float) -> dict[str, Tensor]:
         """Losses of one prediction ``(B, Q, K + 1)``, ``(B, Q, h, w)``."""
         batch, num_queries = class_logits.shape[:2]
-        target_classes = torch.full((batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device)
+        target_classes = torch.full(
+            (batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device
+        )
         matched_preds, matched_targets = [], []
         for b, (gt_classes, gt_masks) in enumerate(targets):
             if len(gt_classes) == 0:
@@ -173,8 +179,9 @@ class Mask2FormerLoss(nn.Module):
             matched_targets.append(gt_masks[gt_idx])
 
         weights = self.ce_class_weights.to(class_logits.dtype)
-        ce = F.cross_entropy(class_logits.flatten(0, 1).float(), target_classes.flatten(), weight=weights.float(),
-                             reduction="sum")
+        ce = F.cross_entropy(
+            class_logits.flatten(0, 1).float(), target_classes.flatten(), weight=weights.float(), reduction="sum"
+        )
         loss_cls = ce / (weights[target_classes].sum().float() + _EPS)
 
         if not matched_preds:

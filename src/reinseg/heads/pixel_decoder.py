@@ -53,7 +53,9 @@ class DeformableEncoderLayer(nn.Module):
         self.ffn = FFN(embed_dims, ffn_dims)
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dims) for _ in range(2)])
 
-    def forward(self, x: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]]) -> Tensor:
+    def forward(
+        self, x: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> Tensor:
         x = self.norms[0](self.self_attn(x, pos, reference_points, spatial_shapes))
         return self.norms[1](self.ffn(x))
 
@@ -161,7 +163,9 @@ class PixelDecoder(nn.Module):
             level.transpose(1, 2).reshape(batch, -1, h, w)
             for level, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes)
         ]
-        for lateral, output, level in zip(self.lateral_convs, self.output_convs, range(num_inputs - len(shapes) - 1, -1, -1)):
+        for lateral, output, level in zip(
+            self.lateral_convs, self.output_convs, range(num_inputs - len(shapes) - 1, -1, -1)
+        ):
             lat = lateral(features[level])
             up = F.interpolate(outs[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False)
             outs.append(output(lat + up))

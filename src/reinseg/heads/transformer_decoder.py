@@ -37,7 +37,9 @@ class DecoderLayer(nn.Module):
         self.ffn = FFN(embed_dims, ffn_dims)
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dims) for _ in range(3)])
 
-    def forward(self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, attn_mask: Tensor) -> Tensor:
+    def forward(
+        self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, attn_mask: Tensor
+    ) -> Tensor:
         query = self.norms[0](self.cross_attn(query, memory, query_pos, memory_pos, attn_mask))
         query = self.norms[1](self.self_attn(query, query, query_pos, query_pos))
         return self.norms[2](self.ffn(query))
