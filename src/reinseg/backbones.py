@@ -111,7 +111,8 @@ class ReinBackbone(nn.Module):
     ``(B, C, 2H/p, 2W/p)``, ``(B, C, H/p, W/p)``, ``(B, C, H/2p, W/2p)``; and, when Rein links its
     tokens to queries, ``(features, queries)`` with queries ``(token_length, query_dims)``.
     The backbone stays frozen and in eval mode when the module is put in train mode; only Rein
-    trains.
+    trains. The other tuning strategies of :mod:`reinseg.tuning` add their modules to a built
+    backbone (``prompts`` here, LoRA and adapters inside ``vit``).
     """
 
     def __init__(self, vit: nn.Module, family: str, out_indices: Sequence[int], rein: Rein | None = None) -> None:
