@@ -270,13 +270,12 @@ def _timm_filter(family: str):
     return checkpoint_filter_fn
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    value = tuple(int(v) for v in value)
-    if len(value) != 2 or min(value) < 1:
-        raise ValueError(f"{name} must be a positive int or an (H, W) pair, got {value}")
-    return value
+def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``(h, w)`` from an int or a pair; a ValueError naming ``name`` otherwise."""
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name} must be a positive int or an (h, w) pair, got {value!r}")
+    return pair
 
 
 _REIN_FROM_BACKBONE = ("num_layers", "embed_dims", "patch_size", "num_prefix_tokens")
@@ -322,7 +321,7 @@ def build_backbone(
     if resample not in RESAMPLE_METHODS:
         raise ValueError(f"resample must be one of {RESAMPLE_METHODS}, got {resample!r}")
     spec = BACKBONES[name]
-    img_hw = _pair(img_size, "img_size")
+    img_hw = as_pair(img_size, "img_size")
     kwargs: dict[str, Any] = dict(img_size=img_hw, num_classes=0, **timm_overrides)
     if patch_size is not None:
         kwargs["patch_size"] = int(patch_size)

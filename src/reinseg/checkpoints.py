@@ -16,41 +16,54 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import ModelConfig, from_dict
+from .config import ModelConfig, from_dict, to_dict
 from .pretrained import state_dict_mismatches
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "atomic_write",
+    "atomic_write_bytes",
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_state_dict",
     "load_checkpoint_weights",
     "segmentor_from_checkpoint",
+    "check_same_model",
 ]
 
 CHECKPOINT_FORMAT = "reinseg-checkpoint-v1"
+# The process's umask, read once (reading it means setting it, which would race with threads).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(file_object)`` on a temporary file, then rename it to ``path``."""
+def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
+    """Call ``write(file_object)`` on a temporary file, then rename it to ``path``.
+
+    ``sync`` flushes the file to disk before the rename (for checkpoints and results); files
+    that can be regenerated, such as prepared labels, skip it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def checkpoint_state_dict(segmentor: torch.nn.Module) -> dict[str, Tensor]:
@@ -102,8 +115,8 @@ def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None
 
     Args:
         path: the checkpoint.
-        model_config: use this model configuration instead of the checkpoint's (its weights must
-            fit it: anything else is an error naming the keys).
+        model_config: use this model configuration instead of the checkpoint's: it must describe
+            the same model (:func:`check_same_model`), else an error names the keys that differ.
     Returns:
         ``(segmentor, payload)``.
     """
@@ -112,6 +125,8 @@ def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None
     payload = load_checkpoint(path)
     if model_config is None:
         model_config = from_dict(ModelConfig, payload["config"].get("model"), "model")
+    else:
+        check_same_model(payload["config"].get("model"), to_dict(model_config), f"checkpoint {path}")
     segmentor = build_segmentor(model_config)
     load_checkpoint_weights(segmentor, payload["state_dict"], source=str(path))
     return segmentor, payload
@@ -131,3 +146,41 @@ def load_checkpoint_weights(segmentor, state_dict: dict[str, Tensor], source: st
     if problems:
         raise ValueError(f"{source} does not fit the model configuration: " + "; ".join(problems))
     segmentor.load_state_dict(state_dict, strict=False)
+
+
+def check_same_model(saved: dict | None, current: dict, what: str) -> None:
+    """Refuse weights trained for another model configuration, naming the differing keys."""
+    if saved is None:
+        raise ValueError(f"{what} holds no model configuration")
+    ignored = {
+        "backbone.checkpoint",
+        "backbone.pretrained",
+        "backbone.resample",
+        "test.mode",
+        "test.crop_size",
+        "test.stride",
+        "test.flip",
+    }
+    # Sections that change no weight: the loss, and the options of strategies not in use.
+    unused = tuple(
+        f"{section}." for section in ("loss", "rein", "lora", "vpt", "adaptformer") if section != current.get("tuning")
+    )
+    differences = [key for key in _diff_keys(saved, current) if key not in ignored and not key.startswith(unused)]
+    if differences:
+        shown = ", ".join(f"model.{k}: {_get(saved, k)!r} vs {_get(current, k)!r}" for k in differences[:5])
+        raise ValueError(f"{what} belongs to another model configuration ({shown})")
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = []
+        for key in sorted(set(a) | set(b)):
+            keys += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return keys
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _get(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data

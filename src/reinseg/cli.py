@@ -117,15 +117,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.output:
         config.train.output_dir = args.output
-    results = evaluate(config, args.checkpoint, save_predictions=args.save_preds)
+    task = evaluate(config, args.checkpoint, save_predictions=args.save_preds)
     target = Path(args.json) if args.json else Path(config.train.output_dir) / "eval_metrics.json"
-    _write_json(target, results)
+    _write_json(target, task.last_results)
     print(f"wrote {target}")
     if args.save_preds:
         print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
-        from .engine import label_root, validation_sets
+        from .engine import label_root
 
-        for domain, dataset, _ in validation_sets(config):
+        for domain, dataset, _ in task.val_sets():
             print(f"  reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}")
     return 0
 
@@ -171,10 +171,9 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, payload) -> None:
-    from .checkpoints import atomic_write
+    from .checkpoints import atomic_write_bytes
 
-    data = json.dumps(payload, indent=2).encode()
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_bytes(path, json.dumps(payload, indent=2).encode())
 
 
 def _parser(sub, name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:

@@ -108,7 +108,8 @@ def run_demo(
     num_val: int = 50,
 ) -> dict:
     """Generate, train, evaluate; writes ``metrics.json`` and ``<domain>.png`` into ``output``."""
-    from .checkpoints import atomic_write
+    from .checkpoints import atomic_write_bytes
+    from .data.io import write_png
     from .data.synthetic import DOMAINS, write_cityscapes_layout
     from .engine import train
 
@@ -125,7 +126,7 @@ def run_demo(
     print(f"      {generated['written']} renders in {generated['seconds']:.1f} s")
     config = demo_config(output / "data", output, max_iters=max_iters, seed=seed)
     (output).mkdir(parents=True, exist_ok=True)
-    atomic_write(output / "config.yaml", lambda f: f.write(dump_config(config).encode()))
+    atomic_write_bytes(output / "config.yaml", dump_config(config).encode())
     print(
         f"[2/3] training Rein + head on '{DOMAINS[0]}' for {config.train.max_iters} iterations (small ViT, "
         f"random weights; config in {output / 'config.yaml'})"
@@ -140,12 +141,9 @@ def run_demo(
         for domain, scores in results["domains"].items()
     }
     metrics_json = json.dumps(metrics, indent=2).encode()
-    atomic_write(output / "metrics.json", lambda f: f.write(metrics_json))
+    atomic_write_bytes(output / "metrics.json", metrics_json)
     for domain, dataset, _ in task.val_sets():
-        picture = _comparison(task.segmentor.eval(), dataset)
-        from PIL import Image
-
-        atomic_write(output / f"{domain}.png", lambda f, p=picture: Image.fromarray(p).save(f, format="PNG"))
+        write_png(output / f"{domain}.png", _comparison(task.segmentor.eval(), dataset), sync=True)
     seconds = time.perf_counter() - start
     print(f"\n{'domain':<8} {'mIoU':>6}")
     for domain, scores in metrics.items():

@@ -30,7 +30,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .checkpoints import CHECKPOINT_FORMAT, atomic_write, checkpoint_state_dict
+from .checkpoints import CHECKPOINT_FORMAT, atomic_write, atomic_write_bytes, check_same_model, checkpoint_state_dict
 from .config import Config, ConfigError, to_dict
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .segmentor import Segmentor, build_segmentor
@@ -323,15 +323,14 @@ class SegmentationTask(L.LightningModule):
                 self._write_prediction(dataloader_idx, batch["label_path"][i], prediction)
 
     def _write_prediction(self, dataloader_idx: int, label_path: str, prediction: torch.Tensor) -> None:
-        from PIL import Image
+        from .data.io import write_png
 
         domain, dataset, _ = self.val_sets()[dataloader_idx]
         if dataloader_idx not in self._label_roots:
             self._label_roots[dataloader_idx] = label_root(dataset)
         relative = Path(label_path).relative_to(self._label_roots[dataloader_idx])
         target = self.save_predictions / domain.replace("/", "_") / relative
-        array = prediction.to(torch.uint8).cpu().numpy()
-        atomic_write(target, lambda f: Image.fromarray(array).save(f, format="PNG"))
+        write_png(target, prediction.to(torch.uint8).cpu().numpy(), sync=True)
 
     def on_validation_epoch_end(self) -> None:
         from .data import CLASSES
@@ -360,7 +359,7 @@ class SegmentationTask(L.LightningModule):
                 print(f"mean mIoU over {', '.join(in_mean)}: {summary['mean_mIoU']:.2f}")
             out = Path(self.config.train.output_dir)
             payload = json.dumps(summary, indent=2).encode()
-            atomic_write(out / "metrics" / f"val_step{self.global_step:07d}.json", lambda f: f.write(payload))
+            atomic_write_bytes(out / "metrics" / f"val_step{self.global_step:07d}.json", payload)
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -398,44 +397,6 @@ def label_root(dataset) -> Path:
     if not labels:
         raise ValueError(f"{dataset.name} has no labels")
     return Path(os.path.commonpath([str(Path(p).parent) for p in labels]))
-
-
-def check_same_model(saved: dict | None, current: dict, what: str) -> None:
-    """Refuse weights trained for another model configuration, naming the differing keys."""
-    if saved is None:
-        raise ValueError(f"{what} holds no model configuration")
-    ignored = {
-        "backbone.checkpoint",
-        "backbone.pretrained",
-        "backbone.resample",
-        "test.mode",
-        "test.crop_size",
-        "test.stride",
-        "test.flip",
-    }
-    # Sections that change no weight: the loss, and the options of strategies not in use.
-    unused = tuple(
-        f"{section}." for section in ("loss", "rein", "lora", "vpt", "adaptformer") if section != current.get("tuning")
-    )
-    differences = [key for key in _diff_keys(saved, current) if key not in ignored and not key.startswith(unused)]
-    if differences:
-        shown = ", ".join(f"model.{k}: {_get(saved, k)!r} vs {_get(current, k)!r}" for k in differences[:5])
-        raise ValueError(f"{what} belongs to another model configuration ({shown})")
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = []
-        for key in sorted(set(a) | set(b)):
-            keys += _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-        return keys
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _get(data: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -541,8 +502,7 @@ def train(config: Config, resume: str = "auto", callbacks: list | None = None) -
     if trainer.is_global_zero:
         from .config import dump_config
 
-        text = dump_config(config).encode()
-        atomic_write(out / "config.yaml", lambda f: f.write(text))
+        atomic_write_bytes(out / "config.yaml", dump_config(config).encode())
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(task, ckpt_path=ckpt_path)
@@ -552,21 +512,19 @@ def train(config: Config, resume: str = "auto", callbacks: list | None = None) -
     return task
 
 
-def evaluate(config: Config, checkpoint: str, save_predictions: str | None = None) -> dict:
-    """Evaluate a checkpoint on ``data.val``; returns the per-domain results and their mean."""
-    from .checkpoints import load_checkpoint, segmentor_from_checkpoint
+def evaluate(config: Config, checkpoint: str, save_predictions: str | None = None) -> SegmentationTask:
+    """Evaluate a checkpoint on ``data.val``; the task's ``last_results`` hold the per-domain
+    results and their mean, its ``val_sets()`` the datasets."""
+    from .checkpoints import segmentor_from_checkpoint
 
     if not config.data.val:
         raise ConfigError("data.val lists no dataset to evaluate on")
-    payload = load_checkpoint(checkpoint)
-    check_same_model(payload["config"].get("model"), to_dict(config.model), f"checkpoint {checkpoint}")
     segmentor, _ = segmentor_from_checkpoint(checkpoint, config.model)
     task = SegmentationTask(config, segmentor=segmentor, save_predictions=save_predictions)
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
     trainer.validate(task, verbose=False)
-    results = task.last_results
-    if results is None:
+    if task.last_results is None:
         raise RuntimeError("validation produced no results")
-    return results
+    return task

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .checkpoints import atomic_write, load_checkpoint_weights, save_checkpoint, checkpoint_state_dict
+from .checkpoints import atomic_write_bytes, load_checkpoint_weights, save_checkpoint, checkpoint_state_dict
 from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig, to_dict
 from .pretrained import read_state_dict, unwrap_state_dict
 from .segmentor import Segmentor, build_segmentor
@@ -354,6 +354,7 @@ def convert_official(
     Everything is read and checked before anything is written.
     """
     import yaml
+    from safetensors.torch import save as safetensors_bytes
 
     model = read_official_model_config(config_path)
     release = read_state_dict(checkpoint_path)
@@ -365,7 +366,7 @@ def convert_official(
         config.backbone.checkpoint = str(Path(backbone_path).resolve())
     else:
         vfm = {k: v.contiguous() for k, v in segmentor.backbone.vit.state_dict().items()}
-        backbone_file = atomic_write(output_dir / "backbone.safetensors", lambda f: f.write(_safetensors_bytes(vfm)))
+        backbone_file = atomic_write_bytes(output_dir / "backbone.safetensors", safetensors_bytes(vfm))
         config.backbone.checkpoint = str(backbone_file.resolve())
     full_config = {"model": to_dict(config)}
     checkpoint = save_checkpoint(
@@ -374,14 +375,5 @@ def convert_official(
         checkpoint_state_dict(segmentor),
         source={"config": str(config_path), "checkpoint": str(checkpoint_path)},
     )
-    config_file = atomic_write(
-        output_dir / "config.yaml",
-        lambda f: f.write(yaml.safe_dump(full_config, sort_keys=False).encode()),
-    )
+    config_file = atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(full_config, sort_keys=False).encode())
     return config_file, checkpoint
-
-
-def _safetensors_bytes(tensors: dict[str, Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save(tensors)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import atomic_write, segmentor_from_checkpoint
+from .checkpoints import segmentor_from_checkpoint
 from .segmentor import Segmentor
 
 __all__ = ["IMAGE_SUFFIXES", "collect_images", "segment_image", "predict_files"]
@@ -94,10 +94,8 @@ def predict_files(
     device: str | None = None,
 ) -> list[Path]:
     """Segment every input image; writes ``<stem>_labelTrainIds.png`` and ``<stem>_overlay.png``."""
-    from PIL import Image
-
     from .data import colorize
-    from .data.io import read_image
+    from .data.io import read_image, write_png
 
     paths = collect_images(inputs)  # everything is checked before anything is written
     segmentor, _ = segmentor_from_checkpoint(checkpoint)
@@ -111,6 +109,6 @@ def predict_files(
         overlay = (0.5 * image + 0.5 * colorize(train_ids)).astype(np.uint8)
         for suffix, array in (("_labelTrainIds.png", train_ids), ("_overlay.png", overlay)):
             target = out / f"{path.stem}{suffix}"
-            atomic_write(target, lambda f, a=array: Image.fromarray(a).save(f, format="PNG"))
+            write_png(target, array, sync=True)
             written.append(target)
     return written

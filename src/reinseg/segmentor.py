@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .backbones import ReinBackbone, build_backbone
+from .backbones import ReinBackbone, as_pair, build_backbone
 from .config import ConfigError, ModelConfig, to_dict
 from .heads import Mask2FormerHead, semantic_logits
 from .heads.criterion import Mask2FormerLoss
@@ -72,8 +72,8 @@ class Segmentor(nn.Module):
         self.criterion = criterion
         self.num_classes = head.num_classes
         self.test_mode = test_mode
-        self.crop_size = None if crop_size is None else _pair(crop_size, "crop_size")
-        self.stride = None if stride is None else _pair(stride, "stride")
+        self.crop_size = None if crop_size is None else as_pair(crop_size, "crop_size")
+        self.stride = None if stride is None else as_pair(stride, "stride")
         self.flip = flip
         self._check_inference_settings(test_mode, self.crop_size, self.stride)
 
@@ -113,8 +113,8 @@ class Segmentor(nn.Module):
             flip: also run the mirrored image and average (default: the segmentor's ``flip``).
         """
         mode = self.test_mode if mode is None else mode
-        crop = self.crop_size if crop_size is None else _pair(crop_size, "crop_size")
-        step = self.stride if stride is None else _pair(stride, "stride")
+        crop = self.crop_size if crop_size is None else as_pair(crop_size, "crop_size")
+        step = self.stride if stride is None else as_pair(stride, "stride")
         flip = self.flip if flip is None else flip
         self._check_inference_settings(mode, crop, step)
         run = self.encode_decode if mode == "whole" else lambda x: self._slide(x, crop, step)
@@ -144,13 +144,6 @@ class Segmentor(nn.Module):
         patch = self.backbone.patch_size
         if crop[0] % patch[0] or crop[1] % patch[1]:
             raise ValueError(f"crop_size {crop[0]}x{crop[1]} is not divisible by the patch size {patch[0]}")
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or an (h, w) pair, got {value!r}")
-    return pair
 
 
 def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) -> Segmentor:
@@ -212,7 +205,7 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
     criterion = Mask2FormerLoss(hc.num_classes, **to_dict(config.loss))
     test = config.test
     img_size = bb.img_size if isinstance(bb.img_size, int) else tuple(bb.img_size)
-    crop = _pair(test.crop_size if test.crop_size is not None else img_size, "model.test.crop_size")
+    crop = as_pair(test.crop_size if test.crop_size is not None else img_size, "model.test.crop_size")
     stride = test.stride if test.stride is not None else tuple(round(c * 2 / 3) for c in crop)
     try:
         return Segmentor(backbone, head, criterion, test.mode, crop, stride, test.flip)

@@ -19,6 +19,7 @@ NHWC maps and attend within windows, so there the prompts join every window's ke
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -162,7 +163,7 @@ def add_lora(
     except ImportError as err:
         raise RuntimeError("model.tuning 'lora' needs the peft library: pip install 'reinseg[lora]'") from err
     pattern = r".*blocks\.\d+\.attn\.(" + "|".join(targets) + r")$"
-    found = [name for name, _ in backbone.vit.named_modules() if _fullmatch(pattern, name)]
+    found = [name for name, _ in backbone.vit.named_modules() if re.fullmatch(pattern, name)]
     if not found:
         raise ValueError(f"model.lora.targets {list(targets)} match no attention projection of {backbone.family}")
     config = PeftLoraConfig(
@@ -171,12 +172,6 @@ def add_lora(
     inject_adapter_in_model(config, backbone.vit)
     for name, param in backbone.vit.named_parameters():
         param.requires_grad = "lora_" in name
-
-
-def _fullmatch(pattern: str, name: str) -> bool:
-    import re
-
-    return re.fullmatch(pattern, name) is not None
 
 
 def add_visual_prompts(backbone, num_prompts: int = 150) -> None:

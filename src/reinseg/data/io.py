@@ -7,11 +7,11 @@ values. Every failure is a :class:`DataError` (a ValueError) whose message start
 from __future__ import annotations
 
 import os
-import uuid
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..checkpoints import atomic_write
 
 __all__ = ["DataError", "size_mismatch", "read_image", "read_label", "image_size", "write_png", "write_jpeg"]
 
@@ -102,27 +102,13 @@ def image_size(path) -> tuple[int, int]:
     return height, width
 
 
-def _atomic_save(path, save) -> None:
-    """Write through a temporary file so an interrupted run never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name in the same folder (os.replace is atomic there); created by the
-    # writer itself, so it gets the usual permissions.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_png(path, array: np.ndarray, compress_level: int = 6) -> None:
-    """Save an (H, W) uint8 label map or (H, W, 3) uint8 image as PNG, atomically."""
+def write_png(path, array: np.ndarray, compress_level: int = 6, sync: bool = False) -> None:
+    """Save an (H, W) uint8 label map or (H, W, 3) uint8 image as PNG, atomically (``sync``: also
+    flushed to disk before it replaces ``path``)."""
     image = Image.fromarray(np.ascontiguousarray(array))
-    _atomic_save(path, lambda tmp: image.save(tmp, format="PNG", compress_level=compress_level))
+    atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=compress_level), sync=sync)
 
 
 def write_jpeg(path, image: Image.Image) -> None:
     """Save a PIL image as JPEG with Pillow's defaults (as the official Mapillary resize does), atomically."""
-    _atomic_save(path, lambda tmp: image.save(tmp, format="JPEG"))
+    atomic_write(path, lambda f: image.save(f, format="JPEG"), sync=False)
