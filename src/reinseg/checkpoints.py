@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .config import ModelConfig, from_dict, to_dict
 from .pretrained import state_dict_mismatches
+from .safe_load import load_torch_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -95,12 +96,7 @@ def save_checkpoint(path: str | Path, config: dict[str, Any], state_dict: dict[s
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a reinseg checkpoint, refusing (with the path) files that are not one."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"could not read checkpoint {path}: {err}") from err
+    payload = load_torch_file(path, what="checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a reinseg checkpoint (official Rein releases are converted with `reinseg convert-official`)"

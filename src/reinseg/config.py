@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .safe_load import load_yaml
+
 __all__ = [
     "ConfigError",
     "from_dict",
@@ -209,9 +211,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text(), str(path)) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except ValueError as err:  # an alias bomb
+        raise ConfigError(str(err)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping with sections model, data, train")
     data = apply_overrides(data, overrides or [])
@@ -232,7 +236,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r} is not of the form key.path=value")
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = load_yaml(raw, f"override {key}") if raw else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: the value is not valid YAML ({err})") from None
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         node: Any = data
         parts = key.split(".")
         for i, part in enumerate(parts):

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .checkpoints import CHECKPOINT_FORMAT, atomic_write, atomic_write_bytes, check_same_model, checkpoint_state_dict
 from .config import Config, ConfigError, to_dict
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
+from .safe_load import load_torch_file
 from .segmentor import Segmentor, build_segmentor
 
 __all__ = [
@@ -404,6 +405,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        # A resume reads the file like any other: nothing in it may run (torch's default would
+        # follow TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
+        return load_torch_file(path, what="checkpoint")
 
 
 class _Progress(TQDMProgressBar):

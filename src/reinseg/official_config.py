@@ -6,6 +6,11 @@ earlier, arithmetic, simple list comprehensions and the pure builtins ``range``,
 ``float``, ``round``, ``min``, ``max``, ``len``, ``abs``. ``_base_`` files are read and merged as
 mmengine does (later keys override, nested dicts merge, ``_delete_=True`` replaces), and
 ``{{_base_.name}}`` refers to a value of the bases. Anything else is refused with its line.
+
+A config file is untrusted input, so the work it can ask for is bounded: at most
+:data:`MAX_CONFIG_BYTES` per file and :data:`MAX_BASE_FILES` files in all, integers of at most
+:data:`MAX_INT_BITS` bits, values of at most :data:`~reinseg.safe_load.MAX_NODES` items, and
+:data:`MAX_WORK` evaluation steps; a ``_base_`` cycle is an error naming its files.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_official_config"]
+from .safe_load import MAX_NODES, count_nodes
+
+__all__ = ["read_official_config", "MAX_CONFIG_BYTES", "MAX_BASE_FILES", "MAX_INT_BITS", "MAX_WORK"]
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_BASE_FILES = 64
+MAX_INT_BITS = 4096
+MAX_WORK = 20_000_000
 
 _BINARY = {
     ast.Add: operator.add,
@@ -53,21 +65,68 @@ _UNSET = object()
 _BASE_REF = re.compile(r"\{\{\s*_base_\.([A-Za-z_][\w.]*)\s*\}\}")
 
 
+class _Budget:
+    """Work left for reading one config and its bases (evaluation steps, items built, files read)."""
+
+    def __init__(self) -> None:
+        self.work = MAX_WORK
+        self.files = MAX_BASE_FILES
+
+
 class _Evaluator:
-    def __init__(self, path: Path, names: dict[str, Any], base: dict[str, Any]) -> None:
+    def __init__(self, path: Path, names: dict[str, Any], base: dict[str, Any], budget: _Budget) -> None:
         self.path = path
         self.names = names
         self.base = base
+        self.budget = budget
 
     def error(self, node: ast.AST, what: str) -> ValueError:
         return ValueError(f"{self.path}, line {getattr(node, 'lineno', '?')}: {what}")
 
+    def spend(self, node: ast.AST, amount: int) -> None:
+        self.budget.work -= amount
+        if self.budget.work < 0:
+            raise self.error(node, f"the config asks for more than {MAX_WORK:,} evaluation steps: refused")
+
+    def bounded(self, node: ast.AST, value: Any) -> Any:
+        """``value`` if it is within the size limits, else an error at ``node``."""
+        if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+            raise self.error(node, f"an integer of more than {MAX_INT_BITS} bits: refused")
+        if isinstance(value, (str, bytes, list, tuple, dict, set)):
+            size = count_nodes(value)
+            self.spend(node, size)
+            if size > MAX_NODES:
+                raise self.error(node, f"a value of more than {MAX_NODES:,} items: refused")
+        return value
+
+    def binary(self, node: ast.BinOp) -> Any:
+        left, right = self.eval(node.left), self.eval(node.right)
+        op = type(node.op)
+        ints = isinstance(left, int) and isinstance(right, int)
+        # Check the size of the result before making it: 2 ** 2 ** 40 or [0] * 10 ** 9 would not finish.
+        if op is ast.Pow and ints and right > 0 and max(left.bit_length() - 1, 1) * right > MAX_INT_BITS:
+            raise self.error(node, f"an integer of more than {MAX_INT_BITS} bits: refused")
+        if op is ast.Mult and ints and left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
+            raise self.error(node, f"an integer of more than {MAX_INT_BITS} bits: refused")
+        if op is ast.Mult and not ints:
+            sequence, times = (left, right) if isinstance(right, int) else (right, left)
+            if isinstance(times, int) and hasattr(sequence, "__len__") and len(sequence) * max(times, 0) > MAX_NODES:
+                raise self.error(node, f"a value of more than {MAX_NODES:,} items: refused")
+        if op is ast.Mod and isinstance(left, (str, bytes)):
+            raise self.error(node, "'%' string formatting is not supported")
+        try:
+            result = _BINARY[op](left, right)
+        except (ArithmeticError, TypeError, ValueError) as err:
+            raise self.error(node, f"{type(err).__name__}: {err}") from None
+        return self.bounded(node, result)
+
     def eval(self, node: ast.AST) -> Any:
+        self.spend(node, 1)
         if isinstance(node, ast.Constant):
             return node.value
         if isinstance(node, ast.Name):
             if node.id in self.names:
-                return copy.deepcopy(self.names[node.id])
+                return copy.deepcopy(self.bounded(node, self.names[node.id]))
             raise self.error(node, f"name {node.id!r} is not defined above")
         if isinstance(node, (ast.List, ast.Tuple)):
             items = [self.eval(e) for e in node.elts]
@@ -77,7 +136,7 @@ class _Evaluator:
                 raise self.error(node, "'**' in a dict display is not supported")
             return {self.eval(k): self.eval(v) for k, v in zip(node.keys, node.values)}
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            return _BINARY[type(node.op)](self.eval(node.left), self.eval(node.right))
+            return self.binary(node)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](self.eval(node.operand))
         if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
@@ -105,8 +164,15 @@ class _Evaluator:
         if name == "__base_ref__":
             return self.base_value(node, args[0])
         if name in _FUNCTIONS:
-            result = _FUNCTIONS[name](*args, **kwargs)
-            return list(result) if isinstance(result, range) else result
+            try:
+                result = _FUNCTIONS[name](*args, **kwargs)
+            except (ArithmeticError, TypeError, ValueError) as err:
+                raise self.error(node, f"{type(err).__name__}: {err}") from None
+            if isinstance(result, range):
+                if len(result) > MAX_NODES:
+                    raise self.error(node, f"a range of more than {MAX_NODES:,} items: refused")
+                result = list(result)
+            return self.bounded(node, result)
         raise self.error(node, f"call of {name!r} is not supported")
 
     def list_comprehension(self, node: ast.ListComp) -> list:
@@ -121,6 +187,8 @@ class _Evaluator:
                 self.names[name] = item
                 if all(self.eval(condition) for condition in generator.ifs):
                     results.append(self.eval(node.elt))
+                    if len(results) > MAX_NODES:
+                        raise self.error(node, f"a value of more than {MAX_NODES:,} items: refused")
         finally:
             if shadowed is _UNSET:
                 self.names.pop(name, None)
@@ -152,9 +220,24 @@ def merge_configs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, A
 
 def read_official_config(path: str | Path) -> dict[str, Any]:
     """Read an mmengine/mmseg Python config file (with its ``_base_`` files) into a dict."""
-    path = Path(path)
+    try:
+        return _read_config(Path(path), (), _Budget())
+    except (RecursionError, MemoryError):
+        raise ValueError(f"{path}: nested too deeply to read") from None
+
+
+def _read_config(path: Path, chain: tuple[Path, ...], budget: _Budget) -> dict[str, Any]:
+    """Read ``path``; ``chain``: the files whose ``_base_`` led here (to name a cycle)."""
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}" + (f" (a _base_ of {chain[-1]})" if chain else ""))
+    resolved = path.resolve()
+    if resolved in [p.resolve() for p in chain]:
+        raise ValueError("_base_ cycle: " + " -> ".join(str(p) for p in (*chain, path)))
+    budget.files -= 1
+    if budget.files < 0:
+        raise ValueError(f"{chain[0]}: more than {MAX_BASE_FILES} config files through _base_: refused")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB: not a config file")
     source = _BASE_REF.sub(lambda m: f'__base_ref__("{m.group(1)}")', path.read_text())
     try:
         tree = ast.parse(source, filename=str(path))
@@ -165,16 +248,18 @@ def read_official_config(path: str | Path) -> dict[str, Any]:
     statements = list(tree.body)
     bases = [s for s in statements if isinstance(s, ast.Assign) and _target(s) == "_base_"]
     if bases:
-        files = _Evaluator(path, {}, {}).eval(bases[0].value)
+        files = _Evaluator(path, {}, {}, budget).eval(bases[0].value)
         for name in [files] if isinstance(files, str) else files:
-            base_config = read_official_config(path.parent / name)
+            if not isinstance(name, str):
+                raise ValueError(f"{path}: _base_ must name files, got {name!r:.60}")
+            base_config = _read_config(path.parent / name, (*chain, path), budget)
             duplicated = set(base_config) & set(base)
             if duplicated:
                 raise ValueError(f"{path}: base files define {sorted(duplicated)} twice")
             base.update(base_config)
 
     names: dict[str, Any] = {}
-    evaluator = _Evaluator(path, names, base)
+    evaluator = _Evaluator(path, names, base, budget)
     for statement in statements:
         if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
             continue  # a docstring

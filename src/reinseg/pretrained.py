@@ -1,7 +1,7 @@
 """Reading pretrained backbone (VFM) weight files and fitting them to a timm model of another patch size or grid.
 
-Supported files: PyTorch pickles (``.pth``/``.pt``/``.bin``, read with ``weights_only=True``) and
-safetensors, holding either timm state dicts or the original releases' layouts that timm's
+Supported files: PyTorch pickles (``.pth``/``.pt``/``.bin``, read by :func:`reinseg.safe_load.load_torch_file`:
+nothing in them runs), TorchScript archives (read as data) and safetensors, holding either timm state dicts or the original releases' layouts that timm's
 checkpoint filters understand (DINOv2 as Facebook releases it and as the official Rein
 conversion script writes it, DINOv3, EVA02, OpenAI CLIP, SAM, MAE).
 
@@ -17,17 +17,16 @@ Two ways to fit a checkpoint trained at another patch size or resolution:
 
 from __future__ import annotations
 
-import collections
 import math
-import pickle
 import re
-import types
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .safe_load import load_torch_file
 
 __all__ = [
     "RESAMPLE_METHODS",
@@ -59,75 +58,23 @@ _PATCH_KEYS = (
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a weight file into a flat ``{name: tensor}`` dict, unwrapping framework wrappers.
 
-    Raises a ``FileNotFoundError``/``ValueError`` naming ``path`` when the file is missing,
-    unreadable or holds no tensors.
+    Nothing in the file is executed (:mod:`reinseg.safe_load`). Raises a
+    ``FileNotFoundError``/``ValueError`` naming ``path`` when the file is missing, unreadable,
+    asks for code, or holds no tensors.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(str(path), device="cpu")
-        else:
-            obj = _torch_load(path)
-    except Exception as err:  # torch.load raises many kinds on a corrupt file
-        raise ValueError(f"could not read checkpoint {path}: {err}") from err
+        except Exception as err:  # safetensors raises its own kinds on a corrupt file
+            raise ValueError(f"could not read checkpoint {path}: {err}") from err
+    else:
+        obj = load_torch_file(path, what="weight file")
     return unwrap_state_dict(obj, source=str(path))
-
-
-def _torch_load(path: Path) -> object:
-    if _is_torchscript(path):
-        # OpenAI releases CLIP as a TorchScript archive: its weights are the module's state dict.
-        return {k: v.float() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):
-            raise
-    # Training frameworks store their own objects next to the weights (mmengine's message hub,
-    # config objects, ...). Read the file again with those replaced by inert placeholders:
-    # nothing outside torch's tensor-rebuilding functions is imported or called.
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_placeholder_pickle)
-
-
-def _is_torchscript(path: Path) -> bool:
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-class _Placeholder:
-    """Stands for an object of a library that is not imported; it keeps nothing."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
-
-    def __setstate__(self, state: object) -> None:
-        pass
-
-
-class _PlaceholderUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: D102 - pickle's hook
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "torch._utils" and name.startswith("_rebuild"):
-            return getattr(torch._utils, name)
-        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-            return torch._tensor._rebuild_from_type_v2
-        if module == "torch.nn.parameter" and name == "Parameter":
-            return torch.nn.Parameter
-        if module == "torch" and (name in ("Size", "device") or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        return type(name, (_Placeholder,), {"__module__": f"placeholder.{module}"})
-
-
-_placeholder_pickle = types.SimpleNamespace(Unpickler=_PlaceholderUnpickler, load=pickle.load, __name__="pickle")
 
 
 def unwrap_state_dict(obj: object, source: str = "state dict") -> dict[str, Tensor]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..safe_load import load_yaml
 from .classes import CLASSES
 from .datasets import Problem, SegmentationDataset, build_dataset, inspect_pair
 from .layouts import ACDC_CONDITIONS, dataset_info
@@ -145,7 +146,7 @@ def config_entries(path) -> list[dict]:
     """The dataset entries of a YAML config's ``data`` section, each with a ``section`` key."""
     path = Path(path)
     try:
-        config = yaml.safe_load(path.read_text())
+        config = load_yaml(path.read_text(), str(path))
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
     data = config.get("data") if isinstance(config, dict) else None

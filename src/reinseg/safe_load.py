@@ -1,0 +1,307 @@
+"""Reading files that may come from anyone: weight files, checkpoints, YAML configurations.
+
+Nothing in such a file may run code, import a module or exhaust the machine:
+
+- PyTorch pickles (``.pth``/``.pt``/``.ckpt``, zip or legacy format) are read by torch's
+  ``weights_only`` unpickler. The records training frameworks store next to the weights
+  (mmengine's history buffers and configs, numpy arrays in its message hub, ``argparse``
+  namespaces of timm/DeiT/MAE training scripts; :data:`FRAMEWORK_GLOBALS`) are allowed *by
+  name* and become inert :class:`FrameworkRecord` objects: their contents are dropped, their module is never imported.
+  Any other global is refused with the file and the global named.
+- TorchScript archives (OpenAI's CLIP releases) are read as data: their ``data.pkl`` is
+  unpickled with an allow-list (tensors, ``OrderedDict``, the archive's own ``__torch__`` module
+  records) and tensors come from the archive's storages. ``torch.jit.load`` is never called, so
+  no TorchScript ``__setstate__`` runs.
+- YAML is read with the safe loader, at most :data:`MAX_YAML_ALIASES` aliases, and at most
+  :data:`MAX_NODES` values once aliases are expanded (an alias bomb of a few hundred bytes
+  would otherwise expand to billions of values in the code that walks the result).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where a torch file is read: reading YAML needs none of it
+    from torch import Tensor
+
+__all__ = [
+    "FrameworkRecord",
+    "FRAMEWORK_GLOBALS",
+    "MAX_NODES",
+    "MAX_YAML_ALIASES",
+    "UnsafeFileError",
+    "count_nodes",
+    "load_torch_file",
+    "load_yaml",
+]
+
+# At most this many values in one configuration (or one value of an official config), counted
+# with shared references expanded.
+MAX_NODES = 1_000_000
+MAX_YAML_ALIASES = 256
+
+
+class UnsafeFileError(ValueError):
+    """A file asks for something that could run code; the message names the file and what it asked for."""
+
+
+class FrameworkRecord:
+    """Stands for an object of a training framework's class stored beside the weights; keeps nothing."""
+
+    def __new__(cls, *args: object, **kwargs: object):
+        return object.__new__(cls)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+# Globals that training checkpoints hold besides tensors. Each is replaced by an inert record.
+_NUMPY_DTYPES = (
+    "Bool Int8 Int16 Int32 Int64 UInt8 UInt16 UInt32 UInt64 Byte UByte Short UShort Int UInt Long ULong "
+    "LongLong ULongLong Float16 Float32 Float64 LongDouble Complex64 Complex128 CLongDouble Object Bytes Str "
+    "Void DateTime64 TimeDelta64 StringDType"
+).split()
+FRAMEWORK_GLOBALS: tuple[str, ...] = (
+    "mmengine.logging.history_buffer.HistoryBuffer",
+    "mmengine.config.config.ConfigDict",
+    "mmengine.config.config.Config",
+    "argparse.Namespace",
+    # mmengine's HistoryBuffer pickles its statistics methods as getattr(HistoryBuffer, "mean"):
+    # here getattr is a record too, so it looks nothing up.
+    "builtins.getattr",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray._reconstruct",
+    "numpy._core.multiarray.scalar",
+    *(f"numpy.dtypes.{name}" if name.endswith("DType") else f"numpy.dtypes.{name}DType" for name in _NUMPY_DTYPES),
+)
+_RECORD_CLASSES = [(type(name.rsplit(".", 1)[1], (FrameworkRecord,), {}), name) for name in FRAMEWORK_GLOBALS]
+
+
+def load_torch_file(path: str | Path, what: str = "file") -> Any:
+    """Read a PyTorch file without running anything it holds.
+
+    Args:
+        path: a ``torch.save`` file (zip or legacy format) or a TorchScript archive.
+        what: what the file should be, for error messages (``"checkpoint"``, ``"weight file"``).
+    Returns:
+        The unpickled object; framework records in it are :class:`FrameworkRecord` instances.
+        From a TorchScript archive: ``{name: tensor}`` of its modules' tensors.
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeFileError: the file needs a global outside the allow-list (named in the message).
+        ValueError: the file is not a PyTorch file (e.g. an image) or is corrupt.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip and _is_torchscript(path):
+        return _read_torchscript(path)
+    with open(path, "rb") as file:
+        if not is_zip and file.read(1) != b"\x80":  # every torch.save file is a zip or starts with a pickle
+            raise ValueError(f"{path} is not a PyTorch {what} (neither a zip archive nor a pickle)")
+    try:
+        with torch.serialization.safe_globals(_RECORD_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = _refused_globals(path, err)
+        if refused is not None:
+            raise UnsafeFileError(
+                f"{path}: refused to read this {what}: it needs {refused}, which could run code; "
+                "reinseg reads only tensors, containers and known training-framework records"
+            ) from None
+        raise ValueError(f"{path} is not a readable PyTorch {what}: {_first_line(err)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is not a readable PyTorch {what}: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The cause in torch's message, without its advice to load with ``weights_only=False``."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _refused_globals(path: Path, err: Exception) -> str | None:
+    """The globals the weights-only reader refused, or ``None`` when ``err`` is about something else."""
+    import torch
+
+    message = str(err)
+    if "GLOBAL" not in message and "unrecognized function" not in message and "allowlisted" not in message:
+        return None
+    try:
+        allowed = set(FRAMEWORK_GLOBALS)
+        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+    except Exception:  # legacy files: get_unsafe_globals_in_checkpoint reads zip files only
+        names = []
+    if names:
+        return "the Python global" + ("s " if len(names) > 1 else " ") + ", ".join(sorted(names)[:8])
+    first = _first_line(err)
+    if "GLOBAL " in first:
+        return "the Python global " + first.split("GLOBAL ", 1)[1].split(" ", 1)[0]
+    return "an object that is not data (" + first + ")"
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchScript archives, read as data
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
+class _ScriptRecord:
+    """An object of a TorchScript class (a module): keeps the attributes it was pickled with."""
+
+    def __setstate__(self, state: object) -> None:
+        self.attributes = state if isinstance(state, dict) else {}
+
+
+# torch's legacy storage classes, as TorchScript archives name them, and their element types.
+_STORAGE_DTYPES = {
+    "FloatStorage": "float32",
+    "DoubleStorage": "float64",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+}
+
+
+def _rebuild_tensor(storage: Tensor, offset: int, size, stride, *unused: object) -> Tensor:
+    return storage.as_strided(tuple(size), tuple(stride), offset)
+
+
+class _ScriptDataUnpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, root: str, source: Path) -> None:
+        super().__init__(file)
+        self.archive, self.root, self.source = archive, root, source
+        self.storages: dict[str, Tensor] = {}
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        if module.startswith("__torch__.") or module == "__torch__":
+            return type(name, (_ScriptRecord,), {})
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return getattr(torch, _STORAGE_DTYPES[name])
+        module = "builtins" if module == "__builtin__" else module
+        raise UnsafeFileError(
+            f"{self.source}: refused to read this TorchScript archive: it needs the Python global {module}.{name}"
+        )
+
+    def persistent_load(self, pid):
+        import torch
+
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise ValueError(f"{self.source}: unexpected storage record {pid!r:.80}")
+        _, dtype, key, _, numel = pid
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.root}/data/{key}"))
+            storage = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            if storage.numel() < numel:
+                raise ValueError(f"{self.source}: storage {key} is truncated")
+            self.storages[key] = storage
+        return self.storages[key]
+
+
+def _read_torchscript(path: Path) -> dict[str, Tensor]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data_pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
+            root = data_pkl.split("/", 1)[0]
+            byteorder = next((n for n in archive.namelist() if n == f"{root}/byteorder"), None)
+            if byteorder is not None and archive.read(byteorder).strip() not in (b"little", b""):
+                raise ValueError(f"{path}: big-endian TorchScript archives are not supported")
+            unpickler = _ScriptDataUnpickler(io.BytesIO(archive.read(data_pkl)), archive, root, path)
+            module = unpickler.load()
+    except (UnsafeFileError, ValueError):
+        raise
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable TorchScript archive: {_first_line(err)}") from None
+    tensors: dict[str, Tensor] = {}
+    _collect_tensors(module, "", tensors)
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _collect_tensors(record: object, prefix: str, out: dict[str, Tensor]) -> None:
+    import torch
+
+    if not isinstance(record, _ScriptRecord):
+        return
+    for name, value in getattr(record, "attributes", {}).items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value.clone()
+        elif isinstance(value, _ScriptRecord):
+            _collect_tensors(value, f"{prefix}{name}.", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and YAML
+
+
+def count_nodes(value: Any, limit: int = MAX_NODES) -> int:
+    """Number of values in ``value`` (containers and their items, shared references counted each
+    time they appear), counting stops once it passes ``limit``: the cost is at most ``limit`` steps."""
+    count = 0
+    stack = [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, (str, bytes)):
+            count += len(item) // 64  # long strings weigh as many values
+    return count
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML with the safe loader, bounded aliases and size.
+
+    Raises:
+        ValueError: naming ``source``, when the text has more than :data:`MAX_YAML_ALIASES`
+            aliases or expands to more than :data:`MAX_NODES` values; ``yaml.YAMLError`` when it
+            is not YAML.
+    """
+    import yaml
+
+    class _BoundedLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                type(self).aliases += 1
+                if type(self).aliases > MAX_YAML_ALIASES:
+                    raise ValueError(f"{source}: more than {MAX_YAML_ALIASES} YAML aliases (*name): refused")
+            return super().compose_node(parent, index)
+
+    data = yaml.load(text, Loader=_BoundedLoader)
+    if count_nodes(data) > MAX_NODES:
+        raise ValueError(f"{source}: expands to more than {MAX_NODES:,} values (YAML aliases?): refused")
+    return data

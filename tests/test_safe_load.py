@@ -1,0 +1,338 @@
+"""Untrusted files never run code or exhaust the machine: weight files, checkpoints, configs.
+
+Each hostile payload would create a marker file if any of its code ran; every loading path must
+refuse it with the file and the global named, and leave no marker.
+"""
+
+import io
+import pickle
+import subprocess
+import zipfile
+
+import pytest
+import torch
+from conftest import DATA, tiny_model_config, tiny_overrides
+
+from reinseg import build_backbone
+from reinseg.checkpoints import checkpoint_state_dict, load_checkpoint, save_checkpoint
+from reinseg.cli import main
+from reinseg.config import Config, ConfigError, DataConfig, TrainConfig, dump_config, load_config, to_dict
+from reinseg.official_config import read_official_config
+from reinseg.pretrained import read_state_dict
+from reinseg.safe_load import MAX_NODES, UnsafeFileError, load_torch_file, load_yaml
+from reinseg.segmentor import build_segmentor
+
+TINY = tiny_overrides("dinov2_vits14")
+# torch's legacy (pre-zip) format starts with this number, pickled.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class RunsExec:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+class RunsSubprocess(RunsExec):
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+class RunsOsSystem(RunsExec):
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+class HeaderThatRunsAndPasses(RunsExec):
+    """Evaluates to the legacy magic number after running code: the rest of the file still loads."""
+
+    def __reduce__(self):
+        code = f"__import__('pathlib').Path({str(self.marker)!r}).touch() or {LEGACY_MAGIC}"
+        return (eval, (code,))
+
+
+def backbone_weights():
+    return build_backbone("dinov2_vits14", img_size=32, patch_size=16, **TINY).vit.state_dict()
+
+
+def hostile_files(directory, marker):
+    """Every way a hostile payload can sit in a weight file; name -> path."""
+    weights = backbone_weights()
+    files = {}
+    files["zip_exec"] = directory / "zip_exec.pth"
+    torch.save({"state_dict": weights, "meta": RunsExec(marker)}, files["zip_exec"])
+    files["zip_subprocess"] = directory / "zip_subprocess.pth"
+    torch.save({"state_dict": weights, "meta": RunsSubprocess(marker)}, files["zip_subprocess"])
+    files["legacy_os_system"] = directory / "legacy_os_system.pth"
+    torch.save(
+        {"state_dict": weights, "hub": RunsOsSystem(marker)},
+        files["legacy_os_system"],
+        _use_new_zipfile_serialization=False,
+    )
+    files["plain_pickle"] = directory / "plain_pickle.pth"
+    files["plain_pickle"].write_bytes(pickle.dumps({"state_dict": {}, "x": RunsExec(marker)}, protocol=2))
+    # A legacy file whose first record (the magic number torch reads with pickle's load) runs code
+    # and then evaluates to the magic number, followed by a working backbone.
+    legit = io.BytesIO()
+    torch.save(weights, legit, _use_new_zipfile_serialization=False)
+    legit_bytes = legit.getvalue()
+    magic_length = len(pickle.dumps(LEGACY_MAGIC, protocol=2))
+    assert pickle.loads(legit_bytes[:magic_length]) == LEGACY_MAGIC
+    files["legacy_header"] = directory / "legacy_header.pth"
+    files["legacy_header"].write_bytes(
+        pickle.dumps(HeaderThatRunsAndPasses(marker), protocol=2) + legit_bytes[magic_length:]
+    )
+    return files
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hostile")
+    marker = directory / "code_ran"
+    return hostile_files(directory, marker), marker
+
+
+def assert_refused(err_text, path, marker):
+    assert not marker.exists(), "code in the file ran"
+    assert str(path) in err_text
+
+
+@pytest.mark.parametrize("kind", ["zip_exec", "zip_subprocess", "legacy_os_system", "plain_pickle", "legacy_header"])
+def test_read_state_dict_and_build_backbone_refuse_code(hostile, kind):
+    files, marker = hostile
+    with pytest.raises(ValueError) as err:
+        read_state_dict(files[kind])
+    assert_refused(str(err.value), files[kind], marker)
+    with pytest.raises(ValueError) as err:
+        build_backbone("dinov2_vits14", img_size=32, patch_size=16, checkpoint=files[kind], **TINY)
+    assert_refused(str(err.value), files[kind], marker)
+
+
+@pytest.mark.parametrize(
+    "kind, global_name",
+    [("zip_exec", "builtins.exec"), ("zip_subprocess", r"(subprocess|commands)\.call"), ("legacy_os_system", "system")],
+)
+def test_the_refused_global_is_named(hostile, kind, global_name):
+    files, marker = hostile
+    with pytest.raises(UnsafeFileError, match=global_name):
+        load_torch_file(files[kind])
+    assert not marker.exists()
+
+
+def test_the_legacy_header_payload_was_a_working_backbone_before(tmp_path):
+    """Guards the fixture: with an unrestricted reader, the crafted file runs code and loads."""
+    marker = tmp_path / "control_marker"
+    path = hostile_files(tmp_path, marker)["legacy_header"]
+    state = torch.load(path, weights_only=False)  # the unsafe reader, on purpose
+    assert marker.exists() and set(state) == set(backbone_weights())
+
+
+def test_reinseg_checkpoint_paths_refuse_code(hostile):
+    files, marker = hostile
+    for path in files.values():
+        with pytest.raises(ValueError) as err:
+            load_checkpoint(path)
+        assert_refused(str(err.value), path, marker)
+
+
+def test_convert_official_refuses_code(hostile, tmp_path, capsys):
+    files, marker = hostile
+    (tmp_path / "config.py").write_text("model = dict(type='EncoderDecoder')\n")
+    legit = tmp_path / "legit.pth"
+    torch.save({"x": torch.zeros(1)}, legit)
+    for option in ("--checkpoint", "--backbone"):
+        paths = {"--checkpoint": legit, "--backbone": legit, option: files["legacy_header"]}
+        argv = ["convert-official", "--config", str(tmp_path / "config.py"), "--output", str(tmp_path / "out")]
+        argv += ["--checkpoint", str(paths["--checkpoint"]), "--backbone", str(paths["--backbone"])]
+        assert main(argv) == 2
+        assert_refused(capsys.readouterr().err, files["legacy_header"], marker)
+
+
+def test_predict_refuses_a_backbone_file_named_inside_a_checkpoint(hostile, tmp_path, capsys):
+    """`predict` takes the VFM weight path from the checkpoint's own config."""
+    import numpy as np
+    from PIL import Image
+
+    files, marker = hostile
+    model = tiny_model_config()
+    segmentor = build_segmentor(model)
+    config = to_dict(Config(model=model))
+    config["model"]["backbone"]["checkpoint"] = str(files["zip_exec"])
+    save_checkpoint(tmp_path / "model.ckpt", config, checkpoint_state_dict(segmentor))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "image.png")
+    argv = ["predict", str(tmp_path / "model.ckpt"), str(tmp_path / "image.png"), "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert_refused(capsys.readouterr().err, files["zip_exec"], marker)
+
+
+@pytest.mark.slow
+def test_train_refuses_hostile_backbone_and_resume_files(hostile, tmp_path, capsys):
+    from fake_datasets import make_fake_cityscapes
+
+    files, marker = hostile
+    make_fake_cityscapes(tmp_path / "cityscapes", n=2, size=(64, 128), prepared=True)
+    model = tiny_model_config()
+    data = DataConfig(
+        train=[dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="train")],
+        val=[dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="val", scale=[128, 64])],
+        crop_size=64,
+        base_size=64,
+        max_size=256,
+        batch_size=1,
+        num_workers=0,
+    )
+    config = Config(
+        model=model, data=data, train=TrainConfig(max_iters=2, val_interval=2, output_dir=str(tmp_path / "run"))
+    )
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    argv = ["train", str(tmp_path / "config.yaml"), f"model.backbone.checkpoint={files['legacy_header']}"]
+    assert main(argv) == 2
+    assert_refused(capsys.readouterr().err, files["legacy_header"], marker)
+    # An auto-resume from a hostile last.ckpt in the run folder.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(files["zip_exec"].read_bytes())
+    assert main(["train", str(tmp_path / "config.yaml")]) == 2
+    assert_refused(capsys.readouterr().err, "last.ckpt", marker)
+
+
+def test_a_real_mmengine_checkpoint_reads_without_mmengine():
+    """tests/data/mmengine_runner_tiny.pth was written by mmengine's save_checkpoint
+    (tests/golden/make_mmengine_checkpoint.py): history buffers, numpy values, ConfigDict, getattr."""
+    import sys
+
+    state = read_state_dict(DATA / "mmengine_runner_tiny.pth")
+    expected = torch.load(DATA / "mmengine_runner_tiny_weights.pt", weights_only=True)
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    assert "mmengine" not in sys.modules
+
+
+def test_argparse_namespaces_of_training_scripts_are_records(tmp_path):
+    import argparse
+
+    weights = {"w": torch.ones(2)}
+    torch.save({"model": weights, "args": argparse.Namespace(lr=0.1, epochs=3)}, tmp_path / "deit.pth")
+    assert torch.equal(read_state_dict(tmp_path / "deit.pth")["w"], weights["w"])
+
+
+def torchscript_archive(tmp_path):
+    source = build_backbone("dinov2_vits14", img_size=32, patch_size=16, **TINY)
+    with pytest.warns(FutureWarning):
+        traced = torch.jit.trace(source.vit, torch.randn(1, 3, 32, 32), strict=False)
+    traced.save(str(tmp_path / "model.pt"))
+    return source, tmp_path / "model.pt"
+
+
+def test_torchscript_archives_are_read_as_data(tmp_path, monkeypatch):
+    source, path = torchscript_archive(tmp_path)
+
+    def no_jit_load(*args, **kwargs):
+        raise AssertionError("torch.jit.load runs TorchScript code; it must not be called")
+
+    monkeypatch.setattr(torch.jit, "load", no_jit_load)
+    loaded = build_backbone("dinov2_vits14", img_size=32, patch_size=16, checkpoint=path, **TINY)
+    for key, value in source.vit.state_dict().items():
+        assert torch.equal(loaded.vit.state_dict()[key], value), key
+
+
+def test_a_torchscript_archive_with_a_hostile_data_record_is_refused(tmp_path):
+    _, path = torchscript_archive(tmp_path)
+    marker = tmp_path / "code_ran"
+    hostile = tmp_path / "hostile.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(hostile, "w") as dst:
+        for name in src.namelist():
+            data = src.read(name)
+            if name.endswith("/data.pkl") and name.count("/") == 1:
+                data = pickle.dumps(RunsExec(marker), protocol=2)
+            dst.writestr(name, data)
+    with pytest.raises(UnsafeFileError, match=r"hostile\.pt.*builtins\.exec"):
+        read_state_dict(hostile)
+    assert not marker.exists()
+
+
+def test_an_image_given_as_checkpoint_is_named_without_torch_advice(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(tmp_path / "photo.png")
+    assert "photo.png" in str(err.value) and "weights_only" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("x = list(range(10 ** 9))\n", "range of more than"),
+        ("x = 2 ** 2 ** 40\n", "integer of more than"),
+        ("x = 10 ** 10 ** 6\n", "integer of more than"),
+        ("x = [0] * 10 ** 9\n", "more than"),
+        ("x = 'ab' * 10 ** 9\n", "more than"),
+        ("x = '%0999999999d' % 1\n", "string formatting"),
+        ("x = [[i for i in range(100000)] for j in range(100000)]\n", "evaluation steps"),
+        ("a = 'x' * 500000\n" + "".join(f"a{i} = a + a\na = a{i}\n" for i in range(12)), "more than"),
+        ("x = " + "+".join(["1"] * 200000) + "\n", "nested too deeply"),
+    ],
+)
+def test_hostile_official_configs_are_bounded(tmp_path, source, message):
+    (tmp_path / "hostile.py").write_text(source)
+    with pytest.raises(ValueError, match=message) as err:
+        read_official_config(tmp_path / "hostile.py")
+    assert "hostile.py" in str(err.value)
+
+
+def test_a_base_cycle_names_its_files(tmp_path):
+    (tmp_path / "a.py").write_text("_base_ = ['./b.py']\nx = 1\n")
+    (tmp_path / "b.py").write_text("_base_ = './a.py'\ny = 2\n")
+    with pytest.raises(ValueError, match=r"_base_ cycle: .*a\.py -> .*b\.py -> .*a\.py"):
+        read_official_config(tmp_path / "a.py")
+    (tmp_path / "self.py").write_text("_base_ = ['self.py']\n")
+    with pytest.raises(ValueError, match="_base_ cycle"):
+        read_official_config(tmp_path / "self.py")
+
+
+def test_ordinary_official_configs_still_read(tmp_path):
+    (tmp_path / "ok.py").write_text(
+        "num_classes = 19\nscales = [int(512 * x * 0.1) for x in range(5, 21)]\n"
+        "class_weight = [1.0] * num_classes + [0.1]\nmax_iters = 40000\nbig = 2 ** 31 - 1\n"
+    )
+    config = read_official_config(tmp_path / "ok.py")
+    assert len(config["class_weight"]) == 20 and config["big"] == 2147483647 and len(config["scales"]) == 16
+
+
+BILLION_LAUGHS = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]" for i in range(8)]
+)
+
+
+def test_a_yaml_alias_bomb_is_refused(tmp_path, capsys):
+    assert len(BILLION_LAUGHS) < 1500
+    (tmp_path / "bomb.yaml").write_text(BILLION_LAUGHS + "\n")
+    with pytest.raises(ConfigError, match=r"bomb\.yaml.*more than"):
+        load_config(tmp_path / "bomb.yaml")
+    assert main(["train", str(tmp_path / "bomb.yaml")]) == 2
+    assert "bomb.yaml" in capsys.readouterr().err
+    # The same bomb as a command-line override.
+    flow_bomb = "{" + ", ".join(BILLION_LAUGHS.splitlines()) + "}"
+    config = DATA.parent.parent / "configs" / "rein_dinov2-l_gta_512.yaml"
+    with pytest.raises(ConfigError, match="override model.head: expands to more than"):
+        load_config(config, ["model.head=" + flow_bomb])
+
+
+def test_yaml_anchors_within_bounds_still_work():
+    data = load_yaml("base: &base {lr: 0.1, wd: 0.05}\nrun: {<<: *base, lr: 0.2}\nlist: [*base, *base]\n", "x.yaml")
+    assert data["run"] == {"lr": 0.2, "wd": 0.05} and data["list"] == [{"lr": 0.1, "wd": 0.05}] * 2
+    # Far too many aliases is refused even when each expands to little.
+    many = "a: &a 1\nb: [" + ",".join(["*a"] * 1000) + "]\n"
+    with pytest.raises(ValueError, match="aliases"):
+        load_yaml(many, "many.yaml")
+    assert MAX_NODES >= 100_000
