@@ -28,7 +28,7 @@ from reinseg import build_backbone
 
 
 def _loss(out) -> torch.Tensor:
-    features, queries = out if isinstance(out, tuple) else (out, None)
+    features, queries = out
     loss = sum(f.float().square().mean() for f in features)
     return loss if queries is None else loss + queries.float().square().mean()
 

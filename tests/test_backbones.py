@@ -51,7 +51,7 @@ def test_zero_delta_leaves_the_backbone_output_unchanged(golden, tmp_path):
     )
     image = golden["image"]
     with torch.no_grad():
-        expected = plain(image)
+        expected = plain(image).features
         features, _ = adapted(image)
         for ours, theirs in zip(features, expected):
             assert torch.equal(ours, theirs)
@@ -130,10 +130,10 @@ def test_rein_fields_are_filled_from_the_backbone():
     assert sam.rein.num_prefix_tokens == 0
 
 
-def test_plain_backbone_returns_features_only():
+def test_plain_backbone_returns_no_queries():
     backbone = build_backbone("mae_vitl16", img_size=32, patch_size=16, **tiny_overrides("mae_vitl16"))
-    features = backbone(torch.randn(1, 3, 32, 32))
-    assert isinstance(features, list) and len(features) == 4
+    features, queries = backbone(torch.randn(1, 3, 32, 32))
+    assert isinstance(features, list) and len(features) == 4 and queries is None
     linked_off = build_backbone(
         "mae_vitl16",
         img_size=32,
@@ -141,7 +141,7 @@ def test_plain_backbone_returns_features_only():
         rein=dict(TINY_REIN, link_token_to_query=False),
         **tiny_overrides("mae_vitl16"),
     )
-    assert isinstance(linked_off(torch.randn(1, 3, 32, 32)), list)
+    assert linked_off(torch.randn(1, 3, 32, 32)).queries is None
 
 
 def test_dinov2_interpolates_positions_as_the_original_code(golden, tmp_path):
@@ -160,7 +160,7 @@ def test_dinov2_interpolates_positions_as_the_original_code(golden, tmp_path):
     expected_pos = torch.cat([pos[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, -1, 64)], dim=1)
     tokens = backbone.vit.patch_embed(images).reshape(1, -1, 64)
     expected = torch.cat([backbone.vit.cls_token, tokens], dim=1) + expected_pos
-    embedded, _ = backbone._embed(images)
+    embedded, _ = backbone.family.embed(backbone.vit, images)
     assert torch.allclose(embedded, expected, atol=1e-6)
 
 

@@ -60,7 +60,7 @@ def test_round_trip_of_a_saved_backbone(tmp_path, suffix):
     for key, value in source.vit.state_dict().items():
         assert torch.equal(loaded.vit.state_dict()[key], value), key
     images = torch.randn(1, 3, 32, 32)
-    assert all(torch.equal(a, b) for a, b in zip(source(images), loaded(images)))
+    assert all(torch.equal(a, b) for a, b in zip(source(images).features, loaded(images).features))
 
 
 def test_dinov2_release_converts_14_to_16_as_the_official_script(tmp_path):
@@ -131,7 +131,7 @@ def test_dinov2_with_registers_release_layout(tmp_path):
     patches = vit.patch_embed(images).reshape(1, 16, 32)
     with_pos = torch.cat([release["cls_token"], patches], dim=1) + release["pos_embed"]
     expected = torch.cat([with_pos[:, :1], release["register_tokens"], with_pos[:, 1:]], dim=1)
-    embedded, _ = backbone._embed(images)
+    embedded, _ = backbone.family.embed(vit, images)
     assert torch.allclose(embedded, expected, atol=1e-6)
 
 
@@ -161,7 +161,7 @@ def test_sam_release_layout_with_another_resolution(tmp_path):
         source.vit.pos_embed.permute(0, 3, 1, 2), size=(4, 4), mode="bicubic", align_corners=False
     ).permute(0, 2, 3, 1)
     assert torch.allclose(vit.pos_embed, expected)
-    features = backbone(torch.randn(1, 3, 64, 64))
+    features = backbone(torch.randn(1, 3, 64, 64)).features
     assert features[2].shape == (1, 32, 4, 4)
 
 

@@ -5,7 +5,8 @@ from conftest import tiny_model_config, tiny_overrides
 from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint, segmentor_from_checkpoint
 from reinseg.config import BackboneConfig, to_dict
 from reinseg.segmentor import build_segmentor
-from reinseg.tuning import TUNINGS, sam_block_with_prompts
+from reinseg.families import sam_block_with_prompts
+from reinseg.tuning import TUNINGS
 
 FAMILIES = ["dinov2_vits14", "clip_vitl14", "eva02_vitl14", "dinov3_vits16", "sam_vitb16"]
 
@@ -67,12 +68,12 @@ def test_added_modules_start_as_identity_and_are_in_the_path(name, tuning):
     images = torch.randn(1, 3, 64, 64)
     with_trained_layer_scale(frozen, tuned)
     with torch.no_grad():
-        before = frozen.backbone(images)
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.backbone(images), before))
+        before = frozen.backbone(images).features
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.backbone(images).features, before))
         for param_name, param in tuned.named_parameters():
             if TRAINS[tuning](param_name):
                 param.normal_()
-        after = tuned.backbone(images)
+        after = tuned.backbone(images).features
     assert not torch.allclose(after[2], before[2], atol=1e-3)
 
 
@@ -85,7 +86,7 @@ def test_prompts_change_the_features_and_keep_their_shapes(name):
     with_trained_layer_scale(frozen, prompted)
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        before, after = frozen.backbone(images), prompted.backbone(images)
+        before, after = frozen.backbone(images).features, prompted.backbone(images).features
     assert [a.shape for a in after] == [b.shape for b in before]
     assert not torch.allclose(after[3], before[3], atol=1e-4)
 

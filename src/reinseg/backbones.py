@@ -6,13 +6,8 @@ tokens after every block, and the four feature maps the Mask2Former head reads, 
 official code makes them (patch tokens of the ``out_indices`` blocks as stride-``patch`` maps,
 resized x4, x2, x1 and x0.5).
 
-Families differ in how tokens enter the blocks:
-
-- ``dinov2`` / ``vit`` (timm ``VisionTransformer``: DINOv2, CLIP, MAE): ``(B, P + N, C)`` tokens
-  with CLS (and register) prefix tokens. DINOv2 interpolates its position grid at run time as the
-  original DINOv2 code does; the others as timm does.
-- ``eva`` (timm ``Eva``: EVA02, DINOv3): the same tokens, and blocks take the rotary embedding.
-- ``sam`` (timm ``VisionTransformerSAM``): blocks take NHWC maps ``(B, H, W, C)``, no prefix.
+How each family embeds images, runs its blocks and lays out its tokens is its adapter in
+:mod:`reinseg.families`; :class:`ReinBackbone` itself is family-agnostic.
 """
 
 from __future__ import annotations
@@ -21,16 +16,37 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .families import BackboneFamily, get_family
 from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_state_dict, unwrap_state_dict
 from .rein import Rein
 
-__all__ = ["BackboneSpec", "BACKBONES", "ReinBackbone", "build_backbone", "list_backbones", "default_out_indices"]
+__all__ = [
+    "BackboneSpec",
+    "BACKBONES",
+    "BackboneOutput",
+    "ReinBackbone",
+    "build_backbone",
+    "list_backbones",
+    "default_out_indices",
+]
+
+
+class BackboneOutput(NamedTuple):
+    """What a backbone gives the head.
+
+    ``features``: four maps ``(B, C, 4H/p, 4W/p)``, ``(B, C, 2H/p, 2W/p)``, ``(B, C, H/p, W/p)``,
+    ``(B, C, H/2p, W/2p)``; ``queries``: ``(token_length, query_dims)`` object queries linked
+    from Rein's tokens, or ``None`` when the head learns its own.
+    """
+
+    features: list[Tensor]
+    queries: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -103,35 +119,34 @@ class ReinBackbone(nn.Module):
 
     Args:
         vit: the timm model (VisionTransformer, Eva or VisionTransformerSAM).
-        family: ``"dinov2"``, ``"vit"``, ``"eva"`` or ``"sam"`` (module docstring).
+        family: the family's name or adapter (:mod:`reinseg.families`): how to embed, run blocks,
+            and lay out tokens.
         out_indices: the four blocks whose outputs become the feature maps.
         rein: the Rein module, or None for the plain frozen backbone.
 
-    ``forward(images (B, 3, H, W))`` returns ``features``: four maps ``(B, C, 4H/p, 4W/p)``,
-    ``(B, C, 2H/p, 2W/p)``, ``(B, C, H/p, W/p)``, ``(B, C, H/2p, W/2p)``; and, when Rein links its
-    tokens to queries, ``(features, queries)`` with queries ``(token_length, query_dims)``.
-    The backbone stays frozen and in eval mode when the module is put in train mode; only Rein
-    trains. The other tuning strategies of :mod:`reinseg.tuning` add their modules to a built
-    backbone (``prompts`` here, LoRA and adapters inside ``vit``).
+    ``forward(images (B, 3, H, W))`` returns a :class:`BackboneOutput`. The backbone stays frozen
+    and in eval mode when the module is put in train mode; only Rein trains. The other tuning
+    strategies of :mod:`reinseg.tuning` add their modules to a built backbone (``prompts`` here,
+    LoRA and adapters inside ``vit``).
     """
 
-    def __init__(self, vit: nn.Module, family: str, out_indices: Sequence[int], rein: Rein | None = None) -> None:
+    def __init__(
+        self, vit: nn.Module, family: str | BackboneFamily, out_indices: Sequence[int], rein: Rein | None = None
+    ) -> None:
         super().__init__()
-        if family not in ("dinov2", "vit", "eva", "sam"):
-            raise ValueError(f"unknown backbone family {family!r}")
+        self.family = get_family(family) if isinstance(family, str) else family
         depth = len(vit.blocks)
         out_indices = [int(i) for i in out_indices]
         if len(out_indices) != 4 or any(not 0 <= i < depth for i in out_indices):
             raise ValueError(f"out_indices must be 4 block indices in [0, {depth}), got {out_indices}")
         self.vit = vit
-        self.family = family
         self.out_indices = out_indices
         self.rein = rein
         self.prompts = None  # deep visual prompts (tuning: vpt), see reinseg.tuning
         self.embed_dim = int(vit.embed_dim)
         self.depth = depth
         self.patch_size = tuple(vit.patch_embed.patch_size)
-        self.num_prefix_tokens = 0 if family == "sam" else int(vit.num_prefix_tokens)
+        self.num_prefix_tokens = self.family.num_prefix_tokens(vit)
         self.freeze_backbone = True
         self.weights_source: str | None = None  # where the VFM weights came from; None: random init
         self.vit.requires_grad_(False)
@@ -148,7 +163,7 @@ class ReinBackbone(nn.Module):
             self.vit.eval()
         return self
 
-    def forward(self, images: Tensor) -> list[Tensor] | tuple[list[Tensor], Tensor]:
+    def forward(self, images: Tensor) -> BackboneOutput:
         if images.dim() != 4:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         ph, pw = self.patch_size
@@ -158,74 +173,24 @@ class ReinBackbone(nn.Module):
                 f"image size {height}x{width} is not divisible by the patch size {ph}x{pw}; "
                 f"pad or resize the images to a multiple of {ph}"
             )
-        x, block_kwargs = self._embed(images)
+        family = self.family
+        x, block_kwargs = family.embed(self.vit, images)
         maps = []
         for index, block in enumerate(self.vit.blocks):
             if self.prompts is None:
-                x = block(x, **block_kwargs)
+                x = family.run_block(block, x, block_kwargs)
             else:
-                x = self.prompts.run_block(block, x, index, self.num_prefix_tokens, self.family == "sam", block_kwargs)
+                prompts = self.prompts.tokens[index].to(x.dtype)
+                x = family.run_block_with_prompts(block, x, prompts, self.num_prefix_tokens, block_kwargs)
             if self.rein is not None:
-                x = self._refine(x, index)
+                x = family.from_tokens(self.rein(family.to_tokens(x), index), x)
             if index in self.out_indices:
-                maps.append(self._patch_map(x, height // ph, width // pw))
+                maps.append(family.patch_map(x, self.num_prefix_tokens, height // ph, width // pw))
         features = [
             F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else m
             for m, s in zip(maps, (4, 2, 1, 0.5))
         ]
-        if self.links_queries:
-            return features, self.rein.queries()
-        return features
-
-    def _embed(self, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        """Patch + position embedding; returns the tokens entering block 0 and the blocks' kwargs."""
-        vit = self.vit
-        if self.family == "eva":
-            x, rope = vit._pos_embed(vit.patch_embed(images))
-            return vit.norm_pre(x), {"rope": rope}
-        if self.family == "sam":
-            from timm.layers import resample_abs_pos_embed_nhwc
-
-            x = vit.patch_embed(images)
-            if vit.pos_embed is not None:
-                x = x + resample_abs_pos_embed_nhwc(vit.pos_embed, list(x.shape[1:3]))
-            return vit.norm_pre(vit.patch_drop(vit.pos_drop(x))), {}
-        x = vit.patch_embed(images)  # (B, h, w, C): built with dynamic_img_size
-        batch, h, w, channels = x.shape
-        x = x.reshape(batch, h * w, channels)
-        pos = self._vit_pos_embed((h, w))
-        prefix = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
-        if vit.no_embed_class:
-            x = torch.cat(prefix + [x + pos], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1) + pos
-        return vit.norm_pre(vit.patch_drop(vit.pos_drop(x))), {}
-
-    def _vit_pos_embed(self, grid: tuple[int, int]) -> Tensor:
-        vit = self.vit
-        pos = vit.pos_embed
-        stored = tuple(vit.patch_embed.grid_size)
-        if grid == stored:
-            return pos
-        num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-        if self.family == "dinov2":
-            return dinov2_interpolate_pos_embed(pos, num_prefix, stored, grid)
-        from timm.layers import resample_abs_pos_embed
-
-        return resample_abs_pos_embed(pos, list(grid), list(stored), num_prefix_tokens=num_prefix)
-
-    def _refine(self, x: Tensor, index: int) -> Tensor:
-        if self.family == "sam":
-            batch, h, w, channels = x.shape
-            return self.rein(x.reshape(batch, h * w, channels), index).reshape(batch, h, w, channels)
-        return self.rein(x, index)
-
-    def _patch_map(self, x: Tensor, h: int, w: int) -> Tensor:
-        """Patch tokens as an NCHW map ``(B, C, h, w)``."""
-        if self.family == "sam":
-            return x.permute(0, 3, 1, 2).contiguous()
-        patches = x[:, self.num_prefix_tokens :]
-        return patches.transpose(1, 2).reshape(x.shape[0], -1, h, w).contiguous()
+        return BackboneOutput(features, self.rein.queries() if self.links_queries else None)
 
     def load_backbone_weights(self, weights: str | Path | dict[str, Tensor], resample: str = "official") -> None:
         """Load VFM weights (a file path or a state dict) into the frozen ViT, fitting patch size and grid."""
@@ -235,39 +200,9 @@ class ReinBackbone(nn.Module):
         else:
             source = "backbone state dict"
             state_dict = unwrap_state_dict(weights, source)
-        fitted = fit_state_dict(state_dict, self.vit, _timm_filter(self.family), resample, source=source)
+        fitted = fit_state_dict(state_dict, self.vit, self.family.checkpoint_filter(), resample, source=source)
         load_into(self.vit, fitted)
         self.weights_source = source
-
-
-def dinov2_interpolate_pos_embed(
-    pos_embed: Tensor, num_prefix_tokens: int, stored_grid: tuple[int, int], grid: tuple[int, int]
-) -> Tensor:
-    """Position embeddings for another grid, as the original DINOv2 code interpolates them.
-
-    Bicubic with scale factors ``(grid + 0.1) / stored_grid``: the 0.1 guards the output size
-    against floating-point floor errors (facebookresearch/dino#8), and because it also shifts the
-    sampling positions slightly, it is kept to match the released models exactly.
-    """
-    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    channels = patches.shape[-1]
-    patches = patches.float().reshape(1, *stored_grid, channels).permute(0, 3, 1, 2)
-    scale = ((grid[0] + 0.1) / stored_grid[0], (grid[1] + 0.1) / stored_grid[1])
-    patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", align_corners=False)
-    if tuple(patches.shape[-2:]) != tuple(grid):
-        raise RuntimeError(f"position interpolation produced {tuple(patches.shape[-2:])}, expected {grid}")
-    patches = patches.permute(0, 2, 3, 1).reshape(1, -1, channels).to(pos_embed.dtype)
-    return torch.cat([prefix, patches], dim=1)
-
-
-def _timm_filter(family: str):
-    if family == "eva":
-        from timm.models.eva import checkpoint_filter_fn
-    elif family == "sam":
-        from timm.models.vision_transformer_sam import checkpoint_filter_fn
-    else:
-        from timm.models.vision_transformer import checkpoint_filter_fn
-    return checkpoint_filter_fn
 
 
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -322,11 +257,10 @@ def build_backbone(
         raise ValueError(f"resample must be one of {RESAMPLE_METHODS}, got {resample!r}")
     spec = BACKBONES[name]
     img_hw = as_pair(img_size, "img_size")
-    kwargs: dict[str, Any] = dict(img_size=img_hw, num_classes=0, **timm_overrides)
+    family = get_family(spec.family)
+    kwargs: dict[str, Any] = dict(img_size=img_hw, num_classes=0, **family.timm_kwargs(), **timm_overrides)
     if patch_size is not None:
         kwargs["patch_size"] = int(patch_size)
-    if spec.family != "sam":
-        kwargs["dynamic_img_size"] = True
     vit = timm.create_model(spec.arch, pretrained=False, **kwargs)
     ph, pw = vit.patch_embed.patch_size
     if img_hw[0] % ph or img_hw[1] % pw:
@@ -342,7 +276,6 @@ def build_backbone(
 
     depth = len(vit.blocks)
     indices = list(out_indices) if out_indices is not None else default_out_indices(depth)
-    family = spec.family
     rein_module = None
     if rein is not None:
         if not isinstance(rein, dict):
@@ -351,7 +284,7 @@ def build_backbone(
             num_layers=depth,
             embed_dims=int(vit.embed_dim),
             patch_size=int(ph),
-            num_prefix_tokens=0 if family == "sam" else int(vit.num_prefix_tokens),
+            num_prefix_tokens=family.num_prefix_tokens(vit),
         )
         for key in _REIN_FROM_BACKBONE:
             if key in rein and rein[key] != derived[key]:

@@ -79,8 +79,7 @@ class Segmentor(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per-prediction class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``."""
-        out = self.backbone(images)
-        features, queries = out if isinstance(out, tuple) else (out, None)
+        features, queries = self.backbone(images)
         return self.head(features, queries)
 
     def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
