@@ -27,10 +27,8 @@ import torch
 
 from reinseg.backbones import list_backbones
 from reinseg.config import BackboneConfig, ModelConfig
-from reinseg.segmentor import build_segmentor
-from reinseg.tuning import TUNINGS
-
-STRATEGIES = ("frozen", "full", "rein", "lora", "vpt", "adaptformer")
+from reinseg.build import build_segmentor
+from reinseg.tuning import STRATEGIES, strategy_names
 
 
 def machine(device: str) -> str:
@@ -57,17 +55,20 @@ def cmd_params(args) -> None:
         f"Trainable backbone parameters (M) at {args.img_size} px, patch 16, built on the meta device "
         "(the head adds about 20.6 M for every strategy).\n"
     )
-    print("| backbone | VFM total | " + " | ".join(STRATEGIES[2:]) + " |")
-    print("|---|---|" + "---|" * len(STRATEGIES[2:]))
+    # The VFM's size (a strategy that trains all of it), then each strategy adding its own modules.
+    trains_all = next(name for name, s in STRATEGIES.items() if s.trains_vfm)
+    adding = [name for name, s in STRATEGIES.items() if not s.trains_vfm and s.options_class is not None]
+    print("| backbone | VFM total | " + " | ".join(adding) + " |")
+    print("|---|---|" + "---|" * len(adding))
     for name in list_backbones():
         cells = []
         total = None
-        for tuning in STRATEGIES:
+        for tuning in (trains_all, *adding):
             with torch.device("meta"):
                 segmentor = build_segmentor(model_config(name, tuning, args.img_size), load_backbone_weights=False)
-            if tuning == "full":
+            if tuning == trains_all:
                 total = trainable_in_backbone(segmentor)
-            elif tuning != "frozen":
+            else:
                 cells.append(f"{trainable_in_backbone(segmentor) / 1e6:.2f}")
         print(f"| {name} | {total / 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
 
@@ -207,7 +208,7 @@ def main() -> None:
         p.add_argument("--steps", type=int, default=3)
         p.add_argument("--warmup", type=int, default=1)
         p.add_argument("--precision", nargs="+", default=["32"], choices=["32", "bf16", "16"])
-        p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=TUNINGS)
+        p.add_argument("--strategies", nargs="+", default=list(strategy_names()), choices=strategy_names())
         p.add_argument("--height", type=int, default=512)
         p.add_argument("--width", type=int, default=1024)
         p.add_argument("--child", default=None, help=argparse.SUPPRESS)

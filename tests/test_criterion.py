@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_model_config
 from reinseg.heads.criterion import HungarianMatcher, Mask2FormerLoss, semantic_to_masks
-from reinseg.segmentor import build_segmentor
+from reinseg.build import build_segmentor
 
 
 def test_semantic_labels_become_one_mask_per_present_class():

@@ -10,7 +10,7 @@ from conftest import tiny_model_config
 from fake_datasets import make_fake_cityscapes
 from reinseg.config import Config, DataConfig, TrainConfig, dump_config
 from reinseg.engine import ShardSampler, TrainingStream, lr_factor, parameter_groups
-from reinseg.segmentor import build_segmentor
+from reinseg.build import build_segmentor
 
 
 def tiny_config(tmp_path, num_val=4, **train):
@@ -179,7 +179,7 @@ def test_a_killed_run_resumes_exactly(tmp_path):
 
 def test_checkpoints_hold_the_trainable_weights_and_reference_the_vfm(tmp_path):
     from reinseg.engine import train
-    from reinseg.segmentor import build_segmentor
+    from reinseg.build import build_segmentor
 
     config = tiny_config(tmp_path, max_iters=2)
     vfm = tmp_path / "vfm.pth"

@@ -20,7 +20,7 @@ from reinseg.config import Config, ConfigError, DataConfig, TrainConfig, dump_co
 from reinseg.official_config import read_official_config
 from reinseg.pretrained import read_state_dict
 from reinseg.safe_load import MAX_NODES, UnsafeFileError, load_torch_file, load_yaml
-from reinseg.segmentor import build_segmentor
+from reinseg.build import build_segmentor
 
 TINY = tiny_overrides("dinov2_vits14")
 # torch's legacy (pre-zip) format starts with this number, pickled.

@@ -3,7 +3,8 @@ import torch
 
 from conftest import tiny_model_config
 from reinseg.config import ConfigError, HeadConfig, ReinConfig
-from reinseg.segmentor import build_segmentor, sliding_windows
+from reinseg.build import build_segmentor
+from reinseg.segmentor import sliding_windows
 
 
 def test_sliding_windows_follow_mmseg():

@@ -4,9 +4,11 @@ import torch
 from conftest import tiny_model_config, tiny_overrides
 from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint, segmentor_from_checkpoint
 from reinseg.config import BackboneConfig, to_dict
-from reinseg.segmentor import build_segmentor
+from reinseg.build import build_segmentor
 from reinseg.families import sam_block_with_prompts
-from reinseg.tuning import TUNINGS
+from reinseg.tuning import strategy_names
+
+TUNINGS = strategy_names()
 
 FAMILIES = ["dinov2_vits14", "clip_vitl14", "eva02_vitl14", "dinov3_vits16", "sam_vitb16"]
 

@@ -4,7 +4,8 @@ from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones
 from .config import Config, ModelConfig, load_config
 from .official import from_official
 from .rein import Rein
-from .segmentor import Segmentor, build_segmentor
+from .build import build_segmentor
+from .segmentor import Segmentor
 
 __version__ = "0.1.0"
 

@@ -152,6 +152,30 @@ class ReinBackbone(nn.Module):
         self.vit.requires_grad_(False)
         self.vit.eval()
 
+    def add_rein(self, rein: dict[str, Any]) -> Rein:
+        """Build Rein from its arguments (:class:`reinseg.Rein`) and run it after every block.
+
+        ``num_layers``, ``embed_dims``, ``patch_size`` and ``num_prefix_tokens`` come from the
+        backbone; given ones must agree.
+        """
+        if not isinstance(rein, dict):
+            raise ValueError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
+        derived = dict(
+            num_layers=self.depth,
+            embed_dims=self.embed_dim,
+            patch_size=int(self.patch_size[0]),
+            num_prefix_tokens=self.num_prefix_tokens,
+        )
+        for key, value in derived.items():
+            if key in rein and rein[key] != value:
+                raise ValueError(f"rein.{key}={rein[key]!r} does not match the backbone ({value!r})")
+        accepted = tuple(inspect.signature(Rein.__init__).parameters)[1:]
+        unknown = set(rein) - set(accepted)
+        if unknown:
+            raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(accepted)}")
+        self.rein = Rein(**{**rein, **derived})
+        return self.rein
+
     @property
     def links_queries(self) -> bool:
         return self.rein is not None and self.rein.link_token_to_query
@@ -213,9 +237,6 @@ def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair
 
 
-_REIN_FROM_BACKBONE = ("num_layers", "embed_dims", "patch_size", "num_prefix_tokens")
-
-
 def build_backbone(
     name: str,
     *,
@@ -274,26 +295,10 @@ def build_backbone(
         if isinstance(getattr(vit, unused, None), nn.Module):
             setattr(vit, unused, nn.Identity())
 
-    depth = len(vit.blocks)
-    indices = list(out_indices) if out_indices is not None else default_out_indices(depth)
-    rein_module = None
+    indices = list(out_indices) if out_indices is not None else default_out_indices(len(vit.blocks))
+    backbone = ReinBackbone(vit, family, indices)
     if rein is not None:
-        if not isinstance(rein, dict):
-            raise ValueError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
-        derived = dict(
-            num_layers=depth,
-            embed_dims=int(vit.embed_dim),
-            patch_size=int(ph),
-            num_prefix_tokens=family.num_prefix_tokens(vit),
-        )
-        for key in _REIN_FROM_BACKBONE:
-            if key in rein and rein[key] != derived[key]:
-                raise ValueError(f"rein.{key}={rein[key]!r} does not match the backbone {name} ({derived[key]!r})")
-        unknown = set(rein) - set(_REIN_ARGS)
-        if unknown:
-            raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(_REIN_ARGS)}")
-        rein_module = Rein(**{**rein, **derived})
-    backbone = ReinBackbone(vit, family, indices, rein_module)
+        backbone.add_rein(rein)
 
     if checkpoint is not None:
         backbone.load_backbone_weights(checkpoint, resample=resample)
@@ -301,9 +306,6 @@ def build_backbone(
         backbone.load_backbone_weights(_download_pretrained(name, spec), resample=resample)
         backbone.weights_source = f"timm hub: {spec.timm_name}"
     return backbone
-
-
-_REIN_ARGS = tuple(inspect.signature(Rein.__init__).parameters)[1:]
 
 
 def _download_pretrained(name: str, spec: BackboneSpec) -> dict[str, Tensor]:

@@ -19,6 +19,7 @@ from torch import Tensor
 from .config import ModelConfig, from_dict, to_dict
 from .pretrained import state_dict_mismatches
 from .safe_load import load_torch_file
+from .tuning import strategy_names
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -116,7 +117,7 @@ def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None
     Returns:
         ``(segmentor, payload)``.
     """
-    from .segmentor import build_segmentor
+    from .build import build_segmentor
 
     payload = load_checkpoint(path)
     if model_config is None:
@@ -158,10 +159,20 @@ def check_same_model(saved: dict | None, current: dict, what: str) -> None:
         "test.flip",
     }
     # Sections that change no weight: the loss, and the options of strategies not in use.
-    unused = tuple(
-        f"{section}." for section in ("loss", "rein", "lora", "vpt", "adaptformer") if section != current.get("tuning")
-    )
-    differences = [key for key in _diff_keys(saved, current) if key not in ignored and not key.startswith(unused)]
+    tuning = current.get("tuning")
+    unused = ("loss.", *(f"{name}." for name in strategy_names() if name != tuning))
+
+    def counts(key: str) -> bool:
+        if key in ignored or key.startswith(unused):
+            return False
+        return not key.startswith("options.") or key.startswith(f"options.{tuning}.")
+
+    # Checkpoints of earlier versions lack keys added since: compare with their defaults filled in.
+    try:
+        saved = to_dict(from_dict(ModelConfig, saved, "model"))
+    except ValueError as err:
+        raise ValueError(f"{what} holds a model configuration this version cannot read: {err}") from None
+    differences = [key for key in _diff_keys(saved, current) if counts(key)]
     if differences:
         shown = ", ".join(f"model.{k}: {_get(saved, k)!r} vs {_get(current, k)!r}" for k in differences[:5])
         raise ValueError(f"{what} belongs to another model configuration ({shown})")

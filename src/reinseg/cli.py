@@ -27,8 +27,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
     from .config import BackboneConfig, HeadConfig, ModelConfig, ReinConfig, load_config
     from .parameters import format_parameter_table, format_strategy_table
-    from .segmentor import build_segmentor
-    from .tuning import TUNINGS
+    from .build import build_segmentor
+    from .tuning import strategy_names
 
     if args.config:
         config = load_config(args.config, args.overrides).model
@@ -50,7 +50,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
         config.tuning = args.tuning
     if args.compare:
         rows = []
-        for tuning in TUNINGS:
+        for tuning in strategy_names():
             config.tuning = tuning
             with torch.device("meta"):
                 segmentor = build_segmentor(config, load_backbone_weights=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .safe_load import load_yaml
+from .tuning import AdaptFormerConfig, LoraConfig, ReinConfig, VptConfig
 
 __all__ = [
     "ConfigError",
@@ -57,47 +58,12 @@ class BackboneConfig:
 
 
 @dataclass
-class ReinConfig:
-    """Rein's arguments (:class:`reinseg.Rein`); layers, widths and prefix tokens come from the backbone."""
-
-    token_length: int = 100
-    lora_dim: int | None = 16
-    query_dims: int = 256
-    link_token_to_query: bool = True
-    scale_init: float = 1e-3
-    use_softmax: bool = True
-    zero_mlp_delta_f: bool = False
-
-
-@dataclass
-class LoraConfig:
-    """LoRA on the attention projections (``tuning: lora``); ``alpha`` null means ``rank``."""
-
-    rank: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["qkv", "q_proj", "k_proj", "v_proj"])
-
-
-@dataclass
-class VptConfig:
-    """Deep visual prompt tuning (``tuning: vpt``): prompt tokens per block."""
-
-    num_prompts: int = 150
-
-
-@dataclass
-class AdaptFormerConfig:
-    """AdaptFormer (``tuning: adaptformer``): a bottleneck adapter beside every block's MLP."""
-
-    bottleneck: int = 64
-    scale: float = 0.1
-
-
-@dataclass
 class HeadConfig:
-    """The Mask2Former head (:class:`reinseg.heads.Mask2FormerHead`)."""
+    """The head: ``type`` names a registered head (:mod:`reinseg.heads.registry`); the keys below
+    are the Mask2Former head's (:class:`reinseg.heads.Mask2FormerHead`), and each head takes those
+    its constructor names, plus ``options`` (other heads' own arguments)."""
 
+    type: str = "mask2former"
     num_classes: int = 19
     feat_channels: int = 256
     out_channels: int = 256
@@ -110,6 +76,7 @@ class HeadConfig:
     encoder_ffn_dims: int = 1024
     num_points: int = 4
     num_groups: int = 32
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,9 +105,9 @@ class TestConfig:
 
 @dataclass
 class ModelConfig:
-    # What trains besides the head (reinseg.tuning): "rein" (the default), "frozen" (the head
-    # only), "full" (the whole VFM, at train.backbone_lr_mult x the lr), "lora", "vpt" or
-    # "adaptformer"; each strategy reads its own section below.
+    # What trains besides the head: a registered strategy (reinseg.tuning): "rein" (the
+    # default), "frozen" (the head only), "full" (the whole VFM, at train.backbone_lr_mult x the
+    # lr), "lora", "vpt" or "adaptformer"; each built-in strategy reads its own section below.
     tuning: str = "rein"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rein: ReinConfig | None = field(default_factory=ReinConfig)
@@ -150,6 +117,28 @@ class ModelConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    # Options of strategies registered outside reinseg, by name: {name: {key: value}}.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def strategy_options(self) -> Any:
+        """The options of the strategy ``tuning`` names, checked: its section, or ``options.<name>``."""
+        from .tuning import get_strategy
+
+        try:
+            strategy = get_strategy(self.tuning)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if strategy.options_class is None:
+            return None
+        if any(f.name == self.tuning for f in dataclasses.fields(self)):
+            options = getattr(self, self.tuning)
+        else:
+            options = from_dict(strategy.options_class, self.options.get(self.tuning), f"model.options.{self.tuning}")
+        try:
+            strategy.check(options)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return options
 
 
 @dataclass

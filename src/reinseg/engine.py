@@ -34,7 +34,9 @@ from .checkpoints import CHECKPOINT_FORMAT, atomic_write, atomic_write_bytes, ch
 from .config import Config, ConfigError, to_dict
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .safe_load import load_torch_file
-from .segmentor import Segmentor, build_segmentor
+from .build import build_segmentor
+from .segmentor import Segmentor
+from .tuning import get_strategy
 
 __all__ = [
     "TrainingStream",
@@ -56,8 +58,6 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 
 # Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
 EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
-# No weight decay for these (the official paramwise_cfg custom keys, and norm layers).
-NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "rein.scale", "prompts.tokens")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
@@ -121,14 +121,17 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def parameter_groups(segmentor: Segmentor, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
-    """AdamW groups of the trainable parameters, as the official ``paramwise_cfg``."""
+    """AdamW groups of the trainable parameters, as the official ``paramwise_cfg``: no weight decay
+    for norm layers and the names holding one of ``segmentor.no_decay_keys`` (which the head and
+    the tuning strategy declare)."""
     groups: dict[tuple[float, float], list] = {}
     for module_name, module in segmentor.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
             full = f"{module_name}.{name}" if module_name else name
-            decay = 0.0 if isinstance(module, NORM_LAYERS) or any(k in full for k in NO_DECAY_KEYS) else weight_decay
+            no_decay = isinstance(module, NORM_LAYERS) or any(k in full for k in segmentor.no_decay_keys)
+            decay = 0.0 if no_decay else weight_decay
             group_lr = lr * backbone_lr_mult if full.startswith("backbone.vit.") else lr
             groups.setdefault((group_lr, decay), []).append(param)
     return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]
@@ -293,7 +296,7 @@ class SegmentationTask(L.LightningModule):
         tc = self.config.train
         # The multiplier is for the VFM's own weights when they fine-tune, not for modules added
         # inside it (LoRA, adapters).
-        backbone_lr_mult = tc.backbone_lr_mult if self.config.model.tuning == "full" else 1.0
+        backbone_lr_mult = tc.backbone_lr_mult if get_strategy(self.config.model.tuning).trains_vfm else 1.0
         groups = parameter_groups(self.segmentor, tc.lr, tc.weight_decay, backbone_lr_mult)
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
         min_factor = tc.min_lr / tc.lr if tc.lr else 0.0

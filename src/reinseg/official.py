@@ -18,7 +18,8 @@ from torch import Tensor
 from .checkpoints import atomic_write_bytes, load_checkpoint_weights, save_checkpoint, checkpoint_state_dict
 from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig, to_dict
 from .pretrained import read_state_dict, unwrap_state_dict
-from .segmentor import Segmentor, build_segmentor
+from .build import build_segmentor
+from .segmentor import Segmentor
 
 __all__ = [
     "official_model_config",

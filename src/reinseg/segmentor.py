@@ -14,13 +14,11 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .backbones import ReinBackbone, as_pair, build_backbone
-from .config import ConfigError, ModelConfig, to_dict
+from .backbones import ReinBackbone, as_pair
 from .heads import Mask2FormerHead, semantic_logits
 from .heads.criterion import Mask2FormerLoss
-from .tuning import TUNINGS, apply_tuning
 
-__all__ = ["Segmentor", "build_segmentor", "sliding_windows"]
+__all__ = ["Segmentor", "sliding_windows"]
 
 
 def sliding_windows(
@@ -75,6 +73,8 @@ class Segmentor(nn.Module):
         self.crop_size = None if crop_size is None else as_pair(crop_size, "crop_size")
         self.stride = None if stride is None else as_pair(stride, "stride")
         self.flip = flip
+        # Parameter-name substrings without weight decay (the builder adds the strategy's).
+        self.no_decay_keys: tuple[str, ...] = ("norm", *getattr(head, "no_decay_keys", ()))
         self._check_inference_settings(test_mode, self.crop_size, self.stride)
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -143,70 +143,3 @@ class Segmentor(nn.Module):
         patch = self.backbone.patch_size
         if crop[0] % patch[0] or crop[1] % patch[1]:
             raise ValueError(f"crop_size {crop[0]}x{crop[1]} is not divisible by the patch size {patch[0]}")
-
-
-def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) -> Segmentor:
-    """Build the segmentor a :class:`~reinseg.config.ModelConfig` describes.
-
-    Args:
-        config: the ``model`` section of a configuration.
-        load_backbone_weights: load the VFM weights named by ``backbone.checkpoint`` /
-            ``backbone.pretrained`` (off for a model whose weights come from elsewhere).
-    """
-    if config.tuning not in TUNINGS:
-        raise ConfigError(f"model.tuning={config.tuning!r} is not one of {', '.join(TUNINGS)}")
-    if config.tuning == "rein" and config.rein is None:
-        raise ConfigError("model.tuning is 'rein' but model.rein is null (use tuning: frozen for the plain VFM)")
-    bb = config.backbone
-    rein = to_dict(config.rein) if config.tuning == "rein" else None
-    backbone = build_backbone(
-        bb.name,
-        rein=rein,
-        img_size=bb.img_size,
-        patch_size=bb.patch_size,
-        out_indices=bb.out_indices,
-        checkpoint=bb.checkpoint if load_backbone_weights else None,
-        pretrained=bb.pretrained and load_backbone_weights,
-        resample=bb.resample,
-        **bb.timm_kwargs,
-    )
-    apply_tuning(backbone, config)
-    hc = config.head
-    linked = backbone.links_queries
-    num_queries = hc.num_queries
-    if linked:
-        if num_queries is not None and num_queries != config.rein.token_length:
-            raise ConfigError(
-                f"model.head.num_queries={num_queries} must equal model.rein.token_length="
-                f"{config.rein.token_length}: the queries are Rein's tokens"
-            )
-        if config.rein.query_dims != hc.feat_channels:
-            raise ConfigError(
-                f"model.rein.query_dims={config.rein.query_dims} must equal model.head.feat_channels={hc.feat_channels}"
-            )
-        num_queries = config.rein.token_length
-    head = Mask2FormerHead(
-        [backbone.embed_dim] * 4,
-        num_classes=hc.num_classes,
-        feat_channels=hc.feat_channels,
-        out_channels=hc.out_channels,
-        num_queries=num_queries or 100,
-        num_feature_levels=hc.num_feature_levels,
-        num_heads=hc.num_heads,
-        num_decoder_layers=hc.num_decoder_layers,
-        decoder_ffn_dims=hc.decoder_ffn_dims,
-        num_encoder_layers=hc.num_encoder_layers,
-        encoder_ffn_dims=hc.encoder_ffn_dims,
-        num_points=hc.num_points,
-        num_groups=hc.num_groups,
-        linked_queries=linked,
-    )
-    criterion = Mask2FormerLoss(hc.num_classes, **to_dict(config.loss))
-    test = config.test
-    img_size = bb.img_size if isinstance(bb.img_size, int) else tuple(bb.img_size)
-    crop = as_pair(test.crop_size if test.crop_size is not None else img_size, "model.test.crop_size")
-    stride = test.stride if test.stride is not None else tuple(round(c * 2 / 3) for c in crop)
-    try:
-        return Segmentor(backbone, head, criterion, test.mode, crop, stride, test.flip)
-    except ValueError as err:
-        raise ConfigError(f"model.test: {err}") from err

@@ -15,13 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .criterion import Mask2FormerLoss
 from .pixel_decoder import PixelDecoder
 from .position_encoding import sine_position_encoding
+from .registry import register_head
 from .transformer_decoder import TransformerDecoder
 
 __all__ = ["Mask2FormerHead", "semantic_logits"]
 
 
+@register_head("mask2former")
 class Mask2FormerHead(nn.Module):
     """Mask2Former for semantic segmentation.
 
@@ -43,6 +46,10 @@ class Mask2FormerHead(nn.Module):
     ``forward(features, queries)`` returns per-prediction lists (the initial queries' and every
     decoder layer's): class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``.
     """
+
+    criterion_class = Mask2FormerLoss
+    # The official paramwise_cfg: no weight decay for the query and level embeddings.
+    no_decay_keys = ("query_embed", "level_embed")
 
     def __init__(
         self,

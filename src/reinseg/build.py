@@ -1,0 +1,101 @@
+"""Builders: the configuration (:mod:`reinseg.config`) mapped onto the model's constructors.
+
+The model modules (backbones, Rein, strategies, heads, the segmentor) take plain arguments and
+never read the configuration; this module is where a ``model`` section becomes a
+:class:`~reinseg.segmentor.Segmentor`: the backbone from the zoo, the tuning strategy from its
+registry (:mod:`reinseg.tuning`), the head from its registry (:mod:`reinseg.heads.registry`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+from .backbones import as_pair, build_backbone
+from .config import ConfigError, ModelConfig, to_dict
+from .heads import get_head
+from .segmentor import Segmentor
+from .tuning import get_strategy
+
+__all__ = ["build_segmentor"]
+
+
+def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) -> Segmentor:
+    """Build the segmentor a :class:`~reinseg.config.ModelConfig` describes.
+
+    Args:
+        config: the ``model`` section of a configuration.
+        load_backbone_weights: load the VFM weights named by ``backbone.checkpoint`` /
+            ``backbone.pretrained`` (off for a model whose weights come from elsewhere).
+    """
+    options = config.strategy_options()
+    strategy = get_strategy(config.tuning)
+    try:
+        head_class = get_head(config.head.type)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    bb = config.backbone
+    backbone = build_backbone(
+        bb.name,
+        img_size=bb.img_size,
+        patch_size=bb.patch_size,
+        out_indices=bb.out_indices,
+        checkpoint=bb.checkpoint if load_backbone_weights else None,
+        pretrained=bb.pretrained and load_backbone_weights,
+        resample=bb.resample,
+        **bb.timm_kwargs,
+    )
+    try:
+        strategy.apply(backbone, options)
+    except ValueError as err:
+        raise ConfigError(f"model.{config.tuning}: {err}") from None
+
+    head = head_class(
+        [backbone.embed_dim] * 4,
+        num_queries=_num_queries(config, backbone),
+        linked_queries=backbone.links_queries,
+        **_head_hyper_parameters(config, head_class),
+    )
+    criterion = None
+    if getattr(head_class, "criterion_class", None) is not None:
+        criterion = head_class.criterion_class(config.head.num_classes, **to_dict(config.loss))
+    test = config.test
+    img_size = bb.img_size if isinstance(bb.img_size, int) else tuple(bb.img_size)
+    crop = as_pair(test.crop_size if test.crop_size is not None else img_size, "model.test.crop_size")
+    stride = test.stride if test.stride is not None else tuple(round(c * 2 / 3) for c in crop)
+    try:
+        segmentor = Segmentor(backbone, head, criterion, test.mode, crop, stride, test.flip)
+    except ValueError as err:
+        raise ConfigError(f"model.test: {err}") from err
+    # Official paramwise_cfg: no decay for norms and the keys the head and the strategy name.
+    segmentor.no_decay_keys = ("norm", *getattr(head_class, "no_decay_keys", ()), *strategy.no_decay_keys)
+    return segmentor
+
+
+def _num_queries(config: ModelConfig, backbone) -> int:
+    """The head's object queries: Rein's tokens when linked, else ``head.num_queries`` (100)."""
+    requested = config.head.num_queries
+    if not backbone.links_queries:
+        return requested or 100
+    rein = backbone.rein
+    if requested is not None and requested != rein.token_length:
+        raise ConfigError(
+            f"model.head.num_queries={requested} must equal model.rein.token_length="
+            f"{rein.token_length}: the queries are Rein's tokens"
+        )
+    if rein.query_dims != config.head.feat_channels:
+        raise ConfigError(
+            f"model.rein.query_dims={rein.query_dims} must equal model.head.feat_channels={config.head.feat_channels}"
+        )
+    return rein.token_length
+
+
+def _head_hyper_parameters(config: ModelConfig, head_class: type) -> dict:
+    """The ``model.head`` keys the head's constructor takes, plus ``model.head.options``."""
+    accepted = inspect.signature(head_class.__init__).parameters
+    fields = {f.name: getattr(config.head, f.name) for f in dataclasses.fields(config.head)}
+    given = {k: v for k, v in fields.items() if k in accepted and k not in ("num_queries", "linked_queries")}
+    unknown = set(config.head.options) - set(accepted)
+    if unknown:
+        raise ConfigError(f"model.head.options: {sorted(unknown)} are not arguments of the {config.head.type} head")
+    return {**given, **config.head.options}

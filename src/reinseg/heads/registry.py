@@ -1,0 +1,39 @@
+"""The head registry: segmentation heads registered by name (``model.head.type``).
+
+A head is an ``nn.Module`` class constructed as ``Head(in_channels, num_classes=...,
+num_queries=..., linked_queries=..., **hyper_parameters)``, where the hyper-parameters are the
+``model.head`` keys its constructor names (:func:`reinseg.build.build_segmentor` passes those)
+plus ``model.head.options``. ``forward(features, queries)`` returns per-prediction class logits
+``(B, Q, K + 1)`` and mask logits ``(B, Q, h, w)``, a list over deep-supervision layers each.
+Class attributes: ``criterion_class`` (the training loss, built as
+``criterion_class(num_classes, **model.loss)``) and ``no_decay_keys`` (parameter-name substrings
+that take no weight decay).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+__all__ = ["HEADS", "register_head", "get_head"]
+
+HEADS: dict[str, type[nn.Module]] = {}
+
+
+def register_head(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: register a head class under ``name``."""
+
+    def register(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in HEADS:
+            raise ValueError(f"head {name!r} is already registered")
+        HEADS[name] = cls
+        return cls
+
+    return register
+
+
+def get_head(name: str) -> type[nn.Module]:
+    if name not in HEADS:
+        raise ValueError(f"model.head.type={name!r} is not one of {', '.join(sorted(HEADS))}")
+    return HEADS[name]

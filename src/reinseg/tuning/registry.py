@@ -1,0 +1,69 @@
+"""The strategy registry: one object per tuning strategy, registered by name (timm-style).
+
+A strategy says what its options are (a dataclass, the ``model.<name>`` section), what it adds to
+a built backbone (:meth:`TuningStrategy.apply`), whether the VFM's own weights train, and which of
+its parameters take no weight decay. The builder, the optimizer, checkpoints, the command line,
+the benchmarks and the tests read this registry; none of them compares strategy names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+__all__ = ["TuningStrategy", "STRATEGIES", "register_strategy", "get_strategy", "strategy_names"]
+
+STRATEGIES: dict[str, TuningStrategy] = {}
+
+
+class TuningStrategy:
+    """The contract of a tuning strategy.
+
+    Attributes:
+        name: the ``model.tuning`` value (set by :func:`register_strategy`).
+        options_class: a dataclass of the strategy's options, or ``None`` for none. Built-in
+            strategies read them from ``model.<name>``; strategies registered outside reinseg from
+            ``model.options.<name>``.
+        trains_vfm: the VFM's own weights train (at ``train.backbone_lr_mult`` x the lr).
+        no_decay_keys: substrings of parameter names (relative to the segmentor, e.g.
+            ``"backbone.rein.scale"``) that take no weight decay, as the official ``custom_keys``.
+        links_queries: the head's object queries come from the strategy's module (Rein's tokens).
+    """
+
+    name: ClassVar[str] = ""
+    options_class: ClassVar[type | None] = None
+    trains_vfm: ClassVar[bool] = False
+    no_decay_keys: ClassVar[tuple[str, ...]] = ()
+
+    def apply(self, backbone: nn.Module, options: Any) -> None:
+        """Add the strategy's modules to a built :class:`~reinseg.backbones.ReinBackbone` (its
+        VFM weights loaded) and set which parameters train; ``options``: an ``options_class``
+        instance (or ``None``)."""
+
+    def check(self, options: Any) -> None:
+        """Refuse options that cannot be used, naming the key (``ValueError``)."""
+
+
+def register_strategy(name: str) -> Callable[[type[TuningStrategy]], type[TuningStrategy]]:
+    """Class decorator: register a :class:`TuningStrategy` subclass under ``name``."""
+
+    def register(cls: type[TuningStrategy]) -> type[TuningStrategy]:
+        if name in STRATEGIES:
+            raise ValueError(f"tuning strategy {name!r} is already registered")
+        cls.name = name
+        STRATEGIES[name] = cls()
+        return cls
+
+    return register
+
+
+def get_strategy(name: str) -> TuningStrategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"model.tuning={name!r} is not one of {', '.join(strategy_names())}")
+    return STRATEGIES[name]
+
+
+def strategy_names() -> tuple[str, ...]:
+    """Registered strategies, in registration order."""
+    return tuple(STRATEGIES)
