@@ -16,25 +16,46 @@ def test_sliding_windows_follow_mmseg():
     assert sliding_windows(40, 40, (64, 64), (42, 42)) == [(0, 40, 0, 40)]  # smaller than the crop
 
 
-def test_every_pixel_is_covered_and_overlaps_are_averaged():
-    segmentor = build_segmentor(tiny_model_config()).eval()
-    images = torch.randn(1, 3, 64, 160)
+def test_every_pixel_is_covered_and_overlaps_are_averaged(monkeypatch):
+    """A stub model whose scores are a known function of position: channels 0 and 1 repeat the
+    pixel's own row and column (coded in the image), channel 2 is the window's left edge. Stitched
+    right, the first two come back unchanged and the third is the mean left edge of the windows
+    covering each column, with the windows written out by hand from mmseg's rule."""
+    segmentor = build_segmentor(tiny_model_config(num_classes=3)).eval()
+
+    def stub(crop):
+        left_edge = crop[:, 1, :1, :1].expand_as(crop[:, 1])
+        return torch.stack([crop[:, 0], crop[:, 1], left_edge], dim=1)
+
+    monkeypatch.setattr(segmentor, "encode_decode", stub)
+    height, width = 80, 170
+    rows = torch.arange(height, dtype=torch.float32).view(1, height, 1).expand(1, height, width)
+    cols = torch.arange(width, dtype=torch.float32).view(1, 1, width).expand(1, height, width)
+    images = torch.stack([rows, cols, torch.zeros_like(rows)], dim=1)
     slide = segmentor.predict(images, mode="slide", crop_size=64, stride=48)
-    windows = sliding_windows(64, 160, (64, 64), (48, 48))
-    expected = torch.zeros_like(slide)
-    counts = torch.zeros(1, 1, 64, 160)
-    for y1, y2, x1, x2 in windows:
-        expected[..., y1:y2, x1:x2] += segmentor.predict(images[..., y1:y2, x1:x2], mode="whole")
-        counts[..., y1:y2, x1:x2] += 1
-    assert counts.min() >= 1
-    assert torch.allclose(slide, expected / counts, atol=1e-6)
+    # mmseg: ceil((170 - 64) / 48) + 1 = 4 columns of windows at 0, 48, 96 and 170 - 64 = 106;
+    # ceil((80 - 64) / 48) + 1 = 2 rows at 0 and 80 - 64 = 16.
+    lefts = [0, 48, 96, 106]
+    expected_left = torch.tensor(
+        [sum(x for x in lefts if x <= c < x + 64) / sum(x <= c < x + 64 for x in lefts) for c in range(width)]
+    )
+    assert torch.equal(slide[0, 0], rows[0]) and torch.equal(slide[0, 1], cols[0])
+    assert torch.allclose(slide[0, 2], expected_left.expand(height, width), atol=1e-5)
 
 
 def test_whole_mode_returns_scores_at_input_size():
     segmentor = build_segmentor(tiny_model_config(num_classes=7)).eval()
-    scores = segmentor.predict(torch.randn(2, 3, 48, 80), mode="whole")
+    images = torch.randn(2, 3, 48, 80)
+    scores = segmentor.predict(images, mode="whole")
     assert scores.shape == (2, 7, 48, 80)
-    assert (scores >= 0).all()
+    # Mask2Former's semantic inference: class probabilities (no-object dropped) times mask
+    # probabilities, summed over queries, with the masks upsampled to the input first.
+    with torch.no_grad():
+        class_logits, mask_logits = segmentor(images)
+    masks = torch.nn.functional.interpolate(mask_logits[-1], size=(48, 80), mode="bilinear").sigmoid()
+    probabilities = class_logits[-1].softmax(-1)[..., :7]
+    expected = (probabilities[..., None, None] * masks[:, :, None]).sum(1)
+    assert torch.allclose(scores, expected, atol=1e-6)
 
 
 def test_flip_augmentation_is_mirror_symmetric():
