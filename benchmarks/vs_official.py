@@ -1,0 +1,225 @@
+"""reinseg against the official Rein code on the CPU: same model, same weights, same inputs.
+
+Needs one environment holding both: the official one (torch, mmcv-lite 2.1.0, mmengine,
+mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain; see ../shared/golden/README.md) with reinseg
+installed (``pip install -e .``), and a checkout of the official repository (w1oves/Rein):
+
+    python benchmarks/vs_official.py --official /path/to/Rein --threads 2
+
+The model is the paper's recipe at 512 px with a ViT-S backbone: the official config
+``configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py`` with its DINOv2 backbone shrunk to
+ViT-S/16 (12 blocks, 384 wide, 6 heads), LoRA-Rein (100 tokens, rank 16) and the full
+Mask2Former head (256 wide, 6 deformable encoder and 9 decoder layers), random weights (seed 0).
+The official model is built from that config by mmseg; reinseg's from the same config and weights
+with :func:`reinseg.from_official`. Each measurement runs in a child process of its own:
+
+- ``train``: one training step (forward, the official loss, backward) on a batch of 2, median
+  seconds over ``--repeats`` after ``--warmup``; and the memory the step adds: the peak resident
+  set during the steps minus the resident set before them.
+- ``infer``: whole-image inference of one 512x512 image (scores at the input size), median seconds.
+
+The official code is imported from its own checkout and never copied here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+CONFIG = "configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py"
+VIT_S = dict(embed_dim=384, depth=12, num_heads=6, out_indices=[3, 5, 7, 11])
+
+
+class _Stub(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+def load_official(official: Path) -> None:
+    """Import mmseg and the official Rein modules of the DINOv2 recipe (no compiled mmcv ops on CPU)."""
+    sys.path.insert(0, str(official))
+    for name in ("mmcv._ext", "mmseg.utils.tokenizer"):
+        sys.modules[name] = _Stub(name)
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    for name, path in (("rein", "rein"), ("rein.models", "rein/models"), ("rein.models.backbones", "rein/models/backbones")):
+        module = types.ModuleType(name)
+        module.__path__ = [str(official / path)]
+        sys.modules[name] = module
+    for name in ("rein.models.backbones.reins_dinov2", "rein.models.heads", "rein.models.segmentors"):
+        importlib.import_module(name)
+    del sys.modules["mmcv._ext"]
+
+
+def plain(value):
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    return value
+
+
+def official_model_config(official: Path) -> dict:
+    from mmengine.config import Config
+
+    model = plain(Config.fromfile(str(official / CONFIG)).model)
+    backbone = model["backbone"]
+    backbone.update(VIT_S, init_cfg=None)
+    backbone["reins_config"].update(embed_dims=VIT_S["embed_dim"], num_layers=VIT_S["depth"])
+    model["decode_head"]["in_channels"] = [VIT_S["embed_dim"]] * 4
+    model["test_cfg"] = dict(mode="whole")
+    return model
+
+
+def build_official(model_config: dict):
+    from mmengine.config import ConfigDict
+    from mmseg.registry import MODELS
+
+    torch.manual_seed(0)
+    model = MODELS.build(ConfigDict(copy.deepcopy(model_config)))
+    model.init_weights()
+    return model
+
+
+def build_reinseg(model_config: dict, official_model):
+    from reinseg import from_official
+
+    state = official_model.state_dict()
+    release = {k: v for k, v in state.items() if k.startswith(("backbone.reins.", "decode_head."))}
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") and k not in release}
+    return from_official(model_config, release, backbone)
+
+
+def inputs(batch: int):
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, 512, 512, generator=generator)
+    labels = torch.randint(0, 19, (batch, 512, 512), generator=generator)
+    labels[:, :64] = 255
+    return images, labels
+
+
+def data_samples(labels: torch.Tensor):
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    samples = []
+    for label in labels:
+        shape = tuple(label.shape)
+        sample = SegDataSample(metainfo=dict(img_shape=shape, pad_shape=shape, ori_shape=shape))
+        sample.gt_sem_seg = PixelData(data=label[None].long())
+        samples.append(sample)
+    return samples
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure(step, warmup: int, repeats: int) -> dict:
+    """Median seconds of ``step()`` and the peak resident memory it adds (MiB)."""
+    for _ in range(warmup):
+        step()
+    before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return dict(seconds=statistics.median(times), added_mib=(_rss_kib("VmHWM") - before) / 1024)
+
+
+def child(args) -> dict:
+    torch.set_num_threads(args.threads)
+    load_official(args.official)
+    model_config = official_model_config(args.official)
+    official = build_official(model_config)
+    side, what = args.child.split("-")
+    if side == "reinseg":
+        model = build_reinseg(model_config, official)
+        del official
+    else:
+        model = official
+    if what == "train":
+        model.train()
+        images, labels = inputs(2)
+        samples = data_samples(labels)
+
+        def step():
+            if side == "reinseg":
+                losses = model.loss(images, labels)
+                total = losses["loss"]
+            else:
+                total, _ = model.parse_losses(model.loss(images, samples))
+            total.backward()
+            model.zero_grad(set_to_none=True)
+
+    else:
+        model.eval()
+        images, _ = inputs(1)
+        metas = [dict(img_shape=(512, 512), ori_shape=(512, 512), pad_shape=(512, 512))]
+
+        @torch.no_grad()
+        def step():
+            if side == "reinseg":
+                return model.predict(images, mode="whole")
+            return model.inference(images, metas)
+
+    return measure(step, args.warmup, args.repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official", type=Path, required=True, help="checkout of the official Rein repository")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    results = {}
+    for name in ("official-train", "reinseg-train", "official-infer", "reinseg-infer"):
+        command = [sys.executable, __file__, "--official", str(args.official), "--threads", str(args.threads)]
+        command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--child", name]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+        print(name, results[name], file=sys.stderr, flush=True)
+    train_o, train_r = results["official-train"], results["reinseg-train"]
+    infer_o, infer_r = results["official-infer"], results["reinseg-infer"]
+    print(f"torch {torch.__version__}, {args.threads} threads, ViT-S/16 + LoRA-Rein + Mask2Former, 512 px\n")
+    print("| measurement | official | reinseg | reinseg / official |")
+    print("|---|---|---|---|")
+    print(
+        f"| train step, batch 2 (s) | {train_o['seconds']:.2f} | {train_r['seconds']:.2f} | "
+        f"{train_r['seconds'] / train_o['seconds']:.2f} |"
+    )
+    print(
+        f"| memory the train step adds (MiB) | {train_o['added_mib']:.0f} | {train_r['added_mib']:.0f} | "
+        f"{train_r['added_mib'] / train_o['added_mib']:.2f} |"
+    )
+    print(
+        f"| whole-image inference, 1 image (s) | {infer_o['seconds']:.3f} | {infer_r['seconds']:.3f} | "
+        f"{infer_r['seconds'] / infer_o['seconds']:.2f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
