@@ -49,11 +49,17 @@ def _cmd_params(args: argparse.Namespace) -> int:
     if args.tuning:
         config.tuning = args.tuning
     if args.compare:
-        rows = []
+        rows, skipped = [], []
         for tuning in TUNINGS:
             config.tuning = tuning
-            with torch.device("meta"):
-                segmentor = build_segmentor(config, load_backbone_weights=False)
+            try:
+                with torch.device("meta"):
+                    segmentor = build_segmentor(config, load_backbone_weights=False)
+            except RuntimeError as err:
+                if not isinstance(err.__cause__, ImportError):
+                    raise
+                skipped.append(f"{tuning}: {err}")  # an optional library (peft for lora) is not installed
+                continue
             backbone = sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)
             head = sum(p.numel() for p in segmentor.head.parameters())
             rows.append((tuning, backbone, head, sum(p.numel() for p in segmentor.parameters())))
@@ -62,6 +68,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
             "trainable parameters per tuning strategy"
         )
         print(format_strategy_table(rows))
+        for note in skipped:
+            print(f"skipped {note}")
         return 0
     # The meta device builds even giant models instantly and without memory.
     with torch.device("meta"):
@@ -201,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Train on data.train, validating on data.val every train.val_interval iterations. Checkpoints "
         "(Rein + head + optimizer state; the VFM is referenced, not copied) go to "
         "<train.output_dir>/checkpoints; a killed run resumes from last.ckpt when started again.",
-        "reinseg train configs/rein_dinov2_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2",
+        "reinseg train configs/rein_dinov2-l_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
@@ -219,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate a checkpoint on the config's validation sets",
         "Per-domain mIoU, per-class IoU and aAcc on data.val, and their mean over the target domains; "
         "printed as a table and written as JSON.",
-        "reinseg eval configs/rein_dinov2_gta_512.yaml work_dirs/gta/checkpoints/last.ckpt --save-preds preds",
+        "reinseg eval configs/rein_dinov2-l_gta_512.yaml work_dirs/gta/checkpoints/last.ckpt --save-preds preds",
     )
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a reinseg checkpoint (training or converted)")
@@ -284,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Build the model of a config (or of the options below) on the meta device (no weights, no memory) "
         "and print its parameter counts and trainable share.",
         """
-                reinseg params configs/rein_dinov2_gta_512.yaml
+                reinseg params configs/rein_dinov2-l_gta_512.yaml
                 reinseg params --backbone eva02_vitl14 --lora-dim 0   # full-rank tokens""",
     )
     p.add_argument("config", nargs="?", metavar="CONFIG", help="a YAML config (else the options below)")

@@ -150,6 +150,10 @@ class ModelConfig:
     test: TestConfig = field(default_factory=TestConfig)
 
 
+# Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
+EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
+
+
 @dataclass
 class DataConfig:
     """Datasets and the training pipeline. Each dataset entry is ``{name, root, split, ...}``

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .checkpoints import CHECKPOINT_FORMAT, atomic_write, atomic_write_bytes, check_same_model, checkpoint_state_dict
-from .config import Config, ConfigError, to_dict
+from .config import EVAL_ENTRY_KEYS, Config, ConfigError, to_dict
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .segmentor import Segmentor, build_segmentor
 
@@ -53,8 +53,6 @@ log = logging.getLogger("reinseg")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
-# Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
-EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
 # No weight decay for these (the official paramwise_cfg custom keys, and norm layers).
 NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "rein.scale", "prompts.tokens")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
