@@ -140,3 +140,45 @@ def test_params_compare_skips_lora_without_peft(monkeypatch, capsys):
     rows = {line.split()[0] for line in out.splitlines()[3:] if not line.startswith("skipped")}
     assert rows == {"rein", "frozen", "full", "vpt", "adaptformer"}
     assert "skipped lora: model.tuning 'lora' needs the peft library" in out
+
+
+def _run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter on this checkout's reinseg; its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    commands = [name.split()[1] for name in _help_texts() if " " in name]
+    out = _run_python(
+        f"""
+import contextlib, io, sys
+from reinseg.cli import main
+for argv in [["--help"]] + [[c, "--help"] for c in {commands!r}]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main(argv)
+print(sorted(m for m in ("torch", "lightning", "timm", "cv2") if m in sys.modules))
+"""
+    )
+    assert out.strip() == "[]"
+    assert len(commands) >= 10
+
+
+def test_the_package_exports_its_public_names_lazily():
+    out = _run_python(
+        """
+import sys
+import reinseg, reinseg.data
+before = "torch" in sys.modules
+names = [n for n in reinseg.__all__ if not hasattr(reinseg, n)]
+names += [n for n in reinseg.data.__all__ if not hasattr(reinseg.data, n)]
+print(before, names, reinseg.config.ModelConfig.__name__, reinseg.data.synthetic.DOMAINS[0])
+"""
+    )
+    assert out.split() == ["False", "[]", "ModelConfig", "game"]

@@ -122,3 +122,43 @@ def test_not_a_checkpoint(trained, tmp_path, capsys):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "random.pth")
     assert main(["eval", str(trained / "config.yaml"), str(tmp_path / "random.pth")]) == 2
     assert "is not a reinseg checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_prints_no_banners_and_names_the_validation_domains(tmp_path):
+    """What a user sees: no device banners or adverts, and each validation bar named after its domain."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    make_fake_cityscapes(tmp_path / "cityscapes", n=2, size=(64, 128), prepared=True)
+    val = dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="val", scale=[128, 64])
+    config = Config(
+        model=tiny_model_config(),
+        data=DataConfig(
+            train=[dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="train")],
+            val=[val, {**val, "label": "second"}],
+            crop_size=64,
+            base_size=64,
+            max_size=256,
+            batch_size=1,
+            num_workers=0,
+        ),
+        train=TrainConfig(max_iters=1, val_interval=1, checkpoint_interval=1, output_dir=str(tmp_path / "run")),
+    )
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "reinseg", "train", str(tmp_path / "config.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    for banner in ("GPU available", "TPU available", "litlogger", "litmodels", "DataLoader"):
+        assert banner not in output
+    assert "validate cityscapes" in output and "validate second" in output

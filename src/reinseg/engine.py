@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -418,6 +419,34 @@ class _Progress(TQDMProgressBar):
         self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_description("train")
 
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        # As Lightning's, with the bar named after the domain instead of "DataLoader <i>".
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        bar = self.val_progress_bar
+        bar.reset(total=convert_inf(self.total_val_batches_current_dataloader))
+        bar.set_description(f"validate {pl_module.val_sets()[dataloader_idx][0]}")
+
+
+class _NoBanners(logging.Filter):
+    """Drops the banners every Lightning Trainer prints (device availability, adverts for
+    Lightning's cloud services); Lightning's other messages, such as the checkpoint a run resumes
+    from, still show."""
+
+    BANNERS = ("GPU available:", "TPU available:", "HPU available:", "\N{ELECTRIC LIGHT BULB} Tip:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.BANNERS)
+
+
+def _hide_lightning_banners() -> None:
+    # They are INFO records of Lightning's rank-zero loggers (lightning_utilities logs through the
+    # one of whichever Lightning package was imported last).
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoBanners) for f in logger.filters):
+            logger.addFilter(_NoBanners())
+
 
 def build_trainer(
     config: Config,
@@ -453,6 +482,7 @@ def build_trainer(
         mode="max",
     )
     val_interval = min(tc.val_interval, tc.max_iters)
+    _hide_lightning_banners()
     loggers = [TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv", version="")]
     if not logging:
         loggers = False

@@ -11,8 +11,6 @@ import os
 import numpy as np
 from PIL import Image
 
-from ..checkpoints import atomic_write
-
 __all__ = ["DataError", "size_mismatch", "read_image", "read_label", "image_size", "write_png", "write_jpeg"]
 
 
@@ -105,10 +103,14 @@ def image_size(path) -> tuple[int, int]:
 def write_png(path, array: np.ndarray, compress_level: int = 6, sync: bool = False) -> None:
     """Save an (H, W) uint8 label map or (H, W, 3) uint8 image as PNG, atomically (``sync``: also
     flushed to disk before it replaces ``path``)."""
+    from ..checkpoints import atomic_write  # here, not at the top: that module imports torch
+
     image = Image.fromarray(np.ascontiguousarray(array))
     atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=compress_level), sync=sync)
 
 
 def write_jpeg(path, image: Image.Image) -> None:
     """Save a PIL image as JPEG with Pillow's defaults (as the official Mapillary resize does), atomically."""
+    from ..checkpoints import atomic_write
+
     atomic_write(path, lambda f: image.save(f, format="JPEG"), sync=False)
