@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    # torch.save writes zip archives; anything else (an image, a text file) is refused before
+    # torch's reader, whose message would advise loading the file with weights_only=False.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a reinseg checkpoint (not a file written by torch.save)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"could not read checkpoint {path}: {err}") from err
+        raise ValueError(f"could not read checkpoint {path}: {_load_failure(err)}") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a reinseg checkpoint (official Rein releases are converted with `reinseg convert-official`)"
@@ -108,6 +113,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     # Training checkpoints name the weights as the LightningModule holds them.
     payload["state_dict"] = {k.removeprefix("segmentor."): v for k, v in payload["state_dict"].items()}
     return payload
+
+
+def _load_failure(err: Exception) -> str:
+    """What torch.load found wrong, without its advice to load the file unrestricted."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+    return ". ".join(s for s in first.split(". ") if "weights_only" not in s and "safe_globals" not in s)
 
 
 def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None = None):

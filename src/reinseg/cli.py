@@ -142,7 +142,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
     written = predict_files(
-        args.checkpoint, args.images, args.output, scale=args.scale, mode=args.mode, flip=args.flip, device=args.device
+        args.checkpoint,
+        args.images,
+        args.output,
+        scale=args.scale or "checkpoint",
+        mode=args.mode,
+        flip=args.flip,
+        device=args.device,
     )
     print(f"wrote {len(written)} predictions (train-ID PNGs and overlays) to {args.output}")
     return 0
@@ -247,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         "segment images with a checkpoint",
         "Segment images (files, folders or glob patterns) and write, per image, <stem>_labelTrainIds.png "
-        "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image).",
+        "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image). Photos are turned "
+        "upright as their EXIF orientation says.",
         "reinseg predict work_dirs/gta/checkpoints/last.ckpt street.jpg photos/ 'more/*.png' --output out",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT")
@@ -257,10 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale",
         type=int,
         nargs=2,
-        default=[1024, 512],
+        default=None,
         metavar=("LONG", "SHORT"),
-        help="resize (keeping the ratio) to fit LONG x SHORT before inference (default 1024 512, "
-        "the Cityscapes test scale); predictions are resized back",
+        help="resize (keeping the ratio) to fit LONG x SHORT before inference; predictions are resized "
+        "back (default: the scale the checkpoint was evaluated at, that of its first data.val set; "
+        "1024 512, the Cityscapes test scale, if it records none)",
     )
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image")

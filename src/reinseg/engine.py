@@ -153,7 +153,7 @@ def lr_factor(
 
 def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
     """``(domain name, dataset, entry)`` per ``data.val`` entry, with the evaluation transform."""
-    from .data import TEST_SCALES, build_dataset, eval_transform
+    from .data import build_dataset, eval_scale, eval_transform
 
     sets = []
     for entry in config.data.val:
@@ -161,12 +161,11 @@ def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
         options = {k: v for k, v in entry.items() if k not in EVAL_ENTRY_KEYS + ("name", "root", "split")}
         if "name" not in entry or "root" not in entry:
             raise ConfigError(f"data.val entry {entry} needs a name and a root")
-        scale = entry.get("scale") or TEST_SCALES.get(entry["name"])
         dataset = build_dataset(
             entry["name"],
             entry["root"],
             entry.get("split", "val"),
-            transform=eval_transform(None if scale is None else tuple(scale)),
+            transform=eval_transform(eval_scale(entry)),
             on_error=config.data.on_error,
             **options,
         )

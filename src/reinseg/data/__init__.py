@@ -29,6 +29,7 @@ _EXPORTS = {
     "train_transform": ".transforms",
     "eval_transform": ".transforms",
     "TEST_SCALES": ".layouts",
+    "eval_scale": ".layouts",
     "DATASETS": ".layouts",
     "ACDC_CONDITIONS": ".layouts",
     "DataError": ".io",
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from .datasets import ConcatSegmentationDataset, SegmentationDataset, build_dataset, build_datasets, collate
     from .encodings import LabelEncoding
     from .io import DataError
-    from .layouts import ACDC_CONDITIONS, DATASETS, TEST_SCALES
+    from .layouts import ACDC_CONDITIONS, DATASETS, TEST_SCALES, eval_scale
     from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 

@@ -9,9 +9,18 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-__all__ = ["DataError", "size_mismatch", "read_image", "read_label", "image_size", "write_png", "write_jpeg"]
+__all__ = [
+    "DataError",
+    "size_mismatch",
+    "read_image",
+    "read_photo",
+    "read_label",
+    "image_size",
+    "write_png",
+    "write_jpeg",
+]
 
 
 class DataError(ValueError):
@@ -60,6 +69,20 @@ def read_image(path) -> np.ndarray:
     if image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr"):
         raise DataError(path, f"not an 8-bit colour image (PIL mode {image.mode})")
     return np.array(image.convert("RGB"))  # a writable copy
+
+
+def read_photo(path) -> np.ndarray:
+    """A photo to segment as (H, W, 3) uint8 RGB, the way a viewer shows it: turned upright as its
+    EXIF orientation says (cameras store portrait shots sideways), alpha dropped (grey + alpha PNGs
+    included)."""
+    image = _open(path)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as err:  # a malformed EXIF block
+        raise DataError(path, _unreadable(path, err)) from None
+    if image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr", "LA", "PA", "RGBX"):
+        raise DataError(path, f"not an 8-bit colour or grey image (PIL mode {image.mode})")
+    return np.array(image.convert("RGB"))
 
 
 def read_label(path, first_channel: bool = False) -> np.ndarray:
