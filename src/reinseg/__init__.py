@@ -23,7 +23,20 @@ _EXPORTS = {
     "load_config": ".config",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "Rein",
+    "ReinBackbone",
+    "build_backbone",
+    "list_backbones",
+    "BACKBONES",
+    "Segmentor",
+    "build_segmentor",
+    "from_official",
+    "Config",
+    "ModelConfig",
+    "load_config",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones

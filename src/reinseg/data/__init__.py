@@ -41,7 +41,28 @@ _EXPORTS = {
     "collate": ".datasets",
 }
 
-__all__ = list(_EXPORTS)
+__all__ = [
+    "CLASSES",
+    "PALETTE",
+    "IGNORE_INDEX",
+    "NUM_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TEST_SCALES",
+    "eval_scale",
+    "DATASETS",
+    "ACDC_CONDITIONS",
+    "DataError",
+    "LabelEncoding",
+    "SegmentationDataset",
+    "ConcatSegmentationDataset",
+    "build_dataset",
+    "build_datasets",
+    "collate",
+    "colorize",
+    "train_transform",
+    "eval_transform",
+]
 
 if TYPE_CHECKING:
     from .classes import CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, colorize
