@@ -168,9 +168,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # Before torch is imported: its OpenMP runtime reads these once, when it loads. Threads that
+    # wait for work sleep instead of spinning, which on a busy machine would take the cores the
+    # other threads (and other processes) need.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     from .demo import DEMO_ITERS, run_demo
 
-    run_demo(args.output, seed=args.seed, max_iters=args.iters or DEMO_ITERS)
+    run_demo(args.output, seed=args.seed, max_iters=args.iters or DEMO_ITERS, threads=args.threads)
     return 0
 
 
@@ -335,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=None, help="training iterations (default 250)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: the cores not already busy, from the 1-minute load average)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = _parser(
