@@ -144,12 +144,9 @@ def test_params_compare_skips_lora_without_peft(monkeypatch, capsys):
 
 def _run_python(code: str) -> str:
     """Run ``code`` in a fresh interpreter on this checkout's reinseg; its stdout."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_reinseg
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = run_reinseg(["-c", code])
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -73,10 +73,7 @@ def test_free_cores_leaves_the_busy_ones(monkeypatch):
 
 
 def test_demo_command_sets_passive_waiting_before_torch_loads():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_reinseg
 
     code = """
 import os, sys, types
@@ -96,8 +93,6 @@ from reinseg.cli import main
 assert main(["demo"]) == 0
 print(seen[0])
 """
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = run_reinseg(["-c", code], env_without=("OMP_WAIT_POLICY", "KMP_BLOCKTIME"))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "('PASSIVE', '0')"

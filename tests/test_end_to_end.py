@@ -127,10 +127,7 @@ def test_not_a_checkpoint(trained, tmp_path, capsys):
 @pytest.mark.slow
 def test_training_prints_no_banners_and_names_the_validation_domains(tmp_path):
     """What a user sees: no device banners or adverts, and each validation bar named after its domain."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_reinseg
 
     make_fake_cityscapes(tmp_path / "cityscapes", n=2, size=(64, 128), prepared=True)
     val = dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="val", scale=[128, 64])
@@ -148,15 +145,7 @@ def test_training_prints_no_banners_and_names_the_validation_domains(tmp_path):
         train=TrainConfig(max_iters=1, val_interval=1, checkpoint_interval=1, output_dir=str(tmp_path / "run")),
     )
     (tmp_path / "config.yaml").write_text(dump_config(config))
-    src = str(Path(__file__).parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run(
-        [sys.executable, "-m", "reinseg", "train", str(tmp_path / "config.yaml")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_reinseg(["-m", "reinseg", "train", str(tmp_path / "config.yaml")])
     assert done.returncode == 0, done.stderr
     output = done.stdout + done.stderr
     for banner in ("GPU available", "TPU available", "litlogger", "litmodels", "DataLoader"):
