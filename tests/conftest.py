@@ -10,6 +10,17 @@ import torch  # noqa: E402
 DATA = Path(__file__).parent / "data"
 
 
+def run_reinseg(args: list[str], env_without: tuple[str, ...] = ()):
+    """Run ``python args...`` in a fresh interpreter on this checkout's reinseg (``src/`` first on
+    PYTHONPATH), without the environment variables ``env_without``; the CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in env_without}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
 def load_golden(name: str) -> dict:
     return torch.load(DATA / name, map_location="cpu", weights_only=False)
 

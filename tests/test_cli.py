@@ -52,3 +52,130 @@ def test_params_of_a_config(capsys):
     assert main(["params", str(config)]) == 0
     out = capsys.readouterr().out
     assert "2,990,081" in out and "20,579,796" in out
+
+
+ROOT = Path(__file__).parents[1]
+SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def _help_texts() -> dict[str, str]:
+    """The --help text of the main parser and of every subcommand."""
+    import argparse
+
+    from reinseg.cli import build_parser
+
+    parser = build_parser()
+    texts = {"reinseg": parser.format_help()}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            texts.update({f"reinseg {name}": sub.format_help() for name, sub in action.choices.items()})
+    return texts
+
+
+def test_every_config_named_in_a_help_exists():
+    import re
+
+    named = {
+        (command, path)
+        for command, text in _help_texts().items()
+        for path in re.findall(r"configs/[\w./+-]*\w", text)
+        if path != "configs/"
+    }
+    assert any(command == "reinseg train" for command, _ in named)  # the examples do name configs
+    missing = sorted(f"{command}: {path}" for command, path in named if not (ROOT / path).is_file())
+    assert not missing, missing
+
+
+def test_there_are_shipped_configs():
+    assert len(SHIPPED_CONFIGS) >= 9
+
+
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_check_data_reports_every_missing_root_of_a_shipped_config(config, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)  # the configs' relative roots (data/...) do not exist here
+    data = yaml.safe_load(config.read_text())["data"]
+    entries = data["train"] + data["val"]
+    assert main(["check-data", str(config)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    missing = [line for line in out if "root not found" in line]
+    assert len(missing) == len(entries)  # one line per dataset, in the config's order
+    for line, entry in zip(missing, entries):
+        assert line.startswith(entry["name"]) and line.endswith(f"root not found: {entry['root']}")
+    assert out[-1].startswith("problems in: ")
+
+
+def test_check_data_of_a_config_checks_the_datasets_that_exist(tmp_path, capsys):
+    from fake_datasets import make_fake_cityscapes
+
+    make_fake_cityscapes(tmp_path / "cityscapes", n=2, size=(32, 64), prepared=True)
+    (tmp_path / "config.yaml").write_text(
+        f"""
+data:
+  train: [{{name: gtav, root: {tmp_path / "gta"}}}]
+  val: [{{name: cityscapes, root: {tmp_path / "cityscapes"}, split: val, scale: [64, 32], in_mean: false}}]
+  crop_size: 32
+"""
+    )
+    assert main(["check-data", str(tmp_path / "config.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert f"gtav train: gtav root not found: {tmp_path / 'gta'}" in out
+    assert "cityscapes val" in out and "2 pairs" in out  # the set that exists is still checked
+    assert out.strip().splitlines()[-1] == "problems in: gtav train"
+
+
+def test_check_data_names_a_typo_in_the_data_section(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("data:\n  crop_sise: 512\n  train: []\n")
+    assert main(["check-data", str(tmp_path / "config.yaml")]) == 2
+    assert "did you mean 'crop_size'" in capsys.readouterr().err
+
+
+def test_params_compare_skips_lora_without_peft(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
+    assert main(["params", "--backbone", "dinov2_vitl14", "--compare"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0] for line in out.splitlines()[3:] if not line.startswith("skipped")}
+    assert rows == {"rein", "frozen", "full", "vpt", "adaptformer"}
+    assert "skipped lora: model.tuning 'lora' needs the peft library" in out
+
+
+def _run_python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter on this checkout's reinseg; its stdout."""
+    from conftest import run_reinseg
+
+    done = run_reinseg(["-c", code])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    commands = [name.split()[1] for name in _help_texts() if " " in name]
+    out = _run_python(
+        f"""
+import contextlib, io, sys
+from reinseg.cli import main
+for argv in [["--help"]] + [[c, "--help"] for c in {commands!r}]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main(argv)
+print(sorted(m for m in ("torch", "lightning", "timm", "cv2") if m in sys.modules))
+"""
+    )
+    assert out.strip() == "[]"
+    assert len(commands) >= 10
+
+
+def test_the_package_exports_its_public_names_lazily():
+    out = _run_python(
+        """
+import sys
+import reinseg, reinseg.data
+before = "torch" in sys.modules
+names = [n for n in reinseg.__all__ if not hasattr(reinseg, n)]
+names += [n for n in reinseg.data.__all__ if not hasattr(reinseg.data, n)]
+print(before, names, reinseg.config.ModelConfig.__name__, reinseg.data.synthetic.DOMAINS[0])
+"""
+    )
+    assert out.split() == ["False", "[]", "ModelConfig", "game"]

@@ -122,3 +122,128 @@ def test_not_a_checkpoint(trained, tmp_path, capsys):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "random.pth")
     assert main(["eval", str(trained / "config.yaml"), str(tmp_path / "random.pth")]) == 2
     assert "is not a reinseg checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_prints_no_banners_and_names_the_validation_domains(tmp_path):
+    """What a user sees: no device banners or adverts, and each validation bar named after its domain."""
+    from conftest import run_reinseg
+
+    make_fake_cityscapes(tmp_path / "cityscapes", n=2, size=(64, 128), prepared=True)
+    val = dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="val", scale=[128, 64])
+    config = Config(
+        model=tiny_model_config(),
+        data=DataConfig(
+            train=[dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="train")],
+            val=[val, {**val, "label": "second"}],
+            crop_size=64,
+            base_size=64,
+            max_size=256,
+            batch_size=1,
+            num_workers=0,
+        ),
+        train=TrainConfig(max_iters=1, val_interval=1, checkpoint_interval=1, output_dir=str(tmp_path / "run")),
+    )
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    done = run_reinseg(["-m", "reinseg", "train", str(tmp_path / "config.yaml")])
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    for banner in ("GPU available", "TPU available", "litlogger", "litmodels", "DataLoader"):
+        assert banner not in output
+    assert "validate cityscapes" in output and "validate second" in output
+
+
+def _record_inference_sizes(monkeypatch) -> list:
+    """The (H, W) of every input the segmentor is run on from now on."""
+    from reinseg.segmentor import Segmentor
+
+    sizes = []
+    predict = Segmentor.predict
+
+    def recording(self, x, *args, **kwargs):
+        sizes.append(tuple(x.shape[-2:]))
+        return predict(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Segmentor, "predict", recording)
+    return sizes
+
+
+def test_predict_runs_at_the_checkpoints_test_scale(trained, tmp_path, monkeypatch, capsys):
+    # The checkpoint's validation set is resized to fit 128 x 64: a 256 x 512 photo is segmented
+    # at 64 x 128 (the old fixed 1024 x 512 would have upscaled it to 512 x 1024).
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 512, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    sizes = _record_inference_sizes(monkeypatch)
+    checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    assert main(["predict", checkpoint, str(tmp_path / "a.png"), "--output", str(tmp_path / "out")]) == 0
+    assert sizes == [(64, 128)]
+    assert "fit in 128x64 (the test scale of cityscapes" in capsys.readouterr().out
+    prediction = np.asarray(Image.open(tmp_path / "out" / "a_labelTrainIds.png"))
+    assert prediction.shape == (256, 512)
+    # An explicit --scale still wins.
+    assert (
+        main(
+            ["predict", checkpoint, str(tmp_path / "a.png"), "--output", str(tmp_path / "o2"), "--scale", "256", "128"]
+        )
+        == 0
+    )
+    assert sizes[-1] == (128, 256)
+
+
+def test_predict_of_a_checkpoint_without_validation_sets_uses_the_cityscapes_scale():
+    from reinseg.predict import checkpoint_scale
+
+    assert checkpoint_scale({"model": {}})[0] == (1024, 512)
+    assert checkpoint_scale({"data": {"val": [{"name": "acdc", "root": "x"}]}})[0] == (1920, 1080)
+    assert checkpoint_scale({"data": {"val": [{"name": "synthetic", "root": "x"}]}})[0] is None
+
+
+def _exif_rotated(stored: np.ndarray, path, orientation: int = 6) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation; 6: the stored picture is shown turned 90 degrees clockwise
+    Image.fromarray(stored).save(path, exif=exif)
+
+
+def test_photos_are_read_upright(tmp_path):
+    from reinseg.data.io import read_photo
+
+    stored = np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    _exif_rotated(stored, tmp_path / "turned.png")
+    assert np.array_equal(read_photo(tmp_path / "turned.png"), np.rot90(stored, k=-1))
+    _exif_rotated(stored, tmp_path / "turned.jpg")
+    assert read_photo(tmp_path / "turned.jpg").shape == (30, 20, 3)
+
+
+def test_grey_alpha_pngs_are_read_as_grey(tmp_path):
+    from reinseg.data.io import read_photo
+
+    grey = np.random.default_rng(2).integers(0, 255, (12, 16), dtype=np.uint8)
+    alpha = np.full_like(grey, 128)
+    Image.fromarray(np.stack([grey, alpha], axis=-1), mode="LA").save(tmp_path / "la.png")
+    assert Image.open(tmp_path / "la.png").mode == "LA"
+    assert np.array_equal(read_photo(tmp_path / "la.png"), np.stack([grey] * 3, axis=-1))
+
+
+def test_predict_writes_upright_outputs_for_a_folder_with_progress(trained, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    _exif_rotated(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8), photos / "portrait.jpg")
+    grey = rng.integers(0, 255, (64, 96), dtype=np.uint8)
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], axis=-1), mode="LA").save(photos / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(photos / "plain.png")
+    checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    assert main(["predict", checkpoint, str(photos), "--output", str(tmp_path / "out")]) == 0
+    assert np.asarray(Image.open(tmp_path / "out" / "portrait_labelTrainIds.png")).shape == (128, 64)
+    assert np.asarray(Image.open(tmp_path / "out" / "portrait_overlay.png")).shape == (128, 64, 3)
+    assert np.asarray(Image.open(tmp_path / "out" / "grey_labelTrainIds.png")).shape == (64, 96)
+    err = capsys.readouterr().err
+    assert "predict" in err and "3/3" in err
+
+
+def test_an_image_given_as_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):
+    image = next((trained / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))
+    assert main(["predict", str(image), str(image), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(image) in err and "not a reinseg checkpoint" in err
+    assert "weights_only" not in err
+    assert not (tmp_path / "out").exists()

@@ -190,7 +190,7 @@ def test_checkpoint_of_another_width_is_refused(tmp_path):
 def test_unreadable_and_missing_files(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match=r"garbage\.pth is not a PyTorch weight file"):
+    with pytest.raises(ValueError, match=r"garbage\.pth is not a weight file"):
         read_state_dict(garbage)
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_backbone("dinov2_vits14", img_size=32, patch_size=16, checkpoint=tmp_path / "nowhere.pth", **TINY)

@@ -1,13 +1,27 @@
 """reinseg: Rein (CVPR 2024) for domain-generalized semantic segmentation with vision foundation models."""
 
-from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones
-from .config import Config, ModelConfig, load_config
-from .official import from_official
-from .rein import Rein
-from .build import build_segmentor
-from .segmentor import Segmentor
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# Public name -> the module defining it. They are imported on first use, so that `reinseg --help`
+# and the data tools do not pay for importing torch and timm.
+_EXPORTS = {
+    "Rein": ".rein",
+    "ReinBackbone": ".backbones",
+    "build_backbone": ".backbones",
+    "list_backbones": ".backbones",
+    "BACKBONES": ".backbones",
+    "Segmentor": ".segmentor",
+    "build_segmentor": ".build",
+    "from_official": ".official",
+    "Config": ".config",
+    "ModelConfig": ".config",
+    "load_config": ".config",
+}
 
 __all__ = [
     "Rein",
@@ -23,3 +37,29 @@ __all__ = [
     "load_config",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones
+    from .config import Config, ModelConfig, load_config
+    from .official import from_official
+    from .rein import Rein
+    from .build import build_segmentor
+    from .segmentor import Segmentor
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    else:  # a submodule, as the eager imports used to make them attributes
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -97,7 +97,7 @@ def save_checkpoint(path: str | Path, config: dict[str, Any], state_dict: dict[s
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a reinseg checkpoint, refusing (with the path) files that are not one."""
     path = Path(path)
-    payload = load_torch_file(path, what="checkpoint")
+    payload = load_torch_file(path, what="reinseg checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a reinseg checkpoint (official Rein releases are converted with `reinseg convert-official`)"

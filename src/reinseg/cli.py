@@ -49,11 +49,17 @@ def _cmd_params(args: argparse.Namespace) -> int:
     if args.tuning:
         config.tuning = args.tuning
     if args.compare:
-        rows = []
+        rows, skipped = [], []
         for tuning in strategy_names():
             config.tuning = tuning
-            with torch.device("meta"):
-                segmentor = build_segmentor(config, load_backbone_weights=False)
+            try:
+                with torch.device("meta"):
+                    segmentor = build_segmentor(config, load_backbone_weights=False)
+            except RuntimeError as err:
+                if not isinstance(err.__cause__, ImportError):
+                    raise
+                skipped.append(f"{tuning}: {err}")  # an optional library (peft for lora) is not installed
+                continue
             backbone = sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)
             head = sum(p.numel() for p in segmentor.head.parameters())
             rows.append((tuning, backbone, head, sum(p.numel() for p in segmentor.parameters())))
@@ -62,6 +68,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
             "trainable parameters per tuning strategy"
         )
         print(format_strategy_table(rows))
+        for note in skipped:
+            print(f"skipped {note}")
         return 0
     # The meta device builds even giant models instantly and without memory.
     with torch.device("meta"):
@@ -134,7 +142,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
     written = predict_files(
-        args.checkpoint, args.images, args.output, scale=args.scale, mode=args.mode, flip=args.flip, device=args.device
+        args.checkpoint,
+        args.images,
+        args.output,
+        scale=args.scale or "checkpoint",
+        mode=args.mode,
+        flip=args.flip,
+        device=args.device,
     )
     print(f"wrote {len(written)} predictions (train-ID PNGs and overlays) to {args.output}")
     return 0
@@ -154,9 +168,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # Before torch is imported: its OpenMP runtime reads these once, when it loads. Threads that
+    # wait for work sleep instead of spinning, which on a busy machine would take the cores the
+    # other threads (and other processes) need.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     from .demo import DEMO_ITERS, run_demo
 
-    run_demo(args.output, seed=args.seed, max_iters=args.iters or DEMO_ITERS)
+    run_demo(args.output, seed=args.seed, max_iters=args.iters or DEMO_ITERS, threads=args.threads)
     return 0
 
 
@@ -201,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Train on data.train, validating on data.val every train.val_interval iterations. Checkpoints "
         "(Rein + head + optimizer state; the VFM is referenced, not copied) go to "
         "<train.output_dir>/checkpoints; a killed run resumes from last.ckpt when started again.",
-        "reinseg train configs/rein_dinov2_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2",
+        "reinseg train configs/rein_dinov2-l_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
@@ -219,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate a checkpoint on the config's validation sets",
         "Per-domain mIoU, per-class IoU and aAcc on data.val, and their mean over the target domains; "
         "printed as a table and written as JSON.",
-        "reinseg eval configs/rein_dinov2_gta_512.yaml work_dirs/gta/checkpoints/last.ckpt --save-preds preds",
+        "reinseg eval configs/rein_dinov2-l_gta_512.yaml work_dirs/gta/checkpoints/last.ckpt --save-preds preds",
     )
     p.add_argument("config", metavar="CONFIG")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a reinseg checkpoint (training or converted)")
@@ -239,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         "segment images with a checkpoint",
         "Segment images (files, folders or glob patterns) and write, per image, <stem>_labelTrainIds.png "
-        "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image).",
+        "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image). Photos are turned "
+        "upright as their EXIF orientation says.",
         "reinseg predict work_dirs/gta/checkpoints/last.ckpt street.jpg photos/ 'more/*.png' --output out",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT")
@@ -249,10 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale",
         type=int,
         nargs=2,
-        default=[1024, 512],
+        default=None,
         metavar=("LONG", "SHORT"),
-        help="resize (keeping the ratio) to fit LONG x SHORT before inference (default 1024 512, "
-        "the Cityscapes test scale); predictions are resized back",
+        help="resize (keeping the ratio) to fit LONG x SHORT before inference; predictions are resized "
+        "back (default: the scale the checkpoint was evaluated at, that of its first data.val set; "
+        "1024 512, the Cityscapes test scale, if it records none)",
     )
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image")
@@ -284,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Build the model of a config (or of the options below) on the meta device (no weights, no memory) "
         "and print its parameter counts and trainable share.",
         """
-                reinseg params configs/rein_dinov2_gta_512.yaml
+                reinseg params configs/rein_dinov2-l_gta_512.yaml
                 reinseg params --backbone eva02_vitl14 --lora-dim 0   # full-rank tokens""",
     )
     p.add_argument("config", nargs="?", metavar="CONFIG", help="a YAML config (else the options below)")
@@ -319,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iters", type=int, default=None, help="training iterations (default 250)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: the cores not already busy, from the 1-minute load average)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = _parser(

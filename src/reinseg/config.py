@@ -141,6 +141,10 @@ class ModelConfig:
         return options
 
 
+# Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
+EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
+
+
 @dataclass
 class DataConfig:
     """Datasets and the training pipeline. Each dataset entry is ``{name, root, split, ...}``

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .checkpoints import CHECKPOINT_FORMAT, atomic_write, atomic_write_bytes, check_same_model, checkpoint_state_dict
-from .config import Config, ConfigError, to_dict
+from .config import EVAL_ENTRY_KEYS, Config, ConfigError, to_dict
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .safe_load import load_torch_file
 from .build import build_segmentor
@@ -56,8 +57,6 @@ log = logging.getLogger("reinseg")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
-# Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
-EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
@@ -158,7 +157,7 @@ def lr_factor(
 
 def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
     """``(domain name, dataset, entry)`` per ``data.val`` entry, with the evaluation transform."""
-    from .data import TEST_SCALES, build_dataset, eval_transform
+    from .data import build_dataset, eval_scale, eval_transform
 
     sets = []
     for entry in config.data.val:
@@ -166,12 +165,11 @@ def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
         options = {k: v for k, v in entry.items() if k not in EVAL_ENTRY_KEYS + ("name", "root", "split")}
         if "name" not in entry or "root" not in entry:
             raise ConfigError(f"data.val entry {entry} needs a name and a root")
-        scale = entry.get("scale") or TEST_SCALES.get(entry["name"])
         dataset = build_dataset(
             entry["name"],
             entry["root"],
             entry.get("split", "val"),
-            transform=eval_transform(None if scale is None else tuple(scale)),
+            transform=eval_transform(eval_scale(entry)),
             on_error=config.data.on_error,
             **options,
         )
@@ -429,6 +427,34 @@ class _Progress(TQDMProgressBar):
         self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_description("train")
 
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        # As Lightning's, with the bar named after the domain instead of "DataLoader <i>".
+        if not self.has_dataloader_changed(dataloader_idx):
+            return
+        bar = self.val_progress_bar
+        bar.reset(total=convert_inf(self.total_val_batches_current_dataloader))
+        bar.set_description(f"validate {pl_module.val_sets()[dataloader_idx][0]}")
+
+
+class _NoBanners(logging.Filter):
+    """Drops the banners every Lightning Trainer prints (device availability, adverts for
+    Lightning's cloud services); Lightning's other messages, such as the checkpoint a run resumes
+    from, still show."""
+
+    BANNERS = ("GPU available:", "TPU available:", "HPU available:", "\N{ELECTRIC LIGHT BULB} Tip:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.BANNERS)
+
+
+def _hide_lightning_banners() -> None:
+    # They are INFO records of Lightning's rank-zero loggers (lightning_utilities logs through the
+    # one of whichever Lightning package was imported last).
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoBanners) for f in logger.filters):
+            logger.addFilter(_NoBanners())
+
 
 def build_trainer(
     config: Config,
@@ -464,6 +490,7 @@ def build_trainer(
         mode="max",
     )
     val_interval = min(tc.val_interval, tc.max_iters)
+    _hide_lightning_banners()
     loggers = [TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv", version="")]
     if not logging:
         loggers = False

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from .checkpoints import segmentor_from_checkpoint
 from .segmentor import Segmentor
 
-__all__ = ["IMAGE_SUFFIXES", "collect_images", "segment_image", "predict_files"]
+__all__ = ["IMAGE_SUFFIXES", "DEFAULT_SCALE", "collect_images", "checkpoint_scale", "segment_image", "predict_files"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEFAULT_SCALE = (1024, 512)  # the Cityscapes test scale, for checkpoints that record no validation set
 
 
 def collect_images(inputs: Sequence[str]) -> list[Path]:
@@ -24,7 +25,7 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     Raises a ValueError naming any input that matches nothing, any file that is not a readable
     image, and any two inputs that would write the same output name.
     """
-    from .data.io import read_image
+    from .data.io import read_photo
 
     paths: list[Path] = []
     for item in inputs:
@@ -42,13 +43,27 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
                 raise ValueError(f"{item}: no such file, folder or matching pattern")
             paths += matches
     for path in paths:
-        read_image(path)  # a DataError (ValueError) naming the file if it is not an image
+        read_photo(path)  # a DataError (ValueError) naming the file if it is not an image
     stems: dict[str, Path] = {}
     for path in paths:
         if path.stem in stems and stems[path.stem] != path:
             raise ValueError(f"{stems[path.stem]} and {path} would both be written as {path.stem}_*.png")
         stems[path.stem] = path
     return list(stems.values())
+
+
+def checkpoint_scale(config: dict) -> tuple[tuple[int, int] | None, str]:
+    """The test scale a checkpoint was evaluated at, from its configuration (a plain dict): that of
+    its first ``data.val`` set, as ``reinseg eval`` resizes that set's images; :data:`DEFAULT_SCALE`
+    if it records none. Returns ``(scale or None for the images' own size, where it comes from)``."""
+    from .data import eval_scale
+
+    val = (config.get("data") or {}).get("val") or []
+    if not val or not isinstance(val[0], dict):
+        return DEFAULT_SCALE, "Cityscapes' test scale: the checkpoint records no validation set"
+    first = val[0]
+    domain = first.get("label") or first.get("name")
+    return eval_scale(first), f"the test scale of {domain}, the checkpoint's first validation set"
 
 
 @torch.no_grad()
@@ -88,24 +103,41 @@ def predict_files(
     checkpoint: str,
     inputs: Sequence[str],
     output: str,
-    scale: Sequence[int] | None = (1024, 512),
+    scale: Sequence[int] | None | str = "checkpoint",
     mode: str | None = None,
     flip: bool = False,
     device: str | None = None,
+    progress: bool = True,
 ) -> list[Path]:
-    """Segment every input image; writes ``<stem>_labelTrainIds.png`` and ``<stem>_overlay.png``."""
+    """Segment every input image; writes ``<stem>_labelTrainIds.png`` and ``<stem>_overlay.png``.
+
+    ``scale``: (long, short) to resize each image to fit before inference, None for the images'
+    own size, or "checkpoint" (default) for the scale the checkpoint was evaluated at
+    (:func:`checkpoint_scale`). Photos are turned upright as their EXIF orientation says, and the
+    outputs have the upright size. ``progress`` shows a bar (on stderr) over the images.
+    """
+    from tqdm import tqdm
+
     from .data import colorize
-    from .data.io import read_image, write_png
+    from .data.io import read_photo, write_png
 
     paths = collect_images(inputs)  # everything is checked before anything is written
-    segmentor, _ = segmentor_from_checkpoint(checkpoint)
+    segmentor, payload = segmentor_from_checkpoint(checkpoint)
+    if isinstance(scale, str):
+        if scale != "checkpoint":
+            raise ValueError(f"scale must be (long, short), None or 'checkpoint', got {scale!r}")
+        scale, source = checkpoint_scale(payload["config"])
+    else:
+        scale, source = (None, "the images' own size") if scale is None else (tuple(scale), "as asked")
+    size = "each image's own size" if scale is None else f"fit in {scale[0]}x{scale[1]}"
+    print(f"segmenting {len(paths)} image(s) at {size} ({source})", flush=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     segmentor = segmentor.to(device).eval()
     out = Path(output)
     written = []
-    for path in paths:
-        image = read_image(path)
-        train_ids = segment_image(segmentor, image, None if scale is None else tuple(scale), mode, flip or None)
+    for path in tqdm(paths, desc="predict", unit="image", disable=not progress or len(paths) < 2):
+        image = read_photo(path)
+        train_ids = segment_image(segmentor, image, scale, mode, flip or None)
         overlay = (0.5 * image + 0.5 * colorize(train_ids)).astype(np.uint8)
         for suffix, array in (("_labelTrainIds.png", train_ids), ("_overlay.png", overlay)):
             target = out / f"{path.stem}{suffix}"

@@ -111,7 +111,7 @@ def load_torch_file(path: str | Path, what: str = "file") -> Any:
         return _read_torchscript(path)
     with open(path, "rb") as file:
         if not is_zip and file.read(1) != b"\x80":  # every torch.save file is a zip or starts with a pickle
-            raise ValueError(f"{path} is not a PyTorch {what} (neither a zip archive nor a pickle)")
+            raise ValueError(f"{path} is not a {what} (not a file written by torch.save)")
     try:
         with torch.serialization.safe_globals(_RECORD_CLASSES):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -122,9 +122,9 @@ def load_torch_file(path: str | Path, what: str = "file") -> Any:
                 f"{path}: refused to read this {what}: it needs {refused}, which could run code; "
                 "reinseg reads only tensors, containers and known training-framework records"
             ) from None
-        raise ValueError(f"{path} is not a readable PyTorch {what}: {_first_line(err)}") from None
+        raise ValueError(f"could not read {what} {path}: {_first_line(err)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch {what}: {_first_line(err)}") from None
+        raise ValueError(f"could not read {what} {path}: {_first_line(err)}") from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -11,18 +11,35 @@ procedural street scenes in several visual domains. See docs/datasets.md for the
                         transform=eval_transform(TEST_SCALES["cityscapes"]))
 """
 
-from .classes import CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, colorize
-from .datasets import (
-    ConcatSegmentationDataset,
-    SegmentationDataset,
-    build_dataset,
-    build_datasets,
-    collate,
-)
-from .encodings import LabelEncoding
-from .io import DataError
-from .layouts import ACDC_CONDITIONS, DATASETS, TEST_SCALES
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Public name -> the module defining it, imported on first use: the datasets and transforms
+# import torch, which the data tools' command line (`reinseg prepare --help`) does not need.
+_EXPORTS = {
+    "CLASSES": ".classes",
+    "PALETTE": ".classes",
+    "IGNORE_INDEX": ".classes",
+    "NUM_CLASSES": ".classes",
+    "colorize": ".classes",
+    "IMAGENET_MEAN": ".transforms",
+    "IMAGENET_STD": ".transforms",
+    "train_transform": ".transforms",
+    "eval_transform": ".transforms",
+    "TEST_SCALES": ".layouts",
+    "eval_scale": ".layouts",
+    "DATASETS": ".layouts",
+    "ACDC_CONDITIONS": ".layouts",
+    "DataError": ".io",
+    "LabelEncoding": ".encodings",
+    "SegmentationDataset": ".datasets",
+    "ConcatSegmentationDataset": ".datasets",
+    "build_dataset": ".datasets",
+    "build_datasets": ".datasets",
+    "collate": ".datasets",
+}
 
 __all__ = [
     "CLASSES",
@@ -32,6 +49,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "TEST_SCALES",
+    "eval_scale",
     "DATASETS",
     "ACDC_CONDITIONS",
     "DataError",
@@ -45,3 +63,29 @@ __all__ = [
     "train_transform",
     "eval_transform",
 ]
+
+if TYPE_CHECKING:
+    from .classes import CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, colorize
+    from .datasets import ConcatSegmentationDataset, SegmentationDataset, build_dataset, build_datasets, collate
+    from .encodings import LabelEncoding
+    from .io import DataError
+    from .layouts import ACDC_CONDITIONS, DATASETS, TEST_SCALES, eval_scale
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    else:  # a submodule, as the eager imports used to make them attributes
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -4,7 +4,8 @@ For every dataset split: the number of pairs, the files without a partner, unrea
 labels whose size differs from their image, label values outside the encoding (for train-ID
 files: outside {0..18, 255}) with the files that hold them, and the class histogram.
 The target is a dataset root (the dataset named or recognised by its layout) or a YAML config
-whose ``data`` section lists datasets::
+whose ``data.train`` and ``data.val`` list datasets (a missing root is reported, one line per
+dataset, and the others are still checked)::
 
     data:
       train:
@@ -44,6 +45,7 @@ class DatasetReport:
     missing_partners: list[tuple[str, str]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(CLASSES) + 1, dtype=np.int64))
+    missing: str | None = None  # why the split could not be read at all (its root or a folder is missing)
 
     def of_kind(self, kind: str) -> list[Problem]:
         return [p for p in self.problems if p.kind == kind]
@@ -55,7 +57,7 @@ class DatasetReport:
 
     @property
     def ok(self) -> bool:
-        return not (self.missing_partners or self.problems)
+        return not (self.missing or self.missing_partners or self.problems)
 
     def to_dict(self) -> dict:
         names = list(CLASSES) + ["ignore"]
@@ -65,6 +67,7 @@ class DatasetReport:
             "root": self.root,
             "pairs": self.pairs,
             "ok": self.ok,
+            "missing": self.missing,
             "missing_partners": [{"path": p, "reason": r} for p, r in self.missing_partners],
             "unreadable": [{"path": p.path, "reason": p.reason} for p in self.of_kind("unreadable")],
             "size_mismatches": [{"path": p.path, "reason": p.reason} for p in self.of_kind("size mismatch")],
@@ -75,6 +78,8 @@ class DatasetReport:
         }
 
     def format(self, most: int = 10) -> str:
+        if self.missing is not None:
+            return f"{self.name} {self.split}: {self.missing}"
         lines = [f"{self.name} {self.split} ({self.root}): {self.pairs} pairs"]
         sections = [("missing partners", [f"{p}: {r}" for p, r in self.missing_partners])]
         for kind, title in (
@@ -143,7 +148,11 @@ def detect_dataset(root) -> str:
 
 
 def config_entries(path) -> list[dict]:
-    """The dataset entries of a YAML config's ``data`` section, each with a ``section`` key."""
+    """The dataset entries of a YAML config's ``data.train`` and ``data.val``, each with a
+    ``section`` key. The other keys of ``data`` (crop_size, batch_size, ...) are checked as
+    :class:`~reinseg.config.DataConfig` checks them, and otherwise ignored."""
+    from ..config import EVAL_ENTRY_KEYS, ConfigError, DataConfig, from_dict
+
     path = Path(path)
     try:
         config = load_yaml(path.read_text(), str(path))
@@ -151,13 +160,19 @@ def config_entries(path) -> list[dict]:
         raise ValueError(f"{path}: not valid YAML ({err})") from None
     data = config.get("data") if isinstance(config, dict) else None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: no 'data' section with train/val/test lists of datasets")
+        raise ValueError(f"{path}: no 'data' section with train/val lists of datasets")
+    try:
+        checked = from_dict(DataConfig, data, "data")
+    except ConfigError as err:
+        raise ValueError(f"{path}: {err}") from None
     entries = []
-    for section, items in data.items():
-        for item in items if isinstance(items, list) else [items]:
+    for section in ("train", "val"):
+        for item in getattr(checked, section):
             if not isinstance(item, dict) or "name" not in item or "root" not in item:
                 raise ValueError(f"{path}: data.{section}: each dataset needs 'name' and 'root', got {item!r}")
-            entries.append({"section": section, **item})
+            entries.append({"section": section, **{k: v for k, v in item.items() if k not in EVAL_ENTRY_KEYS}})
+    if not entries:
+        raise ValueError(f"{path}: data.train and data.val list no dataset")
     return entries
 
 
@@ -192,7 +207,8 @@ def check(
     target = Path(target)
     if not target.exists():
         raise FileNotFoundError(f"not found: {target}")
-    if target.is_file():
+    from_config = target.is_file()
+    if from_config:
         if dataset or split or options:
             raise ValueError("--dataset, --split and dataset options go with a dataset root, not a config")
         entries = config_entries(target)
@@ -206,10 +222,15 @@ def check(
         name, root, entry_split = entry.pop("name"), entry.pop("root"), entry.pop("split", "train")
         try:
             data = build_dataset(name, root, entry_split, on_error=on_error, **entry)
-        except FileNotFoundError:
+        except FileNotFoundError as err:
             if optional:  # a root holding only some splits
                 continue
-            raise
+            if not from_config:
+                raise
+            # A config names several datasets: report every missing one, not just the first.
+            label = "/".join([name] + [str(entry[k]) for k in ("condition", "domain") if k in entry])
+            reports.append(DatasetReport(label, entry_split, str(root), 0, missing=str(err)))
+            continue
         if on_error == "raise":
             data.validate(workers or 1)
         reports.append(check_dataset(data, entry_split, root, workers, progress))

@@ -98,7 +98,7 @@ def register_commands(subparsers) -> None:
             example:
               reinseg check-data data/cityscapes --split val
               reinseg check-data data/acdc --condition night --json acdc_night.json
-              reinseg check-data configs/gta2city.yaml"""
+              reinseg check-data configs/rein_dinov2-l_gta_512.yaml"""
         ),
     )
     p.add_argument("target", metavar="CONFIG_OR_ROOT", help="a dataset root or a YAML config")

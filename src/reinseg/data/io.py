@@ -9,11 +9,18 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from ..checkpoints import atomic_write
-
-__all__ = ["DataError", "size_mismatch", "read_image", "read_label", "image_size", "write_png", "write_jpeg"]
+__all__ = [
+    "DataError",
+    "size_mismatch",
+    "read_image",
+    "read_photo",
+    "read_label",
+    "image_size",
+    "write_png",
+    "write_jpeg",
+]
 
 
 class DataError(ValueError):
@@ -64,6 +71,20 @@ def read_image(path) -> np.ndarray:
     return np.array(image.convert("RGB"))  # a writable copy
 
 
+def read_photo(path) -> np.ndarray:
+    """A photo to segment as (H, W, 3) uint8 RGB, the way a viewer shows it: turned upright as its
+    EXIF orientation says (cameras store portrait shots sideways), alpha dropped (grey + alpha PNGs
+    included)."""
+    image = _open(path)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as err:  # a malformed EXIF block
+        raise DataError(path, _unreadable(path, err)) from None
+    if image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr", "LA", "PA", "RGBX"):
+        raise DataError(path, f"not an 8-bit colour or grey image (PIL mode {image.mode})")
+    return np.array(image.convert("RGB"))
+
+
 def read_label(path, first_channel: bool = False) -> np.ndarray:
     """The stored values of a label PNG as an (H, W) integer array.
 
@@ -105,10 +126,14 @@ def image_size(path) -> tuple[int, int]:
 def write_png(path, array: np.ndarray, compress_level: int = 6, sync: bool = False) -> None:
     """Save an (H, W) uint8 label map or (H, W, 3) uint8 image as PNG, atomically (``sync``: also
     flushed to disk before it replaces ``path``)."""
+    from ..checkpoints import atomic_write  # here, not at the top: that module imports torch
+
     image = Image.fromarray(np.ascontiguousarray(array))
     atomic_write(path, lambda f: image.save(f, format="PNG", compress_level=compress_level), sync=sync)
 
 
 def write_jpeg(path, image: Image.Image) -> None:
     """Save a PIL image as JPEG with Pillow's defaults (as the official Mapillary resize does), atomically."""
+    from ..checkpoints import atomic_write
+
     atomic_write(path, lambda f: image.save(f, format="JPEG"), sync=False)

@@ -32,6 +32,7 @@ __all__ = [
     "DatasetInfo",
     "DATASETS",
     "TEST_SCALES",
+    "eval_scale",
     "ACDC_CONDITIONS",
     "discover",
     "dataset_info",
@@ -276,6 +277,13 @@ DATASETS = {
 # configs (night-acdc_1024x1024.py and siblings; the 512x512 ones use (960, 540)). Synthia and
 # UrbanSyn have no official test pipeline: their native sizes. None: the image as it is.
 TEST_SCALES = {name: info.test_scale for name, info in DATASETS.items()}
+
+
+def eval_scale(entry: dict) -> tuple[int, int] | None:
+    """The (long, short) scale a ``data.val`` entry's images are resized to fit for evaluation: the
+    entry's own ``scale``, else its dataset's (:data:`TEST_SCALES`); None keeps them as they are."""
+    scale = entry.get("scale") or TEST_SCALES.get(entry.get("name"))
+    return None if scale is None else tuple(scale)
 
 
 def dataset_info(name: str) -> DatasetInfo:

@@ -27,7 +27,6 @@ from .encodings import LabelEncoding
 from .io import DataError, image_size, read_image, read_label, size_mismatch, write_jpeg, write_png
 from .layouts import FolderPairs, discover, split_layout
 from .parallel import parallel_map
-from .transforms import resize_label
 
 __all__ = ["PREPARABLE", "ON_MISMATCH", "PrepareSummary", "prepare"]
 
@@ -110,6 +109,8 @@ def _convert(job: _Job, overwrite: bool, on_mismatch: str) -> dict:
                     raise size_mismatch(job.image, image_hw, job.label, train_ids.shape)
                 if on_mismatch == "skip":
                     return {"status": "skipped", "path": job.output, "mismatch": mismatch}
+                from .transforms import resize_label  # imports torch: only when needed (fast --help)
+
                 train_ids = resize_label(train_ids, image_hw)
         write_png(job.output, train_ids)
         if job.half_image:
