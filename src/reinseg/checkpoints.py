@@ -8,6 +8,7 @@ leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -34,9 +35,20 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "reinseg-checkpoint-v1"
-# The process's umask, read once (reading it means setting it, which would race with threads).
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere read (once) by setting it and back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
@@ -55,7 +67,7 @@ def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
                 f.flush()
                 os.fsync(f.fileno())
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

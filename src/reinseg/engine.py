@@ -53,9 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("reinseg")
-# The frozen VFM is in eval mode on purpose (no dropout or drop-path in it).
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -466,6 +463,10 @@ def build_trainer(
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.strategies import DDPStrategy
 
+    # The frozen VFM is in eval mode on purpose (no dropout or drop-path in it); Lightning's
+    # pytree deprecation is not ours to act on.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     tc = config.train
     out = Path(tc.output_dir)
     accelerator = tc.accelerator
