@@ -97,9 +97,14 @@ def build_official(model_config: dict):
 def build_reinseg(model_config: dict, official_model):
     from reinseg import from_official
 
-    state = official_model.state_dict()
-    release = {k: v for k, v in state.items() if k.startswith(("backbone.reins.", "decode_head."))}
-    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") and k not in release}
+    # The official backbone's state_dict() keeps only Rein's weights (what its releases hold);
+    # the frozen DINOv2 weights are the module's parameters and buffers.
+    release = official_model.state_dict()
+    backbone = {
+        name: value
+        for name, value in [*official_model.backbone.named_parameters(), *official_model.backbone.named_buffers()]
+        if not name.startswith("reins.")
+    }
     return from_official(model_config, release, backbone)
 
 
