@@ -17,6 +17,7 @@ with :func:`reinseg.from_official`. Each measurement runs in a child process of 
   seconds over ``--repeats`` after ``--warmup``; and the memory the step adds: the peak resident
   set during the steps minus the resident set before them.
 - ``infer``: whole-image inference of one 512x512 image (scores at the input size), median seconds.
+- ``check``: both models' scores on one image, to show the two compute the same thing.
 
 The official code is imported from its own checkout and never copied here.
 """
@@ -156,6 +157,14 @@ def child(args) -> dict:
     model_config = official_model_config(args.official)
     official = build_official(model_config)
     side, what = args.child.split("-")
+    if what == "check":  # both models on one image: the comparison is of the same computation
+        model = build_reinseg(model_config, official).eval()
+        official.eval()
+        images, _ = inputs(1)
+        metas = [dict(img_shape=(512, 512), ori_shape=(512, 512), pad_shape=(512, 512))]
+        with torch.no_grad():
+            difference = (model.predict(images, mode="whole") - official.inference(images, metas)).abs().max()
+        return dict(max_abs_difference=difference.item())
     if side == "reinseg":
         model = build_reinseg(model_config, official)
         del official
@@ -201,7 +210,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
     results = {}
-    for name in ("official-train", "reinseg-train", "official-infer", "reinseg-infer"):
+    for name in ("both-check", "official-train", "reinseg-train", "official-infer", "reinseg-infer"):
         command = [sys.executable, __file__, "--official", str(args.official), "--threads", str(args.threads)]
         command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--child", name]
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -209,7 +218,8 @@ def main() -> None:
         print(name, results[name], file=sys.stderr, flush=True)
     train_o, train_r = results["official-train"], results["reinseg-train"]
     infer_o, infer_r = results["official-infer"], results["reinseg-infer"]
-    print(f"torch {torch.__version__}, {args.threads} threads, ViT-S/16 + LoRA-Rein + Mask2Former, 512 px\n")
+    print(f"torch {torch.__version__}, {args.threads} threads, ViT-S/16 + LoRA-Rein + Mask2Former, 512 px")
+    print(f"scores of the two models differ by at most {results['both-check']['max_abs_difference']:.1e}\n")
     print("| measurement | official | reinseg | reinseg / official |")
     print("|---|---|---|---|")
     print(
