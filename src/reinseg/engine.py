@@ -94,6 +94,12 @@ class TrainingStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if worker is not None:
+            import cv2
+
+            # One OpenCV thread per data-loader worker, as mmengine sets it: the workers already
+            # run in parallel. (cv2's results do not depend on its thread count.)
+            cv2.setNumThreads(0)
         step = self.start_step
         while True:
             if step % num_workers == worker_id:
