@@ -1,6 +1,6 @@
-import re
 import json
 import logging
+import re
 
 import numpy as np
 import pytest

@@ -19,6 +19,7 @@ JPEG inputs are stored as bytes, since encoders differ between library versions)
   LoadAnnotations, PackSegInputs) and the preprocessor in test mode, per official config; the
   model input's SHA-256, its size and the label's size; the sliding-window settings.
 - Mapillary: tools/convert_datasets/mapillary_resize.py's half-resolution copies.
+- predictions: mmseg's ``postprocess_result`` (logits resized to the original size, argmax).
 """
 
 from __future__ import annotations
@@ -58,11 +59,11 @@ def _stub_imports() -> None:
 
 _stub_imports()
 import mmseg.datasets.transforms  # noqa: E402,F401  (registers the transforms)
+from mmcv.transforms import Compose  # noqa: E402
 from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.models.data_preprocessor import SegDataPreProcessor  # noqa: E402
 from mmseg.registry import TRANSFORMS  # noqa: E402
-from mmcv.transforms import Compose  # noqa: E402
-from mmengine.registry import init_default_scope  # noqa: E402
 
 init_default_scope("mmseg")  # as the official runner: mmcv's RandomChoiceResize finds mmseg's ResizeShortestEdge
 
@@ -317,7 +318,9 @@ def make_eval(tmp: Path, arrays: dict, meta: dict, half_jpeg: bytes) -> None:
         packed = Compose([TRANSFORMS.build(step) for step in spec["pipeline"]])(
             dict(img_path=str(image_path), seg_map_path=str(label_path), reduce_zero_label=False, seg_fields=[])
         )
-        out = SegDataPreProcessor(**pre)({"inputs": [packed["inputs"]], "data_samples": [packed["data_samples"]]}, False)
+        out = SegDataPreProcessor(**pre)(
+            {"inputs": [packed["inputs"]], "data_samples": [packed["data_samples"]]}, False
+        )
         model_input = out["inputs"][0].numpy()
         sample = packed["data_samples"]
         gt = sample.gt_sem_seg.data[0].numpy()
@@ -346,6 +349,24 @@ def make_eval(tmp: Path, arrays: dict, meta: dict, half_jpeg: bytes) -> None:
         print(f"eval {name}: {hw} -> {model_input.shape}, label {gt.shape}")
 
 
+def make_resize_back(arrays: dict, meta: dict) -> None:
+    """mmseg's postprocess_result: logits at the model input's size -> classes at the label's size."""
+    import torch
+    from mmseg.models.segmentors.base import BaseSegmentor
+    from mmseg.structures import SegDataSample
+
+    torch.manual_seed(0)
+    segmentor = types.SimpleNamespace(align_corners=Config.fromfile(str(GTA_512)).model.decode_head.align_corners)
+    meta["resize_back"] = []
+    for index, (input_hw, ori_hw) in enumerate([((24, 40), (17, 29)), ((20, 30), (45, 70))]):
+        logits = torch.randn(1, 19, *input_hw)
+        sample = SegDataSample(metainfo=dict(ori_shape=ori_hw, img_shape=input_hw))
+        [out] = BaseSegmentor.postprocess_result(segmentor, logits, [sample])
+        arrays[f"resize_back/{index}/logits"] = logits[0].numpy()
+        arrays[f"resize_back/{index}/prediction"] = out.pred_sem_seg.data[0].numpy().astype(np.uint8)
+        meta["resize_back"].append(dict(input=list(input_hw), ori_shape=list(ori_hw)))
+
+
 def main() -> None:
     assert np.__version__.startswith("1."), "run in the official environment"
     cv2.setNumThreads(1)
@@ -355,13 +376,19 @@ def main() -> None:
         make_train(tmp, arrays, meta)
         half_jpeg = mapillary_half(tmp, arrays, meta)
         make_eval(tmp, arrays, meta, half_jpeg)
+    make_resize_back(arrays, meta)
     meta["configs"] = configs()
     import mmcv
     import mmseg
     import PIL
 
-    meta["versions"] = dict(mmcv=mmcv.__version__, mmseg=mmseg.__version__, cv2=cv2.__version__, numpy=np.__version__,
-                            pillow=PIL.__version__)
+    meta["versions"] = dict(
+        mmcv=mmcv.__version__,
+        mmseg=mmseg.__version__,
+        cv2=cv2.__version__,
+        numpy=np.__version__,
+        pillow=PIL.__version__,
+    )
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     np.savez_compressed(OUT, **arrays)
     print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB)")
