@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from fake_datasets import write_png
 from golden.pipeline_inputs import block_label, sha256, smooth_image
 
 from reinseg.config import load_config
@@ -60,21 +61,13 @@ class Replay:
     flip_prob = 0.5
 
 
-def _write_png(path: Path, array: np.ndarray) -> Path:
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(array[..., ::-1]) if array.ndim == 3 else array)
-    assert ok
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data.tobytes())
-    return path
-
-
 def _train_inputs(tmp_path: Path, sample: dict):
     h, w = sample["size"]
     image = smooth_image(sample["seed"], h, w)
     label = block_label(sample["seed"], h, w, dominant=sample["dominant"])
     # The inputs are regenerated, not stored: first make sure they are the official run's.
     assert sha256(image) == sample["input_sha256"] and sha256(label) == sample["label_input_sha256"]
-    return _write_png(tmp_path / "image.png", image), _write_png(tmp_path / "label.png", label)
+    return write_png(tmp_path / "image.png", image), write_png(tmp_path / "label.png", label)
 
 
 def _recipe(sample: dict) -> Compose:
@@ -112,6 +105,21 @@ def test_training_sample_is_bit_identical_to_the_official_pipeline(tmp_path, nam
     assert sha256(out_image.numpy()) == sample["image_sha256"]
     assert torch.equal(out_label, torch.from_numpy(GOLDEN[f"train/{name}/label"].astype(np.int64)))
     assert crop_label.shape == crop.shape[:2]
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_training_sample_does_not_depend_on_the_thread_counts(tmp_path, threads):
+    sample = TRAIN["gtav_512"]
+    image, label = read_pair(*map(str, _train_inputs(tmp_path, sample)))
+    before = cv2.getNumThreads(), torch.get_num_threads()
+    try:
+        cv2.setNumThreads(threads)
+        torch.set_num_threads(threads)
+        out_image, _ = _recipe(sample)(image, label, rng=Replay(sample["draws"]))
+    finally:
+        cv2.setNumThreads(before[0])
+        torch.set_num_threads(before[1])
+    assert sha256(out_image.numpy()) == sample["image_sha256"]
 
 
 def test_padded_official_recipe_crop_pads_after_normalisation(tmp_path):
@@ -193,10 +201,10 @@ def _write_eval_pair(root: Path, sample: dict) -> tuple[Path, Path]:
     else:
         image = smooth_image(sample["seed"], h, w)
         assert sha256(image) == sample["input_sha256"]
-        _write_png(root / image_rel, image)
+        write_png(root / image_rel, image)
     label = block_label(sample["seed"], h, w)
     assert sha256(label) == sample["label_input_sha256"]
-    _write_png(root / label_rel, label)
+    write_png(root / label_rel, label)
     return root / image_rel, root / label_rel
 
 
