@@ -1,10 +1,11 @@
 """Reading and writing images and label maps, with errors that name the file.
 
-Images come back as (H, W, 3) uint8 RGB, decoded by OpenCV as mmcv's ``LoadImageFromFile``
-decodes them (``cv2.imdecode`` with ``IMREAD_COLOR``: EXIF orientation applied, 16-bit samples
-cut to 8, grayscale expanded); label files as (H, W) integer arrays of their stored values, read
-with Pillow as mmseg's ``LoadAnnotations`` reads them. Every failure is a :class:`DataError` (a
-ValueError) whose message starts with the path.
+Images come back as (H, W, 3) uint8 RGB, decoded by OpenCV with the call mmcv's
+``LoadImageFromFile`` makes (``cv2.imdecode`` with ``IMREAD_COLOR``), so that grayscale, 16-bit
+and oriented images are converted as the official pipeline converts them. Label files come back
+as (H, W) integer arrays of their stored values, read with Pillow as mmseg's ``LoadAnnotations``
+reads them. Every failure is a :class:`DataError` (a ValueError) whose message starts with the
+path.
 """
 
 from __future__ import annotations
