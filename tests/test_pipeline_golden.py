@@ -22,7 +22,7 @@ from golden.pipeline_inputs import block_label, sha256, smooth_image
 from reinseg.config import load_config
 from reinseg.data.datasets import read_pair
 from reinseg.data.prepare import _write_half
-from reinseg.data.transforms import Compose, RandomFlip, eval_transform, train_transform
+from reinseg.data.transforms import Compose, RandomFlip, RandomResizeShortestEdge, eval_transform, train_transform
 from reinseg.engine import prediction_at_size, validation_sets
 
 DATA = Path(__file__).parent / "data"
@@ -135,6 +135,16 @@ def test_padded_official_recipe_crop_pads_after_normalisation(tmp_path):
     assert torch.all(out_image[:, h:] == 0) and torch.all(out_image[:, :, w:] == 0)
     assert torch.all(out_label[h:] == 255) and torch.all(out_label[:, w:] == 255)
     assert (out_label[:h, :w] != 255).float().mean() > 0.5
+
+
+def test_training_resize_sizes_equal_the_official_ones_for_every_scale():
+    """mmseg's ResizeShortestEdge then mmcv's imrescale, for each scale of the 512 and 1024 recipes
+    on the datasets' image sizes (GTAV, Cityscapes, Synthia, ACDC, BDD100K, Mapillary)."""
+    cases = META["resize_sizes"]
+    assert len(cases) == 2 * 16 * 12
+    for case in cases:
+        resize = RandomResizeShortestEdge([case["short_edge"]], case["max_size"])
+        assert list(resize.target_size(tuple(case["size"]), case["short_edge"])) == case["out"], case
 
 
 def test_the_official_draws_exercise_every_branch():

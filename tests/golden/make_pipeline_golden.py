@@ -20,6 +20,8 @@ JPEG inputs are stored as bytes, since encoders differ between library versions)
   model input's SHA-256, its size and the label's size; the sliding-window settings.
 - Mapillary: tools/convert_datasets/mapillary_resize.py's half-resolution copies.
 - predictions: mmseg's ``postprocess_result`` (logits resized to the original size, argmax).
+- the training resize's output size for every scale of the 512 and 1024 recipes on the datasets'
+  image sizes.
 """
 
 from __future__ import annotations
@@ -349,6 +351,36 @@ def make_eval(tmp: Path, arrays: dict, meta: dict, half_jpeg: bytes) -> None:
         print(f"eval {name}: {hw} -> {model_input.shape}, label {gt.shape}")
 
 
+# (h, w) of the training images of the datasets (GTAV, Cityscapes/UrbanSyn, Synthia, ACDC, BDD100K,
+# Mapillary's common camera sizes, portrait too) and a few odd ones.
+TRAIN_SIZES = [
+    (1052, 1914),
+    (1024, 2048),
+    (760, 1280),
+    (1080, 1920),
+    (720, 1280),
+    (3024, 4032),
+    (2448, 3264),
+    (4032, 3024),
+    (1536, 2048),
+    (333, 517),
+    (517, 333),
+    (1000, 1000),
+]
+
+
+def make_resize_sizes(meta: dict) -> None:
+    """Output (h, w) of the official RandomChoiceResize(ResizeShortestEdge) for every scale of the
+    512 and 1024 recipes on each of TRAIN_SIZES (mmseg's arithmetic, then mmcv's imrescale)."""
+    meta["resize_sizes"] = []
+    for crop, max_size in [(512, 2048), (1024, 4096)]:
+        for short_edge in [int(crop * x * 0.1) for x in range(5, 21)]:
+            resize = TRANSFORMS.build(dict(type="ResizeShortestEdge", scale=short_edge, max_size=max_size))
+            for h, w in TRAIN_SIZES:
+                out = resize(dict(img=np.zeros((h, w, 3), np.uint8)))["img"].shape[:2]
+                meta["resize_sizes"].append(dict(size=[h, w], short_edge=short_edge, max_size=max_size, out=list(out)))
+
+
 def make_resize_back(arrays: dict, meta: dict) -> None:
     """mmseg's postprocess_result: logits at the model input's size -> classes at the label's size."""
     import torch
@@ -377,6 +409,7 @@ def main() -> None:
         half_jpeg = mapillary_half(tmp, arrays, meta)
         make_eval(tmp, arrays, meta, half_jpeg)
     make_resize_back(arrays, meta)
+    make_resize_sizes(meta)
     meta["configs"] = configs()
     import mmcv
     import mmseg
