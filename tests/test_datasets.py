@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -331,3 +332,21 @@ def test_dataset_from_explicit_pairs(tmp_path):
     dataset = SegmentationDataset("mine", [(image, label)])
     assert np.array_equal(dataset[0]["label"].numpy(), fake.expected[image])
     assert repr(dataset) == "SegmentationDataset('mine', 1 pairs, 0 skipped)"
+
+
+@pytest.mark.parametrize("damage", ["truncated jpeg", "truncated png", "empty", "text"])
+def test_images_opencv_cannot_decode_are_errors_naming_the_file(tmp_path, damage):
+    import cv2
+
+    from reinseg.data.io import read_image
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    ext = ".png" if damage == "truncated png" else ".jpg"
+    data = cv2.imencode(ext, image)[1].tobytes()
+    path = tmp_path / f"bad{ext}"
+    path.write_bytes({"empty": b"", "text": b"no image here"}.get(damage, data[: len(data) * 2 // 3]))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: unreadable"):
+        read_image(path)
+    path.write_bytes(data)  # the whole file decodes (as RGB: cv2 decodes BGR)
+    decoded = read_image(path)
+    assert decoded.shape == (64, 96, 3) and (ext == ".jpg" or np.array_equal(decoded, image[..., ::-1]))

@@ -49,6 +49,7 @@ __all__ = [
     "train",
     "evaluate",
     "validation_sets",
+    "prediction_at_size",
     "EVAL_ENTRY_KEYS",
 ]
 
@@ -91,6 +92,12 @@ class TrainingStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if worker is not None:
+            import cv2
+
+            # One OpenCV thread per data-loader worker, as mmengine sets it: the workers already
+            # run in parallel. (cv2's results do not depend on its thread count.)
+            cv2.setNumThreads(0)
         step = self.start_step
         while True:
             if step % num_workers == worker_id:
@@ -150,6 +157,14 @@ def lr_factor(
     span = max(max_iters - warmup_iters, 1)
     progress = min(step - warmup_iters, span) / span
     return (1.0 - min_factor) * (1.0 - progress) ** power + min_factor
+
+
+def prediction_at_size(scores: torch.Tensor, size) -> torch.Tensor:
+    """(C, h, w) class scores of one image -> (H, W) int64 classes at ``size`` = (H, W), its label's
+    (original) size: bilinear resize without corner alignment, then argmax, as mmseg's
+    ``postprocess_result``."""
+    scores = F.interpolate(scores[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return scores.argmax(1)[0]
 
 
 def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
@@ -314,9 +329,7 @@ class SegmentationTask(L.LightningModule):
             raise ValueError(f"validation set {self.val_sets()[dataloader_idx][0]} has no labels")
         scores = self.segmentor.predict(batch["image"])
         for i, size in enumerate(batch["ori_size"]):
-            # As mmseg: scores resized (bilinear) to the label's resolution, then argmax.
-            item = F.interpolate(scores[i : i + 1].float(), size=tuple(size), mode="bilinear", align_corners=False)
-            prediction = item.argmax(1)[0]
+            prediction = prediction_at_size(scores[i], size)
             self._confusions[dataloader_idx].update(prediction, batch["label"][i])
             if self.save_predictions is not None:
                 self._write_prediction(dataloader_idx, batch["label_path"][i], prediction)

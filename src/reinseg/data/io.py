@@ -1,7 +1,11 @@
 """Reading and writing images and label maps, with errors that name the file.
 
-Images come back as (H, W, 3) uint8 RGB; label files as (H, W) integer arrays of their stored
-values. Every failure is a :class:`DataError` (a ValueError) whose message starts with the path.
+Images come back as (H, W, 3) uint8 RGB, decoded by OpenCV with the call mmcv's
+``LoadImageFromFile`` makes (``cv2.imdecode`` with ``IMREAD_COLOR``), so that grayscale, 16-bit
+and oriented images are converted as the official pipeline converts them. Label files come back
+as (H, W) integer arrays of their stored values, read with Pillow as mmseg's ``LoadAnnotations``
+reads them. Every failure is a :class:`DataError` (a ValueError) whose message starts with the
+path.
 """
 
 from __future__ import annotations
@@ -64,11 +68,33 @@ def _unreadable(path, err: Exception) -> str:
 
 
 def read_image(path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB (grayscale and palette images are converted)."""
-    image = _open(path)
-    if image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr"):
-        raise DataError(path, f"not an 8-bit colour image (PIL mode {image.mode})")
-    return np.array(image.convert("RGB"))  # a writable copy
+    """An image file as (H, W, 3) uint8 RGB (grayscale, palette, 16-bit and RGBA images converted)."""
+    import cv2  # imported where an image is decoded: the command line's help needs none of it
+
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except OSError as err:
+        raise DataError(path, f"unreadable ({err.strerror or err})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise DataError(path, "unreadable (not an image format OpenCV can decode, or a damaged file)")
+    if _truncated_jpeg(data):
+        # libjpeg decodes a cut-off JPEG with a warning and grey rows; that is a damaged file.
+        raise DataError(path, "unreadable (a truncated JPEG: no end-of-image marker after its last scan)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _truncated_jpeg(data: np.ndarray) -> bool:
+    """A JPEG stream whose last scan (SOS marker) is not followed by an end-of-image marker.
+
+    Entropy-coded data escapes 0xFF bytes, so EOI (FF D9) cannot occur inside a scan."""
+    raw = data.tobytes()
+    if not raw.startswith(b"\xff\xd8"):
+        return False
+    last_scan = raw.rfind(b"\xff\xda")
+    return last_scan < 0 or raw.find(b"\xff\xd9", last_scan) < 0
 
 
 def read_photo(path) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .encodings import LabelEncoding
-from .io import DataError, image_size, read_image, read_label, size_mismatch, write_jpeg, write_png
+from .io import DataError, _open, image_size, read_label, size_mismatch, write_jpeg, write_png
 from .layouts import FolderPairs, discover, split_layout
 from .parallel import parallel_map
 
@@ -121,8 +121,9 @@ def _convert(job: _Job, overwrite: bool, on_mismatch: str) -> dict:
 
 
 def _write_half(image_path: str, train_ids, image_out: str, label_out: str) -> None:
-    """The official Mapillary evaluation copies: (w // 2, h // 2), image bicubic, label nearest."""
-    image = Image.fromarray(read_image(image_path))
+    """The official Mapillary evaluation copies (tools/convert_datasets/mapillary_resize.py):
+    (w // 2, h // 2), image bicubic, label nearest, all with Pillow as the official script."""
+    image = _open(image_path)
     half = (image.width // 2, image.height // 2)
     write_jpeg(image_out, image.resize(half, resample=Image.BICUBIC))
     write_png(label_out, np.asarray(Image.fromarray(train_ids).resize(half, resample=Image.NEAREST)))

@@ -5,19 +5,21 @@ Every transform is a callable ``t(image, label=None, rng=None) -> (image, label)
 draw from ``rng`` (a ``numpy.random.Generator``, a seed, or None for fresh entropy), so a seed
 reproduces a sample exactly. :class:`Compose` threads one generator through its transforms.
 
-Geometry follows mmcv without OpenCV: images are resized bilinearly without antialiasing
-(cv2 ``INTER_LINEAR``, via torch), labels by nearest neighbour (cv2 ``INTER_NEAREST``), and
-regions outside the image are padded with 0 (image) and 255 (label).
+Image operations are OpenCV's, as in mmcv/mmseg, so that a sample is bit-identical to the
+official pipeline's (tests/test_pipeline_golden.py): images are resized with ``INTER_LINEAR``,
+labels with ``INTER_NEAREST``, the photometric steps use cv2's 8-bit HSV. mmseg works on BGR
+images, reinseg on RGB; every step acts on each channel alike or (HSV) has the same arithmetic
+for either order. Training crops are padded after normalisation (:class:`Pad`), as mmseg's data
+preprocessor pads a batch: the padding is never flipped or photometrically distorted.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .classes import IGNORE_INDEX
-from .colorspace import hsv_to_rgb, rgb_to_hsv
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -30,6 +32,7 @@ __all__ = [
     "RandomFlip",
     "PhotoMetricDistortion",
     "Normalize",
+    "Pad",
     "ToTensor",
     "resize_image",
     "resize_label",
@@ -71,25 +74,19 @@ class Compose:
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (H, W, 3) uint8 to ``size`` = (h, w), as cv2 INTER_LINEAR (no antialias)."""
+    """Bilinear resize of (H, W, C) uint8 to ``size`` = (h, w): cv2 ``INTER_LINEAR`` (fixed point,
+    no antialiasing), as ``mmcv.imresize``."""
     if image.shape[:2] == tuple(size):
         return image
-    # Arrays decoded by Pillow are read-only; torch wants a writable one.
-    x = torch.from_numpy(np.require(image, requirements=("C", "W"))).permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=False)
-    return x[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return cv2.resize(np.ascontiguousarray(image), (int(size[1]), int(size[0])), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an (H, W) map to ``size`` = (h, w), as cv2 INTER_NEAREST.
-
-    Output pixel i reads input pixel floor(i * in / out): no new values can appear.
-    """
+    """Nearest-neighbour resize of an (H, W) uint8 map to ``size`` = (h, w): cv2 ``INTER_NEAREST``
+    (output pixel i reads input pixel floor(i * in / out)), as mmcv resizes segmentation maps."""
     if label.shape[:2] == tuple(size):
         return label
-    rows = np.minimum((np.arange(size[0]) * (label.shape[0] / size[0])).astype(np.int64), label.shape[0] - 1)
-    cols = np.minimum((np.arange(size[1]) * (label.shape[1] / size[1])).astype(np.int64), label.shape[1] - 1)
-    return label[rows[:, None], cols[None, :]]
+    return cv2.resize(np.ascontiguousarray(label), (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
 
 
 def rescale_size(size: tuple[int, int], scale: tuple[int, int]) -> tuple[int, int]:
@@ -124,8 +121,9 @@ class RandomResizeShortestEdge:
     def target_size(self, size: tuple[int, int], short_edge: int) -> tuple[int, int]:
         """(h, w) for an image of ``size`` = (h, w) and a chosen short edge."""
         h, w = size
+        # mmseg's ResizeShortestEdge arithmetic, float for float (the short edge is set, not scaled).
         factor = short_edge / min(h, w)
-        new_h, new_w = h * factor, w * factor
+        new_h, new_w = (float(short_edge), factor * w) if h < w else (factor * h, float(short_edge))
         if max(new_h, new_w) > self.max_size:
             shrink = self.max_size / max(new_h, new_w)
             new_h, new_w = new_h * shrink, new_w * shrink
@@ -171,13 +169,12 @@ class Resize:
 
 
 class RandomCrop:
-    """mmseg ``RandomCrop(crop_size, cat_max_ratio)``, padded to the crop size.
+    """mmseg ``RandomCrop(crop_size, cat_max_ratio)``.
 
     A crop window is drawn uniformly. With ``cat_max_ratio`` < 1 it is redrawn (up to 10 times,
     the 11th draw is kept unchecked) while one class covers ``cat_max_ratio`` or more of its
-    non-ignored pixels, or it holds fewer than two classes. An image smaller than the crop is
-    padded at the bottom and right with 0 (image) and ``ignore_index`` (label), as mmseg's data
-    preprocessor pads each batch to the crop size.
+    non-ignored pixels, or it holds fewer than two classes. An image smaller than the crop gives
+    a smaller crop (the whole image along that side); :class:`Pad` fills it up after normalisation.
     """
 
     def __init__(self, size, cat_max_ratio: float = 1.0, ignore_index: int = IGNORE_INDEX):
@@ -203,21 +200,10 @@ class RandomCrop:
                 if self._balanced(label[window]):
                     break
                 window = self._window(image.shape, rng)
-        image = _pad(image[window], self.size, 0)
-        label = None if label is None else _pad(label[window], self.size, self.ignore_index)
-        return image, label
+        return image[window], (None if label is None else label[window])
 
     def __repr__(self):
         return f"RandomCrop(size={self.size}, cat_max_ratio={self.cat_max_ratio}, ignore_index={self.ignore_index})"
-
-
-def _pad(array: np.ndarray, size: tuple[int, int], value) -> np.ndarray:
-    """Pad at the bottom and right to at least ``size`` = (h, w)."""
-    pad_h, pad_w = max(size[0] - array.shape[0], 0), max(size[1] - array.shape[1], 0)
-    if not (pad_h or pad_w):
-        return array
-    widths = ((0, pad_h), (0, pad_w)) + ((0, 0),) * (array.ndim - 2)
-    return np.pad(array, widths, constant_values=value)
 
 
 class RandomFlip:
@@ -239,6 +225,12 @@ class RandomFlip:
 # --- photometry -----------------------------------------------------------------------------
 
 
+def _to_hsv(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> cv2's 8-bit HSV (H in 0..179, S and V in 0..255)."""
+    # A flipped crop is a view with negative strides, which cv2 does not take.
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2HSV)
+
+
 class PhotoMetricDistortion:
     """mmseg ``PhotoMetricDistortion`` with its defaults, ranges, probabilities and order.
 
@@ -249,8 +241,8 @@ class PhotoMetricDistortion:
     5. hue: add an integer in [-18, 18) to the 8-bit hue (0..179, wrapping), p = 1/2.
 
     Every step clips to 0..255 and truncates to uint8 as mmseg does. mmseg converts BGR images
-    with cv2's 8-bit HSV; this converts RGB images with the same arithmetic (see
-    :mod:`reinseg.data.colorspace`), so the effect on the colours is the same. Labels pass unchanged.
+    with cv2's 8-bit HSV; this converts RGB images with cv2's RGB variant, the same arithmetic
+    with the channels named the other way round. Labels pass unchanged.
     """
 
     def __init__(
@@ -278,13 +270,13 @@ class PhotoMetricDistortion:
         if contrast_first:
             image = self._contrast(image, rng)
         if rng.integers(2):
-            hsv = rgb_to_hsv(image)
+            hsv = _to_hsv(image)
             hsv[..., 1] = self._affine(hsv[..., 1], alpha=rng.uniform(*self.saturation_range))
-            image = hsv_to_rgb(hsv)
+            image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if rng.integers(2):
-            hsv = rgb_to_hsv(image)
+            hsv = _to_hsv(image)
             hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-self.hue_delta, self.hue_delta)) % 180
-            image = hsv_to_rgb(hsv)
+            image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if not contrast_first:
             image = self._contrast(image, rng)
         return image, label
@@ -313,6 +305,35 @@ class Normalize:
         return f"Normalize(mean={tuple(self.mean.tolist())}, std={tuple(self.std.tolist())})"
 
 
+class Pad:
+    """Pad a normalised image and its label at the bottom and right to at least ``size`` (h, w).
+
+    mmseg's ``SegDataPreProcessor`` (``size=crop_size, pad_val=0, seg_pad_val=255``) pads each
+    training batch this way after normalising it: the padding is 0 in normalised units (the mean
+    colour) and ignored in the label, and nothing before it (flip, photometric distortion) sees it.
+    """
+
+    def __init__(self, size, value: float = 0.0, label_value: int = IGNORE_INDEX):
+        self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.value = value
+        self.label_value = label_value
+
+    @staticmethod
+    def _pad(array: np.ndarray, size: tuple[int, int], value) -> np.ndarray:
+        pad_h, pad_w = max(size[0] - array.shape[0], 0), max(size[1] - array.shape[1], 0)
+        if not (pad_h or pad_w):
+            return array
+        widths = ((0, pad_h), (0, pad_w)) + ((0, 0),) * (array.ndim - 2)
+        return np.pad(array, widths, constant_values=value)
+
+    def __call__(self, image, label=None, rng=None):
+        image = self._pad(image, self.size, self.value)
+        return image, (None if label is None else self._pad(label, self.size, self.label_value))
+
+    def __repr__(self):
+        return f"Pad(size={self.size}, value={self.value}, label_value={self.label_value})"
+
+
 class ToTensor:
     """Image (H, W, C) -> float32 tensor (C, H, W); label (H, W) -> int64 tensor (or None)."""
 
@@ -337,7 +358,8 @@ def train_transform(
 
     Short edge drawn from ``[int(base_size * x * 0.1) for x in range(5, 21)]`` (for the default
     ``ratio_range``) with the long edge at most ``max_size``; a ``crop_size`` square crop with
-    ``cat_max_ratio``; horizontal flip with p = 0.5; photometric distortion; ImageNet normalization.
+    ``cat_max_ratio``; horizontal flip with p = 0.5; photometric distortion; then, as mmseg's data
+    preprocessor, ImageNet normalization and padding to the crop size (0 and ignore).
     """
     low, high = round(ratio_range[0] * 10), round(ratio_range[1] * 10)
     scales = [int(base_size * x * 0.1) for x in range(low, high + 1)]
@@ -348,6 +370,7 @@ def train_transform(
             RandomFlip(0.5),
             PhotoMetricDistortion(),
             Normalize(),
+            Pad(crop_size),
             ToTensor(),
         ]
     )
