@@ -257,3 +257,14 @@ def test_prepare_redoes_empty_and_truncated_outputs(tmp_path):
     for image, expected in fake.expected.items():
         label = image.replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
         assert (read_label(label) == expected).all()
+
+
+@pytest.mark.slow
+def test_a_demo_rerun_replaces_the_previous_run(tmp_path):
+    from reinseg.demo import run_demo
+
+    run_demo(tmp_path, max_iters=3, num_train=4, num_val=1)
+    run_demo(tmp_path, max_iters=2, num_train=4, num_val=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000002.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
