@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_engine import run_reinseg, tiny_config
 
 from reinseg.config import dump_config
-from test_engine import run_reinseg, tiny_config
 
 # Kills the process (every DDP rank, each itself) with SIGKILL, as a power cut: at the start of
 # training step argv[2], or during the validation that follows step argv[3].

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from test_engine import tiny_config
 
 from reinseg.checkpoints import atomic_write, remove_stale_temporaries
 from reinseg.cli import main
 from reinseg.config import dump_config
 from reinseg.engine import latest_checkpoint
-from test_engine import tiny_config
 
 
 @pytest.fixture

@@ -427,7 +427,9 @@ def check_values(config: Config) -> Config:
                 or len(scale) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in scale)
             ):
-                raise ConfigError(f"data.{section}[{i}].scale must be two positive integers [long, short], got {scale!r}")
+                raise ConfigError(
+                    f"data.{section}[{i}].scale must be two positive integers [long, short], got {scale!r}"
+                )
     return config
 
 

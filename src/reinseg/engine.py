@@ -28,8 +28,8 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -326,9 +326,8 @@ class SegmentationTask(L.LightningModule):
         self._rng_after_step = rng_state()
 
     def on_validation_end(self) -> None:
-        if self.trainer.training or self.trainer.state.fn == "fit":
-            if self._rng_after_step is not None:
-                set_rng_state(self._rng_after_step)
+        if self.trainer.state.fn == "fit" and self._rng_after_step is not None:
+            set_rng_state(self._rng_after_step)
 
     def configure_optimizers(self):
         tc = self.config.train
@@ -419,14 +418,18 @@ class SegmentationTask(L.LightningModule):
             torch.distributed.all_gather_object(ranks, state)
         checkpoint["rng"] = {"ranks": ranks}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def check_resumable(self, checkpoint: dict, name: str = "the checkpoint") -> None:
+        """Refuse a checkpoint this task cannot continue from (another model, missing weights)."""
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError("not a reinseg training checkpoint")
-        check_same_model(checkpoint.get("config", {}).get("model"), to_dict(self.config.model), "the checkpoint")
+            raise ValueError(f"{name} is not a reinseg training checkpoint")
+        check_same_model(checkpoint.get("config", {}).get("model"), to_dict(self.config.model), name)
         expected = {f"segmentor.{k}" for k in checkpoint_state_dict(self.segmentor)}
-        missing = sorted(expected - set(checkpoint["state_dict"]))
+        missing = sorted(expected - set(checkpoint.get("state_dict", {})))
         if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} trainable weights, e.g. {', '.join(missing[:5])}")
+            raise ValueError(f"{name} lacks {len(missing)} trainable weights, e.g. {', '.join(missing[:5])}")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_resumable(checkpoint)
         rng = checkpoint.get("rng")
         if rng is not None:
             ranks = rng.get("ranks", [rng])  # older checkpoints: rank 0's state only
@@ -668,9 +671,7 @@ def train(
     if ckpt_path is not None:
         # Refuse another model's checkpoint before writing anything (config.yaml, logs).
         payload = _read_checkpoint(ckpt_path)
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path} is not a reinseg training checkpoint")
-        check_same_model(payload.get("config", {}).get("model"), to_dict(config.model), f"checkpoint {ckpt_path}")
+        task.check_resumable(payload, f"checkpoint {ckpt_path}")
         step = int(payload.get("global_step", 0))
         del payload
         if step >= config.train.max_iters:
