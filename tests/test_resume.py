@@ -21,43 +21,53 @@ from test_engine import run_reinseg, tiny_config
 
 from reinseg.config import dump_config
 
-# Kills the process (every DDP rank, each itself) with SIGKILL, as a power cut: at the start of
-# training step argv[2], or during the validation that follows step argv[3].
+# Sends signal argv[4] to the process (every DDP rank, each to itself): at the start of training
+# step argv[2], or during the validation that follows step argv[3]. SIGKILL is a power cut.
 KILLER = textwrap.dedent(
     """
-    import os, signal, sys
+    import os, sys
     import lightning as L
     from reinseg.config import load_config
-    from reinseg.engine import train
+    from reinseg.engine import TrainingInterrupted, train
 
     class Kill(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == int(sys.argv[2]):
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), int(sys.argv[4]))
 
         def on_validation_batch_end(self, trainer, *args):
-            if trainer.global_step == int(sys.argv[3]):
-                os.kill(os.getpid(), signal.SIGKILL)
+            if trainer.global_step == int(sys.argv[3]) and not trainer.received_sigterm:
+                os.kill(os.getpid(), int(sys.argv[4]))
 
     if __name__ == "__main__":
-        train(load_config(sys.argv[1]), callbacks=[Kill()])
+        try:
+            train(load_config(sys.argv[1]), callbacks=[Kill()])
+        except TrainingInterrupted as stopped:
+            sys.exit(stopped.exit_status)
     """
 )
 
 
-def kill_run(tmp_path, config, at_step=-1, in_validation_after=-1):
-    """Run ``config`` in a fresh process that SIGKILLs itself as :data:`KILLER` says."""
+def kill_run(tmp_path, config, at_step=-1, in_validation_after=-1, sig=signal.SIGKILL, status=-signal.SIGKILL):
+    """Run ``config`` in a fresh process that signals itself as :data:`KILLER` says."""
     (tmp_path / "killer.py").write_text(KILLER)
     config_file = tmp_path / "killed.yaml"
     config_file.write_text(dump_config(config))
     result = subprocess.run(
-        [sys.executable, str(tmp_path / "killer.py"), str(config_file), str(at_step), str(in_validation_after)],
+        [
+            sys.executable,
+            str(tmp_path / "killer.py"),
+            str(config_file),
+            str(at_step),
+            str(in_validation_after),
+            str(sig),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert result.returncode == status, result.stderr[-3000:]
     return config_file
 
 
@@ -196,4 +206,18 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(tmp_path):
     # The checkpoint continues as the uninterrupted run: same weights at the end.
     train(config)
     train(tiny_config(tmp_path / "a", **options))
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation_resumes_exactly(tmp_path):
+    from reinseg.engine import train
+
+    # Validation after step 3, which is not a checkpoint step: the SIGTERM checkpoint is step 3's.
+    options = dict(num_val=3, max_iters=5, val_interval=3, checkpoint_interval=2)
+    reference, interrupted = (two_domains(tiny_config(tmp_path / name, **options)) for name in "ab")
+    train(reference)
+    kill_run(tmp_path / "b", interrupted, in_validation_after=3, sig=signal.SIGTERM, status=143)
+    assert weights(tmp_path / "b" / "run")[0] == 3
+    train(interrupted)
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -442,6 +443,8 @@ class SegmentationTask(L.LightningModule):
                     rank,
                 )
             set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+            # What a validation right after the restart (Lightning may redo one) puts back.
+            self._rng_after_step = rng_state()
         self._resume_step = int(checkpoint.get("global_step", 0))
 
 
@@ -517,10 +520,20 @@ class _AppendingCSVLogger(CSVLogger):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Training stopped on SIGTERM after writing a checkpoint; ``reinseg train`` exits with
-    ``exit_status``, 143 (128 + SIGTERM, as a shell reports a process the signal ended)."""
+    """Training (after writing a checkpoint) or evaluation stopped on SIGTERM; the command line
+    exits with ``exit_status``, 143 (128 + SIGTERM, as a shell reports a process the signal ended)."""
 
     exit_status = 143
+
+
+@contextlib.contextmanager
+def _on_sigterm(message):
+    """Lightning ends a run on SIGTERM with a SystemExit of status 0: make it an error whose
+    text is ``message()``."""
+    try:
+        yield
+    except SIGTERMException:
+        raise TrainingInterrupted(message()) from None
 
 
 class _RunGuard(L.Callback):
@@ -539,8 +552,10 @@ class _RunGuard(L.Callback):
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        # Here the state is the one every other checkpoint of a step holds.
-        if trainer.received_sigterm:
+        # Here the state is the one every other checkpoint of a step holds. Under DDP the ranks
+        # may see the signal at different steps: they save together when Lightning stops them
+        # all at once (on_exception), never here.
+        if trainer.received_sigterm and trainer.world_size == 1:
             self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
@@ -694,16 +709,15 @@ def train(
         atomic_write_bytes(out / "config.yaml", dump_config(config).encode())
     if ckpt_path:
         log.info("resuming from %s (iteration %d)", ckpt_path, step)
-    try:
+    stopped = lambda: (
+        f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
+        "run the same command to resume"
+    )
+    with _on_sigterm(stopped):
         trainer.fit(task, ckpt_path=None if ckpt_path is None else str(ckpt_path))
-    except SIGTERMException:
-        raise TrainingInterrupted(
-            f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
-            "run the same command to resume"
-        ) from None
-    last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
-    if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
-        trainer.validate(task, verbose=False)
+        last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
+        if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
+            trainer.validate(task, verbose=False)
     return task
 
 
@@ -757,7 +771,8 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
-    trainer.validate(task, verbose=False)
+    with _on_sigterm(lambda: "evaluation stopped by SIGTERM"):
+        trainer.validate(task, verbose=False)
     if task.last_results is None:
         raise RuntimeError("validation produced no results")
     return task
