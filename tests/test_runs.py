@@ -268,3 +268,12 @@ def test_a_demo_rerun_replaces_the_previous_run(tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000002.ckpt", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_a_resume_removes_leftovers_of_killed_writes(run):
+    out, config_file = run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = out / "checkpoints" / f".last.ckpt.{int(dead.stdout)}-partial-abcd1234.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    assert main(["train", str(config_file), "train.max_iters=5"]) == 0
+    assert not leftover.exists()

@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 250)")
+    p.add_argument("--iters", type=_positive_int, default=None, help="training iterations (default 250)")
     p.set_defaults(func=_cmd_demo)
 
     p = _parser(
