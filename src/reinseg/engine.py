@@ -697,16 +697,16 @@ def train(
     task.train_set()
     if config.data.val:
         task.val_sets()
+    # Rank 0 (as the launcher's environment says): before the trainer, so a bad output folder fails first.
     if rank_zero_only.rank == 0:
+        from .config import dump_config
+
         if resume == "never" and overwrite:
             _clear_run(out)
         for folder in (out, checkpoints, out / "metrics", out / "csv"):
             remove_stale_temporaries(folder)
-    trainer = build_trainer(config, callbacks)
-    if trainer.is_global_zero:
-        from .config import dump_config
-
         atomic_write_bytes(out / "config.yaml", dump_config(config).encode())
+    trainer = build_trainer(config, callbacks)
     if ckpt_path:
         log.info("resuming from %s (iteration %d)", ckpt_path, step)
     stopped = lambda: (
