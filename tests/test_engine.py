@@ -155,6 +155,7 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_exactly(tmp_path):
     reference = tiny_config(tmp_path / "a")
     interrupted = tiny_config(tmp_path / "b")
@@ -207,6 +208,7 @@ def test_a_randomly_initialised_vfm_is_stored_since_it_cannot_be_referenced(tmp_
         assert torch.equal(restored.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path):
     config = tiny_config(tmp_path, num_val=5, max_iters=3, val_interval=3, devices=2, accelerator="cpu")
     (tmp_path / "ddp.yaml").write_text(dump_config(config))

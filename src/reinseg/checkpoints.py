@@ -26,6 +26,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "atomic_write",
     "atomic_write_bytes",
+    "remove_stale_temporaries",
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_state_dict",
@@ -49,6 +50,7 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+_TMP_MARK = "-partial-"  # temporary files are .<name>.<pid>-partial-<random>.tmp
 
 
 def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
@@ -59,7 +61,8 @@ def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The writer's pid in the name tells a killed writer's leftover from a live one's file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -73,6 +76,31 @@ def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that killed :func:`atomic_write` calls left in ``folder``
+    (those whose writing process is gone); returns them."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(f".*{_TMP_MARK}*.tmp"):
+        pid = tmp.name[: tmp.name.rindex(_TMP_MARK)].rpartition(".")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

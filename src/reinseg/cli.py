@@ -109,7 +109,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output:
         config.train.output_dir = args.output
     out = Path(config.train.output_dir)
-    task = train(config, resume=args.resume)
+    task = train(config, resume=args.resume, overwrite=args.overwrite)
+    if task.already_finished is not None:
+        print(
+            f"the run in {out} is finished ({task.already_finished} of {config.train.max_iters} iterations); "
+            "nothing changed (raise train.max_iters to train further)"
+        )
+        return 0
     if not task.trainer.is_global_zero:
         return 0
     print(f"checkpoints in {out / 'checkpoints'}, logs in {out}")
@@ -125,8 +131,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.output:
         config.train.output_dir = args.output
-    task = evaluate(config, args.checkpoint, save_predictions=args.save_preds)
     target = Path(args.json) if args.json else Path(config.train.output_dir) / "eval_metrics.json"
+    # Refuse an unwritable destination now, not after the whole evaluation.
+    _check_writable_file(target)
+    if args.save_preds:
+        _check_writable_folder(Path(args.save_preds))
+    task = evaluate(config, args.checkpoint, save_predictions=args.save_preds)
     _write_json(target, task.last_results)
     print(f"wrote {target}")
     if args.save_preds:
@@ -189,6 +199,33 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, or raise the OSError naming it."""
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def _check_writable_file(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(21, "Is a directory", str(path))
+    _check_writable_folder(path.parent)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _write_json(path: Path, payload) -> None:
     from .checkpoints import atomic_write_bytes
 
@@ -219,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train Rein + head as a config says",
         "Train on data.train, validating on data.val every train.val_interval iterations. Checkpoints "
         "(Rein + head + optimizer state; the VFM is referenced, not copied) go to "
-        "<train.output_dir>/checkpoints; a killed run resumes from last.ckpt when started again.",
+        "<train.output_dir>/checkpoints; a killed run resumes exactly from its newest checkpoint when started "
+        "again. On SIGTERM it writes last.ckpt and exits with status 143; bad options exit with status 2.",
         "reinseg train configs/rein_dinov2-l_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
@@ -228,7 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         default="auto",
-        help="'auto' (default: continue from <output>/checkpoints/last.ckpt if present), 'never', or a path",
+        help="'auto' (default: continue from the newest checkpoint in <output>/checkpoints if any; a finished "
+        "run is left as it is), 'never' (a new run: refused where checkpoints exist, unless --overwrite), "
+        "or a checkpoint path",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="with --resume never: delete the earlier run's checkpoints, logs and metrics in the output folder",
     )
     p.set_defaults(func=_cmd_train)
 
@@ -267,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument(
         "--scale",
-        type=int,
+        type=_positive_int,
         nargs=2,
         default=None,
         metavar=("LONG", "SHORT"),
@@ -339,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 250)")
+    p.add_argument("--iters", type=_positive_int, default=None, help="training iterations (default 250)")
     p.add_argument(
         "--threads",
         type=int,
@@ -381,11 +426,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
+        # Errors with their own exit status (engine.TrainingInterrupted: 143) are not failures.
+        status = getattr(err, "exit_status", None)
+        if status is not None:
+            print(f"reinseg {args.command}: {err}", file=sys.stderr)
+            return status
         if os.environ.get("REINSEG_DEBUG"):
             raise
-        print(f"reinseg {args.command}: error: {err}", file=sys.stderr)
+        print(f"reinseg {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as one line; OS errors as "reason: path" (their str() shows the errno)."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.strerror}: {err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+    else:
+        text = str(err)
+    return " ".join(text.split()) if "\n" in text else text
 
 
 if __name__ == "__main__":

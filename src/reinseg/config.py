@@ -36,6 +36,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "dump_config",
+    "check_values",
 ]
 
 
@@ -213,7 +214,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path} must hold a mapping with sections model, data, train")
     data = apply_overrides(data, overrides or [])
     try:
-        return from_dict(Config, data)
+        return check_values(from_dict(Config, data))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from err
 
@@ -342,3 +343,97 @@ def _convert(value: Any, hint: Any, path: str) -> Any:
 
 def _type_name(hint: Any) -> str:
     return " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint) if a is not type(None))
+
+
+# Numbers with a range: key -> (lowest allowed, "exclusive" if the bound itself is refused).
+# A None value passes (the key is optional); lists are checked item by item.
+_RANGES: dict[str, tuple[float, bool]] = {
+    "model.backbone.img_size": (1, False),
+    "model.backbone.patch_size": (1, False),
+    "model.rein.token_length": (1, False),
+    "model.rein.lora_dim": (1, False),
+    "model.rein.query_dims": (1, False),
+    "model.lora.rank": (1, False),
+    "model.lora.dropout": (0, False),
+    "model.vpt.num_prompts": (1, False),
+    "model.adaptformer.bottleneck": (1, False),
+    "model.head.num_classes": (1, False),
+    "model.head.feat_channels": (1, False),
+    "model.head.out_channels": (1, False),
+    "model.head.num_queries": (1, False),
+    "model.head.num_feature_levels": (1, False),
+    "model.head.num_heads": (1, False),
+    "model.head.num_decoder_layers": (1, False),
+    "model.head.decoder_ffn_dims": (1, False),
+    "model.head.num_encoder_layers": (0, False),
+    "model.head.encoder_ffn_dims": (1, False),
+    "model.head.num_points": (1, False),
+    "model.head.num_groups": (1, False),
+    "model.loss.class_weight": (0, False),
+    "model.loss.mask_weight": (0, False),
+    "model.loss.dice_weight": (0, False),
+    "model.loss.no_object_weight": (0, False),
+    "model.loss.num_points": (1, False),
+    "model.loss.oversample_ratio": (1, False),
+    "model.loss.importance_sample_ratio": (0, False),
+    "model.test.crop_size": (1, False),
+    "model.test.stride": (1, False),
+    "data.crop_size": (1, False),
+    "data.base_size": (1, False),
+    "data.max_size": (1, False),
+    "data.cat_max_ratio": (0, True),
+    "data.batch_size": (1, False),
+    "data.num_workers": (0, False),
+    "train.max_iters": (1, False),
+    "train.lr": (0, False),
+    "train.weight_decay": (0, False),
+    "train.betas": (0, False),
+    "train.eps": (0, True),
+    "train.warmup_iters": (0, False),
+    "train.warmup_start_factor": (0, False),
+    "train.poly_power": (0, False),
+    "train.min_lr": (0, False),
+    "train.grad_clip": (0, True),
+    "train.backbone_lr_mult": (0, False),
+    "train.val_interval": (1, False),
+    "train.checkpoint_interval": (1, False),
+    "train.keep_checkpoints": (-1, False),
+    "train.log_interval": (1, False),
+    "train.devices": (1, False),
+    "train.num_nodes": (1, False),
+}
+
+
+def check_values(config: Config) -> Config:
+    """Refuse numbers out of range (``train.max_iters: 0``, ``data.batch_size: -1``, ...) with a
+    :class:`ConfigError` naming the key; returns ``config``."""
+    for key, (low, exclusive) in _RANGES.items():
+        value: Any = config
+        for part in key.split("."):
+            value = getattr(value, part, None)
+        if key == "train.devices" and value == -1:
+            continue  # Lightning's "every device"
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (int, float)) and not isinstance(item, bool) and not _in_range(item, low, exclusive):
+                bound = f"greater than {low}" if exclusive else f"at least {low}"
+                raise ConfigError(f"{key} must be {bound}, got {value!r}")
+    if config.train.betas and any(b >= 1 for b in config.train.betas):
+        raise ConfigError(f"train.betas must be in [0, 1), got {config.train.betas!r}")
+    if config.data.cat_max_ratio > 1:
+        raise ConfigError(f"data.cat_max_ratio must be at most 1, got {config.data.cat_max_ratio!r}")
+    for section in ("train", "val"):
+        for i, entry in enumerate(getattr(config.data, section)):
+            scale = entry.get("scale") if isinstance(entry, dict) else None
+            if scale is not None and (
+                not isinstance(scale, (list, tuple))
+                or len(scale) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in scale)
+            ):
+                raise ConfigError(
+                    f"data.{section}[{i}].scale must be two positive integers [long, short], got {scale!r}"
+                )
+    return config
+
+
+def _in_range(value: float, low: float, exclusive: bool) -> bool:
+    return value > low if exclusive else value >= low

@@ -150,7 +150,8 @@ def run_demo(
         f"[2/3] training Rein + head on '{DOMAINS[0]}' for {config.train.max_iters} iterations (small ViT, "
         f"random weights; config in {output / 'config.yaml'})"
     )
-    task = train(config, resume="never")
+    # A re-run replaces the previous demo run (never a stale last.ckpt beside the new one).
+    task = train(config, resume="never", overwrite=True)
     results = task.last_results
     if results is None:
         raise RuntimeError("the demo's validation produced no results")

@@ -6,15 +6,19 @@
 - Data: an endless, reproducible stream of augmented crops (:class:`TrainingStream`): sample ``s``
   of the run is always the same image with the same augmentation, so a resumed run sees exactly
   the data an uninterrupted one would.
-- Checkpoints hold the trainable weights (Rein + head), optimizer, schedule, step and RNG state,
-  and the configuration; the frozen VFM is referenced by the configuration, not copied. They are
-  written atomically, and ``train`` resumes from ``<output_dir>/checkpoints/last.ckpt``.
+- Checkpoints hold the trainable weights (Rein + head), optimizer, schedule, step, every rank's
+  RNG state, and the configuration; the frozen VFM is referenced by the configuration, not
+  copied. They are written atomically, and ``train`` resumes from the newest intact checkpoint in
+  ``<output_dir>/checkpoints``, bit for bit: validation never draws from the RNG the loss uses.
+- A run stopped by SIGTERM writes ``last.ckpt`` and raises :class:`TrainingInterrupted`
+  (``reinseg train`` exits with status 143); logs are appended to across resumes.
 - Validation: one confusion matrix per domain, summed over DDP ranks; per-domain mIoU and the
   mean over target domains are logged, printed and written as JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -25,16 +29,28 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .checkpoints import CHECKPOINT_FORMAT, atomic_write, atomic_write_bytes, check_same_model, checkpoint_state_dict
-from .config import EVAL_ENTRY_KEYS, Config, ConfigError, to_dict
+from .checkpoints import (
+    CHECKPOINT_FORMAT,
+    atomic_write,
+    atomic_write_bytes,
+    check_same_model,
+    checkpoint_state_dict,
+    remove_stale_temporaries,
+)
+from .config import EVAL_ENTRY_KEYS, Config, ConfigError, check_values, to_dict
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
-from .safe_load import load_torch_file
+from .safe_load import UnsafeFileError, load_torch_file
 from .build import build_segmentor
 from .segmentor import Segmentor
 from .tuning import get_strategy
@@ -51,6 +67,8 @@ __all__ = [
     "validation_sets",
     "prediction_at_size",
     "EVAL_ENTRY_KEYS",
+    "TrainingInterrupted",
+    "latest_checkpoint",
 ]
 
 log = logging.getLogger("reinseg")
@@ -185,9 +203,11 @@ def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
             on_error=config.data.on_error,
             **options,
         )
+        # Every file is read now: a bad one must stop the run before training, not at its first
+        # validation hours later. With on_error=skip the bad pairs are dropped (skipping at load
+        # time would score a replacement image twice).
+        dataset.validate()
         if config.data.on_error == "skip":
-            # Drop bad pairs now: skipping at load time would score a replacement image twice.
-            dataset.validate()
             if dataset.skipped:
                 log.warning(
                     "%s: %d pairs left out of the evaluation (data.on_error=skip)", dataset.name, len(dataset.skipped)
@@ -229,9 +249,17 @@ def training_set(config: Config):
 class SegmentationTask(L.LightningModule):
     """Trains and validates a :class:`Segmentor` as a :class:`Config` describes."""
 
-    def __init__(self, config: Config, segmentor: Segmentor | None = None, save_predictions: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        segmentor: Segmentor | None = None,
+        save_predictions: str | None = None,
+        write_metrics: bool = True,
+    ) -> None:
         super().__init__()
         self.config = config
+        # Validation results go to <output_dir>/metrics/ (training); evaluate() writes elsewhere.
+        self.write_metrics = write_metrics
         self.segmentor = segmentor if segmentor is not None else build_segmentor(config.model)
         self.save_predictions = None if save_predictions is None else Path(save_predictions)
         # Checkpoints hold only the trainable weights; on_load_checkpoint checks they are all there.
@@ -242,6 +270,9 @@ class SegmentationTask(L.LightningModule):
         self._confusions: list[ConfusionMatrix] = []
         self._label_roots: dict[int, Path] = {}
         self.last_results: dict[str, Any] | None = None
+        self._rng_after_step: dict | None = None
+        # Set by train() when the run had already reached train.max_iters: nothing was done.
+        self.already_finished: int | None = None
 
     # -- data -----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -283,6 +314,8 @@ class SegmentationTask(L.LightningModule):
         from .data import collate
 
         rank, world = self.global_rank, self.trainer.world_size
+        # Their own generators: an iterator over a DataLoader without one draws its seed from the
+        # global RNG, which the loss's point sampling uses.
         return [
             DataLoader(
                 dataset,
@@ -290,6 +323,7 @@ class SegmentationTask(L.LightningModule):
                 sampler=ShardSampler(len(dataset), rank, world),
                 num_workers=self.config.data.num_workers,
                 collate_fn=collate,
+                generator=torch.Generator().manual_seed(self.config.train.seed),
             )
             for _, dataset, _ in self.val_sets()
         ]
@@ -301,6 +335,14 @@ class SegmentationTask(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items() if not k.startswith("d")})
         self.log("iteration", float(self.global_step + 1))
         return losses["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # The RNG state checkpoints of this step hold; validation, which may follow, puts it back.
+        self._rng_after_step = rng_state()
+
+    def on_validation_end(self) -> None:
+        if self.trainer.state.fn == "fit" and self._rng_after_step is not None:
+            set_rng_state(self._rng_after_step)
 
     def configure_optimizers(self):
         tc = self.config.train
@@ -369,9 +411,10 @@ class SegmentationTask(L.LightningModule):
             print("\n" + format_scores_table(results, CLASSES))
             if summary["mean_mIoU"] is not None:
                 print(f"mean mIoU over {', '.join(in_mean)}: {summary['mean_mIoU']:.2f}")
-            out = Path(self.config.train.output_dir)
-            payload = json.dumps(summary, indent=2).encode()
-            atomic_write_bytes(out / "metrics" / f"val_step{self.global_step:07d}.json", payload)
+            if self.write_metrics:
+                out = Path(self.config.train.output_dir)
+                payload = json.dumps(summary, indent=2).encode()
+                atomic_write_bytes(out / "metrics" / f"val_step{self.global_step:07d}.json", payload)
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -379,26 +422,56 @@ class SegmentationTask(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["format"] = CHECKPOINT_FORMAT
         checkpoint["config"] = to_dict(self.config)
-        # The loss samples points with torch's generator; the data has its own seeded generators.
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["rng"] = rng
+        # The loss samples points with torch's generator (the data has its own seeded ones). Each
+        # DDP rank draws its own points: every rank's state is kept, rank r's at ranks[r].
+        state = rng_state()
+        ranks = [state]
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(ranks, state)
+        checkpoint["rng"] = {"ranks": ranks}
+
+    def check_resumable(self, checkpoint: dict, name: str = "the checkpoint") -> None:
+        """Refuse a checkpoint this task cannot continue from (another model, missing weights)."""
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{name} is not a reinseg training checkpoint")
+        check_same_model(checkpoint.get("config", {}).get("model"), to_dict(self.config.model), name)
+        expected = {f"segmentor.{k}" for k in checkpoint_state_dict(self.segmentor)}
+        missing = sorted(expected - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise ValueError(f"{name} lacks {len(missing)} trainable weights, e.g. {', '.join(missing[:5])}")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError("not a reinseg training checkpoint")
-        check_same_model(checkpoint.get("config", {}).get("model"), to_dict(self.config.model), "the checkpoint")
-        expected = {f"segmentor.{k}" for k in checkpoint_state_dict(self.segmentor)}
-        missing = sorted(expected - set(checkpoint["state_dict"]))
-        if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} trainable weights, e.g. {', '.join(missing[:5])}")
+        self.check_resumable(checkpoint)
         rng = checkpoint.get("rng")
         if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            ranks = rng.get("ranks", [rng])  # older checkpoints: rank 0's state only
+            rank = self.global_rank
+            if rank >= len(ranks):
+                log.warning(
+                    "the checkpoint holds the RNG states of %d ranks, this run has more: rank %d continues "
+                    "with rank 0's (the resumed run differs from an uninterrupted one)",
+                    len(ranks),
+                    rank,
+                )
+            set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
+            # What a validation right after the restart (Lightning may redo one) puts back.
+            self._rng_after_step = rng_state()
         self._resume_step = int(checkpoint.get("global_step", 0))
+
+
+def rng_state() -> dict:
+    """The global torch RNG states of this process (CPU and, if any, every CUDA device)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def label_root(dataset) -> Path:
@@ -415,12 +488,100 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints are written to a temporary file and renamed: a killed run never leaves half a file."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        remove_stale_temporaries(Path(path).parent)
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         # A resume reads the file like any other: nothing in it may run (torch's default would
         # follow TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
         return load_torch_file(path, what="checkpoint")
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run appends to it
+    (the rows between the checkpoint and an interruption appear twice, with equal values)."""
+
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if self._fs.isfile(self.metrics_file_path):
+            import csv
+
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+    def _check_log_dir_exists(self) -> None:
+        pass
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        import csv
+        import io
+
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        # A kill while the header grows must not lose the rows already logged.
+        atomic_write_bytes(self.metrics_file_path, text.getvalue().encode())
+
+
+class _AppendingCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training (after writing a checkpoint) or evaluation stopped on SIGTERM; the command line
+    exits with ``exit_status``, 143 (128 + SIGTERM, as a shell reports a process the signal ended)."""
+
+    exit_status = 143
+
+
+@contextlib.contextmanager
+def _on_sigterm(message):
+    """Lightning ends a run on SIGTERM with a SystemExit of status 0: make it an error whose
+    text is ``message()``."""
+    try:
+        yield
+    except SIGTERMException:
+        raise TrainingInterrupted(message()) from None
+
+
+class _RunGuard(L.Callback):
+    """Writes ``last.ckpt`` when SIGTERM arrives (at the end of the current step) and at the end
+    of training when the last step is not a checkpoint step (the final weights are never lost)."""
+
+    def __init__(self, last: Path) -> None:
+        self.last = last
+        self._saved_step: int | None = None
+
+    def _save(self, trainer) -> None:
+        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+        if trainer.global_step in (saved, self._saved_step):
+            return  # last.ckpt holds this step already
+        trainer.save_checkpoint(self.last)
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        # Here the state is the one every other checkpoint of a step holds. Under DDP the ranks
+        # may see the signal at different steps: they save together when Lightning stops them
+        # all at once (on_exception), never here.
+        if trainer.received_sigterm and trainer.world_size == 1:
+            self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0:
+            self._save(trainer)
 
 
 class _Progress(TQDMProgressBar):
@@ -473,7 +634,7 @@ def build_trainer(
     enable_progress_bar: bool = True,
     logging: bool = True,
 ) -> L.Trainer:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.strategies import DDPStrategy
 
     # The frozen VFM is in eval mode on purpose (no dropout or drop-path in it); Lightning's
@@ -499,13 +660,14 @@ def build_trainer(
         auto_insert_metric_name=False,
         every_n_train_steps=tc.checkpoint_interval,
         save_last=True,
+        enable_version_counter=False,  # never last-v1.ckpt beside a stale last.ckpt
         save_top_k=tc.keep_checkpoints,
         monitor="iteration",
         mode="max",
     )
     val_interval = min(tc.val_interval, tc.max_iters)
     _hide_lightning_banners()
-    loggers = [TensorBoardLogger(out, name="tensorboard", version=""), CSVLogger(out, name="csv", version="")]
+    loggers = [TensorBoardLogger(out, name="tensorboard", version=""), _AppendingCSVLogger(out, name="csv", version="")]
     if not logging:
         loggers = False
     return L.Trainer(
@@ -521,7 +683,8 @@ def build_trainer(
         num_sanity_val_steps=0,
         gradient_clip_val=tc.grad_clip,
         log_every_n_steps=tc.log_interval,
-        callbacks=[checkpoint, LearningRateMonitor("step"), _Progress()] + list(callbacks or []),
+        callbacks=[checkpoint, _RunGuard(out / "checkpoints" / "last.ckpt"), LearningRateMonitor("step"), _Progress()]
+        + list(callbacks or []),
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=enable_progress_bar,
@@ -531,35 +694,116 @@ def build_trainer(
     )
 
 
-def train(config: Config, resume: str = "auto", callbacks: list | None = None) -> SegmentationTask:
-    """Train as ``config`` says; ``resume``: "auto" (from ``last.ckpt`` if present), "never" or a path."""
-    L.seed_everything(config.train.seed, workers=True, verbose=False)
+def train(
+    config: Config, resume: str = "auto", callbacks: list | None = None, overwrite: bool = False
+) -> SegmentationTask:
+    """Train as ``config`` says.
+
+    Args:
+        resume: "auto" (from the newest intact checkpoint of ``<output_dir>/checkpoints``, if
+            any), "never" (a new run; refused where checkpoints exist unless ``overwrite``) or a
+            checkpoint path.
+        overwrite: with ``resume="never"``, delete the run's checkpoints, logs and metrics first.
+    Raises:
+        FileExistsError: ``resume="never"`` into a folder holding a run's checkpoints.
+        TrainingInterrupted: SIGTERM arrived; ``last.ckpt`` holds the state to resume from.
+
+    Everything (configuration, checkpoint, data) is checked before anything is written. A run
+    that had already reached ``train.max_iters`` is left as it is (``already_finished`` holds
+    its step).
+    """
+    check_values(config)
+    L.seed_everything(config.train.seed, workers=True, verbose=False)  # before the model's initialisation
     out = Path(config.train.output_dir)
-    last = out / "checkpoints" / "last.ckpt"
+    checkpoints = out / "checkpoints"
     ckpt_path = None
     if resume == "auto":
-        ckpt_path = str(last) if last.is_file() else None
-    elif resume != "never":
-        ckpt_path = str(resume)
-        if not Path(ckpt_path).is_file():
+        ckpt_path = latest_checkpoint(checkpoints)
+    elif resume == "never":
+        existing = sorted(p.name for p in checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{checkpoints} holds the checkpoints of an earlier run ({', '.join(existing[:3])}"
+                f"{', ...' if len(existing) > 3 else ''}): continue it (--resume auto), choose another "
+                "output folder, or delete them with --overwrite"
+            )
+    else:
+        ckpt_path = Path(resume)
+        if not ckpt_path.is_file():
             raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt_path}")
     task = SegmentationTask(config)
+    step = 0
+    if ckpt_path is not None:
+        # Refuse another model's checkpoint before writing anything (config.yaml, logs).
+        payload = _read_checkpoint(ckpt_path)
+        task.check_resumable(payload, f"checkpoint {ckpt_path}")
+        step = int(payload.get("global_step", 0))
+        del payload
+        if step >= config.train.max_iters:
+            log.info("%s is at iteration %d of %d: the run is finished", ckpt_path, step, config.train.max_iters)
+            task.already_finished = step
+            return task
     # Fail on bad data now, not after hours of training (and before writing anything).
     task.train_set()
     if config.data.val:
         task.val_sets()
-    trainer = build_trainer(config, callbacks)
-    if trainer.is_global_zero:
+    # Rank 0 (as the launcher's environment says): before the trainer, so a bad output folder fails first.
+    if rank_zero_only.rank == 0:
         from .config import dump_config
 
+        if resume == "never" and overwrite:
+            _clear_run(out)
+        for folder in (out, checkpoints, out / "metrics", out / "csv"):
+            remove_stale_temporaries(folder)
         atomic_write_bytes(out / "config.yaml", dump_config(config).encode())
+    trainer = build_trainer(config, callbacks)
     if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
-    trainer.fit(task, ckpt_path=ckpt_path)
-    last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
-    if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
-        trainer.validate(task, verbose=False)
+        log.info("resuming from %s (iteration %d)", ckpt_path, step)
+    stopped = lambda: (
+        f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
+        "run the same command to resume"
+    )
+    with _on_sigterm(stopped):
+        trainer.fit(task, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+        last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
+        if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
+            trainer.validate(task, verbose=False)
     return task
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint of ``folder`` (``last.ckpt``, ``iter_*.ckpt``) at the highest step that
+    reads back: a kill between writing ``iter_N.ckpt`` and ``last.ckpt`` loses nothing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    best, best_step = None, -1
+    # last.ckpt first: at equal steps it is the one taken.
+    for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.name != "last.ckpt"):
+        try:
+            step = int(_read_checkpoint(path).get("global_step", -1))
+        except UnsafeFileError:
+            raise  # not damaged but hostile: refused, never passed over
+        except Exception as err:  # a damaged file is passed over, not fatal
+            log.warning("passing over %s, which does not read back: %s", path, err)
+            continue
+        if step > best_step:
+            best, best_step = path, step
+    return best
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A training checkpoint, memory-mapped (only what is touched is read)."""
+    return load_torch_file(path, what="checkpoint", mmap=True)
+
+
+def _clear_run(out: Path) -> None:
+    """Delete what a run wrote into ``out``: checkpoints, logs, validation results, config."""
+    import shutil
+
+    for name in ("checkpoints", "csv", "tensorboard", "metrics"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "config.yaml").unlink(missing_ok=True)
 
 
 def evaluate(config: Config, checkpoint: str, save_predictions: str | None = None) -> SegmentationTask:
@@ -567,14 +811,17 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
     results and their mean, its ``val_sets()`` the datasets."""
     from .checkpoints import segmentor_from_checkpoint
 
+    check_values(config)
     if not config.data.val:
         raise ConfigError("data.val lists no dataset to evaluate on")
     segmentor, _ = segmentor_from_checkpoint(checkpoint, config.model)
-    task = SegmentationTask(config, segmentor=segmentor, save_predictions=save_predictions)
+    # The results are returned, not written into the training run's metrics/.
+    task = SegmentationTask(config, segmentor=segmentor, save_predictions=save_predictions, write_metrics=False)
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
-    trainer.validate(task, verbose=False)
+    with _on_sigterm(lambda: "evaluation stopped by SIGTERM"):
+        trainer.validate(task, verbose=False)
     if task.last_results is None:
         raise RuntimeError("validation produced no results")
     return task

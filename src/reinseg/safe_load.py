@@ -87,12 +87,13 @@ FRAMEWORK_GLOBALS: tuple[str, ...] = (
 _RECORD_CLASSES = [(type(name.rsplit(".", 1)[1], (FrameworkRecord,), {}), name) for name in FRAMEWORK_GLOBALS]
 
 
-def load_torch_file(path: str | Path, what: str = "file") -> Any:
+def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) -> Any:
     """Read a PyTorch file without running anything it holds.
 
     Args:
         path: a ``torch.save`` file (zip or legacy format) or a TorchScript archive.
         what: what the file should be, for error messages (``"checkpoint"``, ``"weight file"``).
+        mmap: memory-map the tensors (zip files): only what is touched is read.
     Returns:
         The unpickled object; framework records in it are :class:`FrameworkRecord` instances.
         From a TorchScript archive: ``{name: tensor}`` of its modules' tensors.
@@ -114,7 +115,7 @@ def load_torch_file(path: str | Path, what: str = "file") -> Any:
             raise ValueError(f"{path} is not a {what} (not a file written by torch.save)")
     try:
         with torch.serialization.safe_globals(_RECORD_CLASSES):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
         refused = _refused_globals(path, err)
         if refused is not None:

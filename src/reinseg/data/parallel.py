@@ -29,5 +29,35 @@ def parallel_map(fn, items: list, workers: int | None = None, desc: str | None =
     if workers == 1 or len(items) < 2:
         return [fn(item) for item in tqdm(items, **bar)]
     chunksize = max(1, len(items) // (workers * 16))
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         return list(tqdm(pool.map(fn, items, chunksize=chunksize), **bar))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker when its parent dies, even by SIGKILL (which leaves the
+    pool no chance to stop its workers). Linux: the kernel sends SIGTERM (PR_SET_PDEATHSIG);
+    elsewhere a daemon thread watches the parent."""
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGTERM, 0, 0, 0) == 0:  # 1: PR_SET_PDEATHSIG
+                if os.getppid() != parent:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()

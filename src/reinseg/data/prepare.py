@@ -8,8 +8,8 @@
   and the half-resolution validation set of the official evaluation: ``half/val_img/X.jpg``
   (bicubic) and ``half/val_label/X.png`` (nearest).
 
-Outputs are written atomically and skipped when present (unless ``overwrite``), so a run can be
-interrupted and resumed. A label whose size differs from its image's is resized to the image
+Outputs are written atomically and skipped when present and intact (they decode, at the
+image's size; unless ``overwrite``), so a run can be interrupted and resumed. A label whose size differs from its image's is resized to the image
 (nearest), skipped, or reported as an error, per ``on_mismatch``. Nothing is ever written from a
 label with values outside its encoding: that file is reported as an error.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .encodings import LabelEncoding
-from .io import DataError, _open, image_size, read_label, size_mismatch, write_jpeg, write_png
+from .io import DataError, _open, image_size, read_image, read_label, size_mismatch, write_jpeg, write_png
 from .layouts import FolderPairs, discover, split_layout
 from .parallel import parallel_map
 
@@ -91,9 +91,27 @@ def _hw(size) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+def _intact(job: _Job) -> bool:
+    """Whether every output of ``job`` exists, decodes and has its image's size (a file that an
+    earlier run, a copy or a full disk left empty or truncated is redone)."""
+    if not all(Path(p).exists() for p in job.outputs()):
+        return False
+    try:
+        sizes = [read_label(job.output).shape]
+        if job.half_image:
+            sizes += [read_image(job.half_image).shape[:2], read_label(job.half_label).shape]
+        if job.image is not None:
+            height, width = image_size(job.image)
+            expected = [(height, width)] + [(height // 2, width // 2)] * (len(sizes) - 1)
+            return sizes == expected
+    except DataError:
+        return False
+    return True
+
+
 def _convert(job: _Job, overwrite: bool, on_mismatch: str) -> dict:
     """Convert one label; returns {"status": written|exists|skipped|error, ...} (picklable)."""
-    if not overwrite and all(Path(p).exists() for p in job.outputs()):
+    if not overwrite and _intact(job):
         return {"status": "exists", "path": job.output}
     try:
         train_ids = job.encoding.decode(read_label(job.label, job.encoding.first_channel), job.label)

@@ -1,0 +1,216 @@
+"""Interrupted runs: kill -9 anywhere (a validation step, DDP), SIGTERM, data workers, logs, refusals.
+
+The oracle of every exactness test is an uninterrupted run of the same configuration: a resumed
+run must end with bit-identical weights.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_engine import run_reinseg, tiny_config
+
+from reinseg.config import dump_config
+
+# Sends signal argv[4] to the process (every DDP rank, each to itself): at the start of training
+# step argv[2], or during the validation that follows step argv[3]. SIGKILL is a power cut.
+KILLER = textwrap.dedent(
+    """
+    import os, sys
+    import lightning as L
+    from reinseg.config import load_config
+    from reinseg.engine import TrainingInterrupted, train
+
+    class Kill(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == int(sys.argv[2]):
+                os.kill(os.getpid(), int(sys.argv[4]))
+
+        def on_validation_batch_end(self, trainer, *args):
+            if trainer.global_step == int(sys.argv[3]) and not trainer.received_sigterm:
+                os.kill(os.getpid(), int(sys.argv[4]))
+
+    if __name__ == "__main__":
+        try:
+            train(load_config(sys.argv[1]), callbacks=[Kill()])
+        except TrainingInterrupted as stopped:
+            sys.exit(stopped.exit_status)
+    """
+)
+
+
+def kill_run(tmp_path, config, at_step=-1, in_validation_after=-1, sig=signal.SIGKILL, status=-signal.SIGKILL):
+    """Run ``config`` in a fresh process that signals itself as :data:`KILLER` says."""
+    (tmp_path / "killer.py").write_text(KILLER)
+    config_file = tmp_path / "killed.yaml"
+    config_file.write_text(dump_config(config))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "killer.py"),
+            str(config_file),
+            str(at_step),
+            str(in_validation_after),
+            str(sig),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert result.returncode == status, result.stderr[-3000:]
+    return config_file
+
+
+def weights(run_dir):
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return checkpoint["global_step"], checkpoint["state_dict"]
+
+
+def assert_same_weights(a, b):
+    (step_a, a), (step_b, b) = a, b
+    assert step_a == step_b
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def csv_rows(run_dir):
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def two_domains(config):
+    """Validation on two domains (two DataLoaders, as the shipped configs have)."""
+    config.data.val.append(dict(config.data.val[0], label="again"))
+    return config
+
+
+@pytest.mark.slow
+def test_kill_during_validation_resumes_bit_exactly_and_keeps_the_log(tmp_path):
+    from reinseg.engine import train
+
+    options = dict(num_val=2, max_iters=6, val_interval=2, checkpoint_interval=2)
+    reference, interrupted = (two_domains(tiny_config(tmp_path / name, **options)) for name in "ab")
+    train(reference)
+    # Checkpoint at step 4, then its validation, killed halfway through.
+    kill_run(tmp_path / "b", interrupted, in_validation_after=4)
+    run = tmp_path / "b" / "run"
+    assert weights(run)[0] == 4
+    logged = csv_rows(run)
+    assert any(row.get("step") == "3" for row in logged)
+    train(interrupted)
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(run))
+    # Every row logged before the kill is still there; the resumed steps follow.
+    after = csv_rows(run)
+    assert all(row in after for row in logged)
+    assert {row["step"] for row in after} == {row["step"] for row in csv_rows(tmp_path / "a" / "run")}
+
+
+def vary_class_counts(config):
+    """Give training label ``i`` only ``2 + 5 i`` classes: DDP ranks then see different class
+    counts, so the loss draws different amounts of random points on each rank."""
+    root = Path(config.data.train[0]["root"])
+    for i, path in enumerate(sorted(root.glob("gtFine/train/*/*_labelTrainIds.png"))):
+        label = np.asarray(Image.open(path))
+        Image.fromarray((label % (2 + 5 * i)).astype(np.uint8)).save(path)
+    return config
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_kill_resumes_bit_exactly(tmp_path):
+    options = dict(num_val=3, max_iters=5, val_interval=2, checkpoint_interval=2, devices=2, accelerator="cpu")
+    reference = vary_class_counts(tiny_config(tmp_path / "a", **options))
+    (tmp_path / "a.yaml").write_text(dump_config(reference))
+    result = run_reinseg("train", str(tmp_path / "a.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    interrupted = vary_class_counts(tiny_config(tmp_path / "b", **options))
+    config_file = kill_run(tmp_path / "b", interrupted, at_step=3)  # after the checkpoint and validation at 2
+    assert weights(tmp_path / "b" / "run")[0] == 2
+    assert len(torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["rng"]["ranks"]) == 2
+    result = run_reinseg("train", str(config_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+
+
+def test_data_workers_do_not_change_training(tmp_path):
+    from reinseg.engine import train
+
+    serial = train(tiny_config(tmp_path / "a", max_iters=3))
+    config = tiny_config(tmp_path / "b", max_iters=3)
+    config.data.num_workers = 2
+    parallel = train(config)
+    for (key, a), b in zip(serial.segmentor.state_dict().items(), parallel.segmentor.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_augmentation_does_not_depend_on_the_thread_count(tmp_path):
+    from reinseg.engine import TrainingStream, training_set
+
+    config = tiny_config(tmp_path)
+    batches = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            stream = iter(TrainingStream(training_set(config), batch_size=2, seed=0))
+            batches.append([next(stream) for _ in range(4)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*batches):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(tmp_path):
+    from reinseg.engine import train
+
+    options = dict(max_iters=20, checkpoint_interval=2, val_interval=100)
+    config = tiny_config(tmp_path / "b", **options)
+    config_file = tmp_path / "b.yaml"
+    config_file.write_text(dump_config(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reinseg", "train", str(config_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    checkpoints = tmp_path / "b" / "run" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (checkpoints / "iter_000002.ckpt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # as `timeout`, a scheduler or `docker stop`
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr[-3000:]
+    step, _ = weights(tmp_path / "b" / "run")
+    assert 2 <= step < 20
+    message = [line for line in stderr.splitlines() if line.startswith("reinseg train:")]
+    assert len(message) == 1 and "SIGTERM" in message[0] and "last.ckpt" in message[0]
+    # The checkpoint continues as the uninterrupted run: same weights at the end.
+    train(config)
+    train(tiny_config(tmp_path / "a", **options))
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation_resumes_exactly(tmp_path):
+    from reinseg.engine import train
+
+    # Validation after step 3, which is not a checkpoint step: the SIGTERM checkpoint is step 3's.
+    options = dict(num_val=3, max_iters=5, val_interval=3, checkpoint_interval=2)
+    reference, interrupted = (two_domains(tiny_config(tmp_path / name, **options)) for name in "ab")
+    train(reference)
+    kill_run(tmp_path / "b", interrupted, in_validation_after=3, sig=signal.SIGTERM, status=143)
+    assert weights(tmp_path / "b" / "run")[0] == 3
+    train(interrupted)
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))

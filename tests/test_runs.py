@@ -1,0 +1,279 @@
+"""What a user ran is never lost: finished runs, refused resumes, re-runs, evaluation, leftovers."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_engine import tiny_config
+
+from reinseg.checkpoints import atomic_write, remove_stale_temporaries
+from reinseg.cli import main
+from reinseg.config import dump_config
+from reinseg.engine import latest_checkpoint
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A finished tiny run (4 iterations, checkpoints at 2 and 4, validation at 4) and its config file."""
+    config = tiny_config(tmp_path, num_val=2, max_iters=4, val_interval=4, checkpoint_interval=2)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(config))
+    assert main(["train", str(config_file)]) == 0
+    return tmp_path / "run", config_file
+
+
+def snapshot(folder):
+    """Every file below ``folder`` with its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_left_as_it_is(run, capsys):
+    out, config_file = run
+    before = snapshot(out)
+    assert main(["train", str(config_file)]) == 0
+    assert "is finished (4 of 4 iterations)" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+def test_a_refused_resume_writes_nothing(run, capsys):
+    out, config_file = run
+    before = snapshot(out)
+    assert main(["train", str(config_file), "model.rein.token_length=4", "train.max_iters=8"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "another model configuration" in error and "model.rein.token_length: 8 vs 4" in error
+    assert len(error.splitlines()) == 1
+    assert snapshot(out) == before
+
+
+def test_a_new_run_into_a_used_folder_is_refused_unless_overwritten(run, capsys):
+    out, config_file = run
+    before = snapshot(out)
+    assert main(["train", str(config_file), "--resume", "never"]) == 2
+    error = capsys.readouterr().err
+    assert str(out / "checkpoints") in error and "--overwrite" in error
+    assert snapshot(out) == before
+    assert main(["train", str(config_file), "train.max_iters=3", "--resume", "never", "--overwrite"]) == 0
+    # The new run alone: no stale last.ckpt beside a last-v1.ckpt, no rows of the old run.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000002.ckpt", "last.ckpt"]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["val_step0000003.json"]
+
+
+def test_the_final_step_is_saved_when_it_is_not_a_checkpoint_step(tmp_path):
+    from reinseg.engine import train
+
+    task = train(tiny_config(tmp_path, max_iters=3, checkpoint_interval=2))
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    for key, value in task.segmentor.state_dict().items():
+        if f"segmentor.{key}" in last["state_dict"]:
+            assert torch.equal(last["state_dict"][f"segmentor.{key}"], value), key
+
+
+def test_eval_leaves_the_run_alone_and_checks_its_destination_first(run, tmp_path, capsys, monkeypatch):
+    out, config_file = run
+    checkpoint = str(out / "checkpoints" / "last.ckpt")
+    before = snapshot(out)
+    assert main(["eval", str(config_file), checkpoint, "--json", str(tmp_path / "eval.json")]) == 0
+    assert snapshot(out) == before  # no metrics/val_step0000000.json in the training run
+    assert (tmp_path / "eval.json").is_file()
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated before checking where the results go")
+
+    monkeypatch.setattr("reinseg.engine.evaluate", no_evaluation)
+    capsys.readouterr()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for destination in (tmp_path / "a-folder", blocker / "eval.json"):
+        (tmp_path / "a-folder").mkdir(exist_ok=True)
+        assert main(["eval", str(config_file), checkpoint, "--json", str(destination)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and str(destination if destination.parent == tmp_path else blocker) in error
+    assert main(["eval", str(config_file), checkpoint, "--save-preds", str(blocker)]) == 2
+    assert str(blocker) in capsys.readouterr().err
+
+
+def test_resume_takes_the_newest_intact_checkpoint(run):
+    out, _ = run
+    checkpoints = out / "checkpoints"
+    assert latest_checkpoint(checkpoints) == checkpoints / "last.ckpt"
+    # Killed between writing iter_000004.ckpt and last.ckpt: last.ckpt still holds step 2.
+    shutil.copy(checkpoints / "iter_000002.ckpt", checkpoints / "last.ckpt")
+    assert latest_checkpoint(checkpoints) == checkpoints / "iter_000004.ckpt"
+    # A damaged file is passed over.
+    data = (checkpoints / "iter_000004.ckpt").read_bytes()
+    (checkpoints / "iter_000004.ckpt").write_bytes(data[: len(data) // 2])
+    assert latest_checkpoint(checkpoints) == checkpoints / "last.ckpt"
+
+
+KILLED_WRITE = """
+import os, signal, sys
+from reinseg.checkpoints import atomic_write
+
+def write(f):
+    f.write(b"half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_leftovers_of_killed_writes_are_removed(tmp_path):
+    target = tmp_path / "last.ckpt"
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], timeout=120)
+    assert killed.returncode == -9
+    [leftover] = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not target.exists()
+    # A live writer's temporary file stays.
+    atomic_write(tmp_path / "other", lambda f: (f.write(b"x"), remove_stale_temporaries(tmp_path)))
+    assert not leftover.exists() and (tmp_path / "other").read_bytes() == b"x"
+
+
+def test_bad_validation_file_stops_training_before_it_starts(tmp_path):
+    from reinseg.data.io import DataError
+    from reinseg.engine import train
+
+    config = tiny_config(tmp_path, max_iters=2)
+    labels = sorted((tmp_path / "cityscapes" / "gtFine" / "val").rglob("*_labelTrainIds.png"))
+    bad = labels[-1]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    with pytest.raises(DataError, match=str(bad)):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_iters=0", "train.max_iters"),
+        ("train.max_iters=-5", "train.max_iters"),
+        ("train.devices=0", "train.devices"),
+        ("train.val_interval=0", "train.val_interval"),
+        ("train.checkpoint_interval=0", "train.checkpoint_interval"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.batch_size=-2", "data.batch_size"),
+        ("train.lr=-0.001", "train.lr"),
+        ("data.crop_size=0", "data.crop_size"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("data.val.0.scale=[0,0]", "data.val[0].scale"),
+        ("model.backbone.img_size=0", "model.backbone.img_size"),
+    ],
+)
+def test_numbers_out_of_range_are_one_line_naming_the_key(tmp_path, capsys, override, key):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(tiny_config(tmp_path)))
+    assert main(["train", str(config_file), override]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"{key} must be" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_predict_scale_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["predict", "model.ckpt", "image.png", "--output", str(tmp_path), "--scale", "0", "0"])
+    assert exit.value.code == 2
+    assert "--scale: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_file_system_errors_are_one_line_naming_the_path(tmp_path, capsys):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(tiny_config(tmp_path, max_iters=1)))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", str(config_file), "--output", str(blocker / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "Not a directory" in error and str(blocker) in error
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+POOL = """
+import os, sys, time
+from functools import partial
+from pathlib import Path
+from reinseg.data.parallel import parallel_map
+
+def work(folder, item):
+    Path(folder, str(os.getpid())).touch()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    parallel_map(partial(work, sys.argv[1]), list(range(4)), workers=2, progress=False)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_pool_workers_die_with_a_killed_parent(tmp_path):
+    import time
+
+    (tmp_path / "pool.py").write_text(POOL)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "pool.py"), str(pids)])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        parent.kill()  # SIGKILL: the pool cannot stop its workers itself
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        parent.kill()
+        for p in pids.iterdir():
+            if _alive(int(p.name)):
+                os.kill(int(p.name), 9)
+
+
+def test_prepare_redoes_empty_and_truncated_outputs(tmp_path):
+    from fake_datasets import make_fake_cityscapes
+
+    from reinseg.data.io import read_label
+    from reinseg.data.prepare import prepare
+
+    fake = make_fake_cityscapes(tmp_path, n=2)
+    first = prepare("cityscapes", tmp_path, workers=1, progress=False)
+    assert first.ok and len(first.written) == 4
+    empty, truncated, intact = (tmp_path / p for p in first.written[:3])
+    empty.write_bytes(b"")
+    truncated.write_bytes(truncated.read_bytes()[:-30])
+    again = prepare("cityscapes", tmp_path, workers=1, progress=False)
+    assert sorted(again.written) == sorted([str(empty), str(truncated)]) and str(intact) in again.skipped
+    for image, expected in fake.expected.items():
+        label = image.replace("leftImg8bit", "gtFine", 1).replace("_leftImg8bit.png", "_gtFine_labelTrainIds.png")
+        assert (read_label(label) == expected).all()
+
+
+@pytest.mark.slow
+def test_a_demo_rerun_replaces_the_previous_run(tmp_path):
+    from reinseg.demo import run_demo
+
+    run_demo(tmp_path, max_iters=3, num_train=4, num_val=1)
+    run_demo(tmp_path, max_iters=2, num_train=4, num_val=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000002.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def test_a_resume_removes_leftovers_of_killed_writes(run):
+    out, config_file = run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = out / "checkpoints" / f".last.ckpt.{int(dead.stdout)}-partial-abcd1234.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    assert main(["train", str(config_file), "train.max_iters=5"]) == 0
+    assert not leftover.exists()
