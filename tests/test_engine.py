@@ -52,14 +52,19 @@ def run_reinseg(*args, timeout=300):
 
 
 def test_poly_schedule_with_warmup():
+    # mmengine's schedulers act on iterations begin .. end - 1 and reach their end value at the
+    # last one (tests/test_optimizer_golden.py pins whole 40k-iteration curves against mmengine).
     assert lr_factor(0, 100) == 1.0
-    assert lr_factor(50, 100) == pytest.approx(0.5**0.9)
+    assert lr_factor(50, 100) == pytest.approx((1 - 50 / 99) ** 0.9)
+    assert lr_factor(99, 100) == 0.0
     assert lr_factor(100, 100) == 0.0
     assert lr_factor(0, 100, warmup_iters=10) == pytest.approx(1e-6)
-    assert lr_factor(5, 100, warmup_iters=10) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
+    assert lr_factor(5, 100, warmup_iters=10) == pytest.approx(1e-6 + (1 - 1e-6) * 5 / 9)
+    assert lr_factor(9, 100, warmup_iters=10) == 1.0
     # The poly phase spans warm-up end to max_iters (mmengine's LinearLR + PolyLR(begin=warmup)).
     assert lr_factor(10, 100, warmup_iters=10) == 1.0
-    assert lr_factor(55, 100, warmup_iters=10) == pytest.approx(0.5**0.9)
+    assert lr_factor(10 + 40, 100, warmup_iters=10) == pytest.approx((1 - 40 / 89) ** 0.9)
+    assert lr_factor(50, 100, min_factor=0.1) == pytest.approx(0.1 + 0.9 * (1 - 50 / 99) ** 0.9)
 
 
 def test_no_weight_decay_where_the_official_config_has_none():

@@ -141,15 +141,26 @@ def lr_factor(
     power: float = 0.9,
     min_factor: float = 0.0,
 ) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then poly decay to ``min_factor``.
+    """Learning-rate multiplier during iteration ``step`` (from 0): linear warm-up, then poly decay.
 
-    As mmengine's LinearLR + PolyLR: the poly phase runs from the end of warm-up to ``max_iters``.
+    Equal to mmengine's ``LinearLR(start_factor, begin=0, end=warmup_iters)`` followed by
+    ``PolyLR(eta_min, power, begin=warmup_iters, end=max_iters)``, stepped after every iteration
+    (pinned against mmengine by ``tests/test_optimizer_golden.py``). mmengine's schedulers act on
+    iterations ``begin .. end - 1`` and reach their end value at the last of them, so the spans
+    are ``warmup_iters - 1`` and ``max_iters - warmup_iters - 1``: the warm-up reaches 1 at
+    iteration ``warmup_iters - 1`` and the lr is ``min_factor`` at iteration ``max_iters - 1``.
     """
     if step < warmup_iters:
-        return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_iters
-    span = max(max_iters - warmup_iters, 1)
+        span = warmup_iters - 1
+        return warmup_start_factor + (1.0 - warmup_start_factor) * step / span if span else warmup_start_factor
+    # mmengine's PolyLR is chained: it decays whatever lr the warm-up left (start_factor after a
+    # one-iteration warm-up).
+    start = warmup_start_factor if warmup_iters == 1 else 1.0
+    span = max_iters - warmup_iters - 1
+    if span <= 0:
+        return start
     progress = min(step - warmup_iters, span) / span
-    return (1.0 - min_factor) * (1.0 - progress) ** power + min_factor
+    return (start - min_factor) * (1.0 - progress) ** power + min_factor
 
 
 def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
