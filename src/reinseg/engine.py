@@ -40,6 +40,7 @@ __all__ = [
     "ShardSampler",
     "parameter_groups",
     "lr_factor",
+    "set_tf32",
     "SegmentationTask",
     "build_trainer",
     "train",
@@ -58,6 +59,7 @@ EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
 # No weight decay for these (the official paramwise_cfg custom keys, and norm layers).
 NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "rein.scale", "prompts.tokens")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
+TF32_MODES = ("conv", "all", "none")
 
 
 class TrainingStream(IterableDataset):
@@ -161,6 +163,20 @@ def lr_factor(
         return start
     progress = min(step - warmup_iters, span) / span
     return (start - min_factor) * (1.0 - progress) ** power + min_factor
+
+
+def set_tf32(mode: str) -> None:
+    """Where fp32 CUDA math may run on TF32 tensor cores (process-wide PyTorch flags).
+
+    ``"conv"``: cuDNN convolutions only, matmuls (linear layers, attention) in IEEE fp32. These are
+    PyTorch's defaults since 1.12, and the official Rein runs trained with them (PyTorch 2.0.1, fp32
+    ``OptimWrapper``; neither mmengine nor the official code touches the flags). ``"all"``: matmuls
+    too (faster on Ampere and Hopper GPUs, about 10 mantissa bits). ``"none"``: IEEE fp32 everywhere.
+    """
+    if mode not in TF32_MODES:
+        raise ConfigError(f"train.tf32 must be one of {', '.join(TF32_MODES)}, got {mode!r}")
+    torch.backends.cuda.matmul.allow_tf32 = mode == "all"
+    torch.backends.cudnn.allow_tf32 = mode != "none"
 
 
 def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
@@ -443,6 +459,7 @@ def build_trainer(
     from lightning.pytorch.strategies import DDPStrategy
 
     tc = config.train
+    set_tf32(tc.tf32)
     out = Path(tc.output_dir)
     accelerator = tc.accelerator
     on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
