@@ -30,7 +30,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     out = Path(args.output)
-    write_cityscapes_layout(out / "data", num_train=400, num_val=50, size=SIZE, seed=args.seed, workers=1, progress=False)
+    write_cityscapes_layout(
+        out / "data", num_train=400, num_val=50, size=SIZE, seed=args.seed, workers=1, progress=False
+    )
     results = {}
     for precision in args.precision:
         config = demo_config(out / "data", out / precision, max_iters=args.iters, seed=args.seed)

@@ -23,7 +23,9 @@ def shape_rand(seed: int, real_rand=torch.rand):
     depend on the order or batching of the draws, only on their being drawn with ``torch.rand``.
     """
 
-    def rand(*size, generator=None, out=None, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False):
+    def rand(
+        *size, generator=None, out=None, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False
+    ):
         if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
             size = tuple(size[0])
         size = tuple(int(s) for s in size)

@@ -81,8 +81,15 @@ def test_lr_at_every_step_equals_mmengine(golden, name, train):
     options = TrainConfig(**train)
     ours = torch.tensor(
         [
-            options.lr * lr_factor(int(step), options.max_iters, options.warmup_iters, options.warmup_start_factor,
-                                   options.poly_power, options.min_lr / options.lr)
+            options.lr
+            * lr_factor(
+                int(step),
+                options.max_iters,
+                options.warmup_iters,
+                options.warmup_start_factor,
+                options.poly_power,
+                options.min_lr / options.lr,
+            )
             for step in curve["steps"]
         ],
         dtype=torch.float64,

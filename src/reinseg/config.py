@@ -186,8 +186,10 @@ class TrainConfig:
     checkpoint_interval: int = 4000
     keep_checkpoints: int = 3
     log_interval: int = 50
-    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or a Lightning precision ("32-true", "bf16-mixed")
-    tf32: str = "conv"  # fp32 CUDA math on TF32 tensor cores: "conv" (cuDNN convolutions only, as the official runs), "all", "none"
+    # "auto": bf16 autocast on GPU, fp32 on CPU; or a Lightning precision ("32-true", "bf16-mixed")
+    precision: str = "auto"
+    # fp32 CUDA math on TF32 tensor cores: "conv" (cuDNN convolutions only, as the official runs), "all", "none"
+    tf32: str = "conv"
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1

@@ -71,7 +71,12 @@ def load_official(official: Path) -> None:
     _package("rein", official / "rein")
     _package("rein.models", official / "rein/models")
     _package("rein.models.backbones", official / "rein/models/backbones")
-    for name in ("rein.models.backbones.reins_dinov2", "rein.models.heads", "rein.models.segmentors", "rein.optimizers"):
+    for name in (
+        "rein.models.backbones.reins_dinov2",
+        "rein.models.heads",
+        "rein.models.segmentors",
+        "rein.optimizers",
+    ):
         importlib.import_module(name)
     # Imported now; without the stub mmengine's mmcv_full_available() answers False, as with mmcv-lite
     # (the official constructor then marks no module as deformable conv: the recipe has none anyway).
@@ -122,7 +127,9 @@ def lr_curve(config, steps: set[int]) -> dict:
     holder = torch.nn.Module()
     holder.weight = param
     optim_wrapper = build_optim_wrapper(holder, copy.deepcopy(config.optim_wrapper))
-    schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=optim_wrapper)) for s in copy.deepcopy(config.param_scheduler)]
+    schedulers = [
+        PARAM_SCHEDULERS.build(dict(s, optimizer=optim_wrapper)) for s in copy.deepcopy(config.param_scheduler)
+    ]
     max_iters = config.train_cfg["max_iters"]
     kept, lrs = [], []
     for it in range(max_iters):
@@ -249,7 +256,9 @@ def main() -> None:
                 terms = check.loss(case["images"], data_samples(case["labels"]))
         finally:
             torch.rand = real_rand
-        seeded.append(dict(name=case["name"], draws=draws, losses={k.removeprefix("decode."): v.item() for k, v in terms.items()}))
+        seeded.append(
+            dict(name=case["name"], draws=draws, losses={k.removeprefix("decode."): v.item() for k, v in terms.items()})
+        )
         print(case["name"], "draws", draws)
 
     import mmdet
@@ -276,7 +285,10 @@ def main() -> None:
             ),
             seeded=seeded,
             versions=dict(
-                torch=str(torch.__version__), mmengine=mmengine.__version__, mmseg=mmseg.__version__, mmdet=mmdet.__version__
+                torch=str(torch.__version__),
+                mmengine=mmengine.__version__,
+                mmseg=mmseg.__version__,
+                mmdet=mmdet.__version__,
             ),
         ),
         args.out,

@@ -196,11 +196,12 @@ class Mask2FormerLoss(nn.Module):
             matched_preds.append(mask_logits[b, query_idx])
             matched_targets.append(gt_masks[gt_idx])
 
-        weights = self.ce_class_weights.to(class_logits.dtype)
+        # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
+        weights = self.ce_class_weights.float()
         ce = F.cross_entropy(
-            class_logits.flatten(0, 1).float(), target_classes.flatten(), weight=weights.float(), reduction="sum"
+            class_logits.flatten(0, 1).float(), target_classes.flatten(), weight=weights, reduction="sum"
         )
-        loss_cls = ce / (weights[target_classes].sum().float() + _EPS)
+        loss_cls = ce / (weights[target_classes].sum() + _EPS)
 
         if not matched_preds:
             # Nothing to match: keep the graph (and DDP's gradient buckets) alive with zeros.
