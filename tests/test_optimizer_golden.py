@@ -6,14 +6,18 @@ official segmentor of ``official_train_tiny.pt``.
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import golden_rand, load_golden, relative_errors
-from reinseg.config import Config, TrainConfig
+from reinseg.config import Config, TrainConfig, load_config
 from reinseg.engine import SegmentationTask, lr_factor, parameter_groups
 from reinseg.official import from_official, official_model_config, to_official_name
+from reinseg.segmentor import build_segmentor
+
+CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +69,22 @@ def test_parameter_groups_equal_the_official_constructor(train_golden, golden):
         assert ours[name] == pytest.approx((lr, decay)), name
     # Both kinds are there: the no-decay keys and norm layers, and ordinary weights.
     assert {decay for _, decay in golden["param_groups"].values()} == {0.0, 0.05}
+
+
+def test_frozen_baseline_groups_equal_the_official_constructor(golden):
+    """The frozen-VFM config has its own paramwise_cfg (query_feat without decay, no Rein keys)."""
+    frozen = golden["frozen"]
+    config = load_config(CONFIGS / "frozen_dinov2-l_gta_512.yaml")
+    segmentor = build_segmentor(official_model_config(frozen["model_config"]), load_backbone_weights=False)
+    segmentor.train()
+    keys = config.train.no_decay_keys
+    groups = parameter_groups(segmentor, lr=1e-4, weight_decay=0.05, backbone_lr_mult=1.0, no_decay_keys=keys)
+    name_of = {id(p): to_official_name(n) for n, p in segmentor.named_parameters()}
+    ours = {name_of[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert set(ours) == set(frozen["param_groups"])
+    for name, (lr, decay) in frozen["param_groups"].items():
+        assert ours[name] == pytest.approx((lr, decay)), name
+    assert frozen["param_groups"]["decode_head.query_feat.weight"] == (1e-4, 0.0)
 
 
 @pytest.mark.parametrize(

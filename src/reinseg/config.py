@@ -182,6 +182,9 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float | None = None  # max gradient norm
     backbone_lr_mult: float = 0.1  # when the backbone itself trains (full fine-tuning)
+    # No weight decay for parameters whose (reinseg) name contains one of these, besides norm
+    # layers: the official paramwise_cfg custom keys. null: reinseg.engine.NO_DECAY_KEYS (the Rein configs').
+    no_decay_keys: list[str] | None = None
     val_interval: int = 10000
     checkpoint_interval: int = 4000
     keep_checkpoints: int = 3

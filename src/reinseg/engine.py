@@ -19,7 +19,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -56,7 +56,8 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` 
 
 # Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
 EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
-# No weight decay for these (the official paramwise_cfg custom keys, and norm layers).
+# No weight decay for these (the official Rein configs' paramwise_cfg custom keys, in reinseg's names:
+# rein.scale is the official reins.scale; prompts.tokens are VPT's), nor for norm layers.
 NO_DECAY_KEYS = ("norm", "query_embed", "level_embed", "learnable_tokens", "rein.scale", "prompts.tokens")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 TF32_MODES = ("conv", "all", "none")
@@ -121,15 +122,26 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def parameter_groups(segmentor: Segmentor, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
-    """AdamW groups of the trainable parameters, as the official ``paramwise_cfg``."""
+def parameter_groups(
+    segmentor: Segmentor,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_mult: float,
+    no_decay_keys: Sequence[str] = NO_DECAY_KEYS,
+) -> list[dict]:
+    """AdamW groups of the trainable parameters, as mmengine's constructor with the official ``paramwise_cfg``.
+
+    No weight decay for a parameter of a norm layer (``norm_decay_mult=0``) or whose name contains
+    one of ``no_decay_keys`` (the ``custom_keys``, all with ``decay_mult=0`` and ``lr_mult=1``);
+    ``lr x backbone_lr_mult`` for the VFM's own weights.
+    """
     groups: dict[tuple[float, float], list] = {}
     for module_name, module in segmentor.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
             full = f"{module_name}.{name}" if module_name else name
-            decay = 0.0 if isinstance(module, NORM_LAYERS) or any(k in full for k in NO_DECAY_KEYS) else weight_decay
+            decay = 0.0 if isinstance(module, NORM_LAYERS) or any(k in full for k in no_decay_keys) else weight_decay
             group_lr = lr * backbone_lr_mult if full.startswith("backbone.vit.") else lr
             groups.setdefault((group_lr, decay), []).append(param)
     return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]
@@ -320,7 +332,8 @@ class SegmentationTask(L.LightningModule):
         # The multiplier is for the VFM's own weights when they fine-tune, not for modules added
         # inside it (LoRA, adapters).
         backbone_lr_mult = tc.backbone_lr_mult if self.config.model.tuning == "full" else 1.0
-        groups = parameter_groups(self.segmentor, tc.lr, tc.weight_decay, backbone_lr_mult)
+        no_decay_keys = NO_DECAY_KEYS if tc.no_decay_keys is None else tc.no_decay_keys
+        groups = parameter_groups(self.segmentor, tc.lr, tc.weight_decay, backbone_lr_mult, no_decay_keys)
         optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
         min_factor = tc.min_lr / tc.lr if tc.lr else 0.0
         schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -14,6 +14,10 @@ weights) and, with the optimizer settings of the official configs read by mmengi
 - ``optimizer``: the AdamW defaults the official constructor built (lr, betas, eps, weight_decay, amsgrad).
 - ``param_groups``: official parameter name -> ``(lr, weight_decay)`` of every trainable parameter,
   from ``configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py``.
+- ``frozen``: the same for the frozen-VFM baseline (``configs/frozen_vfms/dinov2-L_mask2former.py``,
+  whose ``paramwise_cfg`` differs): ``model_config`` (the tiny model as
+  ``FrozenBackboneEncoderDecoder`` + ``DinoVisionTransformer`` + mmseg's ``Mask2FormerHead``, which
+  learns its own queries) and ``param_groups`` (randomly initialised: only names matter).
 - ``lr_curves``: per official config (``gta_512``: the 512 GTAV config, PolyLR; ``citys2acdc_1024``:
   LinearLR warm-up + PolyLR), the lr of the optimizer during iteration ``steps[i]`` (float64),
   stepped as mmengine's ``ParamSchedulerHook`` does (one ``scheduler.step()`` after every iteration).
@@ -92,11 +96,14 @@ def plain(value):
     return value
 
 
-def build_model(model_config: dict, golden: dict):
+def build_model(model_config: dict, golden: dict | None):
     from mmengine.config import ConfigDict
     from mmseg.registry import MODELS
 
     model = MODELS.build(ConfigDict(copy.deepcopy(model_config)))
+    if golden is None:
+        model.train()
+        return model
     result = model.load_state_dict(golden["release_state_dict"], strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     assert all(k.startswith("backbone.") and "reins" not in k for k in result.missing_keys), result.missing_keys
@@ -116,6 +123,21 @@ def data_samples(labels: torch.Tensor):
         sample.gt_sem_seg = PixelData(data=label[None].long())
         samples.append(sample)
     return samples
+
+
+def official_param_groups(model, optim_wrapper_cfg) -> dict:
+    """Official name -> (lr, weight decay) of every trainable parameter, from mmengine's constructor."""
+    from mmengine.optim import build_optim_wrapper
+
+    optimizer = build_optim_wrapper(model, copy.deepcopy(optim_wrapper_cfg)).optimizer
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    groups = {
+        n: (group_of[id(p)]["lr"], group_of[id(p)]["weight_decay"])
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    assert len(group_of) == len(groups), "a parameter group holds a frozen parameter"
+    return groups
 
 
 def lr_curve(config, steps: set[int]) -> dict:
@@ -163,6 +185,7 @@ def main() -> None:
 
     golden = torch.load(args.train_golden, map_location="cpu", weights_only=False)
     configs = {
+        "frozen": args.official / "configs/frozen_vfms/dinov2-L_mask2former.py",
         "gta_512": args.official / "configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py",
         "citys2acdc_1024": args.official / "configs/dinov2_citys2acdc/rein_dinov2_mask2former_1024x1024_bs4x2.py",
     }
@@ -171,18 +194,27 @@ def main() -> None:
 
     # Parameter groups: the tiny official model through the official constructor.
     model = build_model(golden["model_config"], golden)
+    param_groups = official_param_groups(model, gta.optim_wrapper)
     optim_wrapper = build_optim_wrapper(model, copy.deepcopy(gta.optim_wrapper))
     optimizer = optim_wrapper.optimizer
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    param_groups = {
-        name: (group_of[id(p)]["lr"], group_of[id(p)]["weight_decay"])
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
-    assert len(group_of) == len(param_groups), "a parameter group holds a frozen parameter"
     defaults = {k: optimizer.defaults[k] for k in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")}
     defaults["type"] = type(optimizer).__name__
     defaults["optim_wrapper"] = type(optim_wrapper).__name__
+
+    # The frozen baseline: the tiny model without Rein, the head with its own queries.
+    frozen_config = copy.deepcopy(golden["model_config"])
+    frozen_config["type"] = configs["frozen"].model["type"]
+    del frozen_config["backbone"]["reins_config"]
+    frozen_config["backbone"]["type"] = configs["frozen"].model["backbone"]["type"]
+    del frozen_config["decode_head"]["replace_query_feat"]
+    frozen_config["decode_head"]["type"] = configs["frozen"].model["decode_head"]["type"]
+    assert frozen_config["type"] == "FrozenBackboneEncoderDecoder"
+    frozen = dict(
+        model_config=frozen_config,
+        param_groups=official_param_groups(build_model(frozen_config, None), configs["frozen"].optim_wrapper),
+        optim_wrapper_cfg=plain(configs["frozen"].optim_wrapper),
+    )
+    del configs["frozen"]
 
     # The lr curves over whole runs, kept at a subset of the iterations: dense at the ends and
     # around the warm-up's end, every 50th elsewhere.
@@ -272,6 +304,7 @@ def main() -> None:
             optimizer=defaults,
             optim_wrapper_cfg=plain(gta.optim_wrapper),
             param_groups=param_groups,
+            frozen=frozen,
             lr_curves=lr_curves,
             two_steps=dict(
                 model_config=step_config,
