@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,6 +24,51 @@ def run_reinseg(args: list[str], env_without: tuple[str, ...] = ()):
 
 def load_golden(name: str) -> dict:
     return torch.load(DATA / name, map_location="cpu", weights_only=False)
+
+
+def shape_rand(seed: int, real_rand=torch.rand):
+    """The ``torch.rand`` stand-in of the official training goldens (``official_train_tiny.pt``).
+
+    For a size ``(..., P, d)`` it returns the same ``(P, d)`` block of U[0, 1) values at every
+    leading index, drawn from a generator seeded by ``seed`` and ``(P, d)``: the points then do not
+    depend on the order or batching of the draws, only on their being drawn with ``torch.rand``.
+    """
+
+    def rand(
+        *size, generator=None, out=None, dtype=None, layout=None, device=None, pin_memory=False, requires_grad=False
+    ):
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = tuple(size[0])
+        size = tuple(int(s) for s in size)
+        tail = size[-2:]
+        key = seed * 1000003 + sum(t * 7919 ** (i + 1) for i, t in enumerate(tail))
+        block = real_rand(tail, generator=torch.Generator().manual_seed(key % 2**62), dtype=torch.float32)
+        values = block.expand(size).to(device=device, dtype=dtype or torch.get_default_dtype()).clone()
+        return values.requires_grad_(requires_grad)
+
+    return rand
+
+
+@contextlib.contextmanager
+def golden_rand(seed: int):
+    """Replace ``torch.rand`` by :func:`shape_rand` inside the block."""
+    real = torch.rand
+    torch.rand = shape_rand(seed, real)
+    try:
+        yield
+    finally:
+        torch.rand = real
+
+
+def relative_errors(ours: dict, theirs: dict) -> dict[str, float]:
+    """Per tensor, the largest difference over the tensor's largest official entry, that floored at
+    1e-3 of the largest official entry overall (entries that are only float noise, such as the zero
+    true gradient of a conv bias in front of a one-channel GroupNorm, are not compared relatively)."""
+    top = max(t.abs().max().item() for t in theirs.values())
+    return {
+        name: ((ours[name] - t).abs().max() / max(t.abs().max().item(), 1e-3 * top)).item()
+        for name, t in theirs.items()
+    }
 
 
 def tiny_overrides(name: str) -> dict:

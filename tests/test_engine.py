@@ -2,14 +2,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import tiny_model_config
 from fake_datasets import make_fake_cityscapes
-from reinseg.config import Config, DataConfig, TrainConfig, dump_config
-from reinseg.engine import ShardSampler, TrainingStream, lr_factor, parameter_groups
+from reinseg.config import Config, ConfigError, DataConfig, TrainConfig, dump_config, load_config
+from reinseg.engine import ShardSampler, TrainingStream, build_trainer, lr_factor, parameter_groups, set_tf32
 from reinseg.build import build_segmentor
 
 
@@ -52,14 +53,47 @@ def run_reinseg(*args, timeout=300):
 
 
 def test_poly_schedule_with_warmup():
+    # mmengine's schedulers act on iterations begin .. end - 1 and reach their end value at the
+    # last one (tests/test_optimizer_golden.py pins whole 40k-iteration curves against mmengine).
     assert lr_factor(0, 100) == 1.0
-    assert lr_factor(50, 100) == pytest.approx(0.5**0.9)
+    assert lr_factor(50, 100) == pytest.approx((1 - 50 / 99) ** 0.9)
+    assert lr_factor(99, 100) == 0.0
     assert lr_factor(100, 100) == 0.0
     assert lr_factor(0, 100, warmup_iters=10) == pytest.approx(1e-6)
-    assert lr_factor(5, 100, warmup_iters=10) == pytest.approx(1e-6 + (1 - 1e-6) * 0.5)
+    assert lr_factor(5, 100, warmup_iters=10) == pytest.approx(1e-6 + (1 - 1e-6) * 5 / 9)
+    assert lr_factor(9, 100, warmup_iters=10) == 1.0
     # The poly phase spans warm-up end to max_iters (mmengine's LinearLR + PolyLR(begin=warmup)).
     assert lr_factor(10, 100, warmup_iters=10) == 1.0
-    assert lr_factor(55, 100, warmup_iters=10) == pytest.approx(0.5**0.9)
+    assert lr_factor(10 + 40, 100, warmup_iters=10) == pytest.approx((1 - 40 / 89) ** 0.9)
+    assert lr_factor(50, 100, min_factor=0.1) == pytest.approx(0.1 + 0.9 * (1 - 50 / 99) ** 0.9)
+
+
+@pytest.fixture
+def restore_tf32_flags():
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_paper_configs_train_in_fp32_as_the_official_runs(path, tmp_path, restore_tf32_flags):
+    # The official runs: fp32 OptimWrapper (no AMP), PyTorch's TF32 defaults (convolutions only).
+    config = load_config(path, [f"train.output_dir={tmp_path}"])
+    trainer = build_trainer(config, logging=False)
+    assert trainer.precision == "32-true"
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    # bf16 autocast is one override away.
+    config = load_config(path, [f"train.output_dir={tmp_path}", "train.precision=bf16-mixed"])
+    assert build_trainer(config, logging=False).precision == "bf16-mixed"
+
+
+def test_tf32_modes_set_the_torch_flags(restore_tf32_flags):
+    expected = {"conv": (False, True), "all": (True, True), "none": (False, False)}
+    for mode, flags in expected.items():
+        set_tf32(mode)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == flags
+    with pytest.raises(ConfigError, match="train.tf32 must be one of conv, all, none, got 'matmul'"):
+        set_tf32("matmul")
 
 
 def test_no_weight_decay_where_the_official_config_has_none():

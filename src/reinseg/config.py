@@ -178,11 +178,17 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float | None = None  # max gradient norm
     backbone_lr_mult: float = 0.1  # when the backbone itself trains (full fine-tuning)
+    # No weight decay for parameters whose (reinseg) name contains one of these, besides norm
+    # layers: the official paramwise_cfg custom keys. null: the keys the head and the tuning strategy declare (the Rein configs').
+    no_decay_keys: list[str] | None = None
     val_interval: int = 10000
     checkpoint_interval: int = 4000
     keep_checkpoints: int = 3
     log_interval: int = 50
-    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; or a Lightning precision
+    # "auto": bf16 autocast on GPU, fp32 on CPU; or a Lightning precision ("32-true", "bf16-mixed")
+    precision: str = "auto"
+    # fp32 CUDA math on TF32 tensor cores: "conv" (cuDNN convolutions only, as the official runs), "all", "none"
+    tf32: str = "conv"
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1

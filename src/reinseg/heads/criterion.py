@@ -6,6 +6,13 @@ class cross-entropy (no-object weighted 0.1), and mask BCE + dice on points chos
 uncertainty (``oversample_ratio`` candidates, ``importance_sample_ratio`` of them the most
 uncertain, the rest uniform). Semantic labels become one binary mask per class present; ignored
 pixels (255) belong to no class, so, as in mmseg, they count as background of every mask.
+
+The numerics follow mmseg 1.2 / mmdet 3.3 term for term (pinned by ``tests/test_train_golden.py``):
+the classes of an image come in ``torch.unique(sorted=False)`` order; the matching points of every
+image are drawn, also for an image without a labelled pixel, and all points come from
+``torch.rand`` in mmdet's order, so a seeded run draws the same points; mask and dice losses are
+divided by the number of matched queries summed over the images, each image counting at least one
+(mmdet's ``MaskSamplingResult.avg_factor``), averaged over DDP ranks and at least one.
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
 
 
 def semantic_to_masks(label: Tensor, ignore_index: int = 255) -> tuple[Tensor, Tensor]:
-    """One binary mask per class present in ``label (H, W)``: ``(classes (G,), masks (G, H, W))``."""
-    classes = torch.unique(label)
+    """One binary mask per class present in ``label (H, W)``: ``(classes (G,), masks (G, H, W))``.
+
+    The classes keep ``torch.unique(sorted=False)``'s order, as mmseg's ``_seg_data_to_instance_data``
+    takes them: the order of the segments decides ties in the matching (on CUDA it is not sorted).
+    """
+    classes = torch.unique(label, sorted=False)
     classes = classes[classes != ignore_index]
     return classes, label.unsqueeze(0) == classes.view(-1, 1, 1)
 
@@ -72,7 +83,11 @@ class HungarianMatcher:
     @torch.no_grad()
     def cost(self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor) -> Tensor:
         """The ``(Q, G)`` matching cost of one image."""
+        # Drawn before anything else, also when there is no segment: mmdet draws them for every
+        # image, and skipping a draw would shift every later random point of a seeded run.
         coords = torch.rand(1, self.num_points, 2, device=mask_logits.device)
+        if gt_classes.numel() == 0:
+            return class_logits.new_zeros(class_logits.shape[0], 0, dtype=torch.float32)
         pred = point_sample(mask_logits.unsqueeze(1), coords.expand(mask_logits.shape[0], -1, -1))[:, 0].float()
         target = point_sample(gt_masks.unsqueeze(1).float(), coords.expand(gt_masks.shape[0], -1, -1))[:, 0]
 
@@ -88,7 +103,7 @@ class HungarianMatcher:
     def __call__(
         self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Matched ``(query_indices, gt_indices)`` of one image.
+        """Matched ``(query_indices, gt_indices)`` of one image, ``min(Q, G)`` pairs, queries ascending.
 
         Args:
             class_logits: ``(Q, K + 1)``; mask_logits: ``(Q, h, w)``;
@@ -153,7 +168,10 @@ class Mask2FormerLoss(nn.Module):
             bad = labels[valid].unique()[:8].tolist()
             raise ValueError(f"label values {bad} are outside 0..{self.num_classes - 1} and not {self.ignore_index}")
         targets = [semantic_to_masks(label, self.ignore_index) for label in labels]
-        num_masks = _mean_over_ranks(sum(len(c) for c, _ in targets), labels.device)
+        # The Hungarian matching pairs min(Q, G) queries of an image; mmdet counts at least one per image.
+        num_queries = class_logits[0].shape[1]
+        num_matched = sum(max(min(num_queries, len(classes)), 1) for classes, _ in targets)
+        num_masks = _mean_over_ranks(num_matched, labels.device)
         losses: dict[str, Tensor] = {}
         last = len(class_logits) - 1
         for i, (cls, masks) in enumerate(zip(class_logits, mask_logits)):
@@ -163,7 +181,7 @@ class Mask2FormerLoss(nn.Module):
         losses["loss"] = sum(losses.values())
         return losses
 
-    def _single(self, class_logits: Tensor, mask_logits: Tensor, targets, num_masks: float) -> dict[str, Tensor]:
+    def _single(self, class_logits: Tensor, mask_logits: Tensor, targets, num_masks: Tensor) -> dict[str, Tensor]:
         """Losses of one prediction ``(B, Q, K + 1)``, ``(B, Q, h, w)``."""
         batch, num_queries = class_logits.shape[:2]
         target_classes = torch.full(
@@ -171,18 +189,19 @@ class Mask2FormerLoss(nn.Module):
         )
         matched_preds, matched_targets = [], []
         for b, (gt_classes, gt_masks) in enumerate(targets):
-            if len(gt_classes) == 0:
-                continue
             query_idx, gt_idx = self.matcher(class_logits[b], mask_logits[b], gt_classes, gt_masks)
+            if len(query_idx) == 0:
+                continue
             target_classes[b, query_idx] = gt_classes[gt_idx]
             matched_preds.append(mask_logits[b, query_idx])
             matched_targets.append(gt_masks[gt_idx])
 
-        weights = self.ce_class_weights.to(class_logits.dtype)
+        # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
+        weights = self.ce_class_weights.float()
         ce = F.cross_entropy(
-            class_logits.flatten(0, 1).float(), target_classes.flatten(), weight=weights.float(), reduction="sum"
+            class_logits.flatten(0, 1).float(), target_classes.flatten(), weight=weights, reduction="sum"
         )
-        loss_cls = ce / (weights[target_classes].sum().float() + _EPS)
+        loss_cls = ce / (weights[target_classes].sum() + _EPS)
 
         if not matched_preds:
             # Nothing to match: keep the graph (and DDP's gradient buckets) alive with zeros.
@@ -207,10 +226,10 @@ class Mask2FormerLoss(nn.Module):
         }
 
 
-def _mean_over_ranks(count: int, device: torch.device) -> float:
-    """The number of target masks averaged over DDP ranks (at least 1), as mmdet normalizes."""
+def _mean_over_ranks(count: int, device: torch.device) -> Tensor:
+    """``count`` averaged over DDP ranks and at least 1, as mmdet normalizes; a 0-d tensor (no host sync)."""
     value = torch.tensor(float(count), device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(value)
         value = value / torch.distributed.get_world_size()
-    return max(value.item(), 1.0)
+    return value.clamp(min=1.0)
