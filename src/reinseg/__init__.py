@@ -2,7 +2,7 @@
 
 from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones
 from .config import Config, ModelConfig, load_config
-from .official import from_official
+from .official import backbone_from_official, from_official
 from .rein import Rein
 from .build import build_segmentor
 from .segmentor import Segmentor
@@ -18,6 +18,7 @@ __all__ = [
     "Segmentor",
     "build_segmentor",
     "from_official",
+    "backbone_from_official",
     "Config",
     "ModelConfig",
     "load_config",

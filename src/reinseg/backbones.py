@@ -34,6 +34,7 @@ __all__ = [
     "build_backbone",
     "list_backbones",
     "default_out_indices",
+    "rein_arguments",
 ]
 
 
@@ -95,6 +96,10 @@ BACKBONES: dict[str, BackboneSpec] = {
     "sam_vitl16": BackboneSpec("samvit_large_patch16", "sa1b", "sam", "SAM ViT-L/16 image encoder"),
     "sam_vith16": BackboneSpec("samvit_huge_patch16", "sa1b", "sam", "SAM ViT-H/16 image encoder"),
     "mae_vitl16": BackboneSpec("vit_large_patch16_224", "mae", "vit", "MAE ViT-L/16"),
+    # CNNs (one Rein per stage, reinseg.cnn): the official ReinsResNetV1c / ReinsConvNeXt.
+    "resnet50_v1c": BackboneSpec("resnet50c", "gluon_in1k", "resnet_v1c", "ResNet-50 V1c (deep stem), ImageNet-1k"),
+    "resnet101_v1c": BackboneSpec("resnet101c", "gluon_in1k", "resnet_v1c", "ResNet-101 V1c (deep stem), ImageNet-1k"),
+    "convnext_large": BackboneSpec("convnext_large", "fb_in22k", "convnext", "ConvNeXt-L, ImageNet-22k"),
 }
 
 
@@ -158,23 +163,19 @@ class ReinBackbone(nn.Module):
         ``num_layers``, ``embed_dims``, ``patch_size`` and ``num_prefix_tokens`` come from the
         backbone; given ones must agree.
         """
-        if not isinstance(rein, dict):
-            raise ValueError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
         derived = dict(
             num_layers=self.depth,
             embed_dims=self.embed_dim,
             patch_size=int(self.patch_size[0]),
             num_prefix_tokens=self.num_prefix_tokens,
         )
-        for key, value in derived.items():
-            if key in rein and rein[key] != value:
-                raise ValueError(f"rein.{key}={rein[key]!r} does not match the backbone ({value!r})")
-        accepted = tuple(inspect.signature(Rein.__init__).parameters)[1:]
-        unknown = set(rein) - set(accepted)
-        if unknown:
-            raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(accepted)}")
-        self.rein = Rein(**{**rein, **derived})
+        self.rein = Rein(**rein_arguments(rein, derived))
         return self.rein
+
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of the four maps :meth:`forward` returns."""
+        return [self.embed_dim] * 4
 
     @property
     def links_queries(self) -> bool:
@@ -229,6 +230,21 @@ class ReinBackbone(nn.Module):
         self.weights_source = source
 
 
+def rein_arguments(rein: dict[str, Any], derived: dict[str, Any], where: str = "the backbone") -> dict[str, Any]:
+    """``rein`` (:class:`reinseg.Rein` arguments) completed with the ``derived`` ones, which given
+    values must equal; a ValueError naming the argument otherwise."""
+    if not isinstance(rein, dict):
+        raise ValueError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
+    for key, value in derived.items():
+        if key in rein and rein[key] != value:
+            raise ValueError(f"rein.{key}={rein[key]!r} does not match {where} ({value!r})")
+    accepted = tuple(inspect.signature(Rein.__init__).parameters)[1:]
+    unknown = set(rein) - set(accepted)
+    if unknown:
+        raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(accepted)}")
+    return {**rein, **derived}
+
+
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """``(h, w)`` from an int or a pair; a ValueError naming ``name`` otherwise."""
     pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
@@ -250,6 +266,10 @@ def build_backbone(
     **timm_overrides: Any,
 ) -> ReinBackbone:
     """Build a frozen VFM backbone from the zoo, with Rein after every block.
+
+    CNN entries (``resnet50_v1c``, ``convnext_large``, ...) give a
+    :class:`reinseg.cnn.ReinCNNBackbone` (one Rein per stage); they take any image size
+    (``img_size`` and ``resample`` do not apply) and no ``patch_size``.
 
     Args:
         name: zoo name, see :func:`list_backbones` (e.g. ``"dinov2_vitl14"``).
@@ -279,6 +299,12 @@ def build_backbone(
     spec = BACKBONES[name]
     img_hw = as_pair(img_size, "img_size")
     family = get_family(spec.family)
+    if family.kind == "cnn":
+        from .cnn import build_cnn_backbone
+
+        return build_cnn_backbone(
+            name, spec, family, rein, patch_size, out_indices, checkpoint, pretrained, timm_overrides
+        )
     kwargs: dict[str, Any] = dict(img_size=img_hw, num_classes=0, **family.timm_kwargs(), **timm_overrides)
     if patch_size is not None:
         kwargs["patch_size"] = int(patch_size)

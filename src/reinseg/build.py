@@ -51,7 +51,7 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
         raise ConfigError(f"model.{config.tuning}: {err}") from None
 
     head = head_class(
-        [backbone.embed_dim] * 4,
+        backbone.out_channels,
         num_queries=_num_queries(config, backbone),
         linked_queries=backbone.links_queries,
         **_head_hyper_parameters(config, head_class),
