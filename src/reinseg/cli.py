@@ -18,7 +18,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     width = max(len(n) for n in BACKBONES)
     for name in sorted(BACKBONES):
         spec = BACKBONES[name]
-        print(f"{name:<{width}}  {spec.family:<6}  {spec.timm_name:<45}  {spec.title}")
+        print(f"{name:<{width}}  {spec.family:<10}  {spec.timm_name:<45}  {spec.title}")
     return 0
 
 
