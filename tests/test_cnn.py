@@ -217,3 +217,23 @@ def test_weights_whose_keys_do_not_fit_are_named(golden):
     weights.pop(key)
     with pytest.raises(ValueError, match="does not fit.*missing keys"):
         backbone_from_official(golden["backbone_config"], weights, golden["reins_state_dict"])
+
+
+@pytest.mark.parametrize(
+    "config, depths, channels",
+    [
+        ("rein_resnet50_gta_512.yaml", [3, 4, 6, 3], [256, 512, 1024, 2048]),
+        ("rein_resnet101_gta_512.yaml", [3, 4, 23, 3], [256, 512, 1024, 2048]),
+        ("rein_convnext-l_gta_512.yaml", [3, 3, 27, 3], [192, 384, 768, 1536]),
+    ],
+)
+def test_the_cnn_configs_build_with_the_official_rein_count(config, depths, channels, capsys):
+    from pathlib import Path
+
+    from reinseg.cli import main
+
+    path = Path(__file__).parents[1] / "configs" / config
+    assert main(["params", str(path)]) == 0
+    rein_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Rein "))
+    count = sum(rein_parameters(d, c) for d, c in zip(depths, channels))
+    assert rein_row.split()[1:3] == [f"{count:,}", f"{count:,}"]

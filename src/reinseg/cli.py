@@ -68,13 +68,14 @@ def _cmd_params(args: argparse.Namespace) -> int:
         segmentor = build_segmentor(config, load_backbone_weights=False)
     rein = config.rein if config.tuning == "rein" else None
     patch = segmentor.backbone.patch_size[0]
+    grid = f"patch {patch}" if segmentor.backbone.family.kind == "vit" else f"inputs multiples of {patch}"
     described = (
         f"tuning {config.tuning}"
         if rein is None
         else (f"Rein: {rein.token_length} tokens, rank {rein.lora_dim or 'full'}, {rein.query_dims}-d queries")
     )
     print(
-        f"{title} at {config.backbone.img_size} px, patch {patch}, {described}, "
+        f"{title} at {config.backbone.img_size} px, {grid}, {described}, "
         f"Mask2Former head for {config.head.num_classes} classes"
     )
     backbone = segmentor.backbone
