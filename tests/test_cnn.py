@@ -237,3 +237,48 @@ def test_the_cnn_configs_build_with_the_official_rein_count(config, depths, chan
     rein_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Rein "))
     count = sum(rein_parameters(d, c) for d, c in zip(depths, channels))
     assert rein_row.split()[1:3] == [f"{count:,}", f"{count:,}"]
+
+
+# The whole official segmentor (EncoderDecoder, ReinMask2FormerHead) on these backbones:
+# tests/golden/make_reins_cnn_segmentor.py.
+SEGMENTOR_KINDS = {"resnet": RESNET, "convnext": CONVNEXT}
+
+
+@pytest.fixture(scope="module")
+def segmentor_goldens():
+    return load_golden("official_cnn_segmentor_tiny.pt")
+
+
+@pytest.mark.parametrize("kind", sorted(SEGMENTOR_KINDS))
+def test_a_converted_official_cnn_segmentor_predicts_as_the_official_one(segmentor_goldens, kind):
+    from reinseg.official import from_official
+
+    golden = segmentor_goldens[kind]
+    weights = load_golden(SEGMENTOR_KINDS[kind])["backbone_state_dict"]
+    segmentor = from_official(golden["model_config"], golden["release_state_dict"], weights).eval()
+    with torch.no_grad():
+        class_logits, mask_logits = segmentor(golden["crop_input"])
+        assert len(class_logits) == len(golden["crop_class_logits_per_layer"]) == 10
+        for ours, theirs in zip(class_logits, golden["crop_class_logits_per_layer"]):
+            assert_matches(ours, theirs)
+        for ours, theirs in zip(mask_logits, golden["crop_mask_logits_per_layer"]):
+            assert_matches(ours, theirs)
+        assert_matches(segmentor.predict(golden["crop_input"], mode="whole"), golden["crop_seg_logits"])
+        assert segmentor.crop_size == golden["slide_crop"] and segmentor.stride == golden["slide_stride"]
+        assert_matches(segmentor.predict(golden["slide_input"]), golden["slide_seg_logits"])
+
+
+def test_convert_official_writes_a_cnn_checkpoint_that_predicts_the_same(segmentor_goldens, tmp_path):
+    from reinseg.checkpoints import segmentor_from_checkpoint
+    from reinseg.cli import main
+
+    golden = segmentor_goldens["resnet"]
+    torch.save({"state_dict": golden["release_state_dict"]}, tmp_path / "release.pth")
+    torch.save(load_golden(RESNET)["backbone_state_dict"], tmp_path / "resnet_v1c.pth")  # mmseg names
+    (tmp_path / "config.py").write_text(f"model = {golden['model_config']!r}\n")
+    args = ["convert-official", "--config", str(tmp_path / "config.py"), "--checkpoint", str(tmp_path / "release.pth")]
+    assert main([*args, "--backbone", str(tmp_path / "resnet_v1c.pth"), "--output", str(tmp_path / "out")]) == 0
+    segmentor, payload = segmentor_from_checkpoint(tmp_path / "out" / "checkpoint.pt")
+    assert not any(k.startswith("backbone.vit.") for k in payload["state_dict"])  # referenced, not copied
+    with torch.no_grad():
+        assert_matches(segmentor.eval().predict(golden["slide_input"]), golden["slide_seg_logits"])
