@@ -137,13 +137,20 @@ def test_zoo_cnns_at_full_size(name, depths, channels):
     assert trainable == sum(rein_parameters(d, c) for d, c in zip(depths, channels))
 
 
-def test_a_tiny_cnn_segmentor_trains_only_rein_and_head():
+def tiny_cnn_config():
+    """conftest's tiny model config on a tiny ResNet V1c (BasicBlocks, one per stage)."""
     from conftest import tiny_model_config
-    from reinseg.build import build_segmentor
 
     config = tiny_model_config()
     config.backbone.name, config.backbone.patch_size = "resnet50_v1c", None
     config.backbone.timm_kwargs = dict(block="basic", layers=[1, 1, 1, 1], stem_width=4, channels=[8, 16, 32, 64])
+    return config
+
+
+def test_a_tiny_cnn_segmentor_trains_only_rein_and_head():
+    from reinseg.build import build_segmentor
+
+    config = tiny_cnn_config()
     segmentor = build_segmentor(config)
     assert segmentor.head.pixel_decoder is not None and segmentor.backbone.out_channels == [8, 16, 32, 64]
     segmentor.train()
@@ -282,3 +289,38 @@ def test_convert_official_writes_a_cnn_checkpoint_that_predicts_the_same(segment
     assert not any(k.startswith("backbone.vit.") for k in payload["state_dict"])  # referenced, not copied
     with torch.no_grad():
         assert_matches(segmentor.eval().predict(golden["slide_input"]), golden["slide_seg_logits"])
+
+
+def test_weight_decay_follows_the_official_custom_keys_on_cnns():
+    """custom_keys "learnable_tokens" and "reins.scale": the per-stage tokens take no decay, while the
+    per-stage scales (reins.<i>.scale) match no key and are decayed, as in the official training."""
+    from reinseg.build import build_segmentor
+    from reinseg.engine import parameter_groups
+
+    config = tiny_cnn_config()
+    segmentor = build_segmentor(config)
+    groups = parameter_groups(segmentor, lr=1e-4, weight_decay=0.05, backbone_lr_mult=0.1)
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    rein = segmentor.backbone.rein
+    for stage in rein:
+        assert decay[id(stage.learnable_tokens_a)] == decay[id(stage.learnable_tokens_b)] == 0.0
+        assert decay[id(stage.scale)] == 0.05 and decay[id(stage.mlp_delta_f.weight)] == 0.05
+
+
+@pytest.mark.parametrize("tuning", ["vpt", "adaptformer", "lora"])
+def test_token_and_attention_strategies_refuse_cnns_by_name(tuning):
+    from reinseg.build import build_segmentor
+
+    config = tiny_cnn_config()
+    config.tuning = tuning
+    with pytest.raises(ConfigError, match=f"model.tuning='{tuning}' applies to vit backbones, not to resnet50_v1c"):
+        build_segmentor(config)
+
+
+def test_full_fine_tuning_trains_the_cnn_in_train_mode():
+    from reinseg.build import build_segmentor
+
+    config = tiny_cnn_config()
+    config.tuning = "full"
+    segmentor = build_segmentor(config).train()
+    assert segmentor.backbone.vit.training and all(p.requires_grad for p in segmentor.backbone.vit.parameters())

@@ -45,6 +45,11 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
         resample=bb.resample,
         **bb.timm_kwargs,
     )
+    if backbone.family.kind not in strategy.backbone_kinds:
+        raise ConfigError(
+            f"model.tuning={config.tuning!r} applies to {' and '.join(strategy.backbone_kinds)} backbones, "
+            f"not to {bb.name} ({backbone.family.kind})"
+        )
     try:
         strategy.apply(backbone, options)
     except ValueError as err:

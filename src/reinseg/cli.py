@@ -50,7 +50,12 @@ def _cmd_params(args: argparse.Namespace) -> int:
         config.tuning = args.tuning
     if args.compare:
         rows = []
-        for tuning in strategy_names():
+        from .backbones import BACKBONES
+        from .families import get_family
+        from .tuning import get_strategy
+
+        kind = get_family(BACKBONES[config.backbone.name].family).kind if config.backbone.name in BACKBONES else "vit"
+        for tuning in (t for t in strategy_names() if kind in get_strategy(t).backbone_kinds):
             config.tuning = tuning
             with torch.device("meta"):
                 segmentor = build_segmentor(config, load_backbone_weights=False)
