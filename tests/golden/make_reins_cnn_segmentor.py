@@ -9,48 +9,18 @@ For each of the shared CNN goldens (tests/data/reins_resnet_tiny.pt, reins_convn
 official ``EncoderDecoder`` is built from the model dict of tests/data/official_segmentor_tiny.pt
 with that golden's backbone (``ReinsResNetV1c`` / ``ReinsConvNeXt``) and weights, the head's
 ``in_channels`` set to the stages' channels and ``num_queries`` to the Rein token length. The head's
-weights are perturbed (``randn * 0.1``, seed 0) so that nothing is trivial. Saved per kind:
+weights are initialised and perturbed (``randn * 0.1``) after ``torch.manual_seed(0)`` so that nothing is trivial. Saved per kind:
 ``model_config``, ``release_state_dict`` (``backbone.reins.*`` and ``decode_head.*``, what released
 checkpoints hold; the CNN weights are the golden's ``backbone_state_dict``), the inputs, the head's
 per-layer outputs on ``crop_input`` and the whole-image and sliding-window logits.
 """
 
 import copy
-import sys
-import types
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else "/work/official")
-
-
-class _NoOps(types.ModuleType):
-    """Compiled mmcv ops are absent; the CPU code paths used here never call them."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def missing(*args, **kwargs):
-            raise RuntimeError(f"mmcv._ext.{name} is not compiled")
-
-        return missing
-
-
-sys.modules["mmcv._ext"] = _NoOps("mmcv._ext")
-# mmseg's CLIP tokenizer needs ftfy and regex at import; it is not used here.
-sys.modules["mmseg.utils.tokenizer"] = _NoOps("mmseg.utils.tokenizer")
-# The official EVA02 module imports xformers at import time (EVA02 is not built here); empty
-# modules keep the DINOv2 layers' own `from xformers.ops import ...` failing as without xformers.
-sys.modules["xformers"] = types.ModuleType("xformers")
-sys.modules["xformers.ops"] = types.ModuleType("xformers.ops")
-
-from mmseg.registry import MODELS  # noqa: E402
-from mmseg.utils import register_all_modules  # noqa: E402
-
-register_all_modules()
-import rein  # noqa: E402, F401  (registers the Rein backbones and head)
+from official_env import MODELS  # noqa: E402  (the official code, importable on CPU)
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -64,9 +34,9 @@ def make(kind_file):
     model_config["decode_head"]["num_queries"] = cnn["reins_config"]["token_length"]
     from mmengine.config import ConfigDict
 
+    torch.manual_seed(0)
     model = MODELS.build(ConfigDict(copy.deepcopy(model_config)))
     model.init_weights()
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.decode_head.named_parameters():
             param.add_(torch.randn_like(param) * 0.1)
