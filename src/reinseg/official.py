@@ -161,6 +161,65 @@ def _dinov2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
     return OfficialBackbone(backbone, rein, [embed_dim] * 4, patch_size)
 
 
+def _eva2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
+    """The official ``EVA2`` (``ReinsEVA2``, rein/models/backbones/eva_02.py) -> timm's ``Eva`` (``eva02_vitl14``).
+
+    The two compute the same function (checked to 1e-5 against the official code); what differs is
+    named here: the official ``pt_hw_seq_len`` is timm's ``ref_feat_shape`` (the grid the rotary
+    frequencies were trained at, interpolated to the image's grid: ``intp_freq``); the official
+    ``q_bias``/``v_bias`` and SwiGLU ``w1``/``w2``/``ffn_ln``/``w3`` are timm's ``q_proj.bias``/
+    ``v_proj.bias`` and ``fc1_g``/``fc1_x``/``norm``/``fc2`` (renamed on load by timm's filter);
+    ``xattn`` (xformers' memory-efficient attention) computes the same softmax attention. The
+    official rotary table and position embedding are fixed to ``img_size``; timm recomputes and
+    resamples them for other image sizes (the same at ``img_size``).
+    """
+    _check_keys(bb, {"img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
+                     "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate", "attn_drop_rate", "drop_path_rate",
+                     "hybrid_backbone", "norm_layer", "init_values", "use_checkpoint", "use_abs_pos_emb",
+                     "use_rel_pos_bias", "use_shared_rel_pos_bias", "out_indices", "subln", "xattn",
+                     "naiveswiglu", "rope", "pt_hw_seq_len", "intp_freq"})
+    embed_dim, depth = bb.get("embed_dim", 768), bb.get("depth", 12)
+    num_heads, patch_size = bb.get("num_heads", 12), bb.get("patch_size", 16)
+    bb.expect("in_chans", 3, default=3)
+    for key, value in (("use_abs_pos_emb", True), ("subln", True), ("naiveswiglu", True), ("rope", True)):
+        bb.expect(key, value, default=True)
+    for key in ("use_rel_pos_bias", "use_shared_rel_pos_bias"):
+        bb.expect(key, False, default=False)
+    for key in ("qk_scale", "hybrid_backbone"):
+        bb.expect(key, None, default=None)
+    norm = _Fields(bb.get("norm_layer"), f"{bb.path}.norm_layer")
+    norm.expect("type", "LN")
+    norm.expect("eps", 1e-6)
+    timm_kwargs: dict[str, Any] = dict(drop_path_rate=bb.get("drop_path_rate", 0.0))
+    if (embed_dim, depth, num_heads) != (1024, 24, 16):
+        timm_kwargs.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    mlp_ratio = bb.get("mlp_ratio", 4 * 2 / 3)
+    if not _same(mlp_ratio, 4 * 2 / 3):
+        timm_kwargs["mlp_ratio"] = mlp_ratio
+    reference = bb.get("pt_hw_seq_len", 16)
+    if reference != 16:
+        timm_kwargs["ref_feat_shape"] = (reference, reference)
+    if not bb.get("qkv_bias", False):
+        timm_kwargs["qkv_bias"] = False
+    if bb.get("init_values", None) is not None:
+        timm_kwargs["init_values"] = bb.get("init_values")
+    backbone = BackboneConfig(
+        name="eva02_vitl14",
+        img_size=bb.get("img_size", 224),
+        patch_size=patch_size,
+        out_indices=list(bb.get("out_indices", [3, 5, 7, 11])),
+        timm_kwargs=timm_kwargs,
+    )
+    rein = None
+    if has_rein:
+        rc = bb.sub("reins_config")
+        rc.equal("num_layers", depth, "the Rein layers are the backbone's blocks")
+        rc.equal("embed_dims", embed_dim, "Rein works at the backbone's width")
+        rc.equal("patch_size", patch_size, "Rein's initialisation uses the backbone's patch size", default=patch_size)
+        rein = _rein_config(rc)
+    return OfficialBackbone(backbone, rein, [embed_dim] * 4, patch_size)
+
+
 def _rein_config(rc: _Fields) -> ReinConfig:
     """The shared Rein arguments of an official ``reins_config``."""
     lora = _type(rc, ("LoRAReins", "Reins")) == "LoRAReins"
@@ -309,6 +368,8 @@ _BACKBONE_READERS = {
     "ResNetV1c": _resnet_backbone,
     "ReinsConvNeXt": _convnext_backbone,
     "ConvNeXt": _convnext_backbone,
+    "ReinsEVA2": _eva2_backbone,
+    "EVA2": _eva2_backbone,
 }
 
 

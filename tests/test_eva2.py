@@ -1,0 +1,79 @@
+"""EVA02 + Rein against the official ReinsEVA2 (tests/data/reins_eva2_tiny.pt, made by
+tests/golden/make_reins_eva2.py from the official code), through ``backbone_from_official`` on
+timm's EVA02."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import load_golden
+from reinseg import backbone_from_official
+from reinseg.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden("reins_eva2_tiny.pt")
+
+
+def official_backbone(golden, config=None):
+    return backbone_from_official(
+        config or golden["backbone_config"], golden["backbone_state_dict"], golden["reins_state_dict"]
+    )
+
+
+def assert_matches(ours, theirs, tol=1e-4):
+    """Within ``tol`` absolute and relative to the largest official value (about 16 here)."""
+    assert ours.shape == theirs.shape
+    error = (ours - theirs).abs().max().item()
+    assert error <= tol and error <= tol * theirs.abs().max().item(), error
+
+
+def test_features_and_queries_match_the_official_code_in_eval_and_train_mode(golden):
+    backbone = official_backbone(golden)
+    for mode, features_key, queries_key in (("eval", "features", "queries"), ("train", "train_features", "train_queries")):
+        backbone.train(mode == "train")
+        with torch.no_grad():
+            features, queries = backbone(golden["image"])
+        assert len(features) == 4
+        for ours, theirs in zip(features, golden[features_key]):
+            assert_matches(ours, theirs)
+        assert_matches(queries, golden[queries_key])
+    training = {name for name, module in backbone.named_modules() if module.training and name}
+    assert training == {"rein" + name[len("reins") :] for name in golden["train_mode_modules"]}
+
+
+def test_the_plain_eva02_matches_without_rein(golden):
+    config = {k: v for k, v in golden["backbone_config"].items() if k != "reins_config"}
+    config["type"] = "EVA2"
+    backbone = backbone_from_official(config, golden["backbone_state_dict"])
+    with torch.no_grad():
+        features, queries = backbone(golden["image"])
+    assert queries is None
+    for ours, theirs in zip(features, golden["plain_features"]):
+        assert_matches(ours, theirs, tol=1e-5)
+
+
+def test_the_rotary_reference_grid_matters(golden):
+    """pt_hw_seq_len is timm's ref_feat_shape: with another one the maps move (the check is sensitive)."""
+    config = copy.deepcopy(golden["backbone_config"])
+    config["pt_hw_seq_len"] = 4
+    with torch.no_grad():
+        features, _ = official_backbone(golden, config)(golden["image"])
+    assert (features[3] - golden["features"][3]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("use_rel_pos_bias", True, "backbone.use_rel_pos_bias=True is not supported"),
+        ("naiveswiglu", False, "backbone.naiveswiglu=False is not supported"),
+        ("hybrid_backbone", {"type": "ResNet"}, "backbone.hybrid_backbone=.* is not supported"),
+        ("window", 7, "backbone: window not supported by reinseg for ReinsEVA2"),
+    ],
+)
+def test_unsupported_fields_are_named(golden, key, value, message):
+    config = dict(golden["backbone_config"], **{key: value})
+    with pytest.raises(ConfigError, match=message):
+        official_backbone(golden, config)
