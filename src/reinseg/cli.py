@@ -343,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backbone",
         default=None,
-        help="the DINOv2 weights (original release or converted by the official script); "
-        "omit if the release holds them",
+        help="the frozen backbone's weights: DINOv2 / EVA02 (original release or converted by the official "
+        "script), ResNet V1c (mmseg names) or ConvNeXt (mmpretrain names), or timm's; omit if the release holds them",
     )
     p.add_argument("--output", required=True, help="output folder")
     p.set_defaults(func=_cmd_convert_official)

@@ -1,7 +1,8 @@
 """Loading the official Rein release checkpoints (mmseg configs and weights) into reinseg.
 
-The official model is mmseg's ``EncoderDecoder`` with a ``ReinsDinoVisionTransformer`` backbone
-and a ``ReinMask2FormerHead``. :func:`official_model_config` reads every dimension from its
+The official model is mmseg's ``EncoderDecoder`` with a Rein backbone (``ReinsDinoVisionTransformer``,
+``ReinsEVA2``, ``ReinsResNetV1c``, ``ReinsConvNeXt``; :func:`backbone_from_official` alone) and a
+``ReinMask2FormerHead``. :func:`official_model_config` reads every dimension from its
 ``model`` dict and refuses, naming the field, what reinseg cannot represent; :func:`from_official`
 builds the :class:`~reinseg.segmentor.Segmentor` and loads the released weights
 (``backbone.reins.*`` -> ``backbone.rein.*``, ``decode_head.*`` -> ``head.*``).
@@ -543,8 +544,9 @@ def from_official(
             ``config.py`` files published with the release checkpoints).
         release_state_dict: the released weights, keys ``backbone.reins.*`` and ``decode_head.*``
             (a whole released ``.pth`` dict with its ``state_dict`` is accepted too).
-        backbone_state_dict: the DINOv2 weights (original layout, e.g. converted by the official
-            script); ``None`` when the release holds them under ``backbone.*``.
+        backbone_state_dict: the frozen backbone's weights in the official layout (DINOv2 or
+            EVA02 converted by the official scripts, mmseg's ResNetV1c, mmpretrain's ConvNeXt) or
+            timm's; ``None`` when the release holds them under ``backbone.*``.
     """
     config = official_model_config(model_config)
     release = unwrap_state_dict(release_state_dict, "release state dict")
