@@ -14,6 +14,29 @@ def load_golden(name: str) -> dict:
     return torch.load(DATA / name, map_location="cpu", weights_only=False)
 
 
+def assert_matches(ours, theirs, tol=1e-4):
+    """``ours`` equals the official ``theirs`` within ``tol``, absolute and relative to the largest
+    official value."""
+    assert ours.shape == theirs.shape
+    error = (ours - theirs).abs().max().item()
+    assert error <= tol and error <= tol * theirs.abs().max().item(), error
+
+
+def assert_plain_backbone_matches(golden: dict, plain_type: str) -> None:
+    """The golden's backbone config as its official parent ``plain_type`` (no Rein) and its weights
+    reproduce ``plain_features`` (the weight mapping on its own)."""
+    from reinseg import backbone_from_official
+
+    config = {k: v for k, v in golden["backbone_config"].items() if k not in ("reins_config", "distinct_cfgs")}
+    backbone = backbone_from_official(dict(config, type=plain_type), golden["backbone_state_dict"])
+    assert backbone.rein is None
+    with torch.no_grad():
+        features, queries = backbone(golden["image"])
+    assert queries is None
+    for ours, theirs in zip(features, golden["plain_features"]):
+        assert_matches(ours, theirs, tol=1e-5)
+
+
 def tiny_overrides(name: str) -> dict:
     """timm overrides that keep each zoo architecture but make it tiny."""
     overrides = dict(embed_dim=32, depth=4, num_heads=2)

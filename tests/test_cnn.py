@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from conftest import load_golden
+from conftest import assert_matches, assert_plain_backbone_matches, load_golden
 from reinseg import backbone_from_official, build_backbone
 from reinseg.cnn import ReinCNNBackbone
 from reinseg.config import ConfigError
@@ -26,13 +26,6 @@ def golden(request):
 
 def official_backbone(golden):
     return backbone_from_official(golden["backbone_config"], golden["backbone_state_dict"], golden["reins_state_dict"])
-
-
-def assert_matches(ours, theirs, tol=1e-4):
-    """Within ``tol`` absolute and relative to the largest official value (which reaches ~7)."""
-    assert ours.shape == theirs.shape
-    error = (ours - theirs).abs().max().item()
-    assert error <= tol and error <= tol * theirs.abs().max().item(), error
 
 
 def test_features_and_queries_match_the_official_code(golden):
@@ -84,15 +77,7 @@ def test_a_cnn_in_ordinary_train_mode_would_differ(golden):
 
 
 def test_the_weight_mapping_alone_reproduces_the_plain_backbone(golden):
-    config = {k: v for k, v in golden["backbone_config"].items() if k not in ("reins_config", "distinct_cfgs")}
-    config["type"] = PLAIN_TYPES[config["type"]]
-    backbone = backbone_from_official(config, golden["backbone_state_dict"])
-    assert backbone.rein is None
-    with torch.no_grad():
-        features, queries = backbone(golden["image"])
-    assert queries is None
-    for ours, theirs in zip(features, golden["plain_features"]):
-        assert_matches(ours, theirs, tol=1e-5)
+    assert_plain_backbone_matches(golden, PLAIN_TYPES[golden["backbone_config"]["type"]])
 
 
 def test_parameter_counts_follow_distinct_cfgs(golden):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import load_golden
+from conftest import assert_matches, assert_plain_backbone_matches, load_golden
 from reinseg import backbone_from_official
 from reinseg.config import ConfigError
 
@@ -21,13 +21,6 @@ def official_backbone(golden, config=None):
     return backbone_from_official(
         config or golden["backbone_config"], golden["backbone_state_dict"], golden["reins_state_dict"]
     )
-
-
-def assert_matches(ours, theirs, tol=1e-4):
-    """Within ``tol`` absolute and relative to the largest official value (about 16 here)."""
-    assert ours.shape == theirs.shape
-    error = (ours - theirs).abs().max().item()
-    assert error <= tol and error <= tol * theirs.abs().max().item(), error
 
 
 def test_features_and_queries_match_the_official_code_in_eval_and_train_mode(golden):
@@ -45,14 +38,7 @@ def test_features_and_queries_match_the_official_code_in_eval_and_train_mode(gol
 
 
 def test_the_plain_eva02_matches_without_rein(golden):
-    config = {k: v for k, v in golden["backbone_config"].items() if k != "reins_config"}
-    config["type"] = "EVA2"
-    backbone = backbone_from_official(config, golden["backbone_state_dict"])
-    with torch.no_grad():
-        features, queries = backbone(golden["image"])
-    assert queries is None
-    for ours, theirs in zip(features, golden["plain_features"]):
-        assert_matches(ours, theirs, tol=1e-5)
+    assert_plain_backbone_matches(golden, "EVA2")
 
 
 def test_the_rotary_reference_grid_matters(golden):

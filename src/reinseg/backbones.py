@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .families import BackboneFamily, get_family
-from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_state_dict, unwrap_state_dict
+from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_weights
 from .rein import Rein
 
 __all__ = [
     "BackboneSpec",
     "BACKBONES",
     "BackboneOutput",
+    "FrozenBackbone",
     "ReinBackbone",
     "build_backbone",
     "list_backbones",
@@ -119,7 +120,28 @@ def default_out_indices(depth: int) -> list[int]:
     return indices
 
 
-class ReinBackbone(nn.Module):
+class FrozenBackbone(nn.Module):
+    """What both backbone classes share: the frozen model in ``vit``, Rein (or None) in ``rein``,
+    ``freeze_backbone`` (off when the whole VFM trains)."""
+
+    vit: nn.Module
+    rein: nn.Module | None
+    freeze_backbone: bool
+
+    @property
+    def links_queries(self) -> bool:
+        return self.rein is not None and self.rein.link_token_to_query
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        super().train(mode)
+        if self.freeze_backbone:
+            # As the official train(): the frozen model stays in eval mode (no dropout or drop
+            # path, BatchNorm running statistics); only Rein trains.
+            self.vit.eval()
+        return self
+
+
+class ReinBackbone(FrozenBackbone):
     """A frozen timm ViT with an optional Rein after every block.
 
     Args:
@@ -177,16 +199,6 @@ class ReinBackbone(nn.Module):
         """Channels of the four maps :meth:`forward` returns."""
         return [self.embed_dim] * 4
 
-    @property
-    def links_queries(self) -> bool:
-        return self.rein is not None and self.rein.link_token_to_query
-
-    def train(self, mode: bool = True) -> "ReinBackbone":
-        super().train(mode)
-        if self.freeze_backbone:
-            # As the official code does: dropout and drop-path of the frozen VFM stay off.
-            self.vit.eval()
-        return self
 
     def forward(self, images: Tensor) -> BackboneOutput:
         if images.dim() != 4:
@@ -219,12 +231,7 @@ class ReinBackbone(nn.Module):
 
     def load_backbone_weights(self, weights: str | Path | dict[str, Tensor], resample: str = "official") -> None:
         """Load VFM weights (a file path or a state dict) into the frozen ViT, fitting patch size and grid."""
-        if isinstance(weights, (str, Path)):
-            source = str(weights)
-            state_dict = read_state_dict(weights)
-        else:
-            source = "backbone state dict"
-            state_dict = unwrap_state_dict(weights, source)
+        state_dict, source = read_weights(weights)
         fitted = fit_state_dict(state_dict, self.vit, self.family.checkpoint_filter(), resample, source=source)
         load_into(self.vit, fitted)
         self.weights_source = source

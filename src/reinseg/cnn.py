@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 from torch import Tensor, nn
 
-from .backbones import BackboneOutput, BackboneSpec, _download_pretrained, rein_arguments
+from .backbones import BackboneOutput, BackboneSpec, FrozenBackbone, _download_pretrained, rein_arguments
 from .families import CNNFamily, get_family
-from .pretrained import load_into, read_state_dict, unwrap_state_dict
+from .pretrained import load_into, read_weights
 from .rein import Rein
 
 __all__ = ["StageReins", "ReinCNNBackbone", "build_cnn_backbone", "REIN_PATCH_SIZE"]
@@ -68,7 +68,7 @@ class StageReins(nn.ModuleList):
         return sum(self[i].queries() for i in self.out_indices)
 
 
-class ReinCNNBackbone(nn.Module):
+class ReinCNNBackbone(FrozenBackbone):
     """A frozen timm CNN with one Rein per stage, applied after every block.
 
     Args:
@@ -129,17 +129,6 @@ class ReinCNNBackbone(nn.Module):
         self.rein = StageReins(reins, self.out_indices)
         return self.rein
 
-    @property
-    def links_queries(self) -> bool:
-        return self.rein is not None and self.rein.link_token_to_query
-
-    def train(self, mode: bool = True) -> "ReinCNNBackbone":
-        super().train(mode)
-        if self.freeze_backbone:
-            # As the official train(): the frozen CNN keeps its BatchNorm statistics, no drop path.
-            self.vit.eval()
-        return self
-
     def forward(self, images: Tensor) -> BackboneOutput:
         if images.dim() != 4:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
@@ -164,12 +153,7 @@ class ReinCNNBackbone(nn.Module):
     def load_backbone_weights(self, weights: str | Path | dict[str, Tensor], resample: str = "official") -> None:
         """Load CNN weights (a file path or a state dict; timm, original or official mmseg /
         mmpretrain layout) into the frozen CNN. ``resample`` does not apply to CNNs."""
-        if isinstance(weights, (str, Path)):
-            source = str(weights)
-            state_dict = read_state_dict(weights)
-        else:
-            source = "backbone state dict"
-            state_dict = unwrap_state_dict(weights, source)
+        state_dict, source = read_weights(weights)
         load_into(self.vit, self.family.fit_state_dict(state_dict, self.vit, source))
         self.weights_source = source
 

@@ -19,8 +19,9 @@ from torch import Tensor
 from .checkpoints import atomic_write_bytes, load_checkpoint_weights, save_checkpoint, checkpoint_state_dict
 from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig, to_dict
 from .pretrained import read_state_dict, state_dict_mismatches, unwrap_state_dict
-from .build import build_segmentor
+from .build import build_configured_backbone, build_segmentor
 from .cnn import REIN_PATCH_SIZE
+from .tuning import get_strategy
 from .segmentor import Segmentor
 
 __all__ = [
@@ -152,14 +153,7 @@ def _dinov2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
         out_indices=out_indices,
         timm_kwargs=timm_kwargs,
     )
-    rein = None
-    if has_rein:
-        rc = bb.sub("reins_config")
-        rc.equal("num_layers", depth, "the Rein layers are the backbone's blocks")
-        rc.equal("embed_dims", embed_dim, "Rein works at the backbone's width")
-        rc.equal("patch_size", patch_size, "Rein's initialisation uses the backbone's patch size", default=patch_size)
-        rein = _rein_config(rc)
-    return OfficialBackbone(backbone, rein, [embed_dim] * 4, patch_size)
+    return _vit_backbone(bb, backbone, has_rein, depth, embed_dim, patch_size)
 
 
 def _eva2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
@@ -211,6 +205,13 @@ def _eva2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
         out_indices=list(bb.get("out_indices", [3, 5, 7, 11])),
         timm_kwargs=timm_kwargs,
     )
+    return _vit_backbone(bb, backbone, has_rein, depth, embed_dim, patch_size)
+
+
+def _vit_backbone(
+    bb: _Fields, config: BackboneConfig, has_rein: bool, depth: int, embed_dim: int, patch_size: int
+) -> OfficialBackbone:
+    """A ViT's :class:`OfficialBackbone`: one Rein over its ``depth`` blocks, four maps of its width."""
     rein = None
     if has_rein:
         rc = bb.sub("reins_config")
@@ -218,7 +219,7 @@ def _eva2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
         rc.equal("embed_dims", embed_dim, "Rein works at the backbone's width")
         rc.equal("patch_size", patch_size, "Rein's initialisation uses the backbone's patch size", default=patch_size)
         rein = _rein_config(rc)
-    return OfficialBackbone(backbone, rein, [embed_dim] * 4, patch_size)
+    return OfficialBackbone(config, rein, [embed_dim] * 4, patch_size)
 
 
 def _rein_config(rc: _Fields) -> ReinConfig:
@@ -582,18 +583,8 @@ def backbone_from_official(
     An unknown type, a field reinseg cannot represent, or weights whose keys do not fit raise an
     error naming the type, the field or the keys.
     """
-    from .backbones import build_backbone
-    from .tuning import get_strategy
-
     official = official_backbone(_Fields(backbone_config, "backbone"))
-    config = official.config
-    backbone = build_backbone(
-        config.name,
-        img_size=config.img_size,
-        patch_size=config.patch_size,
-        out_indices=config.out_indices,
-        **config.timm_kwargs,
-    )
+    backbone = build_configured_backbone(official.config, load_weights=False)
     if official.rein is not None:
         get_strategy("rein").apply(backbone, official.rein)
     backbone.load_backbone_weights(backbone_state_dict)
