@@ -37,6 +37,19 @@ def assert_plain_backbone_matches(golden: dict, plain_type: str) -> None:
         assert_matches(ours, theirs, tol=1e-5)
 
 
+def rein_parameters(num_layers, channels, tokens=100, rank=16, queries=256):
+    """Official LoRAReins shapes: A (L, T, r), B (L, r, C), two C -> C MLPs, transform C -> Q,
+    merge 3Q -> Q, the scale."""
+    return (
+        num_layers * tokens * rank
+        + num_layers * rank * channels
+        + 2 * (channels * channels + channels)
+        + (channels * queries + queries)
+        + (3 * queries * queries + queries)
+        + 1
+    )
+
+
 def tiny_overrides(name: str) -> dict:
     """timm overrides that keep each zoo architecture but make it tiny."""
     overrides = dict(embed_dim=32, depth=4, num_heads=2)
