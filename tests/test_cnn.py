@@ -276,3 +276,9 @@ def test_full_fine_tuning_trains_the_cnn_in_train_mode():
     config.tuning = "full"
     segmentor = build_segmentor(config).train()
     assert segmentor.backbone.vit.training and all(p.requires_grad for p in segmentor.backbone.vit.parameters())
+
+
+def test_a_v1d_resnet_is_refused():
+    """timm's average-pool shortcuts (V1d, resnet*d) are not the official V1c."""
+    with pytest.raises(ValueError, match="is not a V1c ResNet"):
+        build_backbone("resnet50_v1c", patch_size=None, avg_down=True)

@@ -1,6 +1,6 @@
-"""EVA02 + Rein against the official ReinsEVA2 (tests/data/reins_eva2_tiny.pt, made by
-tests/golden/make_reins_eva2.py from the official code), through ``backbone_from_official`` on
-timm's EVA02."""
+"""ViTs through ``backbone_from_official``: EVA02 + Rein on timm's EVA02 against the official
+ReinsEVA2 (tests/data/reins_eva2_tiny.pt, made by tests/golden/make_reins_eva2.py from the
+official code), and DINOv2 + Rein against the shared DINOv2 golden."""
 
 import copy
 
@@ -63,3 +63,16 @@ def test_unsupported_fields_are_named(golden, key, value, message):
     config = dict(golden["backbone_config"], **{key: value})
     with pytest.raises(ConfigError, match=message):
         official_backbone(golden, config)
+
+
+def test_dinov2_converts_through_backbone_from_official_too():
+    """The shared DINOv2 golden (official ReinsDinoVisionTransformer) through the same entry point."""
+    golden = load_golden("dinov2_lora_rein_tiny.pt")
+    config = dict(golden["vit_config"], type="ReinsDinoVisionTransformer", reins_config=golden["rein_config"])
+    reins = {f"reins.{k}": v for k, v in golden["rein_state_dict"].items()}
+    backbone = backbone_from_official(config, golden["backbone_state_dict"], reins)
+    with torch.no_grad():
+        features, queries = backbone(golden["image"])
+    for ours, theirs in zip(features, golden["features"]):
+        assert_matches(ours, theirs, tol=1e-5)
+    assert_matches(queries, golden["queries"], tol=1e-5)
