@@ -76,3 +76,21 @@ def test_dinov2_converts_through_backbone_from_official_too():
     for ours, theirs in zip(features, golden["features"]):
         assert_matches(ours, theirs, tol=1e-5)
     assert_matches(queries, golden["queries"], tol=1e-5)
+
+
+def test_eva02_release_weights_convert_to_512_px_as_the_official_script(tmp_path):
+    """tools/convert_models/convert_eva2_512x512.py, run on a tiny patch-14 EVA02 (golden): reinseg's
+    loading of the original weights at patch 16 and 512 px gives the same kernel and positions."""
+    golden = load_golden("eva2_conversion_tiny.pt")
+    torch.save({"model": golden["release"]}, tmp_path / "eva02_p14.pt")
+    backbone = backbone_from_official(
+        dict({k: v for k, v in golden["eva2_config"].items() if k != "pt_hw_seq_len"}, img_size=512, patch_size=16),
+        torch.load(tmp_path / "eva02_p14.pt", weights_only=True),
+    )
+    converted = golden["converted"]
+    assert_matches(backbone.vit.patch_embed.proj.weight, converted["patch_embed.proj.weight"], tol=1e-6)
+    assert_matches(backbone.vit.pos_embed, converted["pos_embed"], tol=1e-6)
+    assert backbone.vit.pos_embed.shape == (1, 1 + 32 * 32, 32)
+    for key in ("blocks.0.attn.q_proj.weight", "blocks.0.mlp.w1.weight"):
+        timm_key = key.replace("mlp.w1", "mlp.fc1_g")
+        assert torch.equal(backbone.vit.state_dict()[timm_key], converted[key])
