@@ -25,8 +25,7 @@ import time
 
 import torch
 
-from reinseg.backbones import BACKBONES, list_backbones
-from reinseg.families import get_family
+from reinseg.backbones import backbone_kind, list_backbones
 from reinseg.config import BackboneConfig, ModelConfig
 from reinseg.build import build_segmentor
 from reinseg.tuning import STRATEGIES, strategy_names
@@ -62,7 +61,7 @@ def cmd_params(args) -> None:
     print("| backbone | VFM total | " + " | ".join(adding) + " |")
     print("|---|---|" + "---|" * len(adding))
     for name in list_backbones():
-        if get_family(BACKBONES[name].family).kind != "vit":
+        if backbone_kind(name) != "vit":
             continue  # the token strategies are ViT-only; CNN counts: reinseg params configs/rein_resnet50_gta_512.yaml
         cells = []
         total = None

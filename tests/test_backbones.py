@@ -6,12 +6,11 @@ import torch.nn.functional as F
 
 from conftest import load_golden, tiny_overrides
 from reinseg import BACKBONES, build_backbone, list_backbones
-from reinseg.backbones import default_out_indices
-from reinseg.families import get_family
+from reinseg.backbones import backbone_kind, default_out_indices
 
 TINY_REIN = dict(lora_dim=4, token_length=6, query_dims=16)
 # The ViT entries of the zoo (the CNN entries have their own tests, tests/test_cnn.py).
-VIT_NAMES = [name for name in list_backbones() if get_family(BACKBONES[name].family).kind == "vit"]
+VIT_NAMES = [name for name in list_backbones() if backbone_kind(name) == "vit"]
 
 
 @pytest.fixture(scope="module")

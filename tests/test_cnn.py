@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import assert_matches, assert_plain_backbone_matches, load_golden, rein_parameters
+
 from reinseg import backbone_from_official, build_backbone
 from reinseg.cnn import ReinCNNBackbone
 from reinseg.config import ConfigError
@@ -145,7 +145,9 @@ def test_timm_layout_weights_load_and_convnext_takes_its_final_norm():
     backbone.load_backbone_weights(state)
     # timm's classifier norm is the original final norm, mmpretrain's norm3; the others start as identity.
     assert torch.equal(backbone.vit.norm3.weight, state["head.norm.weight"])
-    assert torch.equal(backbone.vit.norm0.weight, torch.ones(8)) and torch.equal(backbone.vit.norm0.bias, torch.zeros(8))
+    assert torch.equal(backbone.vit.norm0.weight, torch.ones(8)) and torch.equal(
+        backbone.vit.norm0.bias, torch.zeros(8)
+    )
     assert torch.equal(backbone.vit.stages[2].blocks[0].mlp.fc1.weight, state["stages.2.blocks.0.mlp.fc1.weight"])
 
 
@@ -169,13 +171,25 @@ RESNET, CONVNEXT = GOLDENS
     [
         (RESNET, lambda c: c.update(style="caffe"), "backbone.style='caffe' is not supported"),
         (RESNET, lambda c: c.update(dilations=(1, 1, 2, 4)), "backbone.dilations=.* is not supported"),
-        (CONVNEXT, lambda c: c.update(gap_before_final_norm=True), "backbone.gap_before_final_norm=True is not supported"),
+        (
+            CONVNEXT,
+            lambda c: c.update(gap_before_final_norm=True),
+            "backbone.gap_before_final_norm=True is not supported",
+        ),
         (CONVNEXT, lambda c: c.update(use_grn=True), "backbone.use_grn=True is not supported"),
         (RESNET, lambda c: c.update(unknown_option=1), "unknown_option not supported by reinseg for ReinsResNetV1c"),
-        (CONVNEXT, lambda c: c["distinct_cfgs"][1].update(embed_dims=7), r"distinct_cfgs\[1\].embed_dims=7 must equal 32"),
+        (
+            CONVNEXT,
+            lambda c: c["distinct_cfgs"][1].update(embed_dims=7),
+            r"distinct_cfgs\[1\].embed_dims=7 must equal 32",
+        ),
         (RESNET, lambda c: c["distinct_cfgs"][3].update(num_layers=3), r"distinct_cfgs\[3\].num_layers=3 must equal 2"),
         (RESNET, lambda c: c["distinct_cfgs"].pop(), "distinct_cfgs must hold one dict per stage"),
-        (CONVNEXT, lambda c: c["distinct_cfgs"][2].update(token_length=5), r"distinct_cfgs\[2\] gives stage 2 other Rein"),
+        (
+            CONVNEXT,
+            lambda c: c["distinct_cfgs"][2].update(token_length=5),
+            r"distinct_cfgs\[2\] gives stage 2 other Rein",
+        ),
     ],
 )
 def test_unsupported_fields_are_named(file, change, message):

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import assert_matches, assert_plain_backbone_matches, load_golden
+
 from reinseg import backbone_from_official
 from reinseg.config import ConfigError
 
@@ -25,7 +25,10 @@ def official_backbone(golden, config=None):
 
 def test_features_and_queries_match_the_official_code_in_eval_and_train_mode(golden):
     backbone = official_backbone(golden)
-    for mode, features_key, queries_key in (("eval", "features", "queries"), ("train", "train_features", "train_queries")):
+    for mode, features_key, queries_key in (
+        ("eval", "features", "queries"),
+        ("train", "train_features", "train_queries"),
+    ):
         backbone.train(mode == "train")
         with torch.no_grad():
             features, queries = backbone(golden["image"])

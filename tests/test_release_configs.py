@@ -4,8 +4,8 @@ the official shapes give: one Rein over a ViT's blocks, one per stage on a CNN (
 from pathlib import Path
 
 import pytest
-
 from conftest import rein_parameters
+
 from reinseg.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"

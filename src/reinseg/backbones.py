@@ -34,6 +34,7 @@ __all__ = [
     "ReinBackbone",
     "build_backbone",
     "list_backbones",
+    "backbone_kind",
     "default_out_indices",
     "rein_arguments",
 ]
@@ -102,6 +103,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet101_v1c": BackboneSpec("resnet101c", "gluon_in1k", "resnet_v1c", "ResNet-101 V1c (deep stem), ImageNet-1k"),
     "convnext_large": BackboneSpec("convnext_large", "fb_in22k", "convnext", "ConvNeXt-L, ImageNet-22k"),
 }
+
+
+def backbone_kind(name: str) -> str:
+    """``"vit"`` or ``"cnn"``: the kind of the zoo entry ``name`` (its family's ``kind``)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    return get_family(BACKBONES[name].family).kind
 
 
 def list_backbones() -> list[str]:
@@ -199,7 +207,6 @@ class ReinBackbone(FrozenBackbone):
         """Channels of the four maps :meth:`forward` returns."""
         return [self.embed_dim] * 4
 
-
     def forward(self, images: Tensor) -> BackboneOutput:
         if images.dim() != 4:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
@@ -271,7 +278,7 @@ def build_backbone(
     pretrained: bool = False,
     resample: str = "official",
     **timm_overrides: Any,
-) -> ReinBackbone:
+) -> FrozenBackbone:
     """Build a frozen VFM backbone from the zoo, with Rein after every block.
 
     CNN entries (``resnet50_v1c``, ``convnext_large``, ...) give a
@@ -297,8 +304,7 @@ def build_backbone(
     """
     import timm
 
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    kind = backbone_kind(name)
     if checkpoint is not None and pretrained:
         raise ValueError("pass either checkpoint= or pretrained=True, not both")
     if resample not in RESAMPLE_METHODS:
@@ -306,7 +312,7 @@ def build_backbone(
     spec = BACKBONES[name]
     img_hw = as_pair(img_size, "img_size")
     family = get_family(spec.family)
-    if family.kind == "cnn":
+    if kind == "cnn":
         from .cnn import build_cnn_backbone
 
         return build_cnn_backbone(

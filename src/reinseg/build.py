@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from .backbones import as_pair, build_backbone
+from .backbones import as_pair, backbone_kind, build_backbone
 from .config import BackboneConfig, ConfigError, ModelConfig, to_dict
 from .heads import get_head
 from .segmentor import Segmentor
@@ -35,12 +35,13 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
     except ValueError as err:
         raise ConfigError(str(err)) from None
     bb = config.backbone
-    backbone = build_configured_backbone(bb, load_backbone_weights)
-    if backbone.family.kind not in strategy.backbone_kinds:
+    kind = backbone_kind(bb.name)
+    if kind not in strategy.backbone_kinds:
         raise ConfigError(
             f"model.tuning={config.tuning!r} applies to {' and '.join(strategy.backbone_kinds)} backbones, "
-            f"not to {bb.name} ({backbone.family.kind})"
+            f"not to {bb.name} ({kind})"
         )
+    backbone = build_configured_backbone(bb, load_backbone_weights)
     try:
         strategy.apply(backbone, options)
     except ValueError as err:

@@ -50,11 +50,10 @@ def _cmd_params(args: argparse.Namespace) -> int:
         config.tuning = args.tuning
     if args.compare:
         rows = []
-        from .backbones import BACKBONES
-        from .families import get_family
+        from .backbones import backbone_kind
         from .tuning import get_strategy
 
-        kind = get_family(BACKBONES[config.backbone.name].family).kind if config.backbone.name in BACKBONES else "vit"
+        kind = backbone_kind(config.backbone.name)
         for tuning in (t for t in strategy_names() if kind in get_strategy(t).backbone_kinds):
             config.tuning = tuning
             with torch.device("meta"):

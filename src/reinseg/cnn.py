@@ -90,7 +90,11 @@ class ReinCNNBackbone(FrozenBackbone):
         self.family = get_family(family) if isinstance(family, str) else family
         stages = self.family.stages(model)
         out_indices = [int(i) for i in out_indices]
-        if not out_indices or sorted(set(out_indices)) != out_indices or not 0 <= out_indices[0] <= out_indices[-1] < len(stages):
+        if (
+            not out_indices
+            or sorted(set(out_indices)) != out_indices
+            or not 0 <= out_indices[0] <= out_indices[-1] < len(stages)
+        ):
             raise ValueError(f"out_indices must be increasing stage indices in [0, {len(stages)}), got {out_indices}")
         self.family.add_feature_norms(model, out_indices)
         self.vit = model
@@ -120,7 +124,9 @@ class ReinCNNBackbone(FrozenBackbone):
         if isinstance(rein, dict):
             for key in ("num_layers", "embed_dims"):
                 if key in rein:
-                    raise ValueError(f"rein.{key}={rein[key]!r}: on a CNN each stage's Rein takes its own from the stage")
+                    raise ValueError(
+                        f"rein.{key}={rein[key]!r}: on a CNN each stage's Rein takes its own from the stage"
+                    )
             rein = {"patch_size": REIN_PATCH_SIZE, **rein}
         reins = [
             Rein(**rein_arguments(rein, dict(num_layers=depth, embed_dims=channels, num_prefix_tokens=0), f"stage {i}"))

@@ -330,7 +330,9 @@ class CNNFamily:
         fitted = {k: v for k, v in fitted.items() if not k.startswith(self.unused_prefixes)}
         problems = state_dict_mismatches(model.state_dict(), fitted)
         if problems:
-            raise ValueError(f"{source} does not fit the {self.name} backbone {type(model).__name__}: " + "; ".join(problems))
+            raise ValueError(
+                f"{source} does not fit the {self.name} backbone {type(model).__name__}: " + "; ".join(problems)
+            )
         return fitted
 
 

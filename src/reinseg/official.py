@@ -16,13 +16,13 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from .checkpoints import atomic_write_bytes, load_checkpoint_weights, save_checkpoint, checkpoint_state_dict
+from .build import build_configured_backbone, build_segmentor
+from .checkpoints import atomic_write_bytes, checkpoint_state_dict, load_checkpoint_weights, save_checkpoint
+from .cnn import REIN_PATCH_SIZE
 from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig, to_dict
 from .pretrained import read_state_dict, state_dict_mismatches, unwrap_state_dict
-from .build import build_configured_backbone, build_segmentor
-from .cnn import REIN_PATCH_SIZE
-from .tuning import get_strategy
 from .segmentor import Segmentor
+from .tuning import get_strategy
 
 __all__ = [
     "official_model_config",
@@ -64,7 +64,7 @@ class _Fields:
             raise ConfigError(f"{self.path}.{key} is missing")
         return default
 
-    def sub(self, key: str) -> "_Fields":
+    def sub(self, key: str) -> _Fields:
         return _Fields(self.get(key), f"{self.path}.{key}")
 
     def expect(self, key: str, allowed: Any, default: Any = ...) -> Any:
@@ -168,11 +168,38 @@ def _eva2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
     official rotary table and position embedding are fixed to ``img_size``; timm recomputes and
     resamples them for other image sizes (the same at ``img_size``).
     """
-    _check_keys(bb, {"img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads",
-                     "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate", "attn_drop_rate", "drop_path_rate",
-                     "hybrid_backbone", "norm_layer", "init_values", "use_checkpoint", "use_abs_pos_emb",
-                     "use_rel_pos_bias", "use_shared_rel_pos_bias", "out_indices", "subln", "xattn",
-                     "naiveswiglu", "rope", "pt_hw_seq_len", "intp_freq"})
+    _check_keys(
+        bb,
+        {
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "num_classes",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "mlp_ratio",
+            "qkv_bias",
+            "qk_scale",
+            "drop_rate",
+            "attn_drop_rate",
+            "drop_path_rate",
+            "hybrid_backbone",
+            "norm_layer",
+            "init_values",
+            "use_checkpoint",
+            "use_abs_pos_emb",
+            "use_rel_pos_bias",
+            "use_shared_rel_pos_bias",
+            "out_indices",
+            "subln",
+            "xattn",
+            "naiveswiglu",
+            "rope",
+            "pt_hw_seq_len",
+            "intp_freq",
+        },
+    )
     embed_dim, depth = bb.get("embed_dim", 768), bb.get("depth", 12)
     num_heads, patch_size = bb.get("num_heads", 12), bb.get("patch_size", 16)
     bb.expect("in_chans", 3, default=3)
@@ -250,7 +277,9 @@ def _stage_reins(bb: _Fields, depths: list[int], channels: list[int]) -> ReinCon
         rc = _Fields(dict(merged), f"{bb.path}.reins_config + distinct_cfgs[{stage}]")
         rc.equal("num_layers", depths[stage], f"the blocks of stage {stage}")
         rc.equal("embed_dims", channels[stage], f"the channels of stage {stage}")
-        rc.equal("patch_size", REIN_PATCH_SIZE, "reinseg initialises CNN Reins with patch size 16", default=REIN_PATCH_SIZE)
+        rc.equal(
+            "patch_size", REIN_PATCH_SIZE, "reinseg initialises CNN Reins with patch size 16", default=REIN_PATCH_SIZE
+        )
         configs.append(_rein_config(rc))
     for stage, config in enumerate(configs[1:], 1):
         if config != configs[0]:
@@ -268,16 +297,42 @@ def _check_keys(bb: _Fields, known: set[str]) -> None:
 
 
 # mmseg ResNet depths: (timm block, blocks per stage).
-_RESNET_DEPTHS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottleneck", [3, 4, 6, 3]),
-                  101: ("bottleneck", [3, 4, 23, 3]), 152: ("bottleneck", [3, 8, 36, 3])}
+_RESNET_DEPTHS = {
+    18: ("basic", [2, 2, 2, 2]),
+    34: ("basic", [3, 4, 6, 3]),
+    50: ("bottleneck", [3, 4, 6, 3]),
+    101: ("bottleneck", [3, 4, 23, 3]),
+    152: ("bottleneck", [3, 8, 36, 3]),
+}
 
 
 def _resnet_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
     """mmseg ``ResNetV1c`` (``ReinsResNetV1c``) -> timm ``ResNet`` with the deep stem (``resnet_v1c``)."""
-    _check_keys(bb, {"depth", "in_channels", "stem_channels", "base_channels", "num_stages", "strides",
-                     "dilations", "out_indices", "style", "norm_cfg", "norm_eval", "contract_dilation",
-                     "frozen_stages", "with_cp", "zero_init_residual", "dcn", "stage_with_dcn", "plugins",
-                     "multi_grid", "conv_cfg"})
+    _check_keys(
+        bb,
+        {
+            "depth",
+            "in_channels",
+            "stem_channels",
+            "base_channels",
+            "num_stages",
+            "strides",
+            "dilations",
+            "out_indices",
+            "style",
+            "norm_cfg",
+            "norm_eval",
+            "contract_dilation",
+            "frozen_stages",
+            "with_cp",
+            "zero_init_residual",
+            "dcn",
+            "stage_with_dcn",
+            "plugins",
+            "multi_grid",
+            "conv_cfg",
+        },
+    )
     depth = bb.expect("depth", tuple(_RESNET_DEPTHS))
     bb.expect("in_channels", 3, default=3)
     bb.expect("num_stages", 4, default=4)
@@ -318,13 +373,30 @@ _CONVNEXT_ARCHS = {
 
 def _convnext_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
     """mmpretrain ``ConvNeXt`` (``ReinsConvNeXt``) -> timm ``ConvNeXt`` plus a LayerNorm per output stage."""
-    _check_keys(bb, {"arch", "in_channels", "stem_patch_size", "norm_cfg", "act_cfg", "linear_pw_conv",
-                     "use_grn", "drop_path_rate", "layer_scale_init_value", "out_indices", "frozen_stages",
-                     "gap_before_final_norm", "with_cp"})
+    _check_keys(
+        bb,
+        {
+            "arch",
+            "in_channels",
+            "stem_patch_size",
+            "norm_cfg",
+            "act_cfg",
+            "linear_pw_conv",
+            "use_grn",
+            "drop_path_rate",
+            "layer_scale_init_value",
+            "out_indices",
+            "frozen_stages",
+            "gap_before_final_norm",
+            "with_cp",
+        },
+    )
     arch = bb.get("arch", "tiny")
     if isinstance(arch, str):
         if arch not in _CONVNEXT_ARCHS:
-            raise ConfigError(f"{bb.path}.arch={arch!r} is not supported (supported: {', '.join(_CONVNEXT_ARCHS)} or a dict)")
+            raise ConfigError(
+                f"{bb.path}.arch={arch!r} is not supported (supported: {', '.join(_CONVNEXT_ARCHS)} or a dict)"
+            )
         depths, channels = _CONVNEXT_ARCHS[arch]
     else:
         arch_fields = bb.sub("arch")

@@ -18,8 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from official_env import MODELS  # noqa: E402  (the official code, importable on CPU)
+from official_env import MODELS  # the official code, importable on CPU
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "eva2_conversion_tiny.pt"
 OFFICIAL = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/official")

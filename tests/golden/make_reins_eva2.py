@@ -24,8 +24,7 @@ import copy
 from pathlib import Path
 
 import torch
-
-from official_env import MODELS  # noqa: E402  (the official code, importable on CPU)
+from official_env import MODELS  # the official code, importable on CPU
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "reins_eva2_tiny.pt"
 

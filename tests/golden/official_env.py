@@ -33,10 +33,10 @@ sys.modules["mmseg.utils.tokenizer"] = _NoOps("mmseg.utils.tokenizer")
 sys.modules["xformers"] = types.ModuleType("xformers")
 sys.modules["xformers.ops"] = types.ModuleType("xformers.ops")
 
-from mmseg.registry import MODELS  # noqa: E402
-from mmseg.utils import register_all_modules  # noqa: E402
+from mmseg.registry import MODELS
+from mmseg.utils import register_all_modules
 
 register_all_modules()
-import rein  # noqa: E402, F401  (registers the Rein backbones and head)
+import rein  # noqa: F401  (registers the Rein backbones and head)
 
 __all__ = ["MODELS"]
