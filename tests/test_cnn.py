@@ -296,3 +296,20 @@ def test_a_v1d_resnet_is_refused():
     """timm's average-pool shortcuts (V1d, resnet*d) are not the official V1c."""
     with pytest.raises(ValueError, match="is not a V1c ResNet"):
         build_backbone("resnet50_v1c", patch_size=None, avg_down=True)
+
+
+def test_whole_official_checkpoints_give_their_backbone_part(golden):
+    """An mmpretrain / mmseg checkpoint holds the CNN under ``backbone.`` beside a classifier or head."""
+    whole = {f"backbone.{k}": v for k, v in golden["backbone_state_dict"].items()}
+    whole.update({f"backbone.{k}": v for k, v in golden["reins_state_dict"].items()})  # a full Rein release
+    whole["head.fc.weight"] = torch.zeros(10, golden["features"][-1].shape[1])
+    whole["decode_head.conv_seg.weight"] = torch.zeros(19, 8, 1, 1)
+    backbone = official_backbone(golden)
+    with torch.no_grad():
+        for param in backbone.vit.parameters():
+            param.zero_()
+    backbone.load_backbone_weights(whole)
+    with torch.no_grad():
+        features, _ = backbone(golden["image"])
+    for ours, theirs in zip(features, golden["features"]):
+        assert_matches(ours, theirs)

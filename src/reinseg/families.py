@@ -323,9 +323,14 @@ class CNNFamily:
         ``source`` and the keys when it does not fit."""
         from .pretrained import state_dict_mismatches
 
-        if state_dict and all(k.startswith("backbone.") for k in state_dict if not k.startswith("head.")):
-            # A whole classification or segmentation checkpoint: its backbone part.
-            state_dict = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+        if any(k.startswith("backbone.") for k in state_dict):
+            # A whole classification or segmentation checkpoint (mmpretrain, mmseg): its backbone
+            # part, without the Reins a full Rein release holds there.
+            state_dict = {
+                k[len("backbone.") :]: v
+                for k, v in state_dict.items()
+                if k.startswith("backbone.") and not k.startswith("backbone.reins.")
+            }
         fitted = self.to_timm_layout(dict(state_dict), model)
         fitted = {k: v for k, v in fitted.items() if not k.startswith(self.unused_prefixes)}
         problems = state_dict_mismatches(model.state_dict(), fitted)
