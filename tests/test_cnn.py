@@ -241,16 +241,28 @@ def test_a_converted_official_cnn_segmentor_predicts_as_the_official_one(segment
         assert_matches(segmentor.predict(golden["slide_input"]), golden["slide_seg_logits"])
 
 
-def test_convert_official_writes_a_cnn_checkpoint_that_predicts_the_same(segmentor_goldens, tmp_path):
+@pytest.mark.parametrize("kind, separate_backbone", [("resnet", True), ("convnext", False)])
+def test_convert_official_writes_a_cnn_checkpoint_that_predicts_the_same(
+    segmentor_goldens, kind, separate_backbone, tmp_path
+):
+    """The CNN weights in their own file (mmseg / mmpretrain names) or inside the release (``backbone.*``,
+    as the official generate_full_weights.py writes it: saved as backbone.safetensors in timm's names)."""
     from reinseg.checkpoints import segmentor_from_checkpoint
     from reinseg.cli import main
 
-    golden = segmentor_goldens["resnet"]
-    torch.save({"state_dict": golden["release_state_dict"]}, tmp_path / "release.pth")
-    torch.save(load_golden(RESNET)["backbone_state_dict"], tmp_path / "resnet_v1c.pth")  # mmseg names
-    (tmp_path / "config.py").write_text(f"model = {golden['model_config']!r}\n")
+    golden = segmentor_goldens[kind]
+    cnn_weights = load_golden(SEGMENTOR_KINDS[kind])["backbone_state_dict"]
+    release = dict(golden["release_state_dict"])
     args = ["convert-official", "--config", str(tmp_path / "config.py"), "--checkpoint", str(tmp_path / "release.pth")]
-    assert main([*args, "--backbone", str(tmp_path / "resnet_v1c.pth"), "--output", str(tmp_path / "out")]) == 0
+    if separate_backbone:
+        torch.save(cnn_weights, tmp_path / "cnn.pth")
+        args += ["--backbone", str(tmp_path / "cnn.pth")]
+    else:
+        release.update({f"backbone.{k}": v for k, v in cnn_weights.items()})
+    torch.save({"state_dict": release}, tmp_path / "release.pth")
+    (tmp_path / "config.py").write_text(f"model = {golden['model_config']!r}\n")
+    assert main([*args, "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "backbone.safetensors").is_file() != separate_backbone
     segmentor, payload = segmentor_from_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert not any(k.startswith("backbone.vit.") for k in payload["state_dict"])  # referenced, not copied
     with torch.no_grad():
