@@ -11,14 +11,13 @@ program): patch kernel 14 -> 16 and position grid 16x16 -> 32x32, bicubic. Saved
 (the patch-14 weights) and ``converted`` (what the script wrote).
 """
 
-import copy
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from official_env import MODELS  # the official code, importable on CPU
+from official_env import build_perturbed  # the official code, importable on CPU
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "eva2_conversion_tiny.pt"
 OFFICIAL = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/official")
@@ -43,11 +42,7 @@ EVA2 = dict(
 )
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
-    model = MODELS.build(copy.deepcopy(EVA2))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+    model = build_perturbed(EVA2)
     release = {k: v.detach().clone() for k, v in model.named_parameters()}
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "eva02_p14.pt", Path(tmp) / "eva02_p16_512.pt"

@@ -24,7 +24,7 @@ import copy
 from pathlib import Path
 
 import torch
-from official_env import MODELS  # the official code, importable on CPU
+from official_env import build_perturbed  # the official code, importable on CPU
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "reins_eva2_tiny.pt"
 
@@ -75,11 +75,7 @@ def weights(model, keep):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = MODELS.build(copy.deepcopy(BACKBONE))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+    model = build_perturbed(BACKBONE)
     model.eval()
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -39,4 +39,19 @@ from mmseg.utils import register_all_modules
 register_all_modules()
 import rein  # noqa: F401  (registers the Rein backbones and head)
 
-__all__ = ["MODELS"]
+__all__ = ["MODELS", "build_perturbed"]
+
+
+def build_perturbed(config: dict, seed: int = 0):
+    """The official module ``config`` describes, built after ``torch.manual_seed(seed)``, every
+    parameter then perturbed with ``randn * 0.1`` so that no weight is trivial."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(seed)
+    model = MODELS.build(copy.deepcopy(config))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return model
