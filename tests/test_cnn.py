@@ -171,6 +171,7 @@ RESNET, CONVNEXT = GOLDENS
     [
         (RESNET, lambda c: c.update(style="caffe"), "backbone.style='caffe' is not supported"),
         (RESNET, lambda c: c.update(dilations=(1, 1, 2, 4)), "backbone.dilations=.* is not supported"),
+        (RESNET, lambda c: c["norm_cfg"].update(eps=1e-3), "backbone.norm_cfg.eps=0.001 is not supported"),
         (
             CONVNEXT,
             lambda c: c.update(gap_before_final_norm=True),

@@ -341,7 +341,9 @@ def _resnet_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
     bb.expect("style", "pytorch", default="pytorch")
     for key in ("dcn", "plugins", "multi_grid", "conv_cfg"):
         bb.expect(key, None, default=None)
-    _Fields(bb.get("norm_cfg", {"type": "BN"}), f"{bb.path}.norm_cfg").expect("type", ("BN", "SyncBN"))
+    norm = _Fields(bb.get("norm_cfg", {"type": "BN"}), f"{bb.path}.norm_cfg")
+    norm.expect("type", ("BN", "SyncBN"))
+    norm.expect("eps", 1e-5, default=1e-5)
     stem, base = bb.get("stem_channels", 64), bb.get("base_channels", 64)
     block, layers = _RESNET_DEPTHS[depth]
     name = {50: "resnet50_v1c", 101: "resnet101_v1c"}.get(depth)
