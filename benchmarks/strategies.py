@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from reinseg.backbones import list_backbones
+from reinseg.backbones import backbone_kind, list_backbones
 from reinseg.config import BackboneConfig, ModelConfig
 from reinseg.build import build_segmentor
 from reinseg.tuning import STRATEGIES, strategy_names
@@ -61,6 +61,8 @@ def cmd_params(args) -> None:
     print("| backbone | VFM total | " + " | ".join(adding) + " |")
     print("|---|---|" + "---|" * len(adding))
     for name in list_backbones():
+        if backbone_kind(name) != "vit":
+            continue  # the token strategies are ViT-only; CNN counts: reinseg params configs/rein_resnet50_gta_512.yaml
         cells = []
         total = None
         for tuning in (trains_all, *adding):

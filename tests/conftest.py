@@ -71,6 +71,42 @@ def relative_errors(ours: dict, theirs: dict) -> dict[str, float]:
     }
 
 
+def assert_matches(ours, theirs, tol=1e-4):
+    """``ours`` equals the official ``theirs`` within ``tol``, absolute and relative to the largest
+    official value."""
+    assert ours.shape == theirs.shape
+    error = (ours - theirs).abs().max().item()
+    assert error <= tol and error <= tol * theirs.abs().max().item(), error
+
+
+def assert_plain_backbone_matches(golden: dict, plain_type: str) -> None:
+    """The golden's backbone config as its official parent ``plain_type`` (no Rein) and its weights
+    reproduce ``plain_features`` (the weight mapping on its own)."""
+    from reinseg import backbone_from_official
+
+    config = {k: v for k, v in golden["backbone_config"].items() if k not in ("reins_config", "distinct_cfgs")}
+    backbone = backbone_from_official(dict(config, type=plain_type), golden["backbone_state_dict"])
+    assert backbone.rein is None
+    with torch.no_grad():
+        features, queries = backbone(golden["image"])
+    assert queries is None
+    for ours, theirs in zip(features, golden["plain_features"]):
+        assert_matches(ours, theirs, tol=1e-5)
+
+
+def rein_parameters(num_layers, channels, tokens=100, rank=16, queries=256):
+    """Official LoRAReins shapes: A (L, T, r), B (L, r, C), two C -> C MLPs, transform C -> Q,
+    merge 3Q -> Q, the scale."""
+    return (
+        num_layers * tokens * rank
+        + num_layers * rank * channels
+        + 2 * (channels * channels + channels)
+        + (channels * queries + queries)
+        + (3 * queries * queries + queries)
+        + 1
+    )
+
+
 def tiny_overrides(name: str) -> dict:
     """timm overrides that keep each zoo architecture but make it tiny."""
     overrides = dict(embed_dim=32, depth=4, num_heads=2)

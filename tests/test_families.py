@@ -47,8 +47,9 @@ def test_every_zoo_entry_names_a_registered_family():
 
 
 def test_an_unknown_family_is_named():
-    with pytest.raises(ValueError, match="unknown backbone family 'nope'.*registered: dinov2, eva, sam, vit"):
+    with pytest.raises(ValueError, match="unknown backbone family 'nope'.*registered: ") as err:
         get_family("nope")
+    assert all(name in str(err.value) for name in ("convnext", "dinov2", "eva", "resnet_v1c", "sam", "vit"))
     vit = build_backbone("mae_vitl16", img_size=32, patch_size=16, **tiny_overrides("mae_vitl16")).vit
     with pytest.raises(ValueError, match="'nope'"):
         ReinBackbone(vit, "nope", [0, 1, 2, 3])

@@ -98,7 +98,7 @@ def test_crop_size_not_divisible_by_the_patch_size(golden):
 @pytest.mark.parametrize(
     "path, value, message",
     [
-        (("backbone", "type"), "ReinsConvNeXt", "model.backbone.type='ReinsConvNeXt' is not supported"),
+        (("backbone", "type"), "ReinsSwin", "model.backbone.type='ReinsSwin' is not supported"),
         (
             ("decode_head", "feat_channels"),
             48,

@@ -18,6 +18,7 @@ _EXPORTS = {
     "Segmentor": ".segmentor",
     "build_segmentor": ".build",
     "from_official": ".official",
+    "backbone_from_official": ".official",
     "Config": ".config",
     "ModelConfig": ".config",
     "load_config": ".config",
@@ -32,6 +33,7 @@ __all__ = [
     "Segmentor",
     "build_segmentor",
     "from_official",
+    "backbone_from_official",
     "Config",
     "ModelConfig",
     "load_config",
@@ -41,7 +43,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones
     from .config import Config, ModelConfig, load_config
-    from .official import from_official
+    from .official import backbone_from_official, from_official
     from .rein import Rein
     from .build import build_segmentor
     from .segmentor import Segmentor

@@ -23,17 +23,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .families import BackboneFamily, get_family
-from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_state_dict, unwrap_state_dict
+from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_weights
 from .rein import Rein
 
 __all__ = [
     "BackboneSpec",
     "BACKBONES",
     "BackboneOutput",
+    "FrozenBackbone",
     "ReinBackbone",
     "build_backbone",
     "list_backbones",
+    "backbone_kind",
     "default_out_indices",
+    "rein_arguments",
 ]
 
 
@@ -95,7 +98,18 @@ BACKBONES: dict[str, BackboneSpec] = {
     "sam_vitl16": BackboneSpec("samvit_large_patch16", "sa1b", "sam", "SAM ViT-L/16 image encoder"),
     "sam_vith16": BackboneSpec("samvit_huge_patch16", "sa1b", "sam", "SAM ViT-H/16 image encoder"),
     "mae_vitl16": BackboneSpec("vit_large_patch16_224", "mae", "vit", "MAE ViT-L/16"),
+    # CNNs (one Rein per stage, reinseg.cnn): the official ReinsResNetV1c / ReinsConvNeXt.
+    "resnet50_v1c": BackboneSpec("resnet50c", "gluon_in1k", "resnet_v1c", "ResNet-50 V1c (deep stem), ImageNet-1k"),
+    "resnet101_v1c": BackboneSpec("resnet101c", "gluon_in1k", "resnet_v1c", "ResNet-101 V1c (deep stem), ImageNet-1k"),
+    "convnext_large": BackboneSpec("convnext_large", "fb_in22k", "convnext", "ConvNeXt-L, ImageNet-22k"),
 }
+
+
+def backbone_kind(name: str) -> str:
+    """``"vit"`` or ``"cnn"``: the kind of the zoo entry ``name`` (its family's ``kind``)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    return get_family(BACKBONES[name].family).kind
 
 
 def list_backbones() -> list[str]:
@@ -114,7 +128,28 @@ def default_out_indices(depth: int) -> list[int]:
     return indices
 
 
-class ReinBackbone(nn.Module):
+class FrozenBackbone(nn.Module):
+    """What both backbone classes share: the frozen model in ``vit``, Rein (or None) in ``rein``,
+    ``freeze_backbone`` (off when the whole VFM trains)."""
+
+    vit: nn.Module
+    rein: nn.Module | None
+    freeze_backbone: bool
+
+    @property
+    def links_queries(self) -> bool:
+        return self.rein is not None and self.rein.link_token_to_query
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        super().train(mode)
+        if self.freeze_backbone:
+            # As the official train(): the frozen model stays in eval mode (no dropout or drop
+            # path, BatchNorm running statistics); only Rein trains.
+            self.vit.eval()
+        return self
+
+
+class ReinBackbone(FrozenBackbone):
     """A frozen timm ViT with an optional Rein after every block.
 
     Args:
@@ -158,34 +193,19 @@ class ReinBackbone(nn.Module):
         ``num_layers``, ``embed_dims``, ``patch_size`` and ``num_prefix_tokens`` come from the
         backbone; given ones must agree.
         """
-        if not isinstance(rein, dict):
-            raise ValueError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
         derived = dict(
             num_layers=self.depth,
             embed_dims=self.embed_dim,
             patch_size=int(self.patch_size[0]),
             num_prefix_tokens=self.num_prefix_tokens,
         )
-        for key, value in derived.items():
-            if key in rein and rein[key] != value:
-                raise ValueError(f"rein.{key}={rein[key]!r} does not match the backbone ({value!r})")
-        accepted = tuple(inspect.signature(Rein.__init__).parameters)[1:]
-        unknown = set(rein) - set(accepted)
-        if unknown:
-            raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(accepted)}")
-        self.rein = Rein(**{**rein, **derived})
+        self.rein = Rein(**rein_arguments(rein, derived))
         return self.rein
 
     @property
-    def links_queries(self) -> bool:
-        return self.rein is not None and self.rein.link_token_to_query
-
-    def train(self, mode: bool = True) -> "ReinBackbone":
-        super().train(mode)
-        if self.freeze_backbone:
-            # As the official code does: dropout and drop-path of the frozen VFM stay off.
-            self.vit.eval()
-        return self
+    def out_channels(self) -> list[int]:
+        """Channels of the four maps :meth:`forward` returns."""
+        return [self.embed_dim] * 4
 
     def forward(self, images: Tensor) -> BackboneOutput:
         if images.dim() != 4:
@@ -218,15 +238,25 @@ class ReinBackbone(nn.Module):
 
     def load_backbone_weights(self, weights: str | Path | dict[str, Tensor], resample: str = "official") -> None:
         """Load VFM weights (a file path or a state dict) into the frozen ViT, fitting patch size and grid."""
-        if isinstance(weights, (str, Path)):
-            source = str(weights)
-            state_dict = read_state_dict(weights)
-        else:
-            source = "backbone state dict"
-            state_dict = unwrap_state_dict(weights, source)
+        state_dict, source = read_weights(weights)
         fitted = fit_state_dict(state_dict, self.vit, self.family.checkpoint_filter(), resample, source=source)
         load_into(self.vit, fitted)
         self.weights_source = source
+
+
+def rein_arguments(rein: dict[str, Any], derived: dict[str, Any], where: str = "the backbone") -> dict[str, Any]:
+    """``rein`` (:class:`reinseg.Rein` arguments) completed with the ``derived`` ones, which given
+    values must equal; a ValueError naming the argument otherwise."""
+    if not isinstance(rein, dict):
+        raise ValueError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
+    for key, value in derived.items():
+        if key in rein and rein[key] != value:
+            raise ValueError(f"rein.{key}={rein[key]!r} does not match {where} ({value!r})")
+    accepted = tuple(inspect.signature(Rein.__init__).parameters)[1:]
+    unknown = set(rein) - set(accepted)
+    if unknown:
+        raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(accepted)}")
+    return {**rein, **derived}
 
 
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -248,8 +278,12 @@ def build_backbone(
     pretrained: bool = False,
     resample: str = "official",
     **timm_overrides: Any,
-) -> ReinBackbone:
+) -> FrozenBackbone:
     """Build a frozen VFM backbone from the zoo, with Rein after every block.
+
+    CNN entries (``resnet50_v1c``, ``convnext_large``, ...) give a
+    :class:`reinseg.cnn.ReinCNNBackbone` (one Rein per stage); they take any image size
+    (``img_size`` and ``resample`` do not apply) and no ``patch_size``.
 
     Args:
         name: zoo name, see :func:`list_backbones` (e.g. ``"dinov2_vitl14"``).
@@ -270,8 +304,7 @@ def build_backbone(
     """
     import timm
 
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    kind = backbone_kind(name)
     if checkpoint is not None and pretrained:
         raise ValueError("pass either checkpoint= or pretrained=True, not both")
     if resample not in RESAMPLE_METHODS:
@@ -279,6 +312,12 @@ def build_backbone(
     spec = BACKBONES[name]
     img_hw = as_pair(img_size, "img_size")
     family = get_family(spec.family)
+    if kind == "cnn":
+        from .cnn import build_cnn_backbone
+
+        return build_cnn_backbone(
+            name, spec, family, rein, patch_size, out_indices, checkpoint, pretrained, timm_overrides
+        )
     kwargs: dict[str, Any] = dict(img_size=img_hw, num_classes=0, **family.timm_kwargs(), **timm_overrides)
     if patch_size is not None:
         kwargs["patch_size"] = int(patch_size)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
-from .backbones import as_pair, build_backbone
-from .config import ConfigError, ModelConfig, to_dict
+from .backbones import as_pair, backbone_kind, build_backbone
+from .config import BackboneConfig, ConfigError, ModelConfig, to_dict
 from .heads import get_head
 from .segmentor import Segmentor
 from .tuning import get_strategy
 
-__all__ = ["build_segmentor"]
+__all__ = ["build_segmentor", "build_configured_backbone"]
 
 
 def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) -> Segmentor:
@@ -35,23 +35,20 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
     except ValueError as err:
         raise ConfigError(str(err)) from None
     bb = config.backbone
-    backbone = build_backbone(
-        bb.name,
-        img_size=bb.img_size,
-        patch_size=bb.patch_size,
-        out_indices=bb.out_indices,
-        checkpoint=bb.checkpoint if load_backbone_weights else None,
-        pretrained=bb.pretrained and load_backbone_weights,
-        resample=bb.resample,
-        **bb.timm_kwargs,
-    )
+    kind = backbone_kind(bb.name)
+    if kind not in strategy.backbone_kinds:
+        raise ConfigError(
+            f"model.tuning={config.tuning!r} applies to {' and '.join(strategy.backbone_kinds)} backbones, "
+            f"not to {bb.name} ({kind})"
+        )
+    backbone = build_configured_backbone(bb, load_backbone_weights)
     try:
         strategy.apply(backbone, options)
     except ValueError as err:
         raise ConfigError(f"model.{config.tuning}: {err}") from None
 
     head = head_class(
-        [backbone.embed_dim] * 4,
+        backbone.out_channels,
         num_queries=_num_queries(config, backbone),
         linked_queries=backbone.links_queries,
         **_head_hyper_parameters(config, head_class),
@@ -70,6 +67,21 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
     # Official paramwise_cfg: no decay for norms and the keys the head and the strategy name.
     segmentor.no_decay_keys = ("norm", *getattr(head_class, "no_decay_keys", ()), *strategy.no_decay_keys)
     return segmentor
+
+
+def build_configured_backbone(bb: BackboneConfig, load_weights: bool = True):
+    """The backbone a ``model.backbone`` section describes (without tuning), its VFM weights loaded
+    from ``checkpoint`` / ``pretrained`` when ``load_weights``."""
+    return build_backbone(
+        bb.name,
+        img_size=bb.img_size,
+        patch_size=bb.patch_size,
+        out_indices=bb.out_indices,
+        checkpoint=bb.checkpoint if load_weights else None,
+        pretrained=bb.pretrained and load_weights,
+        resample=bb.resample,
+        **bb.timm_kwargs,
+    )
 
 
 def _num_queries(config: ModelConfig, backbone) -> int:

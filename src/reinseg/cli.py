@@ -18,7 +18,7 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     width = max(len(n) for n in BACKBONES)
     for name in sorted(BACKBONES):
         spec = BACKBONES[name]
-        print(f"{name:<{width}}  {spec.family:<6}  {spec.timm_name:<45}  {spec.title}")
+        print(f"{name:<{width}}  {spec.family:<10}  {spec.timm_name:<45}  {spec.title}")
     return 0
 
 
@@ -50,7 +50,11 @@ def _cmd_params(args: argparse.Namespace) -> int:
         config.tuning = args.tuning
     if args.compare:
         rows, skipped = [], []
-        for tuning in strategy_names():
+        from .backbones import backbone_kind
+        from .tuning import get_strategy
+
+        kind = backbone_kind(config.backbone.name)
+        for tuning in (t for t in strategy_names() if kind in get_strategy(t).backbone_kinds):
             config.tuning = tuning
             try:
                 with torch.device("meta"):
@@ -76,13 +80,14 @@ def _cmd_params(args: argparse.Namespace) -> int:
         segmentor = build_segmentor(config, load_backbone_weights=False)
     rein = config.rein if config.tuning == "rein" else None
     patch = segmentor.backbone.patch_size[0]
+    grid = f"patch {patch}" if segmentor.backbone.family.kind == "vit" else f"inputs multiples of {patch}"
     described = (
         f"tuning {config.tuning}"
         if rein is None
         else (f"Rein: {rein.token_length} tokens, rank {rein.lora_dim or 'full'}, {rein.query_dims}-d queries")
     )
     print(
-        f"{title} at {config.backbone.img_size} px, patch {patch}, {described}, "
+        f"{title} at {config.backbone.img_size} px, {grid}, {described}, "
         f"Mask2Former head for {config.head.num_classes} classes"
     )
     backbone = segmentor.backbone
@@ -409,8 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backbone",
         default=None,
-        help="the DINOv2 weights (original release or converted by the official script); "
-        "omit if the release holds them",
+        help="the frozen backbone's weights: DINOv2 / EVA02 (original release or converted by the official "
+        "script), ResNet V1c (mmseg names) or ConvNeXt (mmpretrain names), or timm's; omit if the release holds them",
     )
     p.add_argument("--output", required=True, help="output folder")
     p.set_defaults(func=_cmd_convert_official)

@@ -12,25 +12,38 @@ Families of the zoo:
 - ``dinov2``: the same, positions interpolated as the original DINOv2 code does.
 - ``eva`` (timm ``Eva``: EVA02, DINOv3): the same tokens; blocks take the rotary embedding.
 - ``sam`` (timm ``VisionTransformerSAM``): blocks take NHWC maps ``(B, H, W, C)``, no prefix.
+
+CNN families (:class:`CNNFamily`, run by :class:`reinseg.cnn.ReinCNNBackbone`, one Rein per stage):
+
+- ``resnet_v1c`` (timm ``ResNet`` with the deep stem: mmseg's ``ResNetV1c``).
+- ``convnext`` (timm ``ConvNeXt``: mmpretrain's ``ConvNeXt``), a channel LayerNorm per output stage.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BackboneFamily", "FAMILIES", "register_family", "get_family", "dinov2_interpolate_pos_embed"]
+__all__ = [
+    "BackboneFamily",
+    "CNNFamily",
+    "FAMILIES",
+    "register_family",
+    "get_family",
+    "dinov2_interpolate_pos_embed",
+]
 
-FAMILIES: dict[str, BackboneFamily] = {}
+FAMILIES: dict[str, BackboneFamily | CNNFamily] = {}
 
 
-def register_family(name: str) -> Callable[[type[BackboneFamily]], type[BackboneFamily]]:
-    """Class decorator: register a :class:`BackboneFamily` subclass under ``name``."""
+def register_family(name: str) -> Callable[[type], type]:
+    """Class decorator: register a :class:`BackboneFamily` or :class:`CNNFamily` subclass under ``name``."""
 
-    def register(cls: type[BackboneFamily]) -> type[BackboneFamily]:
+    def register(cls: type) -> type:
         if name in FAMILIES:
             raise ValueError(f"backbone family {name!r} is already registered")
         cls.name = name
@@ -40,7 +53,7 @@ def register_family(name: str) -> Callable[[type[BackboneFamily]], type[Backbone
     return register
 
 
-def get_family(name: str) -> BackboneFamily:
+def get_family(name: str) -> BackboneFamily | CNNFamily:
     if name not in FAMILIES:
         raise ValueError(f"unknown backbone family {name!r}; registered: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]
@@ -53,6 +66,7 @@ class BackboneFamily:
     """
 
     name = "base"
+    kind = "vit"  # run by reinseg.backbones.ReinBackbone
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Extra ``timm.create_model`` arguments the family needs."""
@@ -260,3 +274,189 @@ def dinov2_interpolate_pos_embed(
         raise RuntimeError(f"position interpolation produced {tuple(patches.shape[-2:])}, expected {grid}")
     patches = patches.permute(0, 2, 3, 1).reshape(1, -1, channels).to(pos_embed.dtype)
     return torch.cat([prefix, patches], dim=1)
+
+
+class CNNFamily:
+    """The contract of a CNN family: a timm CNN run stage by stage (:class:`reinseg.cnn.ReinCNNBackbone`).
+
+    ``x`` flows between blocks as an NCHW map ``(B, C, H, W)``; each stage has its own Rein,
+    applied after every block of the stage (the official ``ReinsResNetV1c`` / ``ReinsConvNeXt``).
+    """
+
+    name = "cnn"
+    kind = "cnn"
+    reduction = 32  # the stride of the coarsest stage: inputs must be multiples of it
+    # Classifier parts of checkpoints that the segmentation backbone never runs.
+    unused_prefixes: tuple[str, ...] = ("fc.", "head.")
+
+    def create(self, arch: str, **overrides: Any) -> nn.Module:
+        """The timm model of ``arch`` (``overrides`` go to ``timm.create_model``), without classifier."""
+        import timm
+
+        return timm.create_model(arch, pretrained=False, num_classes=0, **overrides)
+
+    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+        """``images (B, 3, H, W)`` -> the map entering stage 0."""
+        raise NotImplementedError
+
+    def stages(self, model: nn.Module) -> list[tuple[nn.Module | None, list[nn.Module]]]:
+        """Per stage: the module entering it (a downsampling, or None) and its blocks."""
+        raise NotImplementedError
+
+    def stage_channels(self, model: nn.Module) -> list[int]:
+        """The output channels of every stage."""
+        raise NotImplementedError
+
+    def add_feature_norms(self, model: nn.Module, out_indices: list[int]) -> None:
+        """Add the modules :meth:`feature` needs to ``model`` (they are frozen with it)."""
+
+    def feature(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
+        """The map of stage ``index`` handed to the head (the un-normed ``x`` goes on)."""
+        return x
+
+    def to_timm_layout(self, state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+        """Weights of the timm or the official (mmseg / mmpretrain) layout in the model's names."""
+        return state_dict
+
+    def fit_state_dict(self, state_dict: dict[str, Tensor], model: nn.Module, source: str) -> dict[str, Tensor]:
+        """``state_dict`` converted to ``model``'s names, classifier dropped; a ValueError naming
+        ``source`` and the keys when it does not fit."""
+        from .pretrained import state_dict_mismatches
+
+        if any(k.startswith("backbone.") for k in state_dict):
+            # A whole classification or segmentation checkpoint (mmpretrain, mmseg): its backbone
+            # part, without the Reins a full Rein release holds there.
+            state_dict = {
+                k[len("backbone.") :]: v
+                for k, v in state_dict.items()
+                if k.startswith("backbone.") and not k.startswith("backbone.reins.")
+            }
+        fitted = self.to_timm_layout(dict(state_dict), model)
+        fitted = {k: v for k, v in fitted.items() if not k.startswith(self.unused_prefixes)}
+        problems = state_dict_mismatches(model.state_dict(), fitted)
+        if problems:
+            raise ValueError(
+                f"{source} does not fit the {self.name} backbone {type(model).__name__}: " + "; ".join(problems)
+            )
+        return fitted
+
+
+@register_family("resnet_v1c")
+class ResNetV1cFamily(CNNFamily):
+    """timm ``ResNet`` with the deep stem (three 3x3 convs) and strided-conv shortcuts: mmseg's ``ResNetV1c``.
+
+    timm's ``resnet*c`` models are this variant; ``resnet*d`` (average-pool shortcuts) are V1d.
+    ``block`` may be given by name, ``"basic"`` or ``"bottleneck"`` (configuration files).
+    """
+
+    def create(self, arch: str, **overrides: Any) -> nn.Module:
+        from timm.models.resnet import BasicBlock, Bottleneck
+
+        blocks = {"basic": BasicBlock, "bottleneck": Bottleneck}
+        block = overrides.get("block")
+        if isinstance(block, str):
+            if block not in blocks:
+                raise ValueError(f"block={block!r} is not one of {sorted(blocks)}")
+            overrides["block"] = blocks[block]
+        for key in ("layers", "channels"):
+            if key in overrides:
+                overrides[key] = tuple(overrides[key])
+        model = super().create(arch, **overrides)
+        if not isinstance(model.conv1, nn.Sequential) or any(
+            isinstance(layer[0].downsample, nn.Sequential) and not isinstance(layer[0].downsample[0], nn.Conv2d)
+            for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
+        ):
+            raise ValueError(f"{arch} is not a V1c ResNet (deep stem, strided 1x1 conv shortcuts)")
+        return model
+
+    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+        return model.maxpool(model.act1(model.bn1(model.conv1(images))))
+
+    def stages(self, model: nn.Module) -> list[tuple[nn.Module | None, list[nn.Module]]]:
+        return [(None, list(getattr(model, f"layer{i}"))) for i in range(1, 5)]
+
+    def stage_channels(self, model: nn.Module) -> list[int]:
+        return [info["num_chs"] for info in model.feature_info if info["module"].startswith("layer")]
+
+    def to_timm_layout(self, state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+        # mmseg's deep stem ``stem.0/1/3/4/6/7`` is timm's ``conv1.0/1/3/4/6`` and ``bn1``;
+        # every ``layer*`` key is the same.
+        renamed = {}
+        for key, value in state_dict.items():
+            if key.startswith("stem.7."):
+                key = "bn1." + key[len("stem.7.") :]
+            elif key.startswith("stem."):
+                key = "conv1." + key[len("stem.") :]
+            renamed[key] = value
+        return renamed
+
+
+@register_family("convnext")
+class ConvNeXtFamily(CNNFamily):
+    """timm ``ConvNeXt``: mmpretrain's ``ConvNeXt`` with a channel LayerNorm (eps 1e-6) ``norm<i>``
+    on every output stage's map, as the official ``ReinsConvNeXt`` adds them."""
+
+    def create(self, arch: str, **overrides: Any) -> nn.Module:
+        for key in ("depths", "dims"):
+            if key in overrides:
+                overrides[key] = tuple(overrides[key])
+        model = super().create(arch, **overrides)
+        model.head = nn.Identity()  # the classifier (its norm is the last stage's norm<i>, see below)
+        return model
+
+    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+        return model.stem(images)
+
+    def stages(self, model: nn.Module) -> list[tuple[nn.Module | None, list[nn.Module]]]:
+        return [(stage.downsample, list(stage.blocks)) for stage in model.stages]
+
+    def stage_channels(self, model: nn.Module) -> list[int]:
+        return [info["num_chs"] for info in model.feature_info if info["module"].startswith("stages.")]
+
+    def add_feature_norms(self, model: nn.Module, out_indices: list[int]) -> None:
+        from timm.layers import LayerNorm2d
+
+        channels = self.stage_channels(model)
+        for index in out_indices:
+            model.add_module(f"norm{index}", LayerNorm2d(channels[index], eps=1e-6))
+
+    def feature(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
+        return getattr(model, f"norm{index}")(x).contiguous()
+
+    def to_timm_layout(self, state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+        if any(".depthwise_conv." in k for k in state_dict):
+            state_dict = _mmpretrain_convnext_to_timm(state_dict)
+        else:
+            if "downsample_layers.0.0.weight" in state_dict:  # the original (Facebook) release layout
+                from timm.models.convnext import checkpoint_filter_fn
+
+                state_dict = dict(checkpoint_filter_fn(state_dict, model))
+            # The classifier's norm is the final norm of the original model, which mmpretrain
+            # calls ``norm3``: the last stage's feature norm.
+            last = len(model.stages) - 1
+            for name in ("weight", "bias"):
+                if f"head.norm.{name}" in state_dict and hasattr(model, f"norm{last}"):
+                    state_dict.setdefault(f"norm{last}.{name}", state_dict[f"head.norm.{name}"])
+        # Feature norms the weights do not hold start as the official ones do: weight 1, bias 0.
+        own = model.state_dict()
+        for key, value in own.items():
+            if re.fullmatch(r"norm\d+\.(weight|bias)", key) and key not in state_dict:
+                state_dict[key] = torch.ones_like(value) if key.endswith("weight") else torch.zeros_like(value)
+        # timm models with conv_mlp hold the MLP as 1x1 convs.
+        for key, value in state_dict.items():
+            if key in own and value.dim() == 2 and own[key].dim() == 4:
+                state_dict[key] = value.reshape(own[key].shape)
+        return state_dict
+
+
+def _mmpretrain_convnext_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """mmpretrain ``ConvNeXt`` names -> timm ``ConvNeXt`` names (``norm<i>`` kept)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        key = re.sub(r"^downsample_layers\.0\.", "stem.", key)
+        key = re.sub(r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample.", key)
+        key = re.sub(r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2.", key)
+        key = key.replace(".depthwise_conv.", ".conv_dw.")
+        key = key.replace(".pointwise_conv1.", ".mlp.fc1.").replace(".pointwise_conv2.", ".mlp.fc2.")
+        renamed[key] = value
+    return renamed

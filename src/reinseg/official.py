@@ -1,7 +1,8 @@
 """Loading the official Rein release checkpoints (mmseg configs and weights) into reinseg.
 
-The official model is mmseg's ``EncoderDecoder`` with a ``ReinsDinoVisionTransformer`` backbone
-and a ``ReinMask2FormerHead``. :func:`official_model_config` reads every dimension from its
+The official model is mmseg's ``EncoderDecoder`` with a Rein backbone (``ReinsDinoVisionTransformer``,
+``ReinsEVA2``, ``ReinsResNetV1c``, ``ReinsConvNeXt``; :func:`backbone_from_official` alone) and a
+``ReinMask2FormerHead``. :func:`official_model_config` reads every dimension from its
 ``model`` dict and refuses, naming the field, what reinseg cannot represent; :func:`from_official`
 builds the :class:`~reinseg.segmentor.Segmentor` and loads the released weights
 (``backbone.reins.*`` -> ``backbone.rein.*``, ``decode_head.*`` -> ``head.*``).
@@ -11,18 +12,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from .checkpoints import atomic_write_bytes, load_checkpoint_weights, save_checkpoint, checkpoint_state_dict
+from .build import build_configured_backbone, build_segmentor
+from .checkpoints import atomic_write_bytes, checkpoint_state_dict, load_checkpoint_weights, save_checkpoint
+from .cnn import REIN_PATCH_SIZE
 from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig, to_dict
-from .pretrained import read_state_dict, unwrap_state_dict
-from .build import build_segmentor
+from .pretrained import read_state_dict, state_dict_mismatches, unwrap_state_dict
 from .segmentor import Segmentor
+from .tuning import get_strategy
 
 __all__ = [
     "official_model_config",
+    "official_backbone",
+    "backbone_from_official",
     "from_official",
     "convert_official",
     "read_official_model_config",
@@ -40,7 +45,6 @@ _DINOV2_SIZES = {
     1024: ("dinov2_vitl14", 24, 16),
     1536: ("dinov2_vitg14", 40, 24),
 }
-_BACKBONES = ("ReinsDinoVisionTransformer", "DinoVisionTransformer")
 _HEADS = ("ReinMask2FormerHead", "Mask2FormerHead")
 
 
@@ -60,7 +64,7 @@ class _Fields:
             raise ConfigError(f"{self.path}.{key} is missing")
         return default
 
-    def sub(self, key: str) -> "_Fields":
+    def sub(self, key: str) -> _Fields:
         return _Fields(self.get(key), f"{self.path}.{key}")
 
     def expect(self, key: str, allowed: Any, default: Any = ...) -> Any:
@@ -99,19 +103,22 @@ def _type(fields: _Fields, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def official_model_config(model: dict[str, Any]) -> ModelConfig:
-    """Translate the official mmseg ``model`` dict into reinseg's :class:`ModelConfig`."""
-    root = _Fields(model, "model")
-    root.expect("type", ("EncoderDecoder", "FrozenBackboneEncoderDecoder"))
-    if "neck" in model and model["neck"] is not None:
-        raise ConfigError("model.neck is not supported: the Rein backbones resize their own maps")
-    pre = root.sub("data_preprocessor")
-    pre.equal("mean", _IMAGENET_MEAN, "reinseg normalizes images with ImageNet's mean")
-    pre.equal("std", _IMAGENET_STD, "reinseg normalizes images with ImageNet's std")
-    pre.equal("bgr_to_rgb", True, "reinseg feeds RGB images")
+class OfficialBackbone(NamedTuple):
+    """An official ``backbone=dict(...)`` in reinseg's terms."""
 
-    bb = root.sub("backbone")
-    has_rein = _type(bb, _BACKBONES) == "ReinsDinoVisionTransformer"
+    config: BackboneConfig
+    rein: ReinConfig | None  # None: no Rein (the plain backbone types)
+    out_channels: list[int]  # channels of the maps it gives the head
+    patch_unit: int  # inputs (and sliding-window crops) must be multiples of it
+
+
+def official_backbone(bb: _Fields) -> OfficialBackbone:
+    """Translate an official backbone dict; every field reinseg cannot represent is refused by name."""
+    kind = _type(bb, tuple(_BACKBONE_READERS))
+    return _BACKBONE_READERS[kind](bb, kind.startswith("Reins"))
+
+
+def _dinov2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
     embed_dim = bb.get("embed_dim", 768)
     depth = bb.get("depth", 12)
     num_heads = bb.get("num_heads", 12)
@@ -126,12 +133,12 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
         timm_kwargs.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
     if ffn == "mlp":
         if name == "dinov2_vitg14":
-            raise ConfigError("model.backbone.ffn_layer='mlp' with embed_dim 1536: DINOv2-g uses 'swiglufused'")
+            raise ConfigError(f"{bb.path}.ffn_layer='mlp' with embed_dim 1536: DINOv2-g uses 'swiglufused'")
         if mlp_ratio != 4:
             timm_kwargs["mlp_ratio"] = mlp_ratio
     else:
         if name != "dinov2_vitg14":
-            raise ConfigError(f"model.backbone.ffn_layer={ffn!r} is only supported for DINOv2-g (embed_dim 1536)")
+            raise ConfigError(f"{bb.path}.ffn_layer={ffn!r} is only supported for DINOv2-g (embed_dim 1536)")
         # DINOv2's fused SwiGLU hidden width, in timm's packed (2 x hidden) convention.
         hidden = (int(embed_dim * mlp_ratio * 2 / 3) + 7) // 8 * 8
         timm_kwargs["mlp_ratio"] = 2 * hidden / embed_dim
@@ -146,23 +153,316 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
         out_indices=out_indices,
         timm_kwargs=timm_kwargs,
     )
+    return _vit_backbone(bb, backbone, has_rein, depth, embed_dim, patch_size)
 
+
+def _eva2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
+    """The official ``EVA2`` (``ReinsEVA2``, rein/models/backbones/eva_02.py) -> timm's ``Eva`` (``eva02_vitl14``).
+
+    The two compute the same function (checked to 1e-5 against the official code); what differs is
+    named here: the official ``pt_hw_seq_len`` is timm's ``ref_feat_shape`` (the grid the rotary
+    frequencies were trained at, interpolated to the image's grid: ``intp_freq``); the official
+    ``q_bias``/``v_bias`` and SwiGLU ``w1``/``w2``/``ffn_ln``/``w3`` are timm's ``q_proj.bias``/
+    ``v_proj.bias`` and ``fc1_g``/``fc1_x``/``norm``/``fc2`` (renamed on load by timm's filter);
+    ``xattn`` (xformers' memory-efficient attention) computes the same softmax attention. The
+    official rotary table and position embedding are fixed to ``img_size``; timm recomputes and
+    resamples them for other image sizes (the same at ``img_size``).
+    """
+    _check_keys(
+        bb,
+        {
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "num_classes",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "mlp_ratio",
+            "qkv_bias",
+            "qk_scale",
+            "drop_rate",
+            "attn_drop_rate",
+            "drop_path_rate",
+            "hybrid_backbone",
+            "norm_layer",
+            "init_values",
+            "use_checkpoint",
+            "use_abs_pos_emb",
+            "use_rel_pos_bias",
+            "use_shared_rel_pos_bias",
+            "out_indices",
+            "subln",
+            "xattn",
+            "naiveswiglu",
+            "rope",
+            "pt_hw_seq_len",
+            "intp_freq",
+        },
+    )
+    embed_dim, depth = bb.get("embed_dim", 768), bb.get("depth", 12)
+    num_heads, patch_size = bb.get("num_heads", 12), bb.get("patch_size", 16)
+    bb.expect("in_chans", 3, default=3)
+    for key, value in (("use_abs_pos_emb", True), ("subln", True), ("naiveswiglu", True), ("rope", True)):
+        bb.expect(key, value, default=True)
+    for key in ("use_rel_pos_bias", "use_shared_rel_pos_bias"):
+        bb.expect(key, False, default=False)
+    for key in ("qk_scale", "hybrid_backbone"):
+        bb.expect(key, None, default=None)
+    norm = _Fields(bb.get("norm_layer"), f"{bb.path}.norm_layer")
+    norm.expect("type", "LN")
+    norm.expect("eps", 1e-6)
+    timm_kwargs: dict[str, Any] = dict(drop_path_rate=bb.get("drop_path_rate", 0.0))
+    if (embed_dim, depth, num_heads) != (1024, 24, 16):
+        timm_kwargs.update(embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    mlp_ratio = bb.get("mlp_ratio", 4 * 2 / 3)
+    if not _same(mlp_ratio, 4 * 2 / 3):
+        timm_kwargs["mlp_ratio"] = mlp_ratio
+    reference = bb.get("pt_hw_seq_len", 16)
+    if reference != 16:
+        timm_kwargs["ref_feat_shape"] = (reference, reference)
+    if not bb.get("qkv_bias", False):
+        timm_kwargs["qkv_bias"] = False
+    if bb.get("init_values", None) is not None:
+        timm_kwargs["init_values"] = bb.get("init_values")
+    backbone = BackboneConfig(
+        name="eva02_vitl14",
+        img_size=bb.get("img_size", 224),
+        patch_size=patch_size,
+        out_indices=list(bb.get("out_indices", [3, 5, 7, 11])),
+        timm_kwargs=timm_kwargs,
+    )
+    return _vit_backbone(bb, backbone, has_rein, depth, embed_dim, patch_size)
+
+
+def _vit_backbone(
+    bb: _Fields, config: BackboneConfig, has_rein: bool, depth: int, embed_dim: int, patch_size: int
+) -> OfficialBackbone:
+    """A ViT's :class:`OfficialBackbone`: one Rein over its ``depth`` blocks, four maps of its width."""
     rein = None
     if has_rein:
         rc = bb.sub("reins_config")
-        lora = _type(rc, ("LoRAReins", "Reins")) == "LoRAReins"
         rc.equal("num_layers", depth, "the Rein layers are the backbone's blocks")
         rc.equal("embed_dims", embed_dim, "Rein works at the backbone's width")
         rc.equal("patch_size", patch_size, "Rein's initialisation uses the backbone's patch size", default=patch_size)
-        rein = ReinConfig(
-            token_length=rc.get("token_length", 100),
-            lora_dim=rc.get("lora_dim", 16) if lora else None,
-            query_dims=rc.get("query_dims", 256),
-            link_token_to_query=rc.get("link_token_to_query", True),
-            scale_init=rc.get("scale_init", 0.001),
-            use_softmax=rc.get("use_softmax", True),
-            zero_mlp_delta_f=rc.get("zero_mlp_delta_f", False),
+        rein = _rein_config(rc)
+    return OfficialBackbone(config, rein, [embed_dim] * 4, patch_size)
+
+
+def _rein_config(rc: _Fields) -> ReinConfig:
+    """The shared Rein arguments of an official ``reins_config``."""
+    lora = _type(rc, ("LoRAReins", "Reins")) == "LoRAReins"
+    return ReinConfig(
+        token_length=rc.get("token_length", 100),
+        lora_dim=rc.get("lora_dim", 16) if lora else None,
+        query_dims=rc.get("query_dims", 256),
+        link_token_to_query=rc.get("link_token_to_query", True),
+        scale_init=rc.get("scale_init", 0.001),
+        use_softmax=rc.get("use_softmax", True),
+        zero_mlp_delta_f=rc.get("zero_mlp_delta_f", False),
+    )
+
+
+def _stage_reins(bb: _Fields, depths: list[int], channels: list[int]) -> ReinConfig:
+    """The Rein arguments of an official CNN: ``reins_config`` updated by each ``distinct_cfgs`` entry
+    in turn (as the official constructor does), one per stage, ``num_layers`` = the stage's blocks
+    and ``embed_dims`` = its channels; everything else must be shared by the stages."""
+    distinct = bb.get("distinct_cfgs")
+    if not isinstance(distinct, (list, tuple)) or len(distinct) != len(depths):
+        raise ConfigError(f"{bb.path}.distinct_cfgs must hold one dict per stage ({len(depths)}), got {distinct!r}")
+    merged = dict(bb.get("reins_config"))
+    configs = []
+    for stage, entry in enumerate(distinct):
+        merged.update(_Fields(entry, f"{bb.path}.distinct_cfgs[{stage}]").data)
+        rc = _Fields(dict(merged), f"{bb.path}.reins_config + distinct_cfgs[{stage}]")
+        rc.equal("num_layers", depths[stage], f"the blocks of stage {stage}")
+        rc.equal("embed_dims", channels[stage], f"the channels of stage {stage}")
+        rc.equal(
+            "patch_size", REIN_PATCH_SIZE, "reinseg initialises CNN Reins with patch size 16", default=REIN_PATCH_SIZE
         )
+        configs.append(_rein_config(rc))
+    for stage, config in enumerate(configs[1:], 1):
+        if config != configs[0]:
+            raise ConfigError(
+                f"{bb.path}.distinct_cfgs[{stage}] gives stage {stage} other Rein arguments than stage 0 "
+                f"({config} vs {configs[0]}): reinseg's stages share all but num_layers and embed_dims"
+            )
+    return configs[0]
+
+
+def _check_keys(bb: _Fields, known: set[str]) -> None:
+    unknown = sorted(set(bb.data) - known - {"type", "reins_config", "distinct_cfgs", "init_cfg", "pretrained"})
+    if unknown:
+        raise ConfigError(f"{bb.path}: {', '.join(unknown)} not supported by reinseg for {bb.get('type')}")
+
+
+# mmseg ResNet depths: (timm block, blocks per stage).
+_RESNET_DEPTHS = {
+    18: ("basic", [2, 2, 2, 2]),
+    34: ("basic", [3, 4, 6, 3]),
+    50: ("bottleneck", [3, 4, 6, 3]),
+    101: ("bottleneck", [3, 4, 23, 3]),
+    152: ("bottleneck", [3, 8, 36, 3]),
+}
+
+
+def _resnet_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
+    """mmseg ``ResNetV1c`` (``ReinsResNetV1c``) -> timm ``ResNet`` with the deep stem (``resnet_v1c``)."""
+    _check_keys(
+        bb,
+        {
+            "depth",
+            "in_channels",
+            "stem_channels",
+            "base_channels",
+            "num_stages",
+            "strides",
+            "dilations",
+            "out_indices",
+            "style",
+            "norm_cfg",
+            "norm_eval",
+            "contract_dilation",
+            "frozen_stages",
+            "with_cp",
+            "zero_init_residual",
+            "dcn",
+            "stage_with_dcn",
+            "plugins",
+            "multi_grid",
+            "conv_cfg",
+        },
+    )
+    depth = bb.expect("depth", tuple(_RESNET_DEPTHS))
+    bb.expect("in_channels", 3, default=3)
+    bb.expect("num_stages", 4, default=4)
+    bb.expect("strides", [(1, 2, 2, 2)], default=(1, 2, 2, 2))
+    bb.expect("dilations", [(1, 1, 1, 1)], default=(1, 1, 1, 1))
+    bb.expect("style", "pytorch", default="pytorch")
+    for key in ("dcn", "plugins", "multi_grid", "conv_cfg"):
+        bb.expect(key, None, default=None)
+    norm = _Fields(bb.get("norm_cfg", {"type": "BN"}), f"{bb.path}.norm_cfg")
+    norm.expect("type", ("BN", "SyncBN"))
+    norm.expect("eps", 1e-5, default=1e-5)
+    stem, base = bb.get("stem_channels", 64), bb.get("base_channels", 64)
+    block, layers = _RESNET_DEPTHS[depth]
+    name = {50: "resnet50_v1c", 101: "resnet101_v1c"}.get(depth)
+    timm_kwargs: dict[str, Any] = {}
+    if name is None:
+        name = "resnet50_v1c"
+        timm_kwargs.update(block=block, layers=layers)
+    if stem != 64:
+        timm_kwargs["stem_width"] = stem // 2
+    if base != 64:
+        timm_kwargs["channels"] = [base, 2 * base, 4 * base, 8 * base]
+    expansion = 4 if block == "bottleneck" else 1
+    channels = [base * 2**i * expansion for i in range(4)]
+    out_indices = _stage_indices(bb, (0, 1, 2, 3))
+    rein = _stage_reins(bb, layers, channels) if has_rein else None
+    config = BackboneConfig(name=name, patch_size=None, out_indices=out_indices, timm_kwargs=timm_kwargs)
+    return OfficialBackbone(config, rein, [channels[i] for i in out_indices], 32)
+
+
+# mmpretrain ConvNeXt architectures: (depths, channels).
+_CONVNEXT_ARCHS = {
+    "tiny": ([3, 3, 9, 3], [96, 192, 384, 768]),
+    "small": ([3, 3, 27, 3], [96, 192, 384, 768]),
+    "base": ([3, 3, 27, 3], [128, 256, 512, 1024]),
+    "large": ([3, 3, 27, 3], [192, 384, 768, 1536]),
+    "xlarge": ([3, 3, 27, 3], [256, 512, 1024, 2048]),
+}
+
+
+def _convnext_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
+    """mmpretrain ``ConvNeXt`` (``ReinsConvNeXt``) -> timm ``ConvNeXt`` plus a LayerNorm per output stage."""
+    _check_keys(
+        bb,
+        {
+            "arch",
+            "in_channels",
+            "stem_patch_size",
+            "norm_cfg",
+            "act_cfg",
+            "linear_pw_conv",
+            "use_grn",
+            "drop_path_rate",
+            "layer_scale_init_value",
+            "out_indices",
+            "frozen_stages",
+            "gap_before_final_norm",
+            "with_cp",
+        },
+    )
+    arch = bb.get("arch", "tiny")
+    if isinstance(arch, str):
+        if arch not in _CONVNEXT_ARCHS:
+            raise ConfigError(
+                f"{bb.path}.arch={arch!r} is not supported (supported: {', '.join(_CONVNEXT_ARCHS)} or a dict)"
+            )
+        depths, channels = _CONVNEXT_ARCHS[arch]
+    else:
+        arch_fields = bb.sub("arch")
+        depths, channels = list(arch_fields.get("depths")), list(arch_fields.get("channels"))
+        if len(depths) != 4 or len(channels) != 4:
+            raise ConfigError(f"{bb.path}.arch must give 4 depths and 4 channels, got {depths} and {channels}")
+    bb.expect("in_channels", 3, default=3)
+    bb.expect("stem_patch_size", 4, default=4)
+    norm = _Fields(bb.get("norm_cfg", {"type": "LN2d", "eps": 1e-6}), f"{bb.path}.norm_cfg")
+    norm.expect("type", "LN2d")
+    norm.expect("eps", 1e-6, default=1e-5)
+    _Fields(bb.get("act_cfg", {"type": "GELU"}), f"{bb.path}.act_cfg").expect("type", "GELU")
+    bb.expect("use_grn", False, default=False)
+    bb.expect("gap_before_final_norm", False, default=True)
+    scale = bb.get("layer_scale_init_value", 1e-6)
+    timm_kwargs: dict[str, Any] = dict(
+        conv_mlp=not bb.get("linear_pw_conv", True),
+        ls_init_value=scale if scale > 0 else None,
+        drop_path_rate=bb.get("drop_path_rate", 0.0),
+    )
+    if (depths, channels) != _CONVNEXT_ARCHS["large"]:
+        timm_kwargs.update(depths=depths, dims=channels)
+    out_indices = _stage_indices(bb, -1)
+    rein = _stage_reins(bb, depths, channels) if has_rein else None
+    config = BackboneConfig(name="convnext_large", patch_size=None, out_indices=out_indices, timm_kwargs=timm_kwargs)
+    return OfficialBackbone(config, rein, [channels[i] for i in out_indices], 32)
+
+
+def _stage_indices(bb: _Fields, default: Any) -> list[int]:
+    """``out_indices`` as increasing stage indices (an int or negative ones count from the end)."""
+    value = bb.get("out_indices", default)
+    indices = [value] if isinstance(value, int) else list(value)
+    indices = [i + 4 if i < 0 else i for i in indices]
+    if not indices or sorted(set(indices)) != indices or not all(0 <= i < 4 for i in indices):
+        raise ConfigError(f"{bb.path}.out_indices={value!r} must be increasing stage indices in 0..3")
+    return indices
+
+
+_BACKBONE_READERS = {
+    "ReinsDinoVisionTransformer": _dinov2_backbone,
+    "DinoVisionTransformer": _dinov2_backbone,
+    "ReinsResNetV1c": _resnet_backbone,
+    "ResNetV1c": _resnet_backbone,
+    "ReinsConvNeXt": _convnext_backbone,
+    "ConvNeXt": _convnext_backbone,
+    "ReinsEVA2": _eva2_backbone,
+    "EVA2": _eva2_backbone,
+}
+
+
+def official_model_config(model: dict[str, Any]) -> ModelConfig:
+    """Translate the official mmseg ``model`` dict into reinseg's :class:`ModelConfig`."""
+    root = _Fields(model, "model")
+    root.expect("type", ("EncoderDecoder", "FrozenBackboneEncoderDecoder"))
+    if "neck" in model and model["neck"] is not None:
+        raise ConfigError("model.neck is not supported: the Rein backbones resize their own maps")
+    pre = root.sub("data_preprocessor")
+    pre.equal("mean", _IMAGENET_MEAN, "reinseg normalizes images with ImageNet's mean")
+    pre.equal("std", _IMAGENET_STD, "reinseg normalizes images with ImageNet's std")
+    pre.equal("bgr_to_rgb", True, "reinseg feeds RGB images")
+
+    official = official_backbone(root.sub("backbone"))
+    backbone, rein, patch_size = official.config, official.rein, official.patch_unit
+    has_rein = rein is not None
 
     dh = root.sub("decode_head")
     head_type = _type(dh, _HEADS)
@@ -175,7 +475,7 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
             )
     elif rein is not None and rein.link_token_to_query:
         raise ConfigError(f"model.decode_head.type={dh.get('type')!r} cannot take the queries Rein links")
-    dh.equal("in_channels", [embed_dim] * 4, "the head reads four maps of the backbone's width")
+    dh.equal("in_channels", official.out_channels, "the channels of the backbone's four maps")
     dh.equal("strides", [4, 8, 16, 32], "the backbone's maps are at strides 4, 8, 16, 32", default=[4, 8, 16, 32])
     dh.expect("align_corners", False, default=False)
     dh.expect("enforce_decoder_input_project", False, default=False)
@@ -236,7 +536,8 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
     crop = list(test.get("crop_size")) if mode == "slide" else None
     stride = list(test.get("stride")) if mode == "slide" else None
     if crop is not None and (crop[0] % patch_size or crop[1] % patch_size):
-        raise ConfigError(f"model.test_cfg.crop_size={tuple(crop)} is not divisible by the patch size {patch_size}")
+        unit = f"the patch size {patch_size}" if backbone.patch_size else f"{patch_size}, the CNN's coarsest stride"
+        raise ConfigError(f"model.test_cfg.crop_size={tuple(crop)} is not divisible by {unit}")
     return ModelConfig(
         tuning="rein" if has_rein else "frozen",
         backbone=backbone,
@@ -318,8 +619,9 @@ def from_official(
             ``config.py`` files published with the release checkpoints).
         release_state_dict: the released weights, keys ``backbone.reins.*`` and ``decode_head.*``
             (a whole released ``.pth`` dict with its ``state_dict`` is accepted too).
-        backbone_state_dict: the DINOv2 weights (original layout, e.g. converted by the official
-            script); ``None`` when the release holds them under ``backbone.*``.
+        backbone_state_dict: the frozen backbone's weights in the official layout (DINOv2 or
+            EVA02 converted by the official scripts, mmseg's ResNetV1c, mmpretrain's ConvNeXt) or
+            timm's; ``None`` when the release holds them under ``backbone.*``.
     """
     config = official_model_config(model_config)
     release = unwrap_state_dict(release_state_dict, "release state dict")
@@ -332,6 +634,52 @@ def from_official(
     segmentor.backbone.load_backbone_weights(backbone_state_dict)
     load_checkpoint_weights(segmentor, trainable, source="release checkpoint", names=to_official_name)
     return segmentor
+
+
+def backbone_from_official(
+    backbone_config: dict[str, Any],
+    backbone_state_dict: dict[str, Tensor],
+    reins_state_dict: dict[str, Tensor] | None = None,
+):
+    """A reinseg backbone from an official ``backbone=dict(...)`` and weights in the official layouts.
+
+    Args:
+        backbone_config: the official backbone dict (``type``: ``ReinsDinoVisionTransformer``,
+            ``ReinsResNetV1c``, ``ReinsConvNeXt``, or their plain parents without Rein).
+        backbone_state_dict: the frozen model's weights as the official code names them (DINOv2's
+            original layout, mmseg's ``ResNetV1c``, mmpretrain's ``ConvNeXt``; timm's are accepted too).
+        reins_state_dict: the Rein weights, ``reins.*`` (or ``backbone.reins.*``) as official
+            checkpoints hold them; required when the type has Rein.
+    Returns:
+        A :class:`~reinseg.backbones.ReinBackbone` or :class:`~reinseg.cnn.ReinCNNBackbone` whose
+        ``forward(images)`` gives the official ``(features, queries)``, in eval mode.
+
+    An unknown type, a field reinseg cannot represent, or weights whose keys do not fit raise an
+    error naming the type, the field or the keys.
+    """
+    official = official_backbone(_Fields(backbone_config, "backbone"))
+    backbone = build_configured_backbone(official.config, load_weights=False)
+    if official.rein is not None:
+        get_strategy("rein").apply(backbone, official.rein)
+    backbone.load_backbone_weights(backbone_state_dict)
+    if official.rein is None:
+        if reins_state_dict:
+            raise ValueError(f"backbone.type={backbone_config.get('type')!r} has no Rein, but Rein weights were given")
+        return backbone.eval()
+    if reins_state_dict is None:
+        raise ValueError(f"backbone.type={backbone_config.get('type')!r} has Rein: pass its weights (reins.*)")
+    reins = unwrap_state_dict(reins_state_dict, "reins state dict")
+    reins = {k[len("backbone.") :] if k.startswith("backbone.reins.") else k: v for k, v in reins.items()}
+    wrong = [k for k in reins if not k.startswith("reins.")]
+    ours = {"rein." + k[len("reins.") :]: v for k, v in reins.items() if k.startswith("reins.")}
+    expected = {f"rein.{k}": v for k, v in backbone.rein.state_dict().items()}
+    problems = state_dict_mismatches(expected, ours, name=lambda key: "reins." + key[len("rein.") :])
+    if wrong:
+        problems.append(f"keys outside reins.* ({len(wrong)}): {', '.join(wrong[:8])}")
+    if problems:
+        raise ValueError(f"the Rein weights do not fit {backbone_config.get('type')}: " + "; ".join(problems))
+    backbone.rein.load_state_dict({k[len("rein.") :]: v for k, v in ours.items()})
+    return backbone.eval()
 
 
 def read_official_model_config(path: str | Path) -> dict[str, Any]:

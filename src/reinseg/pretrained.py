@@ -31,6 +31,7 @@ from .safe_load import load_torch_file
 __all__ = [
     "RESAMPLE_METHODS",
     "read_state_dict",
+    "read_weights",
     "resize_patch_kernel",
     "resize_pos_grid",
     "fit_state_dict",
@@ -75,6 +76,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     else:
         obj = load_torch_file(path, what="weight file")
     return unwrap_state_dict(obj, source=str(path))
+
+
+def read_weights(weights: str | Path | dict[str, Tensor]) -> tuple[dict[str, Tensor], str]:
+    """``(state dict, its name for messages)`` of a weight file path or a (wrapped) state dict."""
+    if isinstance(weights, (str, Path)):
+        return read_state_dict(weights), str(weights)
+    return unwrap_state_dict(weights, "backbone state dict"), "backbone state dict"
 
 
 def unwrap_state_dict(obj: object, source: str = "state dict") -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ class AdaptFormerConfig:
 @register_strategy("adaptformer")
 class AdaptFormer(TuningStrategy):
     options_class = AdaptFormerConfig
+    backbone_kinds = ("vit",)  # adapters beside the MLPs of transformer blocks
 
     def apply(self, backbone, options: AdaptFormerConfig) -> None:
         add_adaptformer(backbone, options.bottleneck, options.scale)

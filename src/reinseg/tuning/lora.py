@@ -21,6 +21,7 @@ class LoraConfig:
 @register_strategy("lora")
 class Lora(TuningStrategy):
     options_class = LoraConfig
+    backbone_kinds = ("vit",)  # low-rank updates of attention projections
 
     def apply(self, backbone, options: LoraConfig) -> None:
         add_lora(backbone, options.rank, options.alpha, options.dropout, tuple(options.targets))

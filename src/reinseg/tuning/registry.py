@@ -29,12 +29,14 @@ class TuningStrategy:
         no_decay_keys: substrings of parameter names (relative to the segmentor, e.g.
             ``"backbone.rein.scale"``) that take no weight decay, as the official ``custom_keys``.
         links_queries: the head's object queries come from the strategy's module (Rein's tokens).
+        backbone_kinds: the backbone kinds (family ``kind``: ``"vit"``, ``"cnn"``) it applies to.
     """
 
     name: ClassVar[str] = ""
     options_class: ClassVar[type | None] = None
     trains_vfm: ClassVar[bool] = False
     no_decay_keys: ClassVar[tuple[str, ...]] = ()
+    backbone_kinds: ClassVar[tuple[str, ...]] = ("vit", "cnn")
 
     def apply(self, backbone: nn.Module, options: Any) -> None:
         """Add the strategy's modules to a built :class:`~reinseg.backbones.ReinBackbone` (its

@@ -23,8 +23,10 @@ class ReinConfig:
 @register_strategy("rein")
 class ReinStrategy(TuningStrategy):
     options_class = ReinConfig
-    # The official paramwise_cfg: no weight decay for the tokens and the scale.
-    no_decay_keys = ("backbone.rein.learnable_tokens", "backbone.rein.scale")
+    # The official paramwise_cfg custom_keys "learnable_tokens" and "reins.scale": no weight decay
+    # for the tokens and the scale. On CNNs (one Rein per stage, backbone.rein.<i>.*) the official
+    # "reins.scale" matches no name, so their scales are decayed, as in the official training.
+    no_decay_keys = ("learnable_tokens", "backbone.rein.scale")
 
     def check(self, options: ReinConfig | None) -> None:
         if options is None:

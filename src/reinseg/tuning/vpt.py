@@ -27,6 +27,7 @@ class VptConfig:
 class DeepVisualPrompts(TuningStrategy):
     options_class = VptConfig
     no_decay_keys = ("backbone.prompts.tokens",)
+    backbone_kinds = ("vit",)  # prompts are tokens among a ViT's tokens
 
     def apply(self, backbone, options: VptConfig) -> None:
         add_visual_prompts(backbone, options.num_prompts)

@@ -1,0 +1,30 @@
+"""The configs of the official release settings build (on the meta device) with the Rein that
+the official shapes give: one Rein over a ViT's blocks, one per stage on a CNN (distinct_cfgs)."""
+
+from pathlib import Path
+
+import pytest
+from conftest import rein_parameters
+
+from reinseg.cli import main
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.mark.parametrize(
+    "config, depths, channels",
+    [
+        ("rein_dinov2-l_gta_512.yaml", [24], [1024]),
+        ("rein_dinov2-b_gta_512.yaml", [12], [768]),
+        ("rein_dinov2-s_gta_512.yaml", [12], [384]),
+        ("rein_eva02-l_gta_512.yaml", [24], [1024]),
+        ("rein_resnet50_gta_512.yaml", [3, 4, 6, 3], [256, 512, 1024, 2048]),
+        ("rein_resnet101_gta_512.yaml", [3, 4, 23, 3], [256, 512, 1024, 2048]),
+        ("rein_convnext-l_gta_512.yaml", [3, 3, 27, 3], [192, 384, 768, 1536]),
+    ],
+)
+def test_release_configs_build_with_the_official_rein_count(config, depths, channels, capsys):
+    assert main(["params", str(CONFIGS / config)]) == 0
+    rein_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Rein "))
+    count = sum(rein_parameters(d, c) for d, c in zip(depths, channels))
+    assert rein_row.split()[1:3] == [f"{count:,}", f"{count:,}"]
