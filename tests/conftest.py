@@ -120,6 +120,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test with one PyTorch thread (golden comparisons of sums made by the official code)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model_config(num_classes: int = 19, **head):
     """A ModelConfig of the real architectures at toy size (random weights, no download)."""
     from reinseg.config import BackboneConfig, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig

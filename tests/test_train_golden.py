@@ -15,12 +15,8 @@ from reinseg.official import from_official
 CASES = ["main", "ignored_image", "more_segments_than_queries"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The golden README: compare with one thread.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
