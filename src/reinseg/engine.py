@@ -258,6 +258,29 @@ def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
     return sets
 
 
+def check_num_classes(config: Config) -> None:
+    """ConfigError naming both keys when the head predicts another number of classes than a
+    dataset of ``data.train`` or ``data.val`` is labelled in (read from the entries, not the files)."""
+    from .data.layouts import dataset_classes
+
+    expected = config.model.head.num_classes
+    for section in ("train", "val"):
+        for index, entry in enumerate(getattr(config.data, section)):
+            if not isinstance(entry, dict) or "name" not in entry:
+                continue  # reported with the dataset's other problems when it is built
+            options = {k: v for k, v in entry.items() if k not in EVAL_ENTRY_KEYS + ("name", "root", "split")}
+            try:
+                classes = dataset_classes(entry["name"], options)
+            except ValueError as err:
+                raise ConfigError(f"data.{section}[{index}]: {err}") from None
+            if len(classes) != expected:
+                shown = ", ".join(classes.names[:8]) + (", ..." if len(classes) > 8 else "")
+                raise ConfigError(
+                    f"model.head.num_classes is {expected} but data.{section}[{index}] ({entry['name']}) has "
+                    f"{len(classes)} classes ({shown}): set model.head.num_classes to {len(classes)}"
+                )
+
+
 def training_set(config: Config):
     from .data import build_dataset, train_transform
     from .data.datasets import ConcatSegmentationDataset
@@ -276,11 +299,10 @@ def training_set(config: Config):
         if "name" not in entry or "root" not in entry:
             raise ConfigError(f"data.train entry {entry} needs a name and a root")
         name, root, split = entry.pop("name"), entry.pop("root"), entry.pop("split", "train")
-        datasets.append(
-            build_dataset(
-                name, root, split, transform=transform, on_error=config.data.on_error, seed=config.train.seed, **entry
-            )
+        dataset = build_dataset(
+            name, root, split, transform=transform, on_error=config.data.on_error, seed=config.train.seed, **entry
         )
+        datasets.append(dataset)
     return datasets[0] if len(datasets) == 1 else ConcatSegmentationDataset(datasets)
 
 
@@ -400,9 +422,9 @@ class SegmentationTask(L.LightningModule):
 
     # -- validation -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        from .data import NUM_CLASSES
-
-        self._confusions = [ConfusionMatrix(NUM_CLASSES, device=self.device) for _ in self.val_sets()]
+        self._confusions = [
+            ConfusionMatrix(len(dataset.classes), device=self.device) for _, dataset, _ in self.val_sets()
+        ]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch["label"] is None:
@@ -425,12 +447,11 @@ class SegmentationTask(L.LightningModule):
         write_png(target, prediction.to(torch.uint8).cpu().numpy(), sync=True)
 
     def on_validation_epoch_end(self) -> None:
-        from .data import CLASSES
-
-        results = {}
-        for (domain, _, _), confusion in zip(self.val_sets(), self._confusions):
+        results, tables = {}, {}
+        for (domain, dataset, _), confusion in zip(self.val_sets(), self._confusions):
             confusion.reduce()
-            results[domain] = confusion.scores(CLASSES)
+            results[domain] = confusion.scores(dataset.classes.names)
+            tables.setdefault(dataset.classes.names, {})[domain] = results[domain]
         in_mean = [domain for domain, _, entry in self.val_sets() if entry.get("in_mean", True)]
         summary = {
             "step": int(self.global_step),
@@ -446,7 +467,8 @@ class SegmentationTask(L.LightningModule):
         if summary["mean_mIoU"] is not None:
             self.log("val/mean_mIoU", summary["mean_mIoU"], prog_bar=True, rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            print("\n" + format_scores_table(results, CLASSES))
+            for names, table in tables.items():  # one table per class list
+                print("\n" + format_scores_table(table, names))
             if summary["mean_mIoU"] is not None:
                 print(f"mean mIoU over {', '.join(in_mean)}: {summary['mean_mIoU']:.2f}")
             if self.write_metrics:
@@ -752,6 +774,7 @@ def train(
     its step).
     """
     check_values(config)
+    check_num_classes(config)
     L.seed_everything(config.train.seed, workers=True, verbose=False)  # before the model's initialisation
     out = Path(config.train.output_dir)
     checkpoints = out / "checkpoints"
@@ -851,6 +874,7 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
     from .checkpoints import segmentor_from_checkpoint
 
     check_values(config)
+    check_num_classes(config)
     if not config.data.val:
         raise ConfigError("data.val lists no dataset to evaluate on")
     segmentor, _ = segmentor_from_checkpoint(checkpoint, config.model)

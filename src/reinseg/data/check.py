@@ -2,7 +2,8 @@
 
 For every dataset split: the number of pairs, the files without a partner, unreadable files,
 labels whose size differs from their image, label values outside the encoding (for train-ID
-files: outside {0..18, 255}) with the files that hold them, and the class histogram.
+files: outside {0..18, 255}; for a custom dataset of N classes: outside {0..N-1, 255}) with the
+files that hold them, and the histogram over the dataset's own classes.
 The target is a dataset root (the dataset named or recognised by its layout) or a YAML config
 whose ``data.train`` and ``data.val`` list datasets (a missing root is reported, one line per
 dataset, and the others are still checked)::
@@ -36,7 +37,8 @@ __all__ = ["DatasetReport", "check_dataset", "check", "detect_dataset", "config_
 
 @dataclass
 class DatasetReport:
-    """The check of one dataset split. ``histogram`` counts pixels of train IDs 0..18, then ignore."""
+    """The check of one dataset split. ``histogram`` counts pixels of classes 0..N-1 of
+    ``class_names``, then ignore."""
 
     name: str
     split: str
@@ -44,8 +46,13 @@ class DatasetReport:
     pairs: int
     missing_partners: list[tuple[str, str]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(CLASSES) + 1, dtype=np.int64))
+    histogram: np.ndarray | None = None
     missing: str | None = None  # why the split could not be read at all (its root or a folder is missing)
+    class_names: tuple[str, ...] = CLASSES
+
+    def __post_init__(self):
+        if self.histogram is None:
+            self.histogram = np.zeros(len(self.class_names) + 1, dtype=np.int64)
 
     def of_kind(self, kind: str) -> list[Problem]:
         return [p for p in self.problems if p.kind == kind]
@@ -60,7 +67,7 @@ class DatasetReport:
         return not (self.missing or self.missing_partners or self.problems)
 
     def to_dict(self) -> dict:
-        names = list(CLASSES) + ["ignore"]
+        names = list(self.class_names) + ["ignore"]
         return {
             "name": self.name,
             "split": self.split,
@@ -97,24 +104,31 @@ class DatasetReport:
         if total:
             shares = [
                 f"{name} {100 * count / total:.1f}%"
-                for name, count in zip(list(CLASSES) + ["ignore"], self.histogram.tolist())
+                for name, count in zip(list(self.class_names) + ["ignore"], self.histogram.tolist())
                 if count
             ]
             lines.append("  class histogram (share of label pixels): " + ", ".join(shares))
         return "\n".join(lines)
 
 
-def _inspect(pair_and_encoding):
-    (image, label), encoding = pair_and_encoding
-    return inspect_pair(image, label, encoding)
+def _inspect(item):
+    (image, label), encoding, num_classes = item
+    return inspect_pair(image, label, encoding, num_classes)
 
 
 def check_dataset(
     dataset: SegmentationDataset, split: str = "", root: str = "", workers: int | None = None, progress: bool = True
 ) -> DatasetReport:
     """Read every pair of ``dataset`` and report its problems and class histogram."""
-    report = DatasetReport(dataset.name, split, str(root), len(dataset.pairs), missing_partners=list(dataset.skipped))
-    items = list(zip(dataset.pairs, dataset.encodings))
+    report = DatasetReport(
+        dataset.name,
+        split,
+        str(root),
+        len(dataset.pairs),
+        missing_partners=list(dataset.skipped),
+        class_names=dataset.classes.names,
+    )
+    items = [(pair, encoding, len(dataset.classes)) for pair, encoding in zip(dataset.pairs, dataset.encodings)]
     for pair_report in parallel_map(_inspect, items, workers, desc=f"check {dataset.name}", progress=progress):
         report.problems += pair_report.problems
         if pair_report.histogram is not None:
@@ -186,6 +200,8 @@ def _root_entries(root: Path, dataset: str | None, split: str | None, options: d
         return [e for d in domains for e in _root_entries(root, name, split, {**options, "domain": d})]
     if name == "acdc" and "condition" not in options:
         return [e for c in ACDC_CONDITIONS for e in _root_entries(root, name, split, {**options, "condition": c})]
+    if not (split or info.splits):
+        raise ValueError(f"name the split of the {name} dataset to check (--split)")
     splits = [split] if split else list(info.splits)
     return [{"name": name, "root": str(root), "split": s, "optional": split is None, **options} for s in splits]
 
