@@ -28,7 +28,8 @@ import yaml
 
 from ..safe_load import load_yaml
 from .classes import CLASSES
-from .datasets import Problem, SegmentationDataset, build_dataset, inspect_pair
+from .datasets import Problem, SegmentationDataset, inspect_pair
+from .entries import DatasetEntry, parse_entries
 from .layouts import ACDC_CONDITIONS, dataset_info
 from .parallel import parallel_map
 
@@ -161,11 +162,11 @@ def detect_dataset(root) -> str:
     )
 
 
-def config_entries(path) -> list[dict]:
-    """The dataset entries of a YAML config's ``data.train`` and ``data.val``, each with a
-    ``section`` key. The other keys of ``data`` (crop_size, batch_size, ...) are checked as
-    :class:`~reinseg.config.DataConfig` checks them, and otherwise ignored."""
-    from ..config import EVAL_ENTRY_KEYS, ConfigError, DataConfig, from_dict
+def config_entries(path) -> list[DatasetEntry]:
+    """The dataset entries of a YAML config's ``data.train`` and ``data.val`` (parsed as training
+    and evaluation parse them). The other keys of ``data`` (crop_size, batch_size, ...) are
+    checked as :class:`~reinseg.config.DataConfig` checks them, and otherwise ignored."""
+    from ..config import DataConfig, from_dict
 
     path = Path(path)
     try:
@@ -177,21 +178,17 @@ def config_entries(path) -> list[dict]:
         raise ValueError(f"{path}: no 'data' section with train/val lists of datasets")
     try:
         checked = from_dict(DataConfig, data, "data")
-    except ConfigError as err:
+        entries = parse_entries(checked.train, "train") + parse_entries(checked.val, "val")
+    except ValueError as err:  # ConfigError included
         raise ValueError(f"{path}: {err}") from None
-    entries = []
-    for section in ("train", "val"):
-        for item in getattr(checked, section):
-            if not isinstance(item, dict) or "name" not in item or "root" not in item:
-                raise ValueError(f"{path}: data.{section}: each dataset needs 'name' and 'root', got {item!r}")
-            entries.append({"section": section, **{k: v for k, v in item.items() if k not in EVAL_ENTRY_KEYS}})
     if not entries:
         raise ValueError(f"{path}: data.train and data.val list no dataset")
     return entries
 
 
-def _root_entries(root: Path, dataset: str | None, split: str | None, options: dict) -> list[dict]:
-    """Entries for every split of a dataset root (only those present unless ``split`` is given)."""
+def _root_entries(root: Path, dataset: str | None, split: str | None, options: dict) -> list[tuple[DatasetEntry, bool]]:
+    """(entry, optional) for every split of a dataset root: optional unless ``split`` is given (a
+    root may hold only some splits)."""
     name = dataset or detect_dataset(root)
     info = dataset_info(name)
     # One entry per synthetic domain and ACDC condition, so a root holding some of them checks those.
@@ -203,7 +200,7 @@ def _root_entries(root: Path, dataset: str | None, split: str | None, options: d
     if not (split or info.splits):
         raise ValueError(f"name the split of the {name} dataset to check (--split)")
     splits = [split] if split else list(info.splits)
-    return [{"name": name, "root": str(root), "split": s, "optional": split is None, **options} for s in splits]
+    return [(DatasetEntry(name, str(root), s, options, where=str(root)), split is None) for s in splits]
 
 
 def check(
@@ -227,29 +224,27 @@ def check(
     if from_config:
         if dataset or split or options:
             raise ValueError("--dataset, --split and dataset options go with a dataset root, not a config")
-        entries = config_entries(target)
+        entries = [(entry, False) for entry in config_entries(target)]
     else:
         entries = _root_entries(target, dataset, split, options)
     reports = []
-    for entry in entries:
-        entry = dict(entry)
-        entry.pop("section", None)
-        optional = entry.pop("optional", False)
-        name, root, entry_split = entry.pop("name"), entry.pop("root"), entry.pop("split", "train")
+    for entry, optional in entries:
         try:
-            data = build_dataset(name, root, entry_split, on_error=on_error, **entry)
+            data = entry.build(on_error=on_error)
         except FileNotFoundError as err:
             if optional:  # a root holding only some splits
                 continue
             if not from_config:
                 raise
             # A config names several datasets: report every missing one, not just the first.
-            label = "/".join([name] + [str(entry[k]) for k in ("condition", "domain") if k in entry])
-            reports.append(DatasetReport(label, entry_split, str(root), 0, missing=str(err)))
+            label = "/".join(
+                [entry.name] + [str(entry.options[k]) for k in ("condition", "domain") if k in entry.options]
+            )
+            reports.append(DatasetReport(label, entry.split, entry.root, 0, missing=str(err)))
             continue
         if on_error == "raise":
             data.validate(workers or 1)
-        reports.append(check_dataset(data, entry_split, root, workers, progress))
+        reports.append(check_dataset(data, entry.split, entry.root, workers, progress))
     if not reports:
         raise FileNotFoundError(f"no split of {dataset or 'the dataset'} found in {target}")
     return reports

@@ -311,19 +311,12 @@ def build_dataset(
 
 def build_datasets(entries, *, transform=None, on_error: str = "raise", seed: int | None = None):
     """Datasets from config entries ``{name, root, split, **options}`` (a YAML ``data`` list)."""
-    datasets = []
-    for entry in entries:
-        entry = dict(entry)
-        try:
-            name, root = entry.pop("name"), entry.pop("root")
-        except KeyError as err:
-            raise ValueError(f"dataset entry {entry} lacks {err}") from None
-        datasets.append(
-            build_dataset(
-                name, root, entry.pop("split", "train"), transform=transform, on_error=on_error, seed=seed, **entry
-            )
-        )
-    return datasets
+    from .entries import DatasetEntry
+
+    return [
+        DatasetEntry.parse(entry, f"dataset entry {i}").build(transform=transform, on_error=on_error, seed=seed)
+        for i, entry in enumerate(entries)
+    ]
 
 
 def collate(items: list[dict]) -> dict:

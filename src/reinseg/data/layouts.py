@@ -408,13 +408,13 @@ def config_classes(config: dict) -> ClassList:
     """The classes a configuration (a plain dict, e.g. a checkpoint's) predicts: those of its first
     ``data.val`` entry, else of its first ``data.train`` entry; the Cityscapes classes where it
     names no dataset, or numbered ones ("class 0", ...) where its head predicts another number."""
-    from ..config import EVAL_ENTRY_KEYS
+    from .entries import parse_entries
 
     data = config.get("data") or {}
-    for entry in list(data.get("val") or []) + list(data.get("train") or []):
-        if isinstance(entry, dict) and entry.get("name") in DATASETS:
-            options = {k: v for k, v in entry.items() if k not in EVAL_ENTRY_KEYS + ("name", "root", "split")}
-            return dataset_classes(entry["name"], options)
+    for section in ("val", "train"):
+        for entry in parse_entries(data.get(section) or [], section):
+            if entry.name in DATASETS:
+                return entry.classes()
     num_classes = ((config.get("model") or {}).get("head") or {}).get("num_classes", len(CITYSCAPES_CLASSES))
     if num_classes == len(CITYSCAPES_CLASSES):
         return CITYSCAPES_CLASSES
