@@ -5,7 +5,7 @@ import pytest
 
 from fake_datasets import make_custom, make_fake_cityscapes
 from reinseg.config import Config, ConfigError, DataConfig
-from reinseg.data.check import check, config_entries
+from reinseg.data.check import check, config_dataset_entries
 from reinseg.data.entries import DatasetEntry, parse_entries
 from reinseg.datamodule import check_num_classes, validation_sets
 
@@ -50,10 +50,10 @@ def test_check_data_reads_a_config_as_evaluation_does(tmp_path):
         f"data:\n  val:\n    - {{name: cityscapes, root: {tmp_path / 'cs'}, scale: [128, 64]}}\n"
         f"    - {{name: custom, root: {tmp_path / 'mine'}, classes: [a, b], image_suffix: .jpg, label: mine}}\n"
     )
-    entries = config_entries(config_file)
-    assert [(e.name, e.split, e.where) for e in entries] == [
-        ("cityscapes", "val", "data.val[0]"),
-        ("custom", "val", "data.val[1]"),
+    entries = config_dataset_entries(config_file)
+    assert [(e.name, e.split, e.where, e.section) for e in entries] == [
+        ("cityscapes", "val", "data.val[0]", "val"),
+        ("custom", "val", "data.val[1]", "val"),
     ]
     config = Config(
         model=Config().model, data=DataConfig(val=[dict(e.options, name=e.name, root=e.root) for e in entries])

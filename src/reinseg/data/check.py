@@ -33,7 +33,7 @@ from .entries import DatasetEntry, parse_entries
 from .layouts import ACDC_CONDITIONS, dataset_info
 from .parallel import parallel_map
 
-__all__ = ["DatasetReport", "check_dataset", "check", "detect_dataset", "config_entries"]
+__all__ = ["DatasetReport", "check_dataset", "check", "detect_dataset", "config_entries", "config_dataset_entries"]
 
 
 @dataclass
@@ -162,9 +162,18 @@ def detect_dataset(root) -> str:
     )
 
 
-def config_entries(path) -> list[DatasetEntry]:
-    """The dataset entries of a YAML config's ``data.train`` and ``data.val`` (parsed as training
-    and evaluation parse them). The other keys of ``data`` (crop_size, batch_size, ...) are
+def config_entries(path) -> list[dict]:
+    """The dataset entries of a YAML config's ``data.train`` and ``data.val`` as dicts
+    ``{section, name, root, split, **options}`` (see :func:`config_dataset_entries`)."""
+    return [
+        {"section": e.section, "name": e.name, "root": e.root, "split": e.split, **e.options}
+        for e in config_dataset_entries(path)
+    ]
+
+
+def config_dataset_entries(path) -> list[DatasetEntry]:
+    """The dataset entries of a YAML config's ``data.train`` and ``data.val``, parsed as training
+    and evaluation parse them. The other keys of ``data`` (crop_size, batch_size, ...) are
     checked as :class:`~reinseg.config.DataConfig` checks them, and otherwise ignored."""
     from ..config import DataConfig, from_dict
 
@@ -224,7 +233,7 @@ def check(
     if from_config:
         if dataset or split or options:
             raise ValueError("--dataset, --split and dataset options go with a dataset root, not a config")
-        entries = [(entry, False) for entry in config_entries(target)]
+        entries = [(entry, False) for entry in config_dataset_entries(target)]
     else:
         entries = _root_entries(target, dataset, split, options)
     reports = []

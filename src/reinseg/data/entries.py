@@ -41,9 +41,12 @@ class DatasetEntry:
     label: str | None = None
     in_mean: bool = True
     where: str = "dataset entry"
+    section: str = ""  # "train" or "val" for entries of a config
 
     @classmethod
-    def parse(cls, entry: Any, where: str, split: str = "train", evaluation: bool = False) -> DatasetEntry:
+    def parse(
+        cls, entry: Any, where: str, split: str = "train", evaluation: bool = False, section: str = ""
+    ) -> DatasetEntry:
         """An entry from its config dict; ``split`` is the default split. Only evaluation entries
         take :data:`EVAL_ENTRY_KEYS` (elsewhere they are dataset options, refused by name when
         the dataset is built). ValueError naming ``where`` when the name or root is missing."""
@@ -63,6 +66,7 @@ class DatasetEntry:
             label=entry.get("label") if evaluation else None,
             in_mean=bool(entry.get("in_mean", True)) if evaluation else True,
             where=where,
+            section=section,
         )
 
     def classes(self) -> ClassList:
@@ -88,6 +92,6 @@ def parse_entries(entries, section: str) -> list[DatasetEntry]:
     """The entries of ``data.<section>`` ("train" or "val": the default split, and whether the
     evaluation keys are read)."""
     return [
-        DatasetEntry.parse(entry, f"data.{section}[{i}]", split=section, evaluation=section == "val")
+        DatasetEntry.parse(entry, f"data.{section}[{i}]", split=section, evaluation=section == "val", section=section)
         for i, entry in enumerate(entries)
     ]
