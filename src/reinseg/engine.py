@@ -150,9 +150,8 @@ class SegmentationTask(L.LightningModule):
 
     # -- validation -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._confusions = [
-            ConfusionMatrix(len(dataset.classes), device=self.device) for _, dataset, _ in self.val_sets()
-        ]
+        # One matrix per domain, in the classes of its dataset.
+        self._confusions = [ConfusionMatrix(len(names), device=self.device) for names in self.data.class_names()]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch["label"] is None:
@@ -176,10 +175,10 @@ class SegmentationTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         results, tables = {}, {}
-        for (domain, dataset, _), confusion in zip(self.val_sets(), self._confusions):
+        for (domain, _, _), names, confusion in zip(self.val_sets(), self.data.class_names(), self._confusions):
             confusion.reduce()
-            results[domain] = confusion.scores(dataset.classes.names)
-            tables.setdefault(dataset.classes.names, {})[domain] = results[domain]
+            results[domain] = confusion.scores(names)
+            tables.setdefault(names, {})[domain] = results[domain]
         in_mean = [domain for domain, _, entry in self.val_sets() if entry.in_mean]
         summary = {
             "step": int(self.global_step),
