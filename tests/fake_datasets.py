@@ -398,3 +398,22 @@ FAKE_MAKERS = {
     "mapillary": make_fake_mapillary,
     "acdc": make_fake_acdc,
 }
+
+
+def make_custom(
+    root, num_classes: int, n: int = 2, size=(32, 64), splits=("train", "val"), image_suffix=".jpg", seed: int = 0
+) -> Fake:
+    """The custom layout of docs/datasets.md: images/<split>/<dir>/<name><image_suffix> and
+    labels/<split>/<dir>/<name>.png holding class indices 0..num_classes-1 and some 255."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    fake = Fake(root)
+    table = {i: i for i in range(num_classes)} | {num_classes: 255}  # the extra value: ignored pixels
+    for split in splits:
+        for i in range(n):
+            name = f"scene{i % 2}/frame_{i:03d}"
+            writer = write_png if image_suffix == ".png" else write_jpeg
+            image = writer(root / "images" / split / f"{name}{image_suffix}", random_image(rng, size))
+            _, labels = random_native(rng, size, table)
+            write_png(root / "labels" / split / f"{name}.png", labels)
+            fake.expected[str(image)] = labels
+    return fake

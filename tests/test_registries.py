@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from conftest import tiny_model_config
-from fake_datasets import make_fake_cityscapes
+from fake_datasets import make_custom, make_fake_cityscapes
 from reinseg.build import build_segmentor
 from reinseg.config import Config, ConfigError, DataConfig, TrainConfig
-from reinseg.engine import parameter_groups, train
+from reinseg.engine import evaluate, parameter_groups, train
 from reinseg.heads import HEADS
 from reinseg.heads.criterion import Mask2FormerLoss
 from reinseg.tuning import STRATEGIES, TuningStrategy, get_strategy
@@ -70,8 +70,8 @@ def registered(monkeypatch):
     monkeypatch.setitem(HEADS, "linear_mask", LinearMaskHead)
 
 
-def toy_model():
-    model = tiny_model_config(num_classes=19)
+def toy_model(num_classes=19):
+    model = tiny_model_config(num_classes=num_classes)
     model.tuning = "first_block_bias"
     model.options = {"first_block_bias": {"init": 0.5}}
     model.head.type = "linear_mask"
@@ -114,6 +114,42 @@ def test_a_toy_strategy_and_head_train_one_step_and_evaluate(registered, tmp_pat
     results = json.loads((tmp_path / "run" / "metrics" / "val_step0000001.json").read_text())
     assert set(results["domains"]) == {"cityscapes"}
     assert len(results["domains"]["cityscapes"]["IoU"]) == 19
+
+
+def test_a_toy_custom_dataset_trains_one_step_and_evaluates(registered, tmp_path):
+    """A 3-class dataset of images and index PNGs, its classes and palette in the config only."""
+    classes = ["soil", "plant", "sky"]
+    fake = make_custom(tmp_path / "garden", num_classes=3, n=2, size=(64, 128))
+    entry = dict(
+        name="custom",
+        root=str(tmp_path / "garden"),
+        classes=classes,
+        palette=[[90, 60, 30], [0, 160, 0], [120, 180, 255]],
+        image_suffix=".jpg",
+    )
+    config = Config(
+        model=toy_model(num_classes=3),
+        data=DataConfig(
+            train=[dict(entry, split="train")],
+            val=[dict(entry, split="val", scale=[128, 64])],
+            crop_size=64,
+            base_size=64,
+            max_size=256,
+            batch_size=2,
+            num_workers=0,
+        ),
+        train=TrainConfig(
+            max_iters=1, val_interval=1, checkpoint_interval=1, lr=1e-2, output_dir=str(tmp_path / "run")
+        ),
+    )
+    task = train(config, resume="never")
+    assert task.segmentor.head.classes.shape[-1] == 3 + 1  # the 3 classes and "no object"
+    scores = json.loads((tmp_path / "run" / "metrics" / "val_step0000001.json").read_text())["domains"]["custom"]
+    assert list(scores["IoU"]) == classes
+    val_labels = [labels for image, labels in fake.expected.items() if "/images/val/" in image]
+    assert scores["pixels"] == sum(int((labels != 255).sum()) for labels in val_labels)
+    evaluated = evaluate(config, str(tmp_path / "run" / "checkpoints" / "last.ckpt")).last_results
+    assert evaluated["domains"]["custom"] == scores
 
 
 def test_unknown_strategy_head_and_options_are_named(registered):

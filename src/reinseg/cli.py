@@ -148,8 +148,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
         from .engine import label_root
 
+        from .data.classes import CITYSCAPES_CLASSES
+
         for domain, dataset, _ in task.val_sets():
-            print(f"  reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}")
+            # Another class list is read from the config (the Cityscapes one is score's default).
+            classes = "" if dataset.classes == CITYSCAPES_CLASSES else f" --config {args.config}"
+            print(f"  reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}{classes}")
     return 0
 
 
@@ -170,11 +174,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .data import CLASSES
+    from .data.classes import CITYSCAPES_CLASSES
     from .metrics import format_scores_table, score_directories
 
-    results = score_directories(args.predictions, args.labels, CLASSES, label_suffix=args.label_suffix)
-    print(format_scores_table({Path(args.labels).name or "scores": results}, CLASSES))
+    classes = CITYSCAPES_CLASSES
+    if args.config:
+        from .data.layouts import config_classes
+        from .safe_load import load_yaml
+
+        classes = config_classes(load_yaml(Path(args.config).read_text(), args.config) or {})
+    names = classes.names
+    results = score_directories(args.predictions, args.labels, names, label_suffix=args.label_suffix)
+    print(format_scores_table({Path(args.labels).name or "scores": results}, names))
     print(f"{results['num_images']} images, mIoU {results['mIoU']:.2f}")
     if args.json:
         _write_json(Path(args.json), results)
@@ -345,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-suffix",
         default=None,
         help="which files under GT_DIR are labels (default: *labelTrainIds.png if any, else *.png)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="score in the classes of this config's first data.val dataset (default: the 19 Cityscapes classes)",
     )
     p.set_defaults(func=_cmd_score)
 

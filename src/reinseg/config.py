@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.entries import EVAL_ENTRY_KEYS  # noqa: F401 (its old home)
 from .safe_load import load_yaml
 from .tuning import AdaptFormerConfig, LoraConfig, ReinConfig, VptConfig
 
@@ -140,10 +141,6 @@ class ModelConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         return options
-
-
-# Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
-EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
 
 
 @dataclass

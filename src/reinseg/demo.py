@@ -13,6 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from .config import (
     TrainConfig,
     dump_config,
 )
+
+if TYPE_CHECKING:
+    from .data.classes import ClassList
 
 __all__ = ["DEMO_ITERS", "demo_config", "free_cores", "run_demo", "comparison_picture"]
 
@@ -165,7 +169,7 @@ def run_demo(
     for domain, dataset, _ in task.val_sets():
         role = "the source domain" if domain == DOMAINS[0] else f"unseen: trained on {DOMAINS[0]} only"
         title = f"{domain} ({role}): mIoU {metrics[domain]['mIoU']:.2f} over its {len(dataset)} test images"
-        picture, _ = comparison_picture(*_first_item(task.segmentor.eval(), dataset), title)
+        picture, _ = comparison_picture(*_first_item(task.segmentor.eval(), dataset), title, classes=dataset.classes)
         write_png(output / f"{domain}.png", picture, sync=True)
     seconds = time.perf_counter() - start
     print(f"\n{'domain':<8} {'mIoU':>6}")
@@ -202,17 +206,25 @@ PANELS = ("image", "ground truth", "prediction")
 
 
 def comparison_picture(
-    image: np.ndarray, label: np.ndarray, prediction: np.ndarray, title: str, zoom: int = 2
+    image: np.ndarray,
+    label: np.ndarray,
+    prediction: np.ndarray,
+    title: str,
+    zoom: int = 2,
+    classes: ClassList | None = None,
 ) -> tuple[np.ndarray, dict[str, tuple[int, int, int, int]]]:
     """A labelled picture: ``title``, then image | ground truth | prediction (each ``(H, W)``, shown
     ``zoom`` times larger, pixels kept sharp) under their names, then a legend of the classes in the
-    ground truth or the prediction with their colours.
+    ground truth or the prediction with their colours (those of ``classes``, default Cityscapes').
 
     Returns the picture, (H', W', 3) uint8 RGB, and each panel's box ``(top, left, bottom, right)``.
     """
     from PIL import Image, ImageDraw, ImageFont
 
-    from .data import CLASSES, IGNORE_INDEX, PALETTE, colorize
+    from .data import IGNORE_INDEX
+    from .data.classes import CITYSCAPES_CLASSES
+
+    classes = classes or CITYSCAPES_CLASSES
 
     try:
         font = ImageFont.load_default(size=16)  # Pillow's own scalable font (Pillow >= 10.1 with FreeType)
@@ -220,12 +232,12 @@ def comparison_picture(
         font = ImageFont.load_default()  # its small bitmap font
     line = 24  # height of a line of text
     pad, gap, swatch = 10, 8, 12
-    panels = [image, colorize(label), colorize(prediction)]
+    panels = [image, classes.colorize(label), classes.colorize(prediction)]
     panels = [np.repeat(np.repeat(p, zoom, axis=0), zoom, axis=1) for p in panels]
     height, width = panels[0].shape[:2]
     total_width = 2 * pad + 3 * width + 2 * gap
     shown = sorted(set(np.unique(label).tolist()) | set(np.unique(prediction).tolist()))
-    entries = [(CLASSES[c], tuple(int(v) for v in PALETTE[c])) for c in shown if c < len(CLASSES)]
+    entries = [(classes.names[c], tuple(int(v) for v in classes.palette[c])) for c in shown if c < len(classes)]
     if IGNORE_INDEX in shown:
         entries.append(("ignored (not scored)", (0, 0, 0)))
     # The legend flows in rows; measure its height before drawing.

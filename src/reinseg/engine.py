@@ -1,19 +1,18 @@
-"""Training and evaluation with Lightning: a thin LightningModule around the plain Segmentor.
+"""Training and evaluation with Lightning: the task (a thin LightningModule around the plain
+Segmentor), the trainer and the ``train`` / ``evaluate`` runs.
 
-- Optimizer as the official Rein: AdamW (lr 1e-4, weight decay 0.05) without weight decay for
-  norm layers, Rein's tokens and scale, query and level embeddings; poly decay (power 0.9) to 0
-  over ``max_iters`` after an optional linear warm-up.
-- Data: an endless, reproducible stream of augmented crops (:class:`TrainingStream`): sample ``s``
-  of the run is always the same image with the same augmentation, so a resumed run sees exactly
-  the data an uninterrupted one would.
+The data of a run is :class:`reinseg.datamodule.SegmentationDataModule` (training stream,
+validation sets, classes); the optimizer recipe is :mod:`reinseg.optim`. Their names are
+importable from here too.
+
 - Checkpoints hold the trainable weights (Rein + head), optimizer, schedule, step, every rank's
   RNG state, and the configuration; the frozen VFM is referenced by the configuration, not
   copied. They are written atomically, and ``train`` resumes from the newest intact checkpoint in
   ``<output_dir>/checkpoints``, bit for bit: validation never draws from the RNG the loss uses.
 - A run stopped by SIGTERM writes ``last.ckpt`` and raises :class:`TrainingInterrupted`
   (``reinseg train`` exits with status 143); logs are appended to across resumes.
-- Validation: one confusion matrix per domain, summed over DDP ranks; per-domain mIoU and the
-  mean over target domains are logged, printed and written as JSON.
+- Validation: one confusion matrix per domain in its dataset's classes, summed over DDP ranks;
+  per-domain mIoU and the mean over target domains are logged, printed and written as JSON.
 """
 
 from __future__ import annotations
@@ -23,10 +22,9 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.loggers.logger import rank_zero_experiment
@@ -37,8 +35,6 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .checkpoints import (
     CHECKPOINT_FORMAT,
@@ -48,16 +44,31 @@ from .checkpoints import (
     checkpoint_state_dict,
     remove_stale_temporaries,
 )
-from .config import EVAL_ENTRY_KEYS, Config, ConfigError, check_values, to_dict
-from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
-from .safe_load import UnsafeFileError, load_torch_file
 from .build import build_segmentor
+from .config import Config, ConfigError, check_values, to_dict
+from .data.entries import EVAL_ENTRY_KEYS, DatasetEntry
+from .datamodule import (
+    SegmentationDataModule,
+    ShardSampler,
+    TrainingStream,
+    check_num_classes,
+    label_root,
+    training_set,
+    validation_sets,
+)
+from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
+from .optim import build_optimizer, lr_factor, parameter_groups, set_tf32
+from .safe_load import UnsafeFileError, load_torch_file
 from .segmentor import Segmentor
-from .tuning import get_strategy
 
+# The data and optimizer names are re-exported: they were defined here before the split.
 __all__ = [
     "TrainingStream",
     "ShardSampler",
+    "SegmentationDataModule",
+    "training_set",
+    "check_num_classes",
+    "label_root",
     "parameter_groups",
     "lr_factor",
     "set_tf32",
@@ -74,146 +85,6 @@ __all__ = [
 
 log = logging.getLogger("reinseg")
 
-NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
-TF32_MODES = ("conv", "all", "none")
-
-
-class TrainingStream(IterableDataset):
-    """Batches of training samples for one DDP rank, from step ``start_step`` on, forever.
-
-    Global sample ``s`` is item ``perm_e[s mod N]`` of epoch ``e = s // N`` (a seeded permutation
-    per epoch), augmented with a generator seeded by ``(seed, e, item)``. Global batch ``b`` holds
-    samples ``b * B * W ... (b + 1) * B * W - 1``; rank ``r`` takes its ``B`` consecutive ones, and
-    data-loader worker ``w`` of ``n`` yields the rank's batches ``b`` with ``b mod n = w``, which
-    the DataLoader interleaves back in order.
-    """
-
-    def __init__(
-        self, dataset, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
-    ) -> None:
-        if len(dataset) == 0:
-            raise ValueError(f"the training set {getattr(dataset, 'name', '')} is empty")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = seed
-        self.start_step = start_step
-        self.rank = rank
-        self.world_size = world_size
-        self._epoch, self._order = -1, None
-
-    def sample_index(self, sample: int) -> tuple[int, int]:
-        """``(epoch, dataset index)`` of global sample ``sample``."""
-        n = len(self.dataset)
-        epoch = sample // n
-        if epoch != self._epoch:  # one permutation per epoch, kept while the epoch lasts
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(n)
-        return epoch, int(self._order[sample % n])
-
-    def __iter__(self) -> Iterator[dict]:
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        if worker is not None:
-            import cv2
-
-            # One OpenCV thread per data-loader worker, as mmengine sets it: the workers already
-            # run in parallel. (cv2's results do not depend on its thread count.)
-            cv2.setNumThreads(0)
-        step = self.start_step
-        while True:
-            if step % num_workers == worker_id:
-                first = (step * self.world_size + self.rank) * self.batch_size
-                for sample in range(first, first + self.batch_size):
-                    epoch, index = self.sample_index(sample)
-                    self.dataset.set_epoch(epoch)
-                    yield self.dataset[index]
-            step += 1
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Items ``rank, rank + world, ...``: every item on exactly one rank. (A DistributedSampler
-    pads with repeated items to even out the ranks, which would count them twice in the scores.)"""
-
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def parameter_groups(
-    segmentor: Segmentor,
-    lr: float,
-    weight_decay: float,
-    backbone_lr_mult: float,
-    no_decay_keys: Sequence[str] | None = None,
-) -> list[dict]:
-    """AdamW groups of the trainable parameters, as mmengine's constructor with the official ``paramwise_cfg``.
-
-    No weight decay for a parameter of a norm layer (``norm_decay_mult=0``) or whose name contains
-    one of ``no_decay_keys`` (the ``custom_keys``, all with ``decay_mult=0`` and ``lr_mult=1``;
-    default ``segmentor.no_decay_keys``, which the head and the tuning strategy declare);
-    ``lr x backbone_lr_mult`` for the VFM's own weights.
-    """
-    no_decay_keys = segmentor.no_decay_keys if no_decay_keys is None else tuple(no_decay_keys)
-    groups: dict[tuple[float, float], list] = {}
-    for module_name, module in segmentor.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
-                continue
-            full = f"{module_name}.{name}" if module_name else name
-            no_decay = isinstance(module, NORM_LAYERS) or any(k in full for k in no_decay_keys)
-            decay = 0.0 if no_decay else weight_decay
-            group_lr = lr * backbone_lr_mult if full.startswith("backbone.vit.") else lr
-            groups.setdefault((group_lr, decay), []).append(param)
-    return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]
-
-
-def lr_factor(
-    step: int,
-    max_iters: int,
-    warmup_iters: int = 0,
-    warmup_start_factor: float = 1e-6,
-    power: float = 0.9,
-    min_factor: float = 0.0,
-) -> float:
-    """Learning-rate multiplier during iteration ``step`` (from 0): linear warm-up, then poly decay.
-
-    Equal to mmengine's ``LinearLR(start_factor, begin=0, end=warmup_iters)`` followed by
-    ``PolyLR(eta_min, power, begin=warmup_iters, end=max_iters)``, stepped after every iteration
-    (pinned against mmengine by ``tests/test_optimizer_golden.py``). mmengine's schedulers act on
-    iterations ``begin .. end - 1`` and reach their end value at the last of them, so the spans
-    are ``warmup_iters - 1`` and ``max_iters - warmup_iters - 1``: the warm-up reaches 1 at
-    iteration ``warmup_iters - 1`` and the lr is ``min_factor`` at iteration ``max_iters - 1``.
-    """
-    if step < warmup_iters:
-        span = warmup_iters - 1
-        return warmup_start_factor + (1.0 - warmup_start_factor) * step / span if span else warmup_start_factor
-    # mmengine's PolyLR is chained: it decays whatever lr the warm-up left (start_factor after a
-    # one-iteration warm-up).
-    start = warmup_start_factor if warmup_iters == 1 else 1.0
-    span = max_iters - warmup_iters - 1
-    if span <= 0:
-        return start
-    progress = min(step - warmup_iters, span) / span
-    return (start - min_factor) * (1.0 - progress) ** power + min_factor
-
-
-def set_tf32(mode: str) -> None:
-    """Where fp32 CUDA math may run on TF32 tensor cores (process-wide PyTorch flags).
-
-    ``"conv"``: cuDNN convolutions only, matmuls (linear layers, attention) in IEEE fp32. These are
-    PyTorch's defaults since 1.12, and the official Rein runs trained with them (PyTorch 2.0.1, fp32
-    ``OptimWrapper``; neither mmengine nor the official code touches the flags). ``"all"``: matmuls
-    too (faster on Ampere and Hopper GPUs, about 10 mantissa bits). ``"none"``: IEEE fp32 everywhere.
-    """
-    if mode not in TF32_MODES:
-        raise ConfigError(f"train.tf32 must be one of {', '.join(TF32_MODES)}, got {mode!r}")
-    torch.backends.cuda.matmul.allow_tf32 = mode == "all"
-    torch.backends.cudnn.allow_tf32 = mode != "none"
-
 
 def prediction_at_size(scores: torch.Tensor, size) -> torch.Tensor:
     """(C, h, w) class scores of one image -> (H, W) int64 classes at ``size`` = (H, W), its label's
@@ -221,67 +92,6 @@ def prediction_at_size(scores: torch.Tensor, size) -> torch.Tensor:
     ``postprocess_result``."""
     scores = F.interpolate(scores[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
     return scores.argmax(1)[0]
-
-
-def validation_sets(config: Config) -> list[tuple[str, Any, dict]]:
-    """``(domain name, dataset, entry)`` per ``data.val`` entry, with the evaluation transform."""
-    from .data import build_dataset, eval_scale, eval_transform
-
-    sets = []
-    for entry in config.data.val:
-        entry = dict(entry)
-        options = {k: v for k, v in entry.items() if k not in EVAL_ENTRY_KEYS + ("name", "root", "split")}
-        if "name" not in entry or "root" not in entry:
-            raise ConfigError(f"data.val entry {entry} needs a name and a root")
-        dataset = build_dataset(
-            entry["name"],
-            entry["root"],
-            entry.get("split", "val"),
-            transform=eval_transform(eval_scale(entry)),
-            on_error=config.data.on_error,
-            **options,
-        )
-        # Every file is read now: a bad one must stop the run before training, not at its first
-        # validation hours later. With on_error=skip the bad pairs are dropped (skipping at load
-        # time would score a replacement image twice).
-        dataset.validate()
-        if config.data.on_error == "skip":
-            if dataset.skipped:
-                log.warning(
-                    "%s: %d pairs left out of the evaluation (data.on_error=skip)", dataset.name, len(dataset.skipped)
-                )
-        sets.append((entry.get("label", dataset.name), dataset, entry))
-    names = [name for name, _, _ in sets]
-    duplicated = {n for n in names if names.count(n) > 1}
-    if duplicated:
-        raise ConfigError(f"data.val has several domains named {sorted(duplicated)}: give them a 'label'")
-    return sets
-
-
-def training_set(config: Config):
-    from .data import build_dataset, train_transform
-    from .data.datasets import ConcatSegmentationDataset
-
-    if not config.data.train:
-        raise ConfigError("data.train lists no dataset")
-    transform = train_transform(
-        crop_size=config.data.crop_size,
-        base_size=config.data.base_size,
-        max_size=config.data.max_size,
-        cat_max_ratio=config.data.cat_max_ratio,
-    )
-    datasets = []
-    for entry in config.data.train:
-        entry = dict(entry)
-        if "name" not in entry or "root" not in entry:
-            raise ConfigError(f"data.train entry {entry} needs a name and a root")
-        name, root, split = entry.pop("name"), entry.pop("root"), entry.pop("split", "train")
-        datasets.append(
-            build_dataset(
-                name, root, split, transform=transform, on_error=config.data.on_error, seed=config.train.seed, **entry
-            )
-        )
-    return datasets[0] if len(datasets) == 1 else ConcatSegmentationDataset(datasets)
 
 
 class SegmentationTask(L.LightningModule):
@@ -302,9 +112,7 @@ class SegmentationTask(L.LightningModule):
         self.save_predictions = None if save_predictions is None else Path(save_predictions)
         # Checkpoints hold only the trainable weights; on_load_checkpoint checks they are all there.
         self.strict_loading = False
-        self._resume_step = 0
-        self._train_set = None
-        self._val_sets: list[tuple[str, Any, dict]] | None = None
+        self.data = SegmentationDataModule(config)
         self._confusions: list[ConfusionMatrix] = []
         self._label_roots: dict[int, Path] = {}
         self.last_results: dict[str, Any] | None = None
@@ -312,59 +120,13 @@ class SegmentationTask(L.LightningModule):
         # Set by train() when the run had already reached train.max_iters: nothing was done.
         self.already_finished: int | None = None
 
-    # -- data -----------------------------------------------------------------------------
-    def train_dataloader(self) -> DataLoader:
-        data = self.config.data
-        stream = TrainingStream(
-            self.train_set(),
-            data.batch_size,
-            self.config.train.seed,
-            start_step=self._resume_step,
-            rank=self.global_rank,
-            world_size=self.trainer.world_size,
-        )
-        from .data import collate
-
-        # Its own generator: creating the iterator must not draw from the global RNG, which the
-        # loss's point sampling uses (a resumed run would otherwise draw different points).
-        generator = torch.Generator().manual_seed(self.config.train.seed)
-        return DataLoader(
-            stream,
-            batch_size=data.batch_size,
-            num_workers=data.num_workers,
-            collate_fn=collate,
-            persistent_workers=data.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=generator,
-        )
-
+    # -- data (the datamodule's; Lightning is given it with the task) -----------------------
     def train_set(self):
-        if self._train_set is None:
-            self._train_set = training_set(self.config)
-        return self._train_set
+        return self.data.train_set()
 
-    def val_sets(self) -> list[tuple[str, Any, dict]]:
-        if self._val_sets is None:
-            self._val_sets = validation_sets(self.config)
-        return self._val_sets
-
-    def val_dataloader(self) -> list[DataLoader]:
-        from .data import collate
-
-        rank, world = self.global_rank, self.trainer.world_size
-        # Their own generators: an iterator over a DataLoader without one draws its seed from the
-        # global RNG, which the loss's point sampling uses.
-        return [
-            DataLoader(
-                dataset,
-                batch_size=1,
-                sampler=ShardSampler(len(dataset), rank, world),
-                num_workers=self.config.data.num_workers,
-                collate_fn=collate,
-                generator=torch.Generator().manual_seed(self.config.train.seed),
-            )
-            for _, dataset, _ in self.val_sets()
-        ]
+    def val_sets(self) -> list[tuple[str, Any, DatasetEntry]]:
+        """``(domain name, dataset, entry)`` per ``data.val`` entry."""
+        return self.data.val_sets()
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -383,26 +145,13 @@ class SegmentationTask(L.LightningModule):
             set_rng_state(self._rng_after_step)
 
     def configure_optimizers(self):
-        tc = self.config.train
-        # The multiplier is for the VFM's own weights when they fine-tune, not for modules added
-        # inside it (LoRA, adapters).
-        backbone_lr_mult = tc.backbone_lr_mult if get_strategy(self.config.model.tuning).trains_vfm else 1.0
-        groups = parameter_groups(self.segmentor, tc.lr, tc.weight_decay, backbone_lr_mult, tc.no_decay_keys)
-        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
-        min_factor = tc.min_lr / tc.lr if tc.lr else 0.0
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(
-                step, tc.max_iters, tc.warmup_iters, tc.warmup_start_factor, tc.poly_power, min_factor
-            ),
-        )
+        optimizer, schedule = build_optimizer(self.segmentor, self.config)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- validation -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        from .data import NUM_CLASSES
-
-        self._confusions = [ConfusionMatrix(NUM_CLASSES, device=self.device) for _ in self.val_sets()]
+        # One matrix per domain, in the classes of its dataset.
+        self._confusions = [ConfusionMatrix(len(names), device=self.device) for names in self.data.class_names()]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch["label"] is None:
@@ -425,13 +174,12 @@ class SegmentationTask(L.LightningModule):
         write_png(target, prediction.to(torch.uint8).cpu().numpy(), sync=True)
 
     def on_validation_epoch_end(self) -> None:
-        from .data import CLASSES
-
-        results = {}
-        for (domain, _, _), confusion in zip(self.val_sets(), self._confusions):
+        results, tables = {}, {}
+        for (domain, _, _), names, confusion in zip(self.val_sets(), self.data.class_names(), self._confusions):
             confusion.reduce()
-            results[domain] = confusion.scores(CLASSES)
-        in_mean = [domain for domain, _, entry in self.val_sets() if entry.get("in_mean", True)]
+            results[domain] = confusion.scores(names)
+            tables.setdefault(names, {})[domain] = results[domain]
+        in_mean = [domain for domain, _, entry in self.val_sets() if entry.in_mean]
         summary = {
             "step": int(self.global_step),
             "domains": results,
@@ -446,7 +194,8 @@ class SegmentationTask(L.LightningModule):
         if summary["mean_mIoU"] is not None:
             self.log("val/mean_mIoU", summary["mean_mIoU"], prog_bar=True, rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            print("\n" + format_scores_table(results, CLASSES))
+            for names, table in tables.items():  # one table per class list
+                print("\n" + format_scores_table(table, names))
             if summary["mean_mIoU"] is not None:
                 print(f"mean mIoU over {', '.join(in_mean)}: {summary['mean_mIoU']:.2f}")
             if self.write_metrics:
@@ -495,7 +244,7 @@ class SegmentationTask(L.LightningModule):
             set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
             # What a validation right after the restart (Lightning may redo one) puts back.
             self._rng_after_step = rng_state()
-        self._resume_step = int(checkpoint.get("global_step", 0))
+        self.data.start_step = int(checkpoint.get("global_step", 0))
 
 
 def rng_state() -> dict:
@@ -510,16 +259,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def label_root(dataset) -> Path:
-    """The folder all label files of ``dataset`` live under (predictions mirror it)."""
-    import os
-
-    labels = [label for _, label in dataset.pairs if label is not None]
-    if not labels:
-        raise ValueError(f"{dataset.name} has no labels")
-    return Path(os.path.commonpath([str(Path(p).parent) for p in labels]))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -752,6 +491,7 @@ def train(
     its step).
     """
     check_values(config)
+    check_num_classes(config)
     L.seed_everything(config.train.seed, workers=True, verbose=False)  # before the model's initialisation
     out = Path(config.train.output_dir)
     checkpoints = out / "checkpoints"
@@ -803,10 +543,10 @@ def train(
         "run the same command to resume"
     )
     with _on_sigterm(stopped):
-        trainer.fit(task, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+        trainer.fit(task, datamodule=task.data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
         last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
         if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
-            trainer.validate(task, verbose=False)
+            trainer.validate(task, datamodule=task.data, verbose=False)
     return task
 
 
@@ -851,6 +591,7 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
     from .checkpoints import segmentor_from_checkpoint
 
     check_values(config)
+    check_num_classes(config)
     if not config.data.val:
         raise ConfigError("data.val lists no dataset to evaluate on")
     segmentor, _ = segmentor_from_checkpoint(checkpoint, config.model)
@@ -860,7 +601,7 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
     with _on_sigterm(lambda: "evaluation stopped by SIGTERM"):
-        trainer.validate(task, verbose=False)
+        trainer.validate(task, datamodule=task.data, verbose=False)
     if task.last_results is None:
         raise RuntimeError("validation produced no results")
     return task

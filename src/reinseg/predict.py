@@ -118,11 +118,12 @@ def predict_files(
     """
     from tqdm import tqdm
 
-    from .data import colorize
     from .data.io import read_photo, write_png
+    from .data.layouts import config_classes
 
     paths = collect_images(inputs)  # everything is checked before anything is written
     segmentor, payload = segmentor_from_checkpoint(checkpoint)
+    classes = config_classes(payload["config"])  # the overlay's colours: those of the data it was trained on
     if isinstance(scale, str):
         if scale != "checkpoint":
             raise ValueError(f"scale must be (long, short), None or 'checkpoint', got {scale!r}")
@@ -138,7 +139,7 @@ def predict_files(
     for path in tqdm(paths, desc="predict", unit="image", disable=not progress or len(paths) < 2):
         image = read_photo(path)
         train_ids = segment_image(segmentor, image, scale, mode, flip or None)
-        overlay = (0.5 * image + 0.5 * colorize(train_ids)).astype(np.uint8)
+        overlay = (0.5 * image + 0.5 * classes.colorize(train_ids)).astype(np.uint8)
         for suffix, array in (("_labelTrainIds.png", train_ids), ("_overlay.png", overlay)):
             target = out / f"{path.stem}{suffix}"
             write_png(target, array, sync=True)

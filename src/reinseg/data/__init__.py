@@ -1,8 +1,10 @@
 """Datasets of domain-generalized segmentation, their preparation, transforms, and a synthetic benchmark.
 
-Everything is scored in the 19 Cityscapes train classes (:data:`CLASSES`, ignore 255). Sources:
-GTAV, Synthia, UrbanSyn; targets: Cityscapes, BDD100K, Mapillary, ACDC; and :mod:`.synthetic`,
-procedural street scenes in several visual domains. See docs/datasets.md for the layouts.
+The built-in datasets are scored in the 19 Cityscapes train classes (:data:`CLASSES`, ignore
+255). Sources: GTAV, Synthia, UrbanSyn; targets: Cityscapes, BDD100K, Mapillary, ACDC;
+:mod:`.synthetic`, procedural street scenes in several visual domains; and ``custom``, your own
+images and labels in the classes its config entry names (a dataset's ``classes`` is a
+:class:`ClassList`). See docs/datasets.md for the layouts.
 
     from reinseg.data import build_dataset, train_transform, eval_transform, TEST_SCALES, collate
 
@@ -24,6 +26,12 @@ _EXPORTS = {
     "IGNORE_INDEX": ".classes",
     "NUM_CLASSES": ".classes",
     "colorize": ".classes",
+    "ClassList": ".classes",
+    "CITYSCAPES_CLASSES": ".classes",
+    "DatasetInfo": ".layouts",
+    "register_dataset": ".layouts",
+    "DatasetEntry": ".entries",
+    "parse_entries": ".entries",
     "IMAGENET_MEAN": ".transforms",
     "IMAGENET_STD": ".transforms",
     "train_transform": ".transforms",
@@ -60,16 +68,23 @@ __all__ = [
     "build_datasets",
     "collate",
     "colorize",
+    "ClassList",
+    "CITYSCAPES_CLASSES",
+    "DatasetInfo",
+    "register_dataset",
+    "DatasetEntry",
+    "parse_entries",
     "train_transform",
     "eval_transform",
 ]
 
 if TYPE_CHECKING:
-    from .classes import CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, colorize
+    from .classes import CITYSCAPES_CLASSES, CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, ClassList, colorize
     from .datasets import ConcatSegmentationDataset, SegmentationDataset, build_dataset, build_datasets, collate
     from .encodings import LabelEncoding
+    from .entries import DatasetEntry, parse_entries
     from .io import DataError
-    from .layouts import ACDC_CONDITIONS, DATASETS, TEST_SCALES, eval_scale
+    from .layouts import ACDC_CONDITIONS, DATASETS, TEST_SCALES, DatasetInfo, eval_scale, register_dataset
     from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 

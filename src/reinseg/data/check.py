@@ -2,7 +2,8 @@
 
 For every dataset split: the number of pairs, the files without a partner, unreadable files,
 labels whose size differs from their image, label values outside the encoding (for train-ID
-files: outside {0..18, 255}) with the files that hold them, and the class histogram.
+files: outside {0..18, 255}; for a custom dataset of N classes: outside {0..N-1, 255}) with the
+files that hold them, and the histogram over the dataset's own classes.
 The target is a dataset root (the dataset named or recognised by its layout) or a YAML config
 whose ``data.train`` and ``data.val`` list datasets (a missing root is reported, one line per
 dataset, and the others are still checked)::
@@ -27,16 +28,18 @@ import yaml
 
 from ..safe_load import load_yaml
 from .classes import CLASSES
-from .datasets import Problem, SegmentationDataset, build_dataset, inspect_pair
+from .datasets import Problem, SegmentationDataset, inspect_pair
+from .entries import DatasetEntry, parse_entries
 from .layouts import ACDC_CONDITIONS, dataset_info
 from .parallel import parallel_map
 
-__all__ = ["DatasetReport", "check_dataset", "check", "detect_dataset", "config_entries"]
+__all__ = ["DatasetReport", "check_dataset", "check", "detect_dataset", "config_entries", "config_dataset_entries"]
 
 
 @dataclass
 class DatasetReport:
-    """The check of one dataset split. ``histogram`` counts pixels of train IDs 0..18, then ignore."""
+    """The check of one dataset split. ``histogram`` counts pixels of classes 0..N-1 of
+    ``class_names``, then ignore."""
 
     name: str
     split: str
@@ -44,8 +47,13 @@ class DatasetReport:
     pairs: int
     missing_partners: list[tuple[str, str]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
-    histogram: np.ndarray = field(default_factory=lambda: np.zeros(len(CLASSES) + 1, dtype=np.int64))
+    histogram: np.ndarray | None = None
     missing: str | None = None  # why the split could not be read at all (its root or a folder is missing)
+    class_names: tuple[str, ...] = CLASSES
+
+    def __post_init__(self):
+        if self.histogram is None:
+            self.histogram = np.zeros(len(self.class_names) + 1, dtype=np.int64)
 
     def of_kind(self, kind: str) -> list[Problem]:
         return [p for p in self.problems if p.kind == kind]
@@ -60,7 +68,7 @@ class DatasetReport:
         return not (self.missing or self.missing_partners or self.problems)
 
     def to_dict(self) -> dict:
-        names = list(CLASSES) + ["ignore"]
+        names = list(self.class_names) + ["ignore"]
         return {
             "name": self.name,
             "split": self.split,
@@ -97,24 +105,31 @@ class DatasetReport:
         if total:
             shares = [
                 f"{name} {100 * count / total:.1f}%"
-                for name, count in zip(list(CLASSES) + ["ignore"], self.histogram.tolist())
+                for name, count in zip(list(self.class_names) + ["ignore"], self.histogram.tolist())
                 if count
             ]
             lines.append("  class histogram (share of label pixels): " + ", ".join(shares))
         return "\n".join(lines)
 
 
-def _inspect(pair_and_encoding):
-    (image, label), encoding = pair_and_encoding
-    return inspect_pair(image, label, encoding)
+def _inspect(item):
+    (image, label), encoding, num_classes = item
+    return inspect_pair(image, label, encoding, num_classes)
 
 
 def check_dataset(
     dataset: SegmentationDataset, split: str = "", root: str = "", workers: int | None = None, progress: bool = True
 ) -> DatasetReport:
     """Read every pair of ``dataset`` and report its problems and class histogram."""
-    report = DatasetReport(dataset.name, split, str(root), len(dataset.pairs), missing_partners=list(dataset.skipped))
-    items = list(zip(dataset.pairs, dataset.encodings))
+    report = DatasetReport(
+        dataset.name,
+        split,
+        str(root),
+        len(dataset.pairs),
+        missing_partners=list(dataset.skipped),
+        class_names=dataset.classes.names,
+    )
+    items = [(pair, encoding, len(dataset.classes)) for pair, encoding in zip(dataset.pairs, dataset.encodings)]
     for pair_report in parallel_map(_inspect, items, workers, desc=f"check {dataset.name}", progress=progress):
         report.problems += pair_report.problems
         if pair_report.histogram is not None:
@@ -148,10 +163,19 @@ def detect_dataset(root) -> str:
 
 
 def config_entries(path) -> list[dict]:
-    """The dataset entries of a YAML config's ``data.train`` and ``data.val``, each with a
-    ``section`` key. The other keys of ``data`` (crop_size, batch_size, ...) are checked as
-    :class:`~reinseg.config.DataConfig` checks them, and otherwise ignored."""
-    from ..config import EVAL_ENTRY_KEYS, ConfigError, DataConfig, from_dict
+    """The dataset entries of a YAML config's ``data.train`` and ``data.val`` as dicts
+    ``{section, name, root, split, **options}`` (see :func:`config_dataset_entries`)."""
+    return [
+        {"section": e.section, "name": e.name, "root": e.root, "split": e.split, **e.options}
+        for e in config_dataset_entries(path)
+    ]
+
+
+def config_dataset_entries(path) -> list[DatasetEntry]:
+    """The dataset entries of a YAML config's ``data.train`` and ``data.val``, parsed as training
+    and evaluation parse them. The other keys of ``data`` (crop_size, batch_size, ...) are
+    checked as :class:`~reinseg.config.DataConfig` checks them, and otherwise ignored."""
+    from ..config import DataConfig, from_dict
 
     path = Path(path)
     try:
@@ -163,21 +187,17 @@ def config_entries(path) -> list[dict]:
         raise ValueError(f"{path}: no 'data' section with train/val lists of datasets")
     try:
         checked = from_dict(DataConfig, data, "data")
-    except ConfigError as err:
+        entries = parse_entries(checked.train, "train") + parse_entries(checked.val, "val")
+    except ValueError as err:  # ConfigError included
         raise ValueError(f"{path}: {err}") from None
-    entries = []
-    for section in ("train", "val"):
-        for item in getattr(checked, section):
-            if not isinstance(item, dict) or "name" not in item or "root" not in item:
-                raise ValueError(f"{path}: data.{section}: each dataset needs 'name' and 'root', got {item!r}")
-            entries.append({"section": section, **{k: v for k, v in item.items() if k not in EVAL_ENTRY_KEYS}})
     if not entries:
         raise ValueError(f"{path}: data.train and data.val list no dataset")
     return entries
 
 
-def _root_entries(root: Path, dataset: str | None, split: str | None, options: dict) -> list[dict]:
-    """Entries for every split of a dataset root (only those present unless ``split`` is given)."""
+def _root_entries(root: Path, dataset: str | None, split: str | None, options: dict) -> list[tuple[DatasetEntry, bool]]:
+    """(entry, optional) for every split of a dataset root: optional unless ``split`` is given (a
+    root may hold only some splits)."""
     name = dataset or detect_dataset(root)
     info = dataset_info(name)
     # One entry per synthetic domain and ACDC condition, so a root holding some of them checks those.
@@ -186,8 +206,10 @@ def _root_entries(root: Path, dataset: str | None, split: str | None, options: d
         return [e for d in domains for e in _root_entries(root, name, split, {**options, "domain": d})]
     if name == "acdc" and "condition" not in options:
         return [e for c in ACDC_CONDITIONS for e in _root_entries(root, name, split, {**options, "condition": c})]
+    if not (split or info.splits):
+        raise ValueError(f"name the split of the {name} dataset to check (--split)")
     splits = [split] if split else list(info.splits)
-    return [{"name": name, "root": str(root), "split": s, "optional": split is None, **options} for s in splits]
+    return [(DatasetEntry(name, str(root), s, options, where=str(root)), split is None) for s in splits]
 
 
 def check(
@@ -211,29 +233,27 @@ def check(
     if from_config:
         if dataset or split or options:
             raise ValueError("--dataset, --split and dataset options go with a dataset root, not a config")
-        entries = config_entries(target)
+        entries = [(entry, False) for entry in config_dataset_entries(target)]
     else:
         entries = _root_entries(target, dataset, split, options)
     reports = []
-    for entry in entries:
-        entry = dict(entry)
-        entry.pop("section", None)
-        optional = entry.pop("optional", False)
-        name, root, entry_split = entry.pop("name"), entry.pop("root"), entry.pop("split", "train")
+    for entry, optional in entries:
         try:
-            data = build_dataset(name, root, entry_split, on_error=on_error, **entry)
+            data = entry.build(on_error=on_error)
         except FileNotFoundError as err:
             if optional:  # a root holding only some splits
                 continue
             if not from_config:
                 raise
             # A config names several datasets: report every missing one, not just the first.
-            label = "/".join([name] + [str(entry[k]) for k in ("condition", "domain") if k in entry])
-            reports.append(DatasetReport(label, entry_split, str(root), 0, missing=str(err)))
+            label = "/".join(
+                [entry.name] + [str(entry.options[k]) for k in ("condition", "domain") if k in entry.options]
+            )
+            reports.append(DatasetReport(label, entry.split, entry.root, 0, missing=str(err)))
             continue
         if on_error == "raise":
             data.validate(workers or 1)
-        reports.append(check_dataset(data, entry_split, root, workers, progress))
+        reports.append(check_dataset(data, entry.split, entry.root, workers, progress))
     if not reports:
         raise FileNotFoundError(f"no split of {dataset or 'the dataset'} found in {target}")
     return reports

@@ -9,6 +9,8 @@ silent 255.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 __all__ = [
@@ -24,6 +26,9 @@ __all__ = [
     "MAPILLARY_V12_NAMES",
     "mapillary_to_train_id",
     "colorize",
+    "ClassList",
+    "CITYSCAPES_CLASSES",
+    "default_palette",
 ]
 
 CLASSES = (
@@ -242,8 +247,64 @@ def mapillary_to_train_id(names: tuple[str, ...] | list[str] = MAPILLARY_V12_NAM
     }
 
 
-def colorize(label: np.ndarray) -> np.ndarray:
-    """Cityscapes colours for a train-ID map: (H, W) -> (H, W, 3) uint8; 255 and unknown are black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[:NUM_CLASSES] = PALETTE
-    return lut[np.asarray(label, dtype=np.uint8)]
+def default_palette(num_classes: int) -> np.ndarray:
+    """(N, 3) uint8 colours for classes without a palette: Cityscapes' first, then evenly spread
+    hues (a binary dataset gets Cityscapes' road purple and sidewalk pink)."""
+    if num_classes <= NUM_CLASSES:
+        return PALETTE[:num_classes].copy()
+    import colorsys
+
+    extra = [colorsys.hsv_to_rgb(i / (num_classes - NUM_CLASSES), 0.8, 0.9) for i in range(num_classes - NUM_CLASSES)]
+    return np.concatenate([PALETTE, np.round(np.array(extra) * 255).astype(np.uint8)])
+
+
+@dataclass(frozen=True)
+class ClassList:
+    """The classes a dataset is labelled in: class ``i`` is ``names[i]``, drawn in ``palette[i]``.
+
+    Args:
+        names: one name per class (N >= 1; a binary dataset has two).
+        palette: (N, 3) RGB colours in 0..255; None takes :func:`default_palette`.
+    Raises ValueError naming ``what`` for an empty list, repeated names or a palette of another shape.
+    """
+
+    names: tuple[str, ...]
+    palette: np.ndarray | None = field(default=None, compare=False)
+    what: str = field(default="classes", compare=False, repr=False)
+
+    def __post_init__(self):
+        names = self.names
+        if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"{self.what}: a list of one or more class names, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.what}: class names repeat: {sorted({n for n in names if names.count(n) > 1})}")
+        object.__setattr__(self, "names", tuple(names))
+        if self.palette is None:
+            palette = default_palette(len(names))
+        else:
+            palette = np.asarray(self.palette)
+            if palette.shape != (len(names), 3) or not np.issubdtype(palette.dtype, np.integer):
+                raise ValueError(
+                    f"{self.what}: the palette needs one [r, g, b] per class ({len(names)}), got {self.palette!r}"
+                )
+            if palette.min() < 0 or palette.max() > 255:
+                raise ValueError(f"{self.what}: palette colours are 0..255, got {self.palette!r}")
+        object.__setattr__(self, "palette", np.asarray(palette, dtype=np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def colorize(self, label: np.ndarray) -> np.ndarray:
+        """A class map (H, W) -> (H, W, 3) uint8 in this palette; 255 and unknown values are black."""
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        lut[: len(self.names)] = self.palette[:256]
+        return lut[np.asarray(label, dtype=np.uint8)]
+
+
+CITYSCAPES_CLASSES = ClassList(CLASSES, PALETTE, "Cityscapes")
+
+
+def colorize(label: np.ndarray, classes: ClassList | None = None) -> np.ndarray:
+    """Colours for a class map: (H, W) -> (H, W, 3) uint8 in ``classes``' palette (default the
+    Cityscapes one); 255 and unknown values are black."""
+    return (classes or CITYSCAPES_CLASSES).colorize(label)

@@ -34,6 +34,10 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
         options["condition"] = args.condition
     if args.domain:
         options["domain"] = args.domain
+    if args.classes:
+        options["classes"] = args.classes
+    if args.image_suffix:
+        options["image_suffix"] = args.image_suffix
     reports = check(
         args.target, dataset=args.dataset, split=args.split, workers=args.workers, on_error=args.on_error, **options
     )
@@ -88,8 +92,9 @@ def register_commands(subparsers) -> None:
         description=textwrap.dedent(
             """\
             List for each dataset split: the number of image/label pairs, files without a partner,
-            unreadable files, size mismatches, label values outside {0..18, 255} (with the files),
-            and the class histogram. CONFIG_OR_ROOT is a dataset root (its dataset recognised by
+            unreadable files, size mismatches, label values outside the dataset's classes
+            ({0..18, 255}; {0..N-1, 255} for a custom dataset of N classes) with the files, and
+            the class histogram. CONFIG_OR_ROOT is a dataset root (its dataset recognised by
             the layout, or named with --dataset) or a YAML config with a `data` section.
             Exits 1 when any problem is found."""
         ),
@@ -98,7 +103,8 @@ def register_commands(subparsers) -> None:
             example:
               reinseg check-data data/cityscapes --split val
               reinseg check-data data/acdc --condition night --json acdc_night.json
-              reinseg check-data configs/rein_dinov2-l_gta_512.yaml"""
+              reinseg check-data configs/rein_dinov2-l_gta_512.yaml
+              reinseg check-data data/cracks --dataset custom --split val --classes background crack"""
         ),
     )
     p.add_argument("target", metavar="CONFIG_OR_ROOT", help="a dataset root or a YAML config")
@@ -106,6 +112,8 @@ def register_commands(subparsers) -> None:
     p.add_argument("--split", default=None, help="one split (default: every split present)")
     p.add_argument("--condition", choices=ACDC_CONDITIONS + ("all",), default=None, help="ACDC condition")
     p.add_argument("--domain", default=None, help="synthetic domain (default: every domain present)")
+    p.add_argument("--classes", nargs="+", default=None, help="custom dataset: its class names, in label order")
+    p.add_argument("--image-suffix", default=None, help="custom dataset: how image files end (default .png)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: the cores, up to 8)")
     p.add_argument(
         "--on-error",

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from .classes import IGNORE_INDEX, NUM_CLASSES
+from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX, NUM_CLASSES, ClassList
 from .encodings import TRAIN_IDS, LabelEncoding
 from .io import DataError, read_image, read_label, size_mismatch
-from .layouts import discover, split_layout
+from .layouts import dataset_classes, discover, split_layout
 from .transforms import eval_transform
 
 __all__ = [
@@ -72,11 +72,17 @@ class Problem:
 @dataclass
 class PairReport:
     problems: list[Problem] = field(default_factory=list)
-    histogram: np.ndarray | None = None  # pixels per train ID 0..18, then ignore (20,)
+    histogram: np.ndarray | None = None  # pixels per class 0..N-1, then ignore (N + 1,)
 
 
-def inspect_pair(image_path: str, label_path: str | None, encoding: LabelEncoding | None = TRAIN_IDS) -> PairReport:
-    """Every problem of one pair (not just the first), and its class histogram when the label is valid."""
+def inspect_pair(
+    image_path: str,
+    label_path: str | None,
+    encoding: LabelEncoding | None = TRAIN_IDS,
+    num_classes: int = NUM_CLASSES,
+) -> PairReport:
+    """Every problem of one pair (not just the first), and its histogram over ``num_classes``
+    classes and ignore when the label is valid."""
     report = PairReport()
     image_hw = None
     try:
@@ -100,7 +106,7 @@ def inspect_pair(image_path: str, label_path: str | None, encoding: LabelEncodin
         return report
     label = encoding.decode(raw, label_path)
     counts = np.bincount(label.ravel(), minlength=256)
-    report.histogram = np.append(counts[:NUM_CLASSES], counts[IGNORE_INDEX]).astype(np.int64)
+    report.histogram = np.append(counts[:num_classes], counts[IGNORE_INDEX]).astype(np.int64)
     return report
 
 
@@ -118,6 +124,7 @@ class SegmentationDataset(Dataset):
         skipped: problems found before loading, e.g. files without a partner.
         seed: None draws fresh randomness per item; an int makes item ``i`` of epoch ``e``
             reproducible (see :meth:`set_epoch`).
+        classes: the :class:`ClassList` the labels are in (default: the 19 Cityscapes classes).
 
     An item is a dict: ``image`` float32 (3, H, W), ``label`` int64 (H, W) with 255 = ignore
     (None for unlabeled splits), ``image_path``, ``label_path`` (str or None) and ``ori_size``
@@ -135,8 +142,10 @@ class SegmentationDataset(Dataset):
         on_error: str = "raise",
         skipped=None,
         seed: int | None = None,
+        classes: ClassList = CITYSCAPES_CLASSES,
     ):
         self.name = name
+        self.classes = classes
         self.pairs = [(str(image), None if label is None else str(label)) for image, label in pairs]
         self.encodings = list(encodings) if encodings is not None else [TRAIN_IDS] * len(self.pairs)
         if len(self.encodings) != len(self.pairs):
@@ -198,7 +207,11 @@ class SegmentationDataset(Dataset):
         """Read every pair now; raise on the first problem, or with ``on_error="skip"`` drop the
         bad pairs (recorded in ``skipped``). Returns the problems found."""
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            reports = list(pool.map(lambda p: inspect_pair(p[0][0], p[0][1], p[1]), zip(self.pairs, self.encodings)))
+            reports = list(
+                pool.map(
+                    lambda p: inspect_pair(p[0][0], p[0][1], p[1], len(self.classes)), zip(self.pairs, self.encodings)
+                )
+            )
         problems = [problem for report in reports for problem in report.problems]
         if problems and self.on_error == "raise":
             first = problems[0]
@@ -221,6 +234,14 @@ class ConcatSegmentationDataset(ConcatDataset):
     def __init__(self, datasets):
         super().__init__(datasets)
         self.name = "+".join(d.name for d in self.datasets)
+        self.classes = self.datasets[0].classes
+        for d in self.datasets[1:]:
+            if d.classes != self.classes:
+                raise ValueError(
+                    f"{d.name} is labelled in other classes than {self.datasets[0].name} "
+                    f"({len(d.classes)}: {', '.join(d.classes.names)} vs {len(self.classes)}: "
+                    f"{', '.join(self.classes.names)}); one training set has one class list"
+                )
 
     @property
     def pairs(self):
@@ -249,7 +270,9 @@ def build_dataset(
 
     Names: gtav, synthia, urbansyn, cityscapes, bdd100k, mapillary (option ``half``, default
     True: the official half-resolution validation set), acdc (option ``condition``: fog, night,
-    rain, snow or all) and synthetic (option ``domain``). Files without a partner raise a
+    rain, snow or all), synthetic (option ``domain``) and custom (options ``classes``, ``palette``,
+    ``image_suffix``, ``label_suffix``: see :mod:`reinseg.data.custom`); the dataset's class list
+    is its ``classes``. Files without a partner raise a
     ValueError naming the file, or with ``on_error="skip"`` are left out and listed in ``skipped``.
     """
     _check_on_error(on_error)
@@ -257,6 +280,7 @@ def build_dataset(
     if not root.is_dir():
         raise FileNotFoundError(f"{name} root not found: {root}")
     parts = split_layout(name, root, split, options)
+    classes = dataset_classes(name, options, split)
     pairs, encodings, unpaired = [], [], []
     for part_name, part_root, layout in parts:
         try:
@@ -274,25 +298,25 @@ def build_dataset(
     for path, reason in unpaired:
         log.warning("%s: skipped %s: %s", display_name, path, reason)
     return SegmentationDataset(
-        display_name, pairs, encodings, transform=transform, on_error=on_error, skipped=unpaired, seed=seed
+        display_name,
+        pairs,
+        encodings,
+        transform=transform,
+        on_error=on_error,
+        skipped=unpaired,
+        seed=seed,
+        classes=classes,
     )
 
 
 def build_datasets(entries, *, transform=None, on_error: str = "raise", seed: int | None = None):
     """Datasets from config entries ``{name, root, split, **options}`` (a YAML ``data`` list)."""
-    datasets = []
-    for entry in entries:
-        entry = dict(entry)
-        try:
-            name, root = entry.pop("name"), entry.pop("root")
-        except KeyError as err:
-            raise ValueError(f"dataset entry {entry} lacks {err}") from None
-        datasets.append(
-            build_dataset(
-                name, root, entry.pop("split", "train"), transform=transform, on_error=on_error, seed=seed, **entry
-            )
-        )
-    return datasets
+    from .entries import DatasetEntry
+
+    return [
+        DatasetEntry.parse(entry, f"dataset entry {i}").build(transform=transform, on_error=on_error, seed=seed)
+        for i, entry in enumerate(entries)
+    ]
 
 
 def collate(items: list[dict]) -> dict:

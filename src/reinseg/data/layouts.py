@@ -13,7 +13,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from .classes import CITYSCAPES_CLASSES, ClassList
 from .encodings import (
     CITYSCAPES_IDS,
     GTAV_IDS,
@@ -36,6 +38,10 @@ __all__ = [
     "ACDC_CONDITIONS",
     "discover",
     "dataset_info",
+    "dataset_classes",
+    "config_classes",
+    "register_dataset",
+    "REQUIRED",
     "split_layout",
 ]
 
@@ -230,47 +236,112 @@ def _acdc(root: Path, split: str, condition: str) -> FolderPairs:
     return FolderPairs(f"rgb_anon/{condition}/{split}", "_rgb_anon.png", labels)
 
 
+def _single(layout):
+    """A layout function ``layout(root, split)`` of a dataset in one part, named after the dataset."""
+
+    def parts(info: DatasetInfo, root: Path, split: str, options: dict) -> list[tuple[str, Path, FolderPairs]]:
+        return [(info.name, root, layout(root, split))]
+
+    return parts
+
+
+def _acdc_parts(info, root: Path, split: str, options: dict):
+    conditions = ACDC_CONDITIONS if options["condition"] == "all" else (options["condition"],)
+    return [(f"acdc/{c}", root, _acdc(root, split, c)) for c in conditions]
+
+
+def _mapillary_parts(info, root: Path, split: str, options: dict):
+    return [("mapillary", root, _mapillary(root, split, options["half"]))]
+
+
+def _synthetic_parts(info, root: Path, split: str, options: dict):
+    domain_root = _synthetic_domain(root, options["domain"])
+    return [(f"synthetic/{domain_root.name}", domain_root, _cityscapes(domain_root, split))]
+
+
+REQUIRED = object()  # an option default: the option must be given
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A dataset reinseg reads: its splits, options, evaluation scale and a one-line description."""
+    """A dataset reinseg reads.
+
+    Args:
+        name: the ``name`` of a config's dataset entry.
+        splits: the splits it has; empty: any split name (a custom dataset's folders).
+        test_scale: the (long, short) scale it is evaluated at, None: the images' own size.
+        description: one line for listings.
+        parts: ``parts(info, root, split, options) -> [(display name, root, FolderPairs)]``, one
+            per part of a split (ACDC's conditions), with the options checked and defaulted.
+        options: option -> (allowed values or None, default or :data:`REQUIRED`).
+        classes: the class list its labels are in, or ``classes(options) -> ClassList`` where the
+            dataset entry gives them.
+    """
 
     name: str
     splits: tuple[str, ...]
     test_scale: tuple[int, int] | None
     description: str
-    options: dict = field(default_factory=dict)  # option -> (allowed values or None, default)
+    parts: Callable[..., list[tuple[str, Path, FolderPairs]]]
+    options: dict = field(default_factory=dict)
+    classes: ClassList | Callable[[dict], ClassList] = CITYSCAPES_CLASSES
+
+    def class_list(self, options: dict) -> ClassList:
+        """The classes of a split read with ``options`` (already resolved)."""
+        return self.classes(options) if callable(self.classes) else self.classes
 
 
-DATASETS = {
-    "gtav": DatasetInfo("gtav", ("train",), (1280, 720), "GTAV 'Playing for Data' (24,966 frames), source"),
-    "synthia": DatasetInfo("synthia", ("train",), (1280, 760), "SYNTHIA RAND-CITYSCAPES (9,400 frames), source"),
-    "urbansyn": DatasetInfo("urbansyn", ("train",), (1024, 512), "UrbanSyn (about 7,500 frames), source"),
-    "cityscapes": DatasetInfo("cityscapes", ("train", "val"), (1024, 512), "Cityscapes (2,975 train / 500 val)"),
-    "bdd100k": DatasetInfo(
-        "bdd100k", ("train", "val"), (1280, 720), "BDD100K 10k semantic segmentation (7,000 / 1,000)"
+DATASETS: dict[str, DatasetInfo] = {}
+
+
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    """Make ``info.name`` a dataset every config, ``check-data`` and evaluation can name."""
+    DATASETS[info.name] = info
+    return info
+
+
+for _info in (
+    DatasetInfo("gtav", ("train",), (1280, 720), "GTAV 'Playing for Data' (24,966 frames), source", _single(_gtav)),
+    DatasetInfo(
+        "synthia", ("train",), (1280, 760), "SYNTHIA RAND-CITYSCAPES (9,400 frames), source", _single(_synthia)
     ),
-    "mapillary": DatasetInfo(
+    DatasetInfo("urbansyn", ("train",), (1024, 512), "UrbanSyn (about 7,500 frames), source", _single(_urbansyn)),
+    DatasetInfo(
+        "cityscapes", ("train", "val"), (1024, 512), "Cityscapes (2,975 train / 500 val)", _single(_cityscapes)
+    ),
+    DatasetInfo(
+        "bdd100k",
+        ("train", "val"),
+        (1280, 720),
+        "BDD100K 10k semantic segmentation (7,000 / 1,000)",
+        _single(_bdd100k),
+    ),
+    DatasetInfo(
         "mapillary",
         ("train", "val"),
         (1024, 512),
         "Mapillary Vistas v1.2 in the 19 classes (18,000 / 2,000; val at half resolution)",
+        _mapillary_parts,
         {"half": ((True, False), True)},
     ),
-    "acdc": DatasetInfo(
+    DatasetInfo(
         "acdc",
         ("train", "val", "test"),
         (1920, 1080),
         "ACDC fog/night/rain/snow (1,600 / 406 / 2,000; test unlabeled)",
+        _acdc_parts,
         {"condition": (ACDC_CONDITIONS + ("all",), "all")},
     ),
-    "synthetic": DatasetInfo(
+    DatasetInfo(
         "synthetic",
         ("train", "val"),
         None,
         "reinseg's procedural domain-shift benchmark (Cityscapes layout per domain)",
+        _synthetic_parts,
         {"domain": (None, "game")},
     ),
-}
+):
+    register_dataset(_info)
 
 # Evaluation scales (w, h) of the official test pipelines: the image is resized keeping its ratio
 # to fit (long, short); the label stays at its resolution. ACDC follows the official 1024x1024
@@ -282,7 +353,8 @@ TEST_SCALES = {name: info.test_scale for name, info in DATASETS.items()}
 def eval_scale(entry: dict) -> tuple[int, int] | None:
     """The (long, short) scale a ``data.val`` entry's images are resized to fit for evaluation: the
     entry's own ``scale``, else its dataset's (:data:`TEST_SCALES`); None keeps them as they are."""
-    scale = entry.get("scale") or TEST_SCALES.get(entry.get("name"))
+    info = DATASETS.get(entry.get("name"))
+    scale = entry.get("scale") or (info.test_scale if info is not None else None)
     return None if scale is None else tuple(scale)
 
 
@@ -295,7 +367,7 @@ def dataset_info(name: str) -> DatasetInfo:
 
 def resolve_options(info: DatasetInfo, split: str, options: dict) -> dict:
     """Check a split and options against a dataset and fill in the defaults."""
-    if split not in info.splits:
+    if info.splits and split not in info.splits:
         raise ValueError(f"{info.name} has no split '{split}'; valid: {', '.join(info.splits)}")
     unknown = set(options) - set(info.options)
     if unknown:
@@ -304,6 +376,8 @@ def resolve_options(info: DatasetInfo, split: str, options: dict) -> dict:
     resolved = {}
     for option, (allowed, default) in info.options.items():
         value = options.get(option, default)
+        if value is REQUIRED:
+            raise ValueError(f"{info.name} needs the option '{option}'")
         if allowed is not None and value not in allowed:
             raise ValueError(f"{info.name}: unknown {option} '{value}'; valid: {', '.join(map(str, allowed))}")
         resolved[option] = value
@@ -314,23 +388,13 @@ def split_layout(name: str, root: Path, split: str, options: dict) -> list[tuple
     """The parts of a dataset split as (display name, root, layout): one part, or one per ACDC
     condition with ``condition="all"``."""
     info = dataset_info(name)
-    opts = resolve_options(info, split, options)
-    if name == "acdc":
-        conditions = ACDC_CONDITIONS if opts["condition"] == "all" else (opts["condition"],)
-        return [(f"acdc/{c}", root, _acdc(root, split, c)) for c in conditions]
-    if name == "mapillary":
-        return [("mapillary", root, _mapillary(root, split, opts["half"]))]
-    if name == "synthetic":
-        domain_root = _synthetic_domain(root, opts["domain"])
-        return [(f"synthetic/{domain_root.name}", domain_root, _cityscapes(domain_root, split))]
-    layout = {
-        "gtav": _gtav,
-        "synthia": _synthia,
-        "urbansyn": _urbansyn,
-        "cityscapes": _cityscapes,
-        "bdd100k": _bdd100k,
-    }[name]
-    return [(name, root, layout(root, split))]
+    return info.parts(info, root, split, resolve_options(info, split, options))
+
+
+def dataset_classes(name: str, options: dict, split: str | None = None) -> ClassList:
+    """The class list of dataset ``name`` read with ``options`` (ValueError on a bad option)."""
+    info = dataset_info(name)
+    return info.class_list(resolve_options(info, split or (info.splits[0] if info.splits else ""), options))
 
 
 def _synthetic_domain(root: Path, domain: str) -> Path:
@@ -338,3 +402,26 @@ def _synthetic_domain(root: Path, domain: str) -> Path:
     if domain not in domains:
         raise ValueError(f"no synthetic domain '{domain}' in {root}; found: {', '.join(domains) or 'none'}")
     return root / domain
+
+
+def config_classes(config: dict) -> ClassList:
+    """The classes a configuration (a plain dict, e.g. a checkpoint's) predicts: those of its first
+    ``data.val`` entry, else of its first ``data.train`` entry; the Cityscapes classes where it
+    names no dataset, or numbered ones ("class 0", ...) where its head predicts another number."""
+    from .entries import parse_entries
+
+    data = config.get("data") or {}
+    for section in ("val", "train"):
+        for entry in parse_entries(data.get(section) or [], section):
+            if entry.name in DATASETS:
+                return entry.classes()
+    num_classes = ((config.get("model") or {}).get("head") or {}).get("num_classes", len(CITYSCAPES_CLASSES))
+    if num_classes == len(CITYSCAPES_CLASSES):
+        return CITYSCAPES_CLASSES
+    return ClassList(tuple(f"class {i}" for i in range(num_classes)))
+
+
+# Datasets defined in their own module: one import and one registration each.
+from .custom import CUSTOM  # noqa: E402
+
+register_dataset(CUSTOM)

@@ -1,0 +1,256 @@
+"""The data of a run, as a LightningDataModule: the training stream, the validation sets and
+their classes, all from a configuration's ``data`` section.
+
+- Training: an endless, reproducible stream of augmented crops (:class:`TrainingStream`): sample
+  ``s`` of the run is always the same image with the same augmentation, so a resumed run (from
+  ``start_step``) sees exactly the data an uninterrupted one would.
+- Validation: one dataset per ``data.val`` entry, every file read up front; each DDP rank scores
+  its share (:class:`ShardSampler`), batch size 1 (labels keep their own sizes).
+- Entries are parsed once (:func:`reinseg.data.entries.parse_entries`); ``model.head.num_classes``
+  must equal each dataset's number of classes (:func:`check_num_classes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .config import Config, ConfigError
+from .data.entries import DatasetEntry, parse_entries
+
+__all__ = [
+    "TrainingStream",
+    "ShardSampler",
+    "SegmentationDataModule",
+    "training_set",
+    "validation_sets",
+    "check_num_classes",
+    "label_root",
+]
+
+log = logging.getLogger("reinseg")
+
+
+class TrainingStream(IterableDataset):
+    """Batches of training samples for one DDP rank, from step ``start_step`` on, forever.
+
+    Global sample ``s`` is item ``perm_e[s mod N]`` of epoch ``e = s // N`` (a seeded permutation
+    per epoch), augmented with a generator seeded by ``(seed, e, item)``. Global batch ``b`` holds
+    samples ``b * B * W ... (b + 1) * B * W - 1``; rank ``r`` takes its ``B`` consecutive ones, and
+    data-loader worker ``w`` of ``n`` yields the rank's batches ``b`` with ``b mod n = w``, which
+    the DataLoader interleaves back in order.
+    """
+
+    def __init__(
+        self, dataset, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if len(dataset) == 0:
+            raise ValueError(f"the training set {getattr(dataset, 'name', '')} is empty")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+        self._epoch, self._order = -1, None
+
+    def sample_index(self, sample: int) -> tuple[int, int]:
+        """``(epoch, dataset index)`` of global sample ``sample``."""
+        n = len(self.dataset)
+        epoch = sample // n
+        if epoch != self._epoch:  # one permutation per epoch, kept while the epoch lasts
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(n)
+        return epoch, int(self._order[sample % n])
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if worker is not None:
+            import cv2
+
+            # One OpenCV thread per data-loader worker, as mmengine sets it: the workers already
+            # run in parallel. (cv2's results do not depend on its thread count.)
+            cv2.setNumThreads(0)
+        step = self.start_step
+        while True:
+            if step % num_workers == worker_id:
+                first = (step * self.world_size + self.rank) * self.batch_size
+                for sample in range(first, first + self.batch_size):
+                    epoch, index = self.sample_index(sample)
+                    self.dataset.set_epoch(epoch)
+                    yield self.dataset[index]
+            step += 1
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Items ``rank, rank + world, ...``: every item on exactly one rank. (A DistributedSampler
+    pads with repeated items to even out the ranks, which would count them twice in the scores.)"""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _entries(config: Config, section: str) -> list[DatasetEntry]:
+    try:
+        return parse_entries(getattr(config.data, section), section)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def check_num_classes(config: Config) -> None:
+    """ConfigError naming both keys when the head predicts another number of classes than a
+    dataset of ``data.train`` or ``data.val`` is labelled in (read from the entries, not the files)."""
+    expected = config.model.head.num_classes
+    for entry in _entries(config, "train") + _entries(config, "val"):
+        try:
+            classes = entry.classes()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if len(classes) != expected:
+            shown = ", ".join(classes.names[:8]) + (", ..." if len(classes) > 8 else "")
+            raise ConfigError(
+                f"model.head.num_classes is {expected} but {entry.where} ({entry.name}) has "
+                f"{len(classes)} classes ({shown}): set model.head.num_classes to {len(classes)}"
+            )
+
+
+def validation_sets(config: Config) -> list[tuple[str, object, DatasetEntry]]:
+    """``(domain name, dataset, entry)`` per ``data.val`` entry, with the evaluation transform."""
+    from .data import eval_transform
+
+    sets = []
+    for entry in _entries(config, "val"):
+        dataset = entry.build(transform=eval_transform(entry.eval_scale()), on_error=config.data.on_error)
+        # Every file is read now: a bad one must stop the run before training, not at its first
+        # validation hours later. With on_error=skip the bad pairs are dropped (skipping at load
+        # time would score a replacement image twice).
+        dataset.validate()
+        if config.data.on_error == "skip" and dataset.skipped:
+            log.warning(
+                "%s: %d pairs left out of the evaluation (data.on_error=skip)", dataset.name, len(dataset.skipped)
+            )
+        sets.append((entry.label or dataset.name, dataset, entry))
+    names = [name for name, _, _ in sets]
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        raise ConfigError(f"data.val has several domains named {sorted(duplicated)}: give them a 'label'")
+    return sets
+
+
+def training_set(config: Config):
+    """The training datasets of ``data.train`` with the training transform (concatenated if several)."""
+    from .data import train_transform
+    from .data.datasets import ConcatSegmentationDataset
+
+    if not config.data.train:
+        raise ConfigError("data.train lists no dataset")
+    transform = train_transform(
+        crop_size=config.data.crop_size,
+        base_size=config.data.base_size,
+        max_size=config.data.max_size,
+        cat_max_ratio=config.data.cat_max_ratio,
+    )
+    datasets = [
+        entry.build(transform=transform, on_error=config.data.on_error, seed=config.train.seed)
+        for entry in _entries(config, "train")
+    ]
+    return datasets[0] if len(datasets) == 1 else ConcatSegmentationDataset(datasets)
+
+
+def label_root(dataset) -> Path:
+    """The folder all label files of ``dataset`` live under (predictions mirror it)."""
+    labels = [label for _, label in dataset.pairs if label is not None]
+    if not labels:
+        raise ValueError(f"{dataset.name} has no labels")
+    return Path(os.path.commonpath([str(Path(p).parent) for p in labels]))
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """The training stream and validation sets of a :class:`Config`, built on first use.
+
+    ``start_step`` is the step a resumed run continues from (the task sets it from the
+    checkpoint); the DDP rank and world size come from the attached trainer.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.start_step = 0
+        self._train_set = None
+        self._val_sets: list[tuple[str, object, DatasetEntry]] | None = None
+
+    def train_set(self):
+        if self._train_set is None:
+            self._train_set = training_set(self.config)
+        return self._train_set
+
+    def val_sets(self) -> list[tuple[str, object, DatasetEntry]]:
+        """``(domain name, dataset, entry)`` per ``data.val`` entry."""
+        if self._val_sets is None:
+            self._val_sets = validation_sets(self.config)
+        return self._val_sets
+
+    def class_names(self) -> list[tuple[str, ...]]:
+        """The class names of each validation set, in ``val_sets()`` order."""
+        return [dataset.classes.names for _, dataset, _ in self.val_sets()]
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        from .data import collate
+
+        data = self.config.data
+        rank, world = self._rank_and_world()
+        stream = TrainingStream(
+            self.train_set(),
+            data.batch_size,
+            self.config.train.seed,
+            start_step=self.start_step,
+            rank=rank,
+            world_size=world,
+        )
+        # Its own generator: creating the iterator must not draw from the global RNG, which the
+        # loss's point sampling uses (a resumed run would otherwise draw different points).
+        generator = torch.Generator().manual_seed(self.config.train.seed)
+        return DataLoader(
+            stream,
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            collate_fn=collate,
+            persistent_workers=data.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        from .data import collate
+
+        rank, world = self._rank_and_world()
+        # Their own generators: an iterator over a DataLoader without one draws its seed from the
+        # global RNG, which the loss's point sampling uses.
+        return [
+            DataLoader(
+                dataset,
+                batch_size=1,
+                sampler=ShardSampler(len(dataset), rank, world),
+                num_workers=self.config.data.num_workers,
+                collate_fn=collate,
+                generator=torch.Generator().manual_seed(self.config.train.seed),
+            )
+            for _, dataset, _ in self.val_sets()
+        ]

@@ -1,0 +1,118 @@
+"""The optimizer recipe of the official Rein: AdamW groups, the learning-rate schedule, TF32.
+
+AdamW (lr 1e-4, weight decay 0.05) without weight decay for norm layers and for the parameters
+the head and the tuning strategy declare (Rein's tokens and scale, query and level embeddings);
+``lr x backbone_lr_mult`` for the VFM's own weights when they fine-tune; poly decay (power 0.9)
+to ``min_lr`` over ``max_iters`` after an optional linear warm-up, stepped every iteration.
+Pinned against mmengine by ``tests/test_optimizer_golden.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .tuning import get_strategy
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .segmentor import Segmentor
+
+__all__ = ["NORM_LAYERS", "TF32_MODES", "parameter_groups", "lr_factor", "set_tf32", "build_optimizer"]
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
+TF32_MODES = ("conv", "all", "none")
+
+
+def parameter_groups(
+    segmentor: Segmentor,
+    lr: float,
+    weight_decay: float,
+    backbone_lr_mult: float,
+    no_decay_keys: Sequence[str] | None = None,
+) -> list[dict]:
+    """AdamW groups of the trainable parameters, as mmengine's constructor with the official ``paramwise_cfg``.
+
+    No weight decay for a parameter of a norm layer (``norm_decay_mult=0``) or whose name contains
+    one of ``no_decay_keys`` (the ``custom_keys``, all with ``decay_mult=0`` and ``lr_mult=1``;
+    default ``segmentor.no_decay_keys``, which the head and the tuning strategy declare);
+    ``lr x backbone_lr_mult`` for the VFM's own weights.
+    """
+    no_decay_keys = segmentor.no_decay_keys if no_decay_keys is None else tuple(no_decay_keys)
+    groups: dict[tuple[float, float], list] = {}
+    for module_name, module in segmentor.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            full = f"{module_name}.{name}" if module_name else name
+            no_decay = isinstance(module, NORM_LAYERS) or any(k in full for k in no_decay_keys)
+            decay = 0.0 if no_decay else weight_decay
+            group_lr = lr * backbone_lr_mult if full.startswith("backbone.vit.") else lr
+            groups.setdefault((group_lr, decay), []).append(param)
+    return [{"params": params, "lr": group_lr, "weight_decay": decay} for (group_lr, decay), params in groups.items()]
+
+
+def lr_factor(
+    step: int,
+    max_iters: int,
+    warmup_iters: int = 0,
+    warmup_start_factor: float = 1e-6,
+    power: float = 0.9,
+    min_factor: float = 0.0,
+) -> float:
+    """Learning-rate multiplier during iteration ``step`` (from 0): linear warm-up, then poly decay.
+
+    Equal to mmengine's ``LinearLR(start_factor, begin=0, end=warmup_iters)`` followed by
+    ``PolyLR(eta_min, power, begin=warmup_iters, end=max_iters)``, stepped after every iteration
+    (pinned against mmengine by ``tests/test_optimizer_golden.py``). mmengine's schedulers act on
+    iterations ``begin .. end - 1`` and reach their end value at the last of them, so the spans
+    are ``warmup_iters - 1`` and ``max_iters - warmup_iters - 1``: the warm-up reaches 1 at
+    iteration ``warmup_iters - 1`` and the lr is ``min_factor`` at iteration ``max_iters - 1``.
+    """
+    if step < warmup_iters:
+        span = warmup_iters - 1
+        return warmup_start_factor + (1.0 - warmup_start_factor) * step / span if span else warmup_start_factor
+    # mmengine's PolyLR is chained: it decays whatever lr the warm-up left (start_factor after a
+    # one-iteration warm-up).
+    start = warmup_start_factor if warmup_iters == 1 else 1.0
+    span = max_iters - warmup_iters - 1
+    if span <= 0:
+        return start
+    progress = min(step - warmup_iters, span) / span
+    return (start - min_factor) * (1.0 - progress) ** power + min_factor
+
+
+def set_tf32(mode: str) -> None:
+    """Where fp32 CUDA math may run on TF32 tensor cores (process-wide PyTorch flags).
+
+    ``"conv"``: cuDNN convolutions only, matmuls (linear layers, attention) in IEEE fp32. These are
+    PyTorch's defaults since 1.12, and the official Rein runs trained with them (PyTorch 2.0.1, fp32
+    ``OptimWrapper``; neither mmengine nor the official code touches the flags). ``"all"``: matmuls
+    too (faster on Ampere and Hopper GPUs, about 10 mantissa bits). ``"none"``: IEEE fp32 everywhere.
+    """
+    if mode not in TF32_MODES:
+        raise ConfigError(f"train.tf32 must be one of {', '.join(TF32_MODES)}, got {mode!r}")
+    torch.backends.cuda.matmul.allow_tf32 = mode == "all"
+    torch.backends.cudnn.allow_tf32 = mode != "none"
+
+
+def build_optimizer(
+    segmentor: Segmentor, config: Config
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The AdamW optimizer and its per-iteration schedule for ``segmentor`` as ``config.train`` says."""
+    tc = config.train
+    # The multiplier is for the VFM's own weights when they fine-tune, not for modules added
+    # inside it (LoRA, adapters).
+    backbone_lr_mult = tc.backbone_lr_mult if get_strategy(config.model.tuning).trains_vfm else 1.0
+    groups = parameter_groups(segmentor, tc.lr, tc.weight_decay, backbone_lr_mult, tc.no_decay_keys)
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
+    min_factor = tc.min_lr / tc.lr if tc.lr else 0.0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(step, tc.max_iters, tc.warmup_iters, tc.warmup_start_factor, tc.poly_power, min_factor),
+    )
+    return optimizer, schedule

@@ -1,0 +1,62 @@
+"""One parser for the dataset entries of a config: training, evaluation and check-data read
+``data.train`` / ``data.val`` the same way."""
+
+import pytest
+
+from fake_datasets import make_custom, make_fake_cityscapes
+from reinseg.config import Config, ConfigError, DataConfig
+from reinseg.data.check import check, config_dataset_entries
+from reinseg.data.entries import DatasetEntry, parse_entries
+from reinseg.datamodule import check_num_classes, validation_sets
+
+
+def test_evaluation_keys_are_read_only_in_validation_entries():
+    [val] = parse_entries(
+        [{"name": "acdc", "root": "r", "condition": "night", "scale": [960, 540], "label": "n"}], "val"
+    )
+    assert (val.split, val.options, val.scale, val.label, val.in_mean) == (
+        "val",
+        {"condition": "night"},
+        (960, 540),
+        "n",
+        True,
+    )
+    assert val.eval_scale() == (960, 540) and val.where == "data.val[0]"
+    [plain] = parse_entries([{"name": "acdc", "root": "r"}], "val")
+    assert plain.eval_scale() == (1920, 1080)  # the dataset's own test scale
+    [train] = parse_entries([{"name": "gtav", "root": "r", "scale": [1, 1]}], "train")
+    assert train.split == "train" and train.options == {"scale": [1, 1]} and train.scale is None
+
+
+def test_a_bad_entry_is_named_by_its_place(tmp_path):
+    with pytest.raises(ValueError, match=r"data.val\[1\]: dataset entry \{'name': 'acdc'\} lacks 'root'"):
+        parse_entries([{"name": "gtav", "root": "r"}, {"name": "acdc"}], "val")
+    with pytest.raises(ValueError, match=r"data.train\[0\]: a dataset entry is a mapping"):
+        parse_entries(["gtav"], "train")
+    config = Config(data=DataConfig(val=[{"name": "cityscapes"}]))
+    with pytest.raises(ConfigError, match=r"data.val\[0\]: .* lacks 'root'"):
+        validation_sets(config)
+    config = Config(data=DataConfig(val=[{"name": "custom", "root": "r", "classes": ["a", "a"]}]))
+    with pytest.raises(ConfigError, match=r"data.val\[0\]: custom dataset option 'classes': class names repeat"):
+        check_num_classes(config)
+
+
+def test_check_data_reads_a_config_as_evaluation_does(tmp_path):
+    """A validation entry without a split is the val split for check-data as for evaluation."""
+    make_fake_cityscapes(tmp_path / "cs", n=1, splits=("val",), prepared=True)
+    make_custom(tmp_path / "mine", num_classes=2, n=1, splits=("val",))
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(
+        f"data:\n  val:\n    - {{name: cityscapes, root: {tmp_path / 'cs'}, scale: [128, 64]}}\n"
+        f"    - {{name: custom, root: {tmp_path / 'mine'}, classes: [a, b], image_suffix: .jpg, label: mine}}\n"
+    )
+    entries = config_dataset_entries(config_file)
+    assert [(e.name, e.split, e.where, e.section) for e in entries] == [
+        ("cityscapes", "val", "data.val[0]", "val"),
+        ("custom", "val", "data.val[1]", "val"),
+    ]
+    config = Config(
+        model=Config().model, data=DataConfig(val=[dict(e.options, name=e.name, root=e.root) for e in entries])
+    )
+    assert [d.name for _, d, _ in validation_sets(config)] == [r.name for r in check(config_file, progress=False)]
+    assert isinstance(entries[1], DatasetEntry) and entries[1].classes().names == ("a", "b")
