@@ -48,7 +48,8 @@ def run_reinseg(*args, timeout=300):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        # The thread count of this process: the oracle runs here, and float sums follow it.
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
 
 

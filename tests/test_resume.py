@@ -65,7 +65,7 @@ def kill_run(tmp_path, config, at_step=-1, in_validation_after=-1, sig=signal.SI
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
     assert result.returncode == status, result.stderr[-3000:]
     return config_file
@@ -183,7 +183,7 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
     checkpoints = tmp_path / "b" / "run" / "checkpoints"
     deadline = time.monotonic() + 240
@@ -213,4 +213,21 @@ def test_sigterm_during_validation_resumes_exactly(tmp_path):
     kill_run(tmp_path / "b", interrupted, in_validation_after=3, sig=signal.SIGTERM, status=143)
     assert weights(tmp_path / "b" / "run")[0] == 3
     train(interrupted)
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_thread_count_continues_with_the_checkpoints(tmp_path, one_thread):
+    """Killed with 1 thread, resumed in a process that starts with 2: the resume takes the thread
+    count the checkpoint records and ends bit-identical to an uninterrupted 1-thread run."""
+    from reinseg.engine import train
+
+    options = dict(max_iters=6, val_interval=100, checkpoint_interval=2)
+    reference, interrupted = (tiny_config(tmp_path / name, **options) for name in "ab")
+    train(reference)  # this process runs 1 thread (the one_thread fixture)
+    config_file = kill_run(tmp_path / "b", interrupted, at_step=3)  # the child inherits OMP_NUM_THREADS=1
+    assert weights(tmp_path / "b" / "run")[0] == 2
+    torch.set_num_threads(2)
+    result = run_reinseg("train", str(config_file))
+    assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))

@@ -138,56 +138,62 @@ def run_demo(
     start = time.perf_counter()
     # A thread count the user set for OpenMP wins over the guess.
     threads = threads or (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else free_cores())
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    print(
-        f"[1/3] generating the synthetic benchmark ({num_train} training scenes, {num_val} per domain to "
-        f"test) in {output / 'data'}, on {threads} of {os.cpu_count()} cores"
-    )
-    generated = write_cityscapes_layout(
-        output / "data", num_train=num_train, num_val=num_val, size=SIZE, seed=seed, workers=threads, progress=False
-    )
-    print(f"      {generated['written']} renders in {generated['seconds']:.1f} s")
-    config = demo_config(output / "data", output, max_iters=max_iters, seed=seed)
-    (output).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(output / "config.yaml", dump_config(config).encode())
-    print(
-        f"[2/3] training Rein + head on '{DOMAINS[0]}' for {config.train.max_iters} iterations (small ViT, "
-        f"random weights; config in {output / 'config.yaml'})"
-    )
-    # A re-run replaces the previous demo run (never a stale last.ckpt beside the new one).
-    task = train(config, resume="never", overwrite=True)
-    results = task.last_results
-    if results is None:
-        raise RuntimeError("the demo's validation produced no results")
-    print("[3/3] evaluated on the held-out source images and the unseen target domains")
-    metrics = {
-        domain: {"mIoU": scores["mIoU"], "aAcc": scores["aAcc"], "IoU": scores["IoU"]}
-        for domain, scores in results["domains"].items()
-    }
-    metrics_json = json.dumps(metrics, indent=2).encode()
-    atomic_write_bytes(output / "metrics.json", metrics_json)
-    for domain, dataset, _ in task.val_sets():
-        role = "the source domain" if domain == DOMAINS[0] else f"unseen: trained on {DOMAINS[0]} only"
-        title = f"{domain} ({role}): mIoU {metrics[domain]['mIoU']:.2f} over its {len(dataset)} test images"
-        picture, _ = comparison_picture(*_first_item(task.segmentor.eval(), dataset), title, classes=dataset.classes)
-        write_png(output / f"{domain}.png", picture, sync=True)
-    seconds = time.perf_counter() - start
-    print(f"\n{'domain':<8} {'mIoU':>6}")
-    for domain, scores in metrics.items():
-        role = "(source)" if domain == DOMAINS[0] else "(unseen)"
-        print(f"{domain:<8} {scores['mIoU']:6.2f}  {role}")
-    print(f"mean over unseen domains: {results['mean_mIoU']:.2f}")
-    print(
-        f"wrote {output / 'metrics.json'} and {', '.join(f'{d}.png' for d in metrics)} to {output} "
-        f"in {seconds / 60:.1f} min"
-    )
-    # Float sums are split across threads, so the thread count changes the last bits, which 250
-    # training steps amplify.
-    print(
-        f"scores of {threads} thread(s) on torch {torch.__version__}: the same thread count, torch "
-        "version and CPU give the same numbers (--threads N to choose the count)"
-    )
-    return {"metrics": metrics, "mean_mIoU": results["mean_mIoU"], "seconds": seconds}
+    try:
+        print(
+            f"[1/3] generating the synthetic benchmark ({num_train} training scenes, {num_val} per domain to "
+            f"test) in {output / 'data'}, on {threads} of {os.cpu_count()} cores"
+        )
+        generated = write_cityscapes_layout(
+            output / "data", num_train=num_train, num_val=num_val, size=SIZE, seed=seed, workers=threads, progress=False
+        )
+        print(f"      {generated['written']} renders in {generated['seconds']:.1f} s")
+        config = demo_config(output / "data", output, max_iters=max_iters, seed=seed)
+        (output).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output / "config.yaml", dump_config(config).encode())
+        print(
+            f"[2/3] training Rein + head on '{DOMAINS[0]}' for {config.train.max_iters} iterations (small ViT, "
+            f"random weights; config in {output / 'config.yaml'})"
+        )
+        # A re-run replaces the previous demo run (never a stale last.ckpt beside the new one).
+        task = train(config, resume="never", overwrite=True)
+        results = task.last_results
+        if results is None:
+            raise RuntimeError("the demo's validation produced no results")
+        print("[3/3] evaluated on the held-out source images and the unseen target domains")
+        metrics = {
+            domain: {"mIoU": scores["mIoU"], "aAcc": scores["aAcc"], "IoU": scores["IoU"]}
+            for domain, scores in results["domains"].items()
+        }
+        metrics_json = json.dumps(metrics, indent=2).encode()
+        atomic_write_bytes(output / "metrics.json", metrics_json)
+        for domain, dataset, _ in task.val_sets():
+            role = "the source domain" if domain == DOMAINS[0] else f"unseen: trained on {DOMAINS[0]} only"
+            title = f"{domain} ({role}): mIoU {metrics[domain]['mIoU']:.2f} over its {len(dataset)} test images"
+            picture, _ = comparison_picture(
+                *_first_item(task.segmentor.eval(), dataset), title, classes=dataset.classes
+            )
+            write_png(output / f"{domain}.png", picture, sync=True)
+        seconds = time.perf_counter() - start
+        print(f"\n{'domain':<8} {'mIoU':>6}")
+        for domain, scores in metrics.items():
+            role = "(source)" if domain == DOMAINS[0] else "(unseen)"
+            print(f"{domain:<8} {scores['mIoU']:6.2f}  {role}")
+        print(f"mean over unseen domains: {results['mean_mIoU']:.2f}")
+        print(
+            f"wrote {output / 'metrics.json'} and {', '.join(f'{d}.png' for d in metrics)} to {output} "
+            f"in {seconds / 60:.1f} min"
+        )
+        # Float sums are split across threads, so the thread count changes the last bits, which 250
+        # training steps amplify.
+        print(
+            f"scores of {threads} thread(s) on torch {torch.__version__}: the same thread count, torch "
+            "version and CPU give the same numbers (--threads N to choose the count)"
+        )
+        return {"metrics": metrics, "mean_mIoU": results["mean_mIoU"], "seconds": seconds}
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's process is left as it was
 
 
 @torch.no_grad()

@@ -217,6 +217,9 @@ class SegmentationTask(L.LightningModule):
             ranks = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(ranks, state)
         checkpoint["rng"] = {"ranks": ranks}
+        # Float sums are split across threads: a resume continues with the thread count that
+        # wrote the checkpoint, so that it ends where an uninterrupted run would, on any machine.
+        checkpoint["torch_threads"] = torch.get_num_threads()
 
     def check_resumable(self, checkpoint: dict, name: str = "the checkpoint") -> None:
         """Refuse a checkpoint this task cannot continue from (another model, missing weights)."""
@@ -245,6 +248,14 @@ class SegmentationTask(L.LightningModule):
             # What a validation right after the restart (Lightning may redo one) puts back.
             self._rng_after_step = rng_state()
         self.data.start_step = int(checkpoint.get("global_step", 0))
+        threads = checkpoint.get("torch_threads")
+        if threads is not None and threads != torch.get_num_threads():
+            log.info(
+                "continuing with %d threads, as the run that wrote the checkpoint (this process had %d)",
+                threads,
+                torch.get_num_threads(),
+            )
+            torch.set_num_threads(int(threads))
 
 
 def rng_state() -> dict:
