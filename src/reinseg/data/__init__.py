@@ -15,8 +15,9 @@ images and labels in the classes its config entry names (a dataset's ``classes``
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 # Public name -> the module defining it, imported on first use: the datasets and transforms
 # import torch, which the data tools' command line (`reinseg prepare --help`) does not need.
@@ -88,19 +89,4 @@ if TYPE_CHECKING:
     from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    else:  # a submodule, as the eager imports used to make them attributes
-        try:
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
