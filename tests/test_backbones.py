@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import load_golden, tiny_overrides
+
 from reinseg import BACKBONES, build_backbone, list_backbones
 from reinseg.backbones import backbone_kind, default_out_indices
 
@@ -40,7 +40,7 @@ def test_golden_dinov2_rein_parity(golden, tmp_path):
     with torch.no_grad():
         features, queries = backbone(golden["image"])
     assert len(features) == 4
-    for ours, expected in zip(features, golden["features"]):
+    for ours, expected in zip(features, golden["features"], strict=False):
         assert ours.shape == expected.shape
         assert (ours - expected).abs().max().item() <= 1e-5
     assert (queries - golden["queries"]).abs().max().item() <= 1e-5
@@ -55,7 +55,7 @@ def test_zero_delta_leaves_the_backbone_output_unchanged(golden, tmp_path):
     with torch.no_grad():
         expected = plain(image).features
         features, _ = adapted(image)
-        for ours, theirs in zip(features, expected):
+        for ours, theirs in zip(features, expected, strict=False):
             assert torch.equal(ours, theirs)
         # With a real delta the output moves.
         adapted.rein.mlp_delta_f.weight.normal_()
@@ -117,7 +117,7 @@ def test_backbone_stays_in_eval_mode_while_rein_trains():
     images = torch.randn(1, 3, 32, 32)
     first, _ = backbone(images)
     second, _ = backbone(images)  # drop-path would make these differ if the ViT were training
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=False))
     backbone.eval()
     assert not backbone.rein.training
 

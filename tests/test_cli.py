@@ -101,7 +101,7 @@ def test_check_data_reports_every_missing_root_of_a_shipped_config(config, tmp_p
     out = capsys.readouterr().out.splitlines()
     missing = [line for line in out if "root not found" in line]
     assert len(missing) == len(entries)  # one line per dataset, in the config's order
-    for line, entry in zip(missing, entries):
+    for line, entry in zip(missing, entries, strict=False):
         assert line.startswith(entry["name"]) and line.endswith(f"root not found: {entry['root']}")
     assert out[-1].startswith("problems in: ")
 

@@ -34,7 +34,7 @@ def test_features_and_queries_match_the_official_code(golden):
     with torch.no_grad():
         features, queries = backbone(golden["image"])
     assert len(features) == len(golden["features"]) == 4
-    for ours, theirs in zip(features, golden["features"]):
+    for ours, theirs in zip(features, golden["features"], strict=False):
         assert_matches(ours, theirs)
     assert_matches(queries, golden["queries"])
     assert backbone.out_channels == [f.shape[1] for f in golden["features"]]
@@ -43,7 +43,7 @@ def test_features_and_queries_match_the_official_code(golden):
 def test_the_queries_are_the_sum_of_the_stages_linked_queries(golden):
     backbone = official_backbone(golden)
     with torch.no_grad():
-        for rein, theirs in zip(backbone.rein, golden["stage_queries"]):
+        for rein, theirs in zip(backbone.rein, golden["stage_queries"], strict=False):
             assert_matches(rein.queries(), theirs)
 
 
@@ -55,7 +55,7 @@ def test_train_mode_gives_the_eval_outputs_and_trains_only_the_reins(golden):
     assert backbone.train() is backbone
     with torch.no_grad():
         trained = backbone(golden["image"])
-    for ours, theirs, same in zip(trained.features, golden["train_features"], evaluated.features):
+    for ours, theirs, same in zip(trained.features, golden["train_features"], evaluated.features, strict=False):
         assert_matches(ours, theirs)
         assert torch.equal(ours, same)
     assert_matches(trained.queries, golden["train_queries"])
@@ -73,7 +73,10 @@ def test_a_cnn_in_ordinary_train_mode_would_differ(golden):
     backbone.train()
     with torch.no_grad():
         features, _ = backbone(golden["image"])
-    assert max((ours - theirs).abs().max().item() for ours, theirs in zip(features, golden["features"])) > 0.1
+    assert (
+        max((ours - theirs).abs().max().item() for ours, theirs in zip(features, golden["features"], strict=False))
+        > 0.1
+    )
 
 
 def test_the_weight_mapping_alone_reproduces_the_plain_backbone(golden):
@@ -86,7 +89,7 @@ def test_parameter_counts_follow_distinct_cfgs(golden):
     assert sum(p.numel() for p in backbone.parameters() if p.requires_grad) == sum(
         v.numel() for v in golden["reins_state_dict"].values()
     )
-    for stage, (rein, cfg) in enumerate(zip(backbone.rein, golden["distinct_cfgs"])):
+    for stage, (rein, cfg) in enumerate(zip(backbone.rein, golden["distinct_cfgs"], strict=False)):
         assert (rein.num_layers, rein.embed_dims) == (cfg["num_layers"], cfg["embed_dims"]), stage
 
 
@@ -102,11 +105,13 @@ def test_zoo_cnns_at_full_size(name, depths, channels):
     with torch.device("meta"):
         backbone = build_backbone(name, patch_size=None, rein=dict(token_length=100, lora_dim=16, query_dims=256))
         features, queries = backbone(torch.empty(1, 3, 512, 512))
-    assert [tuple(f.shape) for f in features] == [(1, c, 512 // s, 512 // s) for c, s in zip(channels, (4, 8, 16, 32))]
+    assert [tuple(f.shape) for f in features] == [
+        (1, c, 512 // s, 512 // s) for c, s in zip(channels, (4, 8, 16, 32), strict=False)
+    ]
     assert queries.shape == (100, 256)
     assert backbone.out_channels == channels and backbone.stage_depths == depths
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
-    assert trainable == sum(rein_parameters(d, c) for d, c in zip(depths, channels))
+    assert trainable == sum(rein_parameters(d, c) for d, c in zip(depths, channels, strict=False))
 
 
 def tiny_cnn_config():
@@ -233,9 +238,9 @@ def test_a_converted_official_cnn_segmentor_predicts_as_the_official_one(segment
     with torch.no_grad():
         class_logits, mask_logits = segmentor(golden["crop_input"])
         assert len(class_logits) == len(golden["crop_class_logits_per_layer"]) == 10
-        for ours, theirs in zip(class_logits, golden["crop_class_logits_per_layer"]):
+        for ours, theirs in zip(class_logits, golden["crop_class_logits_per_layer"], strict=False):
             assert_matches(ours, theirs)
-        for ours, theirs in zip(mask_logits, golden["crop_mask_logits_per_layer"]):
+        for ours, theirs in zip(mask_logits, golden["crop_mask_logits_per_layer"], strict=False):
             assert_matches(ours, theirs)
         assert_matches(segmentor.predict(golden["crop_input"], mode="whole"), golden["crop_seg_logits"])
         assert segmentor.crop_size == golden["slide_crop"] and segmentor.stride == golden["slide_stride"]
@@ -324,5 +329,5 @@ def test_whole_official_checkpoints_give_their_backbone_part(golden):
     backbone.load_backbone_weights(whole)
     with torch.no_grad():
         features, _ = backbone(golden["image"])
-    for ours, theirs in zip(features, golden["features"]):
+    for ours, theirs in zip(features, golden["features"], strict=False):
         assert_matches(ours, theirs)

@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 import pytest
+from fake_datasets import make_custom, write_png
 from PIL import Image
 
-from fake_datasets import make_custom, write_png
 from reinseg.cli import main
 from reinseg.config import ConfigError
 from reinseg.data import DataError, build_dataset

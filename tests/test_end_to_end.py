@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import tiny_model_config
 from fake_datasets import make_fake_cityscapes
+from PIL import Image
+
 from reinseg.cli import main
 from reinseg.config import Config, DataConfig, TrainConfig, dump_config
 

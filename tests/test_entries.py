@@ -2,8 +2,8 @@
 ``data.train`` / ``data.val`` the same way."""
 
 import pytest
-
 from fake_datasets import make_custom, make_fake_cityscapes
+
 from reinseg.config import Config, ConfigError, DataConfig
 from reinseg.data.check import check, config_dataset_entries
 from reinseg.data.entries import DatasetEntry, parse_entries

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import load_golden
+
 from reinseg.heads import Mask2FormerHead
 from reinseg.heads.deformable_attention import multi_scale_deformable_attention
 from reinseg.heads.position_encoding import sine_position_encoding

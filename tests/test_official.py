@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import load_golden
+
 from reinseg.checkpoints import segmentor_from_checkpoint
 from reinseg.cli import main
 from reinseg.config import ConfigError
@@ -27,9 +27,9 @@ def test_per_layer_head_outputs_match_the_official_code(golden, segmentor):
     with torch.no_grad():
         class_logits, mask_logits = segmentor(golden["crop_input"])
     assert len(class_logits) == len(golden["crop_class_logits_per_layer"]) == 10
-    for ours, theirs in zip(class_logits, golden["crop_class_logits_per_layer"]):
+    for ours, theirs in zip(class_logits, golden["crop_class_logits_per_layer"], strict=False):
         assert max_error(ours, theirs) <= 1e-4
-    for ours, theirs in zip(mask_logits, golden["crop_mask_logits_per_layer"]):
+    for ours, theirs in zip(mask_logits, golden["crop_mask_logits_per_layer"], strict=False):
         assert max_error(ours, theirs) <= 1e-4
 
 

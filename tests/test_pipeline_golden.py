@@ -245,7 +245,7 @@ def test_validation_sets_of_each_paper_config_equal_the_official_test_pipelines(
         _write_eval_pair(Path(entry["root"]), samples[-1])
     sets = validation_sets(config)
     assert len(sets) == len(samples)
-    for (domain, dataset, _), sample in zip(sets, samples):
+    for (domain, dataset, _), sample in zip(sets, samples, strict=False):
         _assert_official_eval_item(dataset[0], sample, f"{config_file}: {domain}")
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_golden, tiny_overrides
 from safetensors.torch import save_file
 
-from conftest import load_golden, tiny_overrides
 from reinseg import build_backbone
 from reinseg.pretrained import read_state_dict
 
@@ -60,7 +60,7 @@ def test_round_trip_of_a_saved_backbone(tmp_path, suffix):
     for key, value in source.vit.state_dict().items():
         assert torch.equal(loaded.vit.state_dict()[key], value), key
     images = torch.randn(1, 3, 32, 32)
-    assert all(torch.equal(a, b) for a, b in zip(source(images).features, loaded(images).features))
+    assert all(torch.equal(a, b) for a, b in zip(source(images).features, loaded(images).features, strict=False))
 
 
 def test_dinov2_release_converts_14_to_16_as_the_official_script(tmp_path):

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import nn
-
 from conftest import tiny_model_config
 from fake_datasets import make_custom, make_fake_cityscapes
+from torch import nn
+
 from reinseg.build import build_segmentor
 from reinseg.config import Config, ConfigError, DataConfig, TrainConfig
 from reinseg.engine import evaluate, parameter_groups, train

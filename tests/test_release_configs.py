@@ -26,5 +26,5 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 def test_release_configs_build_with_the_official_rein_count(config, depths, channels, capsys):
     assert main(["params", str(CONFIGS / config)]) == 0
     rein_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Rein "))
-    count = sum(rein_parameters(d, c) for d, c in zip(depths, channels))
+    count = sum(rein_parameters(d, c) for d, c in zip(depths, channels, strict=False))
     assert rein_row.split()[1:3] == [f"{count:,}", f"{count:,}"]

@@ -149,7 +149,9 @@ def test_data_workers_do_not_change_training(tmp_path):
     config = tiny_config(tmp_path / "b", max_iters=3)
     config.data.num_workers = 2
     parallel = train(config)
-    for (key, a), b in zip(serial.segmentor.state_dict().items(), parallel.segmentor.state_dict().values()):
+    for (key, a), b in zip(
+        serial.segmentor.state_dict().items(), parallel.segmentor.state_dict().values(), strict=False
+    ):
         assert torch.equal(a, b), key
 
 
@@ -166,7 +168,7 @@ def test_augmentation_does_not_depend_on_the_thread_count(tmp_path):
             batches.append([next(stream) for _ in range(4)])
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*batches):
+    for a, b in zip(*batches, strict=False):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 

@@ -14,13 +14,13 @@ import torch
 from conftest import DATA, tiny_model_config, tiny_overrides
 
 from reinseg import build_backbone
+from reinseg.build import build_segmentor
 from reinseg.checkpoints import checkpoint_state_dict, load_checkpoint, save_checkpoint
 from reinseg.cli import main
 from reinseg.config import Config, ConfigError, DataConfig, TrainConfig, dump_config, load_config, to_dict
 from reinseg.official_config import read_official_config
 from reinseg.pretrained import read_state_dict
 from reinseg.safe_load import MAX_NODES, UnsafeFileError, load_torch_file, load_yaml
-from reinseg.build import build_segmentor
 
 TINY = tiny_overrides("dinov2_vits14")
 # torch's legacy (pre-zip) format starts with this number, pickled.

@@ -1,9 +1,9 @@
 import pytest
 import torch
-
 from conftest import tiny_model_config
-from reinseg.config import ConfigError, HeadConfig, ReinConfig
+
 from reinseg.build import build_segmentor
+from reinseg.config import ConfigError, HeadConfig, ReinConfig
 from reinseg.segmentor import sliding_windows
 
 

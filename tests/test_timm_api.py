@@ -11,8 +11,8 @@ import inspect
 import pytest
 import timm
 import torch
-
 from conftest import tiny_overrides
+
 from reinseg import build_backbone
 
 FUNCTIONS = {

@@ -8,8 +8,8 @@ and the sizes of the official code's ``torch.rand`` calls in order.
 
 import pytest
 import torch
-
 from conftest import golden_rand, load_golden, relative_errors, shape_rand
+
 from reinseg.official import from_official
 
 CASES = ["main", "ignored_image", "more_segments_than_queries"]

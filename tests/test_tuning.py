@@ -1,10 +1,10 @@
 import pytest
 import torch
-
 from conftest import tiny_model_config, tiny_overrides
+
+from reinseg.build import build_segmentor
 from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint, segmentor_from_checkpoint
 from reinseg.config import BackboneConfig, to_dict
-from reinseg.build import build_segmentor
 from reinseg.families import sam_block_with_prompts
 from reinseg.tuning import strategy_names
 
@@ -71,7 +71,9 @@ def test_added_modules_start_as_identity_and_are_in_the_path(name, tuning):
     with_trained_layer_scale(frozen, tuned)
     with torch.no_grad():
         before = frozen.backbone(images).features
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.backbone(images).features, before))
+        assert all(
+            torch.allclose(a, b, atol=1e-6) for a, b in zip(tuned.backbone(images).features, before, strict=False)
+        )
         for param_name, param in tuned.named_parameters():
             if TRAINS[tuning](param_name):
                 param.normal_()
@@ -116,7 +118,7 @@ def test_save_and_load_round_trip(tmp_path, tuning):
     config.backbone.checkpoint = str(vfm)
     segmentor = build_segmentor(config).eval()
     with torch.no_grad():
-        for name, param in segmentor.named_parameters():
+        for _name, param in segmentor.named_parameters():
             if param.requires_grad:
                 param.normal_(std=0.02)  # as if trained
     saved = checkpoint_state_dict(segmentor)

@@ -43,10 +43,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones
+    from .build import build_segmentor
     from .config import Config, ModelConfig, load_config
     from .official import backbone_from_official, from_official
     from .rein import Rein
-    from .build import build_segmentor
     from .segmentor import Segmentor
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -140,7 +140,7 @@ class FrozenBackbone(nn.Module):
     def links_queries(self) -> bool:
         return self.rein is not None and self.rein.link_token_to_query
 
-    def train(self, mode: bool = True) -> "FrozenBackbone":
+    def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(mode)
         if self.freeze_backbone:
             # As the official train(): the frozen model stays in eval mode (no dropout or drop
@@ -232,7 +232,7 @@ class ReinBackbone(FrozenBackbone):
                 maps.append(family.patch_map(x, self.num_prefix_tokens, height // ph, width // pw))
         features = [
             F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else m
-            for m, s in zip(maps, (4, 2, 1, 0.5))
+            for m, s in zip(maps, (4, 2, 1, 0.5), strict=False)
         ]
         return BackboneOutput(features, self.rein.queries() if self.links_queries else None)
 

@@ -50,6 +50,8 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
 _TMP_MARK = "-partial-"  # temporary files are .<name>.<pid>-partial-<random>.tmp
 
 

@@ -25,9 +25,9 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 def _cmd_params(args: argparse.Namespace) -> int:
     import torch
 
+    from .build import build_segmentor
     from .config import BackboneConfig, HeadConfig, ModelConfig, ReinConfig, load_config
     from .parameters import format_parameter_table, format_strategy_table
-    from .build import build_segmentor
     from .tuning import strategy_names
 
     if args.config:
@@ -146,9 +146,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"wrote {target}")
     if args.save_preds:
         print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
-        from .engine import label_root
-
         from .data.classes import CITYSCAPES_CLASSES
+        from .engine import label_root
 
         for domain, dataset, _ in task.val_sets():
             # Another class list is read from the config (the Cityscapes one is score's default).

@@ -13,8 +13,9 @@ How a family's stem and stages run, and how its weights are named, is its adapte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -130,7 +131,7 @@ class ReinCNNBackbone(FrozenBackbone):
             rein = {"patch_size": REIN_PATCH_SIZE, **rein}
         reins = [
             Rein(**rein_arguments(rein, dict(num_layers=depth, embed_dims=channels, num_prefix_tokens=0), f"stage {i}"))
-            for i, (depth, channels) in enumerate(zip(self.stage_depths, self.stage_channels))
+            for i, (depth, channels) in enumerate(zip(self.stage_depths, self.stage_channels, strict=False))
         ]
         self.rein = StageReins(reins, self.out_indices)
         return self.rein

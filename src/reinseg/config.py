@@ -176,7 +176,8 @@ class TrainConfig:
     grad_clip: float | None = None  # max gradient norm
     backbone_lr_mult: float = 0.1  # when the backbone itself trains (full fine-tuning)
     # No weight decay for parameters whose (reinseg) name contains one of these, besides norm
-    # layers: the official paramwise_cfg custom keys. null: the keys the head and the tuning strategy declare (the Rein configs').
+    # layers: the official paramwise_cfg custom keys. null: the keys the head and the tuning
+    # strategy declare (the Rein configs').
     no_decay_keys: list[str] | None = None
     val_interval: int = 10000
     checkpoint_interval: int = 4000
@@ -294,7 +295,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def _convert(value: Any, hint: Any, path: str) -> Any:
+def _convert(value: Any, hint: Any, path: str) -> Any:  # noqa: C901 - one branch per supported type
     """Check ``value`` against the type ``hint`` (building nested dataclasses)."""
     origin = typing.get_origin(hint)
     if value is None:

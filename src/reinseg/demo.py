@@ -260,13 +260,13 @@ def comparison_picture(
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
     boxes = {}
-    for i, (name, panel) in enumerate(zip(PANELS, panels)):
+    for i, (name, panel) in enumerate(zip(PANELS, panels, strict=False)):
         left = pad + i * (width + gap)
         draw.text((left, pad + line), name, fill=(0, 0, 0), font=font)
         canvas.paste(Image.fromarray(panel), (left, panel_top))
         boxes[name] = (panel_top, left, panel_top + height, left + width)
     x, y = pad, legend_top
-    for (name, colour), w in zip(entries, widths):
+    for (name, colour), w in zip(entries, widths, strict=False):
         if x + w > total_width - pad and x > pad:
             x, y = pad, y + line
         draw.rectangle([x, y + 2, x + swatch - 1, y + 1 + swatch], fill=colour, outline=(128, 128, 128))

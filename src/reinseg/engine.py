@@ -36,6 +36,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from .build import build_segmentor
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     atomic_write,
@@ -44,7 +45,6 @@ from .checkpoints import (
     checkpoint_state_dict,
     remove_stale_temporaries,
 )
-from .build import build_segmentor
 from .config import Config, ConfigError, check_values, to_dict
 from .data.entries import EVAL_ENTRY_KEYS, DatasetEntry
 from .datamodule import (
@@ -175,7 +175,9 @@ class SegmentationTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         results, tables = {}, {}
-        for (domain, _, _), names, confusion in zip(self.val_sets(), self.data.class_names(), self._confusions):
+        for (domain, _, _), names, confusion in zip(
+            self.val_sets(), self.data.class_names(), self._confusions, strict=False
+        ):
             confusion.reduce()
             results[domain] = confusion.scores(names)
             tables.setdefault(names, {})[domain] = results[domain]
@@ -549,10 +551,11 @@ def train(
     trainer = build_trainer(config, callbacks)
     if ckpt_path:
         log.info("resuming from %s (iteration %d)", ckpt_path, step)
-    stopped = lambda: (
-        f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
-        "run the same command to resume"
-    )
+    def stopped():
+        return (
+            f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
+            "run the same command to resume"
+        )
     with _on_sigterm(stopped):
         trainer.fit(task, datamodule=task.data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
         last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step

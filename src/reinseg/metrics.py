@@ -10,7 +10,7 @@ the mIoU per unseen target domain and the mean of those.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -70,15 +70,15 @@ def scores_from_confusion(matrix: Tensor, class_names: Sequence[str] | None = No
     gt = matrix.sum(1)
     predicted = matrix[:, :num_classes].sum(0)
     union = gt + predicted - tp
-    iou = [None if u == 0 else 100.0 * t / u for t, u in zip(tp.tolist(), union.tolist())]
-    acc = [None if g == 0 else 100.0 * t / g for t, g in zip(tp.tolist(), gt.tolist())]
+    iou = [None if u == 0 else 100.0 * t / u for t, u in zip(tp.tolist(), union.tolist(), strict=False)]
+    acc = [None if g == 0 else 100.0 * t / g for t, g in zip(tp.tolist(), gt.tolist(), strict=False)]
     total = gt.sum().item()
     return {
         "mIoU": _mean(iou),
         "aAcc": None if total == 0 else 100.0 * tp.sum().item() / total,
         "mAcc": _mean(acc),
-        "IoU": dict(zip(names, iou)),
-        "Acc": dict(zip(names, acc)),
+        "IoU": dict(zip(names, iou, strict=False)),
+        "Acc": dict(zip(names, acc, strict=False)),
         "pixels": int(total),
     }
 
@@ -103,11 +103,11 @@ def format_scores_table(results: Mapping[str, dict], class_names: Sequence[str])
     domains = list(results)
     width = max(12, *(len(n) for n in class_names))
     cols = [max(8, len(d)) for d in domains]
-    header = f"{'class':<{width}}" + "".join(f"  {d:>{c}}" for d, c in zip(domains, cols))
+    header = f"{'class':<{width}}" + "".join(f"  {d:>{c}}" for d, c in zip(domains, cols, strict=False))
     lines = [header, "-" * len(header)]
 
     def row(label: str, values: list[float | None]) -> str:
-        cells = "".join(f"  {_fmt(v):>{c}}" for v, c in zip(values, cols))
+        cells = "".join(f"  {_fmt(v):>{c}}" for v, c in zip(values, cols, strict=False))
         return f"{label:<{width}}{cells}"
 
     for name in class_names:

@@ -87,7 +87,7 @@ class _Fields:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=False))
     if isinstance(a, float) or isinstance(b, float):
         return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-6)
     return a == b
@@ -569,7 +569,7 @@ def _official_loss(dh: _Fields, num_classes: int) -> LossConfig:
     train = _Fields(train or {}, "model.decode_head.train_cfg")
     if "assigner" in train.data:
         costs = train.sub("assigner").get("match_costs", [])
-        for cost, key in zip(costs, ("class_weight", "mask_weight", "dice_weight")):
+        for cost, key in zip(costs, ("class_weight", "mask_weight", "dice_weight"), strict=False):
             if not _same(cost.get("weight", 1.0), weights[key]):
                 raise ConfigError(
                     f"model.decode_head.train_cfg.assigner.match_costs weight {cost.get('weight')} differs from the "

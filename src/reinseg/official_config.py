@@ -134,7 +134,7 @@ class _Evaluator:
         if isinstance(node, ast.Dict):
             if any(k is None for k in node.keys):
                 raise self.error(node, "'**' in a dict display is not supported")
-            return {self.eval(k): self.eval(v) for k, v in zip(node.keys, node.values)}
+            return {self.eval(k): self.eval(v) for k, v in zip(node.keys, node.values, strict=False)}
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             return self.binary(node)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:

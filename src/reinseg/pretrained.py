@@ -1,7 +1,8 @@
 """Reading pretrained backbone (VFM) weight files and fitting them to a timm model of another patch size or grid.
 
-Supported files: PyTorch pickles (``.pth``/``.pt``/``.bin``, read by :func:`reinseg.safe_load.load_torch_file`:
-nothing in them runs), TorchScript archives (read as data) and safetensors, holding either timm state dicts or the original releases' layouts that timm's
+Supported files: PyTorch pickles (``.pth``/``.pt``/``.bin``, read by
+:func:`reinseg.safe_load.load_torch_file`: nothing in them runs), TorchScript archives (read as
+data) and safetensors, holding either timm state dicts or the original releases' layouts that timm's
 checkpoint filters understand (DINOv2 as Facebook releases it and as the official Rein
 conversion script writes it, DINOv3, EVA02, OpenAI CLIP, SAM, MAE).
 
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ of the image and of its mirror, as mmseg's ``SegTTAModel`` does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

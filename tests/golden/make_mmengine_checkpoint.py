@@ -1,4 +1,5 @@
-"""Write tests/data/mmengine_runner_tiny.pth (and its weights alone, ..._weights.pt): a checkpoint as mmengine's Runner.save_checkpoint writes it.
+"""Write tests/data/mmengine_runner_tiny.pth (and its weights alone, ..._weights.pt): a checkpoint
+as mmengine's Runner.save_checkpoint writes it.
 
 Run in the official environment (mmengine installed; see ../shared/golden/README.md):
 

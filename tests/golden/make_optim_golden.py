@@ -276,7 +276,7 @@ def main() -> None:
     for case in golden["cases"]:
         draws = []
 
-        def recording_rand(*size, **kwargs):
+        def recording_rand(*size, draws=draws, **kwargs):
             shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
             draws.append(tuple(int(s) for s in shape))
             return real_rand(*size, **kwargs)

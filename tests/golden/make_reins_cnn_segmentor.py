@@ -9,7 +9,8 @@ For each of the shared CNN goldens (tests/data/reins_resnet_tiny.pt, reins_convn
 official ``EncoderDecoder`` is built from the model dict of tests/data/official_segmentor_tiny.pt
 with that golden's backbone (``ReinsResNetV1c`` / ``ReinsConvNeXt``) and weights, the head's
 ``in_channels`` set to the stages' channels and ``num_queries`` to the Rein token length. The head's
-weights are initialised and perturbed (``randn * 0.1``) after ``torch.manual_seed(0)`` so that nothing is trivial. Saved per kind:
+weights are initialised and perturbed (``randn * 0.1``) after ``torch.manual_seed(0)`` so that
+nothing is trivial. Saved per kind:
 ``model_config``, ``release_state_dict`` (``backbone.reins.*`` and ``decode_head.*``, what released
 checkpoints hold; the CNN weights are the golden's ``backbone_state_dict``), the inputs, the head's
 per-layer outputs on ``crop_input`` and the whole-image and sliding-window logits.
@@ -37,7 +38,7 @@ def make(kind_file):
     model = MODELS.build(ConfigDict(copy.deepcopy(model_config)))
     model.init_weights()
     with torch.no_grad():
-        for name, param in model.decode_head.named_parameters():
+        for _name, param in model.decode_head.named_parameters():
             param.add_(torch.randn_like(param) * 0.1)
     missing, unexpected = model.backbone.load_state_dict(
         {**cnn["backbone_state_dict"], **cnn["reins_state_dict"]}, strict=False

@@ -33,11 +33,11 @@ sys.modules["mmseg.utils.tokenizer"] = _NoOps("mmseg.utils.tokenizer")
 sys.modules["xformers"] = types.ModuleType("xformers")
 sys.modules["xformers.ops"] = types.ModuleType("xformers.ops")
 
-from mmseg.registry import MODELS
-from mmseg.utils import register_all_modules
+from mmseg.registry import MODELS  # noqa: E402  (after the stand-ins above)
+from mmseg.utils import register_all_modules  # noqa: E402
 
 register_all_modules()
-import rein  # noqa: F401  (registers the Rein backbones and head)
+import rein  # noqa: E402, F401  (registers the Rein backbones and head)
 
 __all__ = ["MODELS", "build_perturbed"]
 

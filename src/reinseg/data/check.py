@@ -82,7 +82,7 @@ class DatasetReport:
             "invalid_values": [
                 {"path": p.path, "values": list(p.values), "reason": p.reason} for p in self.of_kind("invalid values")
             ],
-            "histogram": dict(zip(names, self.histogram.tolist())),
+            "histogram": dict(zip(names, self.histogram.tolist(), strict=False)),
         }
 
     def format(self, most: int = 10) -> str:
@@ -105,7 +105,7 @@ class DatasetReport:
         if total:
             shares = [
                 f"{name} {100 * count / total:.1f}%"
-                for name, count in zip(list(self.class_names) + ["ignore"], self.histogram.tolist())
+                for name, count in zip(list(self.class_names) + ["ignore"], self.histogram.tolist(), strict=False)
                 if count
             ]
             lines.append("  class histogram (share of label pixels): " + ", ".join(shares))
@@ -129,7 +129,9 @@ def check_dataset(
         missing_partners=list(dataset.skipped),
         class_names=dataset.classes.names,
     )
-    items = [(pair, encoding, len(dataset.classes)) for pair, encoding in zip(dataset.pairs, dataset.encodings)]
+    items = [
+        (pair, encoding, len(dataset.classes)) for pair, encoding in zip(dataset.pairs, dataset.encodings, strict=False)
+    ]
     for pair_report in parallel_map(_inspect, items, workers, desc=f"check {dataset.name}", progress=progress):
         report.problems += pair_report.problems
         if pair_report.histogram is not None:

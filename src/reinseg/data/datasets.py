@@ -209,7 +209,8 @@ class SegmentationDataset(Dataset):
         with ThreadPoolExecutor(max(1, workers)) as pool:
             reports = list(
                 pool.map(
-                    lambda p: inspect_pair(p[0][0], p[0][1], p[1], len(self.classes)), zip(self.pairs, self.encodings)
+                    lambda p: inspect_pair(p[0][0], p[0][1], p[1], len(self.classes)),
+                    zip(self.pairs, self.encodings, strict=False),
                 )
             )
         problems = [problem for report in reports for problem in report.problems]
@@ -220,8 +221,8 @@ class SegmentationDataset(Dataset):
         keep = [not report.problems for report in reports]
         for problem in problems:
             self._skip(problem.path, problem.reason)
-        self.pairs = [p for p, k in zip(self.pairs, keep) if k]
-        self.encodings = [e for e, k in zip(self.encodings, keep) if k]
+        self.pairs = [p for p, k in zip(self.pairs, keep, strict=False) if k]
+        self.encodings = [e for e, k in zip(self.encodings, keep, strict=False) if k]
         return problems
 
     def __repr__(self):

@@ -9,7 +9,8 @@
   (bicubic) and ``half/val_label/X.png`` (nearest).
 
 Outputs are written atomically and skipped when present and intact (they decode, at the
-image's size; unless ``overwrite``), so a run can be interrupted and resumed. A label whose size differs from its image's is resized to the image
+image's size; unless ``overwrite``), so a run can be interrupted and resumed. A label whose size
+differs from its image's is resized to the image
 (nearest), skipped, or reported as an error, per ``on_mismatch``. Nothing is ever written from a
 label with values outside its encoding: that file is reported as an error.
 """

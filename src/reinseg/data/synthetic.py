@@ -486,7 +486,7 @@ def _material_colors(scene: Scene, look: Look):
     """Per material of ``scene`` under ``look``: colour (N, 3) with the light applied (emissive
     materials excepted), texture amplitude (N,), and whether it glows (N,)."""
     kinds = [_KIND_NAMES[k] for k in scene.kinds]
-    base, spread, roughness = zip(*(look.repaint.get(kind, PAINTS[kind]) for kind in kinds))
+    base, spread, roughness = zip(*(look.repaint.get(kind, PAINTS[kind]) for kind in kinds), strict=False)
     colors = np.asarray(base, np.float32) + (np.asarray(scene.variation, np.float32) * 2 - 1) * np.asarray(spread)
     gray = colors.mean(axis=1, keepdims=True)
     colors = gray + look.saturation * (colors - gray)

@@ -8,7 +8,8 @@ the benchmarks and the tests read this registry; none of them compares strategy 
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from torch import nn
 
