@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .families import BackboneFamily, get_family
+from .families import BackboneFamily, CNNFamily, get_family
 from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_weights
 from .rein import Rein
 
@@ -132,13 +132,13 @@ class FrozenBackbone(nn.Module):
     """What both backbone classes share: the frozen model in ``vit``, Rein (or None) in ``rein``,
     ``freeze_backbone`` (off when the whole VFM trains)."""
 
-    vit: nn.Module
-    rein: nn.Module | None
+    vit: Any  # the timm model: its blocks and embeddings are read as timm names them
+    rein: Any  # a Rein module (or one per stage), or None
     freeze_backbone: bool
 
     @property
     def links_queries(self) -> bool:
-        return self.rein is not None and self.rein.link_token_to_query
+        return self.rein is not None and bool(self.rein.link_token_to_query)
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(mode)
@@ -166,10 +166,13 @@ class ReinBackbone(FrozenBackbone):
     """
 
     def __init__(
-        self, vit: nn.Module, family: str | BackboneFamily, out_indices: Sequence[int], rein: Rein | None = None
+        self, vit: Any, family: str | BackboneFamily, out_indices: Sequence[int], rein: Rein | None = None
     ) -> None:
         super().__init__()
-        self.family = get_family(family) if isinstance(family, str) else family
+        adapter = get_family(family) if isinstance(family, str) else family
+        if not isinstance(adapter, BackboneFamily):
+            raise ValueError(f"{adapter.name} is a CNN family: its backbones are built by build_backbone")
+        self.family: BackboneFamily = adapter
         depth = len(vit.blocks)
         out_indices = [int(i) for i in out_indices]
         if len(out_indices) != 4 or any(not 0 <= i < depth for i in out_indices):
@@ -304,7 +307,7 @@ def build_backbone(
     """
     import timm
 
-    kind = backbone_kind(name)
+    backbone_kind(name)  # an unknown name is an error naming the known ones
     if checkpoint is not None and pretrained:
         raise ValueError("pass either checkpoint= or pretrained=True, not both")
     if resample not in RESAMPLE_METHODS:
@@ -312,7 +315,7 @@ def build_backbone(
     spec = BACKBONES[name]
     img_hw = as_pair(img_size, "img_size")
     family = get_family(spec.family)
-    if kind == "cnn":
+    if isinstance(family, CNNFamily):
         from .cnn import build_cnn_backbone
 
         return build_cnn_backbone(
@@ -321,7 +324,7 @@ def build_backbone(
     kwargs: dict[str, Any] = dict(img_size=img_hw, num_classes=0, **family.timm_kwargs(), **timm_overrides)
     if patch_size is not None:
         kwargs["patch_size"] = int(patch_size)
-    vit = timm.create_model(spec.arch, pretrained=False, **kwargs)
+    vit: Any = timm.create_model(spec.arch, pretrained=False, **kwargs)
     ph, pw = vit.patch_embed.patch_size
     if img_hw[0] % ph or img_hw[1] % pw:
         raise ValueError(

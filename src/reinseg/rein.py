@@ -110,6 +110,7 @@ class Rein(nn.Module):
         nn.init.kaiming_uniform_(self.mlp_token2feat.weight, a=math.sqrt(5))
         self.transform = nn.Linear(C, self.query_dims)
         self.merge = nn.Linear(self.query_dims * 3, self.query_dims)
+        self.scale: float | nn.Parameter
         if self.zero_mlp_delta_f:
             nn.init.zeros_(self.mlp_delta_f.weight)
             nn.init.zeros_(self.mlp_delta_f.bias)
