@@ -43,7 +43,7 @@ FAMILIES: dict[str, BackboneFamily | CNNFamily] = {}
 def register_family(name: str) -> Callable[[type], type]:
     """Class decorator: register a :class:`BackboneFamily` or :class:`CNNFamily` subclass under ``name``."""
 
-    def register(cls: type) -> type:
+    def register(cls: Any) -> Any:
         if name in FAMILIES:
             raise ValueError(f"backbone family {name!r} is already registered")
         cls.name = name
@@ -72,17 +72,17 @@ class BackboneFamily:
         """Extra ``timm.create_model`` arguments the family needs."""
         return {"dynamic_img_size": True}
 
-    def checkpoint_filter(self) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]:
+    def checkpoint_filter(self) -> Callable[..., dict[str, Tensor]]:
         """timm's filter converting the original releases' layouts to the model's."""
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         return checkpoint_filter_fn
 
-    def num_prefix_tokens(self, vit: nn.Module) -> int:
+    def num_prefix_tokens(self, vit: Any) -> int:
         """Tokens before the patches (CLS, registers) that Rein leaves untouched."""
         return int(vit.num_prefix_tokens)
 
-    def embed(self, vit: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def embed(self, vit: Any, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """Patch + position embedding of ``images (B, 3, H, W)``: ``x`` entering block 0 and the blocks' kwargs."""
         x = vit.patch_embed(images)  # (B, h, w, C): built with dynamic_img_size
         batch, h, w, channels = x.shape
@@ -95,7 +95,7 @@ class BackboneFamily:
             x = torch.cat([*prefix, x], dim=1) + pos
         return vit.norm_pre(vit.patch_drop(vit.pos_drop(x))), {}
 
-    def position_embedding(self, vit: nn.Module, grid: tuple[int, int]) -> Tensor:
+    def position_embedding(self, vit: Any, grid: tuple[int, int]) -> Tensor:
         """The position embedding ``(1, [P +] h*w, C)`` for a ``grid`` of patches."""
         stored = tuple(vit.patch_embed.grid_size)
         if grid == stored:
@@ -105,11 +105,11 @@ class BackboneFamily:
         num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
         return resample_abs_pos_embed(vit.pos_embed, list(grid), list(stored), num_prefix_tokens=num_prefix)
 
-    def run_block(self, block: nn.Module, x: Tensor, block_kwargs: dict[str, Any]) -> Tensor:
+    def run_block(self, block: Any, x: Tensor, block_kwargs: dict[str, Any]) -> Tensor:
         return block(x, **block_kwargs)
 
     def run_block_with_prompts(
-        self, block: nn.Module, x: Tensor, prompts: Tensor, num_prefix: int, block_kwargs: dict[str, Any]
+        self, block: Any, x: Tensor, prompts: Tensor, num_prefix: int, block_kwargs: dict[str, Any]
     ) -> Tensor:
         """``block(x)`` with prompt tokens ``(n, C)`` inserted after the prefix and dropped after it."""
         batch, n = x.shape[0], prompts.shape[0]
@@ -117,7 +117,7 @@ class BackboneFamily:
         x = block(x, **block_kwargs)
         return torch.cat([x[:, :num_prefix], x[:, num_prefix + n :]], dim=1)
 
-    def prompts_added(self, vit: nn.Module, num_prompts: int) -> None:
+    def prompts_added(self, vit: Any, num_prompts: int) -> None:
         """Called once when deep prompts are added to every block (see :mod:`reinseg.tuning`)."""
 
     def to_tokens(self, x: Tensor) -> Tensor:
@@ -143,7 +143,7 @@ class ViTFamily(BackboneFamily):
 class DINOv2Family(BackboneFamily):
     """DINOv2: positions interpolated as the original code does (the released heads saw those)."""
 
-    def position_embedding(self, vit: nn.Module, grid: tuple[int, int]) -> Tensor:
+    def position_embedding(self, vit: Any, grid: tuple[int, int]) -> Tensor:
         stored = tuple(vit.patch_embed.grid_size)
         if grid == stored:
             return vit.pos_embed
@@ -160,11 +160,11 @@ class EvaFamily(BackboneFamily):
 
         return checkpoint_filter_fn
 
-    def embed(self, vit: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def embed(self, vit: Any, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
         x, rope = vit._pos_embed(vit.patch_embed(images))
         return vit.norm_pre(x), {"rope": rope}
 
-    def prompts_added(self, vit: nn.Module, num_prompts: int) -> None:
+    def prompts_added(self, vit: Any, num_prompts: int) -> None:
         # Rotary embeddings apply to the tokens after the prefix: prompts join the prefix.
         for block in vit.blocks:
             block.attn.num_prefix_tokens += num_prompts
@@ -182,10 +182,10 @@ class SamFamily(BackboneFamily):
 
         return checkpoint_filter_fn
 
-    def num_prefix_tokens(self, vit: nn.Module) -> int:
+    def num_prefix_tokens(self, vit: Any) -> int:
         return 0
 
-    def embed(self, vit: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
+    def embed(self, vit: Any, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
         from timm.layers import resample_abs_pos_embed_nhwc
 
         x = vit.patch_embed(images)
@@ -194,7 +194,7 @@ class SamFamily(BackboneFamily):
         return vit.norm_pre(vit.patch_drop(vit.pos_drop(x))), {}
 
     def run_block_with_prompts(
-        self, block: nn.Module, x: Tensor, prompts: Tensor, num_prefix: int, block_kwargs: dict[str, Any]
+        self, block: Any, x: Tensor, prompts: Tensor, num_prefix: int, block_kwargs: dict[str, Any]
     ) -> Tensor:
         return sam_block_with_prompts(block, x, prompts)
 
@@ -209,7 +209,7 @@ class SamFamily(BackboneFamily):
         return x.permute(0, 3, 1, 2).contiguous()
 
 
-def sam_block_with_prompts(block: nn.Module, x: Tensor, prompts: Tensor) -> Tensor:
+def sam_block_with_prompts(block: Any, x: Tensor, prompts: Tensor) -> Tensor:
     """A timm SAM block whose (windowed or global) attention also attends to ``prompts (n, C)``.
 
     Inserting prompts as tokens and dropping their outputs amounts to this on SAM's windowed
@@ -234,7 +234,7 @@ def sam_block_with_prompts(block: nn.Module, x: Tensor, prompts: Tensor) -> Tens
     return x.reshape(batch, height, width, -1)
 
 
-def _sam_attention_with_prompts(attn: nn.Module, x: Tensor, prompts: Tensor) -> Tensor:
+def _sam_attention_with_prompts(attn: Any, x: Tensor, prompts: Tensor) -> Tensor:
     """timm's SAM ``Attention.forward`` on ``x (B, H, W, C)`` with the prompts as extra keys/values."""
     batch, height, width, _ = x.shape
     n, heads = height * width, attn.num_heads
@@ -295,30 +295,30 @@ class CNNFamily:
 
         return timm.create_model(arch, pretrained=False, num_classes=0, **overrides)
 
-    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+    def stem(self, model: Any, images: Tensor) -> Tensor:
         """``images (B, 3, H, W)`` -> the map entering stage 0."""
         raise NotImplementedError
 
-    def stages(self, model: nn.Module) -> list[tuple[nn.Module | None, list[nn.Module]]]:
+    def stages(self, model: Any) -> list[tuple[nn.Module | None, list[nn.Module]]]:
         """Per stage: the module entering it (a downsampling, or None) and its blocks."""
         raise NotImplementedError
 
-    def stage_channels(self, model: nn.Module) -> list[int]:
+    def stage_channels(self, model: Any) -> list[int]:
         """The output channels of every stage."""
         raise NotImplementedError
 
-    def add_feature_norms(self, model: nn.Module, out_indices: list[int]) -> None:
+    def add_feature_norms(self, model: Any, out_indices: list[int]) -> None:
         """Add the modules :meth:`feature` needs to ``model`` (they are frozen with it)."""
 
-    def feature(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
+    def feature(self, model: Any, index: int, x: Tensor) -> Tensor:
         """The map of stage ``index`` handed to the head (the un-normed ``x`` goes on)."""
         return x
 
-    def to_timm_layout(self, state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    def to_timm_layout(self, state_dict: dict[str, Tensor], model: Any) -> dict[str, Tensor]:
         """Weights of the timm or the official (mmseg / mmpretrain) layout in the model's names."""
         return state_dict
 
-    def fit_state_dict(self, state_dict: dict[str, Tensor], model: nn.Module, source: str) -> dict[str, Tensor]:
+    def fit_state_dict(self, state_dict: dict[str, Tensor], model: Any, source: str) -> dict[str, Tensor]:
         """``state_dict`` converted to ``model``'s names, classifier dropped; a ValueError naming
         ``source`` and the keys when it does not fit."""
         from .pretrained import state_dict_mismatches
@@ -361,7 +361,7 @@ class ResNetV1cFamily(CNNFamily):
         for key in ("layers", "channels"):
             if key in overrides:
                 overrides[key] = tuple(overrides[key])
-        model = super().create(arch, **overrides)
+        model: Any = super().create(arch, **overrides)
         if not isinstance(model.conv1, nn.Sequential) or any(
             isinstance(layer[0].downsample, nn.Sequential) and not isinstance(layer[0].downsample[0], nn.Conv2d)
             for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
@@ -369,16 +369,16 @@ class ResNetV1cFamily(CNNFamily):
             raise ValueError(f"{arch} is not a V1c ResNet (deep stem, strided 1x1 conv shortcuts)")
         return model
 
-    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+    def stem(self, model: Any, images: Tensor) -> Tensor:
         return model.maxpool(model.act1(model.bn1(model.conv1(images))))
 
-    def stages(self, model: nn.Module) -> list[tuple[nn.Module | None, list[nn.Module]]]:
+    def stages(self, model: Any) -> list[tuple[nn.Module | None, list[nn.Module]]]:
         return [(None, list(getattr(model, f"layer{i}"))) for i in range(1, 5)]
 
-    def stage_channels(self, model: nn.Module) -> list[int]:
+    def stage_channels(self, model: Any) -> list[int]:
         return [info["num_chs"] for info in model.feature_info if info["module"].startswith("layer")]
 
-    def to_timm_layout(self, state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    def to_timm_layout(self, state_dict: dict[str, Tensor], model: Any) -> dict[str, Tensor]:
         # mmseg's deep stem ``stem.0/1/3/4/6/7`` is timm's ``conv1.0/1/3/4/6`` and ``bn1``;
         # every ``layer*`` key is the same.
         renamed = {}
@@ -404,26 +404,26 @@ class ConvNeXtFamily(CNNFamily):
         model.head = nn.Identity()  # the classifier (its norm is the last stage's norm<i>, see below)
         return model
 
-    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+    def stem(self, model: Any, images: Tensor) -> Tensor:
         return model.stem(images)
 
-    def stages(self, model: nn.Module) -> list[tuple[nn.Module | None, list[nn.Module]]]:
+    def stages(self, model: Any) -> list[tuple[nn.Module | None, list[nn.Module]]]:
         return [(stage.downsample, list(stage.blocks)) for stage in model.stages]
 
-    def stage_channels(self, model: nn.Module) -> list[int]:
+    def stage_channels(self, model: Any) -> list[int]:
         return [info["num_chs"] for info in model.feature_info if info["module"].startswith("stages.")]
 
-    def add_feature_norms(self, model: nn.Module, out_indices: list[int]) -> None:
+    def add_feature_norms(self, model: Any, out_indices: list[int]) -> None:
         from timm.layers import LayerNorm2d
 
         channels = self.stage_channels(model)
         for index in out_indices:
             model.add_module(f"norm{index}", LayerNorm2d(channels[index], eps=1e-6))
 
-    def feature(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
+    def feature(self, model: Any, index: int, x: Tensor) -> Tensor:
         return getattr(model, f"norm{index}")(x).contiguous()
 
-    def to_timm_layout(self, state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    def to_timm_layout(self, state_dict: dict[str, Tensor], model: Any) -> dict[str, Tensor]:
         if any(".depthwise_conv." in k for k in state_dict):
             state_dict = _mmpretrain_convnext_to_timm(state_dict)
         else:
