@@ -26,57 +26,34 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import statistics
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
+
+# The golden scripts' way of importing the official code on the CPU (stand-ins for the compiled
+# mmcv ops), its config flattening and its data samples.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "golden"))
+import make_optim_golden as golden  # noqa: E402
 
 CONFIG = "configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py"
 VIT_S = dict(embed_dim=384, depth=12, num_heads=6, out_indices=[3, 5, 7, 11])
 
 
-class _Stub(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return None
-
-
 def load_official(official: Path) -> None:
-    """Import mmseg and the official Rein modules of the DINOv2 recipe (no compiled mmcv ops on CPU)."""
+    """Import mmseg and the official Rein modules of the DINOv2 recipe, as the golden scripts do."""
     sys.path.insert(0, str(official))
-    for name in ("mmcv._ext", "mmseg.utils.tokenizer"):
-        sys.modules[name] = _Stub(name)
-    from mmseg.utils import register_all_modules
-
-    register_all_modules(init_default_scope=True)
-    for name, path in (("rein", "rein"), ("rein.models", "rein/models"), ("rein.models.backbones", "rein/models/backbones")):
-        module = types.ModuleType(name)
-        module.__path__ = [str(official / path)]
-        sys.modules[name] = module
-    for name in ("rein.models.backbones.reins_dinov2", "rein.models.heads", "rein.models.segmentors"):
-        importlib.import_module(name)
-    del sys.modules["mmcv._ext"]
-
-
-def plain(value):
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(v) for v in value)
-    return value
+    golden.load_official(official)
 
 
 def official_model_config(official: Path) -> dict:
     from mmengine.config import Config
 
-    model = plain(Config.fromfile(str(official / CONFIG)).model)
+    model = golden.plain(Config.fromfile(str(official / CONFIG)).model)
     backbone = model["backbone"]
     backbone.update(VIT_S, init_cfg=None)
     backbone["reins_config"].update(embed_dims=VIT_S["embed_dim"], num_layers=VIT_S["depth"])
@@ -115,19 +92,6 @@ def inputs(batch: int):
     labels = torch.randint(0, 19, (batch, 512, 512), generator=generator)
     labels[:, :64] = 255
     return images, labels
-
-
-def data_samples(labels: torch.Tensor):
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
-
-    samples = []
-    for label in labels:
-        shape = tuple(label.shape)
-        sample = SegDataSample(metainfo=dict(img_shape=shape, pad_shape=shape, ori_shape=shape))
-        sample.gt_sem_seg = PixelData(data=label[None].long())
-        samples.append(sample)
-    return samples
 
 
 def _rss_kib(field: str) -> int:
@@ -173,7 +137,7 @@ def child(args) -> dict:
     if what == "train":
         model.train()
         images, labels = inputs(2)
-        samples = data_samples(labels)
+        samples = golden.data_samples(labels)
 
         def step():
             if side == "reinseg":
