@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
 
@@ -110,5 +111,12 @@ class MultiScaleDeformableAttention(nn.Module):
         # Offsets are in pixels of each level: normalize by its (w, h).
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
+        if torch.is_grad_enabled():
+            # The samples (B*heads, d, Q, levels*points) outweigh everything else the layer keeps
+            # for backward: sample again there instead of keeping them (same values).
+            out = checkpoint(
+                multi_scale_deformable_attention, value, spatial_shapes, locations, weights, use_reentrant=False
+            )
+        else:
+            out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
         return query + self.output_proj(out)
