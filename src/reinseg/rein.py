@@ -144,21 +144,13 @@ class Rein(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
-        return self.mlp_delta_f(self._mixed(feats, layer))
-
-    def _mixed(self, feats: Tensor, layer: int) -> Tensor:
-        """``S[..., 1:] @ mlp_token2feat(T[1:]) + f`` for features ``(B, N, C)`` -> ``(B, N, C)``."""
         tokens = self.tokens(layer)
+        attn = feats @ tokens.transpose(0, 1)  # (B, N, m)
         if self.use_softmax:
-            # Scaling the m x C tokens costs less than scaling the N x m similarities.
-            attn = F.softmax(feats @ (tokens * self.embed_dims**-0.5).transpose(0, 1), dim=-1)
-        else:
-            attn = feats @ tokens.transpose(0, 1)  # (B, N, m)
-        # The first token is a sink: it absorbs attention but never contributes. A zero row in
-        # its place keeps the (B, N, m) similarities contiguous (no slice to copy).
-        token_feats = F.pad(self.mlp_token2feat(tokens[1:]), (0, 0, 1, 0))  # (m, C)
-        flat = feats.reshape(-1, feats.shape[-1])
-        return torch.addmm(flat, attn.reshape(-1, attn.shape[-1]), token_feats).view(feats.shape)
+            attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
+        # The first token is a sink: it absorbs attention but never contributes.
+        token_feats = self.mlp_token2feat(tokens[1:])  # (m - 1, C)
+        return self.mlp_delta_f(attn[..., 1:] @ token_feats + feats)
 
     def forward(self, x: Tensor, layer: int) -> Tensor:
         """Refine the tokens output by block ``layer``.
@@ -174,16 +166,9 @@ class Rein(nn.Module):
             raise ValueError(f"Rein expects batch-first tokens (B, P + N, {self.embed_dims}), got {tuple(x.shape)}")
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"Rein has {self.num_layers} layers, got layer {layer}")
-        # Every row is refined, prefix tokens included (no copy of the patch rows), and the
-        # prefix rows are put back afterwards: a row's refinement depends on that row only.
-        delta = self.delta(x.contiguous(), layer)
-        if isinstance(self.scale, Tensor):
-            out = torch.addcmul(x, delta, self.scale)
-        else:
-            out = torch.add(x, delta, alpha=self.scale)
-        if self.num_prefix_tokens:
-            out[:, : self.num_prefix_tokens] = x[:, : self.num_prefix_tokens]
-        return out
+        prefix, feats = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        feats = feats + self.delta(feats, layer) * self.scale
+        return torch.cat([prefix, feats], dim=1) if self.num_prefix_tokens else feats
 
     def queries(self) -> Tensor:
         """Object queries linked from the tokens of all layers, ``(m, query_dims)``."""
