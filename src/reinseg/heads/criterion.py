@@ -107,7 +107,7 @@ class HungarianMatcher:
 
         Args:
             class_logits: ``(Q, K + 1)``; mask_logits: ``(Q, h, w)``;
-            gt_classes: ``(G,)``; gt_masks: ``(G, H, W)`` boolean.
+            gt_classes: ``(G,)``; gt_masks: ``(G, H, W)`` boolean or float.
         """
         cost = self.cost(class_logits, mask_logits, gt_classes, gt_masks).cpu().numpy()
         if not np.isfinite(cost).all():
@@ -167,7 +167,9 @@ class Mask2FormerLoss(nn.Module):
         if valid.any():
             bad = labels[valid].unique()[:8].tolist()
             raise ValueError(f"label values {bad} are outside 0..{self.num_classes - 1} and not {self.ignore_index}")
+        # Float once here rather than in every prediction's matching and sampling.
         targets = [semantic_to_masks(label, self.ignore_index) for label in labels]
+        targets = [(classes, masks.float()) for classes, masks in targets]
         # The Hungarian matching pairs min(Q, G) queries of an image; mmdet counts at least one per image.
         num_queries = class_logits[0].shape[1]
         num_matched = sum(max(min(num_queries, len(classes)), 1) for classes, _ in targets)
@@ -187,14 +189,14 @@ class Mask2FormerLoss(nn.Module):
         target_classes = torch.full(
             (batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device
         )
-        matched_preds, matched_targets = [], []
+        matched_preds, matched = [], []
         for b, (gt_classes, gt_masks) in enumerate(targets):
             query_idx, gt_idx = self.matcher(class_logits[b], mask_logits[b], gt_classes, gt_masks)
             if len(query_idx) == 0:
                 continue
             target_classes[b, query_idx] = gt_classes[gt_idx]
             matched_preds.append(mask_logits[b, query_idx])
-            matched_targets.append(gt_masks[gt_idx])
+            matched.append((gt_masks, gt_idx))
 
         # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
         weights = self.ce_class_weights.float()
@@ -208,10 +210,14 @@ class Mask2FormerLoss(nn.Module):
             zero = mask_logits.sum() * 0.0
             return {"loss_cls": self.class_weight * loss_cls, "loss_mask": zero, "loss_dice": zero}
         preds = torch.cat(matched_preds).unsqueeze(1)  # (N, 1, h, w)
-        gts = torch.cat(matched_targets).unsqueeze(1).float()  # (N, 1, H, W)
         with torch.no_grad():
             coords = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
-            point_targets = point_sample(gts, coords)[:, 0]
+            point_targets = torch.cat(
+                [
+                    _sample_matched(gt_masks, gt_idx, image_coords)
+                    for (gt_masks, gt_idx), image_coords in zip(matched, coords.split([len(i) for _, i in matched]))
+                ]
+            )
         point_logits = point_sample(preds, coords)[:, 0].float()
 
         loss_mask = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
@@ -224,6 +230,24 @@ class Mask2FormerLoss(nn.Module):
             "loss_mask": self.mask_weight * loss_mask,
             "loss_dice": self.dice_weight * loss_dice,
         }
+
+
+def _sample_matched(gt_masks: Tensor, gt_idx: Tensor, coords: Tensor) -> Tensor:
+    """``point_sample(gt_masks[gt_idx], coords)`` of one image without copying the full-size masks.
+
+    Args:
+        gt_masks: float ``(G, H, W)``; gt_idx: ``(N,)`` distinct segment indices; coords: ``(N, P, 2)``.
+    Returns:
+        ``(N, P)``.
+    """
+    masks = gt_masks.unsqueeze(1)
+    if len(gt_idx) < len(gt_masks):  # more segments than queries: some are not matched
+        return point_sample(masks[gt_idx], coords)[:, 0]
+    # Every segment is matched once: give each its query's points, then read them back in
+    # the matched order (grid_sample treats each map on its own, so the values are the same).
+    per_segment = torch.empty_like(coords)
+    per_segment[gt_idx] = coords
+    return point_sample(masks, per_segment)[:, 0][gt_idx]
 
 
 def _mean_over_ranks(count: int, device: torch.device) -> Tensor:

@@ -144,7 +144,7 @@ class Mask2FormerHead(nn.Module):
         for i, layer in enumerate(decoder.layers):
             level = i % self.num_feature_levels
             # A query whose mask covers nothing would attend to nothing: let it see everything.
-            attn_mask[attn_mask.all(-1)] = False
+            attn_mask[~attn_mask.any(-1)] = True
             query = layer(query, query_pos, memories[level], memory_pos[level], attn_mask)
             next_size = levels[(i + 1) % self.num_feature_levels].shape[-2:]
             cls, masks, attn_mask = self._predict(query, mask_features, next_size)
@@ -158,10 +158,10 @@ class Mask2FormerHead(nn.Module):
         query = decoder.post_norm(query)
         cls = self.cls_embed(query)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(query), mask_features)
-        attn_mask = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
-        # (B, Q, h, w) -> (B * heads, Q, h*w); True where the predicted mask is off.
-        attn_mask = attn_mask.flatten(2).unsqueeze(1).repeat(1, decoder.num_heads, 1, 1).flatten(0, 1)
-        attn_mask = (attn_mask.sigmoid() < 0.5).detach()
+        attn_mask = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
+        # (B, Q, h, w) -> (B, 1, Q, h*w), one mask for all heads; True where the predicted mask is on
+        # (written as mmdet's "masked where sigmoid < 0.5", negated, to treat NaN alike).
+        attn_mask = ~(attn_mask.flatten(2).sigmoid() < 0.5).unsqueeze(1)
         return cls, masks, attn_mask
 
 

@@ -6,6 +6,7 @@ Named as mmdet's ``Mask2FormerTransformerDecoder`` (``layers.N.{cross_attn,self_
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .pixel_decoder import FFN
@@ -14,7 +15,12 @@ __all__ = ["Attention", "DecoderLayer", "TransformerDecoder"]
 
 
 class Attention(nn.Module):
-    """Multi-head attention with positional encodings added to queries and keys, and a residual."""
+    """Multi-head attention with positional encodings added to queries and keys, and a residual.
+
+    The weights live in an ``nn.MultiheadAttention`` (``attn.in_proj_weight``, ``attn.out_proj``,
+    as mmdet names them); the computation calls ``F.scaled_dot_product_attention`` directly so
+    that a mask can be shared by all heads instead of being repeated for each.
+    """
 
     def __init__(self, embed_dims: int, num_heads: int) -> None:
         super().__init__()
@@ -23,12 +29,32 @@ class Attention(nn.Module):
     def forward(
         self, query: Tensor, key: Tensor, query_pos: Tensor, key_pos: Tensor, attn_mask: Tensor | None = None
     ) -> Tensor:
-        out = self.attn(query + query_pos, key + key_pos, key, attn_mask=attn_mask, need_weights=False)[0]
-        return query + out
+        """
+        Args:
+            query: ``(B, Q, C)``; key: ``(B, K, C)`` (also the values); query_pos, key_pos: alike.
+            attn_mask: boolean ``(B, 1, Q, K)`` (or ``(B, heads, Q, K)``), True where a query may look.
+        Returns:
+            ``(B, Q, C)``, residual included.
+        """
+        attn = self.attn
+        batch, num_queries, channels = query.shape
+        heads = attn.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+
+        def split_heads(x: Tensor) -> Tensor:  # (B, n, C) -> (B, heads, n, C / heads)
+            return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
+
+        q = split_heads(F.linear(query + query_pos, w_q, b_q))
+        k = split_heads(F.linear(key + key_pos, w_k, b_k))
+        v = split_heads(F.linear(key, w_v, b_v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(batch, num_queries, channels)
+        return query + attn.out_proj(out)
 
 
 class DecoderLayer(nn.Module):
-    """One decoder layer; ``attn_mask`` ``(B * heads, Q, h*w)`` is True where a query may not look."""
+    """One decoder layer; ``attn_mask`` ``(B, 1, Q, h*w)`` is True where a query may look."""
 
     def __init__(self, embed_dims: int, num_heads: int, ffn_dims: int) -> None:
         super().__init__()
