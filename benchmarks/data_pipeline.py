@@ -82,7 +82,7 @@ def main() -> None:
             stream = iter(TrainingStream(dataset, args.batch, seed=repeat))
             batches = args.samples // args.batch
 
-            def batch():
+            def batch(stream=stream):
                 return collate([next(stream) for _ in range(args.batch)])
 
             batch()  # warm-up: imports, first file reads

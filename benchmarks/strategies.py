@@ -26,8 +26,8 @@ import time
 import torch
 
 from reinseg.backbones import backbone_kind, list_backbones
-from reinseg.config import BackboneConfig, ModelConfig
 from reinseg.build import build_segmentor
+from reinseg.config import BackboneConfig, ModelConfig
 from reinseg.tuning import STRATEGIES, strategy_names
 
 

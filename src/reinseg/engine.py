@@ -551,11 +551,13 @@ def train(
     trainer = build_trainer(config, callbacks)
     if ckpt_path:
         log.info("resuming from %s (iteration %d)", ckpt_path, step)
+
     def stopped():
         return (
             f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
             "run the same command to resume"
         )
+
     with _on_sigterm(stopped):
         trainer.fit(task, datamodule=task.data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
         last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step

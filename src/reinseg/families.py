@@ -22,7 +22,8 @@ CNN families (:class:`CNNFamily`, run by :class:`reinseg.cnn.ReinCNNBackbone`, o
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -17,6 +17,8 @@ divided by the number of matched queries summed over the images, each image coun
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -176,11 +178,11 @@ class Mask2FormerLoss(nn.Module):
         num_masks = _mean_over_ranks(num_matched, labels.device)
         losses: dict[str, Tensor] = {}
         last = len(class_logits) - 1
-        for i, (cls, masks) in enumerate(zip(class_logits, mask_logits)):
+        for i, (cls, masks) in enumerate(zip(class_logits, mask_logits, strict=False)):
             prefix = "" if i == last else f"d{i}."
             for name, value in self._single(cls, masks, targets, num_masks).items():
                 losses[prefix + name] = value
-        losses["loss"] = sum(losses.values())
+        losses["loss"] = cast(Tensor, sum(losses.values()))
         return losses
 
     def _single(self, class_logits: Tensor, mask_logits: Tensor, targets, num_masks: Tensor) -> dict[str, Tensor]:
@@ -199,7 +201,7 @@ class Mask2FormerLoss(nn.Module):
             matched.append((gt_masks, gt_idx))
 
         # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
-        weights = self.ce_class_weights.float()
+        weights = cast(Tensor, self.ce_class_weights).float()
         ce = F.cross_entropy(
             class_logits.flatten(0, 1).float(), target_classes.flatten(), weight=weights, reduction="sum"
         )
@@ -215,7 +217,9 @@ class Mask2FormerLoss(nn.Module):
             point_targets = torch.cat(
                 [
                     _sample_matched(gt_masks, gt_idx, image_coords)
-                    for (gt_masks, gt_idx), image_coords in zip(matched, coords.split([len(i) for _, i in matched]))
+                    for (gt_masks, gt_idx), image_coords in zip(
+                        matched, coords.split([len(i) for _, i in matched]), strict=False
+                    )
                 ]
             )
         point_logits = point_sample(preds, coords)[:, 0].float()

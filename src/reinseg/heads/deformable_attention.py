@@ -49,6 +49,7 @@ def multi_scale_deformable_attention(
         sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
         term = (sampled * weights[:, None, level]).sum(2)  # (B*heads, d, points, Q) -> (B*heads, d, Q)
         out = term if out is None else out + term
+    assert out is not None  # at least one level
     return out.view(batch, heads * head_dim, queries).transpose(1, 2)
 
 

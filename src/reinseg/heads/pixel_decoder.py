@@ -7,7 +7,8 @@ Structured as mmdet's ``MSDeformAttnPixelDecoder`` so its weights map one to one
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,7 @@ class PixelDecoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """mmdet's initialisation of the pixel decoder."""
+        conv: Any
         for conv in self.input_convs:
             nn.init.xavier_uniform_(conv.conv.weight)
             nn.init.zeros_(conv.conv.bias)
@@ -136,6 +138,7 @@ class PixelDecoder(nn.Module):
         for p in self.encoder.parameters():
             if p.dim() > 1:
                 nn.init.xavier_normal_(p)
+        layer: Any
         for layer in self.encoder.layers:
             layer.self_attn.reset_parameters()
 
@@ -161,10 +164,10 @@ class PixelDecoder(nn.Module):
 
         outs = [
             level.transpose(1, 2).reshape(batch, -1, h, w)
-            for level, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes)
+            for level, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes, strict=False)
         ]
         for lateral, output, level in zip(
-            self.lateral_convs, self.output_convs, range(num_inputs - len(shapes) - 1, -1, -1)
+            self.lateral_convs, self.output_convs, range(num_inputs - len(shapes) - 1, -1, -1), strict=False
         ):
             lat = lateral(features[level])
             up = F.interpolate(outs[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False)
@@ -180,7 +183,7 @@ def _grid_centers(h: int, w: int, device, dtype) -> Tensor:
     return torch.stack([grid_x.flatten(), grid_y.flatten()], dim=-1).to(dtype)
 
 
-def _caffe2_xavier_(module: nn.Module) -> None:
+def _caffe2_xavier_(module: Any) -> None:
     # Caffe2's "xavier" is Kaiming-uniform with a=1 (mmcv's caffe2_xavier_init).
     nn.init.kaiming_uniform_(module.weight, a=1, mode="fan_in", nonlinearity="leaky_relu")
     if module.bias is not None:

@@ -12,7 +12,7 @@ that take no weight decay).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
