@@ -29,7 +29,7 @@ __all__ = ["read_official_config", "MAX_CONFIG_BYTES", "MAX_BASE_FILES", "MAX_IN
 MAX_CONFIG_BYTES = 1 << 20
 MAX_BASE_FILES = 64
 MAX_INT_BITS = 4096
-MAX_WORK = 20_000_000
+MAX_WORK = 5_000_000
 
 _BINARY = {
     ast.Add: operator.add,
