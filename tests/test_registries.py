@@ -91,24 +91,25 @@ def test_the_builder_reads_both_registries(registered):
     assert id(segmentor.head.masks.weight) not in no_decay
 
 
+def one_step_config(model, entry: dict, output_dir) -> Config:
+    """One training step on ``entry``'s train split, then validation on its val split."""
+    data = DataConfig(
+        train=[dict(entry, split="train")],
+        val=[dict(entry, split="val", scale=[128, 64])],
+        crop_size=64,
+        base_size=64,
+        max_size=256,
+        batch_size=2,
+        num_workers=0,
+    )
+    train_config = TrainConfig(max_iters=1, val_interval=1, checkpoint_interval=1, lr=1e-2, output_dir=str(output_dir))
+    return Config(model=model, data=data, train=train_config)
+
+
 def test_a_toy_strategy_and_head_train_one_step_and_evaluate(registered, tmp_path):
     make_fake_cityscapes(tmp_path / "cityscapes", n=2, size=(64, 128), prepared=True)
-    config = Config(
-        model=toy_model(),
-        data=DataConfig(
-            train=[dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="train")],
-            val=[dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="val", scale=[128, 64])],
-            crop_size=64,
-            base_size=64,
-            max_size=256,
-            batch_size=2,
-            num_workers=0,
-        ),
-        train=TrainConfig(
-            max_iters=1, val_interval=1, checkpoint_interval=1, lr=1e-2, output_dir=str(tmp_path / "run")
-        ),
-    )
-    task = train(config, resume="never")
+    entry = dict(name="cityscapes", root=str(tmp_path / "cityscapes"))
+    task = train(one_step_config(toy_model(), entry, tmp_path / "run"), resume="never")
     bias = task.segmentor.backbone.toy_bias
     assert not torch.equal(bias.detach(), torch.full_like(bias, 0.5))  # it trained
     results = json.loads((tmp_path / "run" / "metrics" / "val_step0000001.json").read_text())
@@ -127,21 +128,7 @@ def test_a_toy_custom_dataset_trains_one_step_and_evaluates(registered, tmp_path
         palette=[[90, 60, 30], [0, 160, 0], [120, 180, 255]],
         image_suffix=".jpg",
     )
-    config = Config(
-        model=toy_model(num_classes=3),
-        data=DataConfig(
-            train=[dict(entry, split="train")],
-            val=[dict(entry, split="val", scale=[128, 64])],
-            crop_size=64,
-            base_size=64,
-            max_size=256,
-            batch_size=2,
-            num_workers=0,
-        ),
-        train=TrainConfig(
-            max_iters=1, val_interval=1, checkpoint_interval=1, lr=1e-2, output_dir=str(tmp_path / "run")
-        ),
-    )
+    config = one_step_config(toy_model(num_classes=3), entry, tmp_path / "run")
     task = train(config, resume="never")
     assert task.segmentor.head.classes.shape[-1] == 3 + 1  # the 3 classes and "no object"
     scores = json.loads((tmp_path / "run" / "metrics" / "val_step0000001.json").read_text())["domains"]["custom"]
