@@ -17,7 +17,7 @@ from reinseg import build_backbone
 from reinseg.build import build_segmentor
 from reinseg.checkpoints import checkpoint_state_dict, load_checkpoint, save_checkpoint
 from reinseg.cli import main
-from reinseg.config import Config, ConfigError, DataConfig, TrainConfig, dump_config, load_config, to_dict
+from reinseg.config import Config, ConfigError, dump_config, load_config, to_dict
 from reinseg.official_config import read_official_config
 from reinseg.pretrained import read_state_dict
 from reinseg.safe_load import MAX_NODES, UnsafeFileError, load_torch_file, load_yaml
@@ -171,23 +171,10 @@ def test_predict_refuses_a_backbone_file_named_inside_a_checkpoint(hostile, tmp_
 
 @pytest.mark.slow
 def test_train_refuses_hostile_backbone_and_resume_files(hostile, tmp_path, capsys):
-    from fake_datasets import make_fake_cityscapes
+    from test_engine import tiny_config
 
     files, marker = hostile
-    make_fake_cityscapes(tmp_path / "cityscapes", n=2, size=(64, 128), prepared=True)
-    model = tiny_model_config()
-    data = DataConfig(
-        train=[dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="train")],
-        val=[dict(name="cityscapes", root=str(tmp_path / "cityscapes"), split="val", scale=[128, 64])],
-        crop_size=64,
-        base_size=64,
-        max_size=256,
-        batch_size=1,
-        num_workers=0,
-    )
-    config = Config(
-        model=model, data=data, train=TrainConfig(max_iters=2, val_interval=2, output_dir=str(tmp_path / "run"))
-    )
+    config = tiny_config(tmp_path, num_val=2, max_iters=2, val_interval=2)
     (tmp_path / "config.yaml").write_text(dump_config(config))
     argv = ["train", str(tmp_path / "config.yaml"), f"model.backbone.checkpoint={files['legacy_header']}"]
     assert main(argv) == 2

@@ -64,8 +64,8 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
         segmentor = Segmentor(backbone, head, criterion, test.mode, crop, stride, test.flip)
     except ValueError as err:
         raise ConfigError(f"model.test: {err}") from err
-    # Official paramwise_cfg: no decay for norms and the keys the head and the strategy name.
-    segmentor.no_decay_keys = ("norm", *getattr(head_class, "no_decay_keys", ()), *strategy.no_decay_keys)
+    # Official paramwise_cfg: the segmentor holds the norm and head keys; the strategy adds its own.
+    segmentor.no_decay_keys += strategy.no_decay_keys
     return segmentor
 
 
