@@ -4,6 +4,7 @@
     python benchmarks/strategies.py train                  # CPU: ViT-S, 512 px, batch 2, one process per strategy
     python benchmarks/strategies.py train --device cuda --backbone dinov2_vitl14 --batch 4 --precision 32 bf16
     python benchmarks/strategies.py slide --device cuda    # sliding-window inference on 512x1024 images
+    python benchmarks/strategies.py synthetic --output /tmp/reinseg-strategies   # the demo's benchmark per strategy
 
 ``train`` runs every strategy in a fresh process, so that each one's peak memory is its own (peak
 resident memory on CPU, peak allocated memory on CUDA), and reports the median train-step time
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -167,6 +169,91 @@ def cmd_train(args) -> None:
             )
 
 
+def run_synthetic(args) -> dict:
+    """One strategy, in this process: the demo's run (same data, seed, schedule, small ViT with
+    random weights, Mask2Former head) with ``model.tuning`` set to the strategy."""
+    import logging
+
+    import lightning.pytorch as pl
+
+    from reinseg.demo import demo_config
+    from reinseg.engine import train
+
+    class StepTimer(pl.Callback):
+        """Wall and CPU seconds of each training step (forward, loss, backward, optimizer step)."""
+
+        def __init__(self) -> None:
+            self.wall: list[float] = []
+            self.cpu: list[float] = []
+
+        def on_train_batch_start(self, *_) -> None:
+            self.start = (time.perf_counter(), time.process_time())
+
+        def on_train_batch_end(self, *_) -> None:
+            self.wall.append(time.perf_counter() - self.start[0])
+            self.cpu.append(time.process_time() - self.start[1])
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    config = demo_config(out / "data", out / args.child, max_iters=args.iters, seed=args.seed)
+    config.model.tuning = args.child
+    timer = StepTimer()
+    task = train(config, resume="never", callbacks=[timer], overwrite=True)
+    results = task.last_results
+    warm = slice(min(10, len(timer.wall) - 1), None)  # the first steps pay for allocations
+    return {
+        "strategy": args.child,
+        "trainable": sum(p.numel() for p in task.segmentor.parameters() if p.requires_grad),
+        "mIoU": {domain: scores["mIoU"] for domain, scores in results["domains"].items()},
+        "mean_unseen": results["mean_mIoU"],
+        "step_s": statistics.median(timer.wall[warm]),
+        "step_cpu_s": statistics.median(timer.cpu[warm]),
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def cmd_synthetic(args) -> None:
+    from reinseg.data.synthetic import write_cityscapes_layout
+    from reinseg.demo import SIZE
+
+    out = Path(args.output)
+    write_cityscapes_layout(
+        out / "data", num_train=400, num_val=50, size=SIZE, seed=args.seed, workers=1, progress=False
+    )
+    rows = []
+    for strategy in args.strategies:
+        command = [sys.executable, __file__, "synthetic", "--child", strategy, "--output", str(out)]
+        command += ["--iters", str(args.iters), "--seed", str(args.seed), "--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            rows.append({"strategy": strategy, "error": done.stderr.strip().splitlines()[-1]})
+        else:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    (out / "strategies.json").write_text(json.dumps(rows, indent=2))
+    domains = next((list(r["mIoU"]) for r in rows if "mIoU" in r), [])
+    print(
+        f"# {machine('cpu')}; the demo's benchmark (small ViT, random weights, {args.iters} iterations on "
+        f"'{domains[0] if domains else '?'}', seed {args.seed}), one process per strategy\n"
+    )
+    print(
+        "| strategy | trainable | "
+        + " | ".join(domains)
+        + " | mean unseen | step (s) | step CPU (s) | peak resident (MiB) |"
+    )
+    print("|---|---|" + "---|" * len(domains) + "---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['strategy']} | failed: {row['error']} |" + " |" * (len(domains) + 4))
+            continue
+        scores = " | ".join(f"{row['mIoU'][d]:.2f}" for d in domains)
+        print(
+            f"| {row['strategy']} | {row['trainable'] / 1e6:.3f} M | {scores} | {row['mean_unseen']:.2f} | "
+            f"{row['step_s']:.3f} | {row['step_cpu_s']:.3f} | {row['peak_mib']:.0f} |"
+        )
+
+
 @torch.no_grad()
 def cmd_slide(args) -> None:
     device = torch.device(args.device)
@@ -215,7 +302,18 @@ def main() -> None:
         p.add_argument("--width", type=int, default=1024)
         p.add_argument("--child", default=None, help=argparse.SUPPRESS)
         p.set_defaults(func=func)
+    p = sub.add_parser("synthetic")
+    p.add_argument("--output", default="reinseg-strategies")
+    p.add_argument("--iters", type=int, default=250, help="training iterations (the demo's 250)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--strategies", nargs="+", default=list(strategy_names()), choices=strategy_names())
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_synthetic)
     args = parser.parse_args()
+    if args.command == "synthetic" and args.child:
+        print(json.dumps(run_synthetic(args)))
+        return
     if getattr(args, "child", None):
         args.precision = args.precision[0]
         print(json.dumps(measure_training(args)))
