@@ -40,6 +40,10 @@ only on 1024-wide features. Two kinds of cases:
     trainable parameter, keyed without the ``reins.`` prefix).
 - ``wavepool``: the official ``WavePool(8)`` on a ``(2, 8, 6, 4)`` map: ``input``, ``LL``, ``LH``,
   ``HL``, ``HH``.
+- ``vitl_count``: the official ``LoRAReins`` of the released DINOv2-L config
+  (configs/_base_/models/rein_dinov2_mask2former.py: 24 layers, width 1024, patch 16, 100 tokens of
+  rank 16, 256-d queries): ``config``, ``parameters`` (all of them: what the official training
+  trains) and ``requires_grad`` (those made trainable at construction: all but the Haar filters).
 """
 
 import contextlib
@@ -166,6 +170,18 @@ def wavepool_case():
     return {"input": x, "LL": ll, "LH": lh, "HL": hl, "HH": hh}
 
 
+def vitl_count_case():
+    config = dict(
+        type="LoRAReins", num_layers=24, embed_dims=1024, patch_size=16, query_dims=256, token_length=100, lora_dim=16
+    )
+    module = MODELS.build(copy.deepcopy(config))
+    return dict(
+        config=config,
+        parameters=sum(p.numel() for p in module.parameters()),
+        requires_grad=sum(p.numel() for p in module.parameters() if p.requires_grad),
+    )
+
+
 def backbone_case():
     config = dict(VIT, type="ReinsDinoVisionTransformer", reins_config=dict(TINY, type="LoRAReins", lora_dim=4, num_layers=4))
     with wavepool_width(64):
@@ -206,6 +222,7 @@ if __name__ == "__main__":
         init_1024=init_1024_case(),
         wavepool=wavepool_case(),
         backbone=backbone_case(),
+        vitl_count=vitl_count_case(),
     )
     torch.save(golden, OUT)
-    print("wrote", OUT, "trainable:", golden["backbone"]["trainable"])
+    print("wrote", OUT, "trainable:", golden["backbone"]["trainable"], "ViT-L:", golden["vitl_count"])
