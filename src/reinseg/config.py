@@ -16,8 +16,7 @@ from typing import Any
 
 from .data.entries import EVAL_ENTRY_KEYS  # noqa: F401 (its old home)
 from .safe_load import load_yaml
-from .tuning import AdaptFormerConfig, LoraConfig, ReinConfig, VptConfig
-from .tuning import FadaConfig
+from .tuning import AdaptFormerConfig, FadaConfig, LoraConfig, ReinConfig, VptConfig
 
 __all__ = [
     "ConfigError",

@@ -41,6 +41,14 @@ What the official code computes, which this module reproduces (``tests/test_fada
 - The official ``WavePool(1024)`` is hard-coded to ViT-L's width; here it takes the features' width.
 
 Parameter names are the official ones so that official checkpoints load strictly.
+
+Parameters at the released DINOv2-L config (24 layers, C = 1024, 100 tokens of rank 16, 256-d
+queries): low-rank tokens 38,400 + 98,304 (low) and 38,400 + 294,912 (high), the branch MLPs
+2 x 65,792 (C/4) and 2 x 590,592 (3C/4), the Haar filters 4 x 4,096, ``transform`` 65,792,
+``merge`` 196,864 and ``scale``: 2,061,825, all trained by the official training (2,045,441
+without the filters). That is fewer than Rein's 2.99 M, whose two MLPs are C wide. The 11.65 M
+published for FADA is not what the official code builds: none of its variants (full-rank tokens:
+4,049,409) comes near it.
 """
 
 from __future__ import annotations
@@ -98,7 +106,9 @@ class Fada(Rein):
     unchanged. ``queries()`` -> ``(m, query_dims)``.
     """
 
-    def __init__(self, num_layers: int, embed_dims: int, patch_size: int, *, learn_wavelet: bool = True, **rein) -> None:
+    def __init__(
+        self, num_layers: int, embed_dims: int, patch_size: int, *, learn_wavelet: bool = True, **rein
+    ) -> None:
         if int(embed_dims) < 4 or int(embed_dims) % 4:
             raise ValueError(f"FADA: embed_dims must be a multiple of 4 (bands of C/4 channels), got {embed_dims!r}")
         super().__init__(num_layers, embed_dims, patch_size, **rein)
@@ -188,11 +198,8 @@ class Fada(Rein):
         """
         low, high = self.bands(feats)
         delta_low = super().delta(low, layer)  # Rein's refinement with the low-frequency tokens
-        delta_high = self._refine(
-            high, self.tokens2(layer), self.mlp_token2feat2, self.mlp_delta_f2, standardize=True
-        )
+        delta_high = self._refine(high, self.tokens2(layer), self.mlp_token2feat2, self.mlp_delta_f2, standardize=True)
         return torch.cat([delta_low, delta_high], dim=-1).transpose(0, 1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, learn_wavelet={self.learn_wavelet}"
-

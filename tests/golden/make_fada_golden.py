@@ -48,13 +48,15 @@ only on 1024-wide features. Two kinds of cases:
 
 import contextlib
 import copy
+import importlib
 import inspect
 from pathlib import Path
 
 import torch
 from official_env import MODELS
 
-import rein.models.backbones.reins as fada_reins  # FADA's module (official_env put its repo first)
+# FADA's module (official_env put its repository first on the path and imported its `rein`).
+fada_reins = importlib.import_module("rein.models.backbones.reins")
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "fada_tiny.pt"
 
@@ -183,7 +185,9 @@ def vitl_count_case():
 
 
 def backbone_case():
-    config = dict(VIT, type="ReinsDinoVisionTransformer", reins_config=dict(TINY, type="LoRAReins", lora_dim=4, num_layers=4))
+    config = dict(
+        VIT, type="ReinsDinoVisionTransformer", reins_config=dict(TINY, type="LoRAReins", lora_dim=4, num_layers=4)
+    )
     with wavepool_width(64):
         model = build_perturbed(config, seed=3)
     model.eval()
