@@ -188,14 +188,8 @@ class Fada(Rein):
         return ll.reshape(n, batch, c), high.reshape(n, batch, 3 * c)
 
     def delta(self, feats: Tensor, layer: int) -> Tensor:
-        """Both branches' refinement ``[delta_low, delta_high]`` before scaling.
-
-        Args:
-            feats: patch features ``(B, N, C)`` (no prefix tokens).
-            layer: block index selecting the tokens.
-        Returns:
-            ``(B, N, C)``.
-        """
+        """Both branches' refinement ``[delta_low, delta_high]`` before scaling, ``(B, N, C)``, for
+        the patch features ``feats (B, N, C)`` of block ``layer`` (in place of Rein's delta)."""
         low, high = self.bands(feats)
         delta_low = super().delta(low, layer)  # Rein's refinement with the low-frequency tokens
         delta_high = self._refine(high, self.tokens2(layer), self.mlp_token2feat2, self.mlp_delta_f2, standardize=True)

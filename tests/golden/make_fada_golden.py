@@ -12,7 +12,7 @@ the official environment with the FADA checkout, and only it, first on the path:
 it imported is FADA's.)
 
 The official module hard-codes ``self.wavepool = WavePool(1024)``, the width of ViT-L, so it runs
-only on 1024-wide features. Two kinds of cases:
+only on 1024-wide features. The cases:
 
 - ``init_1024``: the unmodified official ``LoRAReins`` at width 1024 (2 layers, 4 tokens, rank 2,
   8-d queries), built after ``torch.manual_seed(1)`` and not perturbed: ``param_sums`` (name ->
@@ -20,10 +20,10 @@ only on 1024-wide features. Two kinds of cases:
   refinement shows in ``outputs`` (``inputs[i]`` -> ``outputs[i]`` at layer i, batch-first
   ``(2, 1 + 16, 1024)``, CLS first); ``queries``.
 - The tiny cases at width 64 build ``WavePool(1024)``'s filters at the features' width
-  (``get_wav(64)``: the same fixed Haar filters, 64 groups); nothing else
-  is changed. Every parameter is perturbed with ``randn * 0.1`` after construction (seed 0), the
-  Haar filters included (the official training trains them: ``set_requires_grad(self, ["reins"])``
-  turns on every parameter whose name holds "reins", ``reins.wavepool.*`` among them).
+  (``get_wav(64)``: the same fixed Haar filters, 64 groups); nothing else is changed. Every
+  parameter is perturbed with ``randn * 0.1`` after construction (``official_env.build_perturbed``),
+  the Haar filters included (the official training trains them: ``set_requires_grad(self,
+  ["reins"])`` turns on every parameter whose name holds "reins", ``reins.wavepool.*`` among them).
   - ``module``: ``LoRAReins`` (3 layers, 6 tokens, rank 4, 16-d queries); ``inputs`` /
     ``outputs`` per layer (``(2, 1 + 16, 64)``: a 4x4 grid; layer 2 an 8x8 grid, ``(2, 1 + 64, 64)``);
     ``queries``; ``loss_weights`` (one per output, then one for the queries) and ``grads``: the
@@ -53,7 +53,7 @@ import inspect
 from pathlib import Path
 
 import torch
-from official_env import MODELS
+from official_env import MODELS, build_perturbed
 
 # FADA's module (official_env put its repository first on the path and imported its `rein`).
 fada_reins = importlib.import_module("rein.models.backbones.reins")
@@ -91,15 +91,6 @@ def wavepool_width(width):
         yield
     finally:
         fada_reins.get_wav = official
-
-
-def build_perturbed(config, seed=0):
-    torch.manual_seed(seed)
-    model = MODELS.build(copy.deepcopy(config))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return model
 
 
 def state(module):
