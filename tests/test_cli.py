@@ -45,6 +45,7 @@ def test_params_compares_the_tuning_strategies(capsys):
     assert set(rows) >= {"rein", "frozen", "full", "lora", "vpt", "adaptformer"}
     assert "2,990,081 (   2.99 M)" in rows["rein"]
     assert "304,196,608" in rows["full"] and " 0 (   0.00 M)" in rows["frozen"]
+    assert "2,061,825 (   2.06 M)" in rows["fada"]  # the official FADA module's count (test_fada.py)
 
 
 def test_params_of_a_config(capsys):
@@ -138,7 +139,7 @@ def test_params_compare_skips_lora_without_peft(monkeypatch, capsys):
     assert main(["params", "--backbone", "dinov2_vitl14", "--compare"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0] for line in out.splitlines()[3:] if not line.startswith("skipped")}
-    assert rows == {"rein", "frozen", "full", "vpt", "adaptformer"}
+    assert rows == {"rein", "frozen", "full", "vpt", "adaptformer", "fada"}
     assert "skipped lora: model.tuning 'lora' needs the peft library" in out
 
 

@@ -28,3 +28,14 @@ def test_release_configs_build_with_the_official_rein_count(config, depths, chan
     rein_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Rein "))
     count = sum(rein_parameters(d, c) for d, c in zip(depths, channels, strict=False))
     assert rein_row.split()[1:3] == [f"{count:,}", f"{count:,}"]
+
+
+def test_fada_config_builds_with_the_official_fada_count(capsys):
+    """FADA's config (its official config is Rein's, the module aside): the official module's count
+    at DINOv2-L (tests/data/fada_tiny.pt, made by running JingjunYi/FADA)."""
+    from conftest import load_golden
+
+    assert main(["params", str(CONFIGS / "fada_dinov2-l_gta_512.yaml")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("fada "))
+    count = load_golden("fada_tiny.pt")["vitl_count"]["parameters"]
+    assert row.split()[1:3] == [f"{count:,}", f"{count:,}"]

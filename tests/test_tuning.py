@@ -20,6 +20,7 @@ TRAINS = {
     "lora": lambda name: ".lora_" in name,
     "vpt": lambda name: name == "backbone.prompts.tokens",
     "adaptformer": lambda name: ".adaptformer." in name,
+    "fada": lambda name: name.startswith("backbone.rein."),
 }
 
 
@@ -41,6 +42,7 @@ def tiny_config(name, tuning):
     config.lora.rank = 2
     config.vpt.num_prompts = 3
     config.adaptformer.bottleneck = 4
+    config.fada.token_length, config.fada.lora_dim, config.fada.query_dims = 8, 4, 32
     return config
 
 

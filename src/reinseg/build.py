@@ -90,14 +90,15 @@ def _num_queries(config: ModelConfig, backbone) -> int:
     if not backbone.links_queries:
         return requested or 100
     rein = backbone.rein
+    section = f"model.{config.tuning}"  # rein, or a strategy built on it (fada)
     if requested is not None and requested != rein.token_length:
         raise ConfigError(
-            f"model.head.num_queries={requested} must equal model.rein.token_length="
+            f"model.head.num_queries={requested} must equal {section}.token_length="
             f"{rein.token_length}: the queries are Rein's tokens"
         )
     if rein.query_dims != config.head.feat_channels:
         raise ConfigError(
-            f"model.rein.query_dims={rein.query_dims} must equal model.head.feat_channels={config.head.feat_channels}"
+            f"{section}.query_dims={rein.query_dims} must equal model.head.feat_channels={config.head.feat_channels}"
         )
     return rein.token_length
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from .data.entries import EVAL_ENTRY_KEYS  # noqa: F401 (its old home)
 from .safe_load import load_yaml
-from .tuning import AdaptFormerConfig, LoraConfig, ReinConfig, VptConfig
+from .tuning import AdaptFormerConfig, FadaConfig, LoraConfig, ReinConfig, VptConfig
 
 __all__ = [
     "ConfigError",
@@ -27,6 +27,7 @@ __all__ = [
     "LoraConfig",
     "VptConfig",
     "AdaptFormerConfig",
+    "FadaConfig",
     "HeadConfig",
     "LossConfig",
     "TestConfig",
@@ -116,6 +117,7 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     vpt: VptConfig = field(default_factory=VptConfig)
     adaptformer: AdaptFormerConfig = field(default_factory=AdaptFormerConfig)
+    fada: FadaConfig = field(default_factory=FadaConfig)  # tuning: fada (reinseg.fada)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
@@ -361,6 +363,9 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "model.lora.dropout": (0, False),
     "model.vpt.num_prompts": (1, False),
     "model.adaptformer.bottleneck": (1, False),
+    "model.fada.token_length": (2, False),
+    "model.fada.lora_dim": (1, False),
+    "model.fada.query_dims": (1, False),
     "model.head.num_classes": (1, False),
     "model.head.feat_channels": (1, False),
     "model.head.out_channels": (1, False),

@@ -145,13 +145,23 @@ class Rein(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
-        tokens = self.tokens(layer)
-        attn = feats @ tokens.transpose(0, 1)  # (B, N, m)
+        return self._refine(feats, self.tokens(layer), self.mlp_token2feat, self.mlp_delta_f)
+
+    def _refine(
+        self, feats: Tensor, tokens: Tensor, token2feat: nn.Module, delta_mlp: nn.Module, standardize: bool = False
+    ) -> Tensor:
+        """``delta_mlp(S[..., 1:] @ token2feat(T[1:]) + f)`` for features ``(..., N, c)`` and
+        tokens ``T`` ``(m, c)``; ``standardize``: the similarities are first standardised over
+        the tokens (zero mean, unit variance, as an instance norm; FADA's high-frequency branch).
+        The softmax temperature is ``sqrt(embed_dims)`` whatever ``c``, as in the official code."""
+        attn = feats @ tokens.transpose(0, 1)  # (..., N, m)
+        if standardize:
+            attn = F.layer_norm(attn, attn.shape[-1:], eps=1e-5)
         if self.use_softmax:
             attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
         # The first token is a sink: it absorbs attention but never contributes.
-        token_feats = self.mlp_token2feat(tokens[1:])  # (m - 1, C)
-        return self.mlp_delta_f(attn[..., 1:] @ token_feats + feats)
+        token_feats = token2feat(tokens[1:])  # (m - 1, c)
+        return delta_mlp(attn[..., 1:] @ token_feats + feats)
 
     def forward(self, x: Tensor, layer: int) -> Tensor:
         """Refine the tokens output by block ``layer``.

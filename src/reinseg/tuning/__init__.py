@@ -6,6 +6,7 @@ Each strategy is one file here and one ``@register_strategy("name")`` (:mod:`.re
 - ``frozen``: nothing; the head learns its own queries. ``full``: the whole VFM.
 - ``lora``: low-rank updates of the attention's projections (``peft``).
 - ``vpt``: deep visual prompt tuning. ``adaptformer``: bottleneck adapters beside the MLPs.
+- ``fada``: FADA, Rein's refinement split by a Haar wavelet into low- and high-frequency branches.
 
 Every strategy works on every family of the zoo; where families differ (how prompts enter a
 block: EVA's rotary prefix, SAM's windows) their adapters in :mod:`reinseg.families` say how.
@@ -13,7 +14,9 @@ block: EVA's rotary prefix, SAM's windows) their adapters in :mod:`reinseg.famil
 
 # Registration order is the order strategies are listed in (params --compare, benchmarks).
 from . import rein, frozen, lora, vpt, adaptformer  # noqa: F401, I001  (registers the built-in strategies)
+from . import fada  # noqa: F401, I001  (FADA, NeurIPS 2024: Rein split into frequency bands)
 from .adaptformer import AdaptFormerConfig, BottleneckAdapter, add_adaptformer
+from .fada import FadaConfig
 from .lora import LoraConfig, add_lora
 from .registry import STRATEGIES, TuningStrategy, get_strategy, register_strategy, strategy_names
 from .rein import ReinConfig
@@ -29,6 +32,7 @@ __all__ = [
     "LoraConfig",
     "VptConfig",
     "AdaptFormerConfig",
+    "FadaConfig",
     "VisualPrompts",
     "BottleneckAdapter",
     "add_lora",
