@@ -92,12 +92,13 @@ def _num_queries(config: ModelConfig, backbone) -> int:
     rein = backbone.rein
     if requested is not None and requested != rein.token_length:
         raise ConfigError(
-            f"model.head.num_queries={requested} must equal model.rein.token_length="
+            f"model.head.num_queries={requested} must equal model.{config.tuning}.token_length="
             f"{rein.token_length}: the queries are Rein's tokens"
         )
     if rein.query_dims != config.head.feat_channels:
         raise ConfigError(
-            f"model.rein.query_dims={rein.query_dims} must equal model.head.feat_channels={config.head.feat_channels}"
+            f"model.{config.tuning}.query_dims={rein.query_dims} must equal "
+            f"model.head.feat_channels={config.head.feat_channels}"
         )
     return rein.token_length
 

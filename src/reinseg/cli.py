@@ -98,7 +98,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
                 "backbone"
                 if any(p.requires_grad for p in backbone.vit.parameters())
                 else "backbone (frozen)": backbone.vit,
-                {"rein": "Rein", "vpt": "prompts"}.get(config.tuning, config.tuning): added[0] if added else None,
+                {"rein": "Rein", "vpt": "prompts", "set": "SET"}.get(config.tuning, config.tuning): added[0] if added else None,
                 "head": segmentor.head,
             }
         )

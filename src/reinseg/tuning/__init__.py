@@ -6,6 +6,7 @@ Each strategy is one file here and one ``@register_strategy("name")`` (:mod:`.re
 - ``frozen``: nothing; the head learns its own queries. ``full``: the whole VFM.
 - ``lora``: low-rank updates of the attention's projections (``peft``).
 - ``vpt``: deep visual prompt tuning. ``adaptformer``: bottleneck adapters beside the MLPs.
+- ``set``: SET, Rein's tokens on the FFT phase and amplitude of the features.
 
 Every strategy works on every family of the zoo; where families differ (how prompts enter a
 block: EVA's rotary prefix, SAM's windows) their adapters in :mod:`reinseg.families` say how.
@@ -13,10 +14,12 @@ block: EVA's rotary prefix, SAM's windows) their adapters in :mod:`reinseg.famil
 
 # Registration order is the order strategies are listed in (params --compare, benchmarks).
 from . import rein, frozen, lora, vpt, adaptformer  # noqa: F401, I001  (registers the built-in strategies)
+from . import set as _set  # noqa: F401, I001  (SET, after the others: issue 15's successors of Rein)
 from .adaptformer import AdaptFormerConfig, BottleneckAdapter, add_adaptformer
 from .lora import LoraConfig, add_lora
 from .registry import STRATEGIES, TuningStrategy, get_strategy, register_strategy, strategy_names
 from .rein import ReinConfig
+from .set import SetConfig
 from .vpt import VisualPrompts, VptConfig, add_visual_prompts
 
 __all__ = [
@@ -26,6 +29,7 @@ __all__ = [
     "get_strategy",
     "strategy_names",
     "ReinConfig",
+    "SetConfig",
     "LoraConfig",
     "VptConfig",
     "AdaptFormerConfig",
