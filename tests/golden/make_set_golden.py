@@ -28,6 +28,10 @@ Every module is built with ``official_env.build_perturbed`` (seed, then every pa
   ``loss_weights`` and ``grads`` (the same loss after the official ``train()``, one entry per
   ``reins.*`` parameter), ``single_features`` (the first image alone: SET's FFT runs over the
   batch axis, so a sample's features depend on its batch).
+- ``resnet``: the official ``ReinsResNetV1c`` of tests/data/reins_resnet_tiny.pt (ResNet-18 V1c at
+  width 8, its weights and BatchNorm statistics) with SET's ``LoRAReins`` per stage (8 tokens, rank
+  4, queries 32), the Reins perturbed, all in float64: ``backbone_config``, ``reins_state_dict``,
+  ``image``, ``features``, ``queries``, ``loss_weights``, ``grads`` (as ``backbone``).
 """
 
 import copy
@@ -37,7 +41,8 @@ from pathlib import Path
 import torch
 from official_env import MODELS, build_perturbed  # the official code (SET's checkout), importable on CPU
 
-OUT = Path(__file__).resolve().parents[1] / "data" / "set_tiny.pt"
+DATA = Path(__file__).resolve().parents[1] / "data"
+OUT = DATA / "set_tiny.pt"
 
 MODULES = {
     "lora": (
@@ -163,6 +168,43 @@ def backbone_case():
     )
 
 
+def resnet_case():
+    """The official ReinsResNetV1c of tests/data/reins_resnet_tiny.pt (its ResNet weights and
+    BatchNorm statistics) with SET's LoRAReins per stage, perturbed after ``torch.manual_seed(2)``."""
+    cnn = torch.load(DATA / "reins_resnet_tiny.pt", weights_only=True)
+    model = MODELS.build(copy.deepcopy(cnn["backbone_config"]))
+    missing, unexpected = model.load_state_dict(cnn["backbone_state_dict"], strict=False)
+    assert not unexpected and all(k.startswith("reins.") for k in missing), (missing, unexpected)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for param in model.reins.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    # float64: through eight blocks and their BatchNorms float32 rounding alone reaches 1e-5 of the
+    # largest gradient; in float64 the comparison pins the method, not the rounding.
+    model.double().eval()
+    image = cnn["image"].double()
+    with torch.no_grad():
+        features, queries = model(image)
+    model.train()  # the official train(): only the Reins train, the ResNet stays in eval mode
+    train_features, train_queries = model(image)
+    results = [*train_features, train_queries]
+    loss_weights = [torch.randn_like(r) for r in results]
+    weighted_sum(results, loss_weights).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(k.startswith("reins.") for k in grads), sorted(grads)
+    for ours, theirs in zip(train_features, features):
+        assert torch.equal(ours.detach(), theirs)
+    return dict(
+        backbone_config=cnn["backbone_config"],
+        reins_state_dict=weights(model, lambda k: k.startswith("reins.")),
+        image=image,
+        features=[f.clone() for f in features],
+        queries=queries.clone(),
+        loss_weights=loss_weights,
+        grads=grads,
+    )
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     import rein
@@ -180,12 +222,14 @@ if __name__ == "__main__":
     init_module = MODELS.build(copy.deepcopy(init_config))
     torch.manual_seed(20)
     backbone = backbone_case()
+    resnet = resnet_case()
     torch.save(
         dict(
             source="github JingjunYi/SET (official), " + str(source),
             modules=modules,
             init=dict(config=init_config, state_dict={k: v.clone() for k, v in init_module.state_dict().items()}),
             backbone=backbone,
+            resnet=resnet,
         ),
         OUT,
     )
