@@ -185,3 +185,22 @@ def test_config_values_are_checked_when_loading(tmp_path):
     path.write_text("model:\n  tuning: set\n  set:\n    lora_dim: 0\n")
     with pytest.raises(ConfigError, match="model.set.lora_dim"):
         check_values(load_config(path))
+
+
+def test_mixed_precision_runs_the_transforms_in_float32(golden):
+    """FFTs have no bfloat16: under bf16 autocast (train.precision: bf16-mixed) SET still runs, its
+    transforms in float32, and gives the official float32 refinement to bf16 precision."""
+    case = golden["modules"]["lora"]
+    module = official_module(case["config"])
+    module.load_state_dict(case["state_dict"], strict=True)
+    x = case["inputs"][0].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x, 0)
+    assert out.dtype == torch.float32
+    # The refinement (output - input), not the output, which the residual input dominates.
+    expected = case["outputs"][0] - case["inputs"][0]
+    assert (out.detach() - case["inputs"][0] - expected).abs().max() <= 2e-2 * expected.abs().max()
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in module.parameters() if p.grad is not None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module(x.detach().bfloat16(), 0).dtype == torch.bfloat16

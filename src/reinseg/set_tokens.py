@@ -49,11 +49,17 @@ def _replace_small(x: Tensor) -> Tensor:
     return torch.where((x < DENORMAL) & (x > -DENORMAL), torch.full_like(x, DENORMAL), x)
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """FFTs and complex numbers have no bfloat16 (mixed precision): those run in float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def decompose(feats: Tensor) -> tuple[Tensor, Tensor]:
     """Phase and amplitude of the FFT of ``feats (B, N, C)`` over the batch and channel axes.
 
-    Returns ``(phase, amplitude)``, both real ``(B, N, C)``.
+    Returns ``(phase, amplitude)``, both real ``(B, N, C)`` (float32 for half-precision input).
     """
+    feats = _at_least_float32(feats)
     # The official code transforms the last two axes of (N, B, C); the same view keeps the FFT's
     # memory layout (and so the sign of its exact zeros, which atan2 turns into +-pi) identical.
     spectrum = torch.view_as_real(torch.fft.fft2(feats.transpose(0, 1), norm="backward"))  # (N, B, C, 2)
@@ -66,7 +72,8 @@ def decompose(feats: Tensor) -> tuple[Tensor, Tensor]:
 def compose(phase: Tensor, amplitude: Tensor) -> Tensor:
     """The real inverse of :func:`decompose`'s transform for ``amplitude * exp(j phase)`` (both
     ``(B, N, C)``), scaled by ``1 / sqrt(2C)``: the last axis is read as a half spectrum
-    (``irfft2`` with size ``(B, C)``, orthonormal). Returns ``(B, N, C)``."""
+    (``irfft2`` with size ``(B, C)``, orthonormal). Returns ``(B, N, C)`` (at least float32)."""
+    phase, amplitude = _at_least_float32(phase), _at_least_float32(amplitude)
     channels = phase.shape[-1]
     spectrum = torch.complex(torch.cos(phase) * amplitude, torch.sin(phase) * amplitude) / math.sqrt(2 * channels)
     spectrum = spectrum.transpose(0, 1)  # (N, B, C), the official layout
@@ -108,4 +115,4 @@ class SpectralRein(Rein):
         amplitude_delta = self.token_delta(
             amplitude, self.amplitude_tokens(layer), self.mlp_token2feat2, self.mlp_delta_f2, norm_attn=True
         )
-        return compose(phase_delta, amplitude_delta)
+        return compose(phase_delta, amplitude_delta).to(feats.dtype)
