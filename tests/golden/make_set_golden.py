@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 import torch
+from make_reins_eva2 import weights  # parameters and buffers by name (the official state_dict keeps Rein's only)
 from official_env import MODELS, build_perturbed  # the official code (SET's checkout), importable on CPU
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -129,14 +130,6 @@ def module_case(config, batch):
         grads={k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None},
         input_grads=[x.grad.clone() for x in inputs],
     )
-
-
-def weights(model, keep):
-    """Parameters and buffers whose names satisfy ``keep`` (the official class overrides
-    ``state_dict`` to return only Rein's)."""
-    named = dict(model.named_parameters())
-    named.update(dict(model.named_buffers()))
-    return {k: v.detach().clone() for k, v in named.items() if keep(k)}
 
 
 def backbone_case():

@@ -7,22 +7,14 @@ from dataclasses import asdict, dataclass
 
 from ..set_tokens import SpectralRein
 from .registry import TuningStrategy, register_strategy
-from .rein import ReinStrategy
+from .rein import ReinConfig, ReinStrategy
 
 
 @dataclass
-class SetConfig:
-    """SET's arguments (:class:`reinseg.set_tokens.SpectralRein`, Rein's): the official
-    configuration is Rein's (``LoRAReins``, 100 tokens, rank 16 for the phase tokens; the amplitude
-    tokens are full-rank). Layers, widths and prefix tokens come from the backbone."""
-
-    token_length: int = 100
-    lora_dim: int | None = 16
-    query_dims: int = 256
-    link_token_to_query: bool = True
-    scale_init: float = 1e-3
-    use_softmax: bool = True
-    zero_mlp_delta_f: bool = False
+class SetConfig(ReinConfig):
+    """SET's arguments (:class:`reinseg.set_tokens.SpectralRein`): Rein's, as the official
+    configuration is Rein's (``LoRAReins``, 100 tokens, rank ``lora_dim`` 16 for the phase tokens;
+    the amplitude tokens are full-rank). Layers, widths and prefix tokens come from the backbone."""
 
 
 @register_strategy("set")
