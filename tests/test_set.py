@@ -1,6 +1,8 @@
 """SET (``tuning: set``, :mod:`reinseg.set_tokens`) against the official SET code (github
 JingjunYi/SET): tests/data/set_tiny.pt, made by tests/golden/make_set_golden.py."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import assert_matches, load_golden, rein_parameters, tiny_model_config
@@ -157,7 +159,7 @@ def test_spectral_parameters_train_and_decay_as_the_official_custom_keys():
 def test_dinov2_l_count_is_rein_plus_the_amplitude_branch():
     """The official shapes at DINOv2-L: LoRAReins (Rein's 2.99 M) plus learnable_tokens2
     (24 x 100 x 1024) and two 1024 -> 1024 MLPs."""
-    config = load_config("configs/set_dinov2-l_gta_512.yaml").model
+    config = load_config(Path(__file__).parents[1] / "configs" / "set_dinov2-l_gta_512.yaml").model
     with torch.device("meta"):
         segmentor = build_segmentor(config, load_backbone_weights=False)
     count = sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)

@@ -22,6 +22,10 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+# The row naming what a strategy added to the backbone in `reinseg params`.
+_COMPONENT_NAMES = {"rein": "Rein", "vpt": "prompts", "set": "SET"}
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     import torch
 
@@ -98,7 +102,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
                 "backbone"
                 if any(p.requires_grad for p in backbone.vit.parameters())
                 else "backbone (frozen)": backbone.vit,
-                {"rein": "Rein", "vpt": "prompts", "set": "SET"}.get(config.tuning, config.tuning): added[0] if added else None,
+                _COMPONENT_NAMES.get(config.tuning, config.tuning): added[0] if added else None,
                 "head": segmentor.head,
             }
         )

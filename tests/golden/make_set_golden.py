@@ -105,7 +105,7 @@ BACKBONE = dict(
 
 
 def weighted_sum(outputs, weights):
-    return sum((o * w).sum() for o, w in zip(outputs, weights))
+    return sum((o * w).sum() for o, w in zip(outputs, weights, strict=True))
 
 
 def module_case(config, batch):
@@ -146,7 +146,7 @@ def backbone_case():
     weighted_sum(results, loss_weights).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     assert grads and all(k.startswith("reins.") for k in grads), sorted(grads)
-    for ours, theirs in zip(train_features, features):
+    for ours, theirs in zip(train_features, features, strict=True):
         assert torch.equal(ours.detach(), theirs), "SET has no dropout: train and eval features agree"
     return dict(
         backbone_config=BACKBONE,
@@ -185,7 +185,7 @@ def resnet_case():
     weighted_sum(results, loss_weights).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     assert grads and all(k.startswith("reins.") for k in grads), sorted(grads)
-    for ours, theirs in zip(train_features, features):
+    for ours, theirs in zip(train_features, features, strict=True):
         assert torch.equal(ours.detach(), theirs)
     return dict(
         backbone_config=cnn["backbone_config"],
