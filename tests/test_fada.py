@@ -174,7 +174,7 @@ def test_params_counts_the_official_dinov2_l_module(golden, capsys):
     from reinseg.cli import main
 
     assert main(["params", "--tuning", "fada"]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("fada "))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("FADA "))
     assert golden["vitl_count"]["parameters"] == 2_061_825
     # All but the Haar filters (4 x 1024 x 2 x 2) are made trainable by the module itself.
     assert golden["vitl_count"]["requires_grad"] == 2_061_825 - 4 * 1024 * 4

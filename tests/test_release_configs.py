@@ -36,6 +36,15 @@ def test_fada_config_builds_with_the_official_fada_count(capsys):
     from conftest import load_golden
 
     assert main(["params", str(CONFIGS / "fada_dinov2-l_gta_512.yaml")]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("fada "))
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("FADA "))
     count = load_golden("fada_tiny.pt")["vitl_count"]["parameters"]
+    assert row.split()[1:3] == [f"{count:,}", f"{count:,}"]
+
+
+def test_the_set_config_builds_with_the_official_set_count(capsys):
+    """SET's official config is Rein's with the spectral LoRAReins: Rein's count plus the
+    amplitude tokens (24 x 100 x 1024) and their two 1024 -> 1024 MLPs."""
+    assert main(["params", str(CONFIGS / "set_dinov2-l_gta_512.yaml")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("SET "))
+    count = rein_parameters(24, 1024) + 24 * 100 * 1024 + 2 * (1024 * 1024 + 1024)
     assert row.split()[1:3] == [f"{count:,}", f"{count:,}"]

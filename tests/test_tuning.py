@@ -4,7 +4,7 @@ from conftest import tiny_model_config, tiny_overrides
 
 from reinseg.build import build_segmentor
 from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint, segmentor_from_checkpoint
-from reinseg.config import BackboneConfig, to_dict
+from reinseg.config import BackboneConfig, SetConfig, to_dict
 from reinseg.families import sam_block_with_prompts
 from reinseg.tuning import strategy_names
 
@@ -21,6 +21,7 @@ TRAINS = {
     "vpt": lambda name: name == "backbone.prompts.tokens",
     "adaptformer": lambda name: ".adaptformer." in name,
     "fada": lambda name: name.startswith("backbone.rein."),
+    "set": lambda name: name.startswith("backbone.rein."),
 }
 
 
@@ -43,6 +44,7 @@ def tiny_config(name, tuning):
     config.vpt.num_prompts = 3
     config.adaptformer.bottleneck = 4
     config.fada.token_length, config.fada.lora_dim, config.fada.query_dims = 8, 4, 32
+    config.set = SetConfig(token_length=8, lora_dim=4, query_dims=32)
     return config
 
 

@@ -190,11 +190,11 @@ class ReinBackbone(FrozenBackbone):
         self.vit.requires_grad_(False)
         self.vit.eval()
 
-    def add_rein(self, rein: dict[str, Any]) -> Rein:
+    def add_rein(self, rein: dict[str, Any], module: type[Rein] = Rein) -> Rein:
         """Build Rein from its arguments (:class:`reinseg.Rein`) and run it after every block.
 
         ``num_layers``, ``embed_dims``, ``patch_size`` and ``num_prefix_tokens`` come from the
-        backbone; given ones must agree.
+        backbone; given ones must agree. ``module``: Rein or a subclass taking its arguments (SET).
         """
         derived = dict(
             num_layers=self.depth,
@@ -202,7 +202,7 @@ class ReinBackbone(FrozenBackbone):
             patch_size=int(self.patch_size[0]),
             num_prefix_tokens=self.num_prefix_tokens,
         )
-        self.rein = Rein(**rein_arguments(rein, derived))
+        self.rein = module(**rein_arguments(rein, derived, module=module))
         return self.rein
 
     @property
@@ -247,15 +247,17 @@ class ReinBackbone(FrozenBackbone):
         self.weights_source = source
 
 
-def rein_arguments(rein: dict[str, Any], derived: dict[str, Any], where: str = "the backbone") -> dict[str, Any]:
-    """``rein`` (:class:`reinseg.Rein` arguments) completed with the ``derived`` ones, which given
-    values must equal; a ValueError naming the argument otherwise."""
+def rein_arguments(
+    rein: dict[str, Any], derived: dict[str, Any], where: str = "the backbone", module: type[Rein] = Rein
+) -> dict[str, Any]:
+    """``rein`` (arguments of ``module``, :class:`reinseg.Rein` or a subclass) completed with the
+    ``derived`` ones, which given values must equal; a ValueError naming the argument otherwise."""
     if not isinstance(rein, dict):
         raise ValueError(f"rein must be a dict of Rein arguments or None, got {type(rein).__name__}")
     for key, value in derived.items():
         if key in rein and rein[key] != value:
             raise ValueError(f"rein.{key}={rein[key]!r} does not match {where} ({value!r})")
-    accepted = tuple(inspect.signature(Rein.__init__).parameters)[1:]
+    accepted = tuple(inspect.signature(module.__init__).parameters)[1:]
     unknown = set(rein) - set(accepted)
     if unknown:
         raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(accepted)}")

@@ -22,6 +22,10 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+# The row naming what a strategy added to the backbone in `reinseg params`.
+_COMPONENT_NAMES = {"rein": "Rein", "vpt": "prompts", "set": "SET", "fada": "FADA"}
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     import torch
 
@@ -98,7 +102,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
                 "backbone"
                 if any(p.requires_grad for p in backbone.vit.parameters())
                 else "backbone (frozen)": backbone.vit,
-                {"rein": "Rein", "vpt": "prompts"}.get(config.tuning, config.tuning): added[0] if added else None,
+                _COMPONENT_NAMES.get(config.tuning, config.tuning): added[0] if added else None,
                 "head": segmentor.head,
             }
         )
@@ -385,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-dims", type=int, default=256, help="width of the linked queries (default 256)")
     p.add_argument("--num-classes", type=int, default=19, help="classes of the head (default 19)")
     p.add_argument("--no-rein", action="store_true", help="the plain frozen backbone")
-    p.add_argument("--tuning", default=None, help="a tuning strategy (rein, frozen, full, lora, vpt, adaptformer)")
+    p.add_argument("--tuning", default=None, help="a tuning strategy (rein, frozen, full, lora, vpt, adaptformer, set)")
     p.add_argument("--compare", action="store_true", help="trainable parameters of every tuning strategy")
     p.set_defaults(func=_cmd_params)
 

@@ -116,8 +116,9 @@ class ReinCNNBackbone(FrozenBackbone):
         """Channels of the maps :meth:`forward` returns."""
         return [self.stage_channels[i] for i in self.out_indices]
 
-    def add_rein(self, rein: dict[str, Any]) -> StageReins:
-        """Build one Rein per stage from the shared arguments (:class:`reinseg.Rein`).
+    def add_rein(self, rein: dict[str, Any], module: type[Rein] = Rein) -> StageReins:
+        """Build one Rein (or ``module``, a subclass: SET) per stage from the shared arguments
+        (:class:`reinseg.Rein`).
 
         ``num_layers`` and ``embed_dims`` come from each stage, ``num_prefix_tokens`` is 0;
         ``patch_size`` (the token initialisation bound only) defaults to the official 16.
@@ -130,7 +131,11 @@ class ReinCNNBackbone(FrozenBackbone):
                     )
             rein = {"patch_size": REIN_PATCH_SIZE, **rein}
         reins = [
-            Rein(**rein_arguments(rein, dict(num_layers=depth, embed_dims=channels, num_prefix_tokens=0), f"stage {i}"))
+            module(
+                **rein_arguments(
+                    rein, dict(num_layers=depth, embed_dims=channels, num_prefix_tokens=0), f"stage {i}", module
+                )
+            )
             for i, (depth, channels) in enumerate(zip(self.stage_depths, self.stage_channels, strict=False))
         ]
         self.rein = StageReins(reins, self.out_indices)

@@ -16,7 +16,7 @@ from typing import Any
 
 from .data.entries import EVAL_ENTRY_KEYS  # noqa: F401 (its old home)
 from .safe_load import load_yaml
-from .tuning import AdaptFormerConfig, FadaConfig, LoraConfig, ReinConfig, VptConfig
+from .tuning import AdaptFormerConfig, FadaConfig, LoraConfig, ReinConfig, SetConfig, VptConfig
 
 __all__ = [
     "ConfigError",
@@ -28,6 +28,7 @@ __all__ = [
     "VptConfig",
     "AdaptFormerConfig",
     "FadaConfig",
+    "SetConfig",
     "HeadConfig",
     "LossConfig",
     "TestConfig",
@@ -110,7 +111,7 @@ class TestConfig:
 class ModelConfig:
     # What trains besides the head: a registered strategy (reinseg.tuning): "rein" (the
     # default), "frozen" (the head only), "full" (the whole VFM, at train.backbone_lr_mult x the
-    # lr), "lora", "vpt" or "adaptformer"; each built-in strategy reads its own section below.
+    # lr), "lora", "vpt", "adaptformer" or "set"; each built-in strategy reads its own section below.
     tuning: str = "rein"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rein: ReinConfig | None = field(default_factory=ReinConfig)
@@ -118,6 +119,7 @@ class ModelConfig:
     vpt: VptConfig = field(default_factory=VptConfig)
     adaptformer: AdaptFormerConfig = field(default_factory=AdaptFormerConfig)
     fada: FadaConfig = field(default_factory=FadaConfig)  # tuning: fada (reinseg.fada)
+    set: SetConfig = field(default_factory=SetConfig)  # tuning: set (SET, reinseg.set_tokens)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)
@@ -366,6 +368,9 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "model.fada.token_length": (2, False),
     "model.fada.lora_dim": (1, False),
     "model.fada.query_dims": (1, False),
+    "model.set.token_length": (2, False),
+    "model.set.lora_dim": (1, False),
+    "model.set.query_dims": (1, False),
     "model.head.num_classes": (1, False),
     "model.head.feat_channels": (1, False),
     "model.head.out_channels": (1, False),

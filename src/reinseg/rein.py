@@ -104,10 +104,12 @@ class Rein(nn.Module):
         scale = torch.tensor(self.scale_init)
         self.mlp_token2feat = nn.Linear(C, C)
         self.mlp_delta_f = nn.Linear(C, C)
+        self._create_more()
         bound = math.sqrt(6.0 / float(3 * patch_area + C))
         nn.init.uniform_(full_tokens, -bound, bound)
         nn.init.kaiming_uniform_(self.mlp_delta_f.weight, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.mlp_token2feat.weight, a=math.sqrt(5))
+        self._init_more(bound)
         self.transform = nn.Linear(C, self.query_dims)
         self.merge = nn.Linear(self.query_dims * 3, self.query_dims)
         self.scale: float | nn.Parameter
@@ -128,6 +130,13 @@ class Rein(nn.Module):
             nn.init.uniform_(self.learnable_tokens_a, -bound, bound)
             nn.init.uniform_(self.learnable_tokens_b, -bound, bound)
 
+    def _create_more(self) -> None:
+        """Subclasses with more parameters (SET's second token set) create them here, where
+        their official code draws them, after the shared MLPs."""
+
+    def _init_more(self, bound: float) -> None:
+        """Subclasses initialise their parameters here, after Rein's (``bound``: the token bound)."""
+
     def tokens(self, layer: int | None = None) -> Tensor:
         """The tokens of one layer, ``(m, C)``, or of all layers, ``(L, m, C)``, when ``layer`` is None."""
         if self.lora_dim is None:
@@ -145,23 +154,24 @@ class Rein(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
-        return self._refine(feats, self.tokens(layer), self.mlp_token2feat, self.mlp_delta_f)
+        return self.token_delta(feats, self.tokens(layer), self.mlp_token2feat, self.mlp_delta_f)
 
-    def _refine(
-        self, feats: Tensor, tokens: Tensor, token2feat: nn.Module, delta_mlp: nn.Module, standardize: bool = False
+    def token_delta(
+        self, feats: Tensor, tokens: Tensor, token2feat: nn.Module, delta_f: nn.Module, norm_attn: bool = False
     ) -> Tensor:
-        """``delta_mlp(S[..., 1:] @ token2feat(T[1:]) + f)`` for features ``(..., N, c)`` and
-        tokens ``T`` ``(m, c)``; ``standardize``: the similarities are first standardised over
-        the tokens (zero mean, unit variance, as an instance norm; FADA's high-frequency branch).
-        The softmax temperature is ``sqrt(embed_dims)`` whatever ``c``, as in the official code."""
-        attn = feats @ tokens.transpose(0, 1)  # (..., N, m)
-        if standardize:
+        """``delta_f(S[..., 1:] @ token2feat(T[1:]) + f)`` for features ``(..., N, c)`` and tokens
+        ``T (m, c)``; ``norm_attn`` standardises ``f @ T^T`` over the tokens before the softmax (an
+        instance norm: SET's amplitude branch, FADA's high-frequency branch). The softmax
+        temperature is ``sqrt(embed_dims)`` whatever ``c``, as in the official code. Returns
+        ``(..., N, c)``."""
+        attn = feats @ tokens.transpose(0, 1)  # (B, N, m)
+        if norm_attn:
             attn = F.layer_norm(attn, attn.shape[-1:], eps=1e-5)
         if self.use_softmax:
             attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
         # The first token is a sink: it absorbs attention but never contributes.
-        token_feats = token2feat(tokens[1:])  # (m - 1, c)
-        return delta_mlp(attn[..., 1:] @ token_feats + feats)
+        token_feats = token2feat(tokens[1:])  # (m - 1, C)
+        return delta_f(attn[..., 1:] @ token_feats + feats)
 
     def forward(self, x: Tensor, layer: int) -> Tensor:
         """Refine the tokens output by block ``layer``.
