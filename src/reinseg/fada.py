@@ -192,7 +192,9 @@ class Fada(Rein):
         the patch features ``feats (B, N, C)`` of block ``layer`` (in place of Rein's delta)."""
         low, high = self.bands(feats)
         delta_low = super().delta(low, layer)  # Rein's refinement with the low-frequency tokens
-        delta_high = self.token_delta(high, self.tokens2(layer), self.mlp_token2feat2, self.mlp_delta_f2, norm_attn=True)
+        delta_high = self.token_delta(
+            high, self.tokens2(layer), self.mlp_token2feat2, self.mlp_delta_f2, norm_attn=True
+        )
         return torch.cat([delta_low, delta_high], dim=-1).transpose(0, 1)
 
     def extra_repr(self) -> str:
