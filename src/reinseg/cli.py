@@ -214,6 +214,14 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .checkpoints import merge_checkpoint
+
+    _check_writable_file(Path(args.output))
+    print(f"wrote {merge_checkpoint(args.checkpoint, args.output)}")
+    return 0
+
+
 def _check_writable_folder(folder: Path) -> None:
     """Create ``folder`` and write a file in it, or raise the OSError naming it."""
     import tempfile
@@ -434,6 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="output folder")
     p.set_defaults(func=_cmd_convert_official)
+
+    p = _parser(
+        sub,
+        "merge",
+        "fold a checkpoint's SoMA or LoRA adapters into the backbone's weights",
+        "Merge the tuning strategy's modules into the VFM's own weights and write a self-contained checkpoint "
+        "of the plain model (model.tuning: full, every weight stored) with the same logits and no inference cost.",
+        "reinseg merge work_dirs/soma_dinov2-l_gta_512/last.pt --output soma_merged.pt",
+    )
+    p.add_argument("checkpoint", help="a reinseg checkpoint of a mergeable strategy (soma, lora)")
+    p.add_argument("--output", required=True, help="the merged checkpoint to write")
+    p.set_defaults(func=_cmd_merge)
 
     from .data.commands import register_commands
 

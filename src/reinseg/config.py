@@ -16,7 +16,7 @@ from typing import Any
 
 from .data.entries import EVAL_ENTRY_KEYS  # noqa: F401 (its old home)
 from .safe_load import load_yaml
-from .tuning import AdaptFormerConfig, LoraConfig, ReinConfig, VptConfig
+from .tuning import AdaptFormerConfig, LoraConfig, ReinConfig, SomaConfig, VptConfig
 
 __all__ = [
     "ConfigError",
@@ -27,6 +27,7 @@ __all__ = [
     "LoraConfig",
     "VptConfig",
     "AdaptFormerConfig",
+    "SomaConfig",
     "HeadConfig",
     "LossConfig",
     "TestConfig",
@@ -109,13 +110,14 @@ class TestConfig:
 class ModelConfig:
     # What trains besides the head: a registered strategy (reinseg.tuning): "rein" (the
     # default), "frozen" (the head only), "full" (the whole VFM, at train.backbone_lr_mult x the
-    # lr), "lora", "vpt" or "adaptformer"; each built-in strategy reads its own section below.
+    # lr), "lora", "vpt", "adaptformer" or "soma"; each built-in strategy reads its own section below.
     tuning: str = "rein"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rein: ReinConfig | None = field(default_factory=ReinConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     vpt: VptConfig = field(default_factory=VptConfig)
     adaptformer: AdaptFormerConfig = field(default_factory=AdaptFormerConfig)
+    soma: SomaConfig = field(default_factory=SomaConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     test: TestConfig = field(default_factory=TestConfig)

@@ -6,17 +6,19 @@ Each strategy is one file here and one ``@register_strategy("name")`` (:mod:`.re
 - ``frozen``: nothing; the head learns its own queries. ``full``: the whole VFM.
 - ``lora``: low-rank updates of the attention's projections (``peft``).
 - ``vpt``: deep visual prompt tuning. ``adaptformer``: bottleneck adapters beside the MLPs.
+- ``soma``: the minor singular components of the blocks' linear layers (SoMA), mergeable.
 
 Every strategy works on every family of the zoo; where families differ (how prompts enter a
 block: EVA's rotary prefix, SAM's windows) their adapters in :mod:`reinseg.families` say how.
 """
 
 # Registration order is the order strategies are listed in (params --compare, benchmarks).
-from . import rein, frozen, lora, vpt, adaptformer  # noqa: F401, I001  (registers the built-in strategies)
+from . import rein, frozen, lora, vpt, adaptformer, soma  # noqa: F401, I001  (registers the built-in strategies)
 from .adaptformer import AdaptFormerConfig, BottleneckAdapter, add_adaptformer
 from .lora import LoraConfig, add_lora
 from .registry import STRATEGIES, TuningStrategy, get_strategy, register_strategy, strategy_names
 from .rein import ReinConfig
+from .soma import SomaConfig
 from .vpt import VisualPrompts, VptConfig, add_visual_prompts
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "LoraConfig",
     "VptConfig",
     "AdaptFormerConfig",
+    "SomaConfig",
     "VisualPrompts",
     "BottleneckAdapter",
     "add_lora",
