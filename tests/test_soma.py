@@ -187,14 +187,12 @@ def test_the_scheduler_sets_the_weight_decay_every_iteration(golden, tmp_path):
     assert "decay" not in scheduler.state_dict()
 
 
-def test_trainable_count_on_dinov2_l_equals_the_official_one(golden):
-    """The official count includes DINOv2's mask token (1024), which it marks trainable but never uses."""
-    config = Config().model
-    config.tuning = "soma"
-    with torch.device("meta"):
-        segmentor = build_segmentor(config, load_backbone_weights=False)
-    ours = sum(p.numel() for p in segmentor.backbone.parameters() if p.requires_grad)
-    assert ours == golden["dinov2_l_trainable"] - golden["dinov2_l_mask_token"] == 4_866_048
+def test_release_config_has_the_official_trainable_count(golden, capsys):
+    """DINOv2-L at 512 (meta device) as ``reinseg params`` counts it. The official count also has
+    DINOv2's mask token (1024), which the official code marks trainable but never uses."""
+    assert main(["params", str(CONFIGS / "soma_dinov2-l_gta_512.yaml")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("backbone "))
+    assert row.split()[2] == f"{golden['dinov2_l_trainable'] - golden['dinov2_l_mask_token']:,}" == "4,866,048"
 
 
 @pytest.mark.parametrize("tuning", ["soma", "lora"])
