@@ -252,3 +252,32 @@ def test_major_components_are_the_largest_singular_values(golden, tmp_path):
     product = minor.scaling * minor.lora_B[0] @ minor.lora_A[0]
     assert torch.allclose(torch.linalg.svdvals(product)[:4], torch.linalg.svdvals(weight)[:4], atol=1e-5)
     assert math.isclose(minor.scaling, 2.0)
+
+
+@pytest.mark.slow
+def test_training_anneals_the_weight_decay_and_its_checkpoint_merges(tmp_path):
+    """A short run through the engine: the optimizer's weight decay at the checkpoint is the
+    annealed one, and the training checkpoint merges into plain weights."""
+    from test_engine import tiny_config
+
+    from reinseg.engine import train
+
+    config = tiny_config(tmp_path, max_iters=4, checkpoint_interval=2, weight_decay=0.05)
+    config.model.tuning = "soma"
+    config.model.soma = SomaConfig(rank=2, start_block=2, min_weight_decay=0.01)
+    train(config)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    decay = cosine_weight_decay(0.01, 4)
+    groups = state["optimizer_states"][0]["param_groups"]
+    assert {(g["initial_weight_decay"], round(g["weight_decay"], 12)) for g in groups} == {
+        (0.05, round(decay(0.05, 4), 12)),
+        (0.0, round(decay(0.0, 4), 12)),
+    }
+    assert main(["merge", str(last), "--output", str(tmp_path / "merged.pt")]) == 0
+    merged, _ = segmentor_from_checkpoint(tmp_path / "merged.pt")
+    trained, _ = segmentor_from_checkpoint(last)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = merged.eval().predict(images, mode="whole"), trained.eval().predict(images, mode="whole")
+    assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()

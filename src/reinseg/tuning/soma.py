@@ -12,6 +12,13 @@ is split as the official code splits DINOv2's: one SVD each for q, k and v.
 The low-rank pair is a parametrization of the weight (``torch.nn.utils.parametrize``), so every
 code path that reads ``layer.weight`` (EVA's attention calls ``F.linear`` on it) sees the adapted
 weight, and :meth:`Soma.merge` folds it into a plain weight: no cost at inference.
+
+reinseg splits the pretrained weights, as the paper describes and as the official ``SoraModel``
+does when it wraps a loaded backbone (``tests/golden/make_soma_golden.py``). The official training
+script wraps the backbone before mmengine's ``init_weights()`` loads the checkpoint, which then
+overwrites the residual with the pretrained weight, the adapters keeping the minor components of
+the random initial weights (``soma_tiny.pt``'s ``runner_order``); the released checkpoints are
+merged the same way (``tools/merge_soma_weights.py``: pretrained weights + trained adapters).
 """
 
 from __future__ import annotations
