@@ -222,6 +222,8 @@ def test_merge_refuses_strategies_that_cannot_be_merged(golden, tmp_path, capsys
     assert main(["merge", str(tmp_path / "c.pt"), "--output", str(tmp_path / "merged.pt")]) == 2
     assert "model.tuning='rein' cannot be merged" in capsys.readouterr().err
     assert not (tmp_path / "merged.pt").exists()
+    assert main(["merge", str(tmp_path / "c.pt"), "--output", str(tmp_path / "c.pt")]) == 2
+    assert "is the checkpoint itself" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,8 @@ def merge_checkpoint(path: str | Path, output: str | Path) -> Path:
     """
     from .tuning import get_strategy
 
+    if Path(output).resolve() == Path(path).resolve():
+        raise ValueError(f"merge: the output {output} is the checkpoint itself; write the merged model elsewhere")
     segmentor, payload = segmentor_from_checkpoint(path)
     model = payload["config"]["model"]
     tuning = model.get("tuning", "rein")
