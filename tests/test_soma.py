@@ -154,8 +154,17 @@ def test_parameter_groups_equal_the_official_constructor(golden, tmp_path):
     optimizer, _ = build_optimizer(segmentor, Config(model=model_config(golden, tmp_path), train=train))
     backbone = {id(p) for p in segmentor.backbone.parameters()}
     # Per tensor (reinseg's fused qkv is the official q, k and v): the settings each one gets.
-    ours = {(round(g["lr"], 12), round(g["weight_decay"], 12)) for g in optimizer.param_groups for p in g["params"] if id(p) in backbone}
-    theirs = {(round(lr, 12), round(wd, 12)) for k, (lr, wd) in golden["param_groups"].items() if k != "backbone.model.mask_token"}
+    ours = {
+        (round(g["lr"], 12), round(g["weight_decay"], 12))
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if id(p) in backbone
+    }
+    theirs = {
+        (round(lr, 12), round(wd, 12))
+        for k, (lr, wd) in golden["param_groups"].items()
+        if k != "backbone.model.mask_token"
+    }
     assert ours == theirs == {(5e-5, 0.05)}
 
 

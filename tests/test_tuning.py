@@ -23,8 +23,14 @@ TRAINS = {
     "vpt": lambda name: name == "backbone.prompts.tokens",
     "adaptformer": lambda name: ".adaptformer." in name,
     # the minor components and the biases of the linear layers of blocks >= start_block (1 here)
-    "soma": lambda name: ".lora_" in name
-    or bool(re.fullmatch(r"backbone\.vit\.blocks\.[1-9]\.(attn|mlp)\.(qkv|[qkv]_proj|proj|fc1|fc1_[gx]|fc2)\.bias", name)),
+    "soma": lambda name: (
+        ".lora_" in name
+        or bool(
+            re.fullmatch(
+                r"backbone\.vit\.blocks\.[1-9]\.(attn|mlp)\.(qkv|[qkv]_proj|proj|fc1|fc1_[gx]|fc2)\.bias", name
+            )
+        )
+    ),
 }
 
 

@@ -393,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-dims", type=int, default=256, help="width of the linked queries (default 256)")
     p.add_argument("--num-classes", type=int, default=19, help="classes of the head (default 19)")
     p.add_argument("--no-rein", action="store_true", help="the plain frozen backbone")
-    p.add_argument("--tuning", default=None, help="a tuning strategy (rein, frozen, full, lora, vpt, adaptformer, soma)")
+    p.add_argument(
+        "--tuning", default=None, help="a tuning strategy (rein, frozen, full, lora, vpt, adaptformer, soma)"
+    )
     p.add_argument("--compare", action="store_true", help="trainable parameters of every tuning strategy")
     p.set_defaults(func=_cmd_params)
 

@@ -220,7 +220,7 @@ def main() -> None:
     image = torch.randn(2, 3, 64, 64)
     features = model(image)
     probes = [torch.randn_like(f) for f in features]
-    sum((f * p).sum() for f, p in zip(features, probes)).backward()
+    sum((f * p).sum() for f, p in zip(features, probes, strict=True)).backward()
     grads = {n: p.grad.detach().clone() for n, p in vit.named_parameters() if p.requires_grad and p.grad is not None}
     assert set(trainable) - set(grads) == {"mask_token"}, set(trainable) - set(grads)
 

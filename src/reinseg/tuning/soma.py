@@ -140,7 +140,9 @@ def add_soma(
                         getattr(parent, extra).requires_grad_(True)
         adapted.append(name)
     if not adapted:
-        raise ValueError(f"model.soma.targets {list(targets)} match no linear layer of blocks {start_block}..{depth - 1}")
+        raise ValueError(
+            f"model.soma.targets {list(targets)} match no linear layer of blocks {start_block}..{depth - 1}"
+        )
     return adapted
 
 
