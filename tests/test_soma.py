@@ -7,6 +7,7 @@ through its products (``B A``, the residual, the features), the gradients with t
 factors loaded.
 """
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -149,9 +150,12 @@ def test_trainable_parameters_and_gradients_equal_the_official_code(golden, tmp_
 
 def test_parameter_groups_equal_the_official_constructor(golden, tmp_path):
     """The official paramwise_cfg as the release config sets it: the whole backbone at lr x 0.5, weight decay 0.05."""
-    train = load_config(CONFIGS / "soma_dinov2-l_gta_512.yaml").train
-    segmentor = build_segmentor(model_config(golden, tmp_path)).train()
-    optimizer, _ = build_optimizer(segmentor, Config(model=model_config(golden, tmp_path), train=train))
+    release = load_config(CONFIGS / "soma_dinov2-l_gta_512.yaml")
+    model = model_config(golden, tmp_path)
+    sizes = {k: getattr(model.soma, k) for k in ("rank", "alpha", "start_block")}
+    model.soma = dataclasses.replace(release.model.soma, **sizes)
+    segmentor = build_segmentor(model).train()
+    optimizer, _ = build_optimizer(segmentor, Config(model=model, train=release.train))
     backbone = {id(p) for p in segmentor.backbone.parameters()}
     # Per tensor (reinseg's fused qkv is the official q, k and v): the settings each one gets.
     ours = {
@@ -244,6 +248,7 @@ def test_merge_refuses_strategies_that_cannot_be_merged(golden, tmp_path, capsys
         ("start_block", -1, "model.soma.start_block must be at least 0"),
         ("rank", 65, r"model.soma.rank=65 exceeds the size of blocks.2.attn.qkv"),
         ("components", "middle", "model.soma.components must be 'minor' or 'major'"),
+        ("lr_mult", -0.5, "model.soma.lr_mult must be at least 0"),
         ("targets", ["to_q"], r"model.soma.targets \['to_q'\] match no linear layer"),
     ],
 )

@@ -134,10 +134,11 @@ def build_optimizer(
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The AdamW optimizer and its per-iteration schedule for ``segmentor`` as ``config.train`` says."""
     tc = config.train
-    # The multiplier is for the VFM's own weights when they fine-tune, not for modules added
-    # inside it (LoRA, adapters).
+    # train.backbone_lr_mult is for the VFM's own weights when they fine-tune; modules added inside
+    # it (LoRA, adapters, SoMA's components) take their strategy's multiplier (1 but for SoMA).
     strategy = get_strategy(config.model.tuning)
-    backbone_lr_mult = tc.backbone_lr_mult if strategy.trains_vfm else 1.0
+    options = config.model.strategy_options()
+    backbone_lr_mult = tc.backbone_lr_mult if strategy.trains_vfm else strategy.backbone_lr_mult(options)
     groups = parameter_groups(segmentor, tc.lr, tc.weight_decay, backbone_lr_mult, tc.no_decay_keys)
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
     min_factor = tc.min_lr / tc.lr if tc.lr else 0.0
@@ -145,7 +146,7 @@ def build_optimizer(
     def lr_lambda(step: int) -> float:
         return lr_factor(step, tc.max_iters, tc.warmup_iters, tc.warmup_start_factor, tc.poly_power, min_factor)
 
-    decay = strategy.weight_decay_schedule(config.model.strategy_options(), tc.max_iters)
+    decay = strategy.weight_decay_schedule(options, tc.max_iters)
     if decay is None:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     return optimizer, ScheduleWithWeightDecay(optimizer, lr_lambda, decay)

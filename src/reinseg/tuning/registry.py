@@ -53,6 +53,11 @@ class TuningStrategy:
         override this."""
         raise NotImplementedError(f"model.tuning={self.name!r} cannot be merged into the VFM's weights")
 
+    def backbone_lr_mult(self, options: Any) -> float:
+        """The lr multiplier of the strategy's parameters inside the VFM (``backbone.vit.*``) when
+        the VFM itself does not train (``trains_vfm`` strategies use ``train.backbone_lr_mult``)."""
+        return 1.0
+
     def weight_decay_schedule(self, options: Any, max_iters: int) -> Callable[[float, int], float] | None:
         """``decay(initial, step)``: a parameter group's weight decay during iteration ``step`` given
         its initial one, or ``None`` for a constant weight decay (the default)."""

@@ -51,6 +51,7 @@ class SomaConfig:
     targets: list[str] = field(default_factory=lambda: list(_ALL_LINEARS))  # linear layers, by name in the block
     components: str = "minor"  # "minor": the smallest singular values (SoMA); "major": the largest (PiSSA-like)
     train_bias: bool = True  # the targets' biases train too (official bias="all")
+    lr_mult: float = 0.5  # lr x this for the adapters and biases (official custom key "backbone": lr_mult 0.5)
     # Cosine annealing of every parameter group's weight decay to this over train.max_iters
     # (the official CosineAnnealingParamScheduler on weight_decay); null: constant weight decay.
     min_weight_decay: float | None = 1e-5
@@ -176,9 +177,6 @@ def cosine_weight_decay(minimum: float, max_iters: int) -> Callable[[float, int]
 class Soma(TuningStrategy):
     options_class = SomaConfig
     backbone_kinds = ("vit",)  # linear layers of transformer blocks
-    # The official paramwise_cfg gives the whole backbone (adapters and biases) lr_mult 0.5: the
-    # train.backbone_lr_mult of the VFM's own weights, which SoMA tunes (their minor components).
-    trains_vfm = True
 
     def check(self, options: SomaConfig) -> None:
         if options.rank < 1:
@@ -191,6 +189,8 @@ class Soma(TuningStrategy):
             raise ValueError("model.soma.targets must name at least one linear layer")
         if options.components not in ("minor", "major"):
             raise ValueError(f"model.soma.components must be 'minor' or 'major', got {options.components!r}")
+        if options.lr_mult < 0:
+            raise ValueError(f"model.soma.lr_mult must be at least 0, got {options.lr_mult}")
         if options.min_weight_decay is not None and options.min_weight_decay < 0:
             raise ValueError(f"model.soma.min_weight_decay must be at least 0, got {options.min_weight_decay}")
 
@@ -208,6 +208,9 @@ class Soma(TuningStrategy):
 
     def merge(self, backbone) -> None:
         merge_parametrizations(backbone.vit)
+
+    def backbone_lr_mult(self, options: SomaConfig) -> float:
+        return options.lr_mult
 
     def weight_decay_schedule(self, options: SomaConfig, max_iters: int):
         if options.min_weight_decay is None:
