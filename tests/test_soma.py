@@ -227,6 +227,11 @@ def test_merge_gives_plain_weights_with_the_same_logits(golden, tmp_path, tuning
     with torch.no_grad():
         ours, theirs = merged.predict(images, mode="whole"), segmentor.predict(images, mode="whole")
     assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()
+    # The run's own configuration evaluates it with model.tuning=full.
+    config.tuning = "full"
+    again = segmentor_from_checkpoint(tmp_path / "merged.pt", config)[0].eval()
+    with torch.no_grad():
+        assert torch.equal(again.predict(images, mode="whole"), ours)
 
 
 def test_merge_refuses_strategies_that_cannot_be_merged(golden, tmp_path, capsys):

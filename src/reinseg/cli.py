@@ -219,6 +219,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     _check_writable_file(Path(args.output))
     print(f"wrote {merge_checkpoint(args.checkpoint, args.output)}")
+    print(f"evaluate with: reinseg eval CONFIG {args.output} model.tuning=full  (CONFIG: the run's config)")
     return 0
 
 
