@@ -11,7 +11,10 @@ is split as the official code splits DINOv2's: one SVD each for q, k and v.
 
 The low-rank pair is a parametrization of the weight (``torch.nn.utils.parametrize``), so every
 code path that reads ``layer.weight`` (EVA's attention calls ``F.linear`` on it) sees the adapted
-weight, and :meth:`Soma.merge` folds it into a plain weight: no cost at inference.
+weight, and :meth:`Soma.merge` folds it into a plain weight: no cost at inference. The split is
+computed when the model is built (DINOv2-L: about a minute of one CPU core), also when a
+checkpoint is loaded, which stores the adapters and biases, not the residual weights; a merged
+checkpoint (``reinseg merge``) needs no split.
 
 reinseg splits the pretrained weights, as the paper describes and as the official ``SoraModel``
 does when it wraps a loaded backbone (``tests/golden/make_soma_golden.py``). The official training
