@@ -30,7 +30,19 @@ def test_unknown_backbone_is_a_clear_error(capsys):
 
 @pytest.mark.parametrize(
     "command",
-    ["train", "eval", "predict", "score", "params", "backbones", "demo", "prepare", "check-data", "convert-official"],
+    [
+        "train",
+        "eval",
+        "predict",
+        "score",
+        "params",
+        "backbones",
+        "demo",
+        "prepare",
+        "check-data",
+        "convert-official",
+        "merge",
+    ],
 )
 def test_help_has_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -42,8 +54,9 @@ def test_help_has_an_example(command, capsys):
 def test_params_compares_the_tuning_strategies(capsys):
     assert main(["params", "--backbone", "dinov2_vitl14", "--compare"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
-    assert set(rows) >= {"rein", "frozen", "full", "lora", "vpt", "adaptformer"}
+    assert set(rows) >= {"rein", "frozen", "full", "lora", "vpt", "adaptformer", "soma"}
     assert "2,990,081 (   2.99 M)" in rows["rein"]
+    assert "4,866,048 (   4.87 M)" in rows["soma"]  # the official count less the unused mask token (test_soma.py)
     assert "304,196,608" in rows["full"] and " 0 (   0.00 M)" in rows["frozen"]
     assert "2,061,825 (   2.06 M)" in rows["fada"]  # the official FADA module's count (test_fada.py)
 

@@ -291,7 +291,7 @@ def test_weight_decay_follows_the_official_custom_keys_on_cnns():
         assert decay[id(stage.scale)] == 0.05 and decay[id(stage.mlp_delta_f.weight)] == 0.05
 
 
-@pytest.mark.parametrize("tuning", ["vpt", "adaptformer", "lora"])
+@pytest.mark.parametrize("tuning", ["vpt", "adaptformer", "lora", "soma"])
 def test_token_and_attention_strategies_refuse_cnns_by_name(tuning):
     from reinseg.build import build_segmentor
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from conftest import tiny_model_config, tiny_overrides
@@ -22,6 +24,15 @@ TRAINS = {
     "adaptformer": lambda name: ".adaptformer." in name,
     "fada": lambda name: name.startswith("backbone.rein."),
     "set": lambda name: name.startswith("backbone.rein."),
+    # the minor components and the biases of the linear layers of blocks >= start_block (1 here)
+    "soma": lambda name: (
+        ".lora_" in name
+        or bool(
+            re.fullmatch(
+                r"backbone\.vit\.blocks\.[1-9]\.(attn|mlp)\.(qkv|[qkv]_proj|proj|fc1|fc1_[gx]|fc2)\.bias", name
+            )
+        )
+    ),
 }
 
 
@@ -45,6 +56,8 @@ def tiny_config(name, tuning):
     config.adaptformer.bottleneck = 4
     config.fada.token_length, config.fada.lora_dim, config.fada.query_dims = 8, 4, 32
     config.set = SetConfig(token_length=8, lora_dim=4, query_dims=32)
+    config.soma.rank = 2
+    config.soma.start_block = 1
     return config
 
 
@@ -64,7 +77,7 @@ def test_each_strategy_trains_exactly_its_parameters(name, tuning):
     assert any(TRAINS[tuning](n) for n, _ in segmentor.named_parameters()) == (tuning != "frozen")
 
 
-@pytest.mark.parametrize("tuning", ["lora", "adaptformer"])
+@pytest.mark.parametrize("tuning", ["lora", "adaptformer", "soma"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_added_modules_start_as_identity_and_are_in_the_path(name, tuning):
     torch.manual_seed(0)
@@ -126,11 +139,12 @@ def test_save_and_load_round_trip(tmp_path, tuning):
             if param.requires_grad:
                 param.normal_(std=0.02)  # as if trained
     saved = checkpoint_state_dict(segmentor)
-    stores_vfm = tuning == "full"
-    assert (
-        any(k.startswith("backbone.vit.") and ".lora_" not in k and ".adaptformer." not in k for k in saved)
-        == stores_vfm
-    )
+    vfm_keys = {k for k in segmentor.state_dict() if k.startswith("backbone.vit.")}
+    if tuning == "full":
+        assert vfm_keys <= set(saved)
+    else:  # the frozen VFM weights are referenced: only the trainable ones inside it are stored
+        trainable = {n for n, p in segmentor.named_parameters() if p.requires_grad}
+        assert vfm_keys & set(saved) <= trainable
     save_checkpoint(tmp_path / "c.pt", {"model": to_dict(config)}, saved)
     restored, _ = segmentor_from_checkpoint(tmp_path / "c.pt")
     images = torch.randn(1, 3, 64, 64)

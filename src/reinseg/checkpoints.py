@@ -31,6 +31,7 @@ __all__ = [
     "load_checkpoint",
     "checkpoint_state_dict",
     "load_checkpoint_weights",
+    "merge_checkpoint",
     "segmentor_from_checkpoint",
     "check_same_model",
 ]
@@ -169,6 +170,27 @@ def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None
     segmentor = build_segmentor(model_config)
     load_checkpoint_weights(segmentor, payload["state_dict"], source=str(path))
     return segmentor, payload
+
+
+def merge_checkpoint(path: str | Path, output: str | Path) -> Path:
+    """Fold a checkpoint's tuning modules into the VFM's weights (the strategy's ``merge``: SoMA,
+    LoRA) and write a self-contained checkpoint of the plain model (``model.tuning: full``, every
+    weight stored, no VFM file referenced) that computes the same logits at no extra cost.
+
+    A strategy that cannot be merged raises ``NotImplementedError`` naming it.
+    """
+    from .tuning import get_strategy
+
+    if Path(output).resolve() == Path(path).resolve():
+        raise ValueError(f"merge: the output {output} is the checkpoint itself; write the merged model elsewhere")
+    segmentor, payload = segmentor_from_checkpoint(path)
+    model = payload["config"]["model"]
+    tuning = model.get("tuning", "rein")
+    get_strategy(tuning).merge(segmentor.backbone)
+    config = dict(payload["config"])
+    config["model"] = dict(model, tuning="full", backbone=dict(model["backbone"], checkpoint=None, pretrained=False))
+    state = {k: v.detach().clone() for k, v in segmentor.state_dict().items()}
+    return save_checkpoint(output, config, state, merged_from=tuning, source=str(path))
 
 
 def load_checkpoint_weights(segmentor, state_dict: dict[str, Tensor], source: str, names=lambda name: name) -> None:

@@ -218,6 +218,15 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .checkpoints import merge_checkpoint
+
+    _check_writable_file(Path(args.output))
+    print(f"wrote {merge_checkpoint(args.checkpoint, args.output)}")
+    print(f"evaluate with: reinseg eval CONFIG {args.output} model.tuning=full  (CONFIG: the run's config)")
+    return 0
+
+
 def _check_writable_folder(folder: Path) -> None:
     """Create ``folder`` and write a file in it, or raise the OSError naming it."""
     import tempfile
@@ -389,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-dims", type=int, default=256, help="width of the linked queries (default 256)")
     p.add_argument("--num-classes", type=int, default=19, help="classes of the head (default 19)")
     p.add_argument("--no-rein", action="store_true", help="the plain frozen backbone")
-    p.add_argument("--tuning", default=None, help="a tuning strategy (rein, frozen, full, lora, vpt, adaptformer, set)")
+    p.add_argument(
+        "--tuning",
+        default=None,
+        help="a tuning strategy (rein, frozen, full, lora, vpt, adaptformer, soma, fada, set)",
+    )
     p.add_argument("--compare", action="store_true", help="trainable parameters of every tuning strategy")
     p.set_defaults(func=_cmd_params)
 
@@ -438,6 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", required=True, help="output folder")
     p.set_defaults(func=_cmd_convert_official)
+
+    p = _parser(
+        sub,
+        "merge",
+        "fold a checkpoint's SoMA or LoRA adapters into the backbone's weights",
+        "Merge the tuning strategy's modules into the VFM's own weights and write a self-contained checkpoint "
+        "of the plain model (model.tuning: full, every weight stored) with the same logits and no inference cost.",
+        "reinseg merge work_dirs/soma_dinov2-l_gta_512/last.pt --output soma_merged.pt",
+    )
+    p.add_argument("checkpoint", help="a reinseg checkpoint of a mergeable strategy (soma, lora)")
+    p.add_argument("--output", required=True, help="the merged checkpoint to write")
+    p.set_defaults(func=_cmd_merge)
 
     from .data.commands import register_commands
 

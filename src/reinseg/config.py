@@ -16,7 +16,7 @@ from typing import Any
 
 from .data.entries import EVAL_ENTRY_KEYS  # noqa: F401 (its old home)
 from .safe_load import load_yaml
-from .tuning import AdaptFormerConfig, FadaConfig, LoraConfig, ReinConfig, SetConfig, VptConfig
+from .tuning import AdaptFormerConfig, FadaConfig, LoraConfig, ReinConfig, SetConfig, SomaConfig, VptConfig
 
 __all__ = [
     "ConfigError",
@@ -29,6 +29,7 @@ __all__ = [
     "AdaptFormerConfig",
     "FadaConfig",
     "SetConfig",
+    "SomaConfig",
     "HeadConfig",
     "LossConfig",
     "TestConfig",
@@ -111,13 +112,14 @@ class TestConfig:
 class ModelConfig:
     # What trains besides the head: a registered strategy (reinseg.tuning): "rein" (the
     # default), "frozen" (the head only), "full" (the whole VFM, at train.backbone_lr_mult x the
-    # lr), "lora", "vpt", "adaptformer" or "set"; each built-in strategy reads its own section below.
+    # lr), "lora", "vpt", "adaptformer", "soma", "fada" or "set"; each built-in strategy reads its own section below.
     tuning: str = "rein"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rein: ReinConfig | None = field(default_factory=ReinConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     vpt: VptConfig = field(default_factory=VptConfig)
     adaptformer: AdaptFormerConfig = field(default_factory=AdaptFormerConfig)
+    soma: SomaConfig = field(default_factory=SomaConfig)
     fada: FadaConfig = field(default_factory=FadaConfig)  # tuning: fada (reinseg.fada)
     set: SetConfig = field(default_factory=SetConfig)  # tuning: set (SET, reinseg.set_tokens)
     head: HeadConfig = field(default_factory=HeadConfig)

@@ -3,7 +3,8 @@
 AdamW (lr 1e-4, weight decay 0.05) without weight decay for norm layers and for the parameters
 the head and the tuning strategy declare (Rein's tokens and scale, query and level embeddings);
 ``lr x backbone_lr_mult`` for the VFM's own weights when they fine-tune; poly decay (power 0.9)
-to ``min_lr`` over ``max_iters`` after an optional linear warm-up, stepped every iteration.
+to ``min_lr`` over ``max_iters`` after an optional linear warm-up, stepped every iteration; the
+weight decay follows the tuning strategy's schedule where it has one (SoMA's cosine annealing).
 Pinned against mmengine by ``tests/test_optimizer_golden.py``.
 """
 
@@ -22,7 +23,15 @@ if TYPE_CHECKING:
     from .config import Config
     from .segmentor import Segmentor
 
-__all__ = ["NORM_LAYERS", "TF32_MODES", "parameter_groups", "lr_factor", "set_tf32", "build_optimizer"]
+__all__ = [
+    "NORM_LAYERS",
+    "TF32_MODES",
+    "parameter_groups",
+    "lr_factor",
+    "set_tf32",
+    "build_optimizer",
+    "ScheduleWithWeightDecay",
+]
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)
 TF32_MODES = ("conv", "all", "none")
@@ -100,19 +109,44 @@ def set_tf32(mode: str) -> None:
     torch.backends.cudnn.allow_tf32 = mode != "none"
 
 
+class ScheduleWithWeightDecay(torch.optim.lr_scheduler.LambdaLR):
+    """The lr schedule that also sets every group's weight decay to ``decay(initial, step)`` (as
+    mmengine's parameter schedulers on ``weight_decay``, stepped after every iteration)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda, decay) -> None:
+        self.decay = decay
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+        super().__init__(optimizer, lr_lambda)
+
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.decay(group["initial_weight_decay"], self.last_epoch)
+
+    def state_dict(self) -> dict:
+        # The function is rebuilt from the configuration; checkpoints hold data only.
+        return {k: v for k, v in super().state_dict().items() if k != "decay"}
+
+
 def build_optimizer(
     segmentor: Segmentor, config: Config
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """The AdamW optimizer and its per-iteration schedule for ``segmentor`` as ``config.train`` says."""
     tc = config.train
-    # The multiplier is for the VFM's own weights when they fine-tune, not for modules added
-    # inside it (LoRA, adapters).
-    backbone_lr_mult = tc.backbone_lr_mult if get_strategy(config.model.tuning).trains_vfm else 1.0
+    # train.backbone_lr_mult is for the VFM's own weights when they fine-tune; modules added inside
+    # it (LoRA, adapters, SoMA's components) take their strategy's multiplier (1 but for SoMA).
+    strategy = get_strategy(config.model.tuning)
+    options = config.model.strategy_options()
+    backbone_lr_mult = tc.backbone_lr_mult if strategy.trains_vfm else strategy.backbone_lr_mult(options)
     groups = parameter_groups(segmentor, tc.lr, tc.weight_decay, backbone_lr_mult, tc.no_decay_keys)
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
     min_factor = tc.min_lr / tc.lr if tc.lr else 0.0
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: lr_factor(step, tc.max_iters, tc.warmup_iters, tc.warmup_start_factor, tc.poly_power, min_factor),
-    )
-    return optimizer, schedule
+
+    def lr_lambda(step: int) -> float:
+        return lr_factor(step, tc.max_iters, tc.warmup_iters, tc.warmup_start_factor, tc.poly_power, min_factor)
+
+    decay = strategy.weight_decay_schedule(options, tc.max_iters)
+    if decay is None:
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return optimizer, ScheduleWithWeightDecay(optimizer, lr_lambda, decay)

@@ -6,6 +6,7 @@ Each strategy is one file here and one ``@register_strategy("name")`` (:mod:`.re
 - ``frozen``: nothing; the head learns its own queries. ``full``: the whole VFM.
 - ``lora``: low-rank updates of the attention's projections (``peft``).
 - ``vpt``: deep visual prompt tuning. ``adaptformer``: bottleneck adapters beside the MLPs.
+- ``soma``: the minor singular components of the blocks' linear layers (SoMA), mergeable.
 - ``fada``: FADA, Rein's refinement split by a Haar wavelet into low- and high-frequency branches.
 - ``set``: SET, Rein's tokens on the FFT phase and amplitude of the features.
 
@@ -14,7 +15,7 @@ block: EVA's rotary prefix, SAM's windows) their adapters in :mod:`reinseg.famil
 """
 
 # Registration order is the order strategies are listed in (params --compare, benchmarks).
-from . import rein, frozen, lora, vpt, adaptformer  # noqa: F401, I001  (registers the built-in strategies)
+from . import rein, frozen, lora, vpt, adaptformer, soma  # noqa: F401, I001  (registers the built-in strategies)
 from . import fada  # noqa: F401, I001  (FADA, NeurIPS 2024: Rein split into frequency bands)
 from . import set as _set  # noqa: F401, I001  (SET, after the others: issue 15's successors of Rein)
 from .adaptformer import AdaptFormerConfig, BottleneckAdapter, add_adaptformer
@@ -23,6 +24,7 @@ from .lora import LoraConfig, add_lora
 from .registry import STRATEGIES, TuningStrategy, get_strategy, register_strategy, strategy_names
 from .rein import ReinConfig
 from .set import SetConfig
+from .soma import SomaConfig
 from .vpt import VisualPrompts, VptConfig, add_visual_prompts
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "VptConfig",
     "AdaptFormerConfig",
     "FadaConfig",
+    "SomaConfig",
     "VisualPrompts",
     "BottleneckAdapter",
     "add_lora",

@@ -26,6 +26,15 @@ class Lora(TuningStrategy):
     def apply(self, backbone, options: LoraConfig) -> None:
         add_lora(backbone, options.rank, options.alpha, options.dropout, tuple(options.targets))
 
+    def merge(self, backbone) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(backbone.vit.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(backbone.vit.get_submodule(parent), child, module.get_base_layer())
+
 
 def add_lora(
     backbone,

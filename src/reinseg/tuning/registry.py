@@ -47,6 +47,22 @@ class TuningStrategy:
     def check(self, options: Any) -> None:
         """Refuse options that cannot be used, naming the key (``ValueError``)."""
 
+    def merge(self, backbone: nn.Module) -> None:
+        """Fold the strategy's modules into the VFM's own weights, leaving a plain VFM that computes
+        the same features (``reinseg merge``); strategies whose modules cannot be folded do not
+        override this."""
+        raise NotImplementedError(f"model.tuning={self.name!r} cannot be merged into the VFM's weights")
+
+    def backbone_lr_mult(self, options: Any) -> float:
+        """The lr multiplier of the strategy's parameters inside the VFM (``backbone.vit.*``) when
+        the VFM itself does not train (``trains_vfm`` strategies use ``train.backbone_lr_mult``)."""
+        return 1.0
+
+    def weight_decay_schedule(self, options: Any, max_iters: int) -> Callable[[float, int], float] | None:
+        """``decay(initial, step)``: a parameter group's weight decay during iteration ``step`` given
+        its initial one, or ``None`` for a constant weight decay (the default)."""
+        return None
+
 
 def register_strategy(name: str) -> Callable[[type[TuningStrategy]], type[TuningStrategy]]:
     """Class decorator: register a :class:`TuningStrategy` subclass under ``name``."""
