@@ -275,6 +275,32 @@ def test_major_components_are_the_largest_singular_values(golden, tmp_path):
     assert math.isclose(minor.scaling, 2.0)
 
 
+def test_initial_split_keeps_the_pretrained_weights_as_the_official_runs(golden, tmp_path):
+    """``split: initial``: the official training's order (SVD of the random init, then the
+    checkpoint loaded over the residuals, ``soma_tiny.pt``'s ``runner_order``): every adapted
+    weight stays the pretrained one and ``B A`` starts as small as the official run's."""
+    config = model_config(golden, tmp_path)
+    config.soma.split = "initial"
+    backbone = build_segmentor(config).backbone
+    order = golden["runner_order"]
+    assert order["weight_is_pretrained"] and not order["weight_is_residual"]
+    for name, official in golden["adapters"].items():
+        layer, chunk = ours_of(name)
+        rows = slice(chunk * official["weight"].shape[0], (chunk + 1) * official["weight"].shape[0])
+        assert torch.equal(parametrization(backbone, layer).original[rows], official["weight"]), name
+        minor = parametrization(backbone, layer)[0]
+        product = minor.scaling * minor.lora_B[chunk] @ minor.lora_A[chunk]
+        assert torch.linalg.matrix_rank(product).item() == config.soma.rank
+    # ``max_abs_lora_product`` is the official run's unscaled B A of blocks.2.attn.q: another random
+    # draw here, of the same init (a default nn.Linear init would give 2-4x more), so the same order.
+    minor = parametrization(backbone, "blocks.2.attn.qkv")[0]
+    largest = (minor.lora_B[0] @ minor.lora_A[0]).abs().max().item()
+    assert order["max_abs_lora_product"] / 4 < largest < order["max_abs_lora_product"] * 4
+    config.soma.split = "both"
+    with pytest.raises(ConfigError, match="model.soma.split must be 'pretrained' or 'initial'"):
+        build_segmentor(config)
+
+
 @pytest.mark.slow
 def test_training_anneals_the_weight_decay_and_its_checkpoint_merges(tmp_path):
     """A short run through the engine: the optimizer's weight decay at the checkpoint is the

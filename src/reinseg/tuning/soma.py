@@ -58,6 +58,11 @@ class SomaConfig:
     # Cosine annealing of every parameter group's weight decay to this over train.max_iters
     # (the official CosineAnnealingParamScheduler on weight_decay); null: constant weight decay.
     min_weight_decay: float | None = 1e-5
+    # Whose singular components the adapters start from. "pretrained": the loaded VFM weights', the
+    # residual keeping the rest (the paper). "initial": as the official training runs, which split
+    # the randomly initialised weights before loading the checkpoint, so the pretrained weights stay
+    # whole and B A starts as the minor components of a random init (trunc. normal, std 0.02).
+    split: str = "pretrained"
 
 
 class MinorComponents(nn.Module):
@@ -111,9 +116,11 @@ def add_soma(
     targets: tuple[str, ...] = tuple(_ALL_LINEARS),
     minor: bool = True,
     train_bias: bool = True,
+    split: str = "pretrained",
 ) -> list[str]:
     """Split the target linear layers of blocks ``start_block ..`` of ``backbone.vit`` (its
-    weights loaded) and set what trains; returns the adapted layers' names."""
+    weights loaded) and set what trains; returns the adapted layers' names. ``split``: see
+    :class:`SomaConfig` (``"initial"``: the components of a random init, the weights left whole)."""
     depth = len(backbone.vit.blocks)
     if not 0 <= start_block < depth:
         raise ValueError(f"model.soma.start_block={start_block} must be in [0, {depth}), the backbone's blocks")
@@ -129,9 +136,14 @@ def add_soma(
         chunks = 3 if leaf == "qkv" else 1
         if rank > min(module.out_features // chunks, module.in_features):
             raise ValueError(f"model.soma.rank={rank} exceeds the size of {name} ({tuple(module.weight.shape)})")
-        lora_a, lora_b, residual = split_components(module.weight, rank, scaling, minor, chunks)
-        with torch.no_grad():
-            module.weight.copy_(residual)
+        if split == "initial":
+            # The official DINOv2's init of a linear layer (timm's trunc_normal_, std 0.02, cut at +-2).
+            initial = nn.init.trunc_normal_(torch.empty_like(module.weight, dtype=torch.float32), std=0.02)
+            lora_a, lora_b, _ = split_components(initial, rank, scaling, minor, chunks)
+        else:
+            lora_a, lora_b, residual = split_components(module.weight, rank, scaling, minor, chunks)
+            with torch.no_grad():
+                module.weight.copy_(residual)
         parametrize.register_parametrization(module, "weight", MinorComponents(lora_a, lora_b, scaling))
         module.parametrizations.weight.original.requires_grad_(False)
         if train_bias:
@@ -192,6 +204,8 @@ class Soma(TuningStrategy):
             raise ValueError("model.soma.targets must name at least one linear layer")
         if options.components not in ("minor", "major"):
             raise ValueError(f"model.soma.components must be 'minor' or 'major', got {options.components!r}")
+        if options.split not in ("pretrained", "initial"):
+            raise ValueError(f"model.soma.split must be 'pretrained' or 'initial', got {options.split!r}")
         if options.lr_mult < 0:
             raise ValueError(f"model.soma.lr_mult must be at least 0, got {options.lr_mult}")
         if options.min_weight_decay is not None and options.min_weight_decay < 0:
@@ -207,6 +221,7 @@ class Soma(TuningStrategy):
             tuple(options.targets),
             options.components == "minor",
             options.train_bias,
+            options.split,
         )
 
     def merge(self, backbone) -> None:
