@@ -13,7 +13,8 @@ is installed). What differs:
 
 - impulse noise: drawn from the given generator (scikit-image's ``random_noise`` draws from a
   fresh one, which no seed reaches);
-- glass blur: the same sequential pixel swaps, the offsets drawn in one call (the same numbers);
+- glass blur: the same sequential pixel moves, the offsets drawn in one call (the same numbers);
+  as in the package, each "swap" copies the neighbour onto the pixel (numpy views), and so here;
 - frost: overlays the package's six frost pictures, read from an installed ``imagecorruptions``
   (``pip install --no-deps imagecorruptions``: its requirement of ``opencv-python`` would clash
   with reinseg's ``opencv-python-headless``); without it, frost is refused by name.
@@ -210,8 +211,9 @@ def glass_blur(x, severity, rng):
             for w in cols:
                 dx, dy = offsets[k]
                 k += 1
-                a, b = h * width + w, (h + dy) * width + (w + dx)
-                packed[a], packed[b] = packed[b], packed[a]
+                # The published "swap" assigns through numpy views, so it copies: the pixel takes
+                # its neighbour's value and the neighbour keeps it.
+                packed[h * width + w] = packed[(h + dy) * width + (w + dx)]
     flat = np.array(packed, dtype=np.int64).reshape(height, width)
     x = np.stack([(flat >> 16) & 255, (flat >> 8) & 255, flat & 255], axis=-1).astype(np.uint8)
     return np.clip(_gaussian(x / 255.0, sigma), 0, 1) * 255
