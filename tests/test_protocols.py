@@ -164,8 +164,11 @@ def test_acdc_submission_has_the_server_layout_and_label_ids(tmp_path, checkpoin
 
     def predict(self, images, *args, **kwargs):  # train ID (x mod 19) at column x
         columns = torch.arange(images.shape[-1]) % 19
-        return torch.nn.functional.one_hot(columns, 19).T[None, :, None, :].float().expand(
-            images.shape[0], 19, images.shape[-2], -1
+        return (
+            torch.nn.functional.one_hot(columns, 19)
+            .T[None, :, None, :]
+            .float()
+            .expand(images.shape[0], 19, images.shape[-2], -1)
         )
 
     monkeypatch.setattr(Segmentor, "predict", predict)

@@ -132,7 +132,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import evaluate
-
     from .protocols import parse_protocols
 
     config = load_config(args.config, args.overrides)

@@ -26,7 +26,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
@@ -90,8 +89,9 @@ def prediction_at_size(scores: torch.Tensor, size) -> torch.Tensor:
     """(C, h, w) class scores of one image -> (H, W) int64 classes at ``size`` = (H, W), its label's
     (original) size: bilinear resize without corner alignment, then argmax, as mmseg's
     ``postprocess_result``."""
-    scores = F.interpolate(scores[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
-    return scores.argmax(1)[0]
+    from .protocols import scores_at_size
+
+    return scores_at_size(scores, size).argmax(0)
 
 
 class SegmentationTask(L.LightningModule):
@@ -686,9 +686,8 @@ def evaluate(
     ``protocols``: :class:`reinseg.protocols.Protocol` s evaluated together, each image read once
     (default ``[config]``); the results of the first are at the top of ``last_results``, those of
     each under ``protocols`` when there are several. ``save_predictions`` holds the first's."""
-    from .protocols import PROTOCOLS
-
     from .checkpoints import segmentor_from_checkpoint
+    from .protocols import PROTOCOLS
 
     check_values(config)
     check_num_classes(config)

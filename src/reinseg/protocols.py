@@ -53,6 +53,7 @@ __all__ = [
     "protocol_run",
     "input_sizes",
     "protocol_scores",
+    "scores_at_size",
 ]
 
 # mmsegmentation's conventional TTA ratios (its configs/_base_/datasets/*.py: img_ratios).
@@ -149,15 +150,14 @@ class ProtocolRun:
 
     def parameters(self, segmentor=None) -> dict[str, Any]:
         """The protocol as results record it (the segmentor's own window where the config decides)."""
-        mode, crop, stride = self.mode, self.crop, self.stride
-        if segmentor is not None and mode is None:
-            mode, crop, stride = segmentor.test_mode, segmentor.crop_size, segmentor.stride
-        flip = self.protocol.flip if self.protocol.window != "config" or segmentor is None else segmentor.flip
+        mode, crop, stride, flip = self.mode, self.crop, self.stride, self.protocol.flip
+        if segmentor is not None and self.protocol.window == "config":
+            mode, crop, stride, flip = segmentor.test_mode, segmentor.crop_size, segmentor.stride, segmentor.flip
         return {
             "name": self.name,
             "scales": {domain: None if s is None else list(s) for domain, s in self.scales.items()},
             "ratios": list(self.protocol.ratios),
-            "flip": bool(flip or self.protocol.flip),
+            "flip": bool(flip),
             "mode": mode,
             "crop_size": None if crop is None or mode == "whole" else list(crop),
             "stride": None if stride is None or mode == "whole" else list(stride),
@@ -215,16 +215,16 @@ def protocol_scores(segmentor, run: ProtocolRun, domain: str, image: np.ndarray,
         return scores.flip(-1) if mirrored else scores
 
     if len(sizes) == 1:
-        return _at_size(run_at(sizes[0]), out_size)
+        return scores_at_size(run_at(sizes[0]), out_size)
     total, count = None, 0
     for size in sizes:
         for mirrored in (False, True) if run.protocol.flip else (False,):
-            probabilities = _at_size(run_at(size, mirrored, predict_flip=False), out_size).softmax(0)
+            probabilities = scores_at_size(run_at(size, mirrored, predict_flip=False), out_size).softmax(0)
             total = probabilities if total is None else total + probabilities
             count += 1
     return total / count
 
 
-def _at_size(scores: torch.Tensor, size) -> torch.Tensor:
+def scores_at_size(scores: torch.Tensor, size) -> torch.Tensor:
     """(C, h, w) -> (C, H, W): bilinear without corner alignment, as mmseg's postprocess_result."""
     return F.interpolate(scores[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
