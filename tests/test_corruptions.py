@@ -156,3 +156,16 @@ def test_a_config_with_bad_corruptions_is_refused_by_evaluate(tmp_path):
     )
     with pytest.raises(ConfigError, match="corruptions must be 'all' or a list"):
         evaluate(config, str(tmp_path / "none.ckpt"))
+
+
+def test_frost_without_the_package_pictures_is_refused_by_name(monkeypatch):
+    import reinseg.data.corruptions as corruptions
+
+    monkeypatch.setattr(corruptions.importlib.util, "find_spec", lambda name: None)
+    image = np.zeros((40, 64, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="frost corruption .* imagecorruptions package, which is not installed"):
+        corrupt(image, "frost", 1, np.random.RandomState(0))
+    with pytest.raises(ValueError, match="unknown corruption 'blizzard'"):
+        corrupt(image, "blizzard", 1, np.random.RandomState(0))
+    with pytest.raises(ValueError, match="at least 32x32"):
+        corrupt(image[:8], "fog", 1, np.random.RandomState(0))
