@@ -26,7 +26,8 @@ ms-flip    mmseg's multi-scale + flip TTA (``img_ratios = [0.5, 0.75, 1.0, 1.25,
            horizontal flip, configs/_base_/datasets/cityscapes.py of mmsegmentation): the image at
            the official size times each ratio, each run mirrored and not, with the official
            windows; the 12 score maps are resized to the label, softmax-ed and averaged, as
-           mmseg's ``SegTTAModel`` does.
+           mmseg's ``SegTTAModel`` does. (mmseg applies the ratios to the image as loaded, so
+           its Cityscapes TTA is centred on 2048x1024; here on the official test scale.)
 =========  ==========================================================================================
 
 A protocol of your own is one :func:`register_protocol` call.
