@@ -379,3 +379,14 @@ def test_gtav_val_and_test_are_the_frames_of_the_official_split_file(tmp_path):
     (tmp_path / "gta" / "val.txt").write_text("00009\n")
     with pytest.raises(ValueError, match="1 images of the split are missing below .*images, e.g. 00009"):
         build_dataset("gtav", tmp_path / "gta", "val")
+
+
+def test_check_data_reads_the_gtav_frames_once_when_the_split_file_is_there(tmp_path):
+    from scipy.io import savemat
+
+    from reinseg.data.check import check
+
+    make_fake_gtav(tmp_path / "gta", n=3, size=(32, 64))
+    savemat(tmp_path / "gta" / "split.mat", {"trainIds": [[1.0]], "valIds": [[2.0]], "testIds": [[3.0]]})
+    reports = check(tmp_path / "gta", dataset="gtav", progress=False)
+    assert [report.pairs for report in reports] == [3]
