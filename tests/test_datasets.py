@@ -1,6 +1,7 @@
 import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,11 @@ from reinseg.data import (
     train_transform,
 )
 
-NATIVE_SPLITS = [(name, split) for name in FAKE_MAKERS for split in DATASETS[name].splits]
+SPLIT_FILE_SPLITS = {("gtav", "val"), ("gtav", "test")}
+# GTAV's val and test are subsets read from its split file (tested on their own below).
+NATIVE_SPLITS = [
+    (name, split) for name in FAKE_MAKERS for split in DATASETS[name].splits if (name, split) not in SPLIT_FILE_SPLITS
+]
 
 
 def _options(name):
@@ -350,3 +355,38 @@ def test_images_opencv_cannot_decode_are_errors_naming_the_file(tmp_path, damage
     path.write_bytes(data)  # the whole file decodes (as RGB: cv2 decodes BGR)
     decoded = read_image(path)
     assert decoded.shape == (64, 96, 3) and (ext == ".jpg" or np.array_equal(decoded, image[..., ::-1]))
+
+
+def test_gtav_val_and_test_are_the_frames_of_the_official_split_file(tmp_path):
+    from scipy.io import savemat
+
+    fake = make_fake_gtav(tmp_path / "gta", n=6, size=(32, 64))
+    # GTAV's split.mat: 1-based frame numbers as column vectors of doubles.
+    ids = {"trainIds": [[1.0], [2.0], [5.0]], "valIds": [[3.0], [6.0]], "testIds": [[4.0]]}
+    savemat(tmp_path / "gta" / "split.mat", ids)
+    val = build_dataset("gtav", tmp_path / "gta", "val")
+    assert [Path(image).name for image, _ in val.pairs] == ["00003.png", "00006.png"]
+    assert len(build_dataset("gtav", tmp_path / "gta", "test")) == 1
+    assert len(build_dataset("gtav", tmp_path / "gta", "train")) == 6  # the field trains on every frame
+    for i, (image, _) in enumerate(val.pairs):
+        np.testing.assert_array_equal(val[i]["label"].numpy(), fake.expected[image])
+    (tmp_path / "gta" / "split.mat").unlink()
+    (tmp_path / "gta" / "val.txt").write_text("00002.png\n4\n")
+    names = [Path(image).name for image, _ in build_dataset("gtav", tmp_path / "gta", "val").pairs]
+    assert names == ["00002.png", "00004.png"]
+    with pytest.raises(FileNotFoundError, match=r"GTAV split 'test' needs .*split.mat"):
+        build_dataset("gtav", tmp_path / "gta", "test")
+    (tmp_path / "gta" / "val.txt").write_text("00009\n")
+    with pytest.raises(ValueError, match="1 images of the split are missing below .*images, e.g. 00009"):
+        build_dataset("gtav", tmp_path / "gta", "val")
+
+
+def test_check_data_reads_the_gtav_frames_once_when_the_split_file_is_there(tmp_path):
+    from scipy.io import savemat
+
+    from reinseg.data.check import check
+
+    make_fake_gtav(tmp_path / "gta", n=3, size=(32, 64))
+    savemat(tmp_path / "gta" / "split.mat", {"trainIds": [[1.0]], "valIds": [[2.0]], "testIds": [[3.0]]})
+    reports = check(tmp_path / "gta", dataset="gtav", progress=False)
+    assert [report.pairs for report in reports] == [3]

@@ -17,7 +17,7 @@ from .heads import get_head
 from .segmentor import Segmentor
 from .tuning import get_strategy
 
-__all__ = ["build_segmentor", "build_configured_backbone"]
+__all__ = ["build_segmentor", "build_configured_backbone", "official_window"]
 
 
 def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) -> Segmentor:
@@ -57,9 +57,7 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
     if getattr(head_class, "criterion_class", None) is not None:
         criterion = head_class.criterion_class(config.head.num_classes, **to_dict(config.loss))
     test = config.test
-    img_size = bb.img_size if isinstance(bb.img_size, int) else tuple(bb.img_size)
-    crop = as_pair(test.crop_size if test.crop_size is not None else img_size, "model.test.crop_size")
-    stride = test.stride if test.stride is not None else tuple(round(c * 2 / 3) for c in crop)
+    crop, stride = official_window(config, test.crop_size, test.stride)
     try:
         segmentor = Segmentor(backbone, head, criterion, test.mode, crop, stride, test.flip)
     except ValueError as err:
@@ -112,3 +110,13 @@ def _head_hyper_parameters(config: ModelConfig, head_class: type) -> dict:
     if unknown:
         raise ConfigError(f"model.head.options: {sorted(unknown)} are not arguments of the {config.head.type} head")
     return {**given, **config.head.options}
+
+
+def official_window(config: ModelConfig, crop_size=None, stride=None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Sliding-window ``(crop, stride)`` as (h, w): ``crop_size`` or the training size
+    (``model.backbone.img_size``), ``stride`` or 2/3 of the crop (the official 341 at 512, 683 at 1024)."""
+    img_size = config.backbone.img_size
+    img_size = img_size if isinstance(img_size, int) else tuple(img_size)
+    crop = as_pair(crop_size if crop_size is not None else img_size, "model.test.crop_size")
+    step = as_pair(stride, "model.test.stride") if stride is not None else tuple(round(c * 2 / 3) for c in crop)
+    return crop, step

@@ -136,18 +136,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import evaluate
+    from .protocols import parse_protocols
 
     config = load_config(args.config, args.overrides)
     if args.output:
         config.train.output_dir = args.output
+    if args.protocol:
+        protocols = parse_protocols(args.protocol, "--protocol")
+    else:
+        protocols = parse_protocols(config.model.test.protocols, "model.test.protocols")
     target = Path(args.json) if args.json else Path(config.train.output_dir) / "eval_metrics.json"
     # Refuse an unwritable destination now, not after the whole evaluation.
     _check_writable_file(target)
     if args.save_preds:
         _check_writable_folder(Path(args.save_preds))
-    task = evaluate(config, args.checkpoint, save_predictions=args.save_preds)
+    if args.submission:
+        from .submission import check_submission_target
+
+        check_submission_target(config, Path(args.submission))
+    task = evaluate(config, args.checkpoint, save_predictions=args.save_preds, protocols=protocols)
     _write_json(target, task.last_results)
     print(f"wrote {target}")
+    if args.submission:
+        from .submission import write_acdc_submission
+
+        written = write_acdc_submission(task, Path(args.submission), protocols[0])
+        print(f"ACDC test-server submission ({written} predictions, Cityscapes label IDs) in {args.submission}")
     if args.save_preds:
         print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
         from .data.classes import CITYSCAPES_CLASSES
@@ -324,6 +338,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", default=None, help="results file (default <train.output_dir>/eval_metrics.json)")
     p.add_argument("--output", default=None, help="folder for logs (overrides train.output_dir)")
+    p.add_argument(
+        "--protocol",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="test protocol(s), repeatable or comma-separated, all in one pass over the data: config (default: "
+        "the config's scales and model.test), official, highres, ms-flip (README, 'Evaluation protocols')",
+    )
+    p.add_argument(
+        "--submission",
+        default=None,
+        metavar="DIR",
+        help="also predict the ACDC test images (the root of the config's acdc entry) under the first protocol and "
+        "write the test server's format: DIR/<condition>/test/<sequence>/<name>_rgb_anon.png in Cityscapes label "
+        "IDs, and DIR/submission.zip",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = _parser(

@@ -106,6 +106,9 @@ class TestConfig:
     crop_size: int | list[int] | None = None
     stride: int | list[int] | None = None
     flip: bool = False
+    # Named test protocols `reinseg eval` runs without --protocol (reinseg.protocols: config,
+    # official, highres, ms-flip); empty: config (the settings above and the entries' scales).
+    protocols: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -127,13 +127,22 @@ def check_num_classes(config: Config) -> None:
             )
 
 
-def validation_sets(config: Config) -> list[tuple[str, object, DatasetEntry]]:
-    """``(domain name, dataset, entry)`` per ``data.val`` entry, with the evaluation transform."""
+def validation_sets(config: Config, raw: bool = False) -> list[tuple[str, object, DatasetEntry]]:
+    """``(domain name, dataset, entry)`` per ``data.val`` entry (per corruption and severity of
+    an entry with ``corruptions``), with the evaluation transform; ``raw``: images as read,
+    (H, W, 3) uint8 tensors, which each test protocol resizes itself (:mod:`reinseg.protocols`)."""
     from .data import eval_transform
+    from .data.corruptions import Corrupt
+    from .data.transforms import Compose
 
     sets = []
-    for entry in _entries(config, "val"):
-        dataset = entry.build(transform=eval_transform(entry.eval_scale()), on_error=config.data.on_error)
+    entries = [expanded for entry in _entries(config, "val") for expanded in entry.expanded()]
+    for entry in entries:
+        transform = _raw_image if raw else eval_transform(entry.eval_scale())
+        seed = None
+        if entry.corruption is not None:
+            transform, seed = Compose([Corrupt(*entry.corruption), transform]), entry.corruption_seed
+        dataset = entry.build(transform=transform, on_error=config.data.on_error, seed=seed)
         # Every file is read now: a bad one must stop the run before training, not at its first
         # validation hours later. With on_error=skip the bad pairs are dropped (skipping at load
         # time would score a replacement image twice).
@@ -148,6 +157,13 @@ def validation_sets(config: Config) -> list[tuple[str, object, DatasetEntry]]:
     if duplicated:
         raise ConfigError(f"data.val has several domains named {sorted(duplicated)}: give them a 'label'")
     return sets
+
+
+def _raw_image(image, label=None, rng=None):
+    """The image as read, an (H, W, 3) uint8 tensor, and the label as ``ToTensor`` gives it."""
+    return torch.from_numpy(np.ascontiguousarray(image)), None if label is None else torch.from_numpy(
+        np.ascontiguousarray(label).astype(np.int64)
+    )
 
 
 def training_set(config: Config):
@@ -185,9 +201,10 @@ class SegmentationDataModule(L.LightningDataModule):
     checkpoint); the DDP rank and world size come from the attached trainer.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, raw_images: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.raw_images = raw_images  # validation images as read (see validation_sets)
         self.start_step = 0
         self._train_set = None
         self._val_sets: list[tuple[str, object, DatasetEntry]] | None = None
@@ -200,7 +217,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def val_sets(self) -> list[tuple[str, object, DatasetEntry]]:
         """``(domain name, dataset, entry)`` per ``data.val`` entry."""
         if self._val_sets is None:
-            self._val_sets = validation_sets(self.config)
+            self._val_sets = validation_sets(self.config, raw=self.raw_images)
         return self._val_sets
 
     def class_names(self) -> list[tuple[str, ...]]:

@@ -26,7 +26,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
@@ -90,8 +89,9 @@ def prediction_at_size(scores: torch.Tensor, size) -> torch.Tensor:
     """(C, h, w) class scores of one image -> (H, W) int64 classes at ``size`` = (H, W), its label's
     (original) size: bilinear resize without corner alignment, then argmax, as mmseg's
     ``postprocess_result``."""
-    scores = F.interpolate(scores[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
-    return scores.argmax(1)[0]
+    from .protocols import scores_at_size
+
+    return scores_at_size(scores, size).argmax(0)
 
 
 class SegmentationTask(L.LightningModule):
@@ -103,17 +103,23 @@ class SegmentationTask(L.LightningModule):
         segmentor: Segmentor | None = None,
         save_predictions: str | None = None,
         write_metrics: bool = True,
+        protocols: list | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        # Evaluation under named protocols (reinseg.protocols): the loaders give the images as read
+        # and each protocol resizes them; None: the datasets resize (validation during training).
+        self.protocols = protocols
         # Validation results go to <output_dir>/metrics/ (training); evaluate() writes elsewhere.
         self.write_metrics = write_metrics
         self.segmentor = segmentor if segmentor is not None else build_segmentor(config.model)
         self.save_predictions = None if save_predictions is None else Path(save_predictions)
         # Checkpoints hold only the trainable weights; on_load_checkpoint checks they are all there.
         self.strict_loading = False
-        self.data = SegmentationDataModule(config)
-        self._confusions: list[ConfusionMatrix] = []
+        self.data = SegmentationDataModule(config, raw_images=protocols is not None)
+        self._runs: list | None = None
+        self._confusions: list[list[ConfusionMatrix]] = []  # [protocol][domain]
+        self._part_confusions: list[list[dict[str, ConfusionMatrix]]] = []  # [protocol][domain][part]
         self._label_roots: dict[int, Path] = {}
         self.last_results: dict[str, Any] | None = None
         self._rng_after_step: dict | None = None
@@ -149,19 +155,62 @@ class SegmentationTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- validation -----------------------------------------------------------------------
+    def protocol_runs(self) -> list:
+        """The protocols of this evaluation resolved for its domains and model
+        (:func:`reinseg.protocols.protocol_run`); ``[config]`` during training."""
+        from .protocols import PROTOCOLS, protocol_run
+
+        if self._runs is None:
+            domains = [(domain, entry) for domain, _, entry in self.val_sets()]
+            self._runs = [
+                protocol_run(p, domains, self.config.model) for p in (self.protocols or [PROTOCOLS["config"]])
+            ]
+        return self._runs
+
     def on_validation_epoch_start(self) -> None:
-        # One matrix per domain, in the classes of its dataset.
-        self._confusions = [ConfusionMatrix(len(names), device=self.device) for names in self.data.class_names()]
+        # One matrix per protocol and domain, in the classes of its dataset, and one per part of a
+        # dataset in several (ACDC's conditions).
+        sets = self.val_sets()
+        names = self.data.class_names()
+        self._confusions, self._part_confusions = [], []
+        for _ in self.protocol_runs():
+            self._confusions.append([ConfusionMatrix(len(n), device=self.device) for n in names])
+            self._part_confusions.append(
+                [
+                    {part: ConfusionMatrix(len(n), device=self.device) for part in sorted(set(d.part_of.values()))}
+                    for (_, d, _), n in zip(sets, names, strict=True)
+                ]
+            )
+
+    def predictions(self, batch: dict, dataloader_idx: int) -> list[list[torch.Tensor]]:
+        """Per protocol, the (H, W) int64 prediction of each image of ``batch`` at its label's size."""
+        if self.protocols is None:
+            scores = self.segmentor.predict(batch["image"])
+            return [[prediction_at_size(scores[i], size) for i, size in enumerate(batch["ori_size"])]]
+        from .protocols import protocol_scores
+
+        domain = self.val_sets()[dataloader_idx][0]
+        images = [image.cpu().numpy() for image in batch["image"]]  # (H, W, 3) uint8, as read
+        return [
+            [
+                protocol_scores(self.segmentor, run, domain, image, size).argmax(0)
+                for image, size in zip(images, batch["ori_size"], strict=True)
+            ]
+            for run in self.protocol_runs()
+        ]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch["label"] is None:
             raise ValueError(f"validation set {self.val_sets()[dataloader_idx][0]} has no labels")
-        scores = self.segmentor.predict(batch["image"])
-        for i, size in enumerate(batch["ori_size"]):
-            prediction = prediction_at_size(scores[i], size)
-            self._confusions[dataloader_idx].update(prediction, batch["label"][i])
-            if self.save_predictions is not None:
-                self._write_prediction(dataloader_idx, batch["label_path"][i], prediction)
+        part_of = self.val_sets()[dataloader_idx][1].part_of
+        for p, predictions in enumerate(self.predictions(batch, dataloader_idx)):
+            for i, prediction in enumerate(predictions):
+                self._confusions[p][dataloader_idx].update(prediction, batch["label"][i])
+                part = part_of.get(batch["image_path"][i])
+                if part is not None:
+                    self._part_confusions[p][dataloader_idx][part].update(prediction, batch["label"][i])
+                if self.save_predictions is not None and p == 0:  # the first protocol's
+                    self._write_prediction(dataloader_idx, batch["label_path"][i], prediction)
 
     def _write_prediction(self, dataloader_idx: int, label_path: str, prediction: torch.Tensor) -> None:
         from .data.io import write_png
@@ -173,33 +222,60 @@ class SegmentationTask(L.LightningModule):
         target = self.save_predictions / domain.replace("/", "_") / relative
         write_png(target, prediction.to(torch.uint8).cpu().numpy(), sync=True)
 
-    def on_validation_epoch_end(self) -> None:
-        results, tables = {}, {}
-        for (domain, _, _), names, confusion in zip(
-            self.val_sets(), self.data.class_names(), self._confusions, strict=False
-        ):
-            confusion.reduce()
-            results[domain] = confusion.scores(names)
+    def _protocol_results(self, p: int) -> tuple[dict[str, Any], dict]:
+        """The results of protocol ``p`` (as the results file holds them) and the tables to print."""
+        from .data.corruptions import corruption_summary
+
+        results, tables, subdomains = {}, {}, {}
+        sets, names_of = self.val_sets(), self.data.class_names()
+        for d, ((domain, _, _), names) in enumerate(zip(sets, names_of, strict=True)):
+            self._confusions[p][d].reduce()
+            results[domain] = self._confusions[p][d].scores(names)
             tables.setdefault(names, {})[domain] = results[domain]
-        in_mean = [domain for domain, _, entry in self.val_sets() if entry.in_mean]
+            for part, confusion in self._part_confusions[p][d].items():
+                confusion.reduce()
+                sub = f"{domain}/{part.rsplit('/', 1)[-1]}"  # e.g. acdc/fog
+                results[sub] = confusion.scores(names)
+                tables[names][sub] = results[sub]
+                subdomains.setdefault(domain, []).append(sub)
+        in_mean = [domain for domain, _, entry in sets if entry.in_mean]
         summary = {
             "step": int(self.global_step),
+            "protocol": self.protocol_runs()[p].parameters(self.segmentor),
             "domains": results,
             "mean_mIoU": mean_over_domains(results, in_mean) if in_mean else None,
             "mean_domains": in_mean,
         }
+        if subdomains:
+            summary["subdomains"] = subdomains  # e.g. ACDC's conditions; not in the mean
+        corruptions = corruption_summary(results, [(domain, entry) for domain, _, entry in sets])
+        if corruptions:
+            summary["corruptions"] = corruptions
+        return summary, tables
+
+    def on_validation_epoch_end(self) -> None:
+        per_protocol = [self._protocol_results(p) for p in range(len(self.protocol_runs()))]
+        summary = dict(per_protocol[0][0])
+        if len(per_protocol) > 1:  # the first protocol's results stay at the top, for older readers
+            summary["protocols"] = {run.name: s for run, (s, _) in zip(self.protocol_runs(), per_protocol, strict=True)}
         self.last_results = summary
         # The scores are already summed over ranks: rank 0 logs them.
-        for domain, scores in results.items():
+        for domain, scores in summary["domains"].items():
             if scores["mIoU"] is not None:
                 self.log(f"val/{domain}/mIoU", scores["mIoU"], rank_zero_only=True)
         if summary["mean_mIoU"] is not None:
             self.log("val/mean_mIoU", summary["mean_mIoU"], prog_bar=True, rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            for names, table in tables.items():  # one table per class list
-                print("\n" + format_scores_table(table, names))
-            if summary["mean_mIoU"] is not None:
-                print(f"mean mIoU over {', '.join(in_mean)}: {summary['mean_mIoU']:.2f}")
+            for run, (results, tables) in zip(self.protocol_runs(), per_protocol, strict=True):
+                if self.protocols is not None:
+                    print(f"\nprotocol {run.name}")
+                for names, table in tables.items():  # one table per class list
+                    print("\n" + format_scores_table(table, names))
+                if results["mean_mIoU"] is not None:
+                    print(f"mean mIoU over {', '.join(results['mean_domains'])}: {results['mean_mIoU']:.2f}")
+                for base, corruption in results.get("corruptions", {}).items():
+                    means = ", ".join(f"{s}: {v:.2f}" for s, v in corruption["per_severity"].items() if v is not None)
+                    print(f"{base}: mean mIoU over corruptions per severity: {means}")
             if self.write_metrics:
                 out = Path(self.config.train.output_dir)
                 payload = json.dumps(summary, indent=2).encode()
@@ -601,10 +677,17 @@ def _clear_run(out: Path) -> None:
     (out / "config.yaml").unlink(missing_ok=True)
 
 
-def evaluate(config: Config, checkpoint: str, save_predictions: str | None = None) -> SegmentationTask:
+def evaluate(
+    config: Config, checkpoint: str, save_predictions: str | None = None, protocols: list | None = None
+) -> SegmentationTask:
     """Evaluate a checkpoint on ``data.val``; the task's ``last_results`` hold the per-domain
-    results and their mean, its ``val_sets()`` the datasets."""
+    results and their mean, its ``val_sets()`` the datasets.
+
+    ``protocols``: :class:`reinseg.protocols.Protocol` s evaluated together, each image read once
+    (default ``[config]``); the results of the first are at the top of ``last_results``, those of
+    each under ``protocols`` when there are several. ``save_predictions`` holds the first's."""
     from .checkpoints import segmentor_from_checkpoint
+    from .protocols import PROTOCOLS
 
     check_values(config)
     check_num_classes(config)
@@ -612,7 +695,13 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
         raise ConfigError("data.val lists no dataset to evaluate on")
     segmentor, _ = segmentor_from_checkpoint(checkpoint, config.model)
     # The results are returned, not written into the training run's metrics/.
-    task = SegmentationTask(config, segmentor=segmentor, save_predictions=save_predictions, write_metrics=False)
+    task = SegmentationTask(
+        config,
+        segmentor=segmentor,
+        save_predictions=save_predictions,
+        write_metrics=False,
+        protocols=list(protocols or [PROTOCOLS["config"]]),
+    )
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)

@@ -211,6 +211,8 @@ def _root_entries(root: Path, dataset: str | None, split: str | None, options: d
     if not (split or info.splits):
         raise ValueError(f"name the split of the {name} dataset to check (--split)")
     splits = [split] if split else list(info.splits)
+    if name == "gtav" and not split:
+        splits = ["train"]  # val and test (split.mat) are frames of train: checked once
     return [(DatasetEntry(name, str(root), s, options, where=str(root)), split is None) for s in splits]
 
 

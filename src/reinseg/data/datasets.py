@@ -155,6 +155,8 @@ class SegmentationDataset(Dataset):
         self.skipped = list(skipped or [])
         self.seed = seed
         self.epoch = 0
+        # The part (e.g. "acdc/fog") of each image of a dataset read in several parts; else empty.
+        self.part_of: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -282,13 +284,14 @@ def build_dataset(
         raise FileNotFoundError(f"{name} root not found: {root}")
     parts = split_layout(name, root, split, options)
     classes = dataset_classes(name, options, split)
-    pairs, encodings, unpaired = [], [], []
+    pairs, encodings, unpaired, part_of = [], [], [], {}
     for part_name, part_root, layout in parts:
         try:
             found = discover(part_root, layout)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{part_name} {split}: {err} (layouts: docs/datasets.md)") from None
         pairs += [(s.image, s.label) for s in found.samples]
+        part_of.update({s.image: part_name for s in found.samples})
         encodings += [s.encoding for s in found.samples]
         unpaired += found.unpaired
     display_name = parts[0][0] if len(parts) == 1 else name
@@ -298,7 +301,7 @@ def build_dataset(
         raise DataError(path, f"{reason}{more} (on_error='skip' leaves them out)")
     for path, reason in unpaired:
         log.warning("%s: skipped %s: %s", display_name, path, reason)
-    return SegmentationDataset(
+    dataset = SegmentationDataset(
         display_name,
         pairs,
         encodings,
@@ -308,6 +311,9 @@ def build_dataset(
         seed=seed,
         classes=classes,
     )
+    if len(parts) > 1:
+        dataset.part_of = part_of
+    return dataset
 
 
 def build_datasets(entries, *, transform=None, on_error: str = "raise", seed: int | None = None):

@@ -4,13 +4,14 @@ Training, evaluation, ``check-data``, ``predict`` (the test scale and palette of
 data) and the tests read ``data.train`` and ``data.val`` through :func:`parse_entries`, so an
 entry means the same everywhere. Validation entries may also hold the keys reinseg reads itself
 (:data:`EVAL_ENTRY_KEYS`): ``scale`` (the test scale, default the dataset's), ``label`` (the
-domain's name in results, default the dataset's) and ``in_mean`` (whether the domain counts in
-the mean over target domains, default true).
+domain's name in results, default the dataset's), ``in_mean`` (whether the domain counts in
+the mean over target domains, default true) and ``corruptions`` / ``severities`` /
+``corruption_seed`` (Cityscapes-C style corrupted copies, :mod:`reinseg.data.corruptions`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .layouts import dataset_classes, eval_scale
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["EVAL_ENTRY_KEYS", "DatasetEntry", "parse_entries"]
 
 # Keys of a data.val entry that reinseg reads itself (the rest go to build_dataset).
-EVAL_ENTRY_KEYS = ("scale", "label", "in_mean")
+EVAL_ENTRY_KEYS = ("scale", "label", "in_mean", "corruptions", "severities", "corruption_seed")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class DatasetEntry:
     in_mean: bool = True
     where: str = "dataset entry"
     section: str = ""  # "train" or "val" for entries of a config
+    corruptions: tuple[str, ...] = ()  # evaluated as one domain per corruption and severity
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    corruption_seed: int = 0
+    corruption: tuple[str, int] | None = None  # (name, severity) of one corrupted domain
 
     @classmethod
     def parse(
@@ -57,7 +62,11 @@ class DatasetEntry:
                 raise ValueError(f"{where}: dataset entry {entry} lacks '{key}' (each needs a name and a root)")
         own = EVAL_ENTRY_KEYS if evaluation else ()
         scale = entry.get("scale") if evaluation else None
+        corruptions, severities, corruption_seed = _corruption_keys(entry, where) if evaluation else ((), (), 0)
         return cls(
+            corruptions=corruptions,
+            severities=severities or (1, 2, 3, 4, 5),
+            corruption_seed=corruption_seed,
             name=entry["name"],
             root=str(entry["root"]),
             split=entry.get("split", split),
@@ -75,6 +84,18 @@ class DatasetEntry:
             return dataset_classes(self.name, self.options, self.split)
         except ValueError as err:
             raise ValueError(f"{self.where}: {err}") from None
+
+    def expanded(self) -> list[DatasetEntry]:
+        """The entry, or with ``corruptions`` one entry per corruption and severity, labelled
+        ``<label>-c/<corruption>/<severity>`` and left out of the mean over target domains."""
+        if not self.corruptions:
+            return [self]
+        base = f"{self.label or self.name}-c"
+        return [
+            replace(self, label=f"{base}/{name}/{severity}", in_mean=False, corruption=(name, severity))
+            for name in self.corruptions
+            for severity in self.severities
+        ]
 
     def eval_scale(self) -> tuple[int, int] | None:
         """The (long, short) scale images are resized to fit for evaluation: the entry's
@@ -95,3 +116,28 @@ def parse_entries(entries, section: str) -> list[DatasetEntry]:
         DatasetEntry.parse(entry, f"data.{section}[{i}]", split=section, evaluation=section == "val", section=section)
         for i, entry in enumerate(entries)
     ]
+
+
+def _corruption_keys(entry: dict, where: str) -> tuple[tuple[str, ...], tuple[int, ...], int]:
+    """``corruptions`` ("all" or a list of names), ``severities`` (1..5) and ``corruption_seed``
+    of an evaluation entry, checked (ValueError naming the key)."""
+    from .corruptions import CORRUPTIONS, SEVERITIES
+
+    names = entry.get("corruptions")
+    if names is None:
+        if "severities" in entry or "corruption_seed" in entry:
+            raise ValueError(f"{where}: severities and corruption_seed need corruptions (a list of names or 'all')")
+        return (), (), 0
+    names = list(CORRUPTIONS) if names == "all" else names
+    if not isinstance(names, list) or not names or any(n not in CORRUPTIONS for n in names):
+        raise ValueError(
+            f"{where}.corruptions must be 'all' or a list of corruption names, got {entry.get('corruptions')!r}; "
+            f"known: {', '.join(CORRUPTIONS)}"
+        )
+    severities = entry.get("severities", list(SEVERITIES))
+    if not isinstance(severities, list) or not severities or any(s not in SEVERITIES for s in severities):
+        raise ValueError(f"{where}.severities must be a list of integers in 1..5, got {severities!r}")
+    seed = entry.get("corruption_seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"{where}.corruption_seed must be a non-negative integer, got {seed!r}")
+    return tuple(dict.fromkeys(names)), tuple(dict.fromkeys(severities)), seed

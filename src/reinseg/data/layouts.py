@@ -79,6 +79,7 @@ class FolderPairs:
     image_suffix: str
     labels: tuple[LabelSource, ...]
     image_prefix: str = ""
+    keys: frozenset[str] | None = None  # only these images (pairing keys), e.g. a split file's
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,11 @@ def discover(root: Path, layout: FolderPairs) -> Discovery:
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir}")
     images = _files(root, layout.image_folder, layout.image_suffix, layout.image_prefix)
+    if layout.keys is not None:
+        missing = sorted(layout.keys - images.keys())
+        if missing:
+            raise ValueError(f"{len(missing)} images of the split are missing below {image_dir}, e.g. {missing[0]}")
+        images = {key: path for key, path in images.items() if key in layout.keys}
     if not images:
         raise ValueError(f"no images '{layout.image_prefix}*{layout.image_suffix}' found below {image_dir}")
     result = Discovery()
@@ -140,7 +146,8 @@ def discover(root: Path, layout: FolderPairs) -> Discovery:
     chosen: dict[str, tuple[Path, LabelEncoding]] = {}  # per key, the first source that has it
     for source in layout.labels:
         for key, path in _files(root, source.folder, source.suffix, source.prefix, source.exclude).items():
-            chosen.setdefault(key, (path, source.encoding))
+            if layout.keys is None or key in layout.keys:
+                chosen.setdefault(key, (path, source.encoding))
     for key, image in images.items():
         if key in chosen:
             label, encoding = chosen[key]
@@ -176,7 +183,30 @@ def _cityscapes(root: Path, split: str) -> FolderPairs:
 
 
 def _gtav(root: Path, split: str) -> FolderPairs:
-    return FolderPairs("images", ".png", _prepared_and_native("labels", ".png", GTAV_IDS, "_labelTrainIds.png"))
+    keys = None if split == "train" else _gtav_split(root, split)
+    labels = _prepared_and_native("labels", ".png", GTAV_IDS, "_labelTrainIds.png")
+    return FolderPairs("images", ".png", labels, keys=keys)
+
+
+def _gtav_split(root: Path, split: str) -> frozenset[str]:
+    """The frames of GTAV's official ``val`` or ``test`` split: ``<root>/split.mat`` (the file of
+    the dataset's download page: ``trainIds``, ``valIds``, ``testIds``, 1-based frame numbers),
+    or ``<root>/<split>.txt`` (one frame name or number a line)."""
+    listing, mat = root / f"{split}.txt", root / "split.mat"
+    if listing.is_file():
+        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        return frozenset(f"{int(n):05d}" if n.isdigit() else Path(n).stem for n in names)
+    if not mat.is_file():
+        raise FileNotFoundError(
+            f"GTAV split '{split}' needs {mat} (the official split file) or {listing} (one frame a line)"
+        )
+    from scipy.io import loadmat
+
+    try:
+        ids = loadmat(str(mat))[f"{split}Ids"]
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise ValueError(f"{mat}: not GTAV's split file (trainIds, valIds, testIds): {err}") from None
+    return frozenset(f"{int(i):05d}" for i in ids.ravel())
 
 
 def _synthia(root: Path, split: str) -> FolderPairs:
@@ -301,7 +331,13 @@ def register_dataset(info: DatasetInfo) -> DatasetInfo:
 
 
 for _info in (
-    DatasetInfo("gtav", ("train",), (1280, 720), "GTAV 'Playing for Data' (24,966 frames), source", _single(_gtav)),
+    DatasetInfo(
+        "gtav",
+        ("train", "val", "test"),
+        (1280, 720),
+        "GTAV 'Playing for Data' (train: all 24,966 frames; val / test: split.mat's 6,382 / 6,181)",
+        _single(_gtav),
+    ),
     DatasetInfo(
         "synthia", ("train",), (1280, 760), "SYNTHIA RAND-CITYSCAPES (9,400 frames), source", _single(_synthia)
     ),

@@ -1,0 +1,240 @@
+"""Named test protocols: the sizes the model sees, one pass over the data for several protocols,
+the protocol recorded in every result, ACDC per condition and its test-server submission."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model_config
+from fake_datasets import CITYSCAPES_NATIVE, make_fake_acdc, make_fake_cityscapes
+from PIL import Image
+
+from reinseg.build import build_segmentor, official_window
+from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint
+from reinseg.cli import main
+from reinseg.config import Config, DataConfig, TrainConfig, dump_config, to_dict
+from reinseg.engine import SegmentationTask, build_trainer, evaluate
+from reinseg.protocols import PROTOCOLS, Protocol, get_protocols, parse_protocols, register_protocol
+from reinseg.segmentor import Segmentor
+
+# Train ID -> Cityscapes label ID, written out from the dataset's documentation (fake_datasets).
+LABEL_ID_OF_TRAIN_ID = {train_id: native for native, train_id in CITYSCAPES_NATIVE.items() if train_id != 255}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A randomly initialised tiny model as a reinseg checkpoint."""
+    torch.manual_seed(0)
+    model = tiny_model_config()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    save_checkpoint(path, {"model": to_dict(model)}, checkpoint_state_dict(build_segmentor(model)))
+    return str(path)
+
+
+def eval_config(tmp_path, val, **test) -> Config:
+    model = tiny_model_config()
+    for key, value in test.items():
+        setattr(model.test, key, value)
+    return Config(
+        model=model,
+        data=DataConfig(val=val, num_workers=0),
+        train=TrainConfig(output_dir=str(tmp_path / "run"), accelerator="cpu", devices=1),
+    )
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """Replace the model by one recording each call's input size and window: it predicts class 0."""
+    calls = []
+
+    def predict(self, images, mode=None, crop_size=None, stride=None, flip=None):
+        calls.append(
+            dict(
+                size=tuple(images.shape[-2:]),
+                mode=mode,
+                crop=None if crop_size is None else tuple(crop_size),
+                stride=None if stride is None else tuple(stride),
+                flip=flip,
+            )
+        )
+        return torch.zeros(images.shape[0], self.num_classes, *images.shape[-2:])
+
+    monkeypatch.setattr(Segmentor, "predict", predict)
+    return calls
+
+
+def test_protocol_names_set_the_sizes_the_model_sees(tmp_path, checkpoint, seen):
+    # Cityscapes images of 64x32: official test scale 1024x512 -> x16 -> 1024x512; highres
+    # 2048x1024 -> x32; ms-flip: the official size x 0.5 .. 1.75, each plain and mirrored.
+    make_fake_cityscapes(tmp_path / "cs", n=1, size=(32, 64), splits=("val",), prepared=True)
+    config = eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"))])
+    evaluate(config, checkpoint, protocols=get_protocols(["official", "highres", "ms-flip"]))
+    sizes = [call["size"] for call in seen]
+    ms = [(256, 512), (384, 768), (512, 1024), (640, 1280), (768, 1536), (896, 1792)]
+    assert sizes == [(512, 1024), (1024, 2048)] + [s for s in ms for _ in range(2)]
+    # The official windows: the training crop (64 for this tiny model) every 2/3 of it; no flip
+    # inside the model (ms-flip mirrors the input itself).
+    assert {(c["mode"], c["crop"], c["stride"], c["flip"]) for c in seen} == {("slide", (64, 64), (43, 43), False)}
+
+
+def test_official_windows_are_those_of_the_official_configs():
+    # configs/_base_/models/rein_dinov2_mask2former.py: 512/341; dinov2_citys2acdc/*1024x1024*: 1024/683.
+    model = tiny_model_config()
+    model.backbone.img_size = 512
+    assert official_window(model) == ((512, 512), (341, 341))
+    model.backbone.img_size = 1024
+    assert official_window(model) == ((1024, 1024), (683, 683))
+
+
+@pytest.mark.slow  # ms-flip: 12 passes at up to 1792x896 per image
+def test_several_protocols_read_each_image_once_and_record_themselves(tmp_path, checkpoint, seen, monkeypatch):
+    import reinseg.data.datasets as datasets
+
+    fake = make_fake_cityscapes(tmp_path / "cs", n=3, size=(32, 64), splits=("val",), prepared=True)
+    reads = []
+    real_read_pair = datasets.read_pair
+    monkeypatch.setattr(datasets, "read_pair", lambda image, *a: reads.append(image) or real_read_pair(image, *a))
+    config = eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"), label="cs")])
+    results = evaluate(config, checkpoint, protocols=parse_protocols(["official,highres", "ms-flip"])).last_results
+    assert sorted(reads) == sorted(fake.expected)  # each image once, for three protocols
+    assert list(results["protocols"]) == ["official", "highres", "ms-flip"]
+    assert results["protocol"]["name"] == "official"  # the first protocol's results at the top
+    recorded = {name: r["protocol"] for name, r in results["protocols"].items()}
+    assert recorded["official"]["scales"] == {"cs": [1024, 512]}
+    assert recorded["highres"]["scales"] == {"cs": [2048, 1024]}
+    assert recorded["ms-flip"]["ratios"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    assert recorded["ms-flip"]["flip"] is True and recorded["official"]["flip"] is False
+    assert {r["mode"] for r in recorded.values()} == {"slide"}
+    assert {tuple(r["crop_size"]) for r in recorded.values()} == {(64, 64)}
+
+
+def test_the_config_protocol_gives_what_validation_during_training_gives(tmp_path, checkpoint):
+    """Evaluation resizes the images itself (once per protocol): the same numbers as validation,
+    where the datasets resize them; another protocol in the same pass changes nothing of it."""
+    make_fake_cityscapes(tmp_path / "cs", n=2, size=(32, 64), splits=("val",), prepared=True)
+    config = eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"), scale=[96, 48])])
+    small = register_protocol(Protocol("small-flip", "test", scale=(64, 32), flip=True))
+    try:
+        evaluated = evaluate(config, checkpoint, protocols=[PROTOCOLS["config"], small]).last_results
+    finally:
+        PROTOCOLS.pop("small-flip")
+    task = SegmentationTask(config, segmentor=evaluate(config, checkpoint).segmentor, write_metrics=False)
+    build_trainer(config, logging=False).validate(task, datamodule=task.data, verbose=False)
+    assert evaluated["protocols"]["config"]["domains"] == task.last_results["domains"]
+    assert evaluated["protocol"] == task.last_results["protocol"]
+    assert evaluated["protocol"]["scales"] == {"cityscapes": [96, 48]}
+    assert evaluated["protocol"]["mode"] == "whole" and evaluated["protocol"]["crop_size"] is None
+    assert evaluated["protocols"]["small-flip"]["protocol"]["flip"] is True
+
+
+def test_unknown_protocols_are_named_with_the_known_ones(tmp_path, checkpoint, capsys):
+    make_fake_cityscapes(tmp_path / "cs", n=1, size=(32, 64), splits=("val",), prepared=True)
+    config = eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"))])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(config))
+    assert main(["eval", str(config_file), checkpoint, "--protocol", "official,hires"]) == 2
+    err = capsys.readouterr().err
+    assert "--protocol: unknown protocol 'hires'" in err and "config, official, highres, ms-flip" in err
+    assert main(["eval", str(config_file), checkpoint, "model.test.protocols=[offical]"]) == 2
+    assert "model.test.protocols: unknown protocol 'offical'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_acdc_results_per_condition_and_overall(tmp_path, checkpoint):
+    fake = make_fake_acdc(tmp_path / "acdc", n=2, size=(32, 64), splits=("val",))
+    config = eval_config(tmp_path, [dict(name="acdc", root=str(tmp_path / "acdc"), split="val", scale=[64, 32])])
+    results = evaluate(config, checkpoint).last_results
+    conditions = ["acdc/fog", "acdc/night", "acdc/rain", "acdc/snow"]
+    assert results["subdomains"] == {"acdc": conditions}
+    assert results["mean_domains"] == ["acdc"]  # the conditions are parts of it, not more domains
+    for condition in conditions:
+        labels = [v for k, v in fake.expected.items() if f"/{condition.split('/')[1]}/" in k]
+        assert results["domains"][condition]["pixels"] == sum(int((lb != 255).sum()) for lb in labels)
+    assert results["domains"]["acdc"]["pixels"] == sum(results["domains"][c]["pixels"] for c in conditions)
+
+
+def test_acdc_submission_has_the_server_layout_and_label_ids(tmp_path, checkpoint, monkeypatch, capsys):
+    fake = make_fake_acdc(tmp_path / "acdc", n=2, size=(32, 64))
+    config = eval_config(tmp_path, [dict(name="acdc", root=str(tmp_path / "acdc"), split="val", scale=[64, 32])])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(config))
+
+    def predict(self, images, *args, **kwargs):  # train ID (x mod 19) at column x
+        columns = torch.arange(images.shape[-1]) % 19
+        return (
+            torch.nn.functional.one_hot(columns, 19)
+            .T[None, :, None, :]
+            .float()
+            .expand(images.shape[0], 19, images.shape[-2], -1)
+        )
+
+    monkeypatch.setattr(Segmentor, "predict", predict)
+    target = tmp_path / "submission"
+    assert main(["eval", str(config_file), checkpoint, "--submission", str(target)]) == 0
+    test_images = sorted(Path(p) for p, labels in fake.expected.items() if labels is None)
+    assert len(test_images) == 8
+    expected = sorted(p.relative_to(tmp_path / "acdc" / "rgb_anon") for p in test_images)
+    assert expected[0].as_posix() == "fog/test/GOPR0000/GOPR0000_frame_000000_rgb_anon.png"
+    written = sorted(p.relative_to(target) for p in target.rglob("*.png"))
+    assert written == expected
+    columns = np.arange(64) % 19
+    for relative in written:
+        prediction = np.asarray(Image.open(target / relative))
+        assert prediction.shape == (32, 64) and prediction.dtype == np.uint8
+        assert (prediction == np.array([LABEL_ID_OF_TRAIN_ID[c] for c in columns])[None]).all()
+    with zipfile.ZipFile(target / "submission.zip") as archive:
+        assert sorted(archive.namelist()) == [p.as_posix() for p in written]
+        assert archive.read(written[0].as_posix()) == (target / written[0]).read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_failed_submission_leaves_nothing_and_a_used_folder_is_refused(tmp_path, checkpoint, monkeypatch, capsys):
+    import reinseg.data.io as io
+
+    make_fake_acdc(tmp_path / "acdc", n=2, size=(32, 64))
+    config = eval_config(tmp_path, [dict(name="acdc", root=str(tmp_path / "acdc"), split="val", scale=[64, 32])])
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(config))
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "old.png").write_bytes(b"x")
+    assert main(["eval", str(config_file), checkpoint, "--submission", str(used)]) == 2
+    assert "--submission: " in capsys.readouterr().err and not (tmp_path / "run" / "eval_metrics.json").exists()
+
+    real_write_png, written = io.write_png, []
+
+    def failing_write_png(path, array, **kwargs):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device", str(path))
+        written.append(path)
+        real_write_png(path, array, **kwargs)
+
+    monkeypatch.setattr(io, "write_png", failing_write_png)
+    target = tmp_path / "submission"
+    assert main(["eval", str(config_file), checkpoint, "--submission", str(target)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not target.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".submission")]
+
+
+def test_submission_without_an_acdc_entry_is_refused(tmp_path, checkpoint, capsys):
+    make_fake_cityscapes(tmp_path / "cs", n=1, size=(32, 64), splits=("val",), prepared=True)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"))])))
+    assert main(["eval", str(config_file), checkpoint, "--submission", str(tmp_path / "sub")]) == 2
+    assert "--submission: data.val has no acdc entry" in capsys.readouterr().err
+    assert not (tmp_path / "sub").exists()
+
+
+def test_cli_eval_writes_every_protocol(tmp_path, checkpoint, seen):
+    make_fake_cityscapes(tmp_path / "cs", n=1, size=(32, 64), splits=("val",), prepared=True)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"))])))
+    out = tmp_path / "results.json"
+    args = ["eval", str(config_file), checkpoint, "--json", str(out), "--protocol", "official", "--protocol", "highres"]
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    assert [r["protocol"]["name"] for r in results["protocols"].values()] == ["official", "highres"]
+    assert [c["size"] for c in seen] == [(512, 1024), (1024, 2048)]
