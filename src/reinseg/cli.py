@@ -141,9 +141,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _check_writable_file(target)
     if args.save_preds:
         _check_writable_folder(Path(args.save_preds))
-    task = evaluate(config, args.checkpoint, save_predictions=args.save_preds)
+    examples = target.with_name(f"{target.stem}_examples")
+    if args.save_examples and examples.exists() and not examples.is_dir():
+        raise NotADirectoryError(20, "Not a directory (where --save-examples writes)", str(examples))
+    task = evaluate(
+        config,
+        args.checkpoint,
+        save_predictions=args.save_preds,
+        save_examples=args.save_examples or 0,
+        examples_dir=examples,
+    )
     _write_json(target, task.last_results)
     print(f"wrote {target}")
+    if args.save_examples:
+        print(f"examples (best, median, worst per domain) in {examples}; an HTML report with: reinseg report {target}")
     if args.save_preds:
         print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
         from .data.classes import CITYSCAPES_CLASSES
@@ -189,6 +200,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(Path(args.json), results)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    page = write_report(args.results, args.output, names=args.name, source=args.source, title=args.title)
+    print(f"wrote {page} (open it in a browser; it needs no server)")
     return 0
 
 
@@ -311,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", default=None, help="results file (default <train.output_dir>/eval_metrics.json)")
     p.add_argument("--output", default=None, help="folder for logs (overrides train.output_dir)")
+    p.add_argument(
+        "--save-examples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="also record what `reinseg report` shows: per domain the confusion matrix, per-image scores, and "
+        "the N best, median and worst images with their predictions (PNGs in <results>_examples/ beside the "
+        "results file; docs/report.md)",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = _parser(
@@ -362,6 +390,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="score in the classes of this config's first data.val dataset (default: the 19 Cityscapes classes)",
     )
     p.set_defaults(func=_cmd_score)
+
+    p = _parser(
+        sub,
+        "report",
+        "an HTML report comparing evaluation results",
+        "One static HTML page (DIR/index.html and its pictures; no server, no network) from one or more "
+        "results files of reinseg eval, one model each: mIoU per domain, per-class IoU bars, the classes "
+        "that lose most from source to target, and, from results written with --save-examples, confusion "
+        "matrices and the best, median and worst images with each model's prediction and errors.",
+        """
+                reinseg eval frozen.yaml frozen.ckpt --json frozen.json --save-examples 3
+                reinseg eval rein.yaml rein.ckpt --json rein.json --save-examples 3
+                reinseg report frozen.json rein.json --name frozen --name Rein --output report""",
+    )
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="results JSON files of reinseg eval")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder of the report (replaced if a report)")
+    p.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="a model name per results file, in order (default: the file's 'model' key, else its name)",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="the source domain for the per-class losses (default: the first domain outside the mean)",
+    )
+    p.add_argument("--title", default="reinseg evaluation report", help="the page's title")
+    p.set_defaults(func=_cmd_report)
 
     p = _parser(
         sub,

@@ -103,6 +103,7 @@ class SegmentationTask(L.LightningModule):
         segmentor: Segmentor | None = None,
         save_predictions: str | None = None,
         write_metrics: bool = True,
+        record_images: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -115,6 +116,10 @@ class SegmentationTask(L.LightningModule):
         self.data = SegmentationDataModule(config)
         self._confusions: list[ConfusionMatrix] = []
         self._label_roots: dict[int, Path] = {}
+        # With record_images, validation keeps per domain one record of scores per image
+        # (reinseg.examples), and the confusion matrices go into the results.
+        self.record_images = record_images
+        self.image_records: list[list[dict]] = []
         self.last_results: dict[str, Any] | None = None
         self._rng_after_step: dict | None = None
         # Set by train() when the run had already reached train.max_iters: nothing was done.
@@ -152,6 +157,7 @@ class SegmentationTask(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # One matrix per domain, in the classes of its dataset.
         self._confusions = [ConfusionMatrix(len(names), device=self.device) for names in self.data.class_names()]
+        self.image_records = [[] for _ in self._confusions]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if batch["label"] is None:
@@ -159,9 +165,22 @@ class SegmentationTask(L.LightningModule):
         scores = self.segmentor.predict(batch["image"])
         for i, size in enumerate(batch["ori_size"]):
             prediction = prediction_at_size(scores[i], size)
-            self._confusions[dataloader_idx].update(prediction, batch["label"][i])
+            if self.record_images:
+                self._record_image(dataloader_idx, batch, i, prediction)
+            else:
+                self._confusions[dataloader_idx].update(prediction, batch["label"][i])
             if self.save_predictions is not None:
                 self._write_prediction(dataloader_idx, batch["label_path"][i], prediction)
+
+    def _record_image(self, dataloader_idx: int, batch: dict, i: int, prediction: torch.Tensor) -> None:
+        from .examples import image_scores
+
+        confusion = self._confusions[dataloader_idx]
+        own = ConfusionMatrix(confusion.num_classes, confusion.ignore_index, device=confusion.matrix.device)
+        own.update(prediction, batch["label"][i])
+        confusion.matrix += own.matrix
+        record = {"image": str(batch["image_path"][i]), "label": str(batch["label_path"][i])}
+        self.image_records[dataloader_idx].append(record | image_scores(own.matrix))
 
     def _write_prediction(self, dataloader_idx: int, label_path: str, prediction: torch.Tensor) -> None:
         from .data.io import write_png
@@ -180,7 +199,11 @@ class SegmentationTask(L.LightningModule):
         ):
             confusion.reduce()
             results[domain] = confusion.scores(names)
+            if self.record_images:
+                results[domain]["confusion"] = confusion.matrix.tolist()
             tables.setdefault(names, {})[domain] = results[domain]
+        if self.record_images:
+            self.image_records = _gather_records(self.image_records, [d for _, d, _ in self.val_sets()])
         in_mean = [domain for domain, _, entry in self.val_sets() if entry.in_mean]
         summary = {
             "step": int(self.global_step),
@@ -258,6 +281,19 @@ class SegmentationTask(L.LightningModule):
                 torch.get_num_threads(),
             )
             torch.set_num_threads(int(threads))
+
+
+def _gather_records(records: list[list[dict]], datasets) -> list[list[dict]]:
+    """Every rank's per-image records, in each dataset's order (ranks see disjoint shards)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, records)
+        records = [sum((r[k] for r in ranks), []) for k in range(len(records))]
+    gathered = []
+    for dataset, domain in zip(datasets, records, strict=True):
+        position = {str(label): i for i, (_, label) in enumerate(dataset.pairs)}
+        gathered.append(sorted(domain, key=lambda r: position.get(r["label"], len(position))))
+    return gathered
 
 
 def rng_state() -> dict:
@@ -601,9 +637,19 @@ def _clear_run(out: Path) -> None:
     (out / "config.yaml").unlink(missing_ok=True)
 
 
-def evaluate(config: Config, checkpoint: str, save_predictions: str | None = None) -> SegmentationTask:
+def evaluate(
+    config: Config,
+    checkpoint: str,
+    save_predictions: str | None = None,
+    save_examples: int = 0,
+    examples_dir: str | Path | None = None,
+) -> SegmentationTask:
     """Evaluate a checkpoint on ``data.val``; the task's ``last_results`` hold the per-domain
-    results and their mean, its ``val_sets()`` the datasets."""
+    results and their mean, its ``val_sets()`` the datasets.
+
+    ``save_examples`` N > 0: the results also hold each domain's confusion matrix, per-image
+    scores and its N best, median and worst images, saved into ``examples_dir`` (paths relative
+    to its parent folder; see :mod:`reinseg.examples`)."""
     from .checkpoints import segmentor_from_checkpoint
 
     check_values(config)
@@ -612,7 +658,13 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
         raise ConfigError("data.val lists no dataset to evaluate on")
     segmentor, _ = segmentor_from_checkpoint(checkpoint, config.model)
     # The results are returned, not written into the training run's metrics/.
-    task = SegmentationTask(config, segmentor=segmentor, save_predictions=save_predictions, write_metrics=False)
+    task = SegmentationTask(
+        config,
+        segmentor=segmentor,
+        save_predictions=save_predictions,
+        write_metrics=False,
+        record_images=save_examples > 0,
+    )
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
@@ -620,4 +672,9 @@ def evaluate(config: Config, checkpoint: str, save_predictions: str | None = Non
         trainer.validate(task, datamodule=task.data, verbose=False)
     if task.last_results is None:
         raise RuntimeError("validation produced no results")
+    if save_examples > 0 and task.trainer.is_global_zero:
+        from .examples import write_examples
+
+        examples_dir = Path(examples_dir)
+        write_examples(task, save_examples, examples_dir, relative_to=examples_dir.parent)
     return task
