@@ -312,3 +312,20 @@ def test_report_refuses_bad_results_and_leaves_no_folder(handmade, tmp_path, cap
     assert main(["report", str(files[0]), "--output", str(tmp_path / "mine")]) == 2
     assert "is not a reinseg report" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_eval_refuses_bad_examples_options_before_evaluating(evaluated, tmp_path, capsys, monkeypatch):
+    tmp, _ = evaluated
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated before checking the options")
+
+    monkeypatch.setattr("reinseg.engine.evaluate", no_evaluation)
+    args = ["eval", str(tmp / "config.yaml"), str(tmp / "random.ckpt"), "--json", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--save-examples", "0"])
+    assert done.value.code == 2 and "--save-examples" in capsys.readouterr().err
+    (tmp_path / "r_examples").write_text("a file where the examples go")
+    assert main([*args, "--save-examples", "1"]) == 2
+    assert str(tmp_path / "r_examples") in capsys.readouterr().err

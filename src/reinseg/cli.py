@@ -456,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         "train and evaluate on the synthetic domain-shift benchmark (offline, CPU)",
         "Generate the synthetic street scenes, train Rein + head on a small ViT on the source domain, "
-        "evaluate on the unseen target domains, and write metrics.json and a picture per domain.",
+        "evaluate on the unseen target domains, and write metrics.json, a picture per domain and an HTML report "
+        "(report/index.html).",
         "reinseg demo --output reinseg-demo",
     )
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")

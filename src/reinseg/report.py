@@ -165,9 +165,9 @@ th:first-child, td:first-child { text-align: left; }
 .legend span { display: inline-block; margin: 2px 10px 2px 0; font-size: .9em; }
 .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #888; vertical-align: -1px;
   margin-right: 4px; }
-.gallery td { vertical-align: top; text-align: center; font-size: .85em; }
-.gallery img { width: 240px; image-rendering: pixelated; display: block; }
-.missing { width: 240px; color: #888; }
+.gallery td, .gallery th { vertical-align: top; text-align: center; font-size: .85em; }
+.gallery img { width: 200px; image-rendering: pixelated; display: block; }
+.missing { width: 200px; color: #888; }
 #report-status { color: #555; font-size: .85em; }
 .note { color: #555; }
 """
