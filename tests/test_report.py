@@ -290,8 +290,11 @@ def test_report_refuses_bad_results_and_leaves_no_folder(handmade, tmp_path, cap
         scores["IoU"] = {f"class {i}": v for i, v in enumerate(scores["IoU"].values())}
     (tmp_path / "other.json").write_text(json.dumps(other))
     (tmp_path / "corrupt.json").write_text('{"domains": {"a": ')
+    malformed = json.loads(files[0].read_text())
+    malformed["domains"]["source"]["examples"]["best"] = [{"image": "a.png"}]
+    (tmp_path / "malformed.json").write_text(json.dumps(malformed))
     missing = tmp_path / "missing.json"
-    for bad in (tmp_path / "other.json", tmp_path / "corrupt.json", missing):
+    for bad in (tmp_path / "other.json", tmp_path / "corrupt.json", tmp_path / "malformed.json", missing):
         assert main(["report", str(files[0]), str(bad), "--output", str(out)]) == 2
         error = capsys.readouterr().err
         assert str(bad) in error and len(error.strip().splitlines()) == 1

@@ -96,6 +96,21 @@ def _check_results(data, path: Path) -> None:
             or any(not isinstance(row, list) or len(row) != k + 1 for row in confusion)
         ):
             raise ValueError(f"{path}: the confusion matrix of domain {domain!r} is not {k} rows of {k + 1} counts")
+        examples = scores.get("examples", {})
+        entries = [e for g in GROUPS for e in (examples.get(g) or [])] if isinstance(examples, dict) else None
+        if entries is None or any(
+            not isinstance(e, dict)
+            or not isinstance(e.get("image"), str)
+            or not isinstance(e.get("files"), dict)
+            or any(not isinstance(e["files"].get(f), str) for f in ("image", "label", "prediction"))
+            for e in entries
+        ):
+            raise ValueError(
+                f"{path}: the examples of domain {domain!r} are not lists of "
+                '{"image", "files": {"image", "label", "prediction"}} (see docs/report.md)'
+            )
+        if not all(isinstance(r, dict) and isinstance(r.get("image"), str) for r in scores.get("images", [])):
+            raise ValueError(f"{path}: the per-image records of domain {domain!r} have no 'image'")
 
 
 def _check_same_classes(models: list[ModelResults]) -> None:
