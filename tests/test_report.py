@@ -332,3 +332,27 @@ def test_eval_refuses_bad_examples_options_before_evaluating(evaluated, tmp_path
     (tmp_path / "r_examples").write_text("a file where the examples go")
     assert main([*args, "--save-examples", "1"]) == 2
     assert str(tmp_path / "r_examples") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_examples_like_saves_another_models_choices_for_the_report(evaluated, tmp_path):
+    tmp, late = evaluated
+    torch.manual_seed(1)  # another model: other best, median and worst images
+    config_text = (tmp / "config.yaml").read_text()
+    from reinseg.config import load_config
+
+    config = load_config(str(tmp / "config.yaml"))
+    save_checkpoint(tmp_path / "other.ckpt", to_dict(config), checkpoint_state_dict(build_segmentor(config.model)))
+    other = tmp_path / "other.json"
+    args = ["eval", str(tmp / "config.yaml"), str(tmp_path / "other.ckpt"), "--json", str(other)]
+    assert main([*args, "--save-examples", str(N), "--examples-like", str(late)]) == 0
+    assert (tmp / "config.yaml").read_text() == config_text
+    ours, theirs = json.loads(other.read_text())["domains"], json.loads(late.read_text())["domains"]
+    missing_cells = 0
+    for domain in theirs:
+        chosen = {e["image"] for g in ("best", "median", "worst") for e in theirs[domain]["examples"][g]}
+        own = {e["image"] for g in ("best", "median", "worst") for e in ours[domain]["examples"][g]}
+        assert {e["image"] for e in ours[domain]["examples"]["also"]} == chosen
+        missing_cells += 2 * len(own - chosen)  # the late model did not save those
+    assert main(["report", str(late), str(other), "--output", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "index.html").read_text().count(">not saved<") == missing_cells

@@ -144,12 +144,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     examples = target.with_name(f"{target.stem}_examples")
     if args.save_examples and examples.exists() and not examples.is_dir():
         raise NotADirectoryError(20, "Not a directory (where --save-examples writes)", str(examples))
+    like = None
+    if args.examples_like:
+        if not args.save_examples:
+            raise ValueError("--examples-like needs --save-examples N")
+        from .report import load_results
+
+        like = {}
+        for model in load_results(args.examples_like):
+            for domain, scores in model.domains.items():
+                for entries in scores.get("examples", {}).values():
+                    like.setdefault(domain, set()).update(e["image"] for e in entries)
     task = evaluate(
         config,
         args.checkpoint,
         save_predictions=args.save_preds,
         save_examples=args.save_examples or 0,
         examples_dir=examples,
+        examples_like=like,
     )
     _write_json(target, task.last_results)
     print(f"wrote {target}")
@@ -338,6 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also record what `reinseg report` shows: per domain the confusion matrix, per-image scores, and "
         "the N best, median and worst images with their predictions (PNGs in <results>_examples/ beside the "
         "results file; docs/report.md)",
+    )
+    p.add_argument(
+        "--examples-like",
+        action="append",
+        default=None,
+        metavar="RESULTS",
+        help="with --save-examples: also save the predictions of the images these results files chose "
+        "(another model's), so that a report shows every model on the same images",
     )
     p.set_defaults(func=_cmd_eval)
 

@@ -643,13 +643,15 @@ def evaluate(
     save_predictions: str | None = None,
     save_examples: int = 0,
     examples_dir: str | Path | None = None,
+    examples_like: dict[str, set[str]] | None = None,
 ) -> SegmentationTask:
     """Evaluate a checkpoint on ``data.val``; the task's ``last_results`` hold the per-domain
     results and their mean, its ``val_sets()`` the datasets.
 
     ``save_examples`` N > 0: the results also hold each domain's confusion matrix, per-image
     scores and its N best, median and worst images, saved into ``examples_dir`` (paths relative
-    to its parent folder; see :mod:`reinseg.examples`)."""
+    to its parent folder; see :mod:`reinseg.examples`); ``examples_like`` (domain -> image
+    files): images whose predictions are saved too, e.g. those another model's results chose."""
     from .checkpoints import segmentor_from_checkpoint
 
     check_values(config)
@@ -676,5 +678,5 @@ def evaluate(
         from .examples import write_examples
 
         examples_dir = Path(examples_dir)
-        write_examples(task, save_examples, examples_dir, relative_to=examples_dir.parent)
+        write_examples(task, save_examples, examples_dir, relative_to=examples_dir.parent, also=examples_like)
     return task

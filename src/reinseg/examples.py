@@ -14,7 +14,8 @@ docs/report.md):
 - ``images``: one ``{"image", "label", "mIoU", "aAcc", "pixels"}`` per validation image
   (its files as the dataset names them; scores in percent, null where nothing is scored);
 - ``examples``: ``{"best": [...], "median": [...], "worst": [...]}``, ``N`` entries each (fewer
-  for a small set), each ``{"image", "label", "mIoU", "files": {"image", "label", "prediction"}}``,
+  for a small set), and ``"also"``: the images ``--examples-like`` asked for (if any); each
+  ``{"image", "label", "mIoU", "files": {"image", "label", "prediction"}}``,
   ``files`` being PNGs relative to the JSON's folder: the RGB image, the ground truth and the
   prediction in class ids (255: ignored), at most :data:`EXAMPLE_SIDE` pixels on the long side.
 """
@@ -71,10 +72,11 @@ def _small(image: np.ndarray, label: np.ndarray, prediction: np.ndarray):
 
 
 @torch.no_grad()
-def write_examples(task, n: int, folder: Path, relative_to: Path) -> None:
+def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str, set[str]] | None = None) -> None:
     """Add ``images`` and ``examples`` to each domain of ``task.last_results`` and write the
     chosen images' PNGs into ``folder/<domain>/`` (``folder`` is written whole, then renamed:
-    never half a folder). ``relative_to``: the results JSON's folder."""
+    never half a folder). ``relative_to``: the results JSON's folder. ``also``: per domain, more
+    images (files as the dataset names them) to save, listed under ``examples.also``."""
     from .checkpoints import atomic_directory
     from .data import collate
     from .data.io import read_image, write_png
@@ -91,9 +93,11 @@ def write_examples(task, n: int, folder: Path, relative_to: Path) -> None:
             results["images"] = records
             index_of = {str(label): i for i, (_, label) in enumerate(dataset.pairs)}
             chosen = choose_examples([r["mIoU"] for r in records], n)
+            wanted = (also or {}).get(domain, set())
+            chosen["also"] = [i for i, r in enumerate(records) if r["image"] in wanted]
             written: dict[int, dict] = {}
             subfolder = domain.replace("/", "_")
-            for group in ("best", "median", "worst"):
+            for group in chosen:
                 for position in chosen[group]:
                     if position not in written:
                         record = records[position]
@@ -115,4 +119,4 @@ def write_examples(task, n: int, folder: Path, relative_to: Path) -> None:
                             "mIoU": record["mIoU"],
                             "files": files,
                         }
-            results["examples"] = {group: [written[p] for p in chosen[group]] for group in chosen}
+            results["examples"] = {group: [written[p] for p in chosen[group]] for group in chosen if chosen[group]}

@@ -97,7 +97,9 @@ def _check_results(data, path: Path) -> None:
         ):
             raise ValueError(f"{path}: the confusion matrix of domain {domain!r} is not {k} rows of {k + 1} counts")
         examples = scores.get("examples", {})
-        entries = [e for g in GROUPS for e in (examples.get(g) or [])] if isinstance(examples, dict) else None
+        entries = (
+            [e for g in (*GROUPS, "also") for e in (examples.get(g) or [])] if isinstance(examples, dict) else None
+        )
         if entries is None or any(
             not isinstance(e, dict)
             or not isinstance(e.get("image"), str)
@@ -452,9 +454,10 @@ def _gallery(models: list[ModelResults], domains: list[str], palette: np.ndarray
         saved: dict[str, dict[str, dict]] = {}  # image -> model name -> its example entry
         for model in has_examples:
             examples = model.domains.get(domain, {}).get("examples") or {}
-            for group in GROUPS:
+            for group in (*GROUPS, "also"):  # "also": saved to be shown beside another model's choice
                 for entry in examples.get(group, []):
-                    rows[group].setdefault(entry["image"], (model.name, entry.get("mIoU")))
+                    if group != "also":
+                        rows[group].setdefault(entry["image"], (model.name, entry.get("mIoU")))
                     saved.setdefault(entry["image"], {})[model.name] = entry
         if not any(rows.values()):
             continue
