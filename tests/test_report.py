@@ -149,6 +149,16 @@ def test_eval_records_what_the_saved_predictions_score(evaluated):
                 assert np.array_equal(saved["image"], np.asarray(Image.open(entry["image"]).convert("RGB")))
 
 
+def test_choose_examples_by_score_skipping_unscored_images():
+    from reinseg.examples import choose_examples
+
+    scores = [50.0, None, 10.0, 90.0, 10.0, 70.0]
+    # sorted: 2 (10), 4 (10, later), 0 (50), 5 (70), 3 (90); image 1 has no score
+    assert choose_examples(scores, 2) == {"best": [3, 5], "median": [4, 0], "worst": [2, 4]}
+    assert choose_examples(scores, 9) == {"best": [3, 5, 0, 2, 4], "median": [2, 4, 0, 5, 3], "worst": [2, 4, 0, 5, 3]}
+    assert choose_examples([None, None], 1) == {"best": [], "median": [], "worst": []}
+
+
 class _Collect(HTMLParser):
     """The elements with a data-key (the numbers the page shows), the images, and the status line."""
 
