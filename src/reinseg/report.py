@@ -179,6 +179,7 @@ table { border-collapse: collapse; margin: .5em 0; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 .plots { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
+figure { margin: 0; }
 .legend span { display: inline-block; margin: 2px 10px 2px 0; font-size: .9em; }
 .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #888; vertical-align: -1px;
   margin-right: 4px; }
@@ -245,13 +246,13 @@ def _page(models: list[ModelResults], domains: list[str], source: str | None, ti
         '<div class="plots">' + "".join(_class_bars(models, d) for d in domains) + "</div>",
         "<h2>Classes that lose most from source to target</h2>",
         _losses(models, source),
+        "<h2>Examples</h2>",
+        _legend(classes, palette),
+        _gallery(models, domains, palette, folder),
         "<h2>Confusion matrices</h2>",
         '<p class="note">Row: the true class; column: the predicted one; each row sums to 1 '
         "(predictions outside the classes are counted but not drawn). Hover a cell for its value.</p>",
         _confusions(models, domains),
-        "<h2>Examples</h2>",
-        _legend(classes, palette),
-        _gallery(models, domains, palette, folder),
         f"<script>{CHECK_SCRIPT}</script></body></html>",
     ]
     return "\n".join(parts)
@@ -291,7 +292,7 @@ def _miou_table(models: list[ModelResults], domains: list[str]) -> str:
 def _class_bars(models: list[ModelResults], domain: str) -> str:
     present = [m for m in models if domain in m.domains]
     classes = present[0].classes(domain)
-    bar, gap, label_w, plot_w, value_w = 9, 6, 120, 300, 48
+    bar, gap, label_w, plot_w, value_w = 9, 6, 90, 180, 42
     row_h = bar * len(present) + gap
     height = row_h * len(classes) + 24
     width = label_w + plot_w + value_w
@@ -368,14 +369,12 @@ def _losses(models: list[ModelResults], source: str | None) -> str:
 
 
 def _confusions(models: list[ModelResults], domains: list[str]) -> str:
-    out = []
-    for domain in domains:
-        figures = [_confusion_svg(m, domain) for m in models if m.domains.get(domain, {}).get("confusion") is not None]
-        if figures:
-            out.append(f"<h3>{_e(domain)}</h3><div class='plots'>{''.join(figures)}</div>")
-    if not out:
+    figures = [
+        _confusion_svg(m, d) for d in domains for m in models if m.domains.get(d, {}).get("confusion") is not None
+    ]
+    if not figures:
         return '<p class="note">No confusion matrix in these results: evaluate with <code>--save-examples N</code>.</p>'
-    return "".join(out)
+    return f"<div class='plots'>{''.join(figures)}</div>"
 
 
 def _confusion_svg(model: ModelResults, domain: str) -> str:
@@ -386,7 +385,8 @@ def _confusion_svg(model: ModelResults, domain: str) -> str:
     k, cell, margin = len(classes), 16, 112
     size = margin + k * cell
     out = [
-        f'<figure><figcaption>{_e(model.name)}</figcaption><svg xmlns="http://www.w3.org/2000/svg" '
+        f"<figure><figcaption><b>{_e(domain)}</b>: {_e(model.name)}</figcaption>"
+        f'<svg xmlns="http://www.w3.org/2000/svg" data-model="{_e(model.name)}" data-domain="{_e(domain)}" '
         f'width="{size + 4}" height="{size + 4}" font-size="10">'
     ]
     for i, name in enumerate(classes):
