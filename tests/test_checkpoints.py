@@ -38,3 +38,28 @@ def test_checkpoint_round_trip_and_refusal(tmp_path):
         load_checkpoint(tmp_path / "plain.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
+    import subprocess
+    import sys
+
+    from reinseg.checkpoints import atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("half")
+        raise RuntimeError("failed while writing")
+    assert (target / "a.txt").read_text() == "first"  # the old folder, untouched
+    with atomic_directory(target) as staging:
+        (staging / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    # a killed writer's staging folder (its process is gone) is removed by the next writer
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".out.{dead.stdout.strip()}-partial-x").mkdir()
+    with atomic_directory(target):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

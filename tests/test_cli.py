@@ -35,6 +35,7 @@ def test_unknown_backbone_is_a_clear_error(capsys):
         "eval",
         "predict",
         "score",
+        "report",
         "params",
         "backbones",
         "demo",

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -22,6 +23,15 @@ def test_demo_trains_evaluates_and_writes_its_results(tmp_path, capsys):
         assert picture.shape[0] > 2 * 128 and picture.shape[1] > 3 * 2 * 256
     unseen = [metrics[d]["mIoU"] for d in DOMAINS[1:]]
     assert summary["mean_mIoU"] == sum(unseen) / len(unseen)
+    # The report, from the full results, shows the demo's numbers and its examples' pictures.
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    page = (tmp_path / "demo" / "report" / "index.html").read_text()
+    for domain in DOMAINS:
+        assert results["domains"][domain]["mIoU"] == metrics[domain]["mIoU"]
+        assert f'data-domain="{domain}" data-key="mIoU">{metrics[domain]["mIoU"]:.2f}<' in page
+        assert len(results["domains"][domain]["images"]) == 2 and results["domains"][domain]["examples"]["best"]
+    pictures = re.findall(r'<img src="([^"]+)"', page)
+    assert pictures and all((tmp_path / "demo" / "report" / p).is_file() for p in pictures)
     out = capsys.readouterr().out
     assert "mean over unseen domains" in out and "game" in out
 

@@ -8,6 +8,7 @@ leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -26,6 +27,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_directory",
     "remove_stale_temporaries",
     "save_checkpoint",
     "load_checkpoint",
@@ -109,6 +111,44 @@ def _alive(pid: int) -> bool:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a fresh temporary folder beside ``path``; when the block ends without an error it
+    replaces ``path`` (an older ``path`` is removed), otherwise it is deleted: ``path`` is never
+    half written. Staging folders that killed writers left beside ``path`` are removed."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(path))
+    for stale in path.parent.glob(f".{path.name}.*{_TMP_MARK}*"):  # left by killed writers
+        pid = stale.name[len(path.name) + 2 :].partition(_TMP_MARK)[0]
+        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", dir=path.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())
+        if not path.exists():
+            os.replace(staging, path)
+            return
+        # A folder cannot be renamed over a non-empty one: the old one steps aside first, and
+        # comes back if the new one cannot take its place.
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}old-", dir=path.parent))
+        os.replace(path, old / path.name)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            os.replace(old / path.name, path)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def checkpoint_state_dict(segmentor: torch.nn.Module) -> dict[str, Tensor]:

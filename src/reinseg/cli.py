@@ -154,7 +154,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from .submission import check_submission_target
 
         check_submission_target(config, Path(args.submission))
-    task = evaluate(config, args.checkpoint, save_predictions=args.save_preds, protocols=protocols)
+    examples = target.with_name(f"{target.stem}_examples")
+    if args.save_examples and examples.exists() and not examples.is_dir():
+        raise NotADirectoryError(20, "Not a directory (where --save-examples writes)", str(examples))
+    like = None
+    if args.examples_like:
+        if not args.save_examples:
+            raise ValueError("--examples-like needs --save-examples N")
+        from .report import load_results
+
+        like = {}
+        for model in load_results(args.examples_like):
+            for domain, scores in model.domains.items():
+                for entries in scores.get("examples", {}).values():
+                    like.setdefault(domain, set()).update(e["image"] for e in entries)
+    task = evaluate(
+        config,
+        args.checkpoint,
+        save_predictions=args.save_preds,
+        protocols=protocols,
+        save_examples=args.save_examples or 0,
+        examples_dir=examples,
+        examples_like=like,
+    )
     _write_json(target, task.last_results)
     print(f"wrote {target}")
     if args.submission:
@@ -162,6 +184,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         written = write_acdc_submission(task, Path(args.submission), protocols[0])
         print(f"ACDC test-server submission ({written} predictions, Cityscapes label IDs) in {args.submission}")
+    if args.save_examples:
+        print(f"examples (best, median, worst per domain) in {examples}; an HTML report with: reinseg report {target}")
     if args.save_preds:
         print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
         from .data.classes import CITYSCAPES_CLASSES
@@ -207,6 +231,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.json:
         _write_json(Path(args.json), results)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    page = write_report(args.results, args.output, names=args.name, source=args.source, title=args.title)
+    print(f"wrote {page} (open it in a browser; it needs no server)")
     return 0
 
 
@@ -354,6 +386,23 @@ def build_parser() -> argparse.ArgumentParser:
         "write the test server's format: DIR/<condition>/test/<sequence>/<name>_rgb_anon.png in Cityscapes label "
         "IDs, and DIR/submission.zip",
     )
+    p.add_argument(
+        "--save-examples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="also record what `reinseg report` shows: per domain the confusion matrix, per-image scores, and "
+        "the N best, median and worst images with their predictions (PNGs in <results>_examples/ beside the "
+        "results file; docs/report.md)",
+    )
+    p.add_argument(
+        "--examples-like",
+        action="append",
+        default=None,
+        metavar="RESULTS",
+        help="with --save-examples: also save the predictions of the images these results files chose "
+        "(another model's), so that a report shows every model on the same images",
+    )
     p.set_defaults(func=_cmd_eval)
 
     p = _parser(
@@ -408,6 +457,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(
         sub,
+        "report",
+        "an HTML report comparing evaluation results",
+        "One static HTML page (DIR/index.html and its pictures; no server, no network) from one or more "
+        "results files of reinseg eval, one model each: mIoU per domain, per-class IoU bars, the classes "
+        "that lose most from source to target, and, from results written with --save-examples, confusion "
+        "matrices and the best, median and worst images with each model's prediction and errors.",
+        """
+                reinseg eval frozen.yaml frozen.ckpt --json frozen.json --save-examples 3
+                reinseg eval rein.yaml rein.ckpt --json rein.json --save-examples 3
+                reinseg report frozen.json rein.json --name frozen --name Rein --output report""",
+    )
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="results JSON files of reinseg eval")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder of the report (replaced if a report)")
+    p.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="a model name per results file, in order (default: the file's 'model' key, else its name)",
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="the source domain for the per-class losses (default: the first domain outside the mean)",
+    )
+    p.add_argument("--title", default="reinseg evaluation report", help="the page's title")
+    p.set_defaults(func=_cmd_report)
+
+    p = _parser(
+        sub,
         "params",
         "parameter table: frozen backbone, Rein, head",
         "Build the model of a config (or of the options below) on the meta device (no weights, no memory) "
@@ -446,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         "train and evaluate on the synthetic domain-shift benchmark (offline, CPU)",
         "Generate the synthetic street scenes, train Rein + head on a small ViT on the source domain, "
-        "evaluate on the unseen target domains, and write metrics.json and a picture per domain.",
+        "evaluate on the unseen target domains, and write metrics.json, a picture per domain and an HTML report "
+        "(report/index.html).",
         "reinseg demo --output reinseg-demo",
     )
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")

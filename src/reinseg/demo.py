@@ -2,7 +2,8 @@
 
 It generates the synthetic street scenes (:mod:`reinseg.data.synthetic`), trains Rein + the
 Mask2Former head on a small ViT on the ``game`` domain only, and evaluates on the held-out ``game``
-images and on the unseen ``real``, ``dusk`` and ``fog`` domains. The small ViT has random weights:
+images and on the unseen ``real``, ``dusk`` and ``fog`` domains, and writes the HTML report of
+:mod:`reinseg.report` from that evaluation. The small ViT has random weights:
 no foundation model can be downloaded here, so the numbers show the pipeline working end to end,
 not what a pretrained VFM reaches (see the README for a real run).
 """
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -38,6 +40,7 @@ __all__ = ["DEMO_ITERS", "demo_config", "free_cores", "run_demo", "comparison_pi
 
 SIZE = (128, 256)  # synthetic images, (H, W)
 DEMO_ITERS = 250  # about 2.5 minutes of training on 2 CPU cores
+DEMO_EXAMPLES = 2  # best, median and worst images per domain in the demo's report
 
 
 def demo_config(root: Path, output: Path, max_iters: int = DEMO_ITERS, seed: int = 0) -> Config:
@@ -123,7 +126,9 @@ def run_demo(
     num_val: int = 50,
     threads: int | None = None,
 ) -> dict:
-    """Generate, train, evaluate; writes ``metrics.json`` and ``<domain>.png`` into ``output``.
+    """Generate, train, evaluate; writes ``metrics.json``, ``<domain>.png``, the full results
+    (``results.json``, with the examples of ``reinseg eval --save-examples`` in ``results_examples/``)
+    and their HTML report (``report/index.html``) into ``output``.
 
     ``threads``: torch's CPU threads (default: ``OMP_NUM_THREADS`` if set, else :func:`free_cores`).
     More threads than free cores make every step wait for the slowest thread, which shares its
@@ -133,6 +138,8 @@ def run_demo(
     from .data.io import write_png
     from .data.synthetic import DOMAINS, write_cityscapes_layout
     from .engine import train
+    from .examples import write_examples
+    from .report import write_report
 
     output = Path(output)
     start = time.perf_counter()
@@ -157,7 +164,7 @@ def run_demo(
             f"random weights; config in {output / 'config.yaml'})"
         )
         # A re-run replaces the previous demo run (never a stale last.ckpt beside the new one).
-        task = train(config, resume="never", overwrite=True)
+        task = train(config, resume="never", overwrite=True, callbacks=[_RecordImages()])
         results = task.last_results
         if results is None:
             raise RuntimeError("the demo's validation produced no results")
@@ -175,6 +182,11 @@ def run_demo(
                 *_first_item(task.segmentor.eval(), dataset), title, classes=dataset.classes
             )
             write_png(output / f"{domain}.png", picture, sync=True)
+        write_examples(task, DEMO_EXAMPLES, output / "results_examples", relative_to=output)
+        atomic_write_bytes(output / "results.json", json.dumps(results | {"model": "Rein (demo)"}, indent=2).encode())
+        report = write_report(
+            [output / "results.json"], output / "report", title="reinseg demo: Rein on synthetic domains"
+        )
         seconds = time.perf_counter() - start
         print(f"\n{'domain':<8} {'mIoU':>6}")
         for domain, scores in metrics.items():
@@ -185,6 +197,7 @@ def run_demo(
             f"wrote {output / 'metrics.json'} and {', '.join(f'{d}.png' for d in metrics)} to {output} "
             f"in {seconds / 60:.1f} min"
         )
+        print(f"the report (open it in a browser): {report}")
         # Float sums are split across threads, so the thread count changes the last bits, which 250
         # training steps amplify.
         print(
@@ -194,6 +207,14 @@ def run_demo(
         return {"metrics": metrics, "mean_mIoU": results["mean_mIoU"], "seconds": seconds}
     finally:
         torch.set_num_threads(previous_threads)  # the caller's process is left as it was
+
+
+class _RecordImages(L.Callback):
+    """Makes the validation that ends training record what the report needs (per-image scores,
+    confusion matrices): the demo evaluates once, not twice."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.record_images = True
 
 
 @torch.no_grad()

@@ -104,6 +104,7 @@ class SegmentationTask(L.LightningModule):
         save_predictions: str | None = None,
         write_metrics: bool = True,
         protocols: list | None = None,
+        record_images: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -121,6 +122,10 @@ class SegmentationTask(L.LightningModule):
         self._confusions: list[list[ConfusionMatrix]] = []  # [protocol][domain]
         self._part_confusions: list[list[dict[str, ConfusionMatrix]]] = []  # [protocol][domain][part]
         self._label_roots: dict[int, Path] = {}
+        # With record_images, validation keeps per domain one record of scores per image
+        # (reinseg.examples), and the confusion matrices go into the results.
+        self.record_images = record_images
+        self.image_records: list[list[dict]] = []
         self.last_results: dict[str, Any] | None = None
         self._rng_after_step: dict | None = None
         # Set by train() when the run had already reached train.max_iters: nothing was done.
@@ -171,6 +176,7 @@ class SegmentationTask(L.LightningModule):
         # One matrix per protocol and domain, in the classes of its dataset, and one per part of a
         # dataset in several (ACDC's conditions).
         sets = self.val_sets()
+        self.image_records = [[] for _ in sets]
         names = self.data.class_names()
         self._confusions, self._part_confusions = [], []
         for _ in self.protocol_runs():
@@ -209,8 +215,19 @@ class SegmentationTask(L.LightningModule):
                 part = part_of.get(batch["image_path"][i])
                 if part is not None:
                     self._part_confusions[p][dataloader_idx][part].update(prediction, batch["label"][i])
+                if self.record_images and p == 0:  # the first protocol's
+                    self._record_image(dataloader_idx, batch, i, prediction)
                 if self.save_predictions is not None and p == 0:  # the first protocol's
                     self._write_prediction(dataloader_idx, batch["label_path"][i], prediction)
+
+    def _record_image(self, dataloader_idx: int, batch: dict, i: int, prediction: torch.Tensor) -> None:
+        from .examples import image_scores
+
+        confusion = self._confusions[0][dataloader_idx]  # the first protocol's
+        own = ConfusionMatrix(confusion.num_classes, confusion.ignore_index, device=confusion.matrix.device)
+        own.update(prediction, batch["label"][i])
+        record = {"image": str(batch["image_path"][i]), "label": str(batch["label_path"][i])}
+        self.image_records[dataloader_idx].append(record | image_scores(own.matrix))
 
     def _write_prediction(self, dataloader_idx: int, label_path: str, prediction: torch.Tensor) -> None:
         from .data.io import write_png
@@ -231,6 +248,8 @@ class SegmentationTask(L.LightningModule):
         for d, ((domain, _, _), names) in enumerate(zip(sets, names_of, strict=True)):
             self._confusions[p][d].reduce()
             results[domain] = self._confusions[p][d].scores(names)
+            if self.record_images:
+                results[domain]["confusion"] = self._confusions[p][d].matrix.tolist()
             tables.setdefault(names, {})[domain] = results[domain]
             for part, confusion in self._part_confusions[p][d].items():
                 confusion.reduce()
@@ -254,6 +273,8 @@ class SegmentationTask(L.LightningModule):
         return summary, tables
 
     def on_validation_epoch_end(self) -> None:
+        if self.record_images:
+            self.image_records = _gather_records(self.image_records, [d for _, d, _ in self.val_sets()])
         per_protocol = [self._protocol_results(p) for p in range(len(self.protocol_runs()))]
         summary = dict(per_protocol[0][0])
         if len(per_protocol) > 1:  # the first protocol's results stay at the top, for older readers
@@ -334,6 +355,19 @@ class SegmentationTask(L.LightningModule):
                 torch.get_num_threads(),
             )
             torch.set_num_threads(int(threads))
+
+
+def _gather_records(records: list[list[dict]], datasets) -> list[list[dict]]:
+    """Every rank's per-image records, in each dataset's order (ranks see disjoint shards)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        ranks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(ranks, records)
+        records = [sum((r[k] for r in ranks), []) for k in range(len(records))]
+    gathered = []
+    for dataset, domain in zip(datasets, records, strict=True):
+        position = {str(label): i for i, (_, label) in enumerate(dataset.pairs)}
+        gathered.append(sorted(domain, key=lambda r: position.get(r["label"], len(position))))
+    return gathered
 
 
 def rng_state() -> dict:
@@ -678,14 +712,25 @@ def _clear_run(out: Path) -> None:
 
 
 def evaluate(
-    config: Config, checkpoint: str, save_predictions: str | None = None, protocols: list | None = None
+    config: Config,
+    checkpoint: str,
+    save_predictions: str | None = None,
+    protocols: list | None = None,
+    save_examples: int = 0,
+    examples_dir: str | Path | None = None,
+    examples_like: dict[str, set[str]] | None = None,
 ) -> SegmentationTask:
     """Evaluate a checkpoint on ``data.val``; the task's ``last_results`` hold the per-domain
     results and their mean, its ``val_sets()`` the datasets.
 
     ``protocols``: :class:`reinseg.protocols.Protocol` s evaluated together, each image read once
     (default ``[config]``); the results of the first are at the top of ``last_results``, those of
-    each under ``protocols`` when there are several. ``save_predictions`` holds the first's."""
+    each under ``protocols`` when there are several. ``save_predictions`` holds the first's.
+
+    ``save_examples`` N > 0 (the first protocol's): the results also hold each domain's confusion matrix, per-image
+    scores and its N best, median and worst images, saved into ``examples_dir`` (paths relative
+    to its parent folder; see :mod:`reinseg.examples`); ``examples_like`` (domain -> image
+    files): images whose predictions are saved too, e.g. those another model's results chose."""
     from .checkpoints import segmentor_from_checkpoint
     from .protocols import PROTOCOLS
 
@@ -701,6 +746,7 @@ def evaluate(
         save_predictions=save_predictions,
         write_metrics=False,
         protocols=list(protocols or [PROTOCOLS["config"]]),
+        record_images=save_examples > 0,
     )
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
@@ -709,4 +755,9 @@ def evaluate(
         trainer.validate(task, datamodule=task.data, verbose=False)
     if task.last_results is None:
         raise RuntimeError("validation produced no results")
+    if save_examples > 0 and task.trainer.is_global_zero:
+        from .examples import write_examples
+
+        examples_dir = Path(examples_dir)
+        write_examples(task, save_examples, examples_dir, relative_to=examples_dir.parent, also=examples_like)
     return task
