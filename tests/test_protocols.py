@@ -238,3 +238,21 @@ def test_cli_eval_writes_every_protocol(tmp_path, checkpoint, seen):
     results = json.loads(out.read_text())
     assert [r["protocol"]["name"] for r in results["protocols"].values()] == ["official", "highres"]
     assert [c["size"] for c in seen] == [(512, 1024), (1024, 2048)]
+
+
+def test_examples_are_those_of_the_first_protocol(tmp_path, checkpoint, seen):
+    """``--save-examples`` with several protocols: the per-image records and the re-made example
+    predictions are the first protocol's (here highres: the image at 2048x1024)."""
+    make_fake_cityscapes(tmp_path / "cs", n=1, size=(32, 64), splits=("val",), prepared=True)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"))])))
+    out = tmp_path / "results.json"
+    args = ["eval", str(config_file), checkpoint, "--json", str(out), "--protocol", "highres,official"]
+    assert main(args + ["--save-examples", "1"]) == 0
+    # Validation: highres then official; the example (the one image) predicted again under highres.
+    assert [c["size"] for c in seen] == [(1024, 2048), (512, 1024), (1024, 2048)]
+    results = json.loads(out.read_text())
+    domain = results["domains"]["cityscapes"]
+    assert results["protocol"]["name"] == "highres"
+    assert len(domain["images"]) == 1 and domain["examples"]["best"][0]["mIoU"] == domain["images"][0]["mIoU"]
+    assert (tmp_path / domain["examples"]["best"][0]["files"]["prediction"]).is_file()

@@ -188,8 +188,9 @@ class SegmentationTask(L.LightningModule):
                 ]
             )
 
-    def predictions(self, batch: dict, dataloader_idx: int) -> list[list[torch.Tensor]]:
-        """Per protocol, the (H, W) int64 prediction of each image of ``batch`` at its label's size."""
+    def predictions(self, batch: dict, dataloader_idx: int, first_only: bool = False) -> list[list[torch.Tensor]]:
+        """Per protocol (``first_only``: the first), the (H, W) int64 prediction of each image of
+        ``batch`` at its label's size."""
         if self.protocols is None:
             scores = self.segmentor.predict(batch["image"])
             return [[prediction_at_size(scores[i], size) for i, size in enumerate(batch["ori_size"])]]
@@ -202,7 +203,7 @@ class SegmentationTask(L.LightningModule):
                 protocol_scores(self.segmentor, run, domain, image, size).argmax(0)
                 for image, size in zip(images, batch["ori_size"], strict=True)
             ]
-            for run in self.protocol_runs()
+            for run in self.protocol_runs()[: 1 if first_only else None]
         ]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -104,7 +104,7 @@ def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str
                         batch = collate([item])
                         batch["image"] = batch["image"].to(device)
                         # As validation predicted it (the first protocol's, if any).
-                        prediction = task.predictions(batch, d)[0][0].cpu().numpy()
+                        prediction = task.predictions(batch, d, first_only=True)[0][0].cpu().numpy()
                         arrays = _small(read_image(record["image"]), item["label"].numpy(), prediction.astype(np.uint8))
                         stem = f"{position:05d}"
                         files = {}
