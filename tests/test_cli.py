@@ -30,7 +30,7 @@ def test_unknown_backbone_is_a_clear_error(capsys):
 
 @pytest.mark.parametrize(
     "command",
-    ["train", "eval", "predict", "score", "params", "backbones", "demo", "prepare", "check-data", "convert-official"],
+    ["train", "eval", "predict", "export", "score", "params", "backbones", "demo", "prepare", "check-data", "convert-official"],
 )
 def test_help_has_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

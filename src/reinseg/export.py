@@ -19,7 +19,6 @@ Every export is checked with onnxruntime on the CPU against PyTorch before the f
 from __future__ import annotations
 
 import copy
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,7 +176,9 @@ def export_onnx(
         size = tuple(img_size)
     size = tuple(int(s) for s in size)
     if len(size) != 2 or size[0] < patch[0] or size[1] < patch[1] or size[0] % patch[0] or size[1] % patch[1]:
-        raise ValueError(f"--size {' '.join(map(str, size))}: H and W must be positive multiples of the patch size {patch[0]}")
+        raise ValueError(
+            f"--size {' '.join(map(str, size))}: H and W must be positive multiples of the patch size {patch[0]}"
+        )
     model = SegmentationLogits(fold_rein(segmentor) if fold else segmentor).eval()
     # torch.export takes a dimension of size 1 for a constant: a dynamic batch is traced at 2.
     example = torch.randn(2 if dynamic else 1, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -186,7 +187,11 @@ def export_onnx(
         dim = torch.export.Dim
         # H = ph * h' keeps H a multiple of the patch (the graph has no padding).
         dynamic_shapes = (
-            {0: dim("batch", min=1, max=1024), 2: patch[0] * dim("rows", min=1, max=1024), 3: patch[1] * dim("cols", min=1, max=1024)},
+            {
+                0: dim("batch", min=1, max=1024),
+                2: patch[0] * dim("rows", min=1, max=1024),
+                3: patch[1] * dim("cols", min=1, max=1024),
+            },
         )
     with torch.no_grad(), _traceable_positions(model.segmentor.backbone, dynamic):
         program = torch.onnx.export(
@@ -255,7 +260,9 @@ def onnx_session(model: bytes | str | Path, threads: int | None = None):
 
 
 @torch.no_grad()
-def check_parity(segmentor: nn.Module, model: bytes | str | Path, size: Sequence[int], batch: int = 1, seed: int = 1) -> float:
+def check_parity(
+    segmentor: nn.Module, model: bytes | str | Path, size: Sequence[int], batch: int = 1, seed: int = 1
+) -> float:
     """Max ``|onnxruntime - PyTorch|`` of the logits of random images ``(batch, 3, *size)``."""
     session = onnx_session(model)
     images = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
