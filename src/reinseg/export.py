@@ -27,7 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["OPSET", "SegmentationLogits", "FoldedRein", "fold_rein", "export_onnx", "onnx_session", "check_parity"]
+__all__ = [
+    "OPSET",
+    "SegmentationLogits",
+    "FoldedRein",
+    "fold_rein",
+    "segmentor_to_onnx",
+    "export_onnx",
+    "onnx_session",
+    "check_parity",
+]
 
 OPSET = 18
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - PyTorch| over the logits
@@ -179,6 +188,27 @@ def export_onnx(
         raise ValueError(
             f"--size {' '.join(map(str, size))}: H and W must be positive multiples of the patch size {patch[0]}"
         )
+    data = segmentor_to_onnx(segmentor, size, dynamic, fold)
+    errors = {}
+    if check:
+        sizes = [size] + ([(size[0] + 2 * patch[0], size[1] + patch[1])] if dynamic else [])
+        for checked in sizes:
+            batch = 3 if dynamic and checked != size else 1
+            errors["x".join(map(str, checked))] = check_parity(segmentor, data, checked, batch=batch)
+        worst = max(errors.values())
+        if not worst <= PARITY_TOLERANCE:
+            raise RuntimeError(
+                f"{checkpoint}: the ONNX graph's logits differ from PyTorch's by {worst:.2e} "
+                f"(> {PARITY_TOLERANCE}) at {errors}; {output} not written"
+            )
+    atomic_write_bytes(output, data)
+    return {"output": str(output), "opset": OPSET, "size": list(size), "dynamic": dynamic, "max_error": errors}
+
+
+def segmentor_to_onnx(segmentor: nn.Module, size: tuple[int, int], dynamic: bool = False, fold: bool = True) -> bytes:
+    """The serialized ONNX graph of ``segmentor`` (eval mode, CPU) traced at ``size`` (H, W); see
+    :func:`export_onnx`."""
+    patch = segmentor.backbone.patch_size
     model = SegmentationLogits(fold_rein(segmentor) if fold else segmentor).eval()
     # torch.export takes a dimension of size 1 for a constant: a dynamic batch is traced at 2.
     example = torch.randn(2 if dynamic else 1, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -205,21 +235,9 @@ def export_onnx(
             verbose=False,
             optimize=True,
         )
-    data = program.model_proto.SerializeToString()
-    errors = {}
-    if check:
-        sizes = [size] + ([(size[0] + 2 * patch[0], size[1] + patch[1])] if dynamic else [])
-        for checked in sizes:
-            batch = 3 if dynamic and checked != size else 1
-            errors["x".join(map(str, checked))] = check_parity(segmentor, data, checked, batch=batch)
-        worst = max(errors.values())
-        if not worst <= PARITY_TOLERANCE:
-            raise RuntimeError(
-                f"{checkpoint}: the ONNX graph's logits differ from PyTorch's by {worst:.2e} "
-                f"(> {PARITY_TOLERANCE}) at {errors}; {output} not written"
-            )
-    atomic_write_bytes(output, data)
-    return {"output": str(output), "opset": OPSET, "size": list(size), "dynamic": dynamic, "max_error": errors}
+    if program.model_proto.ByteSize() >= 2**31:
+        raise ValueError("the ONNX graph exceeds protobuf's 2 GiB: models this large are not supported yet")
+    return program.model_proto.SerializeToString()
 
 
 class _traceable_positions:
