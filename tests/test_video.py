@@ -136,3 +136,14 @@ def test_a_failure_mid_video_leaves_no_half_written_folder(checkpoint, tmp_path,
     with pytest.raises(RuntimeError, match="out of memory"):
         video.predict_video(str(checkpoint), clip, tmp_path / "out", scale=(32, 32), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "model.ckpt"]
+
+
+def test_a_bad_video_among_images_is_refused_before_any_image_is_written(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "image.png")
+    (tmp_path / "bad.mov").write_bytes(b"\x00" * 4096)
+    argv = ["predict", str(checkpoint), str(tmp_path / "image.png"), str(tmp_path / "bad.mov")]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert "bad.mov" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

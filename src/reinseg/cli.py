@@ -158,11 +158,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
-    from .video import is_video, predict_video
+    from .video import is_video, predict_video, probe_video
 
     options = dict(scale=args.scale or "checkpoint", mode=args.mode, flip=args.flip, device=args.device)
     videos = [item for item in args.images if is_video(item)]
     images = [item for item in args.images if not is_video(item)]
+    for video in videos:  # a bad video is refused before any image's prediction is written
+        probe_video(video)
     if images:
         written = predict_files(args.checkpoint, images, args.output, **options)
         print(f"wrote {len(written)} predictions (train-ID PNGs and overlays) to {args.output}")
