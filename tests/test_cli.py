@@ -34,6 +34,7 @@ def test_unknown_backbone_is_a_clear_error(capsys):
         "train",
         "eval",
         "predict",
+        "export",
         "score",
         "report",
         "params",

@@ -200,17 +200,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
+    from .video import is_video, predict_video, probe_video
 
-    written = predict_files(
-        args.checkpoint,
-        args.images,
-        args.output,
-        scale=args.scale or "checkpoint",
-        mode=args.mode,
-        flip=args.flip,
-        device=args.device,
-    )
-    print(f"wrote {len(written)} predictions (train-ID PNGs and overlays) to {args.output}")
+    options = dict(scale=args.scale or "checkpoint", mode=args.mode, flip=args.flip, device=args.device)
+    videos = [item for item in args.images if is_video(item)]
+    images = [item for item in args.images if not is_video(item)]
+    for video in videos:  # a bad video is refused before any image's prediction is written
+        probe_video(video)
+    if images:
+        written = predict_files(args.checkpoint, images, args.output, **options)
+        print(f"wrote {len(written)} predictions (train-ID PNGs and overlays) to {args.output}")
+    for video in videos:
+        written = predict_video(args.checkpoint, video, args.output, batch=args.batch, frames=args.frames, **options)
+        print(f"wrote {written[0]}" + (f" and {len(written) - 1} frame PNGs" if args.frames else ""))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    result = export_onnx(args.checkpoint, args.output, size=args.size, dynamic=args.dynamic, fold=not args.no_fold)
+    size = "x".join(map(str, result["size"]))
+    shape = f"(B, 3, H, W), traced at {size}" if result["dynamic"] else f"(1, 3, {size.replace('x', ', ')})"
+    checked = ", ".join(f"{k}: {v:.1e}" for k, v in result["max_error"].items())
+    print(f"wrote {result['output']} (ONNX opset {result['opset']}, input 'images' {shape})")
+    print(f"onnxruntime vs PyTorch, max |logit difference|: {checked}")
     return 0
 
 
@@ -411,8 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
         "segment images with a checkpoint",
         "Segment images (files, folders or glob patterns) and write, per image, <stem>_labelTrainIds.png "
         "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image). Photos are turned "
-        "upright as their EXIF orientation says.",
-        "reinseg predict work_dirs/gta/checkpoints/last.ckpt street.jpg photos/ 'more/*.png' --output out",
+        "upright as their EXIF orientation says. Videos (.mp4, .mov, .avi, .mkv, .webm, ...; needs "
+        "`pip install reinseg[video]`) give <stem>_overlay.mp4, and with --frames <stem>_frames/ of PNGs.",
+        """
+                reinseg predict work_dirs/gta/checkpoints/last.ckpt street.jpg photos/ 'more/*.png' --output out
+                reinseg predict work_dirs/gta/checkpoints/last.ckpt drive.mp4 --output out --batch 4 --frames""",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("images", nargs="+", metavar="IMAGES")
@@ -430,7 +447,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument(
+        "--batch", type=_positive_int, default=8, help="video frames run through the model at once (default 8)"
+    )
+    p.add_argument("--frames", action="store_true", help="videos: also write each frame's train-ID PNG and overlay PNG")
     p.set_defaults(func=_cmd_predict)
+
+    p = _parser(
+        sub,
+        "export",
+        "export a checkpoint's segmentor to ONNX",
+        "Write the whole segmentor (VFM + Rein + Mask2Former head) as one ONNX graph (opset 18): normalized "
+        "images 'images' (B, 3, H, W) -> class scores 'logits' (B, K, H, W), whose argmax is what `predict` "
+        "writes (whole-image inference). The graph is checked with onnxruntime against PyTorch before it is "
+        "written. Needs `pip install reinseg[export]`.",
+        "reinseg export work_dirs/gta/checkpoints/last.ckpt --format onnx --size 512 1024 --output rein.onnx",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="only onnx for now")
+    p.add_argument("--output", required=True, help="the .onnx file")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--size",
+        type=_positive_int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="the fixed input size, multiples of the patch size (default: the backbone's img_size)",
+    )
+    group.add_argument("--dynamic", action="store_true", help="free batch, H and W (multiples of the patch size)")
+    p.add_argument(
+        "--no-fold", action="store_true", help="keep Rein's token computations in the graph (default: precomputed)"
+    )
+    p.set_defaults(func=_cmd_export)
 
     p = _parser(
         sub,

@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from .checkpoints import segmentor_from_checkpoint
 from .segmentor import Segmentor
 
-__all__ = ["IMAGE_SUFFIXES", "DEFAULT_SCALE", "collect_images", "checkpoint_scale", "segment_image", "predict_files"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DEFAULT_SCALE",
+    "collect_images",
+    "checkpoint_scale",
+    "segment_image",
+    "segment_images",
+    "overlay",
+    "predict_files",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_SCALE = (1024, 512)  # the Cityscapes test scale, for checkpoints that record no validation set
@@ -79,14 +88,29 @@ def segment_image(
     The image is resized to fit ``scale`` keeping its ratio (as the test pipelines), padded to a
     multiple of the patch size if needed, segmented, and the scores resized back.
     """
+    return segment_images(segmentor, [image], scale, mode, flip)[0]
+
+
+@torch.no_grad()
+def segment_images(
+    segmentor: Segmentor,
+    images: Sequence[np.ndarray],
+    scale: tuple[int, int] | None = (1024, 512),
+    mode: str | None = None,
+    flip: bool | None = None,
+) -> np.ndarray:
+    """Train IDs ``(N, H, W)`` of RGB images ``(H, W, 3)`` uint8 of one size (video frames), run
+    through the model as one batch; each as :func:`segment_image`."""
     from .data.transforms import Normalize, rescale_size, resize_image
 
-    height, width = image.shape[:2]
-    if scale is not None:
-        image = resize_image(image, rescale_size((height, width), tuple(scale)))
-    normalized, _ = Normalize()(image)
+    height, width = images[0].shape[:2]
+    batch = []
+    for image in images:
+        if scale is not None:
+            image = resize_image(image, rescale_size((height, width), tuple(scale)))
+        batch.append(torch.from_numpy(Normalize()(image)[0]).permute(2, 0, 1))
     device = next(segmentor.parameters()).device
-    x = torch.from_numpy(normalized).permute(2, 0, 1)[None].to(device)
+    x = torch.stack(batch).to(device)
     h, w = x.shape[-2:]
     ph, pw = segmentor.backbone.patch_size
     crop = segmentor.crop_size if (mode or segmentor.test_mode) == "slide" else None
@@ -96,7 +120,31 @@ def segment_image(
     x = F.pad(x, (0, target_w - w, 0, target_h - h))
     scores = segmentor.predict(x, mode=mode, flip=flip)[..., :h, :w]
     scores = F.interpolate(scores.float(), size=(height, width), mode="bilinear", align_corners=False)
-    return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    return scores.argmax(1).to(torch.uint8).cpu().numpy()
+
+
+def overlay(image: np.ndarray, train_ids: np.ndarray, classes) -> np.ndarray:
+    """The classes' colours over an RGB ``image (H, W, 3)`` uint8, half and half."""
+    return (0.5 * image + 0.5 * classes.colorize(train_ids)).astype(np.uint8)
+
+
+def load_for_prediction(checkpoint: str, scale: Sequence[int] | None | str = "checkpoint", device: str | None = None):
+    """A checkpoint's segmentor, in eval mode on ``device`` (default: cuda if available), with the
+    classes of the data it was trained on (the overlays' colours) and the scale to run at (as
+    :func:`predict_files` takes it). Returns ``(segmentor, classes, scale, "the scale in words")``."""
+    from .data.layouts import config_classes
+
+    segmentor, payload = segmentor_from_checkpoint(checkpoint)
+    classes = config_classes(payload["config"])
+    if isinstance(scale, str):
+        if scale != "checkpoint":
+            raise ValueError(f"scale must be (long, short), None or 'checkpoint', got {scale!r}")
+        scale, source = checkpoint_scale(payload["config"])
+    else:
+        scale, source = (None, "the images' own size") if scale is None else (tuple(scale), "as asked")
+    size = "each image's own size" if scale is None else f"fit in {scale[0]}x{scale[1]}"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return segmentor.to(device).eval(), classes, scale, f"{size} ({source})"
 
 
 def predict_files(
@@ -119,28 +167,16 @@ def predict_files(
     from tqdm import tqdm
 
     from .data.io import read_photo, write_png
-    from .data.layouts import config_classes
 
     paths = collect_images(inputs)  # everything is checked before anything is written
-    segmentor, payload = segmentor_from_checkpoint(checkpoint)
-    classes = config_classes(payload["config"])  # the overlay's colours: those of the data it was trained on
-    if isinstance(scale, str):
-        if scale != "checkpoint":
-            raise ValueError(f"scale must be (long, short), None or 'checkpoint', got {scale!r}")
-        scale, source = checkpoint_scale(payload["config"])
-    else:
-        scale, source = (None, "the images' own size") if scale is None else (tuple(scale), "as asked")
-    size = "each image's own size" if scale is None else f"fit in {scale[0]}x{scale[1]}"
-    print(f"segmenting {len(paths)} image(s) at {size} ({source})", flush=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    segmentor = segmentor.to(device).eval()
+    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device)
+    print(f"segmenting {len(paths)} image(s) at {size}", flush=True)
     out = Path(output)
     written = []
     for path in tqdm(paths, desc="predict", unit="image", disable=not progress or len(paths) < 2):
         image = read_photo(path)
         train_ids = segment_image(segmentor, image, scale, mode, flip or None)
-        overlay = (0.5 * image + 0.5 * classes.colorize(train_ids)).astype(np.uint8)
-        for suffix, array in (("_labelTrainIds.png", train_ids), ("_overlay.png", overlay)):
+        for suffix, array in (("_labelTrainIds.png", train_ids), ("_overlay.png", overlay(image, train_ids, classes))):
             target = out / f"{path.stem}{suffix}"
             write_png(target, array, sync=True)
             written.append(target)

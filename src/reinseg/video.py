@@ -1,0 +1,194 @@
+"""Segmenting a video with a checkpoint: an overlay video and, optionally, per-frame PNGs.
+
+Frames stream from the decoder through the model in batches and on to the encoder: at most one
+batch of frames is held at a time, whatever the video's length. Reading and writing use PyAV
+(FFmpeg's libraries, shipped in its wheels: ``pip install reinseg[video]``). The output folder
+is built beside its target under a temporary name and renamed when complete, so a corrupt video
+or an interrupted run leaves no half-written folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["VIDEO_SUFFIXES", "is_video", "VideoInfo", "probe_video", "read_frames", "VideoWriter", "predict_video"]
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+DEFAULT_FPS = Fraction(25)  # for containers that record no frame rate
+
+
+def is_video(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _av():
+    try:
+        import av
+    except ImportError as err:
+        raise RuntimeError(f"videos need PyAV: `pip install reinseg[video]` ({err})") from None
+    return av
+
+
+@dataclass
+class VideoInfo:
+    width: int
+    height: int
+    fps: Fraction
+    frames: int | None  # as the container records it (None: unknown)
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Size, frame rate and frame count of a video's first video stream; decodes the first frame,
+    so that a file FFmpeg cannot read fails here, with its name, before anything is written."""
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f"{path}: holds no video stream")
+            stream = container.streams.video[0]
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise ValueError(f"{path}: its video stream holds no frame")
+            rate = stream.average_rate or stream.guessed_rate
+            return VideoInfo(first.width, first.height, Fraction(rate) if rate else DEFAULT_FPS, stream.frames or None)
+    except (av.error.FFmpegError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a video FFmpeg can read ({err})") from None
+
+
+def read_frames(path: str | Path) -> Iterator[np.ndarray]:
+    """The RGB frames ``(H, W, 3)`` uint8 of a video, one at a time (a generator)."""
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(container.streams.video[0]):
+                yield frame.to_ndarray(format="rgb24")
+    except av.error.FFmpegError as err:
+        raise ValueError(f"{path}: decoding failed ({err})") from None
+
+
+class VideoWriter:
+    """H.264 (yuv420p) video of RGB frames ``(H, W, 3)`` uint8; odd sizes are padded to even ones
+    with their last row / column (4:2:0 chroma needs even sizes)."""
+
+    def __init__(self, path: str | Path, width: int, height: int, fps: Fraction) -> None:
+        av = _av()
+        self.container = av.open(str(path), mode="w")
+        self.stream = self.container.add_stream("h264", rate=fps)
+        self.stream.width, self.stream.height = width + width % 2, height + height % 2
+        self.stream.pix_fmt = "yuv420p"
+        self.frames = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        av = _av()
+        pad = ((0, self.stream.height - frame.shape[0]), (0, self.stream.width - frame.shape[1]), (0, 0))
+        if any(p[1] for p in pad):
+            frame = np.pad(frame, pad, mode="edge")
+        for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            self.container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        for packet in self.stream.encode(None):  # flush the encoder's delayed frames
+            self.container.mux(packet)
+        self.container.close()
+
+
+def _batches(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    batch: list[np.ndarray] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_video(
+    checkpoint: str,
+    video: str | Path,
+    output: str | Path,
+    scale="checkpoint",
+    mode: str | None = None,
+    flip: bool = False,
+    device: str | None = None,
+    batch: int = 8,
+    frames: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Segment every frame of ``video``; writes ``<stem>_overlay.mp4`` (the classes' colours over
+    the frames, at the video's size and frame rate) into ``output`` and, with ``frames``,
+    ``<stem>_frames/<stem>_<n>_labelTrainIds.png`` and ``..._overlay.png`` per frame (n from 1).
+
+    ``scale``, ``mode``, ``flip``, ``device``: as :func:`reinseg.predict.predict_files`.
+    ``batch``: frames run through the model at once. Returns the files written.
+    """
+    from tqdm import tqdm
+
+    from .data.io import write_png
+    from .predict import load_for_prediction, overlay, segment_images
+
+    video = Path(video)
+    if batch < 1:
+        raise ValueError(f"--batch must be a positive integer, got {batch}")
+    if not video.is_file():
+        raise FileNotFoundError(2, "No such file", str(video))
+    info = probe_video(video)  # a video FFmpeg cannot read is refused before anything is written
+    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device)
+    total = "?" if info.frames is None else info.frames
+    print(f"segmenting {video} ({info.width}x{info.height}, {total} frames at {float(info.fps):g} fps) at {size}")
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-partial-", dir=out.parent))
+    try:
+        writer = VideoWriter(staging / f"{video.stem}_overlay.mp4", info.width, info.height, info.fps)
+        frame_dir = staging / f"{video.stem}_frames"
+        count = 0
+        with tqdm(total=info.frames, desc="predict", unit="frame", disable=not progress) as bar:
+            try:
+                for chunk in _batches(read_frames(video), batch):
+                    for image, train_ids in zip(
+                        chunk, segment_images(segmentor, chunk, scale, mode, flip or None), strict=True
+                    ):
+                        count += 1
+                        colored = overlay(image, train_ids, classes)
+                        writer.write(colored)
+                        if frames:
+                            stem = f"{video.stem}_{count:06d}"
+                            write_png(frame_dir / f"{stem}_labelTrainIds.png", train_ids)
+                            write_png(frame_dir / f"{stem}_overlay.png", colored)
+                    bar.update(len(chunk))
+            finally:
+                writer.close()
+        names = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [out / name for name in names]
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished ``staging`` folder to ``out``: renamed if ``out`` does not exist, else its
+    entries are moved in (replacing those of an earlier run)."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for entry in staging.iterdir():
+        target = out / entry.name
+        if target.is_dir() and entry.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()

@@ -1,0 +1,108 @@
+"""ONNX export: onnxruntime's logits against PyTorch's (the oracle: the same checkpoint run by
+reinseg's PyTorch model, itself checked against the official code in test_official.py)."""
+
+import pytest
+import torch
+from conftest import tiny_model_config
+
+from reinseg.build import build_segmentor
+from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint, segmentor_from_checkpoint
+from reinseg.cli import main
+from reinseg.config import Config, to_dict
+
+onnx = pytest.importorskip("onnx", reason="ONNX export needs the [export] extra (onnx, onnxruntime)")
+ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the [export] extra (onnx, onnxruntime)")
+pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs the [export] extra (onnxscript)")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    model = tiny_model_config()
+    segmentor = build_segmentor(model)
+    return save_checkpoint(tmp_path / "model.ckpt", to_dict(Config(model=model)), checkpoint_state_dict(segmentor))
+
+
+def onnx_logits(path, images: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
+
+
+@torch.no_grad()
+def assert_parity(checkpoint, graph, images):
+    segmentor, _ = segmentor_from_checkpoint(checkpoint)
+    expected = segmentor.eval().encode_decode(images)
+    ours = onnx_logits(graph, images)
+    assert ours.shape == expected.shape == (images.shape[0], 19, *images.shape[-2:])
+    assert (ours - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_fixed_size_export_matches_pytorch(tiny_checkpoint, tmp_path, capsys):
+    target = tmp_path / "out" / "model.onnx"
+    assert (
+        main(["export", str(tiny_checkpoint), "--format", "onnx", "--size", "64", "96", "--output", str(target)]) == 0
+    )
+    assert "opset 18" in capsys.readouterr().out
+    graph = onnx.load(str(target))
+    onnx.checker.check_model(graph)
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 18
+    assert_parity(tiny_checkpoint, target, torch.randn(1, 3, 64, 96))
+    assert [p.name for p in target.parent.iterdir()] == ["model.onnx"]  # no temporary left
+
+
+@pytest.mark.slow
+def test_dynamic_export_follows_the_input_size(tiny_checkpoint, tmp_path):
+    """Traced at 64x64 (the stored position grid, used as it is), run at other grids (interpolated)
+    and batch sizes."""
+    target = tmp_path / "model.onnx"
+    assert main(["export", str(tiny_checkpoint), "--dynamic", "--no-fold", "--output", str(target)]) == 0
+    for shape in ((1, 3, 64, 64), (2, 3, 96, 64), (1, 3, 48, 128)):
+        assert_parity(tiny_checkpoint, target, torch.randn(*shape))
+
+
+def test_folded_rein_computes_what_rein_does():
+    from reinseg.export import FoldedRein
+    from reinseg.rein import Rein
+
+    rein = Rein(num_layers=3, embed_dims=24, patch_size=16, query_dims=8, token_length=5, lora_dim=4).eval()
+    folded = FoldedRein(rein)
+    x = torch.randn(2, 1 + 12, 24)
+    with torch.no_grad():
+        for layer in range(3):
+            torch.testing.assert_close(folded(x, layer), rein(x, layer), rtol=0, atol=1e-6)
+        torch.testing.assert_close(folded.queries(), rein.queries(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (4, 6), (6, 4), (7, 3), (2, 2), (32, 64)])
+def test_traceable_position_embedding_is_dinov2s_interpolation(grid):
+    """The dynamic graph's matrix form equals the backbone's own (golden-tested) interpolation."""
+    from reinseg.export import _dinov2_position_embedding
+    from reinseg.families import DINOv2Family
+
+    segmentor = build_segmentor(tiny_model_config())
+    vit = segmentor.backbone.vit
+    vit.pos_embed.data.normal_()
+    expected = DINOv2Family().position_embedding(vit, grid)
+    # float32 rounding only (the sums run in another order): assert_close's float32 defaults.
+    torch.testing.assert_close(_dinov2_position_embedding(vit, grid), expected)
+
+
+def test_missing_vfm_weights_are_named_and_nothing_is_written(tmp_path, capsys):
+    model = tiny_model_config()
+    segmentor = build_segmentor(model)
+    config = to_dict(Config(model=model))
+    config["model"]["backbone"]["checkpoint"] = str(tmp_path / "gone" / "dinov2_converted.pth")
+    save_checkpoint(tmp_path / "model.ckpt", config, checkpoint_state_dict(segmentor))
+    target = tmp_path / "out" / "model.onnx"
+    assert main(["export", str(tmp_path / "model.ckpt"), "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "dinov2_converted.pth" in err and "model.ckpt" in err
+    assert not target.parent.exists() or not any(target.parent.iterdir())
+
+
+def test_a_size_off_the_patch_grid_is_refused(tiny_checkpoint, tmp_path, capsys):
+    target = tmp_path / "model.onnx"
+    assert main(["export", str(tiny_checkpoint), "--size", "64", "90", "--output", str(target)]) == 2
+    assert "--size 64 90" in capsys.readouterr().err
+    assert not target.exists()

@@ -1,0 +1,149 @@
+"""`reinseg predict` on videos: a synthetic clip made here with PyAV round-trips; frames stream."""
+
+import numpy as np
+import pytest
+from conftest import tiny_model_config
+
+from reinseg.build import build_segmentor
+from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint
+from reinseg.cli import main
+from reinseg.config import Config, to_dict
+
+av = pytest.importorskip("av", reason="videos need the [video] extra (PyAV)")
+
+FPS, SECONDS, HEIGHT, WIDTH = 10, 3, 48, 64
+
+
+def make_video(path, frames=FPS * SECONDS, height=HEIGHT, width=WIDTH, fps=FPS):
+    """A clip of moving coloured bars, written with PyAV itself (H.264, yuv420p)."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("h264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for n in range(frames):
+            image = np.zeros((height, width, 3), np.uint8)
+            image[:, (n * 2) % width :] = (200, 40, 40)
+            image[: height // 2, :, 1] = 180
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def decoded(path):
+    """(frame count, (H, W)) of a video as FFmpeg reads it back."""
+    with av.open(str(path)) as container:
+        sizes = [(f.height, f.width) for f in container.decode(video=0)]
+        rate = container.streams.video[0].average_rate
+    assert len(set(sizes)) == 1
+    return len(sizes), sizes[0], rate
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = tiny_model_config()
+    return save_checkpoint(
+        tmp_path / "model.ckpt", to_dict(Config(model=model)), checkpoint_state_dict(build_segmentor(model))
+    )
+
+
+def test_a_three_second_video_round_trips(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    from reinseg.checkpoints import segmentor_from_checkpoint
+    from reinseg.predict import segment_image
+
+    clip = make_video(tmp_path / "clip.mp4")
+    assert decoded(clip)[0] == FPS * SECONDS
+    out = tmp_path / "out"
+    argv = ["predict", str(checkpoint), str(clip), "--output", str(out), "--scale", "64", "48", "--batch", "4"]
+    assert main([*argv, "--frames"]) == 0
+    captured = capsys.readouterr()
+    assert f"{FPS * SECONDS}/{FPS * SECONDS}" in captured.err  # the progress bar, on stderr
+    count, size, rate = decoded(out / "clip_overlay.mp4")
+    assert (count, size, rate) == (FPS * SECONDS, (HEIGHT, WIDTH), FPS)
+    labels = sorted((out / "clip_frames").glob("*_labelTrainIds.png"))
+    assert len(labels) == len(list((out / "clip_frames").glob("*_overlay.png"))) == FPS * SECONDS
+    # A frame's train IDs are those of the same decoded frame segmented on its own as an image.
+    with av.open(str(clip)) as container:
+        frame = next(f for n, f in enumerate(container.decode(video=0)) if n == 6).to_ndarray(format="rgb24")
+    segmentor, _ = segmentor_from_checkpoint(checkpoint)
+    expected = segment_image(segmentor.eval(), frame, (64, 48))
+    np.testing.assert_array_equal(np.asarray(Image.open(labels[6])), expected)
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_frames_stream_through_in_batches(checkpoint, tmp_path, monkeypatch):
+    """At most one batch of decoded frames is alive before the encoder takes them: memory does not
+    grow with the video's length."""
+    import reinseg.video as video
+
+    alive, peak = [0], [0]
+    real_read, real_write = video.read_frames, video.VideoWriter.write
+
+    def counting_read(path):
+        for frame in real_read(path):
+            alive[0] += 1
+            peak[0] = max(peak[0], alive[0])
+            yield frame
+
+    def counting_write(self, frame):
+        alive[0] -= 1
+        real_write(self, frame)
+
+    monkeypatch.setattr(video, "read_frames", counting_read)
+    monkeypatch.setattr(video.VideoWriter, "write", counting_write)
+    clip = make_video(tmp_path / "clip.mp4", frames=23, height=32, width=32)
+    written = video.predict_video(str(checkpoint), clip, tmp_path / "out", scale=(32, 32), batch=5, progress=False)
+    assert decoded(written[0])[:2] == (23, (32, 32))
+    assert alive[0] == 0 and peak[0] == 5
+
+
+@pytest.mark.parametrize("content", [b"", b"not a video at all" * 100, "truncated"])
+def test_a_corrupt_video_is_named_and_nothing_is_written(checkpoint, tmp_path, capsys, content):
+    bad = tmp_path / "bad.mp4"
+    if content == "truncated":
+        whole = make_video(tmp_path / "whole.mp4").read_bytes()
+        content = whole[: len(whole) // 2]  # mdat cut: no index (moov) at the end
+    bad.write_bytes(content)
+    assert main(["predict", str(checkpoint), str(bad), "--output", str(tmp_path / "out")]) == 2
+    assert "bad.mp4" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_a_file_without_a_video_stream_is_refused(checkpoint, tmp_path, capsys):
+    audio = tmp_path / "sound.mp4"
+    with av.open(str(audio), mode="w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    assert main(["predict", str(checkpoint), str(audio), "--output", str(tmp_path / "out")]) == 2
+    assert "sound.mp4: holds no video stream" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_mid_video_leaves_no_half_written_folder(checkpoint, tmp_path, monkeypatch):
+    import reinseg.video as video
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("reinseg.predict.segment_images", failing)
+    clip = make_video(tmp_path / "clip.mp4", frames=4, height=32, width=32)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        video.predict_video(str(checkpoint), clip, tmp_path / "out", scale=(32, 32), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "model.ckpt"]
+
+
+def test_a_bad_video_among_images_is_refused_before_any_image_is_written(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "image.png")
+    (tmp_path / "bad.mov").write_bytes(b"\x00" * 4096)
+    argv = ["predict", str(checkpoint), str(tmp_path / "image.png"), str(tmp_path / "bad.mov")]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert "bad.mov" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
