@@ -169,6 +169,19 @@ def cmd_train(args) -> None:
             )
 
 
+def scale_to_demo(model) -> None:
+    """Options sized for the demo's small ViT (6 blocks, 96 wide) instead of DINOv2-L: Rein's
+    successors take the demo's Rein sizes (tokens, rank, query width); SoMA tunes the last two
+    thirds of the blocks at Rein's rank, as the paper tunes blocks 8-23 of 24."""
+    options = getattr(model, model.tuning, None)
+    for key in ("token_length", "lora_dim", "query_dims"):
+        if options is not None and options is not model.rein and hasattr(options, key):
+            setattr(options, key, getattr(model.rein, key))
+    if model.tuning == "soma":
+        depth = model.backbone.timm_kwargs["depth"]
+        model.soma.rank, model.soma.start_block = model.rein.lora_dim, depth // 3
+
+
 def run_synthetic(args) -> dict:
     """One strategy, in this process: the demo's run (same data, seed, schedule, small ViT with
     random weights, Mask2Former head) with ``model.tuning`` set to the strategy."""
@@ -198,6 +211,7 @@ def run_synthetic(args) -> dict:
     out = Path(args.output)
     config = demo_config(out / "data", out / args.child, max_iters=args.iters, seed=args.seed)
     config.model.tuning = args.child
+    scale_to_demo(config.model)
     timer = StepTimer()
     task = train(config, resume="never", callbacks=[timer], overwrite=True)
     results = task.last_results
