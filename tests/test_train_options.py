@@ -206,3 +206,14 @@ def test_compile_has_no_graph_break_and_trains_the_same():
     assert grads.keys() == grads_compiled.keys()
     for name, grad in grads.items():  # sums in another order: relative to the gradient's size
         torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
+def test_a_run_with_the_levers_trains_and_validates(tmp_path):
+    from test_engine import tiny_config
+
+    from reinseg.engine import train
+
+    config = tiny_config(tmp_path, max_iters=2, val_interval=2, frozen_dtype="bfloat16", activation_checkpointing=True)
+    task = train(config, resume="never")
+    assert task.trainer.global_step == 2 and task.last_results["mean_mIoU"] is not None
+    assert all(p.dtype == torch.float32 for p in task.segmentor.parameters() if p.requires_grad)

@@ -64,7 +64,9 @@ def apply_train_options(segmentor: Segmentor, config: Config) -> Segmentor:
                 "trains it: use train.frozen_dtype=float32"
             )
         if not uses_vit:
-            raise ConfigError(f"train.frozen_dtype={tc.frozen_dtype} applies to ViT backbones, not {type(backbone).__name__}")
+            raise ConfigError(
+                f"train.frozen_dtype={tc.frozen_dtype} applies to ViT backbones, not {type(backbone).__name__}"
+            )
         backbone.hold_frozen_in(getattr(torch, tc.frozen_dtype))
     if tc.compile is not False:
         backend = "inductor" if tc.compile is True else tc.compile
