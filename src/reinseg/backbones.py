@@ -263,7 +263,8 @@ class ReinBackbone(FrozenBackbone):
             args = (block, x, prompts, self.num_prefix_tokens, block_kwargs)
         if index in self.checkpoint_blocks and torch.is_grad_enabled():
             # Only the block's input is kept; its activations are computed again in backward
-            # (the frozen VFM is in eval mode: no dropout draws to replay).
+            # (a frozen VFM is in eval mode; one that trains replays its drop-path draws, as
+            # checkpoint restores the RNG state).
             return checkpoint(run, *args, use_reentrant=False)
         return run(*args)
 
