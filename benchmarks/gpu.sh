@@ -28,6 +28,11 @@ train() { $py benchmarks/strategies.py train --device "$device" --steps "$steps"
     echo "## Paper config: $large + Rein + Mask2Former, 512 crops, batch $batch, fp32 and bf16"
     train --backbone "$large" --batch "$batch" --precision 32 bf16 --strategies rein frozen full
     echo
+    echo "## Levers, paper config with Rein (train options; benchmarks/levers.py says what each changes)"
+    train --backbone "$large" --batch "$batch" --strategies rein --levers none deformable_recompute=false \
+        activation_checkpointing=true frozen_dtype=bfloat16 precision=bf16-mixed "bf16-mixed + frozen bf16" \
+        "bf16-mixed + frozen bf16 + checkpointing" compile=true
+    echo
     echo "## Every strategy, bf16 (issue 15's table)"
     train --backbone "$large" --batch "$batch" --precision bf16
     echo

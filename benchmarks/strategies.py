@@ -4,13 +4,15 @@
     python benchmarks/strategies.py train                  # CPU: ViT-S, 512 px, batch 2, one process per strategy
     python benchmarks/strategies.py train --device cuda --backbone dinov2_vitl14 --batch 4 --precision 32 bf16
     python benchmarks/strategies.py slide --device cuda    # sliding-window inference on 512x1024 images
+    python benchmarks/strategies.py train --device cuda --strategies rein --levers none frozen_dtype=bfloat16
     python benchmarks/strategies.py synthetic --output /tmp/reinseg-strategies   # the demo's benchmark per strategy
 
 ``train`` runs every strategy in a fresh process, so that each one's peak memory is its own (peak
 resident memory on CPU, peak allocated memory on CUDA), and reports the median train-step time
 (forward, loss, backward, optimizer step of the whole segmentor: VFM + tuning + Mask2Former head)
 and both as ratios to the frozen backbone. Weights are random: speed and memory do not depend on
-them.
+them. ``--levers`` repeats the table once per training lever (``benchmarks/levers.py``: ``train``
+options such as activation checkpointing, the frozen VFM in bf16, compile).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from levers import LEVERS, apply_lever
 
 from reinseg.backbones import backbone_kind, list_backbones
 from reinseg.build import build_segmentor
@@ -84,6 +87,8 @@ def measure_training(args) -> dict:
     config = model_config(args.backbone, args.child, args.img_size)
     config.loss.num_points = 12544
     segmentor = build_segmentor(config, load_backbone_weights=False).to(device).train()
+    if apply_lever(segmentor, args.lever, args.child) and args.precision == "32":
+        args.precision = "bf16"  # the lever is bf16 autocast
     params = [p for p in segmentor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
@@ -125,7 +130,7 @@ def cmd_train(args) -> None:
     memory = "peak allocated (MiB)" if args.device.startswith("cuda") else "peak resident (MiB)"
     for precision in args.precision:
         rows = []
-        for strategy in args.strategies:
+        for strategy, lever in [(strategy, lever) for lever in args.levers for strategy in args.strategies]:
             command = [
                 sys.executable,
                 __file__,
@@ -146,12 +151,15 @@ def cmd_train(args) -> None:
                 str(args.warmup),
                 "--precision",
                 precision,
+                "--levers",
+                lever,
             ]
             done = subprocess.run(command, capture_output=True, text=True)
+            label = strategy if lever == "none" else f"{strategy}, {lever}"
             if done.returncode != 0:
-                rows.append({"strategy": strategy, "error": done.stderr.strip().splitlines()[-1]})
+                rows.append({"strategy": label, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
                 continue
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "strategy": label})
         base = next((r for r in rows if r["strategy"] == "frozen" and "error" not in r), None)
         print(f"\nprecision {precision}\n")
         print(f"| strategy | trainable | step (s) | images/s | {memory} | step / frozen | memory / frozen |")
@@ -314,6 +322,7 @@ def main() -> None:
         p.add_argument("--strategies", nargs="+", default=list(strategy_names()), choices=strategy_names())
         p.add_argument("--height", type=int, default=512)
         p.add_argument("--width", type=int, default=1024)
+        p.add_argument("--levers", nargs="+", default=["none"], choices=list(LEVERS))
         p.add_argument("--child", default=None, help=argparse.SUPPRESS)
         p.set_defaults(func=func)
     p = sub.add_parser("synthetic")
@@ -329,7 +338,7 @@ def main() -> None:
         print(json.dumps(run_synthetic(args)))
         return
     if getattr(args, "child", None):
-        args.precision = args.precision[0]
+        args.precision, args.lever = args.precision[0], args.levers[0]
         print(json.dumps(measure_training(args)))
         return
     args.func(args)

@@ -19,6 +19,12 @@ with :func:`reinseg.from_official`. Each measurement runs in a child process of 
 - ``infer``: whole-image inference of one 512x512 image (scores at the input size), median seconds.
 - ``check``: both models' scores on one image, to show the two compute the same thing.
 
+``--levers`` measures reinseg's train step and inference once per lever of ``train``
+(:mod:`reinseg.train_options`, bf16 autocast, fused AdamW), each in its own process, against the
+official fp32 figures (CPU seconds too: on a shared machine they move less than wall seconds)::
+
+    OMP_NUM_THREADS=1 python benchmarks/vs_official.py --official /path/to/Rein --threads 1 --levers
+
 The official code is imported from its own checkout and never copied here.
 """
 
@@ -39,6 +45,7 @@ import torch
 # mmcv ops), its config flattening and its data samples.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "golden"))
 import make_optim_golden as golden  # noqa: E402
+from levers import LEVERS, apply_lever  # noqa: E402
 
 CONFIG = "configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py"
 VIT_S = dict(embed_dim=384, depth=12, num_heads=6, out_indices=[3, 5, 7, 11])
@@ -102,17 +109,37 @@ def _rss_kib(field: str) -> int:
 
 
 def measure(step, warmup: int, repeats: int) -> dict:
-    """Median seconds of ``step()`` and the peak resident memory it adds (MiB)."""
+    """Median seconds (wall and this process's CPU) of ``step()`` and the peak resident memory
+    it adds (MiB)."""
     for _ in range(warmup):
         step()
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
-    return dict(seconds=statistics.median(times), added_mib=(_rss_kib("VmHWM") - before) / 1024)
+        cpu.append(time.process_time() - start_cpu)
+    return dict(
+        seconds=statistics.median(times),
+        cpu_seconds=statistics.median(cpu),
+        added_mib=(_rss_kib("VmHWM") - before) / 1024,
+    )
+
+
+def optimizer_step_seconds(model, repeats: int) -> dict:
+    """Median seconds of one AdamW step over the trainable parameters (random gradients),
+    PyTorch's default implementation against ``fused=True``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    found = {}
+    for name, extra in (("default", {}), ("fused", dict(fused=True))):
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **extra)
+        optimizer.step()  # the state is made in the first step
+        found[f"adamw_{name}"] = measure(optimizer.step, 0, repeats)["cpu_seconds"]
+    return found
 
 
 def child(args) -> dict:
@@ -129,9 +156,12 @@ def child(args) -> dict:
         with torch.no_grad():
             difference = (model.predict(images, mode="whole") - official.inference(images, metas)).abs().max()
         return dict(max_abs_difference=difference.item())
+    autocast = False
     if side == "reinseg":
         model = build_reinseg(model_config, official)
         del official
+        if args.lever is not None:
+            autocast = apply_lever(model, args.lever)
     else:
         model = official
     if what == "train":
@@ -141,7 +171,8 @@ def child(args) -> dict:
 
         def step():
             if side == "reinseg":
-                losses = model.loss(images, labels)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    losses = model.loss(images, labels)
                 total = losses["loss"]
             else:
                 total, _ = model.parse_losses(model.loss(images, samples))
@@ -156,10 +187,61 @@ def child(args) -> dict:
         @torch.no_grad()
         def step():
             if side == "reinseg":
-                return model.predict(images, mode="whole")
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    return model.predict(images, mode="whole")
             return model.inference(images, metas)
 
-    return measure(step, args.warmup, args.repeats)
+    found = measure(step, args.warmup, args.repeats)
+    if what == "train" and side == "reinseg" and args.lever == "none":
+        found.update(optimizer_step_seconds(model, args.repeats))
+    return found
+
+
+def run_child(args, name: str, lever: str | None = None) -> dict:
+    command = [sys.executable, __file__, "--official", str(args.official), "--threads", str(args.threads)]
+    command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--child", name]
+    if lever is not None:
+        command += ["--lever", lever]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    found = json.loads(out.strip().splitlines()[-1])
+    print(name, lever or "", found, file=sys.stderr, flush=True)
+    return found
+
+
+def levers(args) -> None:
+    """One row per lever: reinseg's train step and inference against the official fp32 ones."""
+    train_o, infer_o = run_child(args, "official-train"), run_child(args, "official-infer")
+    print(f"torch {torch.__version__}, {args.threads} threads, ViT-S/16 + LoRA-Rein + Mask2Former, 512 px")
+    print(
+        f"official fp32: train step {train_o['seconds']:.2f} s (CPU {train_o['cpu_seconds']:.2f} s), "
+        f"{train_o['added_mib']:.0f} MiB added; inference {infer_o['seconds']:.3f} s "
+        f"(CPU {infer_o['cpu_seconds']:.3f} s)\n"
+    )
+    print(
+        "| lever | train step CPU s | / official | memory added MiB | / official | "
+        "inference CPU s | / official | numerics it changes |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    optimizer = {}
+    for lever, (_, _, numerics) in LEVERS.items():
+        try:
+            train_r = run_child(args, "reinseg-train", lever)
+            infer_r = run_child(args, "reinseg-infer", lever)
+        except subprocess.CalledProcessError as err:
+            print(f"| {lever} | failed: {(err.stderr or '').strip().splitlines()[-1:]} | | | | | | |", flush=True)
+            continue
+        optimizer.update({k: v for k, v in train_r.items() if k.startswith("adamw_")})
+        print(
+            f"| {lever} | {train_r['cpu_seconds']:.2f} | {train_r['cpu_seconds'] / train_o['cpu_seconds']:.2f} | "
+            f"{train_r['added_mib']:.0f} | {train_r['added_mib'] / train_o['added_mib']:.2f} | "
+            f"{infer_r['cpu_seconds']:.3f} | {infer_r['cpu_seconds'] / infer_o['cpu_seconds']:.2f} | {numerics} |",
+            flush=True,
+        )
+    if optimizer:
+        print(
+            f"\nAdamW step over the trainable parameters (CPU s): default {optimizer['adamw_default']:.4f}, "
+            f"fused=True {optimizer['adamw_fused']:.4f}"
+        )
 
 
 def main() -> None:
@@ -168,18 +250,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--levers", action="store_true", help="one row per training lever (see the docstring)")
+    parser.add_argument("--only", nargs="+", choices=list(LEVERS), help="with --levers: these levers only")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--lever", default=None, choices=list(LEVERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
         return
+    if args.levers:
+        if args.only:
+            for name in list(LEVERS):
+                if name not in args.only and name != "none":
+                    del LEVERS[name]
+        levers(args)
+        return
     results = {}
     for name in ("both-check", "official-train", "reinseg-train", "official-infer", "reinseg-infer"):
-        command = [sys.executable, __file__, "--official", str(args.official), "--threads", str(args.threads)]
-        command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--child", name]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-        print(name, results[name], file=sys.stderr, flush=True)
+        results[name] = run_child(args, name)
     train_o, train_r = results["official-train"], results["reinseg-train"]
     infer_o, infer_r = results["official-infer"], results["reinseg-infer"]
     print(f"torch {torch.__version__}, {args.threads} threads, ViT-S/16 + LoRA-Rein + Mask2Former, 512 px")

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .families import BackboneFamily, CNNFamily, get_family
 from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_weights
@@ -187,6 +189,10 @@ class ReinBackbone(FrozenBackbone):
         self.num_prefix_tokens = self.family.num_prefix_tokens(vit)
         self.freeze_backbone = True
         self.weights_source: str | None = None  # where the VFM weights came from; None: random init
+        # Training levers (reinseg.train_options): blocks whose activations are recomputed in
+        # backward, and the dtype the frozen VFM is held and run in (None: as built).
+        self.checkpoint_blocks: frozenset[int] = frozenset()
+        self.frozen_dtype: torch.dtype | None = None
         self.vit.requires_grad_(False)
         self.vit.eval()
 
@@ -221,14 +227,19 @@ class ReinBackbone(FrozenBackbone):
                 f"pad or resize the images to a multiple of {ph}"
             )
         family = self.family
+        frozen_dtype = self.frozen_dtype
+        if frozen_dtype is not None:
+            images = images.to(frozen_dtype)
         x, block_kwargs = family.embed(self.vit, images)
+        if frozen_dtype is not None:
+            block_kwargs = {k: _cast_floating(v, frozen_dtype) for k, v in block_kwargs.items()}
         maps = []
         for index, block in enumerate(self.vit.blocks):
-            if self.prompts is None:
-                x = family.run_block(block, x, block_kwargs)
-            else:
-                prompts = self.prompts.tokens[index].to(x.dtype)
-                x = family.run_block_with_prompts(block, x, prompts, self.num_prefix_tokens, block_kwargs)
+            x = self._run_block(index, block, x, block_kwargs)
+            if frozen_dtype is not None:
+                # Rein, the prompts and the maps the head sees stay in fp32: only the frozen
+                # blocks run in frozen_dtype.
+                x = x.float()
             if self.rein is not None:
                 x = family.from_tokens(self.rein(family.to_tokens(x), index), x)
             if index in self.out_indices:
@@ -239,12 +250,47 @@ class ReinBackbone(FrozenBackbone):
         ]
         return BackboneOutput(features, self.rein.queries() if self.links_queries else None)
 
+    def _run_block(self, index: int, block: Any, x: Tensor, block_kwargs: dict[str, Any]) -> Tensor:
+        """Block ``index`` on ``x`` (with its prompts, if any), checkpointed when it is one of
+        ``checkpoint_blocks`` and a graph is being built."""
+        if self.frozen_dtype is not None:
+            x = x.to(self.frozen_dtype)
+        if self.prompts is None:
+            run, args = self.family.run_block, (block, x, block_kwargs)
+        else:
+            prompts = self.prompts.tokens[index].to(x.dtype)
+            run = self.family.run_block_with_prompts
+            args = (block, x, prompts, self.num_prefix_tokens, block_kwargs)
+        if index in self.checkpoint_blocks and torch.is_grad_enabled():
+            # Only the block's input is kept; its activations are computed again in backward
+            # (a frozen VFM is in eval mode; one that trains replays its drop-path draws, as
+            # checkpoint restores the RNG state).
+            return checkpoint(run, *args, use_reentrant=False)
+        return run(*args)
+
+    def hold_frozen_in(self, dtype: torch.dtype) -> None:
+        """Store the VFM's frozen parameters and floating buffers in ``dtype`` and run its blocks
+        in it; parameters that train (LoRA, adapters, the VFM under full fine-tuning) keep their
+        dtype, and Rein and the maps stay fp32."""
+        for param in self.vit.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(dtype)
+        for module in self.vit.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.is_floating_point():
+                    setattr(module, name, buffer.to(dtype))
+        self.frozen_dtype = dtype
+
     def load_backbone_weights(self, weights: str | Path | dict[str, Tensor], resample: str = "official") -> None:
         """Load VFM weights (a file path or a state dict) into the frozen ViT, fitting patch size and grid."""
         state_dict, source = read_weights(weights)
         fitted = fit_state_dict(state_dict, self.vit, self.family.checkpoint_filter(), resample, source=source)
         load_into(self.vit, fitted)
         self.weights_source = source
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
 
 
 def rein_arguments(

@@ -196,6 +196,20 @@ class TrainConfig:
     precision: str = "auto"
     # fp32 CUDA math on TF32 tensor cores: "conv" (cuDNN convolutions only, as the official runs), "all", "none"
     tf32: str = "conv"
+    # Speed and memory levers (reinseg.train_options; measured in benchmarks/RESULTS.md).
+    # Recompute the frozen VFM blocks' activations in backward instead of keeping them: false,
+    # true (every block), N (the first N blocks) or a list of block indices. fp32 gradients are
+    # unchanged; ViT backbones only.
+    activation_checkpointing: bool | int | list[int] = False
+    # Sample the deformable attention again in backward instead of keeping its samples (less
+    # memory, a few % more time; the same numbers either way).
+    deformable_recompute: bool = True
+    # The frozen VFM's weights held (and its blocks run) in "float32" or "bfloat16"; Rein, the
+    # head and every trainable parameter keep fp32. Changes numerics. Not with strategies that
+    # train the VFM (model.tuning: full).
+    frozen_dtype: str = "float32"
+    # torch.compile of the backbone and the head: false, true (inductor) or a backend name.
+    compile: bool | str = False
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
@@ -419,6 +433,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "train.keep_checkpoints": (-1, False),
     "train.log_interval": (1, False),
     "train.devices": (1, False),
+    "train.activation_checkpointing": (0, False),
     "train.num_nodes": (1, False),
 }
 
@@ -438,6 +453,7 @@ def check_values(config: Config) -> Config:
                 raise ConfigError(f"{key} must be {bound}, got {value!r}")
     if config.train.betas and any(b >= 1 for b in config.train.betas):
         raise ConfigError(f"train.betas must be in [0, 1), got {config.train.betas!r}")
+    _check_levers(config.train)
     if config.data.cat_max_ratio > 1:
         raise ConfigError(f"data.cat_max_ratio must be at most 1, got {config.data.cat_max_ratio!r}")
     for section in ("train", "val"):
@@ -452,6 +468,23 @@ def check_values(config: Config) -> Config:
                     f"data.{section}[{i}].scale must be two positive integers [long, short], got {scale!r}"
                 )
     return config
+
+
+FROZEN_DTYPES = ("float32", "bfloat16")
+
+
+def _check_levers(train: TrainConfig) -> None:
+    if train.frozen_dtype not in FROZEN_DTYPES:
+        raise ConfigError(f"train.frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {train.frozen_dtype!r}")
+    if isinstance(train.compile, str):
+        from torch._dynamo import list_backends
+
+        backends = list_backends(exclude_tags=())
+        if train.compile not in backends:
+            raise ConfigError(
+                f"train.compile must be true, false or a torch.compile backend (inductor, aot_eager, eager, ...), "
+                f"got {train.compile!r}"
+            )
 
 
 def _in_range(value: float, low: float, exclusive: bool) -> bool:

@@ -59,6 +59,7 @@ from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .optim import build_optimizer, lr_factor, parameter_groups, set_tf32
 from .safe_load import UnsafeFileError, load_torch_file
 from .segmentor import Segmentor
+from .train_options import apply_train_options
 
 # The data and optimizer names are re-exported: they were defined here before the split.
 __all__ = [
@@ -114,6 +115,7 @@ class SegmentationTask(L.LightningModule):
         # Validation results go to <output_dir>/metrics/ (training); evaluate() writes elsewhere.
         self.write_metrics = write_metrics
         self.segmentor = segmentor if segmentor is not None else build_segmentor(config.model)
+        apply_train_options(self.segmentor, config)
         self.save_predictions = None if save_predictions is None else Path(save_predictions)
         # Checkpoints hold only the trainable weights; on_load_checkpoint checks they are all there.
         self.strict_loading = False

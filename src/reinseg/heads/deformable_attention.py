@@ -68,6 +68,8 @@ class MultiScaleDeformableAttention(nn.Module):
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.num_points = num_points
+        # Sample again in backward instead of keeping the samples (train.deformable_recompute).
+        self.recompute = True
         self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(embed_dims, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dims, embed_dims)
@@ -114,7 +116,7 @@ class MultiScaleDeformableAttention(nn.Module):
         # Offsets are in pixels of each level: normalize by its (w, h).
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        if torch.is_grad_enabled():
+        if self.recompute and torch.is_grad_enabled():
             # The samples (B*heads, d, Q, levels*points) outweigh everything else the layer keeps
             # for backward: sample again there instead of keeping them (same values).
             out = checkpoint(

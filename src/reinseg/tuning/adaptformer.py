@@ -53,7 +53,9 @@ class _AddAdapterOutput:
         self.adapter = adapter
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        return output + self.adapter(inputs[0])
+        # In the adapter's dtype: the frozen MLP may run in bf16 (train.frozen_dtype).
+        adapted = self.adapter(inputs[0].to(self.adapter.up.weight.dtype))
+        return output + adapted.to(output.dtype)
 
 
 def add_adaptformer(backbone, bottleneck: int = 64, scale: float = 0.1) -> None:

@@ -27,6 +27,9 @@ class TuningStrategy:
             strategies read them from ``model.<name>``; strategies registered outside reinseg from
             ``model.options.<name>``.
         trains_vfm: the VFM's own weights train (at ``train.backbone_lr_mult`` x the lr).
+        frozen_in_bf16: its model still runs with the frozen VFM weights held in bf16
+            (``train.frozen_dtype``); False where trainable parameters sit inside the VFM's own
+            layers (SoMA's biases and adapters) or the VFM trains.
         no_decay_keys: substrings of parameter names (relative to the segmentor, e.g.
             ``"backbone.rein.scale"``) that take no weight decay, as the official ``custom_keys``.
         links_queries: the head's object queries come from the strategy's module (Rein's tokens).
@@ -36,6 +39,7 @@ class TuningStrategy:
     name: ClassVar[str] = ""
     options_class: ClassVar[type | None] = None
     trains_vfm: ClassVar[bool] = False
+    frozen_in_bf16: ClassVar[bool] = True
     no_decay_keys: ClassVar[tuple[str, ...]] = ()
     backbone_kinds: ClassVar[tuple[str, ...]] = ("vit", "cnn")
 

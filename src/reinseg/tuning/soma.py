@@ -192,6 +192,7 @@ def cosine_weight_decay(minimum: float, max_iters: int) -> Callable[[float, int]
 class Soma(TuningStrategy):
     options_class = SomaConfig
     backbone_kinds = ("vit",)  # linear layers of transformer blocks
+    frozen_in_bf16 = False  # the trainable biases would meet bf16 weights in the same layer
 
     def check(self, options: SomaConfig) -> None:
         if options.rank < 1:

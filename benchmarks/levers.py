@@ -1,0 +1,37 @@
+"""The training levers the benchmarks compare (``vs_official.py --levers``, ``memory.py``,
+``strategies.py train --levers``): ``train`` options of :mod:`reinseg.train_options` plus bf16
+autocast (``train.precision=bf16-mixed``), and the numbers each one changes."""
+
+from __future__ import annotations
+
+LEVERS: dict[str, tuple[dict, bool, str]] = {
+    "none": (dict(), False, "the reference (fp32, deformable recompute on)"),
+    "deformable_recompute=false": (dict(deformable_recompute=False), False, "none"),
+    "activation_checkpointing=true": (dict(activation_checkpointing=True), False, "none (the same fp32 ops again)"),
+    "frozen_dtype=bfloat16": (dict(frozen_dtype="bfloat16"), False, "the frozen blocks in bf16"),
+    "frozen bf16 + checkpointing": (
+        dict(frozen_dtype="bfloat16", activation_checkpointing=True),
+        False,
+        "the frozen blocks in bf16",
+    ),
+    "precision=bf16-mixed": (dict(), True, "matmuls, convolutions, attention in bf16 (autocast)"),
+    "bf16-mixed + frozen bf16": (dict(frozen_dtype="bfloat16"), True, "both of the above"),
+    "bf16-mixed + frozen bf16 + checkpointing": (
+        dict(frozen_dtype="bfloat16", activation_checkpointing=True),
+        True,
+        "both of the above",
+    ),
+    "compile=true": (dict(compile=True), False, "inductor's fused kernels: sums in another order"),
+}
+
+
+def apply_lever(segmentor, lever: str, tuning: str = "rein") -> bool:
+    """Set ``lever``'s train options on ``segmentor`` (built with ``model.tuning=tuning``);
+    returns whether its steps run under bf16 autocast."""
+    from reinseg.config import Config, ModelConfig, TrainConfig, check_values
+    from reinseg.train_options import apply_train_options
+
+    options, autocast, _ = LEVERS[lever]
+    config = check_values(Config(model=ModelConfig(tuning=tuning), train=TrainConfig(**options)))
+    apply_train_options(segmentor, config)
+    return autocast

@@ -1,0 +1,220 @@
+"""The training levers (reinseg.train_options): activation checkpointing, the deformable
+attention's recompute, the frozen VFM in bf16, torch.compile.
+
+Oracle: the same model and step without the lever (fp32, eager). Recomputing in backward must give
+the very same gradients; bf16 must stay within bf16's rounding of the fp32 result.
+"""
+
+import pytest
+import torch
+from conftest import tiny_model_config
+from test_cnn import tiny_cnn_config
+from test_tuning import tiny_config, with_trained_layer_scale
+
+from reinseg.build import build_segmentor
+from reinseg.config import Config, ConfigError, TrainConfig, check_values, from_dict
+from reinseg.engine import SegmentationTask
+from reinseg.heads.deformable_attention import MultiScaleDeformableAttention
+from reinseg.train_options import apply_train_options
+
+
+def built(tuning="rein", name="dinov2_vits14", **train):
+    """The tiny segmentor (seed 0, layer scales 1 so every block counts) with ``train`` levers."""
+    torch.manual_seed(0)
+    model = tiny_config(name, tuning)  # every strategy's options sized to the tiny model
+    segmentor = build_segmentor(model, load_backbone_weights=False).train()
+    with_trained_layer_scale(segmentor)
+    config = Config(model=model, train=TrainConfig(**train))
+    check_values(config)
+    return apply_train_options(segmentor, config)
+
+
+def step(segmentor):
+    """Loss and the gradient of every trainable parameter after one step on a fixed batch."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 64, 64, generator=generator)
+    labels = torch.randint(0, 19, (2, 64, 64), generator=generator)
+    torch.manual_seed(2)  # the loss's point sampling
+    loss = segmentor.loss(images, labels)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in segmentor.named_parameters() if p.requires_grad}
+
+
+def saved_for_backward_bytes(segmentor) -> int:
+    """Bytes of the tensors the step's graph keeps for backward (distinct storages, parameters
+    excluded): the activation memory that peaks at the end of the forward pass."""
+    params = {p.untyped_storage().data_ptr() for p in segmentor.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(segmentor)
+    return sum(storages.values())
+
+
+def assert_same_gradients(reference, other, atol=1e-6):
+    assert reference.keys() == other.keys()
+    for name, grad in reference.items():
+        assert other[name] is not None, name
+        torch.testing.assert_close(other[name], grad, rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("blocks", [True, 2, [1, 3]])
+@pytest.mark.parametrize("tuning", ["rein", "vpt", "soma", "fada", "set"])
+def test_activation_checkpointing_gives_the_same_gradients(tuning, blocks):
+    loss, grads = step(built(tuning))
+    loss_ckpt, grads_ckpt = step(built(tuning, activation_checkpointing=blocks))
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert_same_gradients(grads, grads_ckpt)
+    if tuning == "rein":  # every Rein layer and its tokens still learn
+        rein = {n: g for n, g in grads_ckpt.items() if n.startswith("backbone.rein.")}
+        assert len(rein) == len(list(built().backbone.rein.parameters()))
+        assert all(g.abs().sum() > 0 for g in rein.values())
+
+
+def test_activation_checkpointing_keeps_less_for_backward():
+    full = saved_for_backward_bytes(built())
+    half = saved_for_backward_bytes(built(activation_checkpointing=2))
+    every = saved_for_backward_bytes(built(activation_checkpointing=True))
+    assert every < half < full
+
+
+def test_deformable_recompute_is_an_option_with_the_same_gradients():
+    segmentor = built(deformable_recompute=False)
+    attention = [m for m in segmentor.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    assert attention and not any(m.recompute for m in attention)
+    assert all(m.recompute for m in built().modules() if isinstance(m, MultiScaleDeformableAttention))
+    loss, grads = step(built())
+    loss_kept, grads_kept = step(segmentor)
+    torch.testing.assert_close(loss_kept, loss, rtol=0, atol=1e-6)
+    assert_same_gradients(grads, grads_kept)
+    assert saved_for_backward_bytes(built()) < saved_for_backward_bytes(built(deformable_recompute=False))
+
+
+@pytest.mark.parametrize(
+    "tuning, name",
+    [
+        ("rein", "dinov2_vits14"),
+        ("rein", "eva02_vitl14"),
+        ("rein", "sam_vitb16"),
+        ("frozen", "dinov2_vits14"),
+        ("lora", "dinov2_vits14"),
+        ("vpt", "dinov2_vits14"),
+        ("adaptformer", "dinov2_vits14"),
+        ("fada", "dinov2_vits14"),
+        ("set", "dinov2_vits14"),
+    ],
+)
+def test_frozen_vfm_in_bf16(tuning, name):
+    reference = built(tuning, name)
+    segmentor = built(tuning, name, frozen_dtype="bfloat16", activation_checkpointing=True)
+    frozen = [p for p in segmentor.backbone.vit.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    trainable = [p for p in segmentor.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trainable)  # the fp32 masters
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = reference.backbone(images).features, segmentor.backbone(images).features
+    for e, g in zip(expected, got, strict=True):
+        assert g.dtype == torch.float32
+        # bf16 keeps 8 significant bits: about 0.4 % per rounding, a few % after the blocks.
+        assert (g - e).norm() / e.norm() < 0.05
+    loss, grads = step(segmentor)
+    _, expected_grads = step(reference)
+    assert torch.isfinite(loss)
+    for n, g in grads.items():
+        assert g is not None and g.dtype == torch.float32 and torch.isfinite(g).all(), n
+        if not n.startswith("backbone."):
+            continue
+        # The strategy's own parameters learn in the fp32 direction (LoRA's A has no gradient
+        # while B is still zero, in both).
+        if expected_grads[n].abs().sum() == 0:
+            assert g.abs().sum() == 0, n
+        else:
+            assert torch.nn.functional.cosine_similarity(g.flatten(), expected_grads[n].flatten(), dim=0) > 0.9, n
+
+
+def test_levers_refuse_what_they_cannot_do():
+    with pytest.raises(ConfigError, match="train.frozen_dtype=bfloat16 .* model.tuning=full trains it"):
+        built("full", frozen_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="train.frozen_dtype=bfloat16 .* model.tuning=soma trains parameters inside"):
+        built("soma", frozen_dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing=9 is more than the VFM's 4 blocks"):
+        built(activation_checkpointing=9)
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing: blocks \[4\] are not in \[0, 4\)"):
+        built(activation_checkpointing=[0, 4])
+    cnn = build_segmentor(tiny_cnn_config(), load_backbone_weights=False)
+    for lever, message in [
+        (dict(frozen_dtype="bfloat16"), "train.frozen_dtype=bfloat16 applies to ViT backbones"),
+        (dict(activation_checkpointing=True), "train.activation_checkpointing applies to ViT backbones"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            apply_train_options(cnn, Config(model=tiny_cnn_config(), train=TrainConfig(**lever)))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("activation_checkpointing", -1, "train.activation_checkpointing must be at least 0"),
+        ("activation_checkpointing", [0, -2], "train.activation_checkpointing must be at least 0"),
+        ("activation_checkpointing", "all", "train.activation_checkpointing: 'all' fits none of"),
+        ("frozen_dtype", "float16", "train.frozen_dtype must be one of float32, bfloat16, got 'float16'"),
+        ("deformable_recompute", "yes", "train.deformable_recompute must be true or false"),
+        ("compile", "fastest", "train.compile must be true, false or a torch.compile backend"),
+    ],
+)
+def test_lever_keys_are_checked(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        check_values(from_dict(Config, {"train": {key: value}}))
+
+
+def test_the_training_task_applies_the_levers():
+    config = Config(model=tiny_model_config(), train=TrainConfig(frozen_dtype="bfloat16", activation_checkpointing=3))
+    backbone = SegmentationTask(config).segmentor.backbone
+    assert backbone.checkpoint_blocks == {0, 1, 2}
+    assert backbone.vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.slow  # dynamo traces backbone and head three times: about half a minute
+def test_compile_has_no_graph_break_and_trains_the_same():
+    segmentor = built(activation_checkpointing=True)
+    images = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(segmentor.backbone)(images)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    features, queries = segmentor.backbone(images)
+    explained = torch._dynamo.explain(segmentor.head)(features, queries)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    # The loss's importance sampling picks points by rank, which differences of 1e-6 may change:
+    # forward and backward are compared through a fixed linear function of the outputs instead.
+    results = []
+    for segmentor in (built(), built(compile="aot_eager")):
+        logits, masks = segmentor(images)
+        outputs = [*logits, *masks]
+        generator = torch.Generator().manual_seed(4)
+        weights = [torch.randn(o.shape, generator=generator) for o in outputs]
+        sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)).backward()
+        results.append((outputs, {n: p.grad for n, p in segmentor.named_parameters() if p.requires_grad}))
+    (outputs, grads), (outputs_compiled, grads_compiled) = results
+    for o, c in zip(outputs, outputs_compiled, strict=True):
+        torch.testing.assert_close(c, o, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_compiled.keys()
+    for name, grad in grads.items():  # sums in another order: relative to the gradient's size
+        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
+def test_a_run_with_the_levers_trains_and_validates(tmp_path):
+    from test_engine import tiny_config
+
+    from reinseg.engine import train
+
+    config = tiny_config(tmp_path, max_iters=2, val_interval=2, frozen_dtype="bfloat16", activation_checkpointing=True)
+    task = train(config, resume="never")
+    assert task.trainer.global_step == 2 and task.last_results["mean_mIoU"] is not None
+    assert all(p.dtype == torch.float32 for p in task.segmentor.parameters() if p.requires_grad)
