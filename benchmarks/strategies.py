@@ -180,11 +180,16 @@ def cmd_train(args) -> None:
 def scale_to_demo(model) -> None:
     """Options sized for the demo's small ViT (6 blocks, 96 wide) instead of DINOv2-L: Rein's
     successors take the demo's Rein sizes (tokens, rank, query width); SoMA tunes the last two
-    thirds of the blocks at Rein's rank, as the paper tunes blocks 8-23 of 24."""
+    thirds of the blocks at Rein's rank, as the paper tunes blocks 8-23 of 24; FADA is tested in
+    square windows."""
     options = getattr(model, model.tuning, None)
     for key in ("token_length", "lora_dim", "query_dims"):
         if options is not None and options is not model.rein and hasattr(options, key):
             setattr(options, key, getattr(model.rein, key))
+    if model.tuning == "fada":
+        # FADA's Haar split needs a square token grid (as its official code): the demo's 128x256
+        # test images are scored in 128 windows (stride 85) instead of whole.
+        model.test.mode, model.test.crop_size, model.test.stride = "slide", 128, 85
     if model.tuning == "soma":
         depth = model.backbone.timm_kwargs["depth"]
         model.soma.rank, model.soma.start_block = model.rein.lora_dim, depth // 3
