@@ -53,6 +53,7 @@ def test_help_has_an_example(command, capsys):
     assert "example" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # about 2 s (nine DINOv2-L builds / a fresh interpreter)
 def test_params_compares_the_tuning_strategies(capsys):
     assert main(["params", "--backbone", "dinov2_vitl14", "--compare"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
@@ -147,6 +148,7 @@ def test_check_data_names_a_typo_in_the_data_section(tmp_path, capsys):
     assert "did you mean 'crop_size'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # about 2 s (nine DINOv2-L builds / a fresh interpreter)
 def test_params_compare_skips_lora_without_peft(monkeypatch, capsys):
     import sys
 
@@ -186,6 +188,7 @@ print(sorted(m for m in ("torch", "lightning", "timm", "cv2") if m in sys.module
     assert len(commands) >= 10
 
 
+@pytest.mark.slow  # about 2 s (nine DINOv2-L builds / a fresh interpreter)
 def test_the_package_exports_its_public_names_lazily():
     out = _run_python(
         """

@@ -82,6 +82,7 @@ def test_free_cores_leaves_the_busy_ones(monkeypatch):
         assert free_cores() == expected
 
 
+@pytest.mark.slow  # about 2 s (nine DINOv2-L builds / a fresh interpreter)
 def test_demo_command_sets_passive_waiting_before_torch_loads():
     from conftest import run_reinseg
 

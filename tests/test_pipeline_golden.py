@@ -171,7 +171,7 @@ PAPER_CONFIGS = {
     "rein_dinov2-l_gta+synthia+urbansyn_512.yaml": "gta_512",
 }
 # The two main settings run in the fast tier; the other GTAV configs repeat their validation sets.
-CONFIG_PARAMS = [pytest.param(name, marks=() if i < 2 else pytest.mark.slow) for i, name in enumerate(PAPER_CONFIGS)]
+CONFIG_PARAMS = [pytest.param(name, marks=() if i < 1 else pytest.mark.slow) for i, name in enumerate(PAPER_CONFIGS)]
 # Where each official validation image folder lives in a reinseg dataset root, and the sample's name.
 FOLDERS = {
     "leftImg8bit/val": (

@@ -123,6 +123,7 @@ atomic_write(sys.argv[1], write)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter killed mid-write
 def test_leftovers_of_killed_writes_are_removed(tmp_path):
     target = tmp_path / "last.ckpt"
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], timeout=120)

@@ -264,7 +264,9 @@ def test_an_image_given_as_checkpoint_is_named_without_torch_advice(tmp_path):
         ("x = [0] * 10 ** 9\n", "more than"),
         ("x = 'ab' * 10 ** 9\n", "more than"),
         ("x = '%0999999999d' % 1\n", "string formatting"),
-        ("x = [[i for i in range(100000)] for j in range(100000)]\n", "evaluation steps"),
+        pytest.param(  # 2.5 s: the work budget runs out
+            "x = [[i for i in range(100000)] for j in range(100000)]\n", "evaluation steps", marks=pytest.mark.slow
+        ),
         ("a = 'x' * 500000\n" + "".join(f"a{i} = a + a\na = a{i}\n" for i in range(12)), "more than"),
         ("x = " + "+".join(["1"] * 200000) + "\n", "nested too deeply"),
     ],
