@@ -17,7 +17,6 @@ run leaves no half-written DIR (and an existing, non-empty DIR is refused before
 from __future__ import annotations
 
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -67,6 +66,7 @@ def write_acdc_submission(task, target: Path, protocol) -> int:
     (see the module's docstring); returns the number of predictions."""
     import torch
 
+    from .checkpoints import atomic_directory
     from .data.io import write_png
     from .protocols import protocol_run, protocol_scores
 
@@ -74,25 +74,18 @@ def write_acdc_submission(task, target: Path, protocol) -> int:
     images_root = Path(entry.root) / "rgb_anon"
     run = protocol_run(protocol, [("acdc", entry)], task.config.model)
     segmentor = task.segmentor.eval()
-    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        files = []
+    files = []
+    # Staged beside ``target`` and renamed over it (empty or absent, checked before) when complete.
+    with atomic_directory(target) as staging:
         for index in range(len(dataset)):
             item = dataset[index]
             with torch.no_grad():
                 scores = protocol_scores(segmentor, run, "acdc", item["image"].numpy(), item["ori_size"])
             relative = Path(item["image_path"]).relative_to(images_root)
-            write_png(temporary / relative, train_ids_to_label_ids(scores.argmax(0).cpu().numpy()))
+            write_png(staging / relative, train_ids_to_label_ids(scores.argmax(0).cpu().numpy()))
             files.append(relative)
-        with zipfile.ZipFile(temporary / "submission.zip.part", "w", zipfile.ZIP_DEFLATED) as archive:
+        with zipfile.ZipFile(staging / "submission.zip.part", "w", zipfile.ZIP_DEFLATED) as archive:
             for relative in files:
-                archive.write(temporary / relative, relative.as_posix())
-        (temporary / "submission.zip.part").rename(temporary / "submission.zip")
-        if target.is_dir():
-            target.rmdir()  # empty (checked before)
-        temporary.rename(target)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+                archive.write(staging / relative, relative.as_posix())
+        (staging / "submission.zip.part").rename(staging / "submission.zip")
     return len(files)
