@@ -303,11 +303,25 @@ def rein_arguments(
     for key, value in derived.items():
         if key in rein and rein[key] != value:
             raise ValueError(f"rein.{key}={rein[key]!r} does not match {where} ({value!r})")
-    accepted = tuple(inspect.signature(module.__init__).parameters)[1:]
+    accepted = _init_arguments(module)
     unknown = set(rein) - set(accepted)
     if unknown:
         raise ValueError(f"unknown Rein arguments {sorted(unknown)}; expected some of {sorted(accepted)}")
     return {**rein, **derived}
+
+
+def _init_arguments(module: type[Rein]) -> set[str]:
+    """The named arguments of ``module``'s constructor; a subclass passing ``**rein`` on to its
+    parent's (FADA) takes the parent's too."""
+    names: set[str] = set()
+    for cls in module.__mro__:
+        if not (isinstance(cls, type) and issubclass(cls, Rein)):
+            break
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

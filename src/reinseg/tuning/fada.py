@@ -31,13 +31,7 @@ class FadaStrategy(TuningStrategy):
             raise ValueError("model.tuning is 'fada' but model.fada is null")
 
     def apply(self, backbone, options: FadaConfig) -> None:
-        from ..fada import Fada  # the module's own checks name the argument (model.fada.<key>)
+        from ..fada import Fada
 
         self.check(options)
-        backbone.rein = Fada(
-            num_layers=backbone.depth,
-            embed_dims=backbone.embed_dim,
-            patch_size=int(backbone.patch_size[0]),
-            num_prefix_tokens=backbone.num_prefix_tokens,
-            **asdict(options),
-        )
+        backbone.add_rein(asdict(options), Fada)
