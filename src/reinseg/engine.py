@@ -214,16 +214,20 @@ class SegmentationTask(L.LightningModule):
         part_of = self.val_sets()[dataloader_idx][1].part_of
         for p, predictions in enumerate(self.predictions(batch, dataloader_idx)):
             for i, prediction in enumerate(predictions):
-                self._confusions[p][dataloader_idx].update(prediction, batch["label"][i])
+                confusion = self._confusions[p][dataloader_idx]
+                if self.record_images and p == 0:  # the first protocol's, counted once
+                    confusion.matrix += self._record_image(dataloader_idx, batch, i, prediction)
+                else:
+                    confusion.update(prediction, batch["label"][i])
                 part = part_of.get(batch["image_path"][i])
                 if part is not None:
                     self._part_confusions[p][dataloader_idx][part].update(prediction, batch["label"][i])
-                if self.record_images and p == 0:  # the first protocol's
-                    self._record_image(dataloader_idx, batch, i, prediction)
                 if self.save_predictions is not None and p == 0:  # the first protocol's
                     self._write_prediction(dataloader_idx, batch["label_path"][i], prediction)
 
-    def _record_image(self, dataloader_idx: int, batch: dict, i: int, prediction: torch.Tensor) -> None:
+    def _record_image(self, dataloader_idx: int, batch: dict, i: int, prediction: torch.Tensor) -> torch.Tensor:
+        """Keep the scores of image ``i`` of ``batch``; returns its confusion matrix (for the
+        domain's)."""
         from .examples import image_scores
 
         confusion = self._confusions[0][dataloader_idx]  # the first protocol's
@@ -231,6 +235,7 @@ class SegmentationTask(L.LightningModule):
         own.update(prediction, batch["label"][i])
         record = {"image": str(batch["image_path"][i]), "label": str(batch["label_path"][i])}
         self.image_records[dataloader_idx].append(record | image_scores(own.matrix))
+        return own.matrix
 
     def _write_prediction(self, dataloader_idx: int, label_path: str, prediction: torch.Tensor) -> None:
         from .data.io import write_png
