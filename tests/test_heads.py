@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import load_golden
 
 from reinseg.heads import Mask2FormerHead
+from reinseg.heads.mask2former import _attention_mask
 from reinseg.heads.deformable_attention import multi_scale_deformable_attention
 from reinseg.heads.position_encoding import sine_position_encoding
 
@@ -141,3 +142,35 @@ def test_bilinear_mask_upsampling_precedes_the_sigmoid():
     up = F.interpolate(mask_logits, size=(8, 8), mode="bilinear", align_corners=False).sigmoid()
     expected = torch.einsum("bqc,bqhw->bchw", class_logits.softmax(-1)[..., :-1], up)
     assert out.shape == (1, 4, 8, 8) and torch.allclose(out, expected)
+
+
+def test_last_only_returns_the_last_prediction_of_the_full_run():
+    head = tiny_head().eval()
+    features = [torch.randn(2, 64, s, 2 * s) for s in (16, 8, 4, 2)]
+    queries = torch.randn(10, 32)
+    with torch.no_grad():
+        all_cls, all_masks = head(features, queries)
+        last_cls, last_masks = head(features, queries, last_only=True)
+    assert len(last_cls) == len(last_masks) == 1
+    assert torch.equal(last_cls[0], all_cls[-1]) and torch.equal(last_masks[0], all_masks[-1])
+
+
+def test_attention_mask_from_resized_features_is_that_of_the_resized_masks():
+    """Resizing the mask features and then taking the product gives mmdet's attention mask,
+    which resizes the full-size mask logits (the oracle here, in float64)."""
+    torch.manual_seed(0)
+    embed = torch.randn(2, 10, 16, dtype=torch.float64)
+    mask_features = torch.randn(2, 16, 32, 48, dtype=torch.float64)
+    embed[0, 3] = 0.0  # an empty mask: logits of exactly 0 are "on", as sigmoid(0) = 0.5
+    embed[1, 4] = -embed[1, 4].abs()
+    mask_features[1] = mask_features[1].abs()  # query 4 of image 1 is off everywhere
+    full = torch.einsum("bqc,bchw->bqhw", embed, mask_features)
+    for size in [(8, 12), (16, 24), (32, 48)]:
+        resized = F.interpolate(full, size=size, mode="bilinear", align_corners=False).flatten(2)
+        expected = resized.sigmoid() >= 0.5
+        expected[~expected.any(-1)] = True
+        features = F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+        ours = _attention_mask(embed, features)
+        assert ours.shape == (2, 1, 10, size[0] * size[1])
+        assert torch.equal(ours[:, 0], expected)
+        assert ours[1, 0, 4].all() and 0 < expected.float().mean() < 1

@@ -203,3 +203,34 @@ def test_bad_input_shapes_are_reported():
         rein(torch.randn(2, 5, 8), 0)
     with pytest.raises(IndexError, match="2 layers"):
         rein(torch.randn(2, 5, 16), 2)
+
+
+@pytest.mark.parametrize("embed_dims, token_length, lora_dim, pays", [(64, 20, 4, True), (16, 6, 8, False)])
+def test_low_rank_tokens_are_applied_through_their_factors_when_that_is_cheaper(
+    embed_dims, token_length, lora_dim, pays
+):
+    """Rein's output and gradients equal the paper's formula on the formed tokens ``A @ B``
+    (the oracle: ``token_delta`` on the patch rows alone), whichever way they are computed."""
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=2, embed_dims=embed_dims, patch_size=16, query_dims=8, token_length=token_length)
+    rein = Rein(**kwargs, lora_dim=lora_dim, num_prefix_tokens=2, scale_init=0.5).double()
+    assert rein._low_rank_pays(embed_dims) is pays
+    x = torch.randn(3, 2 + 25, embed_dims, dtype=torch.float64, requires_grad=True)
+    out = rein(x, 1)
+    out.square().sum().backward()
+    ours = [x.grad, *(p.grad for p in rein.parameters() if p.grad is not None)]
+
+    x.grad = None
+    rein.zero_grad()
+    tokens = rein.learnable_tokens_a[1] @ rein.learnable_tokens_b[1]
+    patches = x[:, 2:]
+    delta = rein.token_delta(patches, tokens, rein.mlp_token2feat, rein.mlp_delta_f)
+    expected = torch.cat([x[:, :2], patches + rein.scale * delta], dim=1)
+    expected.square().sum().backward()
+    theirs = [x.grad, *(p.grad for p in rein.parameters() if p.grad is not None)]
+
+    assert torch.equal(out[:, :2], x[:, :2])
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    assert len(ours) == len(theirs) == 8  # x, scale, the two token factors, both MLPs' weights and biases
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -106,6 +106,8 @@ class Fada(Rein):
     unchanged. ``queries()`` -> ``(m, query_dims)``.
     """
 
+    refines_rows_alone = False  # its frequency transform mixes the tokens
+
     def __init__(
         self, num_layers: int, embed_dims: int, patch_size: int, *, learn_wavelet: bool = True, **rein
     ) -> None:

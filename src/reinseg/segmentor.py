@@ -91,7 +91,8 @@ class Segmentor(nn.Module):
 
     def encode_decode(self, images: Tensor) -> Tensor:
         """Semantic scores ``(B, K, H, W)`` of images run whole."""
-        class_logits, mask_logits = self(images)
+        features, queries = self.backbone(images)
+        class_logits, mask_logits = self.head(features, queries, last_only=True)
         return semantic_logits(class_logits[-1], mask_logits[-1], images.shape[-2:])
 
     @torch.no_grad()

@@ -90,6 +90,8 @@ class SpectralRein(Rein):
     official initial weights. ``forward(x (B, P + N, C), layer)`` and ``queries()`` are Rein's.
     """
 
+    refines_rows_alone = False  # its frequency transform mixes the tokens
+
     def _create_more(self) -> None:
         L, m, C = self.num_layers, self.token_length, self.embed_dims
         self.learnable_tokens2 = nn.Parameter(torch.empty(L, m, C))

@@ -44,7 +44,15 @@ class Mask2FormerHead(nn.Module):
         linked_queries: queries come from the backbone (Rein) rather than from the head.
 
     ``forward(features, queries)`` returns per-prediction lists (the initial queries' and every
-    decoder layer's): class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``.
+    decoder layer's): class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``;
+    ``forward(..., last_only=True)`` only the last prediction (one-element lists), what inference
+    needs.
+
+    Each layer's attention mask is the previous prediction's mask logits, bilinearly resized to
+    the next level and thresholded at 0. Resizing and the mask product are both linear, so the
+    head resizes the mask features once per level and takes the product there: the same logits
+    (up to float rounding) as resizing the full-size masks, at a fraction of the work, and the
+    full-size masks are only made for the predictions that are returned.
     """
 
     criterion_class = Mask2FormerLoss
@@ -105,14 +113,17 @@ class Mask2FormerHead(nn.Module):
             self.query_embed = nn.Embedding(num_queries, feat_channels)
             self.query_feat = nn.Embedding(num_queries, feat_channels)
 
-    def forward(self, features: Sequence[Tensor], queries: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(
+        self, features: Sequence[Tensor], queries: Tensor | None = None, last_only: bool = False
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
             features: four maps ``(B, C_i, H/s, W/s)``, strides 4, 8, 16, 32.
             queries: linked object queries ``(Q, D)`` or ``(B, Q, D)`` (required iff linked).
+            last_only: return the last prediction only (inference), not the deep supervision.
         Returns:
-            ``(class_logits, mask_logits)``: lists of ``1 + num_decoder_layers`` tensors
-            ``(B, Q, K + 1)`` and ``(B, Q, H/4, W/4)``.
+            ``(class_logits, mask_logits)``: lists of ``1 + num_decoder_layers`` tensors (one
+            with ``last_only``) ``(B, Q, K + 1)`` and ``(B, Q, H/4, W/4)``.
         """
         batch = features[0].shape[0]
         if self.linked_queries:
@@ -136,33 +147,45 @@ class Mask2FormerHead(nn.Module):
             pos = sine_position_encoding(batch, h, w, self.feat_channels // 2, device=level.device)
             memory_pos.append(pos.to(level.dtype).flatten(2).transpose(1, 2))
 
+        # Mask features resized to each level (no gradient: attention masks are thresholded).
+        with torch.no_grad():
+            level_mask_features = [
+                F.interpolate(mask_features, size=level.shape[-2:], mode="bilinear", align_corners=False)
+                for level in levels
+            ]
         decoder = self.transformer_decoder
+        num_layers = len(decoder.layers)
         class_logits, mask_logits = [], []
-        cls, masks, attn_mask = self._predict(query, mask_features, levels[0].shape[-2:])
-        class_logits.append(cls)
-        mask_logits.append(masks)
+        query_embed = self._embed(query, mask_features, class_logits, mask_logits, returned=not last_only)
         for i, layer in enumerate(decoder.layers):
             level = i % self.num_feature_levels
-            # A query whose mask covers nothing would attend to nothing: let it see everything.
-            attn_mask[~attn_mask.any(-1)] = True
+            attn_mask = _attention_mask(query_embed, level_mask_features[level])
             query = layer(query, query_pos, memories[level], memory_pos[level], attn_mask)
-            next_size = levels[(i + 1) % self.num_feature_levels].shape[-2:]
-            cls, masks, attn_mask = self._predict(query, mask_features, next_size)
-            class_logits.append(cls)
-            mask_logits.append(masks)
+            returned = not last_only or i == num_layers - 1
+            query_embed = self._embed(query, mask_features, class_logits, mask_logits, returned)
         return class_logits, mask_logits
 
-    def _predict(self, query: Tensor, mask_features: Tensor, attn_size) -> tuple[Tensor, Tensor, Tensor]:
-        """Class and mask logits of the current queries, and the attention mask for the next layer."""
-        decoder = self.transformer_decoder
-        query = decoder.post_norm(query)
-        cls = self.cls_embed(query)
-        masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(query), mask_features)
-        attn_mask = F.interpolate(masks.detach(), size=attn_size, mode="bilinear", align_corners=False)
-        # (B, Q, h, w) -> (B, 1, Q, h*w), one mask for all heads; True where the predicted mask is on
-        # (written as mmdet's "masked where sigmoid < 0.5", negated, to treat NaN alike).
-        attn_mask = ~(attn_mask.flatten(2).sigmoid() < 0.5).unsqueeze(1)
-        return cls, masks, attn_mask
+    def _embed(self, query: Tensor, mask_features: Tensor, class_logits: list, mask_logits: list, returned: bool):
+        """The mask embedding ``(B, Q, C)`` of the current queries; when ``returned``, their class
+        logits and full-size mask logits are appended to the lists."""
+        query = self.transformer_decoder.post_norm(query)
+        embed = self.mask_embed(query)
+        if returned:
+            class_logits.append(self.cls_embed(query))
+            mask_logits.append(torch.einsum("bqc,bchw->bqhw", embed, mask_features))
+        return embed
+
+
+def _attention_mask(embed: Tensor, level_mask_features: Tensor) -> Tensor:
+    """``(B, 1, Q, h*w)``, one mask for all heads: True where the query's predicted mask (logit
+    of ``embed (B, Q, C)`` on ``level_mask_features (B, C, h, w)``) is on. A query whose mask
+    covers nothing would attend to nothing: it sees everything instead (as mmdet)."""
+    with torch.no_grad():
+        logits = torch.einsum("bqc,bchw->bqhw", embed, level_mask_features).flatten(2)
+        # Written as mmdet's "masked where sigmoid < 0.5", negated, to treat NaN alike.
+        attn_mask = ~(logits.sigmoid() < 0.5)
+        attn_mask[~attn_mask.any(-1)] = True
+    return attn_mask.unsqueeze(1)
 
 
 def semantic_logits(class_logits: Tensor, mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
