@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from conftest import load_golden
 
 from reinseg.heads import Mask2FormerHead
-from reinseg.heads.mask2former import _attention_mask
 from reinseg.heads.deformable_attention import multi_scale_deformable_attention
+from reinseg.heads.mask2former import _attention_mask
 from reinseg.heads.position_encoding import sine_position_encoding
 
 
