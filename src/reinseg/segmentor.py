@@ -9,6 +9,8 @@ of the image and of its mirror, as mmseg's ``SegTTAModel`` does.
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Sequence
 
 import torch
@@ -76,6 +78,8 @@ class Segmentor(nn.Module):
         # Parameter-name substrings without weight decay (the builder adds the strategy's).
         self.no_decay_keys: tuple[str, ...] = ("norm", *getattr(head, "no_decay_keys", ()))
         self._check_inference_settings(test_mode, self.crop_size, self.stride)
+        # Inference needs only the last prediction; a head may offer to compute only that.
+        self._head_takes_last_only = "last_only" in inspect.signature(head.forward).parameters
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per-prediction class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``."""
@@ -92,7 +96,10 @@ class Segmentor(nn.Module):
     def encode_decode(self, images: Tensor) -> Tensor:
         """Semantic scores ``(B, K, H, W)`` of images run whole."""
         features, queries = self.backbone(images)
-        class_logits, mask_logits = self.head(features, queries, last_only=True)
+        if self._head_takes_last_only:
+            class_logits, mask_logits = self.head(features, queries, last_only=True)
+        else:
+            class_logits, mask_logits = self.head(features, queries)
         return semantic_logits(class_logits[-1], mask_logits[-1], images.shape[-2:])
 
     @torch.no_grad()

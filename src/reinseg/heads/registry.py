@@ -4,9 +4,10 @@ A head is an ``nn.Module`` class constructed as ``Head(in_channels, num_classes=
 num_queries=..., linked_queries=..., **hyper_parameters)``, where the hyper-parameters are the
 ``model.head`` keys its constructor names (:func:`reinseg.build.build_segmentor` passes those)
 plus ``model.head.options``. ``forward(features, queries)`` returns per-prediction class logits
-``(B, Q, K + 1)`` and mask logits ``(B, Q, h, w)``, a list over deep-supervision layers each;
-``forward(features, queries, last_only=True)`` the last prediction only (what inference uses,
-:meth:`reinseg.Segmentor.encode_decode`), a one-element list each.
+``(B, Q, K + 1)`` and mask logits ``(B, Q, h, w)``, a list over deep-supervision layers each.
+Optionally, a head whose ``forward`` takes ``last_only`` returns the last prediction only (one
+element each) when it is True: inference (:meth:`reinseg.Segmentor.encode_decode`) then asks
+for that alone.
 Class attributes: ``criterion_class`` (the training loss, built as
 ``criterion_class(num_classes, **model.loss)``) and ``no_decay_keys`` (parameter-name substrings
 that take no weight decay).
