@@ -10,7 +10,6 @@ of the image and of its mirror, as mmseg's ``SegTTAModel`` does.
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Sequence
 
 import torch
