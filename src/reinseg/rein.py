@@ -158,14 +158,17 @@ class Rein(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
-        if self.lora_dim is not None and self._low_rank_pays(feats.shape[-1]):
+        if self._low_rank_pays(feats.shape[-1]):
             return self._low_rank_delta(feats, layer)
         return self.token_delta(feats, self.tokens(layer), self.mlp_token2feat, self.mlp_delta_f)
 
     def _low_rank_pays(self, channels: int) -> bool:
         # f @ T^T costs N*C*m multiply-adds as it stands, N*r*(C + m) through the factors.
-        return isinstance(self.mlp_token2feat, nn.Linear) and self.lora_dim * (channels + self.token_length) < (
-            channels * self.token_length
+        rank = self.lora_dim
+        return (
+            rank is not None
+            and isinstance(self.mlp_token2feat, nn.Linear)
+            and rank * (channels + self.token_length) < channels * self.token_length
         )
 
     def _low_rank_delta(self, feats: Tensor, layer: int) -> Tensor:

@@ -155,7 +155,8 @@ class Mask2FormerHead(nn.Module):
             ]
         decoder = self.transformer_decoder
         num_layers = len(decoder.layers)
-        class_logits, mask_logits = [], []
+        class_logits: list[Tensor] = []
+        mask_logits: list[Tensor] = []
         query_embed = self._embed(query, mask_features, class_logits, mask_logits, returned=not last_only)
         for i, layer in enumerate(decoder.layers):
             level = i % self.num_feature_levels
@@ -165,7 +166,14 @@ class Mask2FormerHead(nn.Module):
             query_embed = self._embed(query, mask_features, class_logits, mask_logits, returned)
         return class_logits, mask_logits
 
-    def _embed(self, query: Tensor, mask_features: Tensor, class_logits: list, mask_logits: list, returned: bool):
+    def _embed(
+        self,
+        query: Tensor,
+        mask_features: Tensor,
+        class_logits: list[Tensor],
+        mask_logits: list[Tensor],
+        returned: bool,
+    ) -> Tensor:
         """The mask embedding ``(B, Q, C)`` of the current queries; when ``returned``, their class
         logits and full-size mask logits are appended to the lists."""
         query = self.transformer_decoder.post_norm(query)
