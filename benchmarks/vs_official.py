@@ -15,7 +15,7 @@ with :func:`reinseg.from_official`. Each measurement runs in a child process of 
 
 - ``train``: one training step (forward, the official loss, backward) on a batch of 2, median
   seconds over ``--repeats`` after ``--warmup``; and the memory the step adds: the peak resident
-  set during the steps minus the resident set before them.
+  set during the steps (warm-up included) minus the resident set before them.
 - ``infer``: whole-image inference of one 512x512 image (scores at the input size), median seconds.
 - ``check``: both models' scores on one image, to show the two compute the same thing.
 
@@ -24,6 +24,11 @@ with :func:`reinseg.from_official`. Each measurement runs in a child process of 
 official fp32 figures (CPU seconds too: on a shared machine they move less than wall seconds)::
 
     OMP_NUM_THREADS=1 python benchmarks/vs_official.py --official /path/to/Rein --threads 1 --levers
+
+reinseg's processes keep freed memory as the ``reinseg`` command does
+(:func:`reinseg.allocator.keep_freed_memory`; ``REINSEG_ALLOCATOR=system`` in the environment
+measures them with the system allocator); ``--official-allocator keep`` gives the official code
+the same setting, to tell the allocator's share from the code's.
 
 The official code is imported from its own checkout and never copied here.
 """
@@ -110,11 +115,12 @@ def _rss_kib(field: str) -> int:
 
 def measure(step, warmup: int, repeats: int) -> dict:
     """Median seconds (wall and this process's CPU) of ``step()`` and the peak resident memory
-    it adds (MiB)."""
-    for _ in range(warmup):
-        step()
+    it adds (MiB) over the resident set before the first (warm-up) step: with an allocator that
+    keeps freed memory (reinseg.allocator) the set after a warm-up already holds the step's."""
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+    for _ in range(warmup):
+        step()
     times, cpu = [], []
     for _ in range(repeats):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -144,6 +150,13 @@ def optimizer_step_seconds(model, repeats: int) -> dict:
 
 def child(args) -> dict:
     torch.set_num_threads(args.threads)
+    side = args.child.split("-")[0]
+    # What the reinseg command does at start (REINSEG_ALLOCATOR=system opts out); the official
+    # code runs with the system allocator unless --official-allocator keep.
+    if side == "reinseg" or (side == "official" and args.official_allocator == "keep"):
+        from reinseg.allocator import keep_freed_memory
+
+        keep_freed_memory()
     load_official(args.official)
     model_config = official_model_config(args.official)
     official = build_official(model_config)
@@ -200,6 +213,7 @@ def child(args) -> dict:
 def run_child(args, name: str, lever: str | None = None) -> dict:
     command = [sys.executable, __file__, "--official", str(args.official), "--threads", str(args.threads)]
     command += ["--warmup", str(args.warmup), "--repeats", str(args.repeats), "--child", name]
+    command += ["--official-allocator", args.official_allocator]
     if lever is not None:
         command += ["--lever", lever]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -252,6 +266,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--levers", action="store_true", help="one row per training lever (see the docstring)")
     parser.add_argument("--only", nargs="+", choices=list(LEVERS), help="with --levers: these levers only")
+    parser.add_argument(
+        "--official-allocator",
+        choices=["system", "keep"],
+        default="system",
+        help="run the official code with the system allocator (as it ships) or with reinseg's setting",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--lever", default=None, choices=list(LEVERS), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -23,6 +23,7 @@ _EXPORTS = {
     "Config": ".config",
     "ModelConfig": ".config",
     "load_config": ".config",
+    "keep_freed_memory": ".allocator",
 }
 
 __all__ = [
@@ -38,10 +39,12 @@ __all__ = [
     "Config",
     "ModelConfig",
     "load_config",
+    "keep_freed_memory",
     "__version__",
 ]
 
 if TYPE_CHECKING:
+    from .allocator import keep_freed_memory
     from .backbones import BACKBONES, ReinBackbone, build_backbone, list_backbones
     from .build import build_segmentor
     from .config import Config, ModelConfig, load_config

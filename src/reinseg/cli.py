@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from .allocator import keep_freed_memory
+
 __all__ = ["main", "build_parser"]
 
 
@@ -632,6 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        # Freed tensors stay in the process for the next step instead of coming back as new
+        # pages (reinseg.allocator; REINSEG_ALLOCATOR=system opts out).
+        keep_freed_memory()
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as err:
         # Errors with their own exit status (engine.TrainingInterrupted: 143) are not failures.
