@@ -61,8 +61,10 @@ def main() -> None:
         x_grad = x.clone().requires_grad_()
         with torch.no_grad():
             difference = (factored(x, 0) - formed(x, 0)).abs().max().item()
-            infer = [median_ms(lambda m=m: m(x, 0), args.repeats) for m in (formed, factored)]
-        train = [median_ms(lambda m=m: m(x_grad, 0).sum().backward(), args.repeats // 4) for m in (formed, factored)]
+            infer = [median_ms(lambda m=m, x=x: m(x, 0), args.repeats) for m in (formed, factored)]
+        train = [
+            median_ms(lambda m=m, x=x_grad: m(x, 0).sum().backward(), args.repeats // 4) for m in (formed, factored)
+        ]
         print(
             f"| {width} | {infer[0]:.2f} | {infer[1]:.2f} | {train[0]:.1f} | {train[1]:.1f} | {difference:.1e} |",
             flush=True,
