@@ -30,7 +30,7 @@ train() { $py benchmarks/strategies.py train --device "$device" --steps "$steps"
     echo
     echo "## Levers, paper config with Rein (train options; benchmarks/levers.py says what each changes)"
     train --backbone "$large" --batch "$batch" --strategies rein --levers none deformable_recompute=false \
-        activation_checkpointing=true frozen_dtype=bfloat16 precision=bf16-mixed "bf16-mixed + frozen bf16" \
+        activation_checkpointing=true pixel_decoder_checkpointing=true "both checkpointings" frozen_dtype=bfloat16 precision=bf16-mixed "bf16-mixed + frozen bf16" \
         "bf16-mixed + frozen bf16 + checkpointing" compile=true
     echo
     echo "## Every strategy, bf16 (issue 15's table)"

@@ -8,6 +8,16 @@ LEVERS: dict[str, tuple[dict, bool, str]] = {
     "none": (dict(), False, "the reference (fp32, deformable recompute on)"),
     "deformable_recompute=false": (dict(deformable_recompute=False), False, "none"),
     "activation_checkpointing=true": (dict(activation_checkpointing=True), False, "none (the same fp32 ops again)"),
+    "pixel_decoder_checkpointing=true": (
+        dict(pixel_decoder_checkpointing=True),
+        False,
+        "none (the same fp32 ops again)",
+    ),
+    "both checkpointings": (
+        dict(activation_checkpointing=True, pixel_decoder_checkpointing=True),
+        False,
+        "none (the same fp32 ops again)",
+    ),
     "frozen_dtype=bfloat16": (dict(frozen_dtype="bfloat16"), False, "the frozen blocks in bf16"),
     "frozen bf16 + checkpointing": (
         dict(frozen_dtype="bfloat16", activation_checkpointing=True),

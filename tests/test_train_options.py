@@ -15,6 +15,7 @@ from reinseg.build import build_segmentor
 from reinseg.config import Config, ConfigError, TrainConfig, check_values, from_dict
 from reinseg.engine import SegmentationTask
 from reinseg.heads.deformable_attention import MultiScaleDeformableAttention
+from reinseg.heads.pixel_decoder import PixelDecoder
 from reinseg.train_options import apply_train_options
 
 
@@ -94,6 +95,23 @@ def test_deformable_recompute_is_an_option_with_the_same_gradients():
     torch.testing.assert_close(loss_kept, loss, rtol=0, atol=1e-6)
     assert_same_gradients(grads, grads_kept)
     assert saved_for_backward_bytes(built()) < saved_for_backward_bytes(built(deformable_recompute=False))
+
+
+def test_pixel_decoder_checkpointing_gives_the_same_gradients_and_keeps_less():
+    segmentor = built(pixel_decoder_checkpointing=True)
+    decoders = [m for m in segmentor.modules() if isinstance(m, PixelDecoder)]
+    assert decoders and all(d.checkpointing for d in decoders)
+    assert not any(d.checkpointing for d in built().modules() if isinstance(d, PixelDecoder))
+    # The layers' own recompute would sample a third time: it is off inside recomputed layers.
+    assert not any(m.recompute for m in segmentor.modules() if isinstance(m, MultiScaleDeformableAttention))
+    loss, grads = step(built())
+    loss_ckpt, grads_ckpt = step(segmentor)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert_same_gradients(grads, grads_ckpt)
+    kept = saved_for_backward_bytes(built())
+    assert saved_for_backward_bytes(built(pixel_decoder_checkpointing=True)) < kept
+    both = saved_for_backward_bytes(built(pixel_decoder_checkpointing=True, activation_checkpointing=True))
+    assert both < saved_for_backward_bytes(built(activation_checkpointing=True))
 
 
 @pytest.mark.parametrize(

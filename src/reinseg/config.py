@@ -204,6 +204,10 @@ class TrainConfig:
     # Sample the deformable attention again in backward instead of keeping its samples (less
     # memory, a few % more time; the same numbers either way).
     deformable_recompute: bool = True
+    # Recompute the pixel decoder's deformable encoder layers and FPN levels in backward instead
+    # of keeping their activations (they hold most of a step's activations at ViT-S/B sizes).
+    # fp32 gradients unchanged; the deformable attention's own recompute is then not needed.
+    pixel_decoder_checkpointing: bool = False
     # The frozen VFM's weights held (and its blocks run) in "float32" or "bfloat16"; Rein, the
     # head and every trainable parameter keep fp32. Changes numerics. Not with strategies that
     # train the VFM (model.tuning: full).

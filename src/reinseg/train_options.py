@@ -2,6 +2,8 @@
 
 ``train.activation_checkpointing`` (the frozen blocks recompute their activations in backward),
 ``train.deformable_recompute`` (the deformable attention samples again in backward),
+``train.pixel_decoder_checkpointing`` (the pixel decoder's encoder layers and FPN levels
+recompute their activations in backward),
 ``train.frozen_dtype`` (the frozen VFM held and run in bf16) and ``train.compile``
 (``torch.compile`` of backbone and head). The model modules hold the switches
 (:class:`~reinseg.backbones.ReinBackbone`,
@@ -18,6 +20,7 @@ import torch
 from .backbones import ReinBackbone
 from .config import ConfigError
 from .heads.deformable_attention import MultiScaleDeformableAttention
+from .heads.pixel_decoder import PixelDecoder
 from .tuning import get_strategy
 
 if TYPE_CHECKING:
@@ -51,7 +54,11 @@ def apply_train_options(segmentor: Segmentor, config: Config) -> Segmentor:
     backbone = segmentor.backbone
     for module in segmentor.modules():
         if isinstance(module, MultiScaleDeformableAttention):
-            module.recompute = tc.deformable_recompute
+            # Inside a recomputed encoder layer the samples are freed with the layer's other
+            # activations; sampling a third time in backward would buy nothing.
+            module.recompute = tc.deformable_recompute and not tc.pixel_decoder_checkpointing
+        if isinstance(module, PixelDecoder):
+            module.checkpointing = tc.pixel_decoder_checkpointing
     uses_vit = isinstance(backbone, ReinBackbone)
     if tc.activation_checkpointing not in (False, 0, []):
         if not uses_vit:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .deformable_attention import MultiScaleDeformableAttention
 from .position_encoding import sine_position_encoding
@@ -80,6 +81,9 @@ class PixelDecoder(nn.Module):
 
     ``forward(features)`` returns ``mask_features (B, out_channels, H/4, W/4)`` and the encoder's
     maps, coarsest first: ``[(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]``.
+
+    ``checkpointing`` (``train.pixel_decoder_checkpointing``): while a graph is built, keep only
+    each encoder layer's and FPN level's input and compute their activations again in backward.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class PixelDecoder(nn.Module):
             ConvNorm(feat_channels, feat_channels, 3, num_groups, bias=False, relu=True) for _ in fpn_levels
         )
         self.mask_feature = nn.Conv2d(feat_channels, out_channels, kernel_size=1)
+        self.checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -160,7 +165,7 @@ class PixelDecoder(nn.Module):
         # Every query looks around its own centre, at the same normalized place in every level.
         reference_points = torch.cat(references, dim=0)[None, :, None].expand(batch, -1, len(shapes), -1)
         for layer in self.encoder.layers:
-            x = layer(x, pos, reference_points, shapes)
+            x = self._run(layer, x, pos, reference_points, shapes)
 
         outs = [
             level.transpose(1, 2).reshape(batch, -1, h, w)
@@ -169,10 +174,22 @@ class PixelDecoder(nn.Module):
         for lateral, output, level in zip(
             self.lateral_convs, self.output_convs, range(num_inputs - len(shapes) - 1, -1, -1), strict=False
         ):
-            lat = lateral(features[level])
-            up = F.interpolate(outs[-1], size=lat.shape[-2:], mode="bilinear", align_corners=False)
-            outs.append(output(lat + up))
+            outs.append(self._run(_fpn_level, lateral, output, features[level], outs[-1]))
         return self.mask_feature(outs[-1]), outs[: self.num_encoder_levels]
+
+    def _run(self, function: Any, *args: Any) -> Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            # The 6 encoder layers on every token of 3 levels and the FPN at stride 4 hold most
+            # of a step's activations (benchmarks/RESULTS.md); only their inputs are kept.
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
+
+
+def _fpn_level(lateral: nn.Module, output: nn.Module, feature: Tensor, coarser: Tensor) -> Tensor:
+    """One FPN step: ``feature``'s lateral projection plus ``coarser`` upsampled to its size."""
+    lat = lateral(feature)
+    up = F.interpolate(coarser, size=lat.shape[-2:], mode="bilinear", align_corners=False)
+    return output(lat + up)
 
 
 def _grid_centers(h: int, w: int, device, dtype) -> Tensor:
