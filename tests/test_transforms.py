@@ -1,7 +1,11 @@
+import json
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 import torch
+from golden.make_opencv_hsv_golden import every_hsv_value, hsv_to_rgb_digest
 
 from reinseg.data import IMAGENET_MEAN, IMAGENET_STD, TEST_SCALES
 from reinseg.data.transforms import (
@@ -234,6 +238,25 @@ def test_photometric_distortion_hue_and_saturation_steps():
     expected[..., 0] = (expected[..., 0].astype(int) + 17) % 180
     assert np.array_equal(out, cv2.cvtColor(expected, cv2.COLOR_HSV2RGB))
     assert np.all(out[0, 1] == 90)  # gray has no hue or saturation to change
+
+
+HSV_GOLDEN = json.loads((Path(__file__).parent / "data" / "opencv_hsv2rgb.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def hsv_values():
+    return every_hsv_value()
+
+
+@pytest.mark.parametrize("width", list(HSV_GOLDEN["sha256"]))
+def test_hsv_to_rgb_of_every_value_equals_the_official_opencv_at_every_width(hsv_values, width):
+    # The photometric steps convert each crop back from HSV. opencv rounds a row's SIMD blocks
+    # and its remainder differently, so the result depends on the width; it must be the official
+    # environment's (4.11) at every width (opencv-python-headless 5.1 differs at widths 37 and 96).
+    digest = hsv_to_rgb_digest(hsv_values, int(width))
+    assert digest == HSV_GOLDEN["sha256"][width], (
+        f"opencv {cv2.__version__} converts HSV to RGB unlike opencv {HSV_GOLDEN['opencv']} at width {width}"
+    )
 
 
 def test_photometric_distortion_is_seeded_and_keeps_labels():

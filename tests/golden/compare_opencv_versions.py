@@ -9,7 +9,8 @@ Saves what reinseg's pipeline uses OpenCV for: INTER_LINEAR resizes (12 sizes, u
 1914x1052 among them), INTER_NEAREST label resizes, HSV->RGB of every 8-bit HSV value, RGB->HSV of
 all 2^24 colours, and PNG/JPEG decoding. opencv 4.11 (official environment) and 5.0 (reinseg's)
 gave identical arrays, with 1 and 4 threads (2026-11-24), which is why reinseg accepts
-``opencv-python-headless>=4.11,<6``.
+``opencv-python-headless>=4.11,<5.1`` (5.1 changes HSV->RGB at some widths:
+tests/golden/make_opencv_hsv_golden.py).
 """
 
 import io
