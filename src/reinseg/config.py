@@ -204,6 +204,10 @@ class TrainConfig:
     # Sample the deformable attention again in backward instead of keeping its samples (less
     # memory, a few % more time; the same numbers either way).
     deformable_recompute: bool = True
+    # The deformable attention's sampling: "auto" (sparse matrix products on the CPU, about twice
+    # as fast there; grid_sample on a GPU), "csr" (CPU only) or "grid_sample" (the reference).
+    # The same numbers up to float rounding. Inference uses "auto".
+    deformable_kernel: str = "auto"
     # Recompute the pixel decoder's deformable encoder layers and FPN levels in backward instead
     # of keeping their activations (they hold most of a step's activations at ViT-S/B sizes).
     # fp32 gradients unchanged; the deformable attention's own recompute is then not needed.
@@ -480,6 +484,12 @@ FROZEN_DTYPES = ("float32", "bfloat16")
 def _check_levers(train: TrainConfig) -> None:
     if train.frozen_dtype not in FROZEN_DTYPES:
         raise ConfigError(f"train.frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {train.frozen_dtype!r}")
+    from .heads.deformable_attention import KERNELS
+
+    if train.deformable_kernel not in KERNELS:
+        raise ConfigError(
+            f"train.deformable_kernel must be one of {', '.join(KERNELS)}, got {train.deformable_kernel!r}"
+        )
     if isinstance(train.compile, str):
         from torch._dynamo import list_backends
 

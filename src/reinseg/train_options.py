@@ -2,6 +2,7 @@
 
 ``train.activation_checkpointing`` (the frozen blocks recompute their activations in backward),
 ``train.deformable_recompute`` (the deformable attention samples again in backward),
+``train.deformable_kernel`` (its sampling as sparse products or ``grid_sample``),
 ``train.pixel_decoder_checkpointing`` (the pixel decoder's encoder layers and FPN levels
 recompute their activations in backward),
 ``train.frozen_dtype`` (the frozen VFM held and run in bf16) and ``train.compile``
@@ -57,6 +58,7 @@ def apply_train_options(segmentor: Segmentor, config: Config) -> Segmentor:
             # Inside a recomputed encoder layer the samples are freed with the layer's other
             # activations; sampling a third time in backward would buy nothing.
             module.recompute = tc.deformable_recompute and not tc.pixel_decoder_checkpointing
+            module.kernel = tc.deformable_kernel
         if isinstance(module, PixelDecoder):
             module.checkpointing = tc.pixel_decoder_checkpointing
     uses_vit = isinstance(backbone, ReinBackbone)

@@ -1,8 +1,9 @@
 """Multi-scale deformable attention (Deformable DETR) in pure PyTorch.
 
-:func:`multi_scale_deformable_attention` is the one place where sampling happens
-(``grid_sample``: bilinear, zero padding, align_corners False, as mmcv's PyTorch path); a faster
-kernel can replace it behind the same signature.
+:func:`multi_scale_deformable_attention` is the reference sampling (``grid_sample``: bilinear,
+zero padding, align_corners False, as mmcv's PyTorch path).
+:func:`~reinseg.heads.deformable_csr.csr_deformable_attention` computes the same thing as sparse
+matrix products, about twice as fast on the CPU; the module picks one by ``kernel``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
+from .deformable_csr import csr_deformable_attention
+
+__all__ = ["KERNELS", "multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
+
+# "auto": the CSR kernel on the CPU (not while compiling or exporting), grid_sample elsewhere.
+KERNELS = ("auto", "csr", "grid_sample")
 
 
 def multi_scale_deformable_attention(
@@ -58,6 +64,9 @@ class MultiScaleDeformableAttention(nn.Module):
 
     Parameter names follow mmcv (``sampling_offsets``, ``attention_weights``, ``value_proj``,
     ``output_proj``) so that official weights load unchanged.
+
+    ``kernel`` (one of :data:`KERNELS`, ``train.deformable_kernel``) picks the sampling;
+    ``recompute`` (``train.deformable_recompute``) keeps only the sampling's inputs for backward.
     """
 
     def __init__(self, embed_dims: int = 256, num_heads: int = 8, num_levels: int = 3, num_points: int = 4) -> None:
@@ -68,6 +77,7 @@ class MultiScaleDeformableAttention(nn.Module):
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.num_points = num_points
+        self.kernel = "auto"
         # Sample again in backward instead of keeping the samples (train.deformable_recompute).
         self.recompute = True
         self.sampling_offsets = nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
@@ -116,12 +126,29 @@ class MultiScaleDeformableAttention(nn.Module):
         # Offsets are in pixels of each level: normalize by its (w, h).
         normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
         locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        if self.recompute and torch.is_grad_enabled():
+        out = self._sample(value, spatial_shapes, locations, weights)
+        return query + self.output_proj(out)
+
+    def _sample(self, value: Tensor, spatial_shapes, locations: Tensor, weights: Tensor) -> Tensor:
+        recompute = self.recompute and torch.is_grad_enabled()
+        if self._csr_for(value):
+            return csr_deformable_attention(value, spatial_shapes, locations, weights, keep_samples=not recompute)
+        if recompute:
             # The samples (B*heads, d, Q, levels*points) outweigh everything else the layer keeps
             # for backward: sample again there instead of keeping them (same values).
-            out = checkpoint(
+            return checkpoint(
                 multi_scale_deformable_attention, value, spatial_shapes, locations, weights, use_reentrant=False
             )
-        else:
-            out = multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
-        return query + self.output_proj(out)
+        return multi_scale_deformable_attention(value, spatial_shapes, locations, weights)
+
+    def _csr_for(self, value: Tensor) -> bool:
+        if self.kernel == "grid_sample":
+            return False
+        on_cpu = value.device.type == "cpu"
+        if self.kernel == "csr":
+            if not on_cpu:
+                raise ValueError(f"train.deformable_kernel: csr runs on the CPU, not on {value.device.type}")
+            return True
+        # Sparse tensors are not traced by torch.compile or the ONNX exporter: they get the reference.
+        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        return on_cpu and not tracing
