@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 from conftest import tiny_model_config
@@ -32,6 +34,39 @@ def test_matcher_recovers_a_known_assignment():
         mask_logits[q][gt_masks[g]] = 8.0
     queries, gts = HungarianMatcher(num_points=1024)(class_logits, mask_logits, gt_classes, gt_masks)
     assert dict(zip(queries.tolist(), gts.tolist(), strict=False)) == expected
+
+
+def mmdet_matching_cost(matcher, class_logits, mask_logits, gt_classes, gt_masks, coords):
+    """mmdet's ClassificationCost + CrossEntropyLossCost(use_sigmoid) + DiceCost(naive), written
+    with the BCE calls mmdet makes, on the given points."""
+    grid = 2 * coords.unsqueeze(2) - 1
+    sample = functools.partial(torch.nn.functional.grid_sample, grid=grid, align_corners=False)
+    pred = sample(mask_logits.unsqueeze(1), grid=grid.expand(len(mask_logits), -1, -1, -1))
+    target = sample(gt_masks.unsqueeze(1).float(), grid=grid.expand(len(gt_masks), -1, -1, -1))
+    pred, target = pred[:, 0, :, 0], target[:, 0, :, 0]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    pos = bce(pred, torch.ones_like(pred), reduction="none")
+    neg = bce(pred, torch.zeros_like(pred), reduction="none")
+    cost_mask = (pos @ target.t() + neg @ (1 - target).t()) / pred.shape[1]
+    prob = pred.sigmoid()
+    cost_dice = 1 - (2 * prob @ target.t() + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None, :] + 1)
+    cost_class = -class_logits.softmax(-1)[:, gt_classes]
+    return matcher.class_weight * cost_class + matcher.mask_weight * cost_mask + matcher.dice_weight * cost_dice
+
+
+def test_matching_cost_is_bit_for_bit_mmdets():
+    generator = torch.Generator().manual_seed(0)
+    class_logits = torch.randn(7, 20, generator=generator)
+    # Logits from 0 to beyond float32's exp range, where log-sigmoid saturates.
+    mask_logits = torch.randn(7, 24, 24, generator=generator) * torch.logspace(-3, 2.3, 7).view(7, 1, 1)
+    gt_classes = torch.tensor([3, 0, 11])
+    gt_masks = torch.rand(3, 24, 24, generator=generator) > 0.6
+    matcher = HungarianMatcher(num_points=300)
+    torch.manual_seed(1)
+    cost = matcher.cost(class_logits, mask_logits, gt_classes, gt_masks)
+    torch.manual_seed(1)
+    coords = torch.rand(1, 300, 2)
+    assert torch.equal(cost, mmdet_matching_cost(matcher, class_logits, mask_logits, gt_classes, gt_masks, coords))
 
 
 def tiny_batch():

@@ -7,7 +7,7 @@ from conftest import load_golden
 
 from reinseg.heads import Mask2FormerHead
 from reinseg.heads.deformable_attention import multi_scale_deformable_attention
-from reinseg.heads.mask2former import _attention_mask
+from reinseg.heads.mask2former import _attention_mask, mask_product
 from reinseg.heads.position_encoding import sine_position_encoding
 
 
@@ -174,3 +174,19 @@ def test_attention_mask_from_resized_features_is_that_of_the_resized_masks():
         assert ours.shape == (2, 1, 10, size[0] * size[1])
         assert torch.equal(ours[:, 0], expected)
         assert ours[1, 0, 4].all() and 0 < expected.float().mean() < 1
+
+
+@pytest.mark.parametrize("reached", [[1, 4], list(range(6)), []])
+def test_mask_product_gradient_equals_the_dense_products(reached):
+    # The loss reaches only the matched queries' masks: the backward multiplies those rows only.
+    generator = torch.Generator().manual_seed(0)
+    embed = torch.randn(2, 6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(2, 5, 7, 9, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.zeros(2, 6, 7, 9, dtype=torch.float64)
+    grad[0, reached] = torch.randn(len(reached), 7, 9, generator=generator, dtype=torch.float64)
+    grad[1, reached[:1]] = torch.randn(len(reached[:1]), 7, 9, generator=generator, dtype=torch.float64)
+    ours = torch.autograd.grad(mask_product(embed, features), (embed, features), grad)
+    dense = torch.autograd.grad(torch.einsum("bqc,bchw->bqhw", embed, features), (embed, features), grad)
+    torch.testing.assert_close(mask_product(embed, features), torch.einsum("bqc,bchw->bqhw", embed, features))
+    for mine, theirs in zip(ours, dense, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)

@@ -91,13 +91,18 @@ class HungarianMatcher:
         coords = torch.rand(1, self.num_points, 2, device=mask_logits.device)
         if gt_classes.numel() == 0:
             return class_logits.new_zeros(class_logits.shape[0], 0, dtype=torch.float32)
-        pred = point_sample(mask_logits.unsqueeze(1), coords.expand(mask_logits.shape[0], -1, -1))[:, 0].float()
-        target = point_sample(gt_masks.unsqueeze(1).float(), coords.expand(gt_masks.shape[0], -1, -1))[:, 0]
+        # All masks at the same points: sampled as the channels of one map, which gives each
+        # mask the values it gets on its own (the same bilinear weights), computing them once.
+        pred = point_sample(mask_logits.unsqueeze(0), coords)[0].float()
+        target = point_sample(gt_masks.unsqueeze(0).float(), coords)[0]
 
         cost_class = -class_logits.float().softmax(-1)[:, gt_classes]
-        # Sigmoid BCE of every prediction against every target, averaged over points.
-        pos = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred), reduction="none")
-        neg = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none")
+        # Sigmoid BCE of every prediction against every target, averaged over points. torch's
+        # BCE with logits is (1 - t) x - log_sigmoid(x): against 1 and against 0 it is these two,
+        # bit for bit, from one log-sigmoid instead of two.
+        log_sigmoid = F.logsigmoid(pred)
+        pos = -log_sigmoid
+        neg = pred - log_sigmoid
         cost_mask = (pos @ target.t() + neg @ (1 - target).t()) / pred.shape[1]
         prob = pred.sigmoid()
         cost_dice = 1 - (2 * prob @ target.t() + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None, :] + 1)
