@@ -5,8 +5,13 @@ autocast (``train.precision=bf16-mixed``), and the numbers each one changes."""
 from __future__ import annotations
 
 LEVERS: dict[str, tuple[dict, bool, str]] = {
-    "none": (dict(), False, "the reference (fp32, deformable recompute on)"),
+    "none": (dict(), False, "the reference (fp32, deformable recompute on, CSR sampling on the CPU)"),
     "deformable_recompute=false": (dict(deformable_recompute=False), False, "none"),
+    "deformable_kernel=grid_sample": (
+        dict(deformable_kernel="grid_sample"),
+        False,
+        "none (the reference sampling; float rounding)",
+    ),
     "activation_checkpointing=true": (dict(activation_checkpointing=True), False, "none (the same fp32 ops again)"),
     "pixel_decoder_checkpointing=true": (
         dict(pixel_decoder_checkpointing=True),

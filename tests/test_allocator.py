@@ -42,6 +42,7 @@ def _probe(setting: str) -> tuple[str, int]:
     return applied, int(faults)
 
 
+@pytest.mark.slow  # two fresh interpreters
 @glibc
 def test_freed_memory_is_reused_without_new_page_faults():
     """The oracle is the kernel's page-fault count: with the system allocator the 64 MiB blocks

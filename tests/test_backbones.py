@@ -11,6 +11,10 @@ from reinseg.backbones import backbone_kind, default_out_indices
 TINY_REIN = dict(lora_dim=4, token_length=6, query_dims=16)
 # The ViT entries of the zoo (the CNN entries have their own tests, tests/test_cnn.py).
 VIT_NAMES = [name for name in list_backbones() if backbone_kind(name) == "vit"]
+# Full-size builds take up to a second each: the fast tier builds the smallest entry of each
+# architecture (DINOv2, DINOv3, EVA02, timm's plain ViT, SAM), the slow tier all of them.
+FAST_FULL_SIZE = {"dinov2_vits14", "dinov3_vits16", "eva02_vitl14", "clip_vitl14", "sam_vitb16"}
+FULL_SIZE = [pytest.param(n, marks=() if n in FAST_FULL_SIZE else pytest.mark.slow) for n in VIT_NAMES]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,7 @@ def test_every_zoo_entry_runs_forward_and_backward_with_only_rein_learning(name)
             assert not param.requires_grad and param.grad is None, param_name
 
 
-@pytest.mark.parametrize("name", VIT_NAMES)
+@pytest.mark.parametrize("name", FULL_SIZE)
 def test_every_zoo_entry_builds_full_size_on_the_meta_device(name):
     with torch.device("meta"):
         backbone = build_backbone(name, img_size=512, patch_size=16, rein={})

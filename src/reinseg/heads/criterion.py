@@ -197,13 +197,13 @@ class Mask2FormerLoss(nn.Module):
         target_classes = torch.full(
             (batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device
         )
-        matched_preds, matched = [], []
+        matched_rows, matched = [], []
         for b, (gt_classes, gt_masks) in enumerate(targets):
             query_idx, gt_idx = self.matcher(class_logits[b], mask_logits[b], gt_classes, gt_masks)
             if len(query_idx) == 0:
                 continue
             target_classes[b, query_idx] = gt_classes[gt_idx]
-            matched_preds.append(mask_logits[b, query_idx])
+            matched_rows.append(b * num_queries + query_idx)
             matched.append((gt_masks, gt_idx))
 
         # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
@@ -213,11 +213,12 @@ class Mask2FormerLoss(nn.Module):
         )
         loss_cls = ce / (weights[target_classes].sum() + _EPS)
 
-        if not matched_preds:
+        if not matched_rows:
             # Nothing to match: keep the graph (and DDP's gradient buckets) alive with zeros.
             zero = mask_logits.sum() * 0.0
             return {"loss_cls": self.class_weight * loss_cls, "loss_mask": zero, "loss_dice": zero}
-        preds = torch.cat(matched_preds).unsqueeze(1)  # (N, 1, h, w)
+        # The matched queries' masks of all images in one selection (one gradient buffer in backward).
+        preds = mask_logits.flatten(0, 1)[torch.cat(matched_rows)].unsqueeze(1)  # (N, 1, h, w)
         with torch.no_grad():
             coords = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
             point_targets = torch.cat(
