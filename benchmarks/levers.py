@@ -36,6 +36,11 @@ LEVERS: dict[str, tuple[dict, bool, str]] = {
         True,
         "both of the above",
     ),
+    "bf16-mixed + frozen bf16 + both checkpointings": (
+        dict(frozen_dtype="bfloat16", activation_checkpointing=True, pixel_decoder_checkpointing=True),
+        True,
+        "both of the above",
+    ),
     "compile=true": (dict(compile=True), False, "inductor's fused kernels: sums in another order"),
 }
 

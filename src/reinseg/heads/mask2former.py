@@ -191,12 +191,14 @@ def mask_product(embed: Tensor, mask_features: Tensor) -> Tensor:
     The loss only reaches the masks of the queries matched to a segment (about a fifth of them
     in the paper's setting): on the CPU in fp32 the backward multiplies only the rows whose
     gradient is not zero (the others add exact zeros). The same gradients up to the order of
-    float sums; elsewhere (GPU, autocast) the plain product.
+    float sums; elsewhere (GPU, autocast, torch.compile: the rows are found on the host) the
+    plain product.
     """
     if (
         mask_features.device.type != "cpu"
         or torch.is_autocast_enabled("cpu")
         or not (embed.requires_grad or mask_features.requires_grad)
+        or torch.compiler.is_compiling()
     ):
         return torch.einsum("bqc,bchw->bqhw", embed, mask_features)
     return _MaskProduct.apply(embed, mask_features)
