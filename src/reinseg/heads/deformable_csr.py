@@ -247,9 +247,9 @@ def csr_deformable_attention(
     products (same arguments and result; CPU tensors; float64 stays float64, other types and
     autocast compute in float32, as ``grid_sample`` does under autocast).
 
-    ``keep_samples``: keep every sample's pixels and bilinear weights for backward (about 5
-    numbers per sample), or only the inputs and compute them again there
-    (``train.deformable_recompute``).
+    ``keep_samples``: keep every sample's pixel and bilinear weights and slopes for backward (9
+    numbers per sample), or only the inputs and compute them again there (as fast here;
+    ``train.deformable_recompute``, the default).
     """
     batch, pixels, heads, _ = value.shape
     if pixels != sum(h * w for h, w in spatial_shapes):

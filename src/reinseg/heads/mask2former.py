@@ -214,7 +214,7 @@ class _MaskProduct(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         embed, mask_features = ctx.saved_tensors
-        batch, queries, channels = embed.shape
+        batch = embed.shape[0]
         features = mask_features.flatten(2)  # (B, C, H*W)
         grad = grad.flatten(2)  # (B, Q, H*W)
         grad_embed = torch.zeros_like(embed) if ctx.needs_input_grad[0] else None
