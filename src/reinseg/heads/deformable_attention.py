@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .deformable_csr import csr_deformable_attention
+from .deformable_csr import csr_deformable_attention, eager_on_cpu
 
 __all__ = ["KERNELS", "multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
 
@@ -144,11 +144,8 @@ class MultiScaleDeformableAttention(nn.Module):
     def _csr_for(self, value: Tensor) -> bool:
         if self.kernel == "grid_sample":
             return False
-        on_cpu = value.device.type == "cpu"
         if self.kernel == "csr":
-            if not on_cpu:
+            if value.device.type != "cpu":
                 raise ValueError(f"train.deformable_kernel: csr runs on the CPU, not on {value.device.type}")
             return True
-        # Sparse tensors are not traced by torch.compile or the ONNX exporter: they get the reference.
-        tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-        return on_cpu and not tracing
+        return eager_on_cpu(value)

@@ -34,7 +34,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["csr_deformable_attention"]
+__all__ = ["csr_deformable_attention", "eager_on_cpu"]
+
+
+def eager_on_cpu(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is on the CPU and no tracer runs (torch.compile, export, jit): where the
+    CPU shortcuts of the head (this kernel, the mask product's row-sparse backward) apply. Tracers
+    follow neither sparse tensors nor the host-side steps, and get the plain operations."""
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return tensor.device.type == "cpu" and not tracing
 
 
 class _Layout:
@@ -142,10 +150,9 @@ def _axis(coordinate: Tensor, size: Tensor) -> tuple[tuple[Tensor, Tensor], tupl
 
 class _CSRDeformableAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, value, spatial_shapes, locations, weights, keep_samples):
+    def forward(ctx, value, layout, locations, weights, keep_samples):
         batch, _, heads, dim = value.shape
         queries = locations.shape[1]
-        layout = _Layout(spatial_shapes)
         grid = layout.scatter(value)
         # Rows (b, head, query): each image's and head's rows are one block.
         locations = locations.transpose(1, 2).contiguous()
@@ -254,7 +261,8 @@ def csr_deformable_attention(
     batch, pixels, heads, _ = value.shape
     if pixels != sum(h * w for h, w in spatial_shapes):
         raise ValueError(f"value has {pixels} pixels; the levels {spatial_shapes} have another number")
-    layout_rows = batch * heads * _Layout(spatial_shapes).block
+    layout = _Layout(spatial_shapes)
+    layout_rows = batch * heads * layout.block
     if layout_rows >= 2**31 or sampling_locations.numel() >= 2**31:
         raise ValueError(
             f"csr_deformable_attention indexes with int32: {layout_rows} pixel rows or "
@@ -263,6 +271,6 @@ def csr_deformable_attention(
     if value.dtype != torch.float64 and (value.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):
             return _CSRDeformableAttention.apply(
-                value.float(), spatial_shapes, sampling_locations.float(), attention_weights.float(), keep_samples
+                value.float(), layout, sampling_locations.float(), attention_weights.float(), keep_samples
             )
-    return _CSRDeformableAttention.apply(value, spatial_shapes, sampling_locations, attention_weights, keep_samples)
+    return _CSRDeformableAttention.apply(value, layout, sampling_locations, attention_weights, keep_samples)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .criterion import Mask2FormerLoss
+from .deformable_csr import eager_on_cpu
 from .pixel_decoder import PixelDecoder
 from .position_encoding import sine_position_encoding
 from .registry import register_head
@@ -191,14 +192,13 @@ def mask_product(embed: Tensor, mask_features: Tensor) -> Tensor:
     The loss only reaches the masks of the queries matched to a segment (about a fifth of them
     in the paper's setting): on the CPU in fp32 the backward multiplies only the rows whose
     gradient is not zero (the others add exact zeros). The same gradients up to the order of
-    float sums; elsewhere (GPU, autocast, torch.compile: the rows are found on the host) the
-    plain product.
+    float sums; elsewhere (GPU, autocast, tracing: the rows are found on the host) the plain
+    product.
     """
     if (
-        mask_features.device.type != "cpu"
+        not eager_on_cpu(mask_features)
         or torch.is_autocast_enabled("cpu")
         or not (embed.requires_grad or mask_features.requires_grad)
-        or torch.compiler.is_compiling()
     ):
         return torch.einsum("bqc,bchw->bqhw", embed, mask_features)
     return _MaskProduct.apply(embed, mask_features)
