@@ -20,7 +20,7 @@ bilinear weight of corner ``c`` (zero for a pixel outside its level: zero paddin
   pixels, shared by the four corners.
 
 The same numbers as :func:`~reinseg.heads.deformable_attention.multi_scale_deformable_attention`
-(``grid_sample``, the reference) up to float rounding: ``tests/test_heads.py`` compares both and
+(``grid_sample``, the reference) up to float rounding: ``tests/test_deformable_csr.py`` compares both and
 their gradients in float64. On the CPU it takes fewer passes over memory than ``grid_sample``'s
 backward, which scatters every sample into its four pixels one channel at a time
 (``benchmarks/deformable_kernels.py``). CPU only; other devices use the reference.
