@@ -5,7 +5,7 @@ autocast (``train.precision=bf16-mixed``), and the numbers each one changes."""
 from __future__ import annotations
 
 LEVERS: dict[str, tuple[dict, bool, str]] = {
-    "none": (dict(), False, "the reference (fp32, deformable recompute on, CSR sampling on the CPU)"),
+    "none": (dict(), False, "the reference (fp32, deformable and encoder FFN recompute on, CSR sampling on the CPU)"),
     "deformable_recompute=false": (dict(deformable_recompute=False), False, "none"),
     "deformable_kernel=grid_sample": (
         dict(deformable_kernel="grid_sample"),
@@ -17,6 +17,11 @@ LEVERS: dict[str, tuple[dict, bool, str]] = {
         dict(pixel_decoder_checkpointing=True),
         False,
         "none (the same fp32 ops again)",
+    ),
+    "encoder_ffn_recompute=false": (
+        dict(encoder_ffn_recompute=False),
+        False,
+        "none (the FFNs keep their hidden activations: the default before 2026-12-04)",
     ),
     "both checkpointings": (
         dict(activation_checkpointing=True, pixel_decoder_checkpointing=True),

@@ -44,7 +44,24 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+
+def _allocator_before_torch(argv: list[str]) -> None:
+    """A child process sets its allocator up before PyTorch loads, as the ``reinseg`` command
+    does (reinseg.allocator: PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation): reinseg's
+    children always, the official code's with ``--official-allocator keep``."""
+    if "--child" not in argv:
+        return
+    side = argv[argv.index("--child") + 1].split("-")[0]
+    keep = "--official-allocator" in argv and argv[argv.index("--official-allocator") + 1] == "keep"
+    if side == "reinseg" or keep:
+        from reinseg.allocator import keep_freed_memory
+
+        keep_freed_memory()
+
+
+_allocator_before_torch(sys.argv)
+
+import torch  # noqa: E402
 
 # The golden scripts' way of importing the official code on the CPU (stand-ins for the compiled
 # mmcv ops), its config flattening and its data samples.
@@ -150,13 +167,7 @@ def optimizer_step_seconds(model, repeats: int) -> dict:
 
 def child(args) -> dict:
     torch.set_num_threads(args.threads)
-    side = args.child.split("-")[0]
-    # What the reinseg command does at start (REINSEG_ALLOCATOR=system opts out); the official
-    # code runs with the system allocator unless --official-allocator keep.
-    if side == "reinseg" or (side == "official" and args.official_allocator == "keep"):
-        from reinseg.allocator import keep_freed_memory
-
-        keep_freed_memory()
+    # The allocator was set up before torch loaded (_allocator_before_torch).
     load_official(args.official)
     model_config = official_model_config(args.official)
     official = build_official(model_config)

@@ -68,3 +68,22 @@ def test_the_command_applies_it_and_reports_a_bad_setting(capsys, monkeypatch):
     monkeypatch.setenv("REINSEG_ALLOCATOR", "nope")
     assert main(["backbones"]) == 2
     assert "REINSEG_ALLOCATOR" in capsys.readouterr().err
+
+
+@glibc
+def test_before_torch_is_imported_it_asks_for_aligned_huge_pages(monkeypatch):
+    """PyTorch reads THP_MEM_ALLOC_ENABLE once, at its first allocation: the setting adds it
+    only while torch is not imported yet, and never overrides the environment's value."""
+    monkeypatch.delenv("REINSEG_ALLOCATOR", raising=False)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setattr(allocator, "_applied", False)
+    assert allocator.keep_freed_memory()  # torch is imported here (pytest's conftest)
+    assert "THP_MEM_ALLOC_ENABLE" not in os.environ
+    monkeypatch.setattr(allocator, "_applied", False)
+    monkeypatch.delitem(sys.modules, "torch")
+    assert allocator.keep_freed_memory()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setattr(allocator, "_applied", False)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert allocator.keep_freed_memory()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

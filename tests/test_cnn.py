@@ -105,9 +105,12 @@ def test_zoo_cnns_at_full_size(name, depths, channels):
     with torch.device("meta"):
         backbone = build_backbone(name, patch_size=None, rein=dict(token_length=100, lora_dim=16, query_dims=256))
         features, queries = backbone(torch.empty(1, 3, 512, 512))
+        maps, scales, _ = backbone(torch.empty(1, 3, 512, 512), resize=False)
     assert [tuple(f.shape) for f in features] == [
         (1, c, 512 // s, 512 // s) for c, s in zip(channels, (4, 8, 16, 32), strict=False)
     ]
+    # A CNN's maps are at their strides already: nothing left to resize.
+    assert scales == (1, 1, 1, 1) and [m.shape for m in maps] == [f.shape for f in features]
     assert queries.shape == (100, 256)
     assert backbone.out_channels == channels and backbone.stage_depths == depths
     trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model_config
 
 from reinseg.build import build_segmentor
-from reinseg.heads.criterion import HungarianMatcher, Mask2FormerLoss, semantic_to_masks
+from reinseg.heads.criterion import HungarianMatcher, Mask2FormerLoss, Segments, point_sample, semantic_to_masks
 
 
 def test_semantic_labels_become_one_mask_per_present_class():
@@ -15,6 +15,32 @@ def test_semantic_labels_become_one_mask_per_present_class():
     assert masks.shape == (3, 2, 3)
     assert masks[0].tolist() == [[True, True, False], [False, False, False]]
     assert not masks[:, 0, 2].any()  # the ignored pixel belongs to no class
+
+
+@pytest.mark.parametrize("size", [(512, 512), (37, 53), (8, 5)])
+def test_segments_sample_their_label_map_as_grid_sample_samples_the_masks(size):
+    """Bit for bit point_sample of semantic_to_masks' float masks: at random points, on pixel
+    edges and centres, and on the border (zero padding); every segment at shared points (the
+    matching) and each at its own (the loss)."""
+    height, width = size
+    generator = torch.Generator().manual_seed(height)
+    label = torch.randint(0, 6, size, generator=generator)
+    label[label == 5] = 255  # ignored: no segment's
+    classes, masks = semantic_to_masks(label)
+    segments = Segments.of(label)
+    assert torch.equal(segments.classes, classes) and len(segments) == len(classes)
+    coords = torch.rand(3000, 2, generator=generator)
+    halves = torch.tensor([2 * width, 2 * height])
+    steps = torch.rand(1000, 2, generator=generator) * (halves + 1)
+    coords[:1000] = steps.floor() / halves  # on pixel edges and centres
+    coords[1000:1004] = torch.tensor([[0.0, 0.0], [1 - 2**-24, 0.5], [0.5, 1 - 2**-24], [0.0, 1 - 2**-24]])
+    expected = point_sample(masks.unsqueeze(0).float(), coords.unsqueeze(0))[0]
+    assert torch.equal(segments.sample(coords), expected)
+    assert 0 < expected.mean() < 1
+    order = torch.randperm(len(classes), generator=generator)
+    own = torch.rand(len(classes), 500, 2, generator=generator)
+    expected = point_sample(masks.float()[order].unsqueeze(1), own)[:, 0]
+    assert torch.equal(segments.sample_each(order, own), expected)
 
 
 def test_matcher_recovers_a_known_assignment():

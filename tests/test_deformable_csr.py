@@ -68,6 +68,25 @@ def test_csr_takes_grid_samples_side_of_a_pixel_edge():
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5, msg=name)
 
 
+def test_csr_takes_grid_samples_side_of_a_pixel_edge_on_levels_of_any_size():
+    # Levels of a patch-14 ViT at 518 px (37 x 37 and its neighbours): there t * size / 2 is not
+    # exact in float32, and only grid_sample's single rounding of t * size / 2 - 1/2 picks its side.
+    shapes = [(37, 37), (18, 18), (74, 74)]
+    generator = torch.Generator().manual_seed(0)
+    value = torch.randn(1, sum(h * w for h, w in shapes), 2, 4, generator=generator)
+    weights = torch.rand(1, 200, 2, len(shapes), 4, generator=generator)
+    size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32).view(-1, 1, 2)
+    # As the encoder at initialisation: pixel centres of one level plus whole pixels of each.
+    centres = (torch.randint(0, 18, (1, 200, 1, 1, 1, 2), generator=generator).float() + 0.5) / 18
+    offsets = torch.randint(-4, 5, (1, 200, 2, len(shapes), 4, 2), generator=generator).float()
+    locations = centres + offsets / size
+    tensors = [t.requires_grad_() for t in (value, locations, weights)]
+    reference = output_and_gradients(lambda v, _, loc, w: multi_scale_deformable_attention(v, shapes, loc, w), *tensors)
+    found = output_and_gradients(lambda v, _, loc, w: csr_deformable_attention(v, shapes, loc, w), *tensors)
+    for name, ours, theirs in zip(["output", "values", "locations", "weights"], found, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4, msg=name)
+
+
 def test_non_finite_locations_give_nan_like_the_reference_and_never_a_bad_index():
     value, locations, weights = (t.detach().float() for t in inputs())
     locations[0, 0, 0, 0, 0, 0] = float("nan")

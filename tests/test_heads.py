@@ -3,11 +3,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_golden
+from conftest import load_golden, tiny_model_config
 
+from reinseg.backbones import resize_map
+from reinseg.build import build_segmentor
 from reinseg.heads import Mask2FormerHead
-from reinseg.heads.deformable_attention import multi_scale_deformable_attention
-from reinseg.heads.mask2former import _attention_mask, mask_product
+from reinseg.heads.deformable_attention import _softmax_over_last, multi_scale_deformable_attention
+from reinseg.heads.mask2former import _attention_mask, mask_products
 from reinseg.heads.position_encoding import sine_position_encoding
 
 
@@ -177,16 +179,80 @@ def test_attention_mask_from_resized_features_is_that_of_the_resized_masks():
 
 
 @pytest.mark.parametrize("reached", [[1, 4], list(range(6)), []])
-def test_mask_product_gradient_equals_the_dense_products(reached):
-    # The loss reaches only the matched queries' masks: the backward multiplies those rows only.
+def test_mask_products_gradients_equal_the_dense_products(reached):
+    # The loss reaches only the matched queries' masks: the backward multiplies those rows only,
+    # of all predictions at once; a prediction the loss does not read gets no gradient.
     generator = torch.Generator().manual_seed(0)
-    embed = torch.randn(2, 6, 5, generator=generator, dtype=torch.float64, requires_grad=True)
+    embeds = [torch.randn(2, 6, 5, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     features = torch.randn(2, 5, 7, 9, generator=generator, dtype=torch.float64, requires_grad=True)
-    grad = torch.zeros(2, 6, 7, 9, dtype=torch.float64)
-    grad[0, reached] = torch.randn(len(reached), 7, 9, generator=generator, dtype=torch.float64)
-    grad[1, reached[:1]] = torch.randn(len(reached[:1]), 7, 9, generator=generator, dtype=torch.float64)
-    ours = torch.autograd.grad(mask_product(embed, features), (embed, features), grad)
-    dense = torch.autograd.grad(torch.einsum("bqc,bchw->bqhw", embed, features), (embed, features), grad)
-    torch.testing.assert_close(mask_product(embed, features), torch.einsum("bqc,bchw->bqhw", embed, features))
+    grads = [torch.zeros(2, 6, 7, 9, dtype=torch.float64) for _ in range(2)]
+    for grad, rows in zip(grads, (reached, reached[::2]), strict=True):
+        grad[0, rows] = torch.randn(len(rows), 7, 9, generator=generator, dtype=torch.float64)
+        grad[1, rows[:1]] = torch.randn(len(rows[:1]), 7, 9, generator=generator, dtype=torch.float64)
+    ours = mask_products(embeds, features)
+    dense = [torch.einsum("bqc,bchw->bqhw", embed, features) for embed in embeds]
+    for mine, theirs in zip(ours, dense, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    # The third prediction is not read (as a loss that skips it).
+    inputs = (*embeds, features)
+    ours = torch.autograd.grad(ours[:2], inputs, grads, allow_unused=True, materialize_grads=True)
+    dense = torch.autograd.grad(dense[:2], inputs, grads, allow_unused=True, materialize_grads=True)
     for mine, theirs in zip(ours, dense, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+    assert not ours[2].any()
+
+
+def test_the_pixel_decoder_projects_upsampled_maps_before_resizing_them():
+    """Given the backbone's maps and their scales (a ViT's 4, 2, 1, 0.5), the pixel decoder gives
+    what it gives on the resized maps (float64: the same function), running the 1x1 projections
+    of the upsampled maps on the small maps."""
+    torch.manual_seed(0)
+    head = tiny_head().double().train()
+    maps = [torch.randn(2, 64, 6, 8, dtype=torch.float64) for _ in range(4)]
+    scales = (4, 2, 1, 0.5)
+    resized = [resize_map(m, s) for m, s in zip(maps, scales, strict=True)]
+    assert [tuple(f.shape[-2:]) for f in resized] == [(24, 32), (12, 16), (6, 8), (3, 4)]
+    seen = []
+    decoder = head.pixel_decoder
+    for conv in [decoder.lateral_convs[0].conv, *(c.conv for c in decoder.input_convs)]:
+        conv.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    expected_masks, expected_levels = decoder(resized)
+    assert sorted(seen) == [(3, 4), (6, 8), (12, 16), (24, 32)]
+    seen.clear()
+    masks, levels = decoder(maps, scales)
+    # Upsampled maps are projected at their own size, the downsampled one after its resizing.
+    assert sorted(seen) == [(3, 4), (6, 8), (6, 8), (6, 8)]
+    torch.testing.assert_close(masks, expected_masks, rtol=0, atol=1e-12)
+    for ours, theirs in zip(levels, expected_levels, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="4 maps but 3 scales"):
+        decoder(maps, scales[:3])
+
+
+def test_a_segmentor_gives_its_head_the_maps_before_resizing():
+    """The segmentor hands the Mask2Former head the ViT's maps and scales; the result is the
+    backbone's resized features through the head (float32 rounding apart)."""
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config()).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps, scales, queries = segmentor.backbone(images, resize=False)
+        features, same_queries = segmentor.backbone(images)
+        assert scales == (4, 2, 1, 0.5) and torch.equal(queries, same_queries)
+        for m, s, f in zip(maps, scales, features, strict=True):
+            assert torch.equal(resize_map(m, s), f)
+        class_logits, mask_logits = segmentor(images)
+        expected_cls, expected_masks = segmentor.head(features, queries)
+    torch.testing.assert_close(class_logits[-1], expected_cls[-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mask_logits[-1], expected_masks[-1], rtol=1e-5, atol=1e-4)
+
+
+def test_the_deformable_attention_weights_are_a_softmax_over_levels_and_points():
+    # On the CPU the short softmax runs on the transposed rows: softmax(-1) up to the sums' order.
+    x = torch.randn(2, 50, 8, 12, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    ours = _softmax_over_last(x)
+    theirs = x.softmax(-1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-15)
+    torch.testing.assert_close(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, theirs)), rtol=0, atol=1e-15)
+    assert ours.shape == x.shape

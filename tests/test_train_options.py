@@ -114,6 +114,43 @@ def test_pixel_decoder_checkpointing_gives_the_same_gradients_and_keeps_less():
     assert both < saved_for_backward_bytes(built(activation_checkpointing=True))
 
 
+def test_encoder_ffn_recompute_gives_the_same_gradients_and_keeps_less():
+    segmentor = built()  # on by default
+    ffns = [layer.ffn for d in segmentor.modules() if isinstance(d, PixelDecoder) for layer in d.encoder.layers]
+    assert ffns and all(f.recompute_hidden for f in ffns)
+    kept = built(encoder_ffn_recompute=False)
+    assert not any(getattr(m, "recompute_hidden", False) for m in kept.modules())
+    # Inside recomputed encoder layers it would buy nothing.
+    both = built(pixel_decoder_checkpointing=True)
+    assert not any(getattr(m, "recompute_hidden", False) for m in both.modules())
+    loss, grads = step(kept)
+    loss_recomputed, grads_recomputed = step(segmentor)
+    torch.testing.assert_close(loss_recomputed, loss, rtol=0, atol=1e-6)
+    assert_same_gradients(grads, grads_recomputed)
+    # Each FFN keeps its input instead of its hidden activations (4x wider here).
+    hidden = sum(f.layers[0][0].out_features for f in ffns) * 2 * sum(h * w for h, w in [(2, 2), (4, 4), (8, 8)]) * 4
+    assert saved_for_backward_bytes(built(encoder_ffn_recompute=False)) - saved_for_backward_bytes(segmentor) == hidden
+
+
+def test_encoder_ffn_recompute_gradients_equal_float64_autograd():
+    """The recomputing FFN's own backward (fp32) against autograd's through the plain FFN in
+    float64: the input's and every weight's gradient."""
+    from reinseg.heads.pixel_decoder import FFN
+
+    torch.manual_seed(0)
+    ffn = FFN(8, 32).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 5, 8, dtype=torch.float64)
+    expected = torch.autograd.grad(ffn(x), (x, *ffn.parameters()), grad)
+    x32 = x.detach().float().requires_grad_()
+    ffn32 = FFN(8, 32)
+    ffn32.load_state_dict(ffn.state_dict())
+    ffn32.recompute_hidden = True
+    got32 = torch.autograd.grad(ffn32(x32), (x32, *ffn32.parameters()), grad.float())
+    for ours, theirs in zip(got32, expected, strict=True):
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "tuning, name",
     [

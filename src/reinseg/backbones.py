@@ -31,6 +31,7 @@ from .rein import Rein
 __all__ = [
     "BackboneSpec",
     "BACKBONES",
+    "BackboneMaps",
     "BackboneOutput",
     "FrozenBackbone",
     "ReinBackbone",
@@ -52,6 +53,31 @@ class BackboneOutput(NamedTuple):
 
     features: list[Tensor]
     queries: Tensor | None = None
+
+
+class BackboneMaps(NamedTuple):
+    """A backbone's four maps before they are brought to strides 4, 8, 16, 32
+    (``backbone(images, resize=False)``).
+
+    ``maps[i]`` resized bilinearly (align_corners False) by ``scales[i]`` is
+    ``BackboneOutput.features[i]`` (:func:`resize_map`); ``queries`` as there. A ViT's maps are
+    all at its patch stride (scales 4, 2, 1, 0.5); a CNN's are at their strides already (scales 1).
+    A head whose first step on a map is linear per pixel (the pixel decoder's 1x1 convolutions)
+    may resize after it: the same values up to float rounding, on fewer pixels.
+    """
+
+    maps: list[Tensor]
+    scales: tuple[float, ...]
+    queries: Tensor | None = None
+
+    def output(self) -> BackboneOutput:
+        """The maps resized: what ``backbone(images)`` returns."""
+        return BackboneOutput([resize_map(m, s) for m, s in zip(self.maps, self.scales, strict=True)], self.queries)
+
+
+def resize_map(x: Tensor, scale: float) -> Tensor:
+    """``x (B, C, h, w)`` resized bilinearly by ``scale`` (align_corners False), or ``x`` itself at 1."""
+    return x if scale == 1 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
 
 
 @dataclass(frozen=True)
@@ -216,7 +242,9 @@ class ReinBackbone(FrozenBackbone):
         """Channels of the four maps :meth:`forward` returns."""
         return [self.embed_dim] * 4
 
-    def forward(self, images: Tensor) -> BackboneOutput:
+    def forward(self, images: Tensor, resize: bool = True) -> BackboneOutput | BackboneMaps:
+        """The four maps at strides 4, 8, 16, 32 (:class:`BackboneOutput`), or with
+        ``resize=False`` all at the patch stride but the last (:class:`BackboneMaps`)."""
         if images.dim() != 4:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         ph, pw = self.patch_size
@@ -244,11 +272,8 @@ class ReinBackbone(FrozenBackbone):
                 x = family.from_tokens(self.rein(family.to_tokens(x), index), x)
             if index in self.out_indices:
                 maps.append(family.patch_map(x, self.num_prefix_tokens, height // ph, width // pw))
-        features = [
-            F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else m
-            for m, s in zip(maps, (4, 2, 1, 0.5), strict=False)
-        ]
-        return BackboneOutput(features, self.rein.queries() if self.links_queries else None)
+        out = BackboneMaps(maps, (4, 2, 1, 0.5), self.rein.queries() if self.links_queries else None)
+        return out.output() if resize else out
 
     def _run_block(self, index: int, block: Any, x: Tensor, block_kwargs: dict[str, Any]) -> Tensor:
         """Block ``index`` on ``x`` (with its prompts, if any), checkpointed when it is one of

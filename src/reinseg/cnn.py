@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .backbones import BackboneOutput, BackboneSpec, FrozenBackbone, _download_pretrained, rein_arguments
+from .backbones import BackboneMaps, BackboneOutput, BackboneSpec, FrozenBackbone, _download_pretrained, rein_arguments
 from .families import CNNFamily, get_family
 from .pretrained import load_into, read_weights
 from .rein import Rein
@@ -141,7 +141,9 @@ class ReinCNNBackbone(FrozenBackbone):
         self.rein = StageReins(reins, self.out_indices)
         return self.rein
 
-    def forward(self, images: Tensor) -> BackboneOutput:
+    def forward(self, images: Tensor, resize: bool = True) -> BackboneOutput | BackboneMaps:
+        """The four stage maps (strides 4, 8, 16, 32); ``resize=False``: the same maps as
+        :class:`~reinseg.backbones.BackboneMaps` (scales 1)."""
         if images.dim() != 4:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         unit = self.family.reduction
@@ -160,7 +162,8 @@ class ReinCNNBackbone(FrozenBackbone):
                     x = self.rein.refine(x, index, layer)
             if index in self.out_indices:
                 features.append(family.feature(self.vit, index, x))
-        return BackboneOutput(features, self.rein.queries() if self.links_queries else None)
+        queries = self.rein.queries() if self.links_queries else None
+        return BackboneOutput(features, queries) if resize else BackboneMaps(features, (1, 1, 1, 1), queries)
 
     def load_backbone_weights(self, weights: str | Path | dict[str, Tensor], resample: str = "official") -> None:
         """Load CNN weights (a file path or a state dict; timm, original or official mmseg /

@@ -212,6 +212,12 @@ class TrainConfig:
     # of keeping their activations (they hold most of a step's activations at ViT-S/B sizes).
     # fp32 gradients unchanged; the deformable attention's own recompute is then not needed.
     pixel_decoder_checkpointing: bool = False
+    # Recompute the hidden activations of the pixel decoder's encoder FFNs (1024 wide) in
+    # backward instead of keeping them: one more matrix product per encoder layer, for about a
+    # quarter of the pixel decoder's activations (on the CPU no slower: its backward also skips
+    # autograd's copies). fp32 only (under bf16 autocast the FFNs keep them); the same gradients
+    # up to float rounding.
+    encoder_ffn_recompute: bool = True
     # The frozen VFM's weights held (and its blocks run) in "float32" or "bfloat16"; Rein, the
     # head and every trainable parameter keep fp32. Changes numerics. Not with strategies that
     # train the VFM (model.tuning: full).

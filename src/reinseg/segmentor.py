@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -77,13 +78,25 @@ class Segmentor(nn.Module):
         # Parameter-name substrings without weight decay (the builder adds the strategy's).
         self.no_decay_keys: tuple[str, ...] = ("norm", *getattr(head, "no_decay_keys", ()))
         self._check_inference_settings(test_mode, self.crop_size, self.stride)
-        # Inference needs only the last prediction; a head may offer to compute only that.
-        self._head_takes_last_only = "last_only" in inspect.signature(head.forward).parameters
+        # Inference needs only the last prediction; a head may offer to compute only that. A head
+        # may also take the backbone's maps before their resizing (BackboneMaps), to resize them
+        # after its first, linear step.
+        parameters = inspect.signature(head.forward).parameters
+        self._head_takes_last_only = "last_only" in parameters
+        self._head_takes_scales = "scales" in parameters
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per-prediction class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``."""
+        features, queries, extra = self._features(images)
+        return self.head(features, queries, **extra)
+
+    def _features(self, images: Tensor) -> tuple[list[Tensor], Tensor | None, dict[str, Any]]:
+        """The backbone's maps and queries, and what the head needs besides."""
+        if self._head_takes_scales:
+            maps, scales, queries = self.backbone(images, resize=False)
+            return maps, queries, {"scales": scales}
         features, queries = self.backbone(images)
-        return self.head(features, queries)
+        return features, queries, {}
 
     def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Training losses for ``images (B, 3, H, W)`` and semantic ``labels (B, H, W)`` (255 ignored)."""
@@ -94,11 +107,10 @@ class Segmentor(nn.Module):
 
     def encode_decode(self, images: Tensor) -> Tensor:
         """Semantic scores ``(B, K, H, W)`` of images run whole."""
-        features, queries = self.backbone(images)
+        features, queries, extra = self._features(images)
         if self._head_takes_last_only:
-            class_logits, mask_logits = self.head(features, queries, last_only=True)
-        else:
-            class_logits, mask_logits = self.head(features, queries)
+            extra["last_only"] = True
+        class_logits, mask_logits = self.head(features, queries, **extra)
         return semantic_logits(class_logits[-1], mask_logits[-1], images.shape[-2:])
 
     @torch.no_grad()

@@ -4,7 +4,8 @@
 ``train.deformable_recompute`` (the deformable attention samples again in backward),
 ``train.deformable_kernel`` (its sampling as sparse products or ``grid_sample``),
 ``train.pixel_decoder_checkpointing`` (the pixel decoder's encoder layers and FPN levels
-recompute their activations in backward),
+recompute their activations in backward), ``train.encoder_ffn_recompute`` (its encoder FFNs
+recompute their hidden activations),
 ``train.frozen_dtype`` (the frozen VFM held and run in bf16) and ``train.compile``
 (``torch.compile`` of backbone and head). The model modules hold the switches
 (:class:`~reinseg.backbones.ReinBackbone`,
@@ -61,6 +62,9 @@ def apply_train_options(segmentor: Segmentor, config: Config) -> Segmentor:
             module.kernel = tc.deformable_kernel
         if isinstance(module, PixelDecoder):
             module.checkpointing = tc.pixel_decoder_checkpointing
+            for layer in module.encoder.layers:
+                # Inside recomputed encoder layers the hidden activations are not kept anyway.
+                layer.ffn.recompute_hidden = tc.encoder_ffn_recompute and not tc.pixel_decoder_checkpointing
     uses_vit = isinstance(backbone, ReinBackbone)
     if tc.activation_checkpointing not in (False, 0, []):
         if not uses_vit:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 # mmdet divides summed losses by (avg_factor + eps).
 _EPS = torch.finfo(torch.float32).eps
 
-__all__ = ["point_sample", "semantic_to_masks", "HungarianMatcher", "Mask2FormerLoss"]
+__all__ = ["point_sample", "semantic_to_masks", "Segments", "HungarianMatcher", "Mask2FormerLoss"]
 
 
 def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
@@ -37,14 +37,79 @@ def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
 
 
 def semantic_to_masks(label: Tensor, ignore_index: int = 255) -> tuple[Tensor, Tensor]:
-    """One binary mask per class present in ``label (H, W)``: ``(classes (G,), masks (G, H, W))``.
-
-    The classes keep ``torch.unique(sorted=False)``'s order, as mmseg's ``_seg_data_to_instance_data``
-    takes them: the order of the segments decides ties in the matching (on CUDA it is not sorted).
-    """
-    classes = torch.unique(label, sorted=False)
-    classes = classes[classes != ignore_index]
+    """One binary mask per class present in ``label (H, W)``: ``(classes (G,), masks (G, H, W))``
+    (the classes as :meth:`Segments.of` finds them)."""
+    classes = Segments.of(label, ignore_index).classes
     return classes, label.unsqueeze(0) == classes.view(-1, 1, 1)
+
+
+class Segments:
+    """The ground-truth segments of one image, kept as its label map: segment ``g`` is the pixels
+    labelled ``classes[g]``.
+
+    Sampling reads the label map instead of ``(G, H, W)`` float masks: a bilinear sample of a
+    binary mask is the sum of its four pixels' bilinear weights where the pixel belongs to the
+    segment. The weights and the sum are ``grid_sample``'s, step for step (zero padding,
+    align_corners False), so the values are bit for bit ``point_sample`` of the masks
+    (``tests/test_criterion.py``), without making the masks.
+
+    Args:
+        label: ``(H, W)`` integer labels; classes: ``(G,)`` the segments' labels.
+    """
+
+    def __init__(self, label: Tensor, classes: Tensor) -> None:
+        self.label = label
+        self.classes = classes
+
+    @classmethod
+    def of(cls, label: Tensor, ignore_index: int = 255) -> Segments:
+        """One segment per class present in ``label (H, W)``, ``ignore_index`` excluded.
+
+        The classes keep ``torch.unique(sorted=False)``'s order, as mmseg's
+        ``_seg_data_to_instance_data`` takes them: the order of the segments decides ties in the
+        matching (on CUDA it is not sorted).
+        """
+        classes = torch.unique(label, sorted=False)
+        return cls(label, classes[classes != ignore_index])
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def sample(self, coords: Tensor) -> Tensor:
+        """Every segment at the same points ``coords (P, 2)`` (normalized ``(x, y)`` in [0, 1])
+        -> ``(G, P)``."""
+        return self._interpolate(coords, self.classes.view(-1, 1))
+
+    def sample_each(self, index: Tensor, coords: Tensor) -> Tensor:
+        """Segment ``index[n]`` at its own points ``coords[n]`` (``(N,)``, ``(N, P, 2)``) -> ``(N, P)``."""
+        return self._interpolate(coords, self.classes[index].view(-1, 1))
+
+    def _interpolate(self, coords: Tensor, classes: Tensor) -> Tensor:
+        height, width = self.label.shape
+        # point_sample's grid g = 2c - 1, then grid_sample's unnormalisation: t = g + 1, and
+        # t * size / 2 - 1/2 with one rounding, as its CPU kernel (a fused multiply-add) computes
+        # it: exact in float64.
+        half_size = torch.tensor([width / 2, height / 2], dtype=torch.float64, device=coords.device)
+        pixel = ((2.0 * coords - 1.0) + 1).double().mul_(half_size).sub_(0.5).float()
+        corner = pixel.floor()
+        east, south = (pixel - corner).unbind(-1)
+        west, north = 1 - east, 1 - south
+        # The label map framed by one pixel of no class (-1), where zero padding reads zeros:
+        # the four pixels of every sample are then in the frame, no bounds to check.
+        framed = F.pad(self.label.to(torch.int32), (1, 1, 1, 1), value=-1).flatten()
+        stride = width + 2
+        corner = corner.to(torch.int32).add_(1)
+        north_west = corner[..., 1] * stride + corner[..., 0]
+        classes = classes.to(torch.int32)
+        total = None
+        # grid_sample's order of the sum: nw, ne, sw, se.
+        corners = ((0, north * west), (1, north * east), (stride, south * west), (stride + 1, south * east))
+        for offset, weight in corners:
+            pixels = framed.index_select(0, (north_west + offset).flatten()).view_as(north_west)
+            term = torch.where(pixels == classes, weight, 0.0)
+            total = term if total is None else total.add_(term)
+        assert total is not None
+        return total
 
 
 def uncertain_points(mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float) -> Tensor:
@@ -84,7 +149,9 @@ class HungarianMatcher:
         self.num_points = num_points
 
     @torch.no_grad()
-    def cost(self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor) -> Tensor:
+    def cost(
+        self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor | Segments
+    ) -> Tensor:
         """The ``(Q, G)`` matching cost of one image."""
         # Drawn before anything else, also when there is no segment: mmdet draws them for every
         # image, and skipping a draw would shift every later random point of a seeded run.
@@ -94,7 +161,10 @@ class HungarianMatcher:
         # All masks at the same points: sampled as the channels of one map, which gives each
         # mask the values it gets on its own (the same bilinear weights), computing them once.
         pred = point_sample(mask_logits.unsqueeze(0), coords)[0].float()
-        target = point_sample(gt_masks.unsqueeze(0).float(), coords)[0]
+        if isinstance(gt_masks, Segments):
+            target = gt_masks.sample(coords[0])
+        else:
+            target = point_sample(gt_masks.unsqueeze(0).float(), coords)[0]
 
         cost_class = -class_logits.float().softmax(-1)[:, gt_classes]
         # Sigmoid BCE of every prediction against every target, averaged over points. torch's
@@ -109,13 +179,14 @@ class HungarianMatcher:
         return self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
 
     def __call__(
-        self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor
+        self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor | Segments
     ) -> tuple[Tensor, Tensor]:
         """Matched ``(query_indices, gt_indices)`` of one image, ``min(Q, G)`` pairs, queries ascending.
 
         Args:
             class_logits: ``(Q, K + 1)``; mask_logits: ``(Q, h, w)``;
-            gt_classes: ``(G,)``; gt_masks: ``(G, H, W)`` boolean or float.
+            gt_classes: ``(G,)``; gt_masks: ``(G, H, W)`` boolean or float, or the image's
+                :class:`Segments` (the same values, sampled from its label map).
         """
         cost = self.cost(class_logits, mask_logits, gt_classes, gt_masks).cpu().numpy()
         if not np.isfinite(cost).all():
@@ -175,12 +246,11 @@ class Mask2FormerLoss(nn.Module):
         if valid.any():
             bad = labels[valid].unique()[:8].tolist()
             raise ValueError(f"label values {bad} are outside 0..{self.num_classes - 1} and not {self.ignore_index}")
-        # Float once here rather than in every prediction's matching and sampling.
-        targets = [semantic_to_masks(label, self.ignore_index) for label in labels]
-        targets = [(classes, masks.float()) for classes, masks in targets]
+        # The segments stay label maps: sampling them gives the binary masks' values.
+        targets = [Segments.of(label, self.ignore_index) for label in labels]
         # The Hungarian matching pairs min(Q, G) queries of an image; mmdet counts at least one per image.
         num_queries = class_logits[0].shape[1]
-        num_matched = sum(max(min(num_queries, len(classes)), 1) for classes, _ in targets)
+        num_matched = sum(max(min(num_queries, len(segments)), 1) for segments in targets)
         num_masks = _mean_over_ranks(num_matched, labels.device)
         losses: dict[str, Tensor] = {}
         last = len(class_logits) - 1
@@ -198,13 +268,13 @@ class Mask2FormerLoss(nn.Module):
             (batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device
         )
         matched_rows, matched = [], []
-        for b, (gt_classes, gt_masks) in enumerate(targets):
-            query_idx, gt_idx = self.matcher(class_logits[b], mask_logits[b], gt_classes, gt_masks)
+        for b, segments in enumerate(targets):
+            query_idx, gt_idx = self.matcher(class_logits[b], mask_logits[b], segments.classes, segments)
             if len(query_idx) == 0:
                 continue
-            target_classes[b, query_idx] = gt_classes[gt_idx]
+            target_classes[b, query_idx] = segments.classes[gt_idx]
             matched_rows.append(b * num_queries + query_idx)
-            matched.append((gt_masks, gt_idx))
+            matched.append((segments, gt_idx))
 
         # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
         weights = cast(Tensor, self.ce_class_weights).float()
@@ -223,8 +293,8 @@ class Mask2FormerLoss(nn.Module):
             coords = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
             point_targets = torch.cat(
                 [
-                    _sample_matched(gt_masks, gt_idx, image_coords)
-                    for (gt_masks, gt_idx), image_coords in zip(
+                    segments.sample_each(gt_idx, image_coords)
+                    for (segments, gt_idx), image_coords in zip(
                         matched, coords.split([len(i) for _, i in matched]), strict=False
                     )
                 ]
@@ -241,24 +311,6 @@ class Mask2FormerLoss(nn.Module):
             "loss_mask": self.mask_weight * loss_mask,
             "loss_dice": self.dice_weight * loss_dice,
         }
-
-
-def _sample_matched(gt_masks: Tensor, gt_idx: Tensor, coords: Tensor) -> Tensor:
-    """``point_sample(gt_masks[gt_idx], coords)`` of one image without copying the full-size masks.
-
-    Args:
-        gt_masks: float ``(G, H, W)``; gt_idx: ``(N,)`` distinct segment indices; coords: ``(N, P, 2)``.
-    Returns:
-        ``(N, P)``.
-    """
-    masks = gt_masks.unsqueeze(1)
-    if len(gt_idx) < len(gt_masks):  # more segments than queries: some are not matched
-        return point_sample(masks[gt_idx], coords)[:, 0]
-    # Every segment is matched once: give each its query's points, then read them back in
-    # the matched order (grid_sample treats each map on its own, so the values are the same).
-    per_segment = torch.empty_like(coords)
-    per_segment[gt_idx] = coords
-    return point_sample(masks, per_segment)[:, 0][gt_idx]
 
 
 def _mean_over_ranks(count: int, device: torch.device) -> Tensor:

@@ -23,7 +23,7 @@ from .position_encoding import sine_position_encoding
 from .registry import register_head
 from .transformer_decoder import TransformerDecoder
 
-__all__ = ["Mask2FormerHead", "mask_product", "semantic_logits"]
+__all__ = ["Mask2FormerHead", "mask_products", "semantic_logits"]
 
 
 @register_head("mask2former")
@@ -116,13 +116,19 @@ class Mask2FormerHead(nn.Module):
             self.query_feat = nn.Embedding(num_queries, feat_channels)
 
     def forward(
-        self, features: Sequence[Tensor], queries: Tensor | None = None, last_only: bool = False
+        self,
+        features: Sequence[Tensor],
+        queries: Tensor | None = None,
+        last_only: bool = False,
+        scales: Sequence[float] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """
         Args:
             features: four maps ``(B, C_i, H/s, W/s)``, strides 4, 8, 16, 32.
             queries: linked object queries ``(Q, D)`` or ``(B, Q, D)`` (required iff linked).
             last_only: return the last prediction only (inference), not the deep supervision.
+            scales: ``features`` are the maps before their resizing to those strides, by these
+                factors (:class:`~reinseg.backbones.BackboneMaps`); the pixel decoder resizes them.
         Returns:
             ``(class_logits, mask_logits)``: lists of ``1 + num_decoder_layers`` tensors (one
             with ``last_only``) ``(B, Q, K + 1)`` and ``(B, Q, H/4, W/4)``.
@@ -141,13 +147,15 @@ class Mask2FormerHead(nn.Module):
             query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
             query = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
 
-        mask_features, levels = self.pixel_decoder(features)  # levels coarsest first
-        memories, memory_pos = [], []
+        mask_features, levels = self.pixel_decoder(features, scales)  # levels coarsest first
+        memories, memory_pos, memory_with_pos = [], [], []
         for i, level in enumerate(levels):
             h, w = level.shape[-2:]
             memories.append(level.flatten(2).transpose(1, 2) + self.level_embed.weight[i].view(1, 1, -1))
             pos = sine_position_encoding(batch, h, w, self.feat_channels // 2, device=level.device)
             memory_pos.append(pos.to(level.dtype).flatten(2).transpose(1, 2))
+            # The keys of every layer attending to this level: made, and kept for backward, once.
+            memory_with_pos.append(memories[-1] + memory_pos[-1])
 
         # Mask features resized to each level (no gradient: attention masks are thresholded).
         with torch.no_grad():
@@ -158,80 +166,90 @@ class Mask2FormerHead(nn.Module):
         decoder = self.transformer_decoder
         num_layers = len(decoder.layers)
         class_logits: list[Tensor] = []
-        mask_logits: list[Tensor] = []
-        query_embed = self._embed(query, mask_features, class_logits, mask_logits, returned=not last_only)
+        mask_embeds: list[Tensor] = []
+        query_embed = self._embed(query, class_logits, mask_embeds, returned=not last_only)
         for i, layer in enumerate(decoder.layers):
             level = i % self.num_feature_levels
             attn_mask = _attention_mask(query_embed, level_mask_features[level])
-            query = layer(query, query_pos, memories[level], memory_pos[level], attn_mask)
+            query = layer(query, query_pos, memories[level], memory_pos[level], attn_mask, memory_with_pos[level])
             returned = not last_only or i == num_layers - 1
-            query_embed = self._embed(query, mask_features, class_logits, mask_logits, returned)
-        return class_logits, mask_logits
+            query_embed = self._embed(query, class_logits, mask_embeds, returned)
+        # The full-size masks feed nothing inside the head: all predictions' at once.
+        return class_logits, mask_products(mask_embeds, mask_features)
 
-    def _embed(
-        self,
-        query: Tensor,
-        mask_features: Tensor,
-        class_logits: list[Tensor],
-        mask_logits: list[Tensor],
-        returned: bool,
-    ) -> Tensor:
+    def _embed(self, query: Tensor, class_logits: list[Tensor], mask_embeds: list[Tensor], returned: bool) -> Tensor:
         """The mask embedding ``(B, Q, C)`` of the current queries; when ``returned``, their class
-        logits and full-size mask logits are appended to the lists."""
+        logits and the embedding are appended to the lists."""
         query = self.transformer_decoder.post_norm(query)
         embed = self.mask_embed(query)
         if returned:
             class_logits.append(self.cls_embed(query))
-            mask_logits.append(mask_product(embed, mask_features))
+            mask_embeds.append(embed)
         return embed
 
 
-def mask_product(embed: Tensor, mask_features: Tensor) -> Tensor:
-    """Mask logits ``(B, Q, H, W)`` of ``embed (B, Q, C)`` on ``mask_features (B, C, H, W)``.
+def mask_products(embeds: Sequence[Tensor], mask_features: Tensor) -> list[Tensor]:
+    """Mask logits ``(B, Q, H, W)`` of every ``embed (B, Q, C)`` on ``mask_features (B, C, H, W)``.
 
     The loss only reaches the masks of the queries matched to a segment (about a fifth of them
     in the paper's setting): on the CPU in fp32 the backward multiplies only the rows whose
-    gradient is not zero (the others add exact zeros). The same gradients up to the order of
-    float sums; elsewhere (GPU, autocast, tracing: the rows are found on the host) the plain
-    product.
+    gradient is not zero (the others add exact zeros), those of all predictions together (one
+    product per image for the features' gradient, instead of one per prediction and their sum).
+    The same gradients up to the order of float sums; elsewhere (GPU, autocast, tracing: the
+    rows are found on the host) the plain products.
     """
     if (
         not eager_on_cpu(mask_features)
         or torch.is_autocast_enabled("cpu")
-        or not (embed.requires_grad or mask_features.requires_grad)
+        or not (mask_features.requires_grad or any(e.requires_grad for e in embeds))
     ):
-        return torch.einsum("bqc,bchw->bqhw", embed, mask_features)
-    return _MaskProduct.apply(embed, mask_features)
+        return [torch.einsum("bqc,bchw->bqhw", embed, mask_features) for embed in embeds]
+    return list(_MaskProducts.apply(mask_features, *embeds))
 
 
-class _MaskProduct(torch.autograd.Function):
+class _MaskProducts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embed: Tensor, mask_features: Tensor) -> Tensor:
-        ctx.save_for_backward(embed, mask_features)
-        return torch.einsum("bqc,bchw->bqhw", embed, mask_features)
+    def forward(ctx, mask_features: Tensor, *embeds: Tensor) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(mask_features, *embeds)
+        ctx.set_materialize_grads(False)  # a prediction the loss does not read: None, not zeros
+        return tuple(torch.einsum("bqc,bchw->bqhw", embed, mask_features) for embed in embeds)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        embed, mask_features = ctx.saved_tensors
-        batch = embed.shape[0]
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        mask_features, *embeds = ctx.saved_tensors
         features = mask_features.flatten(2)  # (B, C, H*W)
-        grad = grad.flatten(2)  # (B, Q, H*W)
-        grad_embed = torch.zeros_like(embed) if ctx.needs_input_grad[0] else None
-        grad_features = torch.empty_like(features) if ctx.needs_input_grad[1] else None
-        rows = grad.any(-1)  # (B, Q): the queries the loss reached
-        for b in range(batch):
-            used = rows[b].nonzero().squeeze(1)
-            if len(used) == 0:
+        grad_embeds = [
+            torch.zeros_like(embed) if grad is not None and ctx.needs_input_grad[1 + i] else None
+            for i, (embed, grad) in enumerate(zip(embeds, grads, strict=True))
+        ]
+        grad_features = torch.empty_like(features) if ctx.needs_input_grad[0] else None
+        for b in range(features.shape[0]):
+            # The rows the loss reached, of all predictions: (n, C) embeddings, (n, H*W) gradients.
+            used_embeds, used_grads, places = [], [], []
+            for i, (embed, grad) in enumerate(zip(embeds, grads, strict=True)):
+                if grad is None:
+                    continue
+                grad_b = grad[b].flatten(1)
+                used = grad_b.any(-1).nonzero().squeeze(1)
+                if len(used):
+                    used_embeds.append(embed[b].index_select(0, used))
+                    used_grads.append(grad_b.index_select(0, used))
+                    places.append((i, used))
+            if not places:
                 if grad_features is not None:
                     grad_features[b].zero_()
                 continue
-            grad_rows = grad[b].index_select(0, used)  # (n, H*W)
-            if grad_embed is not None:
-                grad_embed[b].index_copy_(0, used, grad_rows @ features[b].t())
+            grad_rows = torch.cat(used_grads)
             if grad_features is not None:
-                torch.mm(embed[b].index_select(0, used).t(), grad_rows, out=grad_features[b])
-        return grad_embed, None if grad_features is None else grad_features.view_as(mask_features)
+                torch.mm(torch.cat(used_embeds).t(), grad_rows, out=grad_features[b])
+            if any(grad_embeds[i] is not None for i, _ in places):
+                parts = (grad_rows @ features[b].t()).split([len(used) for _, used in places])
+                for (i, used), part in zip(places, parts, strict=True):
+                    grad_embed = grad_embeds[i]
+                    if grad_embed is not None:
+                        grad_embed[b].index_copy_(0, used, part)
+        return None if grad_features is None else grad_features.view_as(mask_features), *grad_embeds
 
 
 def _attention_mask(embed: Tensor, level_mask_features: Tensor) -> Tensor:

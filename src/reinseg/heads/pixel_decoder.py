@@ -13,8 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from ..backbones import resize_map
 from .deformable_attention import MultiScaleDeformableAttention
 from .position_encoding import sine_position_encoding
 
@@ -33,7 +35,12 @@ class ConvNorm(nn.Sequential):
 
 
 class FFN(nn.Module):
-    """Two-layer MLP with ReLU and residual, named as mmcv's FFN (``layers.0.0``, ``layers.1``)."""
+    """Two-layer MLP with ReLU and residual, named as mmcv's FFN (``layers.0.0``, ``layers.1``).
+
+    ``recompute_hidden`` (``train.encoder_ffn_recompute``): while an fp32 graph is built (no
+    autocast), keep only the input and compute the hidden activations again in backward, one
+    more matrix product for the largest tensor the layer keeps (``hidden_dims`` wide).
+    """
 
     def __init__(self, embed_dims: int, hidden_dims: int) -> None:
         super().__init__()
@@ -41,9 +48,46 @@ class FFN(nn.Module):
             nn.Sequential(nn.Linear(embed_dims, hidden_dims), nn.ReLU(inplace=True)),
             nn.Linear(hidden_dims, embed_dims),
         )
+        self.recompute_hidden = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if (
+            self.recompute_hidden
+            and torch.is_grad_enabled()
+            and x.dtype == torch.float32
+            and torch.amp.is_autocast_available(x.device.type)
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            fc1: Any = self.layers[0][0]  # type: ignore[index]
+            fc2: Any = self.layers[1]
+            return x + _HiddenRecomputed.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)
         return x + self.layers(x)
+
+
+class _HiddenRecomputed(torch.autograd.Function):
+    """``relu(x W1^T + b1) W2^T + b2``, keeping ``x`` (and the weights) for backward only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w1, b1, w2)
+        return F.linear(F.linear(x, w1, b1).relu_(), w2, b2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, w1, b1, w2 = ctx.saved_tensors
+        rows = x.reshape(-1, x.shape[-1])  # (N, C)
+        grad = grad.reshape(-1, grad.shape[-1])  # (N, C)
+        hidden = torch.addmm(b1, rows, w1.t()).relu_()  # (N, hidden), as in forward
+        needs = ctx.needs_input_grad
+        grad_w2 = grad.t() @ hidden if needs[3] else None
+        grad_b2 = grad.sum(0) if needs[4] else None
+        grad_pre = torch.ops.aten.threshold_backward(grad @ w2, hidden, 0)
+        del hidden
+        grad_x = (grad_pre @ w1).view_as(x) if needs[0] else None
+        grad_w1 = grad_pre.t() @ rows if needs[1] else None
+        grad_b1 = grad_pre.sum(0) if needs[2] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -81,9 +125,15 @@ class PixelDecoder(nn.Module):
 
     ``forward(features)`` returns ``mask_features (B, out_channels, H/4, W/4)`` and the encoder's
     maps, coarsest first: ``[(B, C, H/32, W/32), (B, C, H/16, W/16), (B, C, H/8, W/8)]``.
+    ``forward(maps, scales)`` takes the maps before their resizing to those strides
+    (:class:`~reinseg.backbones.BackboneMaps`): a map to be upsampled goes through its 1x1
+    projection first and is resized after it (both are linear, and the bilinear weights sum to
+    one, so the bias commutes too): the same values up to float rounding, on a quarter or a
+    sixteenth of the pixels.
 
     ``checkpointing`` (``train.pixel_decoder_checkpointing``): while a graph is built, keep only
     each encoder layer's and FPN level's input and compute their activations again in backward.
+    The encoder layers' FFNs recompute their hidden activations (``FFN.recompute_hidden``, on).
     """
 
     def __init__(
@@ -128,6 +178,11 @@ class PixelDecoder(nn.Module):
         )
         self.mask_feature = nn.Conv2d(feat_channels, out_channels, kernel_size=1)
         self.checkpointing = False
+        # The encoder FFNs' hidden activations, the largest it keeps, are computed again in
+        # backward (train.encoder_ffn_recompute, on by default).
+        layer: Any
+        for layer in self.encoder.layers:
+            layer.ffn.recompute_hidden = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -147,18 +202,25 @@ class PixelDecoder(nn.Module):
         for layer in self.encoder.layers:
             layer.self_attn.reset_parameters()
 
-    def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, features: Sequence[Tensor], scales: Sequence[float] | None = None) -> tuple[Tensor, list[Tensor]]:
         batch = features[0].shape[0]
         num_inputs = len(features)
+        if scales is None:
+            scales = (1,) * num_inputs
+        elif len(scales) != num_inputs:
+            raise ValueError(f"got {num_inputs} maps but {len(scales)} scales")
         tokens, positions, references, shapes = [], [], [], []
+        conv: Any
         for i, conv in enumerate(self.input_convs):
-            feat = features[num_inputs - 1 - i]
-            h, w = feat.shape[-2:]
-            pos = sine_position_encoding(batch, h, w, self.feat_channels // 2, device=feat.device).to(feat.dtype)
+            level = num_inputs - 1 - i
+            projected = _project(conv, features[level], scales[level])
+            h, w = projected.shape[-2:]
+            pos = sine_position_encoding(batch, h, w, self.feat_channels // 2, device=projected.device)
+            pos = pos.to(projected.dtype)
             pos = pos + self.level_encoding.weight[i].view(1, -1, 1, 1)
-            tokens.append(conv(feat).flatten(2).transpose(1, 2))
+            tokens.append(projected.flatten(2).transpose(1, 2))
             positions.append(pos.flatten(2).transpose(1, 2))
-            references.append(_grid_centers(h, w, feat.device, feat.dtype))
+            references.append(_grid_centers(h, w, projected.device, projected.dtype))
             shapes.append((h, w))
         x = torch.cat(tokens, dim=1)
         pos = torch.cat(positions, dim=1)
@@ -174,7 +236,7 @@ class PixelDecoder(nn.Module):
         for lateral, output, level in zip(
             self.lateral_convs, self.output_convs, range(num_inputs - len(shapes) - 1, -1, -1), strict=False
         ):
-            outs.append(self._run(_fpn_level, lateral, output, features[level], outs[-1]))
+            outs.append(self._run(_fpn_level, lateral, output, features[level], scales[level], outs[-1]))
         return self.mask_feature(outs[-1]), outs[: self.num_encoder_levels]
 
     def _run(self, function: Any, *args: Any) -> Tensor:
@@ -185,11 +247,20 @@ class PixelDecoder(nn.Module):
         return function(*args)
 
 
-def _fpn_level(lateral: nn.Module, output: nn.Module, feature: Tensor, coarser: Tensor) -> Tensor:
-    """One FPN step: ``feature``'s lateral projection plus ``coarser`` upsampled to its size."""
-    lat = lateral(feature)
+def _fpn_level(lateral: ConvNorm, output: nn.Module, feature: Tensor, scale: float, coarser: Tensor) -> Tensor:
+    """One FPN step: the lateral projection of ``feature`` (resized by ``scale``) plus ``coarser``
+    upsampled to its size."""
+    lat = _project(lateral, feature, scale)
     up = F.interpolate(coarser, size=lat.shape[-2:], mode="bilinear", align_corners=False)
     return output(lat + up)
+
+
+def _project(conv: ConvNorm, x: Tensor, scale: float) -> Tensor:
+    """``conv`` (1x1 convolution -> GroupNorm) of ``x`` resized by ``scale``; upsampling after the
+    convolution, on ``scale**2`` times fewer pixels, downsampling before it."""
+    if scale > 1:
+        return conv.gn(resize_map(conv.conv(x), scale))
+    return conv(resize_map(x, scale))
 
 
 def _grid_centers(h: int, w: int, device, dtype) -> Tensor:

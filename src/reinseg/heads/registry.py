@@ -7,7 +7,10 @@ plus ``model.head.options``. ``forward(features, queries)`` returns per-predicti
 ``(B, Q, K + 1)`` and mask logits ``(B, Q, h, w)``, a list over deep-supervision layers each.
 Optionally, a head whose ``forward`` takes ``last_only`` returns the last prediction only (one
 element each) when it is True: inference (:meth:`reinseg.Segmentor.encode_decode`) then asks
-for that alone.
+for that alone. A head whose ``forward`` takes ``scales`` receives the backbone's maps before
+their resizing to strides 4, 8, 16, 32 and the factors to resize them by
+(:class:`reinseg.backbones.BackboneMaps`), to resize after a first linear step (the Mask2Former
+pixel decoder's 1x1 projections); other heads receive the resized maps.
 Class attributes: ``criterion_class`` (the training loss, built as
 ``criterion_class(num_classes, **model.loss)``) and ``no_decay_keys`` (parameter-name substrings
 that take no weight decay).

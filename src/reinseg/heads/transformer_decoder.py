@@ -27,12 +27,20 @@ class Attention(nn.Module):
         self.attn = nn.MultiheadAttention(embed_dims, num_heads, batch_first=True)
 
     def forward(
-        self, query: Tensor, key: Tensor, query_pos: Tensor, key_pos: Tensor, attn_mask: Tensor | None = None
+        self,
+        query: Tensor,
+        key: Tensor,
+        query_pos: Tensor,
+        key_pos: Tensor,
+        attn_mask: Tensor | None = None,
+        key_with_pos: Tensor | None = None,
     ) -> Tensor:
         """
         Args:
             query: ``(B, Q, C)``; key: ``(B, K, C)`` (also the values); query_pos, key_pos: alike.
             attn_mask: boolean ``(B, 1, Q, K)`` (or ``(B, heads, Q, K)``), True where a query may look.
+            key_with_pos: ``key + key_pos`` when the caller has it (layers attending to the same
+                memory share one, which backward keeps once).
         Returns:
             ``(B, Q, C)``, residual included.
         """
@@ -46,7 +54,7 @@ class Attention(nn.Module):
             return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
 
         q = split_heads(F.linear(query + query_pos, w_q, b_q))
-        k = split_heads(F.linear(key + key_pos, w_k, b_k))
+        k = split_heads(F.linear(key + key_pos if key_with_pos is None else key_with_pos, w_k, b_k))
         v = split_heads(F.linear(key, w_v, b_v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = out.transpose(1, 2).reshape(batch, num_queries, channels)
@@ -64,9 +72,15 @@ class DecoderLayer(nn.Module):
         self.norms = nn.ModuleList([nn.LayerNorm(embed_dims) for _ in range(3)])
 
     def forward(
-        self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, attn_mask: Tensor
+        self,
+        query: Tensor,
+        query_pos: Tensor,
+        memory: Tensor,
+        memory_pos: Tensor,
+        attn_mask: Tensor,
+        memory_with_pos: Tensor | None = None,
     ) -> Tensor:
-        query = self.norms[0](self.cross_attn(query, memory, query_pos, memory_pos, attn_mask))
+        query = self.norms[0](self.cross_attn(query, memory, query_pos, memory_pos, attn_mask, memory_with_pos))
         query = self.norms[1](self.self_attn(query, query, query_pos, query_pos))
         return self.norms[2](self.ffn(query))
 
