@@ -244,7 +244,8 @@ class ReinBackbone(FrozenBackbone):
 
     def forward(self, images: Tensor, resize: bool = True) -> BackboneOutput | BackboneMaps:
         """The four maps at strides 4, 8, 16, 32 (:class:`BackboneOutput`), or with
-        ``resize=False`` all at the patch stride but the last (:class:`BackboneMaps`)."""
+        ``resize=False`` all four at the patch stride with the factors that bring them there
+        (:class:`BackboneMaps`)."""
         if images.dim() != 4:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         ph, pw = self.patch_size
