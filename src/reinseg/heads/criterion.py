@@ -60,6 +60,7 @@ class Segments:
     def __init__(self, label: Tensor, classes: Tensor) -> None:
         self.label = label
         self.classes = classes
+        self._framed: Tensor | None = None
 
     @classmethod
     def of(cls, label: Tensor, ignore_index: int = 255) -> Segments:
@@ -94,9 +95,11 @@ class Segments:
         corner = pixel.floor()
         east, south = (pixel - corner).unbind(-1)
         west, north = 1 - east, 1 - south
-        # The label map framed by one pixel of no class (-1), where zero padding reads zeros:
-        # the four pixels of every sample are then in the frame, no bounds to check.
-        framed = F.pad(self.label.to(torch.int32), (1, 1, 1, 1), value=-1).flatten()
+        if self._framed is None:
+            # The label map framed by one pixel of no class (-1), where zero padding reads
+            # zeros: the four pixels of every sample are then in the frame, no bounds to check.
+            self._framed = F.pad(self.label.to(torch.int32), (1, 1, 1, 1), value=-1).flatten()
+        framed = self._framed
         stride = width + 2
         corner = corner.to(torch.int32).add_(1)
         north_west = corner[..., 1] * stride + corner[..., 0]
