@@ -29,7 +29,7 @@ train() { $py benchmarks/strategies.py train --device "$device" --steps "$steps"
     train --backbone "$large" --batch "$batch" --precision 32 bf16 --strategies rein frozen full
     echo
     echo "## Levers, paper config with Rein (train options; benchmarks/levers.py says what each changes)"
-    train --backbone "$large" --batch "$batch" --strategies rein --levers none deformable_recompute=false \
+    train --backbone "$large" --batch "$batch" --strategies rein --levers none deformable_recompute=false encoder_ffn_recompute=false \
         activation_checkpointing=true pixel_decoder_checkpointing=true "both checkpointings" frozen_dtype=bfloat16 precision=bf16-mixed "bf16-mixed + frozen bf16" \
         "bf16-mixed + frozen bf16 + checkpointing" compile=true
     echo
