@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .grid_sample_math import grid_sample_pixel, powers_of_two
+
 # mmdet divides summed losses by (avg_factor + eps).
 _EPS = torch.finfo(torch.float32).eps
 
@@ -87,11 +89,8 @@ class Segments:
 
     def _interpolate(self, coords: Tensor, classes: Tensor) -> Tensor:
         height, width = self.label.shape
-        # point_sample's grid g = 2c - 1, then grid_sample's unnormalisation: t = g + 1, and
-        # t * size / 2 - 1/2 with one rounding, as its CPU kernel (a fused multiply-add) computes
-        # it: exact in float64.
-        half_size = torch.tensor([width / 2, height / 2], dtype=torch.float64, device=coords.device)
-        pixel = ((2.0 * coords - 1.0) + 1).double().mul_(half_size).sub_(0.5).float()
+        size = torch.tensor([width, height], dtype=coords.dtype, device=coords.device)
+        pixel = grid_sample_pixel(coords, size, powers_of_two([width, height]))
         corner = pixel.floor()
         east, south = (pixel - corner).unbind(-1)
         west, north = 1 - east, 1 - south

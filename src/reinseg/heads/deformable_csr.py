@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .grid_sample_math import grid_sample_pixel, powers_of_two
+
 __all__ = ["csr_deformable_attention", "eager_on_cpu"]
 
 
@@ -106,8 +108,8 @@ class _Samples:
 
         widths = [w for _, w in layout.shapes]
         heights = [h for h, _ in layout.shapes]
-        self.x_weights, self.x_slopes, x0 = _axis(locations[..., 0], per_level(widths), _powers_of_two(widths))
-        self.y_weights, self.y_slopes, y0 = _axis(locations[..., 1], per_level(heights), _powers_of_two(heights))
+        self.x_weights, self.x_slopes, x0 = _axis(locations[..., 0], per_level(widths), powers_of_two(widths))
+        self.y_weights, self.y_slopes, y0 = _axis(locations[..., 1], per_level(heights), powers_of_two(heights))
         starts = torch.tensor(layout.starts, dtype=torch.int32, device=device).view(levels, 1)
         blocks = torch.arange(batch * heads, dtype=torch.int32, device=device).view(batch, heads, 1, 1, 1)
         x0, y0 = x0.to(torch.int32), y0.to(torch.int32)
@@ -130,27 +132,17 @@ class _Samples:
         return [y_low * x_low, y_low * x_high, y_high * x_low, y_high * x_high]
 
 
-def _powers_of_two(sizes: list[int]) -> bool:
-    return all(size & (size - 1) == 0 for size in sizes)
-
-
 def _axis(
     coordinate: Tensor, size: Tensor, exact_product: bool
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
     """One axis of the samples: normalized coordinates -> the weights and slopes of the lower and
     upper pixel, and the lower pixel clamped to ``[-1, size - 1]`` (float).
 
-    ``exact_product``: every size is a power of two, so that ``t * size / 2`` is exact in float.
+    ``exact_product``: every size is a power of two (see :mod:`.grid_sample_math`).
     """
-    # grid_sample's arithmetic (align_corners False: pixel centres at +0.5), so that a sample on
-    # a pixel edge falls on the same side as in the reference: its CPU kernel takes
-    # t = (2c - 1) + 1, then t * size / 2 - 1/2 with one rounding (a fused multiply-add). With
-    # power-of-two sizes the product is exact and float32 gives that; otherwise float64 does.
-    t = 2 * coordinate - 1 + 1
-    if exact_product or t.dtype == torch.float64:
-        pixel = t * (size / 2) - 0.5
-    else:
-        pixel = (t.double() * (size.double() / 2) - 0.5).to(t.dtype)
+    # grid_sample's arithmetic, so that a sample on a pixel edge falls on the same side as in
+    # the reference.
+    pixel = grid_sample_pixel(coordinate, size, exact_product)
     low = pixel.floor()
     low_inside = (low >= 0) & (low <= size - 1)
     high_inside = (low >= -1) & (low <= size - 2)
