@@ -234,3 +234,60 @@ def test_low_rank_tokens_are_applied_through_their_factors_when_that_is_cheaper(
     assert len(ours) == len(theirs) == 8  # x, scale, the two token factors, both MLPs' weights and biases
     for a, b in zip(ours, theirs, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _delta_f_calls(rein: Rein) -> list[int]:
+    calls: list[int] = []
+    rein.mlp_delta_f.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lora_dim=4),
+        dict(lora_dim=None),
+        dict(lora_dim=None, use_softmax=False),
+        dict(lora_dim=4, num_prefix_tokens=0),
+        dict(lora_dim=4, num_prefix_tokens=3),
+        dict(zero_mlp_delta_f=True),
+    ],
+)
+def test_inference_folds_the_delta_mlp_into_one_product_with_the_same_values(kwargs):
+    torch.manual_seed(0)
+    rein = Rein(num_layers=2, embed_dims=64, patch_size=16, query_dims=8, token_length=10, scale_init=0.7, **kwargs)
+    rein = rein.double()
+    with torch.no_grad():  # a trained delta MLP: zero_mlp_delta_f's starts at zero
+        for p in rein.mlp_delta_f.parameters():
+            p.normal_(0, 0.1)
+    calls = _delta_f_calls(rein)
+    x = torch.randn(3, 3 + 20, 64, dtype=torch.float64)
+    plain = rein(x, 1)  # a graph is built: the plain refinement
+    assert len(calls) == 1
+    with torch.no_grad():
+        folded = rein(x, 1)
+    assert len(calls) == 1  # the delta MLP was folded, not called
+    assert (folded - plain).abs().max().item() <= 1e-12
+    prefix = rein.num_prefix_tokens
+    assert torch.equal(folded[:, :prefix], x[:, :prefix])
+
+
+def test_folded_inference_matches_the_official_outputs(golden):
+    rein = Rein(**golden["config"])
+    rein.load_state_dict(golden["state_dict"], strict=True)
+    calls = _delta_f_calls(rein)
+    with torch.no_grad():
+        for layer, (x, expected) in enumerate(zip(golden["inputs"], golden["outputs"], strict=False)):
+            assert (rein(x, layer) - expected).abs().max().item() <= 1e-5
+    assert not calls
+
+
+def test_bf16_autocast_and_graphs_are_not_folded():
+    # In bf16, 1 + scale * w would round to 1 and lose the delta's own feature term.
+    rein = Rein(num_layers=1, embed_dims=32, patch_size=16, query_dims=8, token_length=5)
+    calls = _delta_f_calls(rein)
+    x = torch.randn(1, 9, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rein(x, 0)
+    rein(x, 0)
+    assert len(calls) == 2

@@ -230,10 +230,73 @@ class Rein(nn.Module):
             return torch.cat([x[:, :prefix], feats], dim=1) if prefix else feats
         # Refining every row and then giving the prefix rows back costs less than slicing the
         # patch rows out and concatenating them again.
-        refined = x + self.delta(x, layer) * self.scale
+        if self._folds(x):
+            refined = self._folded_refinement(x, layer)
+        else:
+            refined = x + self.delta(x, layer) * self.scale
         if prefix:
             refined[:, :prefix] = x[:, :prefix]
         return refined
+
+    def _folds(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` may take :meth:`_folded_refinement`: no graph is built (the
+        fold changes which products autograd would see), full precision (in bf16 ``1 + scale * w``
+        would round to 1, losing the delta's own feature term), and Rein's own refinement with
+        linear MLPs."""
+        return (
+            not torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.float64)
+            and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
+            and type(self).delta is Rein.delta
+            and type(self.mlp_token2feat) is nn.Linear
+            and type(self.mlp_delta_f) is nn.Linear
+        )
+
+    def _folded_refinement(self, x: Tensor, layer: int) -> Tensor:
+        """``x + scale * delta(x)`` at inference, with ``mlp_delta_f(y) = y W^T + b`` folded in
+        (exact algebra, other float rounding)::
+
+            x + s (W (S' G + x) + b)  =  x (I + s W^T)  +  S' (s G W^T)  +  s b
+
+        with ``S' = S[..., 1:]`` and ``G = mlp_token2feat(T[1:])``: one ``C x C`` product per
+        row, as the plain form has, but no separate sum, scaling and residual passes over the
+        rows. Low-rank tokens go through their factors (:meth:`_low_rank_delta`):
+        ``S' G W^T = [S' A[1:], rowsum(S')] @ [B W_t^T W^T; b_t W^T]``.
+
+        Args:
+            x: ``(B, N, C)`` (all rows, prefix included: :meth:`forward` restores the prefix).
+        Returns:
+            ``(B, N, C)``.
+        """
+        scale = self.scale
+        delta_f, token2feat = self.mlp_delta_f, self.mlp_token2feat
+        rows = x.reshape(-1, x.shape[-1])  # (B*N, C)
+        # (C, C): I + s W^T, made per layer (C^2, against the rows' N C^2).
+        eye = torch.eye(rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        if isinstance(scale, Tensor):
+            identity_plus = torch.addcmul(eye, delta_f.weight.t(), scale)
+        else:
+            identity_plus = eye.add_(delta_f.weight.t(), alpha=scale)
+        bias = None if delta_f.bias is None else delta_f.bias * scale
+        out = rows @ identity_plus if bias is None else torch.addmm(bias, rows, identity_plus)
+        if self._low_rank_pays(rows.shape[-1]):
+            a, b = self.learnable_tokens_a[layer], self.learnable_tokens_b[layer]  # (m, r), (r, C)
+            attn = (rows @ b.t()) @ a.t()  # (B*N, m)
+            # (m - 1, r [+ 1]): the sink's row dropped; a column of ones sums S' for token2feat's bias.
+            factor = a[1:] if token2feat.bias is None else torch.cat([a[1:], a.new_ones(a.shape[0] - 1, 1)], 1)
+            mixed = b @ token2feat.weight.t()  # (r, C)
+            if token2feat.bias is not None:
+                mixed = torch.cat([mixed, token2feat.bias[None]], 0)
+        else:
+            tokens = self.tokens(layer)
+            attn = rows @ tokens.t()
+            factor, mixed = None, token2feat(tokens[1:])  # (m - 1, C)
+        if self.use_softmax:
+            attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
+        weights = attn[:, 1:] if factor is None else attn[:, 1:] @ factor
+        # mixed (., C) through W, scaled: (., C).
+        mixed = (mixed @ delta_f.weight.t()) * scale
+        return out.addmm_(weights, mixed).view_as(x)
 
     def queries(self) -> Tensor:
         """Object queries linked from the tokens of all layers, ``(m, query_dims)``."""
