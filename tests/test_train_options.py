@@ -132,21 +132,27 @@ def test_encoder_ffn_recompute_gives_the_same_gradients_and_keeps_less():
     assert saved_for_backward_bytes(built(encoder_ffn_recompute=False)) - saved_for_backward_bytes(segmentor) == hidden
 
 
-def test_encoder_ffn_recompute_gradients_equal_float64_autograd():
-    """The recomputing FFN's own backward (fp32) against autograd's through the plain FFN in
-    float64: the input's and every weight's gradient."""
+@pytest.mark.parametrize("chunk_rows", [1024, 3])
+def test_encoder_ffn_recompute_gradients_equal_float64_autograd(chunk_rows):
+    """The recomputing FFN's own forward and backward (fp32, in chunks of rows: one chunk, or
+    four of 3, 3, 3 and 1 rows) against autograd's through the plain FFN in float64: the output,
+    the input's and every weight's gradient."""
     from reinseg.heads.pixel_decoder import FFN
 
     torch.manual_seed(0)
     ffn = FFN(8, 32).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(2, 5, 8, dtype=torch.float64)
-    expected = torch.autograd.grad(ffn(x), (x, *ffn.parameters()), grad)
+    out = ffn(x)
+    expected = torch.autograd.grad(out, (x, *ffn.parameters()), grad)
     x32 = x.detach().float().requires_grad_()
     ffn32 = FFN(8, 32)
     ffn32.load_state_dict(ffn.state_dict())
     ffn32.recompute_hidden = True
-    got32 = torch.autograd.grad(ffn32(x32), (x32, *ffn32.parameters()), grad.float())
+    ffn32.chunk_rows = chunk_rows
+    out32 = ffn32(x32)
+    torch.testing.assert_close(out32.double(), out.detach(), rtol=1e-6, atol=1e-6)
+    got32 = torch.autograd.grad(out32, (x32, *ffn32.parameters()), grad.float())
     for ours, theirs in zip(got32, expected, strict=True):
         torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-5)
 
