@@ -82,11 +82,13 @@ class _Layout:
         """The inverse of :meth:`scatter`: ``(B * heads * block, d)`` -> ``(B, sum(h*w), heads, d)``."""
         dim = layout.shape[-1]
         layout = layout.view(batch, heads, self.block, dim)
-        levels = []
-        for (h, w), start in zip(self.shapes, self.starts, strict=True):
+        out = layout.new_empty(batch, sum(h * w for h, w in self.shapes), heads, dim)
+        for (h, w), start, level in zip(
+            self.shapes, self.starts, out.split([h * w for h, w in self.shapes], 1), strict=True
+        ):
             grid = layout[:, :, start : start + h * self.stride].view(batch, heads, h, self.stride, dim)
-            levels.append(grid[:, :, :, :w].permute(0, 2, 3, 1, 4).reshape(batch, h * w, heads, dim))
-        return torch.cat(levels, 1)
+            level.view(batch, h, w, heads, dim).copy_(grid[:, :, :, :w].permute(0, 2, 3, 1, 4))
+        return out
 
 
 class _Samples:
@@ -186,17 +188,18 @@ class _CSRDeformableAttention(torch.autograd.Function):
         grad = grad_out.reshape(batch, queries, heads, dim).transpose(1, 2).reshape(-1, dim)
         columns = grid.shape[0] - layout.shifts[-1]
         corners = samples.corner_weights()
-        pattern = _csr(samples.north_west, weights, columns)
         transposed = _Transposed(samples.north_west, columns)
 
-        grid_t = grid.t().contiguous()
         grad_grid = torch.zeros_like(grid)
         grad_weights = None
         grad_corners = []
         for shift, corner in zip(layout.shifts, corners, strict=True):
             # dL/d(entry) of every sample's corner: its row's output gradient . its pixel's value.
-            shifted = grid_t[:, shift : shift + columns]
-            grad_entry = torch.sparse.sampled_addmm(pattern, grad, shifted, beta=0.0).values().view_as(weights)
+            # The corner's pixels as the pattern's columns on the whole layout, and the layout as
+            # the transposed view sampled_addmm reads row by row: no copy of the values (a
+            # column slice of a transposed copy would be copied again for every corner).
+            pattern = _csr(samples.north_west + shift, weights, grid.shape[0])
+            grad_entry = torch.sparse.sampled_addmm(pattern, grad, grid.t(), beta=0.0).values().view_as(weights)
             term = grad_entry * corner
             grad_weights = term if grad_weights is None else grad_weights.add_(term)
             grad_corners.append(grad_entry.mul_(weights))
