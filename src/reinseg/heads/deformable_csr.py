@@ -57,7 +57,9 @@ class _Layout:
 
     def __init__(self, spatial_shapes: list[tuple[int, int]]) -> None:
         self.shapes = spatial_shapes
-        self.stride = max(w for _, w in spatial_shapes) + 1
+        self.widths = [w for _, w in spatial_shapes]
+        self.heights = [h for h, _ in spatial_shapes]
+        self.stride = max(self.widths) + 1
         self.starts = []
         row = self.stride + 1
         for h, _ in spatial_shapes:
@@ -100,18 +102,19 @@ class _Samples:
     respect to ``f`` (-1 and +1, zero outside).
     """
 
-    def __init__(self, locations: Tensor, layout: _Layout) -> None:
-        batch, heads, queries, levels, points, _ = locations.shape
-        device, dtype = locations.device, locations.dtype
+    def __init__(self, coordinates: Tensor, layout: _Layout) -> None:
+        """``coordinates``: ``(2, B, heads, Q, levels, points)``, the samples' normalized ``x`` and
+        ``y`` as two contiguous planes (every operation below then runs over contiguous memory)."""
+        _, batch, heads, queries, levels, points = coordinates.shape
+        device, dtype = coordinates.device, coordinates.dtype
 
         def per_level(values: list[int]) -> Tensor:
             # A (levels, points) constant, whole: broadcasting it runs over contiguous rows.
             return torch.tensor(values, dtype=dtype, device=device).view(levels, 1).expand(levels, points).contiguous()
 
-        widths = [w for _, w in layout.shapes]
-        heights = [h for h, _ in layout.shapes]
-        self.x_weights, self.x_slopes, x0 = _axis(locations[..., 0], per_level(widths), powers_of_two(widths))
-        self.y_weights, self.y_slopes, y0 = _axis(locations[..., 1], per_level(heights), powers_of_two(heights))
+        widths, heights = layout.widths, layout.heights
+        self.x_weights, self.x_slopes, x0 = _axis(coordinates[0], per_level(widths), powers_of_two(widths))
+        self.y_weights, self.y_slopes, y0 = _axis(coordinates[1], per_level(heights), powers_of_two(heights))
         starts = torch.tensor(layout.starts, dtype=torch.int32, device=device).view(levels, 1)
         blocks = torch.arange(batch * heads, dtype=torch.int32, device=device).view(batch, heads, 1, 1, 1)
         x0, y0 = x0.to(torch.int32), y0.to(torch.int32)
@@ -164,16 +167,16 @@ class _CSRDeformableAttention(torch.autograd.Function):
         queries = locations.shape[1]
         grid = layout.scatter(value)
         # Rows (b, head, query): each image's and head's rows are one block.
-        locations = locations.transpose(1, 2).contiguous()
+        coordinates = locations.permute(5, 0, 2, 1, 3, 4).contiguous()  # (2, B, heads, Q, levels, points)
         weights = weights.transpose(1, 2).contiguous()
-        samples = _Samples(locations, layout)
+        samples = _Samples(coordinates, layout)
         columns = grid.shape[0] - layout.shifts[-1]
         entries = [weights * corner for corner in samples.corner_weights()]
         out = grid.new_zeros(samples.north_west[..., 0, 0].numel(), dim)
         for shift, values in zip(layout.shifts, entries, strict=True):
             out.addmm_(_csr(samples.north_west, values, columns), grid[shift : shift + columns])
         # With keep_samples, every sample's terms; else the locations only, to compute them again.
-        ctx.save_for_backward(grid, weights, *(samples.tensors() if keep_samples else (locations,)))
+        ctx.save_for_backward(grid, weights, *(samples.tensors() if keep_samples else (coordinates,)))
         ctx.layout = layout
         ctx.dims = (batch, heads, dim, queries)
         return out.view(batch, heads, queries, dim).transpose(1, 2).reshape(batch, queries, heads * dim)
@@ -210,12 +213,16 @@ class _CSRDeformableAttention(torch.autograd.Function):
         (x_low_slope, x_high_slope), (y_low_slope, y_high_slope) = samples.x_slopes, samples.y_slopes
         grad_x = (nw * y_low + sw * y_high) * x_low_slope + (ne * y_low + se * y_high) * x_high_slope
         grad_y = (nw * x_low + ne * x_high) * y_low_slope + (sw * x_low + se * x_high) * y_high_slope
-        sizes = torch.tensor([[w, h] for h, w in layout.shapes], dtype=grad.dtype, device=grad.device)
-        grad_locations = torch.stack([grad_x, grad_y], -1) * sizes.view(-1, 1, 2)
+        # Scaled by the levels' widths and heights, written straight into the locations' layout
+        # (B, Q, heads, levels, points, 2).
+        grad_locations = grad_x.new_empty(batch, queries, heads, *grad_x.shape[-2:], 2)
+        planes = grad_locations.permute(5, 0, 2, 1, 3, 4)
+        for plane, per_axis, sizes in ((planes[0], grad_x, layout.widths), (planes[1], grad_y, layout.heights)):
+            torch.mul(per_axis, torch.tensor(sizes, dtype=grad.dtype, device=grad.device).view(-1, 1), out=plane)
         return (
             layout.gather(grad_grid, batch, heads),
             None,
-            grad_locations.transpose(1, 2),
+            grad_locations,
             grad_weights.transpose(1, 2),
             None,
         )
