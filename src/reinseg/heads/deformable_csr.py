@@ -117,8 +117,10 @@ class _Samples:
         self.y_weights, self.y_slopes, y0 = _axis(coordinates[1], per_level(heights), powers_of_two(heights))
         starts = torch.tensor(layout.starts, dtype=torch.int32, device=device).view(levels, 1)
         blocks = torch.arange(batch * heads, dtype=torch.int32, device=device).view(batch, heads, 1, 1, 1)
+        # (B, heads, 1, levels, points), whole: it then broadcasts over the queries only.
+        first_rows = (starts + blocks * layout.block).expand(-1, -1, -1, -1, points).contiguous()
         x0, y0 = x0.to(torch.int32), y0.to(torch.int32)
-        self.north_west = (y0 * layout.stride + x0).add_(starts + blocks * layout.block)
+        self.north_west = (y0 * layout.stride + x0).add_(first_rows)
 
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.north_west, *self.x_weights, *self.y_weights, *self.x_slopes, *self.y_slopes)
