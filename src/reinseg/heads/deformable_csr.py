@@ -219,8 +219,10 @@ class _CSRDeformableAttention(torch.autograd.Function):
         # (B, Q, heads, levels, points, 2).
         grad_locations = grad_x.new_empty(batch, queries, heads, *grad_x.shape[-2:], 2)
         planes = grad_locations.permute(5, 0, 2, 1, 3, 4)
+        points = grad_x.shape[-1]
         for plane, per_axis, sizes in ((planes[0], grad_x, layout.widths), (planes[1], grad_y, layout.heights)):
-            torch.mul(per_axis, torch.tensor(sizes, dtype=grad.dtype, device=grad.device).view(-1, 1), out=plane)
+            per_level = torch.tensor(sizes, dtype=grad.dtype, device=grad.device)[:, None].expand(-1, points)
+            torch.mul(per_axis, per_level.contiguous(), out=plane)
         return (
             layout.gather(grad_grid, batch, heads),
             None,
