@@ -151,15 +151,24 @@ def _axis(
     # the reference.
     pixel = grid_sample_pixel(coordinate, size, exact_product)
     low = pixel.floor()
-    low_inside = (low >= 0) & (low <= size - 1)
-    high_inside = (low >= -1) & (low <= size - 2)
-    # Zero outside the level, NaN for a NaN or infinite location (as grid_sample).
-    outside = pixel - pixel
-    weights = (torch.where(low_inside, low + 1 - pixel, outside), torch.where(high_inside, pixel - low, outside))
-    slopes = (-low_inside.to(pixel.dtype), high_inside.to(pixel.dtype))
+    low_inside = _between(low, 0, size - 1)
+    high_inside = _between(low, -1, size - 2)
+    # Zero outside the level (a product with 0), NaN for a NaN or infinite location (as
+    # grid_sample: the differences below are NaN there).
+    weights = ((low + 1 - pixel) * low_inside, (pixel - low) * high_inside)
+    slopes = (-low_inside, high_inside)
     # Every pixel index valid, whatever the location.
     low = torch.nan_to_num(low, nan=-1.0).clamp(min=-1)
     return weights, slopes, torch.minimum(low, size - 1)
+
+
+def _between(whole: Tensor, first: float | Tensor, last: float | Tensor) -> Tensor:
+    """1.0 where the whole number ``whole`` is in ``[first, last]``, else 0.0 (also for NaN).
+
+    Float arithmetic instead of comparisons: on the CPU, comparisons, their boolean ``&`` and
+    ``where`` on a boolean mask run several times slower than float operations."""
+    beyond = (first - whole).clamp_(min=0).add_((whole - last).clamp_(min=0))  # 0 inside, >= 1 outside
+    return 1 - torch.nan_to_num(beyond, nan=1.0).clamp_(max=1)
 
 
 class _CSRDeformableAttention(torch.autograd.Function):
