@@ -19,6 +19,10 @@ with :func:`reinseg.from_official`. Each measurement runs in a child process of 
 - ``infer``: whole-image inference of one 512x512 image (scores at the input size), median seconds.
 - ``check``: both models' scores on one image, to show the two compute the same thing.
 
+``--rounds N`` repeats the four measurements N times in fresh processes and prints each round's
+ratios and their median. reinseg keeps freed memory (below), so its first steps still fault in
+pages the later ones reuse: ``--warmup 3`` measures both codes in their steady state.
+
 ``--levers`` measures reinseg's train step and inference once per lever of ``train``
 (:mod:`reinseg.train_options`, bf16 autocast, fused AdamW), each in its own process, against the
 official fp32 figures (CPU seconds too: on a shared machine they move less than wall seconds)::
@@ -275,6 +279,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat the plain comparison in fresh processes; report the median ratios"
+    )
     parser.add_argument("--levers", action="store_true", help="one row per training lever (see the docstring)")
     parser.add_argument("--only", nargs="+", choices=list(LEVERS), help="with --levers: these levers only")
     parser.add_argument(
@@ -296,28 +303,51 @@ def main() -> None:
                     del LEVERS[name]
         levers(args)
         return
-    results = {}
-    for name in ("both-check", "official-train", "reinseg-train", "official-infer", "reinseg-infer"):
-        results[name] = run_child(args, name)
-    train_o, train_r = results["official-train"], results["reinseg-train"]
-    infer_o, infer_r = results["official-infer"], results["reinseg-infer"]
-    print(f"torch {torch.__version__}, {args.threads} threads, ViT-S/16 + LoRA-Rein + Mask2Former, 512 px")
-    print(f"scores of the two models differ by at most {results['both-check']['max_abs_difference']:.1e}\n")
-    print("| measurement | official | reinseg | reinseg / official |")
-    print("|---|---|---|---|")
-    print(
-        f"| train step, batch 2 (s) | {train_o['seconds']:.2f} | {train_r['seconds']:.2f} | "
-        f"{train_r['seconds'] / train_o['seconds']:.2f} |"
-    )
-    print(
-        f"| memory the train step adds (MiB) | {train_o['added_mib']:.0f} | {train_r['added_mib']:.0f} | "
-        f"{train_r['added_mib'] / train_o['added_mib']:.2f} |"
-    )
-    print(
-        f"| whole-image inference, 1 image (s) | {infer_o['seconds']:.3f} | {infer_r['seconds']:.3f} | "
-        f"{infer_r['seconds'] / infer_o['seconds']:.2f} |"
-    )
+    compare(args)
 
+
+def compare(args) -> None:
+    """The plain comparison, ``--rounds`` times: each round runs the four measurements in fresh
+    processes (official and reinseg alternating); the table gives each round's ratios and their
+    median (on a shared or frequency-scaling machine a single round's ratio moves by several
+    hundredths)."""
+    check = run_child(args, "both-check")
+    rows: list[dict[str, float]] = []
+    for _ in range(args.rounds):
+        found = {name: run_child(args, name) for name in NAMES}
+        rows.append(
+            {
+                "train_o": found["official-train"]["seconds"],
+                "train_r": found["reinseg-train"]["seconds"],
+                "memory_o": found["official-train"]["added_mib"],
+                "memory_r": found["reinseg-train"]["added_mib"],
+                "infer_o": found["official-infer"]["seconds"],
+                "infer_r": found["reinseg-infer"]["seconds"],
+            }
+        )
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, ViT-S/16 + LoRA-Rein + Mask2Former, 512 px; "
+        f"median of {args.repeats} steps after {args.warmup} per process"
+    )
+    print(f"scores of the two models differ by at most {check['max_abs_difference']:.1e}\n")
+    print(
+        "| round | official train s | reinseg train s | ratio | official MiB | reinseg MiB | ratio "
+        "| official infer s | reinseg infer s | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    ratios: dict[str, list[float]] = {"train": [], "memory": [], "infer": []}
+    for i, row in enumerate(rows, 1):
+        cells = []
+        for key, fmt in (("train", ".2f"), ("memory", ".0f"), ("infer", ".3f")):
+            official, ours = row[f"{key}_o"], row[f"{key}_r"]
+            ratios[key].append(ours / official)
+            cells.append(f"{official:{fmt}} | {ours:{fmt}} | {ours / official:.3f}")
+        print(f"| {i} | " + " | ".join(cells) + " |")
+    if len(rows) > 1:
+        print("| median | | | " + " | | | ".join(f"{statistics.median(ratios[k]):.3f}" for k in ratios) + " |")
+
+
+NAMES = ("official-train", "reinseg-train", "official-infer", "reinseg-infer")
 
 if __name__ == "__main__":
     main()

@@ -242,34 +242,93 @@ def _delta_f_calls(rein: Rein) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(lora_dim=4),
-        dict(lora_dim=None),
-        dict(lora_dim=None, use_softmax=False),
-        dict(lora_dim=4, num_prefix_tokens=0),
-        dict(lora_dim=4, num_prefix_tokens=3),
-        dict(zero_mlp_delta_f=True),
-    ],
-)
-def test_inference_folds_the_delta_mlp_into_one_product_with_the_same_values(kwargs):
+def _plain_refinement(rein: Rein, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """Rein's refinement as autograd sees it op by op (the equation, prefix rows restored)."""
+    refined = x + rein.delta(x, layer) * rein.scale
+    prefix = rein.num_prefix_tokens
+    return torch.cat([x[:, :prefix], refined[:, prefix:]], 1)
+
+
+VARIANTS = [
+    dict(lora_dim=4),
+    dict(lora_dim=None),
+    dict(lora_dim=None, use_softmax=False),
+    dict(lora_dim=4, use_softmax=False),
+    dict(lora_dim=4, num_prefix_tokens=0),
+    dict(lora_dim=4, num_prefix_tokens=3),
+    dict(zero_mlp_delta_f=True),
+    dict(zero_mlp_delta_f=True, lora_dim=4),
+]
+
+
+def _trained_rein(kwargs) -> Rein:
     torch.manual_seed(0)
     rein = Rein(num_layers=2, embed_dims=64, patch_size=16, query_dims=8, token_length=10, scale_init=0.7, **kwargs)
     rein = rein.double()
     with torch.no_grad():  # a trained delta MLP: zero_mlp_delta_f's starts at zero
         for p in rein.mlp_delta_f.parameters():
             p.normal_(0, 0.1)
+    return rein
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_inference_folds_the_delta_mlp_into_one_product_with_the_same_values(kwargs):
+    rein = _trained_rein(kwargs)
     calls = _delta_f_calls(rein)
     x = torch.randn(3, 3 + 20, 64, dtype=torch.float64)
-    plain = rein(x, 1)  # a graph is built: the plain refinement
-    assert len(calls) == 1
     with torch.no_grad():
+        plain = _plain_refinement(rein, x, 1)
+        calls.clear()
         folded = rein(x, 1)
-    assert len(calls) == 1  # the delta MLP was folded, not called
+    assert not calls  # the delta MLP was folded, not called
     assert (folded - plain).abs().max().item() <= 1e-12
     prefix = rein.num_prefix_tokens
     assert torch.equal(folded[:, :prefix], x[:, :prefix])
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS)
+def test_training_refinement_gives_autograds_values_and_gradients(kwargs):
+    """Low-rank Rein trains through one autograd node (reinseg.rein_fused): the same forward bits
+    as the operations one by one, and the same gradients of the input and every parameter
+    (float64); full-rank Rein keeps autograd's own graph."""
+    rein = _trained_rein(kwargs)
+    x = torch.randn(3, 3 + 20, 64, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 3 + 20, 64, dtype=torch.float64)
+    inputs = [x, *(p for p in rein.parameters() if p.requires_grad)]
+    out = rein(x, 1)
+    assert (type(out.grad_fn).__name__ == "LowRankRefinementBackward") == rein._low_rank_pays(64)
+    plain = _plain_refinement(rein, x, 1)
+    assert torch.equal(out, plain)
+    got = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+    expected = torch.autograd.grad(plain, inputs, grad, allow_unused=True)
+    for g, e in zip(got, expected, strict=True):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert (g - e).abs().max().item() <= 1e-12 * max(1.0, e.abs().max().item())
+
+
+def _kept_row_bytes(refine, rows: int) -> int:
+    """Bytes of the tensors of at least ``rows`` elements that autograd keeps for backward while
+    ``refine()`` runs, each storage once."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        if t.numel() >= rows:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        refine()
+    return sum(storages.values())
+
+
+def test_training_refinement_keeps_less_for_backward():
+    rein = _trained_rein(dict(lora_dim=4)).float()
+    x = torch.randn(2, 1 + 64, 64, requires_grad=True)
+    # The fused node keeps the rows once (and rank-wide tensors); autograd keeps the rows, the
+    # delta MLP's input and the delta.
+    assert _kept_row_bytes(lambda: rein(x, 1), x.numel()) == x.numel() * 4
+    assert _kept_row_bytes(lambda: _plain_refinement(rein, x, 1), x.numel()) >= 3 * x.numel() * 4
 
 
 def test_folded_inference_matches_the_official_outputs(golden):
@@ -282,12 +341,13 @@ def test_folded_inference_matches_the_official_outputs(golden):
     assert not calls
 
 
-def test_bf16_autocast_and_graphs_are_not_folded():
+def test_bf16_autocast_is_neither_folded_nor_fused():
     # In bf16, 1 + scale * w would round to 1 and lose the delta's own feature term.
-    rein = Rein(num_layers=1, embed_dims=32, patch_size=16, query_dims=8, token_length=5)
+    rein = Rein(num_layers=1, embed_dims=32, patch_size=16, query_dims=8, token_length=5, lora_dim=1)
     calls = _delta_f_calls(rein)
     x = torch.randn(1, 9, 32)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            rein(x, 0)
         rein(x, 0)
-    rein(x, 0)
     assert len(calls) == 2

@@ -32,6 +32,11 @@ from torch import Tensor, nn
 __all__ = ["Rein"]
 
 
+def _tracing() -> bool:
+    """torch.compile, export or jit tracing: they get the plain operations, not the fused node."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 class Rein(nn.Module):
     """Rein adapter shared by all blocks of a ViT.
 
@@ -230,26 +235,49 @@ class Rein(nn.Module):
             return torch.cat([x[:, :prefix], feats], dim=1) if prefix else feats
         # Refining every row and then giving the prefix rows back costs less than slicing the
         # patch rows out and concatenating them again.
-        if self._folds(x):
-            refined = self._folded_refinement(x, layer)
+        if self._refines_as_rein(x):
+            if not torch.is_grad_enabled():
+                refined = self._folded_refinement(x, layer)
+            elif self._low_rank_pays(x.shape[-1]) and not _tracing():
+                return self._fused_refinement(x, layer)
+            else:
+                refined = x + self.delta(x, layer) * self.scale
         else:
             refined = x + self.delta(x, layer) * self.scale
         if prefix:
             refined[:, :prefix] = x[:, :prefix]
         return refined
 
-    def _folds(self, x: Tensor) -> bool:
-        """Whether :meth:`forward` may take :meth:`_folded_refinement`: no graph is built (the
-        fold changes which products autograd would see), full precision (in bf16 ``1 + scale * w``
-        would round to 1, losing the delta's own feature term), and Rein's own refinement with
-        linear MLPs."""
+    def _refines_as_rein(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` may take the fused forms of Rein's own refinement (folded at
+        inference, :meth:`_folded_refinement`; one autograd node in training,
+        :meth:`_fused_refinement`): linear MLPs, full precision (in bf16 ``1 + scale * w`` would
+        round to 1, losing the delta's own feature term), no autocast."""
         return (
-            not torch.is_grad_enabled()
-            and x.dtype in (torch.float32, torch.float64)
+            x.dtype in (torch.float32, torch.float64)
             and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
             and type(self).delta is Rein.delta
             and type(self.mlp_token2feat) is nn.Linear
             and type(self.mlp_delta_f) is nn.Linear
+        )
+
+    def _fused_refinement(self, x: Tensor, layer: int) -> Tensor:
+        """:meth:`forward` with low-rank tokens while a graph is built, as one autograd node
+        (:class:`reinseg.rein_fused.LowRankRefinement`: the same forward, less kept for backward)."""
+        from .rein_fused import LowRankRefinement
+
+        token2feat, delta_f = self.mlp_token2feat, self.mlp_delta_f
+        return LowRankRefinement.apply(
+            x,
+            self.learnable_tokens_a[layer],
+            self.learnable_tokens_b[layer],
+            token2feat.weight,
+            token2feat.bias,
+            delta_f.weight,
+            delta_f.bias,
+            self.scale,
+            self.num_prefix_tokens,
+            self.use_softmax,
         )
 
     def _folded_refinement(self, x: Tensor, layer: int) -> Tensor:
