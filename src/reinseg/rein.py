@@ -299,14 +299,14 @@ class Rein(nn.Module):
         scale = self.scale
         delta_f, token2feat = self.mlp_delta_f, self.mlp_token2feat
         rows = x.reshape(-1, x.shape[-1])  # (B*N, C)
-        # (C, C): I + s W^T, made per layer (C^2, against the rows' N C^2).
-        eye = torch.eye(rows.shape[-1], dtype=rows.dtype, device=rows.device)
-        if isinstance(scale, Tensor):
-            identity_plus = torch.addcmul(eye, delta_f.weight.t(), scale)
-        else:
-            identity_plus = eye.add_(delta_f.weight.t(), alpha=scale)
+        # (C, C): (I + s W)^T = I + s W^T, made per layer from W's own rows (C^2, against the
+        # rows' N C^2; a transposed read of W costs as much as a pass over the rows at C = 1024).
+        identity_plus = delta_f.weight * scale + torch.eye(rows.shape[-1], dtype=rows.dtype, device=rows.device)
         bias = None if delta_f.bias is None else delta_f.bias * scale
-        out = rows @ identity_plus if bias is None else torch.addmm(bias, rows, identity_plus)
+        if bias is None:
+            out = rows @ identity_plus.t()
+        else:
+            out = torch.addmm(bias, rows, identity_plus.t())
         if self._low_rank_pays(rows.shape[-1]):
             a, b = self.learnable_tokens_a[layer], self.learnable_tokens_b[layer]  # (m, r), (r, C)
             attn = (rows @ b.t()) @ a.t()  # (B*N, m)
