@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .rein_fused import LowRankRefinement
+
 __all__ = ["Rein"]
 
 
@@ -235,13 +237,11 @@ class Rein(nn.Module):
             return torch.cat([x[:, :prefix], feats], dim=1) if prefix else feats
         # Refining every row and then giving the prefix rows back costs less than slicing the
         # patch rows out and concatenating them again.
-        if self._refines_as_rein(x):
-            if not torch.is_grad_enabled():
-                refined = self._folded_refinement(x, layer)
-            elif self._low_rank_pays(x.shape[-1]) and not _tracing():
-                return self._fused_refinement(x, layer)
-            else:
-                refined = x + self.delta(x, layer) * self.scale
+        as_rein = self._refines_as_rein(x)
+        if as_rein and not torch.is_grad_enabled():
+            refined = self._folded_refinement(x, layer)
+        elif as_rein and self._low_rank_pays(x.shape[-1]) and not _tracing():
+            return self._fused_refinement(x, layer)
         else:
             refined = x + self.delta(x, layer) * self.scale
         if prefix:
@@ -264,8 +264,6 @@ class Rein(nn.Module):
     def _fused_refinement(self, x: Tensor, layer: int) -> Tensor:
         """:meth:`forward` with low-rank tokens while a graph is built, as one autograd node
         (:class:`reinseg.rein_fused.LowRankRefinement`: the same forward, less kept for backward)."""
-        from .rein_fused import LowRankRefinement
-
         token2feat, delta_f = self.mlp_token2feat, self.mlp_delta_f
         return LowRankRefinement.apply(
             x,
