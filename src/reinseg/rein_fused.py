@@ -57,7 +57,7 @@ class LowRankRefinement(torch.autograd.Function):
             refined[:, :prefix] = x[:, :prefix]
         saved_scale = scale if isinstance(scale, Tensor) else None
         ctx.save_for_backward(rows, attn, projected, mix, a, b, w_t, b_t, w_d, b_d, saved_scale)
-        ctx.scale = scale
+        ctx.constant_scale = None if isinstance(scale, Tensor) else scale
         ctx.prefix = prefix
         ctx.use_softmax = use_softmax
         ctx.x_shape = x.shape
@@ -66,8 +66,9 @@ class LowRankRefinement(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        rows, attn, projected, mix, a, b, w_t, b_t, w_d, b_d, _ = ctx.saved_tensors
-        scale, prefix = ctx.scale, ctx.prefix
+        rows, attn, projected, mix, a, b, w_t, b_t, w_d, b_d, saved_scale = ctx.saved_tensors
+        scale = ctx.constant_scale if saved_scale is None else saved_scale
+        prefix = ctx.prefix
         channels = rows.shape[-1]
         grad_out = grad_out.reshape(ctx.x_shape)
         # The prefix rows leave Rein unchanged: only the refined rows reach its branch.
