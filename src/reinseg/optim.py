@@ -140,7 +140,13 @@ def build_optimizer(
     options = config.model.strategy_options()
     backbone_lr_mult = tc.backbone_lr_mult if strategy.trains_vfm else strategy.backbone_lr_mult(options)
     groups = parameter_groups(segmentor, tc.lr, tc.weight_decay, backbone_lr_mult, tc.no_decay_keys)
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
+    # Fused where PyTorch has the kernel (CPU, CUDA): one pass over all parameters (the CPU step
+    # of the paper head's parameters 0.043 -> 0.016 s, benchmarks/vs_official.py); the same update
+    # up to float rounding, within the official code's two-step golden (test_optimizer_golden.py).
+    fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
+    optimizer = torch.optim.AdamW(
+        groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay, fused=fused
+    )
     min_factor = tc.min_lr / tc.lr if tc.lr else 0.0
 
     def lr_lambda(step: int) -> float:
