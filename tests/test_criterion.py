@@ -105,6 +105,7 @@ def tiny_batch():
     return images, labels
 
 
+@pytest.mark.slow  # 60 training steps; the loss's parts have fast tests of their own
 def test_a_tiny_model_fits_one_batch():
     torch.manual_seed(0)
     segmentor = build_segmentor(tiny_model_config())

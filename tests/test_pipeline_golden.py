@@ -77,7 +77,11 @@ def _recipe(sample: dict) -> Compose:
     return transform
 
 
-@pytest.mark.parametrize("name", list(TRAIN))
+@pytest.mark.parametrize(
+    "name",
+    # The padded sample's output is also compared whole in the fast tier (test_padded_official_recipe...).
+    [pytest.param(n, marks=pytest.mark.slow if n == "gtav_512_padded" else ()) for n in TRAIN],
+)
 def test_training_sample_is_bit_identical_to_the_official_pipeline(tmp_path, name):
     sample = TRAIN[name]
     image, label = read_pair(*map(str, _train_inputs(tmp_path, sample)))
@@ -107,7 +111,8 @@ def test_training_sample_is_bit_identical_to_the_official_pipeline(tmp_path, nam
     assert crop_label.shape == crop.shape[:2]
 
 
-@pytest.mark.parametrize("threads", [1, 4])
+# Four threads in the fast tier: the more the pipeline splits its work, the likelier a difference.
+@pytest.mark.parametrize("threads", [pytest.param(1, marks=pytest.mark.slow), 4])
 def test_training_sample_does_not_depend_on_the_thread_counts(tmp_path, threads):
     sample = TRAIN["gtav_512"]
     image, label = read_pair(*map(str, _train_inputs(tmp_path, sample)))

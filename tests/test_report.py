@@ -218,6 +218,7 @@ def _console_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if "CONSOLE" in line]
 
 
+@pytest.mark.slow  # a Chromium subprocess
 @needs_chromium
 def test_report_renders_in_chromium_with_the_numbers_of_the_results(handmade, tmp_path):
     files = handmade

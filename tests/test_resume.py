@@ -142,6 +142,7 @@ def test_two_rank_ddp_kill_resumes_bit_exactly(tmp_path):
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
 
 
+@pytest.mark.slow  # data-loader worker processes
 def test_data_workers_do_not_change_training(tmp_path):
     from reinseg.engine import train
 

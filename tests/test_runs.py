@@ -15,13 +15,38 @@ from reinseg.config import dump_config
 from reinseg.engine import latest_checkpoint
 
 
-@pytest.fixture
-def run(tmp_path):
-    """A finished tiny run (4 iterations, checkpoints at 2 and 4, validation at 4) and its config file."""
-    config = tiny_config(tmp_path, num_val=2, max_iters=4, val_interval=4, checkpoint_interval=2)
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(dump_config(config))
+def _finished_run_config(folder):
+    return tiny_config(folder, num_val=2, max_iters=4, val_interval=4, checkpoint_interval=2)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished tiny run (4 iterations, checkpoints at 2 and 4, validation at 4), trained once."""
+    folder = tmp_path_factory.mktemp("finished")
+    config_file = folder / "config.yaml"
+    config_file.write_text(dump_config(_finished_run_config(folder)))
     assert main(["train", str(config_file)]) == 0
+    return folder
+
+
+@pytest.fixture
+def run_in_place(tmp_path):
+    """The finished run trained in this test's folder: for a test that resumes it (a copied run
+    resumes too, but Lightning's checkpoint callback then starts its bookkeeping afresh)."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(_finished_run_config(tmp_path)))
+    assert main(["train", str(config_file)]) == 0
+    return tmp_path / "run", config_file
+
+
+@pytest.fixture
+def run(finished_run, tmp_path):
+    """A copy of the finished run, its data and a config pointing at them: each test its own
+    (the copied files keep the first folder's paths inside, which a run moved by a user does too)."""
+    for name in ("cityscapes", "run"):
+        shutil.copytree(finished_run / name, tmp_path / name, copy_function=shutil.copy2)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(_finished_run_config(tmp_path)))
     return tmp_path / "run", config_file
 
 
@@ -271,8 +296,8 @@ def test_a_demo_rerun_replaces_the_previous_run(tmp_path):
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
-def test_a_resume_removes_leftovers_of_killed_writes(run):
-    out, config_file = run
+def test_a_resume_removes_leftovers_of_killed_writes(run_in_place):
+    out, config_file = run_in_place
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = out / "checkpoints" / f".last.ckpt.{int(dead.stdout)}-partial-abcd1234.tmp"
     leftover.write_bytes(b"half a checkpoint")

@@ -5,6 +5,7 @@ refuse it with the file and the global named, and leave no marker.
 """
 
 import io
+import json
 import pickle
 import subprocess
 import zipfile
@@ -20,7 +21,7 @@ from reinseg.cli import main
 from reinseg.config import Config, ConfigError, dump_config, load_config, to_dict
 from reinseg.official_config import read_official_config
 from reinseg.pretrained import read_state_dict
-from reinseg.safe_load import MAX_NODES, UnsafeFileError, load_torch_file, load_yaml
+from reinseg.safe_load import MAX_NODES, UnsafeFileError, count_nodes, load_torch_file, load_yaml
 
 TINY = tiny_overrides("dinov2_vits14")
 # torch's legacy (pre-zip) format starts with this number, pickled.
@@ -315,6 +316,27 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path, capsys):
     config = DATA.parent.parent / "configs" / "rein_dinov2-l_gta_512.yaml"
     with pytest.raises(ConfigError, match="override model.head: expands to more than"):
         load_config(config, ["model.head=" + flow_bomb])
+
+
+def test_count_nodes_counts_shared_values_as_written_out():
+    leaf = {"lr": 0.1, "name": "x" * 130}  # 1 + 2 keys + 2 values + 130 // 64 = 7
+    shared = [leaf, leaf, (1, 2)]
+    value = {"a": shared, "b": [shared, shared, "s"], "c": frozenset({1, 2})}
+    # The oracle: the same value written out, no object shared (JSON has no references).
+    written_out = json.loads(json.dumps({**value, "c": [1, 2]}))
+    # The dict and its 3 keys; "a": the list, two leaves, the pair (1 + 7 + 7 + 3 = 18); "b": 1 + 2 x 18 + 1;
+    # "c": 1 + 2.
+    assert count_nodes(value) == count_nodes(written_out) == 1 + 3 + 18 + (1 + 2 * 18 + 1) + 3
+    assert count_nodes(leaf) == 7
+    assert count_nodes(value, limit=20) == 21  # stops once past the limit
+
+
+def test_a_yaml_value_that_contains_itself_is_refused():
+    with pytest.raises(ValueError, match="loop.yaml: expands to more than"):
+        load_yaml("a: &a [1, *a]\n", "loop.yaml")
+    nested = []
+    nested.append({"self": nested})
+    assert count_nodes(nested) == MAX_NODES + 1
 
 
 def test_yaml_anchors_within_bounds_still_work():

@@ -65,8 +65,15 @@ def assert_same_gradients(reference, other, atol=1e-6):
         torch.testing.assert_close(other[name], grad, rtol=0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("blocks", [True, 2, [1, 3]])
-@pytest.mark.parametrize("tuning", ["rein", "vpt", "soma", "fada", "set"])
+@pytest.mark.parametrize(
+    ("tuning", "blocks"),
+    # Every strategy with every block, and Rein with each form of the block list, in the fast tier.
+    [
+        pytest.param(tuning, blocks, marks=pytest.mark.slow if tuning != "rein" and blocks is not True else ())
+        for blocks in (True, 2, [1, 3])
+        for tuning in ("rein", "vpt", "soma", "fada", "set")
+    ],
+)
 def test_activation_checkpointing_gives_the_same_gradients(tuning, blocks):
     loss, grads = step(built(tuning))
     loss_ckpt, grads_ckpt = step(built(tuning, activation_checkpointing=blocks))

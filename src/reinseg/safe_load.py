@@ -265,21 +265,54 @@ def _collect_tensors(record: object, prefix: str, out: dict[str, Tensor]) -> Non
 
 
 def count_nodes(value: Any, limit: int = MAX_NODES) -> int:
-    """Number of values in ``value`` (containers and their items, shared references counted each
-    time they appear), counting stops once it passes ``limit``: the cost is at most ``limit`` steps."""
-    count = 0
-    stack = [value]
-    while stack and count <= limit:
-        item = stack.pop()
-        count += 1
+    """Number of values in ``value``: containers and their items, a shared reference counted each
+    time it appears (as the value would hold it written out), a string or bytes as one value per
+    64 characters more. Returns ``limit + 1`` as soon as the count passes ``limit``, and for a
+    value that contains itself.
+
+    Each distinct container is walked once and its size remembered, so the cost is that of the
+    distinct objects (a YAML alias bomb: the few hundred of its text), not of the written-out size.
+    """
+    over = limit + 1
+
+    def items(item: Any) -> list[Any]:
         if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(item)
-        elif isinstance(item, (str, bytes)):
-            count += len(item) // 64  # long strings weigh as many values
-    return count
+            return [*item.keys(), *item.values()]
+        if isinstance(item, (list, tuple, set, frozenset)):
+            return list(item)
+        return []
+
+    def own(item: Any) -> int:
+        return 1 + (len(item) // 64 if isinstance(item, (str, bytes)) else 0)
+
+    sizes: dict[int, int] = {}  # id -> size of the containers walked (all alive: ``value`` holds them)
+    walking = {id(value)}
+    # [container, its items, the next item's index, the size so far], the innermost last.
+    frames: list[list[Any]] = [[value, items(value), 0, own(value)]]
+    while True:
+        frame = frames[-1]
+        if frame[3] > limit:
+            return over  # a container's size counts in each one around it
+        container, children, index = frame[0], frame[1], frame[2]
+        if index < len(children):
+            frame[2] += 1
+            child = children[index]
+            if id(child) in sizes:
+                frame[3] += sizes[id(child)]
+            elif id(child) in walking:
+                return over  # it contains itself: no finite size
+            elif grandchildren := items(child):
+                walking.add(id(child))
+                frames.append([child, grandchildren, 0, own(child)])
+            else:
+                frame[3] += own(child)
+            continue
+        frames.pop()
+        walking.discard(id(container))
+        sizes[id(container)] = frame[3]
+        if not frames:
+            return frame[3]
+        frames[-1][3] += frame[3]
 
 
 def load_yaml(text: str, source: str) -> Any:
