@@ -4,50 +4,118 @@
 #
 #     bash benchmarks/gpu.sh [OUT.md]          # default benchmarks/gpu_results.md
 #
-# Paper config (DINOv2-L + Rein + Mask2Former, 512 crops, batch 4) in fp32 and bf16: train-step
-# time (iterations/s = 1 / median step) and peak allocated memory per strategy; the 1024-crop
-# recipe (Cityscapes -> ACDC); ViT-g and DINOv3-7B where they fit; sliding-window evaluation of
-# 1024x512 images (crop 512, stride 341); Rein's own cost over the frozen backbone.
-# SMOKE=1 runs the same steps with a ViT-S on the CPU, to check the script itself.
+# Sections run most important first, each model in a fresh process (peak memory via
+# torch.cuda.max_memory_allocated):
+#   1. paper config (DINOv2-L + Rein + Mask2Former, 512 crops, batch 4), fp32 and bf16: iterations/s
+#      and peak memory;  2. sliding-window evaluation of 1024x512 images (crop 512, stride 341);
+#   3. the main levers;  4. 1024 crops (Cityscapes -> ACDC);  5. ViT-g and DINOv3-7B in bf16;
+#   6. Rein's cost over the frozen backbone;  7. frozen and full fine-tuning for the ratios;
+#   8. the other levers;  9. every strategy in bf16;  10. torch.compile (minutes of compilation).
+#
+# BUDGET (seconds, default 420; 0 = no limit) bounds the whole run: a section starts only while
+# time is left, its commands are stopped (with every process they started) when it runs out, and
+# what was measured so far is already in OUT.md. On the lent device machine, whose calls run at
+# most 10 minutes and whose session has 15 minutes of device time in all, one call fits with
+# room for a machine start and a rerun:
+#
+#     run(command="PYTHONUNBUFFERED=1 bash benchmarks/gpu.sh $OUT/gpu.md", timeout_s=480)
+#
+# (its image has PyTorch, timm, Lightning, scipy and opencv; reinseg is taken from src/). A longer
+# lease: BUDGET=0 for every section. SMOKE=1 runs the same steps with a ViT-S on the CPU, one step
+# each, to check the script itself (no budget unless BUDGET is set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/gpu_results.md}
-py=${PYTHON:-python}
+py=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if [ "${SMOKE:-0}" = 1 ]; then
     device=cpu; large=dinov2_vits14; giant=dinov2_vits14; huge=dinov2_vits14; steps=1; warmup=0; batch=1
+    budget=${BUDGET:-0}
 else
     device=cuda; large=dinov2_vitl14; giant=dinov2_vitg14; huge=dinov3_vit7b16; steps=20; warmup=3; batch=4
+    budget=${BUDGET:-420}
 fi
-train() { $py benchmarks/strategies.py train --device "$device" --steps "$steps" --warmup "$warmup" "$@" || echo "(did not run: exit status $?)"; }
+half=$((batch / 2 > 0 ? batch / 2 : 1))
+start=$SECONDS
+
+left() { echo $((budget - (SECONDS - start))); }
+
+# section TITLE: print the title; false (and a note) when the budget is spent.
+section() {
+    echo
+    echo "## $1"
+    if [ "$budget" -gt 0 ] && [ "$(left)" -le 0 ]; then
+        echo "(skipped: the ${budget} s budget is spent)"
+        return 1
+    fi
+}
+
+# bounded COMMAND...: run it, stopped with its whole process group when the budget runs out.
+bounded() {
+    local status remaining
+    if [ "$budget" -gt 0 ]; then
+        remaining=$(left)
+        if [ "$remaining" -le 0 ]; then  # (timeout 0 would mean no limit)
+            echo "(skipped: the ${budget} s budget is spent)"
+            return 0
+        fi
+        timeout --kill-after=15 "$remaining" "$@"
+    else
+        "$@"
+    fi
+    status=$?
+    if [ $status -eq 124 ]; then
+        echo "(stopped: the ${budget} s budget ran out)"
+    elif [ $status -ne 0 ]; then
+        echo "(did not run: exit status $status)"
+    fi
+}
+
+train() { bounded $py benchmarks/strategies.py train --device "$device" --steps "$steps" --warmup "$warmup" "$@"; }
+
 {
     echo "# GPU benchmarks, $(date -u +%F)"
     echo
     if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
     $py -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__)"
+    echo "budget: $([ "$budget" -gt 0 ] && echo "$budget s" || echo none)"
+
+    section "Paper config: $large + Rein + Mask2Former, 512 crops, batch $batch, fp32 and bf16" &&
+        train --backbone "$large" --batch "$batch" --precision 32 bf16 --strategies rein
+
+    section "Sliding-window evaluation, 1024x512 images, crop 512, stride 341" &&
+        bounded $py benchmarks/strategies.py slide --device "$device" --backbone "$large" --precision 32 bf16 \
+            --height 512 --width 1024 --steps "$steps" --warmup "$warmup"
+
+    section "Main levers, paper config with Rein (benchmarks/levers.py says what each changes)" &&
+        train --backbone "$large" --batch "$batch" --strategies rein --levers "bf16-mixed + frozen bf16" \
+            activation_checkpointing=true frozen_dtype=bfloat16 "bf16-mixed + frozen bf16 + checkpointing"
+
+    section "1024 crops (Cityscapes -> ACDC recipe), batch $half" &&
+        train --backbone "$large" --img-size 1024 --batch "$half" --precision bf16 32 --strategies rein
+
+    section "Larger VFMs, bf16: $giant (batch $batch) and $huge (batch 1, frozen weights in bf16)" &&
+        train --backbone "$giant" --batch "$batch" --precision bf16 --strategies rein &&
+        train --backbone "$huge" --batch 1 --strategies rein --levers "bf16-mixed + frozen bf16"
+
+    section "Rein's cost over the frozen backbone" &&
+        bounded $py benchmarks/rein_overhead.py --device "$device" --batch "$batch" --backbones "$large" \
+            --repeats "$steps" --warmup "$warmup"
+
+    section "Frozen VFM (head only) and full fine-tuning, for the ratios" &&
+        train --backbone "$large" --batch "$batch" --precision 32 bf16 --strategies frozen full
+
+    section "Other levers, paper config with Rein" &&
+        train --backbone "$large" --batch "$batch" --strategies rein --levers deformable_recompute=false \
+            encoder_ffn_recompute=false pixel_decoder_checkpointing=true "both checkpointings" \
+            "bf16-mixed + frozen bf16 + both checkpointings"
+
+    section "Every strategy, bf16 (issue 15's table)" &&
+        train --backbone "$large" --batch "$batch" --precision bf16
+
+    section "torch.compile, paper config with Rein (the first steps compile)" &&
+        train --backbone "$large" --batch "$batch" --strategies rein --levers compile=true
+
     echo
-    echo "## Paper config: $large + Rein + Mask2Former, 512 crops, batch $batch, fp32 and bf16"
-    train --backbone "$large" --batch "$batch" --precision 32 bf16 --strategies rein frozen full
-    echo
-    echo "## Levers, paper config with Rein (train options; benchmarks/levers.py says what each changes)"
-    train --backbone "$large" --batch "$batch" --strategies rein --levers none deformable_recompute=false encoder_ffn_recompute=false \
-        activation_checkpointing=true pixel_decoder_checkpointing=true "both checkpointings" frozen_dtype=bfloat16 precision=bf16-mixed "bf16-mixed + frozen bf16" \
-        "bf16-mixed + frozen bf16 + checkpointing" compile=true
-    echo
-    echo "## Every strategy, bf16 (issue 15's table)"
-    train --backbone "$large" --batch "$batch" --precision bf16
-    echo
-    echo "## 1024 crops (Cityscapes -> ACDC recipe), batch $((batch / 2 > 0 ? batch / 2 : 1))"
-    train --backbone "$large" --img-size 1024 --batch $((batch / 2 > 0 ? batch / 2 : 1)) --precision 32 bf16 --strategies rein
-    echo
-    echo "## Larger VFMs, bf16: $giant and $huge"
-    train --backbone "$giant" --batch "$batch" --precision bf16 --strategies rein
-    train --backbone "$huge" --batch 1 --precision bf16 --strategies rein
-    echo
-    echo "## Sliding-window evaluation, 1024x512 images, crop 512, stride 341"
-    $py benchmarks/strategies.py slide --device "$device" --backbone "$large" --precision 32 bf16 \
-        --height 512 --width 1024 --steps "$steps" --warmup "$warmup" || echo "(did not run: exit status $?)"
-    echo
-    echo "## Rein's cost over the frozen backbone"
-    $py benchmarks/rein_overhead.py --device "$device" --batch "$batch" --backbones "$large" \
-        --repeats "$steps" --warmup "$warmup" || echo "(did not run: exit status $?)"
+    echo "finished in $((SECONDS - start)) s"
 } 2>&1 | tee "$out"

@@ -126,12 +126,14 @@ def main() -> None:
     for name in args.backbones:
         torch.manual_seed(0)
         images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-        backbone = build_backbone(name, img_size=args.img_size, patch_size=args.patch_size, rein={}).to(device)
+        with device:  # initialised on the device (fast for large ViTs)
+            backbone = build_backbone(name, img_size=args.img_size, patch_size=args.patch_size, rein={}).to(device)
         backbone.train()
         frozen, infer, infer_ratio, mf, _ = time_forwards(backbone, images, args.repeats, args.warmup)
         rein, mr = time_step(backbone, images, args.repeats, args.warmup)
         del backbone
-        backbone = build_backbone(name, img_size=args.img_size, patch_size=args.patch_size).to(device)
+        with device:
+            backbone = build_backbone(name, img_size=args.img_size, patch_size=args.patch_size).to(device)
         backbone.freeze_backbone = False
         backbone.vit.requires_grad_(True)
         backbone.train()

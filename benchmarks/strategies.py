@@ -86,7 +86,10 @@ def measure_training(args) -> dict:
     torch.manual_seed(0)
     config = model_config(args.backbone, args.child, args.img_size)
     config.loss.num_points = 12544
-    segmentor = build_segmentor(config, load_backbone_weights=False).to(device).train()
+    # Built on the device: random initialisation of a 7B ViT on the CPU would take minutes.
+    with device:
+        segmentor = build_segmentor(config, load_backbone_weights=False)
+    segmentor = segmentor.to(device).train()
     if apply_lever(segmentor, args.lever, args.child) and args.precision == "32":
         args.precision = "bf16"  # the lever is bf16 autocast
     params = [p for p in segmentor.parameters() if p.requires_grad]
@@ -290,7 +293,9 @@ def cmd_slide(args) -> None:
     )
     config = model_config(args.backbone, "rein", 512)
     config.test.mode = "slide"
-    segmentor = build_segmentor(config, load_backbone_weights=False).to(device).eval()
+    with device:
+        segmentor = build_segmentor(config, load_backbone_weights=False)
+    segmentor = segmentor.to(device).eval()
     image = torch.randn(1, 3, args.height, args.width, device=device)
     for precision in args.precision:
         dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
