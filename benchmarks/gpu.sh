@@ -79,6 +79,12 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
     if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
     $py -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__)"
     echo "budget: $([ "$budget" -gt 0 ] && echo "$budget s" || echo none)"
+    # Fail in seconds, not per section, where the environment does not hold reinseg's needs (timm
+    # outside pyproject.toml's range, say: carry a wheel, DEVELOPERS.md "Benchmarks").
+    if ! $py -c "import reinseg.build, reinseg.tuning, scipy.optimize, cv2" 2>&1 | tail -3; then
+        echo "reinseg does not import in this environment: stopped"
+        exit 1
+    fi
 
     section "Paper config: $large + Rein + Mask2Former, 512 crops, batch $batch, fp32 and bf16" &&
         train --backbone "$large" --batch "$batch" --precision 32 bf16 --strategies rein
