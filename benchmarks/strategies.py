@@ -131,9 +131,15 @@ def cmd_train(args) -> None:
         f"median of {args.steps} steps after {args.warmup} warm-up, one process per strategy"
     )
     memory = "peak allocated (MiB)" if args.device.startswith("cuda") else "peak resident (MiB)"
+    # The frozen VFM first (the ratios' base), and each row printed when its process ends: a run
+    # stopped midway (gpu.sh's time budget) keeps the rows it finished.
+    strategies = sorted(args.strategies, key=lambda name: name != "frozen")
     for precision in args.precision:
-        rows = []
-        for strategy, lever in [(strategy, lever) for lever in args.levers for strategy in args.strategies]:
+        print(f"\nprecision {precision}\n")
+        print(f"| strategy | trainable | step (s) | images/s | {memory} | step / frozen | memory / frozen |")
+        print("|---|---|---|---|---|---|---|", flush=True)
+        base = None
+        for strategy, lever in [(strategy, lever) for lever in args.levers for strategy in strategies]:
             command = [
                 sys.executable,
                 __file__,
@@ -160,21 +166,16 @@ def cmd_train(args) -> None:
             done = subprocess.run(command, capture_output=True, text=True)
             label = strategy if lever == "none" else f"{strategy}, {lever}"
             if done.returncode != 0:
-                rows.append({"strategy": label, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+                error = (done.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"| {label} | failed: {error} | | | | | |", flush=True)
                 continue
-            rows.append({**json.loads(done.stdout.strip().splitlines()[-1]), "strategy": label})
-        base = next((r for r in rows if r["strategy"] == "frozen" and "error" not in r), None)
-        print(f"\nprecision {precision}\n")
-        print(f"| strategy | trainable | step (s) | images/s | {memory} | step / frozen | memory / frozen |")
-        print("|---|---|---|---|---|---|---|")
-        for row in rows:
-            if "error" in row:
-                print(f"| {row['strategy']} | failed: {row['error']} | | | | | |")
-                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            if label == "frozen":
+                base = row
             ratio_t = f"{row['step_s'] / base['step_s']:.2f}" if base else "-"
             ratio_m = f"{row['peak_mib'] / base['peak_mib']:.2f}" if base else "-"
             print(
-                f"| {row['strategy']} | {row['trainable'] / 1e6:.2f} M | {row['step_s']:.3f} | "
+                f"| {label} | {row['trainable'] / 1e6:.2f} M | {row['step_s']:.3f} | "
                 f"{args.batch / row['step_s']:.2f} | {row['peak_mib']:.0f} | {ratio_t} | {ratio_m} |",
                 flush=True,
             )
