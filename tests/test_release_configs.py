@@ -15,11 +15,12 @@ CONFIGS = Path(__file__).parents[1] / "configs"
     "config, depths, channels",
     [
         ("rein_dinov2-l_gta_512.yaml", [24], [1024]),
-        ("rein_dinov2-b_gta_512.yaml", [12], [768]),
-        ("rein_dinov2-s_gta_512.yaml", [12], [384]),
+        # The other sizes of a family in the full suite only: the same check on another size.
+        pytest.param("rein_dinov2-b_gta_512.yaml", [12], [768], marks=pytest.mark.slow),
+        pytest.param("rein_dinov2-s_gta_512.yaml", [12], [384], marks=pytest.mark.slow),
         ("rein_eva02-l_gta_512.yaml", [24], [1024]),
         ("rein_resnet50_gta_512.yaml", [3, 4, 6, 3], [256, 512, 1024, 2048]),
-        ("rein_resnet101_gta_512.yaml", [3, 4, 23, 3], [256, 512, 1024, 2048]),
+        pytest.param("rein_resnet101_gta_512.yaml", [3, 4, 23, 3], [256, 512, 1024, 2048], marks=pytest.mark.slow),
         ("rein_convnext-l_gta_512.yaml", [3, 3, 27, 3], [192, 384, 768, 1536]),
     ],
 )

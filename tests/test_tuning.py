@@ -61,8 +61,24 @@ def tiny_config(name, tuning):
     return config
 
 
-@pytest.mark.parametrize("tuning", TUNINGS)
-@pytest.mark.parametrize("name", FAMILIES)
+# The fast tier keeps every strategy on both DINOs, and every family with the strategies that
+# reach into its blocks in their own way (Rein, LoRA, VPT, AdaptFormer, SoMA); the others (no
+# module: frozen, full; Rein's kind of module: fada, set) on CLIP, EVA02 and SAM in the full suite.
+_FAST_EVERYWHERE = {"rein", "lora", "vpt", "adaptformer", "soma"}
+
+
+@pytest.mark.parametrize(
+    ("name", "tuning"),
+    [
+        pytest.param(
+            name,
+            tuning,
+            marks=pytest.mark.slow if tuning not in _FAST_EVERYWHERE and not name.startswith("dinov") else (),
+        )
+        for name in FAMILIES
+        for tuning in TUNINGS
+    ],
+)
 def test_each_strategy_trains_exactly_its_parameters(name, tuning):
     segmentor = build_segmentor(tiny_config(name, tuning)).train()
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))
