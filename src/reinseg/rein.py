@@ -30,13 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .rein_fused import LowRankRefinement
+from .tracing import tracing
 
 __all__ = ["Rein"]
-
-
-def _tracing() -> bool:
-    """torch.compile, export or jit tracing: they get the plain operations, not the fused node."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 class Rein(nn.Module):
@@ -240,7 +236,7 @@ class Rein(nn.Module):
         as_rein = self._refines_as_rein(x)
         if as_rein and not torch.is_grad_enabled():
             refined = self._folded_refinement(x, layer)
-        elif as_rein and self._low_rank_pays(x.shape[-1]) and not _tracing():
+        elif as_rein and self._low_rank_pays(x.shape[-1]) and not tracing():
             return self._fused_refinement(x, layer)
         else:
             refined = x + self.delta(x, layer) * self.scale

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..tracing import tracing
 from .grid_sample_math import grid_sample_pixel, powers_of_two
 
 __all__ = ["csr_deformable_attention", "eager_on_cpu"]
@@ -43,8 +44,7 @@ def eager_on_cpu(tensor: Tensor) -> bool:
     """Whether ``tensor`` is on the CPU and no tracer runs (torch.compile, export, jit): where the
     CPU shortcuts of the head (this kernel, the mask product's row-sparse backward) apply. Tracers
     follow neither sparse tensors nor the host-side steps, and get the plain operations."""
-    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-    return tensor.device.type == "cpu" and not tracing
+    return tensor.device.type == "cpu" and not tracing()
 
 
 class _Layout:
