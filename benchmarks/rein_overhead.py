@@ -126,7 +126,7 @@ def main() -> None:
     for name in args.backbones:
         torch.manual_seed(0)
         images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-        with device:  # initialised on the device (fast for large ViTs)
+        with device:  # initialised on the device (a 7B ViT's initialisation on the CPU takes minutes)
             backbone = build_backbone(name, img_size=args.img_size, patch_size=args.patch_size, rein={}).to(device)
         backbone.train()
         frozen, infer, infer_ratio, mf, _ = time_forwards(backbone, images, args.repeats, args.warmup)

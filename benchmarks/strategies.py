@@ -51,6 +51,14 @@ def model_config(backbone: str, tuning: str, img_size: int = 512) -> ModelConfig
     return ModelConfig(tuning=tuning, backbone=BackboneConfig(name=backbone, img_size=img_size, patch_size=16))
 
 
+def build_on(device: torch.device, config: ModelConfig):
+    """The segmentor with random weights, initialised on ``device`` itself (a 7B ViT's
+    initialisation on the CPU would take minutes before it reached a GPU)."""
+    with device:
+        segmentor = build_segmentor(config, load_backbone_weights=False)
+    return segmentor.to(device)  # anything built outside the device context
+
+
 def trainable_in_backbone(segmentor) -> int:
     return sum(p.numel() for n, p in segmentor.named_parameters() if p.requires_grad and n.startswith("backbone."))
 
@@ -86,10 +94,7 @@ def measure_training(args) -> dict:
     torch.manual_seed(0)
     config = model_config(args.backbone, args.child, args.img_size)
     config.loss.num_points = 12544
-    # Built on the device: random initialisation of a 7B ViT on the CPU would take minutes.
-    with device:
-        segmentor = build_segmentor(config, load_backbone_weights=False)
-    segmentor = segmentor.to(device).train()
+    segmentor = build_on(device, config).train()
     if apply_lever(segmentor, args.lever, args.child) and args.precision == "32":
         args.precision = "bf16"  # the lever is bf16 autocast
     params = [p for p in segmentor.parameters() if p.requires_grad]
@@ -294,9 +299,7 @@ def cmd_slide(args) -> None:
     )
     config = model_config(args.backbone, "rein", 512)
     config.test.mode = "slide"
-    with device:
-        segmentor = build_segmentor(config, load_backbone_weights=False)
-    segmentor = segmentor.to(device).eval()
+    segmentor = build_on(device, config).eval()
     image = torch.randn(1, 3, args.height, args.width, device=device)
     for precision in args.precision:
         dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]

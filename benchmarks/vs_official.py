@@ -306,6 +306,10 @@ def main() -> None:
     compare(args)
 
 
+# The four measurements of a round, official and reinseg alternating.
+NAMES = ("official-train", "reinseg-train", "official-infer", "reinseg-infer")
+
+
 def compare(args) -> None:
     """The plain comparison, ``--rounds`` times: each round runs the four measurements in fresh
     processes (official and reinseg alternating); the table gives each round's ratios and their
@@ -346,8 +350,6 @@ def compare(args) -> None:
     if len(rows) > 1:
         print("| median | | | " + " | | | ".join(f"{statistics.median(ratios[k]):.3f}" for k in ratios) + " |")
 
-
-NAMES = ("official-train", "reinseg-train", "official-infer", "reinseg-infer")
 
 if __name__ == "__main__":
     main()
