@@ -19,13 +19,20 @@ def _finished_run_config(folder):
     return tiny_config(folder, num_val=2, max_iters=4, val_interval=4, checkpoint_interval=2)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished tiny run (4 iterations, checkpoints at 2 and 4, validation at 4), trained once."""
-    folder = tmp_path_factory.mktemp("finished")
+def _train_finished_run(folder):
+    """Train the finished tiny run (4 iterations, checkpoints at 2 and 4, validation at 4) in
+    ``folder``; its config file."""
     config_file = folder / "config.yaml"
     config_file.write_text(dump_config(_finished_run_config(folder)))
     assert main(["train", str(config_file)]) == 0
+    return config_file
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The finished run, trained once for the module's tests."""
+    folder = tmp_path_factory.mktemp("finished")
+    _train_finished_run(folder)
     return folder
 
 
@@ -33,10 +40,7 @@ def finished_run(tmp_path_factory):
 def run_in_place(tmp_path):
     """The finished run trained in this test's folder: for a test that resumes it (a copied run
     resumes too, but Lightning's checkpoint callback then starts its bookkeeping afresh)."""
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(dump_config(_finished_run_config(tmp_path)))
-    assert main(["train", str(config_file)]) == 0
-    return tmp_path / "run", config_file
+    return tmp_path / "run", _train_finished_run(tmp_path)
 
 
 @pytest.fixture
