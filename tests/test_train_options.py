@@ -67,7 +67,7 @@ def assert_same_gradients(reference, other, atol=1e-6):
 
 @pytest.mark.parametrize(
     ("tuning", "blocks"),
-    # Every strategy with every block, and Rein with each form of the block list, in the fast tier.
+    # In the fast tier: every strategy checkpointing all blocks, and Rein with each form of the block list.
     [
         pytest.param(tuning, blocks, marks=pytest.mark.slow if tuning != "rein" and blocks is not True else ())
         for blocks in (True, 2, [1, 3])
@@ -172,7 +172,7 @@ def test_encoder_ffn_recompute_gradients_equal_float64_autograd(chunk_rows):
         ("rein", "sam_vitb16"),
         ("lora", "dinov2_vits14"),
         ("vpt", "dinov2_vits14"),
-        # Strategies whose modules work as Rein's or LoRA's: in the full suite only.
+        # In the full suite only: frozen (no module), AdaptFormer (an adapter as LoRA is), FADA and SET (Rein's kind).
         pytest.param("frozen", "dinov2_vits14", marks=pytest.mark.slow),
         pytest.param("adaptformer", "dinov2_vits14", marks=pytest.mark.slow),
         pytest.param("fada", "dinov2_vits14", marks=pytest.mark.slow),
