@@ -10,7 +10,8 @@
 #      and peak memory;  2. sliding-window evaluation of 1024x512 images (crop 512, stride 341);
 #   3. the main levers;  4. 1024 crops (Cityscapes -> ACDC);  5. ViT-g and DINOv3-7B in bf16;
 #   6. Rein's cost over the frozen backbone;  7. frozen and full fine-tuning for the ratios;
-#   8. the other levers;  9. every strategy in bf16;  10. torch.compile (minutes of compilation).
+#   8. the other levers;  9. channels-last on a CNN;  10. every strategy in bf16;  11. torch.compile
+#   (minutes of compilation).
 #
 # BUDGET (seconds, default 420; 0 = no limit) bounds the whole run: a section starts only while
 # time is left, its commands are stopped (with every process they started) when it runs out, and
@@ -114,7 +115,11 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
     section "Other levers, paper config with Rein" &&
         train --backbone "$large" --batch "$batch" --strategies rein --levers deformable_recompute=false \
             encoder_ffn_recompute=false pixel_decoder_checkpointing=true "both checkpointings" \
-            "bf16-mixed + frozen bf16 + both checkpointings"
+            "bf16-mixed + frozen bf16 + both checkpointings" channels_last=true "bf16-mixed + channels_last"
+
+    section "Channels-last on a CNN: ResNet-50 V1c + Rein + Mask2Former, batch $batch, bf16" &&
+        train --backbone resnet50_v1c --batch "$batch" --strategies rein --levers precision=bf16-mixed \
+            "bf16-mixed + channels_last"
 
     section "Every strategy, bf16 (issue 15's table)" &&
         train --backbone "$large" --batch "$batch" --precision bf16

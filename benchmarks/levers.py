@@ -1,5 +1,5 @@
 """The training levers the benchmarks compare (``vs_official.py --levers``, ``memory.py``,
-``strategies.py train --levers``): ``train`` options of :mod:`reinseg.train_options` plus bf16
+``strategies.py train --levers``, ``lever_ab.py``): ``train`` options of :mod:`reinseg.train_options` plus bf16
 autocast (``train.precision=bf16-mixed``), and the numbers each one changes."""
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ LEVERS: dict[str, tuple[dict, bool, str]] = {
         True,
         "both of the above",
     ),
+    "channels_last=true": (dict(channels_last=True), False, "convolutions sum in another order (about 1e-6)"),
+    "bf16-mixed + channels_last": (dict(channels_last=True), True, "bf16 autocast; convolutions in NHWC"),
     "compile=true": (dict(compile=True), False, "inductor's fused kernels: sums in another order"),
 }
 

@@ -48,7 +48,8 @@ def machine(device: str) -> str:
 
 
 def model_config(backbone: str, tuning: str, img_size: int = 512) -> ModelConfig:
-    return ModelConfig(tuning=tuning, backbone=BackboneConfig(name=backbone, img_size=img_size, patch_size=16))
+    patch_size = 16 if backbone_kind(backbone) == "vit" else None  # a CNN has none
+    return ModelConfig(tuning=tuning, backbone=BackboneConfig(name=backbone, img_size=img_size, patch_size=patch_size))
 
 
 def build_on(device: torch.device, config: ModelConfig):

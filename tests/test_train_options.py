@@ -1,5 +1,6 @@
 """The training levers (reinseg.train_options): activation checkpointing, the deformable
-attention's recompute, the frozen VFM in bf16, torch.compile.
+attention's recompute, the frozen VFM in bf16, channels-last
+convolutions, torch.compile.
 
 Oracle: the same model and step without the lever (fp32, eager). Recomputing in backward must give
 the very same gradients; bf16 must stay within bf16's rounding of the fp32 result.
@@ -63,6 +64,27 @@ def assert_same_gradients(reference, other, atol=1e-6):
     for name, grad in reference.items():
         assert other[name] is not None, name
         torch.testing.assert_close(other[name], grad, rtol=0, atol=atol, msg=name)
+
+
+def through_a_fixed_function(segmentor, images):
+    """The segmentor's outputs and the gradients of a fixed random linear function of them. The
+    loss's importance sampling picks points by rank, which float rounding may change: a lever
+    that sums in another order is compared through this instead."""
+    logits, masks = segmentor(images)
+    outputs = [*logits, *masks]
+    generator = torch.Generator().manual_seed(4)
+    sum((o * torch.randn(o.shape, generator=generator)).sum() for o in outputs).backward()
+    return outputs, {n: p.grad for n, p in segmentor.named_parameters() if p.requires_grad}
+
+
+def assert_equal_up_to_rounding(reference, other):
+    """``through_a_fixed_function``'s results of two segmentors: equal up to float32 rounding."""
+    (outputs, grads), (outputs_other, grads_other) = reference, other
+    for o, c in zip(outputs, outputs_other, strict=True):
+        torch.testing.assert_close(c, o, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_other.keys()
+    for name, grad in grads.items():  # sums in another order: relative to the gradient's size
+        torch.testing.assert_close(grads_other[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize(
@@ -208,6 +230,28 @@ def test_frozen_vfm_in_bf16(tuning, name):
             assert torch.nn.functional.cosine_similarity(g.flatten(), expected_grads[n].flatten(), dim=0) > 0.9, n
 
 
+@pytest.mark.parametrize("kind", ["vit", "cnn"])
+def test_channels_last_holds_the_convolutions_nhwc_with_the_same_results(kind):
+    def make(**train):
+        torch.manual_seed(0)
+        model = tiny_config("dinov2_vits14", "rein") if kind == "vit" else tiny_cnn_config()
+        segmentor = build_segmentor(model, load_backbone_weights=False).train()
+        return apply_train_options(segmentor, check_values(Config(model=model, train=TrainConfig(**train))))
+
+    reference, nhwc = make(), make(channels_last=True)
+    convs = [m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not any(m.weight.is_contiguous() for m in convs)
+    layouts = []
+    for conv in convs:  # NCHW images in, NHWC maps out of every convolution
+        conv.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last)))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    expected = through_a_fixed_function(reference, images)
+    got = through_a_fixed_function(nhwc, images)
+    assert layouts and all(layouts)
+    assert_equal_up_to_rounding(expected, got)
+
+
 def test_levers_refuse_what_they_cannot_do():
     with pytest.raises(ConfigError, match="train.frozen_dtype=bfloat16 .* model.tuning=full trains it"):
         built("full", frozen_dtype="bfloat16")
@@ -234,6 +278,7 @@ def test_levers_refuse_what_they_cannot_do():
         ("activation_checkpointing", "all", "train.activation_checkpointing: 'all' fits none of"),
         ("frozen_dtype", "float16", "train.frozen_dtype must be one of float32, bfloat16, got 'float16'"),
         ("deformable_recompute", "yes", "train.deformable_recompute must be true or false"),
+        ("channels_last", 1, "train.channels_last must be true or false"),
         ("compile", "fastest", "train.compile must be true, false or a torch.compile backend"),
     ],
 )
@@ -260,22 +305,8 @@ def test_compile_has_no_graph_break_and_trains_the_same():
     explained = torch._dynamo.explain(segmentor.head)(features, queries)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
-    # The loss's importance sampling picks points by rank, which differences of 1e-6 may change:
-    # forward and backward are compared through a fixed linear function of the outputs instead.
-    results = []
-    for segmentor in (built(), built(compile="aot_eager")):
-        logits, masks = segmentor(images)
-        outputs = [*logits, *masks]
-        generator = torch.Generator().manual_seed(4)
-        weights = [torch.randn(o.shape, generator=generator) for o in outputs]
-        sum((o * w).sum() for o, w in zip(outputs, weights, strict=True)).backward()
-        results.append((outputs, {n: p.grad for n, p in segmentor.named_parameters() if p.requires_grad}))
-    (outputs, grads), (outputs_compiled, grads_compiled) = results
-    for o, c in zip(outputs, outputs_compiled, strict=True):
-        torch.testing.assert_close(c, o, rtol=1e-5, atol=1e-5)
-    assert grads.keys() == grads_compiled.keys()
-    for name, grad in grads.items():  # sums in another order: relative to the gradient's size
-        torch.testing.assert_close(grads_compiled[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+    expected = through_a_fixed_function(built(), images)
+    assert_equal_up_to_rounding(expected, through_a_fixed_function(built(compile="aot_eager"), images))
 
 
 def test_a_run_with_the_levers_trains_and_validates(tmp_path):
@@ -283,7 +314,9 @@ def test_a_run_with_the_levers_trains_and_validates(tmp_path):
 
     from reinseg.engine import train
 
-    config = tiny_config(tmp_path, max_iters=2, val_interval=2, frozen_dtype="bfloat16", activation_checkpointing=True)
+    levers = dict(frozen_dtype="bfloat16", activation_checkpointing=True, channels_last=True)
+    config = tiny_config(tmp_path, max_iters=2, val_interval=2, **levers)
     task = train(config, resume="never")
     assert task.trainer.global_step == 2 and task.last_results["mean_mIoU"] is not None
     assert all(p.dtype == torch.float32 for p in task.segmentor.parameters() if p.requires_grad)
+    assert task.segmentor.backbone.vit.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)

@@ -6,7 +6,8 @@
 ``train.pixel_decoder_checkpointing`` (the pixel decoder's encoder layers and FPN levels
 recompute their activations in backward), ``train.encoder_ffn_recompute`` (its encoder FFNs
 recompute their hidden activations),
-``train.frozen_dtype`` (the frozen VFM held and run in bf16) and ``train.compile``
+``train.frozen_dtype`` (the frozen VFM held and run in bf16), ``train.channels_last`` (the
+convolutions' weights, hence their outputs, in NHWC memory) and ``train.compile``
 (``torch.compile`` of backbone and head). The model modules hold the switches
 (:class:`~reinseg.backbones.ReinBackbone`,
 :class:`~reinseg.heads.deformable_attention.MultiScaleDeformableAttention`); this is where the
@@ -83,6 +84,9 @@ def apply_train_options(segmentor: Segmentor, config: Config) -> Segmentor:
                 f"train.frozen_dtype={tc.frozen_dtype} applies to ViT backbones, not {type(backbone).__name__}"
             )
         backbone.hold_frozen_in(getattr(torch, tc.frozen_dtype))
+    if tc.channels_last:
+        # After frozen_dtype's cast, which keeps each tensor's memory format either way.
+        segmentor.to(memory_format=torch.channels_last)
     if tc.compile is not False:
         backend = "inductor" if tc.compile is True else tc.compile
         # In place (nn.Module.compile): parameter names, hence checkpoints, stay as they are.
