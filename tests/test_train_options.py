@@ -6,6 +6,8 @@ Oracle: the same model and step without the lever (fp32, eager). Recomputing in 
 the very same gradients; bf16 must stay within bf16's rounding of the fp32 result.
 """
 
+import io
+
 import pytest
 import torch
 from conftest import tiny_model_config
@@ -250,6 +252,39 @@ def test_channels_last_holds_the_convolutions_nhwc_with_the_same_results(kind):
     got = through_a_fixed_function(nhwc, images)
     assert layouts and all(layouts)
     assert_equal_up_to_rounding(expected, got)
+
+
+@pytest.mark.parametrize("resumed_nhwc", [True, False])
+def test_a_resume_across_channels_last_updates_as_the_run_would(resumed_nhwc):
+    """Fused AdamW pairs elements by memory position: moments saved in one layout must be loaded
+    in the other parameters' layout, or the update mixes elements."""
+    from reinseg.optim import build_optimizer
+
+    saved, resumed = built(channels_last=not resumed_nhwc), built(channels_last=resumed_nhwc)
+    config = Config(model=tiny_config("dinov2_vits14", "rein"), train=TrainConfig())
+    optimizer = build_optimizer(saved, config)[0]
+    assert optimizer.defaults["fused"]
+    step(saved)
+    optimizer.step()
+    resumed.load_state_dict(saved.state_dict())
+    resumed_optimizer = build_optimizer(resumed, config)[0]
+    checkpoint = io.BytesIO()  # as a checkpoint file keeps them: the moments' strides, no shared storage
+    torch.save(optimizer.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    resumed_optimizer.load_state_dict(torch.load(checkpoint))
+    after = []
+    for segmentor, opt in ((saved, optimizer), (resumed, resumed_optimizer)):
+        generator = torch.Generator().manual_seed(3)
+        for p in segmentor.parameters():
+            if p.requires_grad:
+                p.grad = torch.empty_like(p).copy_(torch.randn(p.shape, generator=generator))
+        opt.step()
+        after.append({n: p.detach() for n, p in segmentor.named_parameters() if p.requires_grad})
+    nhwc = [n for n, p in resumed.named_parameters() if p.dim() == 4 and p.requires_grad and p.shape[-1] > 1]
+    assert nhwc  # the pixel decoder's 3x3 convolutions train
+    # lr 1e-4: moments of other elements would move a weight by about 1e-4.
+    for name, weight in after[0].items():
+        torch.testing.assert_close(after[1][name], weight, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_levers_refuse_what_they_cannot_do():

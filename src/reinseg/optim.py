@@ -129,6 +129,19 @@ class ScheduleWithWeightDecay(torch.optim.lr_scheduler.LambdaLR):
         return {k: v for k, v in super().state_dict().items() if k != "decay"}
 
 
+def state_in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give every loaded state tensor its parameter's memory layout (an optimizer's
+    ``load_state_dict`` post hook). A checkpoint written with the other ``train.channels_last``
+    holds NCHW moments for NHWC weights, or NHWC for NCHW; fused AdamW pairs a weight's and its
+    moments' elements by memory position, so the update would silently mix elements."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype, device=value.device).copy_(value)
+
+
 def build_optimizer(
     segmentor: Segmentor, config: Config
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -147,6 +160,7 @@ def build_optimizer(
     optimizer = torch.optim.AdamW(
         groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay, fused=fused
     )
+    optimizer.register_load_state_dict_post_hook(state_in_parameter_layouts)
     min_factor = tc.min_lr / tc.lr if tc.lr else 0.0
 
     def lr_lambda(step: int) -> float:
