@@ -141,7 +141,9 @@ def cmd_train(args) -> None:
     # stopped midway (gpu.sh's time budget) keeps the rows it finished.
     strategies = sorted(args.strategies, key=lambda name: name != "frozen")
     for precision in args.precision:
-        print(f"\nprecision {precision}\n")
+        autocast_levers = [lever for lever in args.levers if LEVERS[lever][1]]
+        note = f" ({', '.join(autocast_levers)}: bf16 autocast, the lever's own)" if autocast_levers else ""
+        print(f"\nprecision {precision}{note}\n")
         print(f"| strategy | trainable | step (s) | images/s | {memory} | step / frozen | memory / frozen |")
         print("|---|---|---|---|---|---|---|", flush=True)
         base = None
