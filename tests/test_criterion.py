@@ -95,6 +95,51 @@ def test_matching_cost_is_bit_for_bit_mmdets():
     assert torch.equal(cost, mmdet_matching_cost(matcher, class_logits, mask_logits, gt_classes, gt_masks, coords))
 
 
+def test_assign_solves_each_cost_as_scipy_does_in_one_call():
+    from scipy.optimize import linear_sum_assignment
+
+    generator = torch.Generator().manual_seed(0)
+    # More segments than queries, fewer, none, one.
+    costs = [torch.rand(5, g, generator=generator) for g in (7, 3, 0, 1)]
+    found = HungarianMatcher.assign(costs)
+    assert len(found) == len(costs)
+    for cost, (queries, segments) in zip(costs, found, strict=True):
+        rows, cols = linear_sum_assignment(cost.numpy())
+        assert queries.dtype == segments.dtype == torch.long
+        assert queries.tolist() == rows.tolist() and segments.tolist() == cols.tolist()
+    with pytest.raises(FloatingPointError, match="not finite"):
+        HungarianMatcher.assign([costs[0], torch.tensor([[float("nan")]])])
+
+
+def test_the_loss_takes_one_trip_to_the_host_per_prediction(monkeypatch):
+    """All images' costs of a prediction go to scipy together (a GPU waits once per prediction),
+    with the losses of solving each image's cost on its own."""
+    sizes = []
+    assign = HungarianMatcher.assign
+
+    def counted(costs):
+        sizes.append([tuple(c.shape) for c in costs])
+        return assign(costs)
+
+    def one_at_a_time(costs):
+        return [assign([cost])[0] for cost in costs]
+
+    generator = torch.Generator().manual_seed(3)
+    class_logits = [torch.randn(3, 6, 20, generator=generator) for _ in range(4)]
+    mask_logits = [torch.randn(3, 6, 16, 16, generator=generator) for _ in range(4)]
+    labels = torch.randint(0, 4, (3, 32, 32), generator=generator)
+    labels[1] = 255  # an image without segments
+    criterion = Mask2FormerLoss(19, num_points=64)
+    found = {}
+    for name, solver in (("together", counted), ("apart", one_at_a_time)):
+        monkeypatch.setattr(HungarianMatcher, "assign", staticmethod(solver))
+        torch.manual_seed(7)
+        found[name] = criterion(class_logits, mask_logits, labels)
+    assert sizes == [[(6, 4), (6, 0), (6, 4)]] * 4
+    together, apart = found["together"], found["apart"]
+    assert together.keys() == apart.keys() and all(torch.equal(together[k], apart[k]) for k in together)
+
+
 def tiny_batch():
     labels = torch.full((2, 64, 64), 255, dtype=torch.long)
     labels[0, :32] = 0

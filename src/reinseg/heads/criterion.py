@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from ..device import device_tensor
 from .grid_sample_math import grid_sample_pixel, powers_of_two
 
 # mmdet divides summed losses by (avg_factor + eps).
@@ -89,7 +90,7 @@ class Segments:
 
     def _interpolate(self, coords: Tensor, classes: Tensor) -> Tensor:
         height, width = self.label.shape
-        size = torch.tensor([width, height], dtype=coords.dtype, device=coords.device)
+        size = device_tensor([width, height], coords.dtype, coords.device)
         pixel = grid_sample_pixel(coords, size, powers_of_two([width, height]))
         corner = pixel.floor()
         east, south = (pixel - corner).unbind(-1)
@@ -190,14 +191,30 @@ class HungarianMatcher:
             gt_classes: ``(G,)``; gt_masks: ``(G, H, W)`` boolean or float, or the image's
                 :class:`Segments` (the same values, sampled from its label map).
         """
-        cost = self.cost(class_logits, mask_logits, gt_classes, gt_masks).cpu().numpy()
-        if not np.isfinite(cost).all():
+        return self.assign([self.cost(class_logits, mask_logits, gt_classes, gt_masks)])[0]
+
+    @staticmethod
+    def assign(costs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """The Hungarian assignment of each ``(Q, G)`` cost (scipy's): ``(query_indices,
+        gt_indices)``, ``min(Q, G)`` pairs, queries ascending, on the costs' device.
+
+        The costs go to the host in one copy and the indices come back in one: on a GPU the
+        host waits for the device once per prediction, not once per image and index tensor.
+        """
+        device = costs[0].device
+        flat = torch.cat([cost.flatten() for cost in costs]).cpu().numpy()
+        if not np.isfinite(flat).all():
             raise FloatingPointError("the matching cost is not finite: the predictions hold NaN or Inf")
-        rows, cols = linear_sum_assignment(cost)
-        device = class_logits.device
-        return torch.as_tensor(rows, dtype=torch.long, device=device), torch.as_tensor(
-            cols, dtype=torch.long, device=device
-        )
+        pairs, start = [], 0
+        for cost in costs:
+            num_queries, num_segments = cost.shape
+            block = flat[start : start + num_queries * num_segments].reshape(num_queries, num_segments)
+            pairs.append(linear_sum_assignment(block))
+            start += num_queries * num_segments
+        sizes = [len(rows) for rows, _ in pairs]
+        indices = np.concatenate([np.concatenate(pair) for pair in pairs]).astype(np.int64)
+        on_device = torch.from_numpy(indices).to(device).split([2 * size for size in sizes])
+        return [(both[:size], both[size:]) for both, size in zip(on_device, sizes, strict=True)]
 
 
 class Mask2FormerLoss(nn.Module):
@@ -269,9 +286,10 @@ class Mask2FormerLoss(nn.Module):
         target_classes = torch.full(
             (batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device
         )
+        # Every image's cost first (each draws its points in mmdet's order), then one trip to the host.
+        costs = [self.matcher.cost(class_logits[b], mask_logits[b], s.classes, s) for b, s in enumerate(targets)]
         matched_rows, matched = [], []
-        for b, segments in enumerate(targets):
-            query_idx, gt_idx = self.matcher(class_logits[b], mask_logits[b], segments.classes, segments)
+        for b, (segments, (query_idx, gt_idx)) in enumerate(zip(targets, self.matcher.assign(costs), strict=True)):
             if len(query_idx) == 0:
                 continue
             target_classes[b, query_idx] = segments.classes[gt_idx]
@@ -317,7 +335,7 @@ class Mask2FormerLoss(nn.Module):
 
 def _mean_over_ranks(count: int, device: torch.device) -> Tensor:
     """``count`` averaged over DDP ranks and at least 1, as mmdet normalizes; a 0-d tensor (no host sync)."""
-    value = torch.tensor(float(count), device=device)
+    value = torch.full((), float(count), device=device)  # a fill, not a host copy (reinseg.device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(value)
         value = value / torch.distributed.get_world_size()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..device import device_tensor
 from .deformable_csr import csr_deformable_attention, eager_on_cpu
 
 __all__ = ["KERNELS", "multi_scale_deformable_attention", "MultiScaleDeformableAttention"]
@@ -127,7 +128,7 @@ class MultiScaleDeformableAttention(nn.Module):
         # whole (levels, points, 2) blocks: a stride-0 points axis between the levels and (x, y)
         # would keep the CPU's elementwise kernels off their vector loops (about 15x slower).
         levels_points = (self.num_levels, self.num_points, 2)
-        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        normalizer = device_tensor([[w, h] for h, w in spatial_shapes], query.dtype, query.device)
         normalizer = normalizer[:, None].expand(levels_points).contiguous()
         reference = reference_points[:, :, None, :, None].expand(-1, -1, 1, *levels_points).contiguous()
         locations = reference + offsets / normalizer

@@ -1,0 +1,46 @@
+"""reinseg.device: constants made on an accelerator by fill kernels hold torch.tensor's values.
+
+Oracle: ``torch.tensor`` of the same values (its conversion of each Python number to the dtype).
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from reinseg.device import device_tensor, filled
+
+SIZES = [[512, 1024], [[128, 64], [64, 32], [32, 16]]]
+FRACTIONS = [[0.1, 1 / 3, 1e-40], [[0.1, 0.7], [2 / 3, 1e-300]]]
+
+
+@pytest.mark.parametrize(
+    "values, dtype",
+    [(v, d) for v in SIZES for d in (torch.float32, torch.float64, torch.int32)]
+    + [(v, d) for v in FRACTIONS for d in (torch.float32, torch.float64, torch.bfloat16)],
+)
+def test_filled_holds_the_values_torch_tensor_makes(values, dtype):
+    expected = torch.tensor(values, dtype=dtype)
+    got = filled(values, dtype, "cpu")
+    assert got.shape == expected.shape and got.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_device_tensor_fills_off_the_cpu_and_is_torch_tensor_on_it():
+    values = [[128, 64], [64, 32]]
+    assert torch.equal(device_tensor(values, torch.float32, "cpu"), torch.tensor(values, dtype=torch.float32))
+    with _Ops() as ops:
+        on_meta = device_tensor(values, torch.float32, "meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 2) and on_meta.dtype == torch.float32
+    # Four fills, no copy: `out[i] = value` would make a CPU scalar tensor and copy it over.
+    assert ops.names.count("fill_.Scalar") == 4
+    assert not any(name.startswith(("scalar_tensor", "copy_")) for name in ops.names), ops.names
