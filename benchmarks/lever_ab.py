@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from levers import LEVERS, apply_lever
-from strategies import build_on, machine, model_config
+from strategies import build_on, machine, model_config, timed
 
 
 def main() -> None:
@@ -54,18 +53,19 @@ def main() -> None:
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=generator).to(device)
     labels = torch.randint(0, 19, (args.batch, args.img_size, args.img_size), generator=generator).to(device)
 
-    def step(k: int):
-        torch.manual_seed(5)  # the loss's point sampling
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def train_step(k: int) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast[k]):
             loss = models[k].loss(images, labels)["loss"]
         loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        grads = {n: p.grad.float().clone() for n, p in models[k].named_parameters() if p.grad is not None}
+        return loss
+
+    def step(k: int, compared: bool):
+        """Seconds, loss and (in the round that compares them) the gradients of model ``k``'s step."""
+        torch.manual_seed(5)  # the loss's point sampling
+        seconds, loss = timed(device, lambda: train_step(k))
+        grads = {}
+        if compared:
+            grads = {n: p.grad.float().clone() for n, p in models[k].named_parameters() if p.grad is not None}
         models[k].zero_grad(set_to_none=True)
         return seconds, loss.item(), grads
 
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"# against: {args.against}; lever: {args.lever} ({LEVERS[args.lever][2]})")
     seconds: list[list[float]] = [[], []]
     for round_ in range(args.warmup + args.rounds):
-        found = {k: step(k) for k in ((0, 1) if round_ % 2 == 0 else (1, 0))}
+        found = {k: step(k, compared=round_ == 0) for k in ((0, 1) if round_ % 2 == 0 else (1, 0))}
         if round_ == 0:
             (_, loss, grads), (_, loss_lever, grads_lever) = found[0], found[1]
             differences = {

@@ -52,6 +52,17 @@ def model_config(backbone: str, tuning: str, img_size: int = 512) -> ModelConfig
     return ModelConfig(tuning=tuning, backbone=BackboneConfig(name=backbone, img_size=img_size, patch_size=patch_size))
 
 
+def timed(device: torch.device, run):
+    """``run()``'s wall seconds (a GPU's queue drained before and after) and what it returned."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
 def build_on(device: torch.device, config: ModelConfig):
     """The segmentor with random weights, initialised on ``device`` itself (a 7B ViT's
     initialisation on the CPU would take minutes before it reached a GPU)."""
@@ -106,19 +117,18 @@ def measure_training(args) -> dict:
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def train_step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = segmentor.loss(images, labels)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+
+    for step in range(args.warmup + args.steps):
+        seconds, _ = timed(device, train_step)
         if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -308,15 +318,10 @@ def cmd_slide(args) -> None:
         dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
         times = []
         for step in range(args.warmup + args.steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                segmentor.predict(image)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+                seconds, _ = timed(device, lambda: segmentor.predict(image))
             if step >= args.warmup:
-                times.append(time.perf_counter() - start)
+                times.append(seconds)
         median = statistics.median(times)
         print(f"precision {precision}: {median:.3f} s per image, {1 / median:.2f} images/s")
 
