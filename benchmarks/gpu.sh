@@ -26,6 +26,7 @@
 # each, to check the script itself (no budget unless BUDGET is set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1  # a section stopped by the budget keeps the lines it printed
 out=${1:-benchmarks/gpu_results.md}
 py=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -78,11 +79,17 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
     echo "# GPU benchmarks, $(date -u +%F)"
     echo
     if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
-    $py -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__)"
+    $py -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__,
+        '| fp32 products: matmul precision', torch.get_float32_matmul_precision(), '| cuDNN TF32', torch.backends.cudnn.allow_tf32)"
     echo "budget: $([ "$budget" -gt 0 ] && echo "$budget s" || echo none)"
     # Fail in seconds, not per section, where the environment does not hold reinseg's needs (timm
     # outside pyproject.toml's range, say: carry a wheel, DEVELOPERS.md "Benchmarks").
-    if ! $py -c "import reinseg.build, reinseg.tuning, scipy.optimize, cv2" 2>&1 | tail -3; then
+    # reinseg imports timm only when it builds a model, so its version is checked apart.
+    if ! $py benchmarks/check_env.py torch timm numpy scipy 2>&1 | tail -6; then
+        echo "this environment is outside reinseg's requirements: stopped"
+        exit 1
+    fi
+    if ! $py -c "import reinseg.build, reinseg.tuning, scipy.optimize, cv2, timm" 2>&1 | tail -3; then
         echo "reinseg does not import in this environment: stopped"
         exit 1
     fi

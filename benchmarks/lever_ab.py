@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2, help="rounds run first and not counted")
     args = parser.parse_args()
+    if args.rounds < 1 or args.warmup < 0:
+        parser.error(f"--rounds must be at least 1 and --warmup at least 0 (got {args.rounds}, {args.warmup})")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     models, autocast = [], []

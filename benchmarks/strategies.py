@@ -32,7 +32,8 @@ from levers import LEVERS, apply_lever
 
 from reinseg.backbones import backbone_kind, list_backbones
 from reinseg.build import build_segmentor
-from reinseg.config import BackboneConfig, ModelConfig
+from reinseg.config import BackboneConfig, Config, ModelConfig
+from reinseg.optim import build_optimizer
 from reinseg.tuning import STRATEGIES, strategy_names
 
 
@@ -110,7 +111,8 @@ def measure_training(args) -> dict:
     if apply_lever(segmentor, args.lever, args.child) and args.precision == "32":
         args.precision = "bf16"  # the lever is bf16 autocast
     params = [p for p in segmentor.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    # The trainer's optimizer (its parameter groups; fused AdamW on a CPU or GPU), as `reinseg train` runs it.
+    optimizer, _ = build_optimizer(segmentor, Config(model=config))
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 19, (args.batch, args.img_size, args.img_size), device=device)
     dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]

@@ -109,6 +109,7 @@ def test_assign_solves_each_cost_as_scipy_does_in_one_call():
         assert queries.tolist() == rows.tolist() and segments.tolist() == cols.tolist()
     with pytest.raises(FloatingPointError, match="not finite"):
         HungarianMatcher.assign([costs[0], torch.tensor([[float("nan")]])])
+    assert HungarianMatcher.assign([]) == []  # a batch of no images, as before the one-call form
 
 
 def test_the_loss_takes_one_trip_to_the_host_per_prediction(monkeypatch):

@@ -44,3 +44,10 @@ def test_device_tensor_fills_off_the_cpu_and_is_torch_tensor_on_it():
     # Four fills, no copy: `out[i] = value` would make a CPU scalar tensor and copy it over.
     assert ops.names.count("fill_.Scalar") == 4
     assert not any(name.startswith(("scalar_tensor", "copy_")) for name in ops.names), ops.names
+
+
+def test_filled_refuses_ragged_rows_as_torch_tensor_does():
+    with pytest.raises(ValueError):
+        torch.tensor([[1, 2], [3]])
+    with pytest.raises(ValueError, match="rows of different lengths"):
+        filled([[1, 2], [3]], torch.float32, "meta")

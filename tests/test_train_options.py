@@ -254,6 +254,22 @@ def test_channels_last_holds_the_convolutions_nhwc_with_the_same_results(kind):
     assert_equal_up_to_rounding(expected, got)
 
 
+def test_channels_last_leaves_other_4d_tensors_as_they_are():
+    """SAM's position embedding is ``(1, H, W, C)``: its last axis already holds the channels, and
+    channels-last would reorder its memory for nothing. Only convolution weights change."""
+    model = tiny_config("sam_vitb16", "rein")
+    segmentor = build_segmentor(model, load_backbone_weights=False)
+    convs = {id(m.weight) for m in segmentor.modules() if isinstance(m, torch.nn.Conv2d)}
+    others = {n: t for n, t in [*segmentor.named_parameters(), *segmentor.named_buffers()] if t.ndim == 4}
+    others = {n: t for n, t in others.items() if id(t) not in convs}
+    assert "backbone.vit.pos_embed" in others
+    apply_train_options(segmentor, check_values(Config(model=model, train=TrainConfig(channels_last=True))))
+    kept = dict([*segmentor.named_parameters(), *segmentor.named_buffers()])
+    for name in others:
+        assert kept[name].is_contiguous(), name
+    assert segmentor.backbone.vit.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("resumed_nhwc", [True, False])
 def test_a_resume_across_channels_last_updates_as_the_run_would(resumed_nhwc):
     """Fused AdamW pairs elements by memory position: moments saved in one layout must be loaded

@@ -222,8 +222,8 @@ class TrainConfig:
     # head and every trainable parameter keep fp32. Changes numerics. Not with strategies that
     # train the VFM (model.tuning: full).
     frozen_dtype: str = "float32"
-    # Hold the model's 4-D weights (convolutions) in channels-last (NHWC) memory, so that the
-    # convolutions' outputs follow: timm's --channels-last. The same numbers up to float rounding
+    # Hold the convolutions' weights in channels-last (NHWC) memory, so that their outputs
+    # follow: timm's --channels-last. The same numbers up to float rounding
     # (the kernels sum in another order). On the CPU it pays under bf16 autocast on a CNN
     # backbone only (benchmarks/RESULTS.md).
     channels_last: bool = False

@@ -35,6 +35,9 @@ def filled(values: Sequence[float] | Sequence[Sequence[float]], dtype: torch.dty
     """The tensor of ``values`` (flat or rectangular nested), each written by a fill kernel."""
     nested = bool(values) and isinstance(values[0], Sequence)
     rows = cast("list[Sequence[float]]", list(values) if nested else [values])
+    if any(len(row) != len(rows[0]) for row in rows):
+        # torch.tensor refuses a ragged list; a flat fill would give it a wrong shape silently.
+        raise ValueError(f"filled: rows of different lengths {[len(row) for row in rows]}")
     flat = [v for row in rows for v in row]
     out = torch.empty(len(flat), dtype=dtype, device=device)
     for i, value in enumerate(flat):

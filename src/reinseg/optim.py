@@ -31,6 +31,7 @@ __all__ = [
     "set_tf32",
     "build_optimizer",
     "ScheduleWithWeightDecay",
+    "state_in_parameter_layouts",
 ]
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.SyncBatchNorm)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .backbones import ReinBackbone
 from .config import ConfigError
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .segmentor import Segmentor
 
-__all__ = ["apply_train_options", "checkpointed_blocks"]
+__all__ = ["apply_train_options", "checkpointed_blocks", "convolutions_channels_last"]
 
 
 def checkpointed_blocks(value: bool | int | list[int], depth: int) -> frozenset[int]:
@@ -86,10 +87,20 @@ def apply_train_options(segmentor: Segmentor, config: Config) -> Segmentor:
         backbone.hold_frozen_in(getattr(torch, tc.frozen_dtype))
     if tc.channels_last:
         # After frozen_dtype's cast, which keeps each tensor's memory format either way.
-        segmentor.to(memory_format=torch.channels_last)
+        convolutions_channels_last(segmentor)
     if tc.compile is not False:
         backend = "inductor" if tc.compile is True else tc.compile
         # In place (nn.Module.compile): parameter names, hence checkpoints, stay as they are.
         segmentor.backbone.compile(backend=backend)
         segmentor.head.compile(backend=backend)
     return segmentor
+
+
+def convolutions_channels_last(module: nn.Module) -> None:
+    """Every 2-D convolution's weight ``(out, in, kh, kw)`` held in channels-last (NHWC) memory,
+    in place, so that its output is NHWC too. Only convolutions: ``Module.to(memory_format=...)``
+    would also reorder other 4-D tensors, such as SAM's ``(1, H, W, C)`` position embedding,
+    whose last axis is already its channels."""
+    for conv in module.modules():
+        if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)

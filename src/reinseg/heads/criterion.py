@@ -201,6 +201,8 @@ class HungarianMatcher:
         The costs go to the host in one copy and the indices come back in one: on a GPU the
         host waits for the device once per prediction, not once per image and index tensor.
         """
+        if not costs:
+            return []
         device = costs[0].device
         flat = torch.cat([cost.flatten() for cost in costs]).cpu().numpy()
         if not np.isfinite(flat).all():
