@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from reinseg.device import device_tensor, filled
+from reinseg.device import autocast_enabled, autocast_serves, device_tensor, filled
 
 SIZES = [[512, 1024], [[128, 64], [64, 32], [32, 16]]]
 FRACTIONS = [[0.1, 1 / 3, 1e-40], [[0.1, 0.7], [2 / 3, 1e-300]]]
@@ -51,3 +51,28 @@ def test_filled_refuses_ragged_rows_as_torch_tensor_does():
         torch.tensor([[1, 2], [3]])
     with pytest.raises(ValueError, match="rows of different lengths"):
         filled([[1, 2], [3]], torch.float32, "meta")
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "meta", "mps"])
+def test_autocast_serves_as_torch_says(device_type):
+    assert autocast_serves(device_type) == torch.amp.is_autocast_available(device_type)
+
+
+def test_autocast_enabled_follows_autocast_and_is_false_where_it_does_not_serve():
+    assert not autocast_enabled("cpu") and not autocast_enabled("meta")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_enabled("cpu") and not autocast_enabled("meta")
+
+
+def test_the_autocast_checks_trace_without_a_graph_break():
+    """Rein and the encoder FFN ask in every block; torch.amp.is_autocast_available broke
+    torch.compile's graph there (torch 2.11)."""
+
+    def forward(x):
+        y = x.sin()  # (a graph under way: torch 2.11 broke it only then)
+        if autocast_serves(x.device.type) and not autocast_enabled(x.device.type):
+            y = y * 2
+        return y.cos()
+
+    explanation = torch._dynamo.explain(forward)(torch.ones(3))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

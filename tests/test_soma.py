@@ -9,6 +9,7 @@ factors loaded.
 
 import dataclasses
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -291,11 +292,19 @@ def test_initial_split_keeps_the_pretrained_weights_as_the_official_runs(golden,
         minor = parametrization(backbone, layer)[0]
         product = minor.scaling * minor.lora_B[chunk] @ minor.lora_A[chunk]
         assert torch.linalg.matrix_rank(product).item() == config.soma.rank
-    # ``max_abs_lora_product`` is the official run's unscaled B A of blocks.2.attn.q: another random
-    # draw here, of the same init (a default nn.Linear init would give 2-4x more), so the same order.
-    minor = parametrization(backbone, "blocks.2.attn.qkv")[0]
-    largest = (minor.lora_B[0] @ minor.lora_A[0]).abs().max().item()
-    assert order["max_abs_lora_product"] / 4 < largest < order["max_abs_lora_product"] * 4
+    # ``max_abs_lora_product`` is one draw, the official run's unscaled B A of blocks.2.attn.q (a
+    # 64 x 64 weight of nn.Linear's default init). Here the median of that statistic over the eight
+    # 64 x 64 adapted weights (q, k, v, proj of blocks 2 and 3), of a seeded build: the official
+    # draw lies within 2x of it, where timm's trunc. normal (std 0.02) init gives 3.6x less.
+    torch.manual_seed(0)
+    backbone = build_segmentor(config).backbone
+    largest = []
+    for block in (2, 3):
+        qkv = parametrization(backbone, f"blocks.{block}.attn.qkv")[0]
+        proj = parametrization(backbone, f"blocks.{block}.attn.proj")[0]
+        products = [qkv.lora_B[chunk] @ qkv.lora_A[chunk] for chunk in range(3)] + [proj.lora_B[0] @ proj.lora_A[0]]
+        largest += [product.abs().max().item() for product in products]
+    assert order["max_abs_lora_product"] / 2 < statistics.median(largest) < order["max_abs_lora_product"] * 2
     config.soma.split = "both"
     with pytest.raises(ConfigError, match="model.soma.split must be 'pretrained' or 'initial'"):
         build_segmentor(config)

@@ -1,4 +1,6 @@
-"""Small constant tensors made on an accelerator without making the host wait.
+"""Device helpers of the forward's hot path: small constants made on an accelerator without
+making the host wait (:func:`device_tensor`), and whether autocast is on (:func:`autocast_enabled`,
+:func:`autocast_serves`).
 
 ``torch.tensor(values, device="cuda")`` copies from pageable host memory, and PyTorch
 synchronizes the stream after such a copy: the host waits until every kernel queued before it
@@ -18,7 +20,26 @@ from torch import Tensor
 
 from .tracing import tracing
 
-__all__ = ["device_tensor", "filled"]
+__all__ = ["autocast_enabled", "autocast_serves", "device_tensor", "filled"]
+
+# The device types autocast serves here, found once at import: torch.compile of torch 2.11 (the
+# GPU image's) cannot trace torch.amp.is_autocast_available and breaks the graph at every call.
+_AUTOCAST_TYPES = frozenset(
+    kind
+    for kind in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "privateuseone")
+    if torch.amp.is_autocast_available(kind)
+)
+
+
+def autocast_serves(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available(device_type)``, traced by torch.compile without a graph break."""
+    return device_type in _AUTOCAST_TYPES
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a type it does not serve (``meta``,
+    on which ``torch.is_autocast_enabled`` raises). Traced by torch.compile without a graph break."""
+    return device_type in _AUTOCAST_TYPES and torch.is_autocast_enabled(device_type)
 
 
 def device_tensor(values: Sequence[float] | Sequence[Sequence[float]], dtype: torch.dtype, device) -> Tensor:

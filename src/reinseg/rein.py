@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .device import autocast_enabled
 from .rein_fused import LowRankRefinement
 from .tracing import tracing
 
@@ -251,7 +252,7 @@ class Rein(nn.Module):
         round to 1, losing the delta's own feature term), no autocast."""
         return (
             x.dtype in (torch.float32, torch.float64)
-            and not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
+            and not autocast_enabled(x.device.type)
             and type(self).delta is Rein.delta
             and type(self.mlp_token2feat) is nn.Linear
             and type(self.mlp_delta_f) is nn.Linear

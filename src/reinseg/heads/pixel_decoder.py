@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from ..backbones import resize_map
+from ..device import autocast_enabled, autocast_serves
 from .deformable_attention import MultiScaleDeformableAttention
 from .position_encoding import sine_position_encoding
 
@@ -59,8 +60,8 @@ class FFN(nn.Module):
             self.recompute_hidden
             and torch.is_grad_enabled()
             and x.dtype == torch.float32
-            and torch.amp.is_autocast_available(x.device.type)
-            and not torch.is_autocast_enabled(x.device.type)
+            and autocast_serves(x.device.type)
+            and not autocast_enabled(x.device.type)
         ):
             fc1: Any = self.layers[0][0]  # type: ignore[index]
             fc2: Any = self.layers[1]
