@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -158,7 +159,7 @@ def cmd_train(args) -> None:
         print(f"\nprecision {precision}{note}\n")
         print(f"| strategy | trainable | step (s) | images/s | {memory} | step / frozen | memory / frozen |")
         print("|---|---|---|---|---|---|---|", flush=True)
-        base = None
+        base, failures = None, []
         for strategy, lever in [(strategy, lever) for lever in args.levers for strategy in strategies]:
             command = [
                 sys.executable,
@@ -186,8 +187,8 @@ def cmd_train(args) -> None:
             done = subprocess.run(command, capture_output=True, text=True)
             label = strategy if lever == "none" else f"{strategy}, {lever}"
             if done.returncode != 0:
-                error = (done.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"| {label} | failed: {error} | | | | | |", flush=True)
+                print(f"| {label} | failed: {child_error(done.stderr)} | | | | | |", flush=True)
+                failures.append((label, done.stderr))
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             if label == "frozen":
@@ -199,6 +200,25 @@ def cmd_train(args) -> None:
                 f"{args.batch / row['step_s']:.2f} | {row['peak_mib']:.0f} | {ratio_t} | {ratio_m} |",
                 flush=True,
             )
+        print_failures(failures)
+
+
+def child_error(stderr: str) -> str:
+    """The exception a child process died of, for a table cell: the last line of ``stderr`` that
+    names an exception (``KeyError: ...``; compiler output and warnings may follow it), else its
+    last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()] or ["?"]
+    named = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)]
+    return (named or lines)[-1][:300].replace("|", "\\|")
+
+
+def print_failures(failures: list[tuple[str, str]], tail: int = 40) -> None:
+    """The last ``tail`` lines of each failed row's stderr, after its table (a GPU session may
+    have no second chance to see them)."""
+    for label, stderr in failures:
+        lines = stderr.rstrip().splitlines()[-tail:]
+        print(f"\n<details><summary>{label}: the last {len(lines)} lines of its stderr</summary>\n")
+        print("```\n" + "\n".join(lines) + "\n```\n</details>", flush=True)
 
 
 def scale_to_demo(model) -> None:
@@ -278,7 +298,7 @@ def cmd_synthetic(args) -> None:
         command += ["--iters", str(args.iters), "--seed", str(args.seed), "--threads", str(args.threads)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            rows.append({"strategy": strategy, "error": done.stderr.strip().splitlines()[-1]})
+            rows.append({"strategy": strategy, "error": child_error(done.stderr)})
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -80,6 +80,10 @@ def restore_tf32_flags():
 def test_paper_configs_train_in_fp32_as_the_official_runs(path, tmp_path, restore_tf32_flags):
     # The official runs: fp32 OptimWrapper (no AMP), PyTorch's TF32 defaults (convolutions only).
     config = load_config(path, [f"train.output_dir={tmp_path}"])
+    # Set in the file: "auto" would be fp32 here but bf16 autocast on a GPU.
+    assert config.train.precision == "32-true"
+    # As many devices as the official run (the batch size is per device); "auto" takes every GPU.
+    assert config.train.devices == (4 if "acdc" in path.name else 1)
     trainer = build_trainer(config, logging=False)
     assert trainer.precision == "32-true"
     assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32

@@ -121,6 +121,28 @@ def test_unsupported_config_fields_are_named(golden, path, value, message):
         from_official(config, golden["release_state_dict"], golden["backbone_state_dict"])
 
 
+@pytest.mark.parametrize(
+    "segmentor_type, backbone_type, tuning",
+    [
+        ("EncoderDecoder", "ReinsDinoVisionTransformer", "rein"),
+        ("EncoderDecoder", "DinoVisionTransformer", "full"),  # configs/dinov2/dinov2_mask2former_512x512_bs1x4.py
+        ("FrozenBackboneEncoderDecoder", "DinoVisionTransformer", "frozen"),  # configs/frozen_vfms/
+    ],
+)
+def test_the_strategy_is_what_the_official_segmentor_trains(golden, segmentor_type, backbone_type, tuning):
+    import copy
+
+    from reinseg.official import official_model_config
+
+    config = copy.deepcopy(golden["model_config"])
+    config["type"] = segmentor_type
+    config["backbone"]["type"] = backbone_type
+    if backbone_type != "ReinsDinoVisionTransformer":
+        del config["backbone"]["reins_config"]
+        config["decode_head"]["type"] = "Mask2FormerHead"  # as the official configs without Rein
+    assert official_model_config(config).tuning == tuning
+
+
 def test_official_python_configs_are_read_without_executing_them(tmp_path):
     (tmp_path / "_base_").mkdir()
     (tmp_path / "_base_" / "model.py").write_text(

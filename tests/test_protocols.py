@@ -89,6 +89,30 @@ def test_official_windows_are_those_of_the_official_configs():
     assert official_window(model) == ((1024, 1024), (683, 683))
 
 
+@pytest.mark.parametrize(
+    "crop, expected",
+    [
+        # configs/_base_/datasets/{cityscapes,*-acdc}_512x512.py, bdd100k_512x512.py, mapillary_512x512.py
+        (512, {"cs": (1024, 512), "acdc": (960, 540), "bdd": (1280, 720), "map": (1024, 512)}),
+        # configs/_base_/datasets/{cityscapes,*-acdc}_1024x1024.py (the Cityscapes -> ACDC 1024 setting)
+        (1024, {"cs": (2048, 1024), "acdc": (1920, 1080), "bdd": (1280, 720), "map": (1024, 512)}),
+    ],
+)
+def test_official_scales_are_those_of_the_official_configs_of_the_crop(crop, expected):
+    from reinseg.data.entries import DatasetEntry
+    from reinseg.protocols import protocol_run
+
+    model = tiny_model_config()
+    model.backbone.img_size = crop
+    names = {"cs": "cityscapes", "acdc": "acdc", "bdd": "bdd100k", "map": "mapillary"}
+    domains = [(domain, DatasetEntry(name, "root", "val")) for domain, name in names.items()]
+    for name in ("official", "ms-flip"):
+        run = protocol_run(get_protocols([name])[0], domains, model)
+        assert run.scales == expected, name
+    # The config protocol keeps each dataset's own test scale, whatever the crop.
+    assert protocol_run(get_protocols(["config"])[0], domains, model).scales["acdc"] == (1920, 1080)
+
+
 @pytest.mark.slow  # ms-flip: 12 passes at up to 1792x896 per image
 def test_several_protocols_read_each_image_once_and_record_themselves(tmp_path, checkpoint, seen, monkeypatch):
     import reinseg.data.datasets as datasets

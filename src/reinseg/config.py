@@ -230,7 +230,9 @@ class TrainConfig:
     # torch.compile of the backbone and the head: false, true (inductor) or a backend name.
     compile: bool | str = False
     accelerator: str = "auto"
-    devices: int | str = "auto"
+    # One device unless told: data.batch_size is per device, so more devices (N, a list, or "auto"
+    # and -1 for every visible one, DDP) multiply the recipe's batch. The paper trains on one GPU.
+    devices: int | str = 1
     num_nodes: int = 1
     seed: int = 42
     output_dir: str = "work_dirs/run"

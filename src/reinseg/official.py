@@ -538,8 +538,11 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
     if crop is not None and (crop[0] % patch_size or crop[1] % patch_size):
         unit = f"the patch size {patch_size}" if backbone.patch_size else f"{patch_size}, the CNN's coarsest stride"
         raise ConfigError(f"model.test_cfg.crop_size={tuple(crop)} is not divisible by {unit}")
+    # A plain backbone under mmseg's EncoderDecoder trains whole (the official full fine-tuning
+    # config); only FrozenBackboneEncoderDecoder freezes it (the frozen-VFM configs).
+    tuning = "rein" if has_rein else ("frozen" if model["type"] == "FrozenBackboneEncoderDecoder" else "full")
     return ModelConfig(
-        tuning="rein" if has_rein else "frozen",
+        tuning=tuning,
         backbone=backbone,
         rein=rein,
         head=head,

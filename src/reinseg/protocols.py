@@ -13,11 +13,12 @@ config     the configuration as it is: each ``data.val`` entry's ``scale`` (else
            scale) and ``model.test`` (mode, window, flip). The protocol of ``reinseg eval`` without
            ``--protocol``, and of validation during training.
 official   the official Rein test pipelines (configs/_base_/datasets/*.py): keep-ratio resize to the
-           dataset's test scale (Cityscapes 1024x512, BDD100K 1280x720, Mapillary 1024x512, GTAV
-           1280x720, ACDC 1920x1080 as the official 1024 configs; Synthia 1280x760 and UrbanSyn
-           1024x512, which have none), then sliding windows of the training crop every 2/3 of it
-           (the official ``test_cfg``: 512/341 for the 512 configs, 1024/683 for the 1024 ones);
-           no flip.
+           dataset's test scale in the official configs of the training crop (512 crops:
+           Cityscapes 1024x512, ACDC 960x540; 1024 crops: Cityscapes 2048x1024, ACDC 1920x1080;
+           either: BDD100K 1280x720, Mapillary 1024x512, GTAV 1280x720; Synthia 1280x760 and
+           UrbanSyn 1024x512, which have none), then sliding windows of the training crop every
+           2/3 of it (the official ``test_cfg``: 512/341 for the 512 configs, 1024/683 for the
+           1024 ones); no flip.
 highres    the "2048x1024 class" re-evaluation: keep-ratio resize of every image to fit 2048x1024
            (Cityscapes at its full 2048x1024, Mapillary to fit 2048x1024, GTAV 1914x1052 ->
            1863x1024, BDD100K 1280x720 -> 1820x1024, ACDC 1920x1080 -> 1820x1024), the official
@@ -55,6 +56,8 @@ __all__ = [
     "input_sizes",
     "protocol_scores",
     "scores_at_size",
+    "OFFICIAL_SCALES_BY_CROP",
+    "official_test_scale",
 ]
 
 # mmsegmentation's conventional TTA ratios (its configs/_base_/datasets/*.py: img_ratios).
@@ -176,13 +179,32 @@ def protocol_run(protocol: Protocol, domains, model_config) -> ProtocolRun:
             scales[domain] = entry.eval_scale()
         elif protocol.scale == "official":
             info = DATASETS.get(entry.name)
-            scales[domain] = None if info is None else info.test_scale
+            scales[domain] = official_test_scale(entry.name, model_config, None if info is None else info.test_scale)
         else:
             scales[domain] = tuple(protocol.scale)
     if protocol.window == "config":
         return ProtocolRun(protocol, scales, None, None, None)
     crop, stride = official_window(model_config)
     return ProtocolRun(protocol, scales, "slide", crop, stride)
+
+
+# The test scales of the official configs that depend on the training crop
+# (configs/_base_/datasets/{cityscapes,*-acdc}_{512x512,1024x1024}.py); every other dataset's is
+# the same in both (reinseg.data.TEST_SCALES).
+OFFICIAL_SCALES_BY_CROP = {
+    512: {"cityscapes": (1024, 512), "acdc": (960, 540)},
+    1024: {"cityscapes": (2048, 1024), "acdc": (1920, 1080)},
+}
+
+
+def official_test_scale(dataset: str, model_config, default):
+    """The (long, short) scale the official config of ``model_config``'s training crop evaluates
+    ``dataset`` at: its 1024 configs' for crops of 1024 and more, else its 512 configs'."""
+    from .build import official_window
+
+    crop, _ = official_window(model_config)
+    by_dataset = OFFICIAL_SCALES_BY_CROP[1024 if max(crop) >= 1024 else 512]
+    return by_dataset.get(dataset, default)
 
 
 def input_sizes(run: ProtocolRun, domain: str, image_size: tuple[int, int]) -> list[tuple[int, int]]:
