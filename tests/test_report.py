@@ -330,6 +330,20 @@ def test_report_refuses_bad_results_and_leaves_no_folder(handmade, tmp_path, cap
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
+def test_report_copies_no_picture_from_outside_the_results_folder(handmade, tmp_path, capsys):
+    """A shared results file could otherwise name any image on the disk (``../``, absolute)."""
+    secret = tmp_path.parent / f"{tmp_path.name}_secret.png"
+    Image.fromarray(np.zeros((12, 16), np.uint8)).save(secret)
+    for named in (f"../{secret.name}", str(secret)):
+        hostile = json.loads(handmade[0].read_text())
+        hostile["domains"]["target"]["examples"]["best"][0]["files"]["prediction"] = named
+        (tmp_path / "hostile.json").write_text(json.dumps(hostile))
+        assert main(["report", str(tmp_path / "hostile.json"), "--output", str(tmp_path / "report")]) == 2
+        assert "outside the results' folder" in capsys.readouterr().err
+        assert not (tmp_path / "report").exists()
+    secret.unlink()
+
+
 @pytest.mark.slow
 def test_eval_refuses_bad_examples_options_before_evaluating(evaluated, tmp_path, capsys, monkeypatch):
     tmp, _ = evaluated

@@ -6,6 +6,7 @@ refuse it with the file and the global named, and leave no marker.
 
 import io
 import json
+import os
 import pickle
 import subprocess
 import warnings
@@ -267,6 +268,7 @@ def test_an_image_given_as_checkpoint_is_named_without_torch_advice(tmp_path):
         ("x = [0] * 10 ** 9\n", "more than"),
         ("x = 'ab' * 10 ** 9\n", "more than"),
         ("x = '%0999999999d' % 1\n", "string formatting"),
+        ("x = round(1, -10 ** 9)\n", "ndigits"),
         pytest.param(  # 2.5 s: the work budget runs out
             "x = [[i for i in range(100000)] for j in range(100000)]\n", "evaluation steps", marks=pytest.mark.slow
         ),
@@ -349,3 +351,123 @@ def test_yaml_anchors_within_bounds_still_work():
     with pytest.raises(ValueError, match="aliases"):
         load_yaml(many, "many.yaml")
     assert MAX_NODES >= 100_000
+
+
+# ---------------------------------------------------------------------------------------------
+# What a resumed checkpoint may delete
+
+
+def _checkpoint_naming(paths: dict) -> dict:
+    """A Lightning checkpoint whose ModelCheckpoint state lists ``paths`` (no dirpath: Lightning
+    then restores them whatever folder the run writes to)."""
+    state = {"monitor": "iteration", "best_model_score": None, "kth_value": None, **paths}
+    return {"state_dict": {}, "callbacks": {"ModelCheckpoint{'monitor': 'iteration'}": state}}
+
+
+def test_a_loaded_checkpoint_names_no_file_outside_the_checkpoint_folder(tmp_path):
+    from reinseg.engine import AtomicCheckpointIO
+
+    folder = tmp_path / "run" / "checkpoints"
+    own = str(folder / "iter_000004.ckpt")
+    outside = {
+        "last_model_path": "local://" + str(tmp_path / "home"),
+        "best_model_path": str(folder / ".." / ".." / "home"),
+        "kth_best_model_path": str(tmp_path / "elsewhere.ckpt"),
+        "best_k_models": {own: 4, str(folder / ".." / "x.ckpt"): 2, "file://" + own: 3},
+    }
+    torch.save(_checkpoint_naming(outside), tmp_path / "given.ckpt")
+    io_ = AtomicCheckpointIO(folder)
+    state = next(iter(io_.load_checkpoint(tmp_path / "given.ckpt")["callbacks"].values()))
+    assert state["last_model_path"] == state["best_model_path"] == state["kth_best_model_path"] == ""
+    assert state["best_k_models"] == {own: 4}
+
+
+def test_only_checkpoints_in_the_folder_are_removed_and_never_recursively(tmp_path):
+    from reinseg.engine import AtomicCheckpointIO
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "key").write_text("k")
+    (folder / "iter_000002.ckpt").write_bytes(b"x")
+    io_ = AtomicCheckpointIO(folder)
+    for path in ("local://" + str(home), str(home), str(folder / ".." / ".." / "home"), str(folder)):
+        io_.remove_checkpoint(path)
+    assert (home / ".ssh" / "key").exists() and folder.is_dir()
+    io_.remove_checkpoint(str(folder / "iter_000002.ckpt"))
+    assert not (folder / "iter_000002.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_resuming_a_hostile_checkpoint_deletes_nothing_outside_the_run(tmp_path):
+    """The attack end to end: Lightning restores the listed paths and removes the 'last' one at
+    the next checkpoint (recursively, any fsspec protocol: ``local://`` is the local disk)."""
+    from test_engine import tiny_config
+
+    from reinseg.engine import train
+
+    first = tmp_path / "first"
+    first.mkdir()
+    train(tiny_config(first, max_iters=2, checkpoint_interval=2), resume="never")
+    checkpoint = load_torch_file(first / "run" / "checkpoints" / "last.ckpt")
+    state = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    state.pop("dirpath", None)
+    victim = tmp_path / "home"
+    (victim / ".ssh").mkdir(parents=True)
+    (victim / ".ssh" / "key").write_text("k")
+    state["last_model_path"] = "local://" + str(victim)
+    torch.save(checkpoint, tmp_path / "hostile.ckpt")
+    second = tmp_path / "second"
+    second.mkdir()
+    train(tiny_config(second, max_iters=4, checkpoint_interval=2), resume=str(tmp_path / "hostile.ckpt"))
+    assert (victim / ".ssh" / "key").exists()
+    assert (second / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def test_a_postscript_file_named_png_never_reaches_ghostscript(tmp_path, monkeypatch):
+    from reinseg.data.io import DataError, read_image, read_label, read_photo
+
+    marker = tmp_path / "gs_ran"
+    fake_gs = tmp_path / "bin" / "gs"
+    fake_gs.parent.mkdir()
+    fake_gs.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake_gs.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_gs.parent}:{os.environ['PATH']}")
+    eps = tmp_path / "label.png"
+    eps.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n%%EOF\n")
+    for read in (read_label, read_photo, read_image):
+        with pytest.raises(DataError, match="label.png"):
+            read(eps)
+    assert not marker.exists()
+
+
+def test_read_image_keeps_pillows_pixel_limit(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from reinseg.data.io import DataError, read_image
+
+    path = tmp_path / "large.png"
+    Image.fromarray(np.zeros((100, 100, 3), np.uint8)).save(path)
+    assert read_image(path).shape == (100, 100, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels: over twice the limit
+    with pytest.raises(DataError, match="large.png.*refused"):
+        read_image(path)
+
+
+def test_a_tensor_that_views_more_than_its_file_stores_is_refused(tmp_path):
+    stretched = torch.zeros(1).expand(1, 1370, 2**16)  # 4 stored bytes, 359 MB once copied
+    torch.save({"pos_embed": stretched}, tmp_path / "bomb.pth")
+    assert (tmp_path / "bomb.pth").stat().st_size < 10_000
+    with pytest.raises(ValueError, match=r"bomb.pth.*shape \(1, 1370, 65536\) views 4 stored bytes"):
+        load_torch_file(tmp_path / "bomb.pth")
+    with pytest.raises(ValueError, match="zero strides"):
+        read_state_dict(tmp_path / "bomb.pth")
+    # A small broadcast buffer stays readable.
+    torch.save({"mask": torch.ones(1).expand(64, 64)}, tmp_path / "small.pth")
+    assert load_torch_file(tmp_path / "small.pth")["mask"].shape == (64, 64)

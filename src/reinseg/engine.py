@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,10 @@ class SegmentationTask(L.LightningModule):
             self._rng_after_step = rng_state()
         self.data.start_step = int(checkpoint.get("global_step", 0))
         threads = checkpoint.get("torch_threads")
+        if isinstance(threads, int) and not isinstance(threads, bool):
+            threads = min(max(threads, 1), os.cpu_count() or 1)  # a file's number, bounded by this machine
+        else:
+            threads = None
         if threads is not None and threads != torch.get_num_threads():
             log.info(
                 "continuing with %d threads, as the run that wrote the checkpoint (this process had %d)",
@@ -393,7 +398,14 @@ def set_rng_state(state: dict) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to a temporary file and renamed: a killed run never leaves half a file."""
+    """Checkpoints are written to a temporary file and renamed: a killed run never leaves half a
+    file. Only ``*.ckpt`` files directly inside ``checkpoint_dir`` are ever removed, and a loaded
+    checkpoint names no other file: ModelCheckpoint deletes the paths its state lists (a file
+    could list any path, ``local:///home`` included, which Lightning would remove recursively)."""
+
+    def __init__(self, checkpoint_dir: str | Path) -> None:
+        super().__init__()
+        self.checkpoint_dir = Path(checkpoint_dir).absolute()
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         remove_stale_temporaries(Path(path).parent)
@@ -402,7 +414,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         # A resume reads the file like any other: nothing in it may run (torch's default would
         # follow TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
-        return load_torch_file(path, what="checkpoint")
+        checkpoint = load_torch_file(path, what="checkpoint")
+        for key, state in (checkpoint.get("callbacks") or {}).items():
+            if isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict):
+                self._keep_own_paths(state)
+        return checkpoint
+
+    def remove_checkpoint(self, path) -> None:
+        if not self.owns(path):
+            log.warning("not removing %s: only checkpoints in %s are removed", path, self.checkpoint_dir)
+            return
+        Path(path).unlink(missing_ok=True)
+
+    def owns(self, path) -> bool:
+        """Whether ``path`` is a ``*.ckpt`` file name directly inside the checkpoint folder
+        (``..`` resolved, no URL scheme)."""
+        if not isinstance(path, (str, Path)) or "://" in str(path):
+            return False
+        candidate = Path(os.path.normpath(Path(path).absolute()))
+        return candidate.suffix == ".ckpt" and candidate.parent == Path(os.path.normpath(self.checkpoint_dir))
+
+    def _keep_own_paths(self, state: dict) -> None:
+        """ModelCheckpoint's state without any path outside the checkpoint folder."""
+        for field in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if field in state and not self.owns(state[field]):
+                state[field] = ""
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {p: v for p, v in state["best_k_models"].items() if self.owns(p)}
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -595,7 +633,7 @@ def build_trainer(
         callbacks=[checkpoint, _RunGuard(out / "checkpoints" / "last.ckpt"), LearningRateMonitor("step"), _Progress()]
         + list(callbacks or []),
         logger=loggers,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(out / "checkpoints")],
         enable_progress_bar=enable_progress_bar,
         use_distributed_sampler=False,  # the stream and ShardSampler split the data themselves
         enable_model_summary=False,

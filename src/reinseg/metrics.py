@@ -141,6 +141,8 @@ def score_directories(
     import numpy as np
     from PIL import Image
 
+    from .data.io import RASTER_FORMATS
+
     pred_root, label_root = Path(prediction_dir), Path(label_dir)
     for root, what in ((pred_root, "prediction"), (label_root, "label")):
         if not root.is_dir():
@@ -166,7 +168,7 @@ def score_directories(
 
     def read(path: Path) -> np.ndarray:
         try:
-            with Image.open(path) as image:
+            with Image.open(path, formats=RASTER_FORMATS) as image:
                 array = np.asarray(image)
         except Exception as err:
             raise ValueError(f"could not read {path}: {err}") from err

@@ -53,7 +53,7 @@ _FUNCTIONS = {
     "range": range,
     "int": int,
     "float": float,
-    "round": round,
+    "round": lambda number, ndigits=None: round(number) if ndigits is None else round(number, _digits(ndigits)),
     "min": min,
     "max": max,
     "len": len,
@@ -62,6 +62,15 @@ _FUNCTIONS = {
     "tuple": tuple,
 }
 _UNSET = object()
+
+
+def _digits(ndigits):
+    """``round``'s ndigits, bounded: ``round(1, -10**9)`` would compute ``10**(10**9)``."""
+    if isinstance(ndigits, int) and not isinstance(ndigits, bool) and abs(ndigits) > 400:
+        raise ValueError(f"round's ndigits={ndigits} is out of [-400, 400]")
+    return ndigits
+
+
 _BASE_REF = re.compile(r"\{\{\s*_base_\.([A-Za-z_][\w.]*)\s*\}\}")
 
 

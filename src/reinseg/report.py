@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -513,9 +514,18 @@ def _gallery(models: list[ModelResults], domains: list[str], palette: np.ndarray
 def _read_png(model: ModelResults, relative: str, ndim: int) -> np.ndarray:
     from PIL import Image
 
-    path = model.path.parent / relative
+    from .data.io import RASTER_FORMATS
+
+    folder = model.path.parent
+    path = folder / relative
+    # A results file names its examples relative to itself; it may not copy other files on this
+    # disk into a report that is then shared.
+    if Path(relative).is_absolute() or not os.path.normpath(path.absolute()).startswith(
+        os.path.join(os.path.normpath(folder.absolute()), "")
+    ):
+        raise ValueError(f"{model.path}: example file {relative!r} is outside the results' folder {folder}")
     try:
-        with Image.open(path) as picture:
+        with Image.open(path, formats=RASTER_FORMATS) as picture:
             array = np.asarray(picture.convert("RGB") if ndim == 3 else picture)
     except FileNotFoundError:
         raise ValueError(f"{model.path}: example file not found: {path}") from None

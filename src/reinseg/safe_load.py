@@ -115,7 +115,7 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
             raise ValueError(f"{path} is not a {what} (not a file written by torch.save)")
     try:
         with torch.serialization.safe_globals(_RECORD_CLASSES):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
         refused = _refused_globals(path, err)
         if refused is not None:
@@ -126,6 +126,40 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
         raise ValueError(f"could not read {what} {path}: {_first_line(err)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"could not read {what} {path}: {_first_line(err)}") from None
+    _refuse_stretched_tensors(loaded, path, what)
+    return loaded
+
+
+# A tensor may view its storage with zero strides: one stored float can claim a (1, 1370, 4M)
+# tensor, which the first copy (a position-embedding resize, a clone) makes real. Views larger
+# than their storage are refused above this size; small broadcast buffers stay readable.
+MAX_STRETCHED_BYTES = 64 * 2**20
+
+
+def _stretched(tensor: Tensor) -> bool:
+    nbytes = tensor.numel() * tensor.element_size()
+    return nbytes > MAX_STRETCHED_BYTES and nbytes > tensor.untyped_storage().nbytes()
+
+
+def _refuse_stretched_tensors(loaded: object, path: Path, what: str) -> None:
+    """Raise ValueError for a tensor in ``loaded`` (dicts, lists, tuples) that views more memory
+    than its file stores (:data:`MAX_STRETCHED_BYTES`)."""
+    import torch
+
+    stack = [loaded]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if _stretched(item):
+                raise ValueError(
+                    f"{path}: refused to read this {what}: a tensor of shape {tuple(item.shape)} views "
+                    f"{item.untyped_storage().nbytes():,} stored bytes (zero strides), "
+                    f"{item.numel() * item.element_size():,} bytes once copied"
+                )
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
 
 
 def _first_line(err: BaseException) -> str:
@@ -187,7 +221,10 @@ _STORAGE_DTYPES = {
 
 
 def _rebuild_tensor(storage: Tensor, offset: int, size, stride, *unused: object) -> Tensor:
-    return storage.as_strided(tuple(size), tuple(stride), offset)
+    view = storage.as_strided(tuple(size), tuple(stride), offset)
+    if _stretched(view):  # the archive's tensors are cloned: a stretched view would be made real
+        raise pickle.UnpicklingError(f"a tensor of shape {tuple(view.shape)} views more than its archive stores")
+    return view
 
 
 class _ScriptDataUnpickler(pickle.Unpickler):

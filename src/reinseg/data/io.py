@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = [
+    "RASTER_FORMATS",
     "DataError",
     "size_mismatch",
     "read_image",
@@ -25,6 +26,11 @@ __all__ = [
     "write_png",
     "write_jpeg",
 ]
+
+
+# The formats an image or label may be in. Pillow identifies a file by its content, not its name,
+# and would hand a PostScript/EPS file named x.png to Ghostscript: no file may run code.
+RASTER_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
 
 
 class DataError(ValueError):
@@ -50,7 +56,7 @@ def _open(path, load: bool = True, rawmode: str | None = None) -> Image.Image:
     ``rawmode`` overrides how Pillow unpacks the decoded bytes (see :func:`_first_channel`).
     """
     try:
-        image = Image.open(path)
+        image = Image.open(path, formats=RASTER_FORMATS)
         if rawmode is not None:
             image.tile = [(tile[0], tile[1], tile[2], rawmode) for tile in image.tile]
         if load:
@@ -77,6 +83,7 @@ def read_image(path) -> np.ndarray:
         raise DataError(path, "file not found") from None
     except OSError as err:
         raise DataError(path, f"unreadable ({err.strerror or err})") from None
+    _refuse_decompression_bombs(path, data)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise DataError(path, "unreadable (not an image format OpenCV can decode, or a damaged file)")
@@ -84,6 +91,20 @@ def read_image(path) -> np.ndarray:
         # libjpeg decodes a cut-off JPEG with a warning and grey rows; that is a damaged file.
         raise DataError(path, "unreadable (a truncated JPEG: no end-of-image marker after its last scan)")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _refuse_decompression_bombs(path, data: np.ndarray) -> None:
+    """Pillow's limit on pixels (``Image.MAX_IMAGE_PIXELS``) for OpenCV's decoding too, read from
+    the header: OpenCV's own allows 2**30 pixels, so a 190 KB PNG would take gigabytes."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(memoryview(data)), formats=RASTER_FORMATS):
+            pass
+    except Image.DecompressionBombError as err:
+        raise DataError(path, f"refused: {err}") from None
+    except Exception:  # not a format Pillow reads: OpenCV decides
+        pass
 
 
 def _truncated_jpeg(data: np.ndarray) -> bool:
