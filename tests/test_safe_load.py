@@ -471,3 +471,9 @@ def test_a_tensor_that_views_more_than_its_file_stores_is_refused(tmp_path):
     # A small broadcast buffer stays readable.
     torch.save({"mask": torch.ones(1).expand(64, 64)}, tmp_path / "small.pth")
     assert load_torch_file(tmp_path / "small.pth")["mask"].shape == (64, 64)
+
+
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained_cfg_overlay"])
+def test_timm_kwargs_cannot_make_timm_load_weights(key, tmp_path):
+    with pytest.raises(ValueError, match=f"timm_kwargs: {key} would have timm load"):
+        build_backbone("dinov2_vits14", img_size=32, patch_size=16, **TINY, **{key: str(tmp_path / "w.pth")})

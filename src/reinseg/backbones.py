@@ -358,6 +358,10 @@ def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair
 
 
+# timm.create_model arguments that load or fetch weights: refused in timm_kwargs.
+TIMM_LOADING_KEYS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict")
+
+
 def build_backbone(
     name: str,
     *,
@@ -396,6 +400,13 @@ def build_backbone(
     import timm
 
     backbone_kind(name)  # an unknown name is an error naming the known ones
+    loading = sorted(set(timm_overrides) & set(TIMM_LOADING_KEYS))
+    if loading:
+        # A config stored in a checkpoint reaches here too: weights load through reinseg's reader.
+        raise ValueError(
+            f"model.backbone.timm_kwargs: {', '.join(loading)} would have timm load or fetch weights itself; "
+            "name them with model.backbone.checkpoint (a local file) or pretrained"
+        )
     if checkpoint is not None and pretrained:
         raise ValueError("pass either checkpoint= or pretrained=True, not both")
     if resample not in RESAMPLE_METHODS:
