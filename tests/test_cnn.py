@@ -97,7 +97,7 @@ def test_parameter_counts_follow_distinct_cfgs(golden):
     "name, depths, channels",
     [
         ("resnet50_v1c", [3, 4, 6, 3], [256, 512, 1024, 2048]),
-        ("resnet101_v1c", [3, 4, 23, 3], [256, 512, 1024, 2048]),
+        pytest.param("resnet101_v1c", [3, 4, 23, 3], [256, 512, 1024, 2048], marks=pytest.mark.slow),  # as ResNet-50
         ("convnext_large", [3, 3, 27, 3], [192, 384, 768, 1536]),
     ],
 )

@@ -64,6 +64,7 @@ def test_autocast_enabled_follows_autocast_and_is_false_where_it_does_not_serve(
         assert autocast_enabled("cpu") and not autocast_enabled("meta")
 
 
+@pytest.mark.slow  # dynamo's first use in the process: about 1 s
 def test_the_autocast_checks_trace_without_a_graph_break():
     """Rein and the encoder FFN ask in every block; torch.amp.is_autocast_available broke
     torch.compile's graph there (torch 2.11)."""
