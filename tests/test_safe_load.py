@@ -477,3 +477,29 @@ def test_a_tensor_that_views_more_than_its_file_stores_is_refused(tmp_path):
 def test_timm_kwargs_cannot_make_timm_load_weights(key, tmp_path):
     with pytest.raises(ValueError, match=f"timm_kwargs: {key} would have timm load"):
         build_backbone("dinov2_vits14", img_size=32, patch_size=16, **TINY, **{key: str(tmp_path / "w.pth")})
+
+
+class _CallsOnLoad:
+    """Pickles as a call of ``target(*args)`` (what a crafted file would hold)."""
+
+    def __init__(self, target, *args):
+        self.target, self.args = target, args
+
+    def __reduce__(self):
+        return self.target, self.args
+
+
+@pytest.mark.parametrize("target", ["DeviceMesh", "SystemExit"])
+def test_globals_torch_adds_process_wide_are_refused_too(tmp_path, target):
+    """Importing torch.distributed (Lightning does) allow-lists DeviceMesh, whose construction
+    starts a process group, and every built-in exception: a weight file needs none of them."""
+    import lightning  # noqa: F401  (what registers them in a reinseg process)
+    from torch.distributed.device_mesh import DeviceMesh
+
+    call = _CallsOnLoad(DeviceMesh, "cpu", [0]) if target == "DeviceMesh" else _CallsOnLoad(SystemExit, 3)
+    registered = len(torch.serialization.get_safe_globals())
+    assert any(getattr(g, "__name__", None) == target for g in torch.serialization.get_safe_globals())
+    torch.save({"weights": torch.ones(2), "x": call}, tmp_path / "file.pth")
+    with pytest.raises(UnsafeFileError, match=target):
+        load_torch_file(tmp_path / "file.pth")
+    assert len(torch.serialization.get_safe_globals()) == registered  # put back after the read

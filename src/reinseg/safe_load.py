@@ -7,7 +7,8 @@ Nothing in such a file may run code, import a module or exhaust the machine:
   (mmengine's history buffers and configs, numpy arrays in its message hub, ``argparse``
   namespaces of timm/DeiT/MAE training scripts; :data:`FRAMEWORK_GLOBALS`) are allowed *by
   name* and become inert :class:`FrameworkRecord` objects: their contents are dropped, their module is never imported.
-  Any other global is refused with the file and the global named.
+  Any other global is refused with the file and the global named, also those that torch and
+  ``torch.distributed`` add to the allow-list process-wide (exceptions, ``DeviceMesh``).
 - TorchScript archives (OpenAI's CLIP releases) are read as data: their ``data.pkl`` is
   unpickled with an allow-list (tensors, ``OrderedDict``, the archive's own ``__torch__`` module
   records) and tensors come from the archive's storages. ``torch.jit.load`` is never called, so
@@ -19,6 +20,7 @@ Nothing in such a file may run code, import a module or exhaust the machine:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import zipfile
@@ -114,7 +116,7 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
         if not is_zip and file.read(1) != b"\x80":  # every torch.save file is a zip or starts with a pickle
             raise ValueError(f"{path} is not a {what} (not a file written by torch.save)")
     try:
-        with torch.serialization.safe_globals(_RECORD_CLASSES):
+        with _only_record_globals():
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as err:
         refused = _refused_globals(path, err)
@@ -128,6 +130,27 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
         raise ValueError(f"could not read {what} {path}: {_first_line(err)}") from None
     _refuse_stretched_tensors(loaded, path, what)
     return loaded
+
+
+@contextlib.contextmanager
+def _only_record_globals():
+    """torch's weights-only reading with the framework records as the only added globals.
+
+    Importing torch and ``torch.distributed`` (Lightning does) registers more safe globals
+    process-wide: every built-in exception, DTensor's records and ``DeviceMesh``, whose
+    construction from a file's arguments starts a process group (a connection to the configured
+    master). They are set aside while a file is read and put back after (process-wide state: a
+    file is read by one thread at a time)."""
+    import torch
+
+    registered = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(_RECORD_CLASSES)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(registered)
 
 
 # A tensor may view its storage with zero strides: one stored float can claim a (1, 1370, 4M)
@@ -173,11 +196,13 @@ def _refused_globals(path: Path, err: Exception) -> str | None:
     import torch
 
     message = str(err)
-    if "GLOBAL" not in message and "unrecognized function" not in message and "allowlisted" not in message:
+    # (torch names no global for those it knows but reinseg sets aside: "must be imported to load")
+    if not any(sign in message for sign in ("GLOBAL", "unrecognized function", "allowlisted", "must be imported")):
         return None
     try:
         allowed = set(FRAMEWORK_GLOBALS)
-        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
+        with _only_record_globals():  # what torch registered process-wide counts as unsafe here too
+            names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
     except Exception:  # legacy files: get_unsafe_globals_in_checkpoint reads zip files only
         names = []
     if names:
