@@ -203,22 +203,34 @@ def cmd_train(args) -> None:
         print_failures(failures)
 
 
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
+
+
 def child_error(stderr: str) -> str:
     """The exception a child process died of, for a table cell: the last line of ``stderr`` that
     names an exception (``KeyError: ...``; compiler output and warnings may follow it), else its
     last line."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()] or ["?"]
-    named = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line)]
+    named = [line for line in lines if _EXCEPTION_LINE.match(line)]
     return (named or lines)[-1][:300].replace("|", "\\|")
 
 
 def print_failures(failures: list[tuple[str, str]], tail: int = 40) -> None:
-    """The last ``tail`` lines of each failed row's stderr, after its table (a GPU session may
-    have no second chance to see them)."""
+    """Each failed row's error after its table (a GPU session may have no second chance to see
+    it): the end of the last traceback in its stderr, at most ``tail`` lines, then the lines
+    that report an error (a compiler's ``error:``), at most 10; else the last ``tail`` lines."""
     for label, stderr in failures:
-        lines = stderr.rstrip().splitlines()[-tail:]
-        print(f"\n<details><summary>{label}: the last {len(lines)} lines of its stderr</summary>\n")
-        print("```\n" + "\n".join(lines) + "\n```\n</details>", flush=True)
+        lines = stderr.rstrip().splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+        if starts:
+            named = [i for i, line in enumerate(lines) if i > starts[-1] and _EXCEPTION_LINE.match(line.strip())]
+            end = (named[-1] if named else len(lines) - 1) + 1
+            shown = lines[max(starts[-1], end - tail) : end]
+            shown += [line for line in lines[end:] if re.search(r"\berror\b", line)][:10]
+        else:
+            shown = lines[-tail:]
+        print(f"\n<details><summary>{label}: its error ({len(shown)} lines of its stderr)</summary>\n")
+        print("```\n" + "\n".join(shown) + "\n```\n</details>", flush=True)
 
 
 def scale_to_demo(model) -> None:
