@@ -170,13 +170,15 @@ def test_ranks_take_disjoint_consecutive_samples():
     assert sorted(shards[0] + shards[1]) == list(range(7))
 
 
-def test_workers_keep_the_stream_order():
+@pytest.mark.parametrize("start_step", [0, 1, 3])  # a resume: at, and off, a multiple of the workers
+def test_workers_keep_the_stream_order(start_step):
     stream = TrainingStream(Numbers(9), batch_size=3, seed=1)
+    stream.start_step = start_step
     serial = [b for _, b in zip(range(4), torch.utils.data.DataLoader(stream, batch_size=3), strict=False)]
     parallel = [
         b for _, b in zip(range(4), torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2), strict=False)
     ]
-    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(serial, parallel, strict=False))
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(serial, parallel, strict=True))
 
 
 KILLED_RUN = textwrap.dedent(
@@ -266,3 +268,23 @@ def test_two_process_ddp_on_cpu(tmp_path):
     labelled = sum(int((item["label"] != 255).sum()) for item in (dataset[i] for i in range(len(dataset))))
     assert len(dataset) == 5
     assert metrics["domains"]["cityscapes"]["pixels"] == labelled
+
+
+def test_a_resume_restores_the_current_cuda_devices_generator_only(monkeypatch):
+    """One state per rank's own device: a checkpoint of a node with 8 visible GPUs resumes where
+    one is visible (every device's states, restored all, raised IndexError there)."""
+    from reinseg.engine import rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every device's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every device's state restored"))
+    state = rng_state()
+    assert int(state["cuda_device"][0]) == 7
+    set_rng_state(state)
+    old = {"torch": torch.get_rng_state(), "cuda": [torch.tensor([i], dtype=torch.uint8) for i in range(8)]}
+    set_rng_state(old)  # an older checkpoint: the current device's entry
+    assert restored == [7, 0]

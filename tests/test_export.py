@@ -106,3 +106,23 @@ def test_a_size_off_the_patch_grid_is_refused(tiny_checkpoint, tmp_path, capsys)
     assert main(["export", str(tiny_checkpoint), "--size", "64", "90", "--output", str(target)]) == 2
     assert "--size 64 90" in capsys.readouterr().err
     assert not target.exists()
+
+
+@pytest.mark.parametrize("tuning", ["rein", "set", "fada"])
+def test_folding_keeps_what_each_rein_computes(tuning):
+    """Only plain Rein folds; SET and FADA refine otherwise and are exported as they are (their
+    folded form gave 0.12 off for SET and a shape error for FADA)."""
+    from reinseg.export import FoldedRein, fold_rein
+
+    model = tiny_model_config()
+    model.tuning = tuning
+    if tuning in ("set", "fada"):
+        options = getattr(model, tuning)
+        options.token_length, options.lora_dim, options.query_dims = 8, 4, 32
+    torch.manual_seed(0)
+    segmentor = build_segmentor(model, load_backbone_weights=False).eval()
+    folded = fold_rein(segmentor)
+    assert isinstance(folded.backbone.rein, FoldedRein) == (tuning == "rein")
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.encode_decode(images), segmentor.encode_decode(images), rtol=0, atol=1e-5)

@@ -113,6 +113,21 @@ def test_official_scales_are_those_of_the_official_configs_of_the_crop(crop, exp
     assert protocol_run(get_protocols(["config"])[0], domains, model).scales["acdc"] == (1920, 1080)
 
 
+def test_sizes_below_the_crop_or_off_the_patch_grid_are_padded_as_predict_pads():
+    """ms-flip at 0.5 takes BDD100K's 1280x720 to 640x360 (below a 512 crop, 360 off the 16 grid):
+    the scores of such a size are those of the padded image, as `reinseg predict` computes them."""
+    from reinseg.protocols import ProtocolRun, protocol_scores
+
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config(), load_backbone_weights=False).eval()
+    image = np.random.default_rng(0).integers(0, 255, (27, 48, 3), dtype=np.uint8)  # 27 off the grid
+    for mode, crop, stride in (("slide", (64, 64), (43, 43)), ("whole", None, None)):
+        run = ProtocolRun(get_protocols(["official"])[0], {"d": None}, mode, crop, stride)
+        with torch.no_grad():
+            scores = protocol_scores(segmentor, run, "d", image, (27, 48))
+        assert scores.shape == (19, 27, 48) and scores.isfinite().all(), mode
+
+
 @pytest.mark.slow  # ms-flip: 12 passes at up to 1792x896 per image
 def test_several_protocols_read_each_image_once_and_record_themselves(tmp_path, checkpoint, seen, monkeypatch):
     import reinseg.data.datasets as datasets

@@ -239,18 +239,25 @@ def work(folder, item):
     time.sleep(120)
 
 if __name__ == "__main__":
+    if sys.argv[2] != "default":
+        import multiprocessing
+        multiprocessing.set_start_method(sys.argv[2])
     parallel_map(partial(work, sys.argv[1]), list(range(4)), workers=2, progress=False)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_pool_workers_die_with_a_killed_parent(tmp_path):
+@pytest.mark.parametrize(
+    "start_method",
+    ["default", pytest.param("forkserver", marks=pytest.mark.slow)],  # forkserver: Python 3.14's default
+)
+def test_pool_workers_die_with_a_killed_parent(tmp_path, start_method):
     import time
 
     (tmp_path / "pool.py").write_text(POOL)
     pids = tmp_path / "pids"
     pids.mkdir()
-    parent = subprocess.Popen([sys.executable, str(tmp_path / "pool.py"), str(pids)])
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "pool.py"), str(pids), start_method])
     try:
         deadline = time.monotonic() + 60
         while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:

@@ -73,6 +73,11 @@ def test_slide_crop_not_divisible_by_the_patch_size():
         segmentor.predict(torch.randn(1, 3, 64, 64), mode="slide", crop_size=60, stride=40)
     with pytest.raises(ValueError, match="test mode"):
         segmentor.predict(torch.randn(1, 3, 64, 64), mode="tiles")
+    # Windows further apart than they are wide would leave pixels no window covers (0 / 0 scores,
+    # predicted as class 0).
+    with pytest.raises(ValueError, match="model.test.stride 48x48 must be at least 1 and at most the crop_size 32x32"):
+        segmentor.predict(torch.randn(1, 3, 96, 96), mode="slide", crop_size=32, stride=48)
+    assert segmentor.predict(torch.randn(1, 3, 96, 96), mode="slide", crop_size=32, stride=32).isfinite().all()
 
 
 def test_default_slide_settings_are_the_official_ones():

@@ -60,6 +60,7 @@ def test_a_three_second_video_round_trips(checkpoint, tmp_path, capsys):
     assert main([*argv, "--frames"]) == 0
     captured = capsys.readouterr()
     assert f"{FPS * SECONDS}/{FPS * SECONDS}" in captured.err  # the progress bar, on stderr
+    assert f"wrote {out / 'clip_overlay.mp4'} and {2 * FPS * SECONDS} frame PNGs" in captured.out
     count, size, rate = decoded(out / "clip_overlay.mp4")
     assert (count, size, rate) == (FPS * SECONDS, (HEIGHT, WIDTH), FPS)
     labels = sorted((out / "clip_frames").glob("*_labelTrainIds.png"))
@@ -136,6 +137,19 @@ def test_a_failure_mid_video_leaves_no_half_written_folder(checkpoint, tmp_path,
     with pytest.raises(RuntimeError, match="out of memory"):
         video.predict_video(str(checkpoint), clip, tmp_path / "out", scale=(32, 32), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "model.ckpt"]
+
+
+def test_videos_by_glob_and_two_videos_of_one_name(checkpoint, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = make_video(tmp_path / "a" / "drive.mp4"), make_video(tmp_path / "b" / "drive.mp4")
+    argv = ["predict", str(checkpoint), "--output", str(tmp_path / "out"), "--scale", "64", "48"]
+    assert main([*argv, str(first), str(second)]) == 2
+    err = capsys.readouterr().err
+    assert str(first) in err and str(second) in err and "drive_overlay.mp4" in err
+    assert not (tmp_path / "out").exists()
+    assert main([*argv, str(tmp_path / "a" / "*.mp4")]) == 0  # a pattern names videos, not a file
+    assert (tmp_path / "out" / "drive_overlay.mp4").is_file()
 
 
 def test_a_bad_video_among_images_is_refused_before_any_image_is_written(checkpoint, tmp_path, capsys):

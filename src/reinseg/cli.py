@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -205,10 +206,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .video import is_video, predict_video, probe_video
 
     options = dict(scale=args.scale or "checkpoint", mode=args.mode, flip=args.flip, device=args.device)
-    videos = [item for item in args.images if is_video(item)]
-    images = [item for item in args.images if not is_video(item)]
+    # Glob patterns are expanded first, so that 'clips/*.mp4' names videos, not a file.
+    inputs = [
+        match
+        for item in args.images
+        for match in (sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]) or [item]
+    ]
+    videos = [item for item in inputs if is_video(item)]
+    images = [item for item in inputs if not is_video(item)]
+    stems: dict[str, str] = {}
     for video in videos:  # a bad video is refused before any image's prediction is written
         probe_video(video)
+        other = stems.setdefault(Path(video).stem, video)
+        if other != video:
+            raise ValueError(f"{other} and {video} would both write {Path(video).stem}_overlay.mp4: rename one")
     if images:
         written = predict_files(args.checkpoint, images, args.output, **options)
         print(f"wrote {len(written)} predictions (train-ID PNGs and overlays) to {args.output}")

@@ -80,7 +80,10 @@ class TrainingStream(IterableDataset):
             cv2.setNumThreads(0)
         step = self.start_step
         while True:
-            if step % num_workers == worker_id:
+            # The loader takes the first batch from worker 0, then round-robin: counted from the
+            # stream's start, not from step 0, or a resume at a step not a multiple of the
+            # workers would swap neighbouring batches.
+            if (step - self.start_step) % num_workers == worker_id:
                 first = (step * self.world_size + self.rank) * self.batch_size
                 for sample in range(first, first + self.batch_size):
                     epoch, index = self.sample_index(sample)

@@ -384,17 +384,25 @@ def _gather_records(records: list[list[dict]], datasets) -> list[list[dict]]:
 
 
 def rng_state() -> dict:
-    """The global torch RNG states of this process (CPU and, if any, every CUDA device)."""
+    """The global torch RNG states of this process: the CPU's and, if any, its current CUDA
+    device's (a rank draws on its own device only; every visible device's states would not fit
+    a resume that sees fewer devices)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state:  # checkpoints before 2026-12-06: every visible device's state
+        device = torch.cuda.current_device()
+        if device < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][device])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

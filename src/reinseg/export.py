@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .rein import Rein
+
 __all__ = [
     "OPSET",
     "SegmentationLogits",
@@ -92,7 +94,8 @@ def fold_rein(segmentor: nn.Module) -> nn.Module:
     """A copy of ``segmentor`` whose Rein (if any, one per ViT) is a :class:`FoldedRein`."""
     folded = copy.deepcopy(segmentor)
     rein = getattr(folded.backbone, "rein", None)
-    if rein is not None and hasattr(rein, "tokens"):
+    # Rein's own arithmetic only: SET and FADA (subclasses) refine otherwise and stay as they are.
+    if rein is not None and type(rein) is Rein:
         folded.backbone.rein = FoldedRein(rein)
     return folded
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backbones import as_pair
 from .checkpoints import segmentor_from_checkpoint
 from .segmentor import Segmentor
 
@@ -20,6 +21,7 @@ __all__ = [
     "checkpoint_scale",
     "segment_image",
     "segment_images",
+    "padded_scores",
     "overlay",
     "predict_files",
 ]
@@ -104,23 +106,41 @@ def segment_images(
     from .data.transforms import Normalize, rescale_size, resize_image
 
     height, width = images[0].shape[:2]
+    for i, image in enumerate(images):
+        if image.shape[:2] != (height, width):  # one size per batch: else resized to the first's
+            raise ValueError(f"image {i} of the batch is {image.shape[0]}x{image.shape[1]}, the first {height}x{width}")
     batch = []
     for image in images:
         if scale is not None:
             image = resize_image(image, rescale_size((height, width), tuple(scale)))
         batch.append(torch.from_numpy(Normalize()(image)[0]).permute(2, 0, 1))
     device = next(segmentor.parameters()).device
-    x = torch.stack(batch).to(device)
-    h, w = x.shape[-2:]
-    ph, pw = segmentor.backbone.patch_size
-    crop = segmentor.crop_size if (mode or segmentor.test_mode) == "slide" else None
-    min_h, min_w = crop if crop is not None else (0, 0)
-    target_h, target_w = max(-(-h // ph) * ph, min_h), max(-(-w // pw) * pw, min_w)
-    # Padding with zeros (the mean colour after normalization) keeps every window a full crop.
-    x = F.pad(x, (0, target_w - w, 0, target_h - h))
-    scores = segmentor.predict(x, mode=mode, flip=flip)[..., :h, :w]
+    scores = padded_scores(segmentor, torch.stack(batch).to(device), mode=mode, flip=flip)
     scores = F.interpolate(scores.float(), size=(height, width), mode="bilinear", align_corners=False)
     return scores.argmax(1).to(torch.uint8).cpu().numpy()
+
+
+def padded_scores(
+    segmentor: Segmentor,
+    images: torch.Tensor,
+    mode: str | None = None,
+    crop_size=None,
+    stride=None,
+    flip: bool | None = None,
+) -> torch.Tensor:
+    """``segmentor.predict`` of normalized ``(B, 3, h, w)`` images of any size: padded with zeros
+    (the mean colour after normalization) to a multiple of the patch size and, in sliding-window
+    mode, to at least the crop (every window a full crop); the scores ``(B, C, h, w)`` of the
+    images themselves."""
+    h, w = images.shape[-2:]
+    ph, pw = segmentor.backbone.patch_size
+    crop = None
+    if (mode or segmentor.test_mode) == "slide":
+        crop = segmentor.crop_size if crop_size is None else as_pair(crop_size, "crop_size")
+    min_h, min_w = crop if crop is not None else (0, 0)
+    target_h, target_w = max(-(-h // ph) * ph, min_h), max(-(-w // pw) * pw, min_w)
+    padded = F.pad(images, (0, target_w - w, 0, target_h - h))
+    return segmentor.predict(padded, mode=mode, crop_size=crop_size, stride=stride, flip=flip)[..., :h, :w]
 
 
 def overlay(image: np.ndarray, train_ids: np.ndarray, classes) -> np.ndarray:

@@ -225,6 +225,7 @@ def protocol_scores(segmentor, run: ProtocolRun, domain: str, image: np.ndarray,
     scores, mirrored and not where ``flip``, resized to ``out_size``, softmax-ed and averaged.
     """
     from .data.transforms import eval_transform, resize_image
+    from .predict import padded_scores
 
     device = next(segmentor.parameters()).device
     sizes = input_sizes(run, domain, image.shape[:2])
@@ -234,7 +235,8 @@ def protocol_scores(segmentor, run: ProtocolRun, domain: str, image: np.ndarray,
         tensor = eval_transform(None)(resize_image(image, size))[0][None].to(device)
         if mirrored:
             tensor = tensor.flip(-1)
-        scores = segmentor.predict(tensor, run.mode, run.crop, run.stride, predict_flip)[0]
+        # A size below the crop or off the patch grid (BDD100K x 0.5: 360x640) is padded, as predict does.
+        scores = padded_scores(segmentor, tensor, run.mode, run.crop, run.stride, predict_flip)[0]
         return scores.flip(-1) if mirrored else scores
 
     if len(sizes) == 1:

@@ -162,3 +162,9 @@ class Segmentor(nn.Module):
         patch = self.backbone.patch_size
         if crop[0] % patch[0] or crop[1] % patch[1]:
             raise ValueError(f"crop_size {crop[0]}x{crop[1]} is not divisible by the patch size {patch[0]}")
+        if stride[0] > crop[0] or stride[1] > crop[1] or min(stride) < 1:
+            # Windows further apart than they are wide leave pixels no window covers (0 / 0 scores).
+            raise ValueError(
+                f"model.test.stride {stride[0]}x{stride[1]} must be at least 1 and at most the crop_size "
+                f"{crop[0]}x{crop[1]}"
+            )

@@ -172,7 +172,9 @@ def predict_video(
                     bar.update(len(chunk))
             finally:
                 writer.close()
-        names = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+        # The overlay video first (what the command reports), then the frames in order.
+        written = (p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+        names = sorted(written, key=lambda p: (len(p.parts), p))
         _publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
@@ -29,7 +31,11 @@ def parallel_map(fn, items: list, workers: int | None = None, desc: str | None =
     if workers == 1 or len(items) < 2:
         return [fn(item) for item in tqdm(items, **bar)]
     chunksize = max(1, len(items) // (workers * 16))
-    with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    # Workers forked from this process on Linux whatever the start method (forkserver is the
+    # default from Python 3.14): the parent they watch is this one, not a fork server.
+    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
+    with pool:
         return list(tqdm(pool.map(fn, items, chunksize=chunksize), **bar))
 
 
