@@ -113,19 +113,29 @@ def test_official_scales_are_those_of_the_official_configs_of_the_crop(crop, exp
     assert protocol_run(get_protocols(["config"])[0], domains, model).scales["acdc"] == (1920, 1080)
 
 
-def test_sizes_below_the_crop_or_off_the_patch_grid_are_padded_as_predict_pads():
-    """ms-flip at 0.5 takes BDD100K's 1280x720 to 640x360 (below a 512 crop, 360 off the 16 grid):
-    the scores of such a size are those of the padded image, as `reinseg predict` computes them."""
+def test_sizes_off_the_patch_grid_are_padded_and_below_the_crop_run_as_a_smaller_window():
+    """ms-flip at 0.5 takes BDD100K's 1280x720 to 640x360 (below a 512 crop, 360 off the 16 grid).
+    Off the grid: the scores of the image padded to it. On the grid below the crop: one smaller
+    window, as mmseg's slide_inference runs it (no padding to the crop)."""
+    import torch.nn.functional as F
+
+    from reinseg.data.transforms import eval_transform
     from reinseg.protocols import ProtocolRun, protocol_scores
 
     torch.manual_seed(0)
     segmentor = build_segmentor(tiny_model_config(), load_backbone_weights=False).eval()
-    image = np.random.default_rng(0).integers(0, 255, (27, 48, 3), dtype=np.uint8)  # 27 off the grid
+    rng = np.random.default_rng(0)
     for mode, crop, stride in (("slide", (64, 64), (43, 43)), ("whole", None, None)):
         run = ProtocolRun(get_protocols(["official"])[0], {"d": None}, mode, crop, stride)
-        with torch.no_grad():
-            scores = protocol_scores(segmentor, run, "d", image, (27, 48))
-        assert scores.shape == (19, 27, 48) and scores.isfinite().all(), mode
+        for height, padded_height in ((32, 32), (27, 32)):  # on the grid; 27 off it
+            image = rng.integers(0, 255, (height, 48, 3), dtype=np.uint8)
+            tensor = eval_transform(None)(image)[0][None]
+            with torch.no_grad():
+                scores = protocol_scores(segmentor, run, "d", image, (height, 48))
+                padded = F.pad(tensor, (0, 0, 0, padded_height - height))
+                expected = segmentor.predict(padded, mode, crop, stride, False)[0, :, :height]
+            assert scores.shape == (19, height, 48), (mode, height)
+            torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow  # ms-flip: 12 passes at up to 1792x896 per image

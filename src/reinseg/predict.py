@@ -127,17 +127,18 @@ def padded_scores(
     crop_size=None,
     stride=None,
     flip: bool | None = None,
+    full_windows: bool = True,
 ) -> torch.Tensor:
     """``segmentor.predict`` of normalized ``(B, 3, h, w)`` images of any size: padded with zeros
-    (the mean colour after normalization) to a multiple of the patch size and, in sliding-window
-    mode, to at least the crop (every window a full crop); the scores ``(B, C, h, w)`` of the
-    images themselves."""
+    (the mean colour after normalization) to a multiple of the patch size and, with
+    ``full_windows`` in sliding-window mode, to at least the crop (every window a full crop;
+    without it a smaller image is one smaller window, as mmseg's ``slide_inference`` runs it);
+    the scores ``(B, C, h, w)`` of the images themselves."""
     h, w = images.shape[-2:]
     ph, pw = segmentor.backbone.patch_size
-    crop = None
-    if (mode or segmentor.test_mode) == "slide":
-        crop = segmentor.crop_size if crop_size is None else as_pair(crop_size, "crop_size")
-    min_h, min_w = crop if crop is not None else (0, 0)
+    min_h, min_w = 0, 0
+    if full_windows and (mode or segmentor.test_mode) == "slide":
+        min_h, min_w = segmentor.crop_size if crop_size is None else as_pair(crop_size, "crop_size")
     target_h, target_w = max(-(-h // ph) * ph, min_h), max(-(-w // pw) * pw, min_w)
     padded = F.pad(images, (0, target_w - w, 0, target_h - h))
     return segmentor.predict(padded, mode=mode, crop_size=crop_size, stride=stride, flip=flip)[..., :h, :w]

@@ -173,18 +173,18 @@ def protocol_run(protocol: Protocol, domains, model_config) -> ProtocolRun:
     from .build import official_window
     from .data.layouts import DATASETS
 
+    crop, stride = official_window(model_config)
     scales = {}
     for domain, entry in domains:
         if protocol.scale == "config":
             scales[domain] = entry.eval_scale()
         elif protocol.scale == "official":
             info = DATASETS.get(entry.name)
-            scales[domain] = official_test_scale(entry.name, model_config, None if info is None else info.test_scale)
+            scales[domain] = official_test_scale(entry.name, crop, None if info is None else info.test_scale)
         else:
             scales[domain] = tuple(protocol.scale)
     if protocol.window == "config":
         return ProtocolRun(protocol, scales, None, None, None)
-    crop, stride = official_window(model_config)
     return ProtocolRun(protocol, scales, "slide", crop, stride)
 
 
@@ -197,12 +197,9 @@ OFFICIAL_SCALES_BY_CROP = {
 }
 
 
-def official_test_scale(dataset: str, model_config, default):
-    """The (long, short) scale the official config of ``model_config``'s training crop evaluates
-    ``dataset`` at: its 1024 configs' for crops of 1024 and more, else its 512 configs'."""
-    from .build import official_window
-
-    crop, _ = official_window(model_config)
+def official_test_scale(dataset: str, crop: tuple[int, int], default):
+    """The (long, short) scale the official configs of the training ``crop`` (h, w) evaluate
+    ``dataset`` at: the 1024 configs' for crops of 1024 and more, else the 512 configs'."""
     by_dataset = OFFICIAL_SCALES_BY_CROP[1024 if max(crop) >= 1024 else 512]
     return by_dataset.get(dataset, default)
 
@@ -235,8 +232,9 @@ def protocol_scores(segmentor, run: ProtocolRun, domain: str, image: np.ndarray,
         tensor = eval_transform(None)(resize_image(image, size))[0][None].to(device)
         if mirrored:
             tensor = tensor.flip(-1)
-        # A size below the crop or off the patch grid (BDD100K x 0.5: 360x640) is padded, as predict does.
-        scores = padded_scores(segmentor, tensor, run.mode, run.crop, run.stride, predict_flip)[0]
+        # A size off the patch grid (BDD100K x 0.5: 360x640) is padded to it; one below the crop is
+        # a smaller window, as mmseg runs it.
+        scores = padded_scores(segmentor, tensor, run.mode, run.crop, run.stride, predict_flip, full_windows=False)[0]
         return scores.flip(-1) if mirrored else scores
 
     if len(sizes) == 1:

@@ -83,7 +83,7 @@ def read_image(path) -> np.ndarray:
         raise DataError(path, "file not found") from None
     except OSError as err:
         raise DataError(path, f"unreadable ({err.strerror or err})") from None
-    _refuse_decompression_bombs(path, data)
+    _refuse_decompression_bombs(path)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise DataError(path, "unreadable (not an image format OpenCV can decode, or a damaged file)")
@@ -93,13 +93,12 @@ def read_image(path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _refuse_decompression_bombs(path, data: np.ndarray) -> None:
+def _refuse_decompression_bombs(path) -> None:
     """Pillow's limit on pixels (``Image.MAX_IMAGE_PIXELS``) for OpenCV's decoding too, read from
-    the header: OpenCV's own allows 2**30 pixels, so a 190 KB PNG would take gigabytes."""
-    import io
-
+    the file's header (0.02 ms; a copy of the bytes read would take 10x that): OpenCV's own
+    limit allows 2**30 pixels, so a 190 KB PNG would take gigabytes."""
     try:
-        with Image.open(io.BytesIO(memoryview(data)), formats=RASTER_FORMATS):
+        with Image.open(path, formats=RASTER_FORMATS):
             pass
     except Image.DecompressionBombError as err:
         raise DataError(path, f"refused: {err}") from None
