@@ -89,6 +89,11 @@ def csv_rows(run_dir):
         return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
+def validation_results(run_dir):
+    """Each ``metrics/val_step*.json`` of a run with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "metrics").glob("*.json"))}
+
+
 def two_domains(config):
     """Validation on two domains (two DataLoaders, as the shipped configs have)."""
     config.data.val.append(dict(config.data.val[0], label="again"))
@@ -108,12 +113,35 @@ def test_kill_during_validation_resumes_bit_exactly_and_keeps_the_log(tmp_path):
     assert weights(run)[0] == 4
     logged = csv_rows(run)
     assert any(row.get("step") == "3" for row in logged)
+    assert "val_step0000004.json" not in validation_results(run)
     train(interrupted)
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(run))
-    # Every row logged before the kill is still there; the resumed steps follow.
+    # The interrupted validation is redone (Lightning's resume alone skips it): every result
+    # file and logged row of the uninterrupted run, the rows logged before the kill kept.
+    assert validation_results(run) == validation_results(tmp_path / "a" / "run")
     after = csv_rows(run)
     assert all(row in after for row in logged)
-    assert {row["step"] for row in after} == {row["step"] for row in csv_rows(tmp_path / "a" / "run")}
+    assert sorted(after, key=repr) == sorted(csv_rows(tmp_path / "a" / "run"), key=repr)
+
+
+@pytest.mark.slow
+def test_kill_during_the_final_validation_is_validated_on_the_next_run(tmp_path, capsys):
+    from reinseg.cli import main
+    from reinseg.engine import train
+
+    options = dict(num_val=2, max_iters=4, val_interval=2, checkpoint_interval=2)
+    reference, interrupted = (tiny_config(tmp_path / name, **options) for name in "ab")
+    train(reference)
+    config_file = kill_run(tmp_path / "b", interrupted, in_validation_after=4)
+    run = tmp_path / "b" / "run"
+    assert weights(run)[0] == 4 and list(validation_results(run)) == ["val_step0000002.json"]
+    assert main(["train", str(config_file)]) == 0
+    assert "its interrupted final validation is now done" in capsys.readouterr().out
+    assert validation_results(run) == validation_results(tmp_path / "a" / "run")
+    assert sorted(csv_rows(run), key=repr) == sorted(csv_rows(tmp_path / "a" / "run"), key=repr)
+    # Now the run is finished and complete: the next one changes nothing.
+    assert main(["train", str(config_file)]) == 0
+    assert "nothing changed" in capsys.readouterr().out
 
 
 def vary_class_counts(config):
@@ -127,19 +155,23 @@ def vary_class_counts(config):
 
 
 @pytest.mark.slow
-def test_two_rank_ddp_kill_resumes_bit_exactly(tmp_path):
+@pytest.mark.parametrize("where", ["at the start of step 3", "during the validation of step 2"])
+def test_two_rank_ddp_kill_resumes_bit_exactly(tmp_path, where):
     options = dict(num_val=3, max_iters=5, val_interval=2, checkpoint_interval=2, devices=2, accelerator="cpu")
     reference = vary_class_counts(tiny_config(tmp_path / "a", **options))
     (tmp_path / "a.yaml").write_text(dump_config(reference))
     result = run_reinseg("train", str(tmp_path / "a.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
     interrupted = vary_class_counts(tiny_config(tmp_path / "b", **options))
-    config_file = kill_run(tmp_path / "b", interrupted, at_step=3)  # after the checkpoint and validation at 2
+    # Both after the checkpoint at step 2.
+    kill = dict(at_step=3) if where.endswith("step 3") else dict(in_validation_after=2)
+    config_file = kill_run(tmp_path / "b", interrupted, **kill)
     assert weights(tmp_path / "b" / "run")[0] == 2
     assert len(torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["rng"]["ranks"]) == 2
     result = run_reinseg("train", str(config_file))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+    assert validation_results(tmp_path / "b" / "run") == validation_results(tmp_path / "a" / "run")
 
 
 @pytest.mark.slow  # data-loader worker processes
@@ -217,6 +249,7 @@ def test_sigterm_during_validation_resumes_exactly(tmp_path):
     assert weights(tmp_path / "b" / "run")[0] == 3
     train(interrupted)
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+    assert validation_results(tmp_path / "b" / "run") == validation_results(tmp_path / "a" / "run")
 
 
 @pytest.mark.slow

@@ -122,15 +122,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config.train.output_dir = args.output
     out = Path(config.train.output_dir)
     task = train(config, resume=args.resume, overwrite=args.overwrite)
-    if task.already_finished is not None:
-        print(
-            f"the run in {out} is finished ({task.already_finished} of {config.train.max_iters} iterations); "
-            "nothing changed (raise train.max_iters to train further)"
-        )
-        return 0
+    finished = task.already_finished
+    if finished is not None:
+        finished_text = f"the run in {out} is finished ({finished} of {config.train.max_iters} iterations)"
+        if task.last_results is None:
+            print(f"{finished_text}; nothing changed (raise train.max_iters to train further)")
+            return 0
     if not task.trainer.is_global_zero:
         return 0
-    print(f"checkpoints in {out / 'checkpoints'}, logs in {out}")
+    if finished is not None:
+        print(f"{finished_text}; its interrupted final validation is now done")
+    else:
+        print(f"checkpoints in {out / 'checkpoints'}, logs in {out}")
     if task.last_results is not None and task.last_results["mean_mIoU"] is not None:
         print(f"final mean mIoU: {task.last_results['mean_mIoU']:.2f}")
     return 0

@@ -131,8 +131,10 @@ class SegmentationTask(L.LightningModule):
         self.image_records: list[list[dict]] = []
         self.last_results: dict[str, Any] | None = None
         self._rng_after_step: dict | None = None
-        # Set by train() when the run had already reached train.max_iters: nothing was done.
+        # Set by train() when the run had already reached train.max_iters: nothing was trained.
         self.already_finished: int | None = None
+        # The iteration a validation outside fit belongs to (validate_missed_step); None: global_step.
+        self.results_step: int | None = None
 
     # -- data (the datamodule's; Lightning is given it with the task) -----------------------
     def train_set(self):
@@ -268,7 +270,7 @@ class SegmentationTask(L.LightningModule):
                 subdomains.setdefault(domain, []).append(sub)
         in_mean = [domain for domain, _, entry in sets if entry.in_mean]
         summary = {
-            "step": int(self.global_step),
+            "step": self.step_of_results(),
             "protocol": self.protocol_runs()[p].parameters(self.segmentor),
             "domains": results,
             "mean_mIoU": mean_over_domains(results, in_mean) if in_mean else None,
@@ -289,12 +291,11 @@ class SegmentationTask(L.LightningModule):
         if len(per_protocol) > 1:  # the first protocol's results stay at the top, for older readers
             summary["protocols"] = {run.name: s for run, (s, _) in zip(self.protocol_runs(), per_protocol, strict=True)}
         self.last_results = summary
-        # The scores are already summed over ranks: rank 0 logs them.
-        for domain, scores in summary["domains"].items():
-            if scores["mIoU"] is not None:
-                self.log(f"val/{domain}/mIoU", scores["mIoU"], rank_zero_only=True)
-        if summary["mean_mIoU"] is not None:
-            self.log("val/mean_mIoU", summary["mean_mIoU"], prog_bar=True, rank_zero_only=True)
+        # The scores are already summed over ranks: rank 0 logs them. A validation outside fit
+        # (validate_missed_step) is logged at its iteration by its caller instead.
+        if self.results_step is None:
+            for name, value in logged_scores(summary).items():
+                self.log(name, value, prog_bar=name == "val/mean_mIoU", rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for run, (results, tables) in zip(self.protocol_runs(), per_protocol, strict=True):
                 if self.protocols is not None:
@@ -309,7 +310,11 @@ class SegmentationTask(L.LightningModule):
             if self.write_metrics:
                 out = Path(self.config.train.output_dir)
                 payload = json.dumps(summary, indent=2).encode()
-                atomic_write_bytes(out / "metrics" / f"val_step{self.global_step:07d}.json", payload)
+                atomic_write_bytes(validation_file(out, self.step_of_results()), payload)
+
+    def step_of_results(self) -> int:
+        """The iteration the current validation's results belong to."""
+        return int(self.global_step if self.results_step is None else self.results_step)
 
     # -- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -368,6 +373,19 @@ class SegmentationTask(L.LightningModule):
                 torch.get_num_threads(),
             )
             torch.set_num_threads(int(threads))
+
+
+def logged_scores(summary: dict[str, Any]) -> dict[str, float]:
+    """The scalars a validation logs: ``val/<domain>/mIoU`` per domain and ``val/mean_mIoU``."""
+    scores = {f"val/{domain}/mIoU": s["mIoU"] for domain, s in summary["domains"].items() if s["mIoU"] is not None}
+    if summary["mean_mIoU"] is not None:
+        scores["val/mean_mIoU"] = summary["mean_mIoU"]
+    return scores
+
+
+def validation_file(output_dir: str | Path, step: int) -> Path:
+    """Where training writes the validation results of iteration ``step``."""
+    return Path(output_dir) / "metrics" / f"val_step{step:07d}.json"
 
 
 def _gather_records(records: list[list[dict]], datasets) -> list[list[dict]]:
@@ -516,6 +534,8 @@ class _RunGuard(L.Callback):
         self._saved_step: int | None = None
 
     def _save(self, trainer) -> None:
+        if trainer.state.fn != "fit":
+            return  # a validation outside fit (validate_missed_step) has no training state to save
         saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
         if trainer.global_step in (saved, self._saved_step):
             return  # last.ckpt holds this step already
@@ -546,8 +566,15 @@ class _Progress(TQDMProgressBar):
         metrics.pop("v_num", None)
         return metrics
 
+    def on_train_start(self, trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self._in_iterations(trainer)  # a resumed run starts no epoch (it continues one)
+
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
+        self._in_iterations(trainer)
+
+    def _in_iterations(self, trainer) -> None:
         self.train_progress_bar.reset(total=trainer.max_steps)
         self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_description("train")
@@ -664,41 +691,32 @@ def train(
         TrainingInterrupted: SIGTERM arrived; ``last.ckpt`` holds the state to resume from.
 
     Everything (configuration, checkpoint, data) is checked before anything is written. A run
-    that had already reached ``train.max_iters`` is left as it is (``already_finished`` holds
-    its step).
+    that had already reached ``train.max_iters`` is not trained further (``already_finished``
+    holds its step). A resume first validates the checkpoint's iteration when that iteration's
+    validation was due and its results are missing (a kill during it; see
+    :func:`validate_missed_step`); a finished run is otherwise left as it is.
     """
     check_values(config)
     check_num_classes(config)
     L.seed_everything(config.train.seed, workers=True, verbose=False)  # before the model's initialisation
     out = Path(config.train.output_dir)
     checkpoints = out / "checkpoints"
-    ckpt_path = None
-    if resume == "auto":
-        ckpt_path = latest_checkpoint(checkpoints)
-    elif resume == "never":
-        existing = sorted(p.name for p in checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
-        if existing and not overwrite:
-            raise FileExistsError(
-                f"{checkpoints} holds the checkpoints of an earlier run ({', '.join(existing[:3])}"
-                f"{', ...' if len(existing) > 3 else ''}): continue it (--resume auto), choose another "
-                "output folder, or delete them with --overwrite"
-            )
-    else:
-        ckpt_path = Path(resume)
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt_path}")
+    ckpt_path = _checkpoint_to_resume(resume, checkpoints, overwrite)
     task = SegmentationTask(config)
-    step = 0
+    step, epoch, missed = 0, 0, False
     if ckpt_path is not None:
         # Refuse another model's checkpoint before writing anything (config.yaml, logs).
         payload = _read_checkpoint(ckpt_path)
         task.check_resumable(payload, f"checkpoint {ckpt_path}")
-        step = int(payload.get("global_step", 0))
+        step, epoch = int(payload.get("global_step", 0)), int(payload.get("epoch", 0))
         del payload
+        # Decided before any rank validates: every DDP rank reads the folder as it was.
+        missed = validation_missed(config, step)
         if step >= config.train.max_iters:
             log.info("%s is at iteration %d of %d: the run is finished", ckpt_path, step, config.train.max_iters)
             task.already_finished = step
-            return task
+            if not missed:
+                return task
     # Fail on bad data now, not after hours of training (and before writing anything).
     task.train_set()
     if config.data.val:
@@ -717,17 +735,75 @@ def train(
         log.info("resuming from %s (iteration %d)", ckpt_path, step)
 
     def stopped():
+        if trainer.state.fn != "fit":  # validate_missed_step's validation
+            return f"validation of iteration {step} stopped by SIGTERM: run the same command to redo it"
         return (
             f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
             "run the same command to resume"
         )
 
     with _on_sigterm(stopped):
+        if missed:
+            validate_missed_step(trainer, task, ckpt_path, step, epoch)
+        if task.already_finished is not None:
+            return task
         trainer.fit(task, datamodule=task.data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
         last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
         if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
             trainer.validate(task, datamodule=task.data, verbose=False)
     return task
+
+
+def _checkpoint_to_resume(resume: str, checkpoints: Path, overwrite: bool) -> Path | None:
+    """The checkpoint :func:`train`'s ``resume`` names, None for a new run."""
+    if resume == "auto":
+        return latest_checkpoint(checkpoints)
+    if resume == "never":
+        existing = sorted(p.name for p in checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{checkpoints} holds the checkpoints of an earlier run ({', '.join(existing[:3])}"
+                f"{', ...' if len(existing) > 3 else ''}): continue it (--resume auto), choose another "
+                "output folder, or delete them with --overwrite"
+            )
+        return None
+    ckpt_path = Path(resume)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {ckpt_path}")
+    return ckpt_path
+
+
+def validation_missed(config: Config, step: int) -> bool:
+    """Whether training validates at iteration ``step`` (every ``train.val_interval`` iterations
+    and at ``train.max_iters``) and ``<output_dir>/metrics`` lacks its results."""
+    tc = config.train
+    if not config.data.val or step <= 0 or step > tc.max_iters:
+        return False
+    due = step % min(tc.val_interval, tc.max_iters) == 0 or step == tc.max_iters
+    return due and not validation_file(tc.output_dir, step).exists()
+
+
+def validate_missed_step(trainer: L.Trainer, task: SegmentationTask, ckpt_path: Path, step: int, epoch: int) -> None:
+    """Validate the checkpoint of iteration ``step`` as training would have, results and logs.
+
+    A kill during a validation loses it: Lightning, resuming from the checkpoint written just
+    before (at the end of the step), fast-forwards past that validation, and a run killed during
+    its final one is finished. The checkpoint's weights are validated with ``trainer`` (the one
+    that then resumes the fit), its results written to ``metrics/`` and its scores logged at the
+    row Lightning gives a validation after iteration ``step`` (``step - 1``).
+    """
+    log.info("validating iteration %d, whose validation was interrupted", step)
+    task.results_step = step
+    try:
+        trainer.validate(task, datamodule=task.data, ckpt_path=str(ckpt_path), verbose=False)
+    finally:
+        task.results_step = None
+    if trainer.is_global_zero and task.last_results is not None:
+        # In float32, as self.log stores the scores of a validation during fit.
+        scores = {name: float(torch.tensor(value)) for name, value in logged_scores(task.last_results).items()}
+        for logger in trainer.loggers:
+            logger.log_metrics({"epoch": epoch} | scores, step=step - 1)
+            logger.save()
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
