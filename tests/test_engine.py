@@ -252,8 +252,9 @@ def test_a_randomly_initialised_vfm_is_stored_since_it_cannot_be_referenced(tmp_
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu(tmp_path):
-    config = tiny_config(tmp_path, num_val=5, max_iters=3, val_interval=3, devices=2, accelerator="cpu")
+@pytest.mark.parametrize("num_val", [5, 1])  # 1: rank 1 has no validation image
+def test_two_process_ddp_on_cpu(tmp_path, num_val):
+    config = tiny_config(tmp_path, num_val=num_val, max_iters=3, val_interval=3, devices=2, accelerator="cpu")
     (tmp_path / "ddp.yaml").write_text(dump_config(config))
     result = run_reinseg("train", str(tmp_path / "ddp.yaml"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -261,12 +262,12 @@ def test_two_process_ddp_on_cpu(tmp_path):
     import json
 
     metrics = json.loads((tmp_path / "run" / "metrics" / "val_step0000003.json").read_text())
-    # 5 validation images on 2 ranks: the summed confusion matrix counts every labelled pixel once.
+    # The validation images on 2 ranks: the summed confusion matrix counts every labelled pixel once.
     from reinseg.data import build_dataset
 
     dataset = build_dataset("cityscapes", tmp_path / "cityscapes", "val")
     labelled = sum(int((item["label"] != 255).sum()) for item in (dataset[i] for i in range(len(dataset))))
-    assert len(dataset) == 5
+    assert len(dataset) == num_val
     assert metrics["domains"]["cityscapes"]["pixels"] == labelled
 
 

@@ -5,7 +5,8 @@ their classes, all from a configuration's ``data`` section.
   ``s`` of the run is always the same image with the same augmentation, so a resumed run (from
   ``start_step``) sees exactly the data an uninterrupted one would.
 - Validation: one dataset per ``data.val`` entry, every file read up front; each DDP rank scores
-  its share (:class:`ShardSampler`), batch size 1 (labels keep their own sizes).
+  its share (:class:`ShardSampler`), batch size 1 (labels keep their own sizes); a rank left
+  without an image (fewer images than ranks) validates one :class:`EmptyShard` batch.
 - Entries are parsed once (:func:`reinseg.data.entries.parse_entries`); ``model.head.num_classes``
   must equal each dataset's number of classes (:func:`check_num_classes`).
 """
@@ -28,6 +29,7 @@ from .data.entries import DatasetEntry, parse_entries
 __all__ = [
     "TrainingStream",
     "ShardSampler",
+    "EmptyShard",
     "SegmentationDataModule",
     "training_set",
     "validation_sets",
@@ -104,6 +106,18 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class EmptyShard(torch.utils.data.Dataset):
+    """A rank's share of a validation set with fewer images than ranks: one batch holding no
+    image (``batch["empty_shard"]``), which validation skips. Lightning refuses a rank without
+    a batch, and every rank must reach the collectives that sum the scores."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict:
+        return {"empty_shard": True, "image": None, "label": None}
 
 
 def _entries(config: Config, section: str) -> list[DatasetEntry]:
@@ -272,5 +286,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 collate_fn=collate,
                 generator=torch.Generator().manual_seed(self.config.train.seed),
             )
+            if rank < len(dataset)
+            else DataLoader(EmptyShard(), batch_size=None)  # the item as it is, no collation
             for _, dataset, _ in self.val_sets()
         ]

@@ -212,6 +212,8 @@ class SegmentationTask(L.LightningModule):
         ]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch.get("empty_shard"):
+            return  # this rank has no image of this set (reinseg.datamodule.EmptyShard)
         if batch["label"] is None:
             raise ValueError(f"validation set {self.val_sets()[dataloader_idx][0]} has no labels")
         part_of = self.val_sets()[dataloader_idx][1].part_of
