@@ -201,3 +201,11 @@ print(before, names, reinseg.config.ModelConfig.__name__, reinseg.data.synthetic
 """
     )
     assert out.split() == ["False", "[]", "ModelConfig", "game"]
+
+
+def test_predict_names_the_device_option_it_cannot_use(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(tmp_path / "x.ckpt"), str(tmp_path), "--output", str(tmp_path / "o"), "--device", "gpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument --device: device 'gpu' is not usable here" in err.splitlines()[-1]

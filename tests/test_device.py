@@ -77,3 +77,16 @@ def test_the_autocast_checks_trace_without_a_graph_break():
 
     explanation = torch._dynamo.explain(forward)(torch.ones(3))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_usable_device_accepts_the_cpu_and_says_why_another_is_not_usable():
+    from reinseg.device import usable_device
+
+    assert usable_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'gpu' is not usable here: Expected one of cpu"):
+        usable_device("gpu")  # not a device type
+    with pytest.raises(ValueError, match="device 'meta' is not usable here"):
+        usable_device("meta")
+    missing = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"  # one past the last
+    with pytest.raises(ValueError, match=f"device '{missing}' is not usable here: ."):
+        usable_device(missing)

@@ -320,6 +320,15 @@ def _check_writable_file(path: Path) -> None:
     _check_writable_folder(path.parent)
 
 
+def _device(text: str):
+    from .device import usable_device
+
+    try:
+        return str(usable_device(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -462,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument(
         "--batch", type=_positive_int, default=8, help="video frames run through the model at once (default 8)"
     )

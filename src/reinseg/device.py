@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .tracing import tracing
 
-__all__ = ["autocast_enabled", "autocast_serves", "device_tensor", "filled"]
+__all__ = ["autocast_enabled", "autocast_serves", "device_tensor", "filled", "usable_device"]
 
 # The device types autocast serves here, found once at import: torch.compile of torch 2.11 (the
 # GPU image's) cannot trace torch.amp.is_autocast_available and breaks the graph at every call.
@@ -64,3 +64,19 @@ def filled(values: Sequence[float] | Sequence[Sequence[float]], dtype: torch.dty
     for i, value in enumerate(flat):
         out[i].fill_(value)
     return out.view(len(rows), -1) if nested else out
+
+
+def usable_device(name: str) -> torch.device:
+    """The device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...) if tensors can be made on
+    it here; ValueError saying why not otherwise (a misspelt type, no driver, an index past the
+    devices present)."""
+    try:
+        device = torch.device(name)
+        if device.type == "meta":
+            raise RuntimeError("meta tensors hold no values")
+        torch.empty(0, device=device)  # the one test that holds for every backend
+    except (RuntimeError, AssertionError) as err:  # AssertionError: a build without CUDA
+        # The first sentence: backends add pages of advice and dispatch tables.
+        reason = str(err).strip().split(". ")[0].splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ValueError(f"device {name!r} is not usable here: {reason}") from None
+    return device
