@@ -193,6 +193,10 @@ def test_predict_of_a_checkpoint_without_validation_sets_uses_the_cityscapes_sca
     from reinseg.predict import checkpoint_scale
 
     assert checkpoint_scale({"model": {}})[0] == (1024, 512)
+    # A converted release records its model only: the official scale of its training crop.
+    assert checkpoint_scale({"model": {"backbone": {"img_size": 512}}})[0] == (1024, 512)
+    assert checkpoint_scale({"model": {"backbone": {"img_size": 1024}}})[0] == (2048, 1024)
+    assert checkpoint_scale({"model": {"backbone": {"img_size": [1024, 1024]}}})[0] == (2048, 1024)
     assert checkpoint_scale({"data": {"val": [{"name": "acdc", "root": "x"}]}})[0] == (1920, 1080)
     assert checkpoint_scale({"data": {"val": [{"name": "synthetic", "root": "x"}]}})[0] is None
 

@@ -1,5 +1,7 @@
 """`reinseg predict` on videos: a synthetic clip made here with PyAV round-trips; frames stream."""
 
+import struct
+
 import numpy as np
 import pytest
 from conftest import tiny_model_config
@@ -27,6 +29,19 @@ def make_video(path, frames=FPS * SECONDS, height=HEIGHT, width=WIDTH, fps=FPS):
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
+    return path
+
+
+def with_display_matrix(path, a, b, c, d):
+    """Write the display matrix ``[[a, b], [c, d]]`` (16.16 fixed point) into the video's track
+    header, as a phone stores a portrait video: the frames stay landscape, players turn them."""
+    data = bytearray(path.read_bytes())
+    tkhd = data.index(b"tkhd")
+    assert data[tkhd + 4] == 0  # version 0: 32-bit times
+    # version, flags, created, modified, track, reserved, duration, reserved (8), layer ... volume (8)
+    matrix = tkhd + 4 + 4 + 5 * 4 + 8 + 8
+    data[matrix : matrix + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
     return path
 
 
@@ -161,3 +176,31 @@ def test_a_bad_video_among_images_is_refused_before_any_image_is_written(checkpo
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2
     assert "bad.mov" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_portrait_phone_video_is_segmented_upright(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    from reinseg.checkpoints import segmentor_from_checkpoint
+    from reinseg.predict import segment_image
+    from reinseg.video import read_frames
+
+    stored = make_video(tmp_path / "stored.mp4", frames=4)
+    with av.open(str(stored)) as container:
+        first = next(container.decode(video=0)).to_ndarray(format="rgb24")  # (HEIGHT, WIDTH, 3)
+    # A quarter turn clockwise (FFmpeg: "rotation of -90 degrees"), as an iPhone held upright.
+    clip = with_display_matrix(stored, 0, 1 << 16, -(1 << 16), 0)
+    upright = next(read_frames(clip))
+    assert upright.shape == (WIDTH, HEIGHT, 3)
+    # Turned clockwise: the stored frame's left column, read bottom to top, is the top row, and
+    # its top row the right column.
+    np.testing.assert_array_equal(upright[0], first[::-1, 0])
+    np.testing.assert_array_equal(upright[:, -1], first[0])
+    out = tmp_path / "out"
+    argv = ["predict", str(checkpoint), str(clip), "--output", str(out), "--scale", "64", "48", "--frames"]
+    assert main(argv) == 0
+    assert f"({HEIGHT}x{WIDTH}, turned 90 degrees clockwise," in capsys.readouterr().out
+    assert decoded(out / "stored_overlay.mp4")[1] == (WIDTH, HEIGHT)
+    segmentor, _ = segmentor_from_checkpoint(checkpoint)
+    label = np.asarray(Image.open(sorted((out / "stored_frames").glob("*_labelTrainIds.png"))[0]))
+    np.testing.assert_array_equal(label, segment_image(segmentor.eval(), upright, (64, 48)))

@@ -65,13 +65,20 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 
 def checkpoint_scale(config: dict) -> tuple[tuple[int, int] | None, str]:
     """The test scale a checkpoint was evaluated at, from its configuration (a plain dict): that of
-    its first ``data.val`` set, as ``reinseg eval`` resizes that set's images; :data:`DEFAULT_SCALE`
-    if it records none. Returns ``(scale or None for the images' own size, where it comes from)``."""
+    its first ``data.val`` set, as ``reinseg eval`` resizes that set's images. A checkpoint that
+    records none (a converted official release) gets Cityscapes' scale in the official configs of
+    its training crop (``model.backbone.img_size``): 1024x512 below 1024 pixels (also
+    :data:`DEFAULT_SCALE`), 2048x1024 from 1024. Returns ``(scale or None for the images' own
+    size, where it comes from)``."""
     from .data import eval_scale
+    from .protocols import official_test_scale
 
     val = (config.get("data") or {}).get("val") or []
     if not val or not isinstance(val[0], dict):
-        return DEFAULT_SCALE, "Cityscapes' test scale: the checkpoint records no validation set"
+        crop = ((config.get("model") or {}).get("backbone") or {}).get("img_size", 512)
+        h, w = as_pair(crop, "model.backbone.img_size")
+        scale = official_test_scale("cityscapes", (h, w), DEFAULT_SCALE)
+        return scale, f"Cityscapes' test scale at {h}x{w} crops, as the official configs: no validation set recorded"
     first = val[0]
     domain = first.get("label") or first.get("name")
     return eval_scale(first), f"the test scale of {domain}, the checkpoint's first validation set"

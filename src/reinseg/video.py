@@ -39,10 +39,23 @@ def _av():
 
 @dataclass
 class VideoInfo:
-    width: int
+    width: int  # upright, as players show the video (see rotation)
     height: int
     fps: Fraction
     frames: int | None  # as the container records it (None: unknown)
+    # Quarter turns counterclockwise that make the stored frames upright (a phone's portrait
+    # video is stored landscape, with a display matrix saying how to show it): 0, 1, 2 or 3.
+    quarter_turns: int = 0
+
+
+def _quarter_turns(frame) -> int:
+    """The display matrix's rotation of a decoded frame, in quarter turns counterclockwise."""
+    return round(frame.rotation / 90) % 4
+
+
+def _upright(frame, quarter_turns: int) -> np.ndarray:
+    image = frame.to_ndarray(format="rgb24")
+    return np.ascontiguousarray(np.rot90(image, quarter_turns)) if quarter_turns else image
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -58,7 +71,9 @@ def probe_video(path: str | Path) -> VideoInfo:
             if first is None:
                 raise ValueError(f"{path}: its video stream holds no frame")
             rate = stream.average_rate or stream.guessed_rate
-            return VideoInfo(first.width, first.height, Fraction(rate) if rate else DEFAULT_FPS, stream.frames or None)
+            turns = _quarter_turns(first)
+            width, height = (first.height, first.width) if turns % 2 else (first.width, first.height)
+            return VideoInfo(width, height, Fraction(rate) if rate else DEFAULT_FPS, stream.frames or None, turns)
     except (av.error.FFmpegError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
@@ -66,12 +81,13 @@ def probe_video(path: str | Path) -> VideoInfo:
 
 
 def read_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """The RGB frames ``(H, W, 3)`` uint8 of a video, one at a time (a generator)."""
+    """The RGB frames ``(H, W, 3)`` uint8 of a video, one at a time (a generator), upright as
+    the stream's display matrix says (as players show them)."""
     av = _av()
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(container.streams.video[0]):
-                yield frame.to_ndarray(format="rgb24")
+                yield _upright(frame, _quarter_turns(frame))
     except av.error.FFmpegError as err:
         raise ValueError(f"{path}: decoding failed ({err})") from None
 
@@ -146,7 +162,10 @@ def predict_video(
     info = probe_video(video)  # a video FFmpeg cannot read is refused before anything is written
     segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device)
     total = "?" if info.frames is None else info.frames
-    print(f"segmenting {video} ({info.width}x{info.height}, {total} frames at {float(info.fps):g} fps) at {size}")
+    upright = f", turned {(360 - 90 * info.quarter_turns) % 360} degrees clockwise" if info.quarter_turns else ""
+    print(
+        f"segmenting {video} ({info.width}x{info.height}{upright}, {total} frames at {float(info.fps):g} fps) at {size}"
+    )
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(20, "Not a directory", str(out))
