@@ -161,6 +161,17 @@ def test_training_stream_is_reproducible_and_resumable():
     assert resumed == full[6:14]
 
 
+def test_a_resume_with_another_global_batch_continues_at_the_next_sample():
+    full = take(TrainingStream(Numbers(5), batch_size=1, seed=3), 12)
+    # Three steps of batch 2 took samples 0-5; then batch 3, or batch 1 on each of two ranks.
+    assert take(TrainingStream(Numbers(5), batch_size=3, seed=3, start_step=3, start_sample=6), 6) == full[6:12]
+    ranks = [
+        take(TrainingStream(Numbers(5), batch_size=1, seed=3, start_step=3, rank=r, world_size=2, start_sample=6), 3)
+        for r in range(2)
+    ]
+    assert ranks[0] == full[6:12:2] and ranks[1] == full[7:12:2]
+
+
 def test_ranks_take_disjoint_consecutive_samples():
     full = take(TrainingStream(Numbers(7), batch_size=2, seed=0), 8)
     rank0 = take(TrainingStream(Numbers(7), batch_size=2, seed=0, rank=0, world_size=2), 4)

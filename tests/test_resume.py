@@ -13,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -267,3 +268,33 @@ def test_a_resume_with_another_thread_count_continues_with_the_checkpoints(tmp_p
     result = run_reinseg("train", str(config_file))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+
+
+class ImagesSeen(L.Callback):
+    """The training images of every step, as one checksum per sample."""
+
+    def __init__(self):
+        self.sums = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sums += batch["image"].flatten(1).double().sum(1).tolist()
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_batch_size_takes_the_samples_that_follow(tmp_path, caplog):
+    from reinseg.engine import train
+
+    def config(name, max_iters, batch_size):
+        config = tiny_config(tmp_path / name, max_iters=max_iters)
+        config.data.batch_size = batch_size
+        return config
+
+    uninterrupted, before, after = ImagesSeen(), ImagesSeen(), ImagesSeen()
+    train(config("a", 6, 1), callbacks=[uninterrupted])
+    train(config("b", 2, 2), callbacks=[before])
+    with caplog.at_level("WARNING", logger="reinseg"):
+        train(config("b", 4, 1), callbacks=[after])
+    assert "took 2 training samples per step, this one takes 1" in caplog.text
+    # Samples 0-3 in two steps of two, then 4 and 5: the uninterrupted stream's six.
+    assert len(set(uninterrupted.sums)) == 6
+    assert before.sums + after.sums == uninterrupted.sums

@@ -48,10 +48,21 @@ class TrainingStream(IterableDataset):
     samples ``b * B * W ... (b + 1) * B * W - 1``; rank ``r`` takes its ``B`` consecutive ones, and
     data-loader worker ``w`` of ``n`` yields the rank's batches ``b`` with ``b mod n = w``, which
     the DataLoader interleaves back in order.
+
+    ``start_sample``: the global sample step ``start_step`` begins at, where the run trained
+    with another global batch ``B * W`` before (a resume on more devices or with another batch
+    size); default ``start_step * B * W``.
     """
 
     def __init__(
-        self, dataset, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        dataset,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_sample: int | None = None,
     ) -> None:
         if len(dataset) == 0:
             raise ValueError(f"the training set {getattr(dataset, 'name', '')} is empty")
@@ -61,6 +72,7 @@ class TrainingStream(IterableDataset):
         self.start_step = start_step
         self.rank = rank
         self.world_size = world_size
+        self.start_sample = start_sample
         self._epoch, self._order = -1, None
 
     def sample_index(self, sample: int) -> tuple[int, int]:
@@ -81,12 +93,15 @@ class TrainingStream(IterableDataset):
             # run in parallel. (cv2's results do not depend on its thread count.)
             cv2.setNumThreads(0)
         step = self.start_step
+        start_sample = self.start_step * self.batch_size * self.world_size
+        if self.start_sample is not None:
+            start_sample = self.start_sample
         while True:
             # The loader takes the first batch from worker 0, then round-robin: counted from the
             # stream's start, not from step 0, or a resume at a step not a multiple of the
             # workers would swap neighbouring batches.
             if (step - self.start_step) % num_workers == worker_id:
-                first = (step * self.world_size + self.rank) * self.batch_size
+                first = start_sample + ((step - self.start_step) * self.world_size + self.rank) * self.batch_size
                 for sample in range(first, first + self.batch_size):
                     epoch, index = self.sample_index(sample)
                     self.dataset.set_epoch(epoch)
@@ -214,8 +229,10 @@ def label_root(dataset) -> Path:
 class SegmentationDataModule(L.LightningDataModule):
     """The training stream and validation sets of a :class:`Config`, built on first use.
 
-    ``start_step`` is the step a resumed run continues from (the task sets it from the
-    checkpoint); the DDP rank and world size come from the attached trainer.
+    ``start_step`` is the step a resumed run continues from and ``start_sample`` the number of
+    training samples the run had taken by then (the task sets both from the checkpoint; None:
+    ``start_step`` times this run's global batch); the DDP rank and world size come from the
+    attached trainer.
     """
 
     def __init__(self, config: Config, raw_images: bool = False) -> None:
@@ -223,6 +240,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.config = config
         self.raw_images = raw_images  # validation images as read (see validation_sets)
         self.start_step = 0
+        self.start_sample: int | None = None
         self._train_set = None
         self._val_sets: list[tuple[str, object, DatasetEntry]] | None = None
 
@@ -241,6 +259,13 @@ class SegmentationDataModule(L.LightningDataModule):
         """The class names of each validation set, in ``val_sets()`` order."""
         return [dataset.classes.names for _, dataset, _ in self.val_sets()]
 
+    def samples_before(self, step: int) -> int:
+        """The training samples (over all ranks) the run has taken before step ``step``."""
+        _, world = self._rank_and_world()
+        global_batch = self.config.data.batch_size * world
+        start = self.start_step * global_batch if self.start_sample is None else self.start_sample
+        return start + (step - self.start_step) * global_batch
+
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -257,6 +282,7 @@ class SegmentationDataModule(L.LightningDataModule):
             start_step=self.start_step,
             rank=rank,
             world_size=world,
+            start_sample=self.start_sample,
         )
         # Its own generator: creating the iterator must not draw from the global RNG, which the
         # loss's point sampling uses (a resumed run would otherwise draw different points).

@@ -332,6 +332,9 @@ class SegmentationTask(L.LightningModule):
             ranks = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(ranks, state)
         checkpoint["rng"] = {"ranks": ranks}
+        # Where the data stream stands: a resume with another global batch continues from here.
+        checkpoint["samples_seen"] = self.data.samples_before(self.global_step)
+        checkpoint["global_batch"] = self.config.data.batch_size * self.trainer.world_size
         # Float sums are split across threads: a resume continues with the thread count that
         # wrote the checkpoint, so that it ends where an uninterrupted run would, on any machine.
         checkpoint["torch_threads"] = torch.get_num_threads()
@@ -363,6 +366,17 @@ class SegmentationTask(L.LightningModule):
             # What a validation right after the restart (Lightning may redo one) puts back.
             self._rng_after_step = rng_state()
         self.data.start_step = int(checkpoint.get("global_step", 0))
+        samples_seen = checkpoint.get("samples_seen")  # older checkpoints: start_step x the global batch
+        if isinstance(samples_seen, int) and not isinstance(samples_seen, bool) and samples_seen >= 0:
+            self.data.start_sample = samples_seen
+        batch = checkpoint.get("global_batch")
+        if isinstance(batch, int) and batch != self.config.data.batch_size * self.trainer.world_size:
+            log.warning(
+                "the checkpoint's run took %d training samples per step, this one takes %d (data.batch_size x "
+                "devices): the data continues where it stopped, but the run differs from an uninterrupted one",
+                batch,
+                self.config.data.batch_size * self.trainer.world_size,
+            )
         threads = checkpoint.get("torch_threads")
         if isinstance(threads, int) and not isinstance(threads, bool):
             threads = min(max(threads, 1), os.cpu_count() or 1)  # a file's number, bounded by this machine
