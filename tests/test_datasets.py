@@ -330,6 +330,16 @@ def test_seeded_datasets_reproduce_augmentations_per_epoch(tmp_path):
     assert len(epochs) > 1
 
 
+def test_concatenated_datasets_draw_their_own_augmentations(tmp_path):
+    fake = make_fake_cityscapes(tmp_path, n=1)
+    transform = train_transform(crop_size=16, base_size=32)
+    alone, first, second = (build_dataset("cityscapes", fake.root, transform=transform, seed=3) for _ in range(3))
+    combined = ConcatSegmentationDataset([first, second])
+    assert combined[0]["image_path"] == combined[1]["image_path"]
+    assert torch.equal(combined[0]["image"], alone[0]["image"])  # the first keeps its draws
+    assert not torch.equal(combined[0]["image"], combined[1]["image"])  # the same image, augmented otherwise
+
+
 def test_dataset_from_explicit_pairs(tmp_path):
     fake = FAKE_MAKERS["bdd100k"](tmp_path, n=1, splits=("val",))
     image = next(iter(fake.expected))

@@ -155,6 +155,9 @@ class SegmentationDataset(Dataset):
         self.skipped = list(skipped or [])
         self.seed = seed
         self.epoch = 0
+        # Which of the datasets trained together this is (ConcatSegmentationDataset sets it; 0:
+        # the first or only one): item i of each draws its own augmentations.
+        self.seed_stream = 0
         # The part (e.g. "acdc/fog") of each image of a dataset read in several parts; else empty.
         self.part_of: dict[str, str] = {}
 
@@ -168,7 +171,8 @@ class SegmentationDataset(Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         if self.seed is None:
             return np.random.default_rng()
-        return np.random.default_rng([self.seed, self.epoch, index])
+        key = [self.seed, self.epoch, index] + ([self.seed_stream] if self.seed_stream else [])
+        return np.random.default_rng(key)
 
     def load(self, index: int) -> dict:
         """Item ``index`` without the skip policy: DataError on any problem."""
@@ -237,6 +241,9 @@ class ConcatSegmentationDataset(ConcatDataset):
     def __init__(self, datasets):
         super().__init__(datasets)
         self.name = "+".join(d.name for d in self.datasets)
+        for k, d in enumerate(self.datasets):
+            if isinstance(d, SegmentationDataset):
+                d.seed_stream = k  # else item i of every dataset would be cropped and flipped alike
         self.classes = self.datasets[0].classes
         for d in self.datasets[1:]:
             if d.classes != self.classes:
