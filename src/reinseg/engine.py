@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -543,11 +544,20 @@ def _on_sigterm(message):
 
 class _RunGuard(L.Callback):
     """Writes ``last.ckpt`` when SIGTERM arrives (at the end of the current step) and at the end
-    of training when the last step is not a checkpoint step (the final weights are never lost)."""
+    of training when the last step is not a checkpoint step (the final weights are never lost).
+
+    Under DDP, SIGTERM only marks the rank: Lightning's own handler issues a collective inside
+    the signal handler, wherever the rank happens to be, and stops a rank mid-validation while the
+    others go on to the validation's score sums; both deadlock (a signal during a validation
+    hung two ranks for good). At the end of every step the ranks instead take the maximum of
+    their marks, together; if any was signalled, all save ``last.ckpt`` and stop. A signal during
+    a validation lets it finish, and the run stops after the next step.
+    """
 
     def __init__(self, last: Path) -> None:
         self.last = last
         self._saved_step: int | None = None
+        self._signalled = False
 
     def _save(self, trainer) -> None:
         if trainer.state.fn != "fit":
@@ -558,15 +568,29 @@ class _RunGuard(L.Callback):
         trainer.save_checkpoint(self.last)
         self._saved_step = trainer.global_step
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.world_size > 1:  # Lightning registered its handler at the start of fit: replaced
+            signal.signal(signal.SIGTERM, self._mark_signalled)
+
+    def _mark_signalled(self, signum, frame) -> None:
+        self._signalled = True
+
+    def _any_rank_signalled(self, trainer) -> bool:
+        mark = torch.tensor([int(self._signalled)], device=trainer.strategy.root_device)
+        torch.distributed.all_reduce(mark, op=torch.distributed.ReduceOp.MAX)
+        return bool(mark.item())
+
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        # Here the state is the one every other checkpoint of a step holds. Under DDP the ranks
-        # may see the signal at different steps: they save together when Lightning stops them
-        # all at once (on_exception), never here.
-        if trainer.received_sigterm and trainer.world_size == 1:
+        # Here the state is the one every other checkpoint of a step holds.
+        if trainer.world_size > 1:
+            if self._any_rank_signalled(trainer):  # every rank, every step: the collectives pair up
+                self._save(trainer)
+                raise SIGTERMException
+        elif trainer.received_sigterm:
             self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
+        if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
             self._save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
