@@ -64,6 +64,7 @@ def test_eval_score_and_predict_agree(trained, capsys):
     # Same numbers after a round trip through the checkpoint as in training's final validation.
     final = json.loads((trained / "run" / "metrics" / "val_step0000004.json").read_text())
     assert final["domains"]["cityscapes"]["mIoU"] == pytest.approx(scores["mIoU"], abs=1e-9)
+    assert evaluated["step"] == final["step"] == 4  # the checkpoint's iteration
 
     images = trained / "cityscapes" / "leftImg8bit" / "val"
     assert main(["predict", checkpoint, str(images), "--output", str(trained / "out"), "--scale", "128", "64"]) == 0

@@ -173,6 +173,8 @@ def test_the_config_protocol_gives_what_validation_during_training_gives(tmp_pat
     task = SegmentationTask(config, segmentor=evaluate(config, checkpoint).segmentor, write_metrics=False)
     build_trainer(config, logging=False).validate(task, datamodule=task.data, verbose=False)
     assert evaluated["protocols"]["config"]["domains"] == task.last_results["domains"]
+    # The checkpoint records no iteration: neither do the results (not the trainer's 0).
+    assert evaluated["step"] is None and evaluated["protocols"]["small-flip"]["step"] is None
     assert evaluated["protocol"] == task.last_results["protocol"]
     assert evaluated["protocol"]["scales"] == {"cityscapes": [96, 48]}
     assert evaluated["protocol"]["mode"] == "whole" and evaluated["protocol"]["crop_size"] is None

@@ -908,7 +908,7 @@ def evaluate(
     check_num_classes(config)
     if not config.data.val:
         raise ConfigError("data.val lists no dataset to evaluate on")
-    segmentor, _ = segmentor_from_checkpoint(checkpoint, config.model)
+    segmentor, payload = segmentor_from_checkpoint(checkpoint, config.model)
     # The results are returned, not written into the training run's metrics/.
     task = SegmentationTask(
         config,
@@ -918,11 +918,19 @@ def evaluate(
         protocols=list(protocols or [PROTOCOLS["config"]]),
         record_images=save_examples > 0,
     )
+    # The results name the checkpoint's iteration (a training checkpoint's; None for one that
+    # records none, such as a converted release), not this trainer's step count (0).
+    step = payload.get("global_step", payload.get("step"))
+    step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+    task.results_step = step
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
     with _on_sigterm(lambda: "evaluation stopped by SIGTERM"):
         trainer.validate(task, datamodule=task.data, verbose=False)
+    if step is None and task.last_results is not None:
+        for summary in [task.last_results, *task.last_results.get("protocols", {}).values()]:
+            summary["step"] = None
     if task.last_results is None:
         raise RuntimeError("validation produced no results")
     if save_examples > 0 and task.trainer.is_global_zero:
