@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -280,6 +281,55 @@ def test_two_process_ddp_on_cpu(tmp_path, num_val):
     labelled = sum(int((item["label"] != 255).sum()) for item in (dataset[i] for i in range(len(dataset))))
     assert len(dataset) == num_val
     assert metrics["domains"]["cityscapes"]["pixels"] == labelled
+
+
+EVAL_WITH_SIGTERM = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import lightning as L
+    import reinseg.engine as engine
+    from reinseg.config import load_config
+
+    class SignalEveryBatch(L.Callback):  # each DDP rank signals itself during the validation
+        def on_validation_batch_end(self, trainer, *args):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    build_trainer = engine.build_trainer
+    engine.build_trainer = lambda config, callbacks=None, **kw: build_trainer(config, [SignalEveryBatch()], **kw)
+    task = engine.evaluate(load_config(sys.argv[1]), sys.argv[2])
+    if task.trainer.is_global_zero:
+        print(json.dumps(task.last_results["domains"]["cityscapes"]["pixels"]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_two_process_evaluation_lets_it_finish(tmp_path):
+    """Lightning's SIGTERM handling stopped one rank mid-validation while the other waited in the
+    score sums: the ranks hung. Now the evaluation ends, with every image counted."""
+    from reinseg.build import build_segmentor
+    from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint
+    from reinseg.config import to_dict
+    from reinseg.data import build_dataset
+
+    config = tiny_config(tmp_path, num_val=3, devices=2, accelerator="cpu")
+    (tmp_path / "eval.yaml").write_text(dump_config(config))
+    checkpoint = save_checkpoint(
+        tmp_path / "model.ckpt", {"model": to_dict(config.model)}, checkpoint_state_dict(build_segmentor(config.model))
+    )
+    (tmp_path / "evaluate.py").write_text(EVAL_WITH_SIGTERM)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "evaluate.py"), str(tmp_path / "eval.yaml"), str(checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SIGTERM arrived during the evaluation, which finished first" in result.stderr
+    dataset = build_dataset("cityscapes", tmp_path / "cityscapes", "val")
+    labelled = sum(int((dataset[i]["label"] != 255).sum()) for i in range(len(dataset)))
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == labelled
 
 
 def test_a_resume_restores_the_current_cuda_devices_generator_only(monkeypatch):

@@ -572,6 +572,17 @@ class _RunGuard(L.Callback):
         if trainer.world_size > 1:  # Lightning registered its handler at the start of fit: replaced
             signal.signal(signal.SIGTERM, self._mark_signalled)
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        # A validation outside fit (reinseg eval, the final or a missed one) cannot stop its ranks
+        # together midway (they hold different numbers of images): it finishes, then its caller
+        # looks at signalled().
+        if trainer.world_size > 1 and trainer.state.fn == "validate":
+            signal.signal(signal.SIGTERM, self._mark_signalled)
+
+    def signalled(self) -> bool:
+        """Whether SIGTERM reached this rank under DDP (then marked, not acted on at once)."""
+        return self._signalled
+
     def _mark_signalled(self, signum, frame) -> None:
         self._signalled = True
 
@@ -775,8 +786,9 @@ def train(
         log.info("resuming from %s (iteration %d)", ckpt_path, step)
 
     def stopped():
-        if trainer.state.fn != "fit":  # validate_missed_step's validation
-            return f"validation of iteration {step} stopped by SIGTERM: run the same command to redo it"
+        if task.already_finished is not None or trainer.state.fn != "fit":
+            n = trainer.global_step or step  # validate_missed_step's trainer has not restored the step
+            return f"SIGTERM during the validation of iteration {n}: run the same command to continue"
         return (
             f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
             "run the same command to resume"
@@ -785,13 +797,26 @@ def train(
     with _on_sigterm(stopped):
         if missed:
             validate_missed_step(trainer, task, ckpt_path, step, epoch)
+            _stop_if_signalled(trainer, stopped)
         if task.already_finished is not None:
             return task
         trainer.fit(task, datamodule=task.data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
         last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
         if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
             trainer.validate(task, datamodule=task.data, verbose=False)
+            _stop_if_signalled(trainer, stopped)
     return task
+
+
+def _run_guard(trainer: L.Trainer) -> _RunGuard:
+    return next(c for c in trainer.callbacks if isinstance(c, _RunGuard))
+
+
+def _stop_if_signalled(trainer: L.Trainer, message) -> None:
+    """After a DDP validation outside fit: TrainingInterrupted if SIGTERM reached any rank during
+    it (the ranks agree, as at the end of a training step)."""
+    if trainer.world_size > 1 and _run_guard(trainer)._any_rank_signalled(trainer):
+        raise TrainingInterrupted(message())
 
 
 def _checkpoint_to_resume(resume: str, checkpoints: Path, overwrite: bool) -> Path | None:
@@ -928,6 +953,8 @@ def evaluate(
     trainer = build_trainer(config, validate_during_training=True, logging=False)
     with _on_sigterm(lambda: "evaluation stopped by SIGTERM"):
         trainer.validate(task, datamodule=task.data, verbose=False)
+    if trainer.world_size > 1 and _run_guard(trainer)._any_rank_signalled(trainer):
+        log.warning("SIGTERM arrived during the evaluation, which finished first (DDP ranks stop together)")
     if step is None and task.last_results is not None:
         for summary in [task.last_results, *task.last_results.get("protocols", {}).values()]:
             summary["step"] = None
