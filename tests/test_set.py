@@ -206,3 +206,30 @@ def test_mixed_precision_runs_the_transforms_in_float32(golden):
     assert all(p.grad is not None and p.grad.isfinite().all() for p in module.parameters() if p.grad is not None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert module(x.detach().bfloat16(), 0).dtype == torch.bfloat16
+
+
+def test_prediction_runs_set_one_image_at_a_time():
+    """SET's FFT runs over the batch axis, so a batch of video frames would segment each frame
+    otherwise than alone (the official test runs batch 1): predict runs SET's images singly."""
+    import numpy as np
+
+    from reinseg.predict import segment_image, segment_images
+
+    config = tiny_model_config()
+    config.tuning = "set"
+    config.set = SetConfig(token_length=8, lora_dim=4, query_dims=32)
+    torch.manual_seed(0)
+    segmentor = build_segmentor(config).eval()
+    with torch.no_grad():  # a visible refinement (the official init starts it near zero)
+        segmentor.backbone.rein.scale.fill_(1.0)
+    assert segmentor.mixes_batch and not build_segmentor(tiny_model_config()).mixes_batch
+    frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(3)]
+    batched = segment_images(segmentor, frames, (64, 48))
+    for frame, prediction in zip(frames, batched, strict=True):
+        np.testing.assert_array_equal(prediction, segment_image(segmentor, frame, (64, 48)))
+    # The check above can fail: as one batch, the frames' scores differ from each one's alone.
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        together = segmentor.predict(images, mode="whole")
+        alone = torch.cat([segmentor.predict(images[i : i + 1], mode="whole") for i in range(2)])
+    assert (together - alone).abs().max() > 1e-3

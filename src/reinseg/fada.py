@@ -30,10 +30,12 @@ What the official code computes, which this module reproduces (``tests/test_fada
 
 - The "map" the Haar filters see is the sequence-first ``(N, B, C)`` tensor's memory read as
   ``(B, C, h, w)`` (a reshape, not a permute), and the bands are read back the same way; so the
-  2 x 2 blocks are runs of consecutive entries of that layout, not neighbouring patches, and with
-  several images in a batch the blocks mix images (a sample's output depends on the others in its
-  batch). ``h = w = sqrt(N)``: the token grid must be square with an even side (512 px crops at
-  patch 16: 32 x 32).
+  2 x 2 blocks are runs of consecutive entries of that layout, not neighbouring patches.
+  ``h = w = sqrt(N)``: the token grid must be square with an even side (512 px crops at patch 16:
+  32 x 32). Where ``2 w`` divides ``C`` (every released setting: w = 32, C = 384 ... 1536) each
+  block lies within one token's channels: the transform is a Haar transform of each token's
+  ``C`` channels laid out as a ``(C / w) x w`` grid, and no token or image mixes with another;
+  other shapes would mix neighbouring tokens, and images of a batch.
 - The four Haar filters are depthwise ``Conv2d`` weights (``wavepool.LL.weight``, ... ``(C, 1, 2, 2)``)
   that the official training trains: the filters are made with ``requires_grad=False``, but the
   official ``train()`` turns on every parameter whose name holds "reins". ``learn_wavelet=False``
@@ -106,7 +108,7 @@ class Fada(Rein):
     unchanged. ``queries()`` -> ``(m, query_dims)``.
     """
 
-    refines_rows_alone = False  # its frequency transform mixes the tokens
+    refines_rows_alone = False  # its transform reads the patch rows alone as an h x w map
 
     def __init__(
         self, num_layers: int, embed_dims: int, patch_size: int, *, learn_wavelet: bool = True, **rein

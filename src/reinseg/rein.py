@@ -55,9 +55,12 @@ class Rein(nn.Module):
         num_prefix_tokens: leading tokens (CLS, registers) that Rein leaves untouched.
     """
 
-    # Whether ``delta`` refines each token from that token alone (Rein's does; FADA's and SET's
-    # mix tokens through their frequency transforms).
+    # Whether ``delta`` refines each token from that token alone, so that the prefix rows may be
+    # refined and given back (Rein's does; FADA's and SET's transforms take the patch rows alone).
     refines_rows_alone = True
+    # Whether an image's refinement depends on the other images of its batch (SET's FFT over the
+    # batch axis): prediction then runs one image at a time, as the official test (batch 1).
+    mixes_batch = False
 
     def __init__(
         self,

@@ -105,6 +105,12 @@ class Segmentor(nn.Module):
         class_logits, mask_logits = self(images)
         return self.criterion(class_logits, mask_logits, labels)
 
+    @property
+    def mixes_batch(self) -> bool:
+        """Whether an image's scores depend on the other images of its batch: some module says so
+        (``mixes_batch``, e.g. SET's refinement, whose FFT runs over the batch axis)."""
+        return any(getattr(m, "mixes_batch", False) is True for m in self.modules() if m is not self)
+
     def encode_decode(self, images: Tensor) -> Tensor:
         """Semantic scores ``(B, K, H, W)`` of images run whole."""
         features, queries, extra = self._features(images)

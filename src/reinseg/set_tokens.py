@@ -91,6 +91,8 @@ class SpectralRein(Rein):
     """
 
     refines_rows_alone = False  # its frequency transform mixes the tokens
+    # The FFT runs over the batch axis: an image's scores depend on the others in its batch.
+    mixes_batch = True
 
     def _create_more(self) -> None:
         L, m, C = self.num_layers, self.token_length, self.embed_dims
