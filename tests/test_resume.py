@@ -5,6 +5,7 @@ run must end with bit-identical weights.
 """
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -305,3 +306,54 @@ def test_a_resume_with_another_batch_size_takes_the_samples_that_follow(tmp_path
     # Samples 0-3 in two steps of two, then 4 and 5: the uninterrupted stream's six.
     assert len(set(uninterrupted.sums)) == 6
     assert before.sums + after.sums == uninterrupted.sums
+
+
+class WeightsEachStep(L.Callback):
+    """The trainable weights after every step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.steps.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad})
+
+
+@pytest.mark.slow
+def test_the_weight_average_is_validated_saved_and_resumed_exactly(tmp_path):
+    """train.ema_momentum: the checkpoint's weights are the average (the recurrence replayed on
+    the weights of every step), validation and evaluation score it, and a run killed at a step
+    or stopped during a validation (the model then holding the average) resumes bit-exactly."""
+    from reinseg.engine import evaluate, train
+
+    def config(name):
+        # Checkpoints at 3 and 6: the SIGTERM during the validation of step 4 saves the model as
+        # it is then, holding the average.
+        config = tiny_config(tmp_path / name, num_val=2, max_iters=6, val_interval=2, checkpoint_interval=3)
+        config.train.ema_momentum, config.train.ema_begin = 0.5, 3
+        return config
+
+    seen = WeightsEachStep()
+    train(config("a"), callbacks=[seen])
+    expected = None
+    for step, now in enumerate(seen.steps, start=1):
+        expected = now if step <= 3 else {k: expected[k] + 0.5 * (w - expected[k]) for k, w in now.items()}
+    saved = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in expected.items():
+        torch.testing.assert_close(saved["state_dict"][name], value, rtol=1e-6, atol=1e-7)
+        assert torch.equal(saved["ema"]["trained"][name], seen.steps[-1][name])
+    assert any(not torch.equal(expected[k], seen.steps[-1][k]) for k in expected)  # it is not the last step's
+    final = json.loads((tmp_path / "a" / "run" / "metrics" / "val_step0000006.json").read_text())
+    evaluated = evaluate(config("a"), str(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt")).last_results
+    assert evaluated["domains"] == final["domains"]
+
+    def trained(run):
+        checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        return checkpoint["global_step"], checkpoint["ema"]["trained"]
+
+    for name, stop in (("b", dict(at_step=5)), ("c", dict(in_validation_after=4, sig=signal.SIGTERM, status=143))):
+        kill_run(tmp_path / name, config(name), **stop)
+        train(config(name))
+        run = tmp_path / name / "run"
+        assert_same_weights(weights(tmp_path / "a" / "run"), weights(run))
+        assert_same_weights(trained(tmp_path / "a" / "run"), trained(run))
+        assert validation_results(run) == validation_results(tmp_path / "a" / "run")

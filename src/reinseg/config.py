@@ -229,6 +229,12 @@ class TrainConfig:
     channels_last: bool = False
     # torch.compile of the backbone and the head: false, true (inductor) or a backend name.
     compile: bool | str = False
+    # An exponential moving average of the trainable weights (reinseg.ema, mmengine's EMAHook:
+    # average += momentum x (weights - average) after every step from ema_begin on, a copy
+    # before), validated and saved as the checkpoint's weights; null: none. SoMA's official
+    # runs: momentum 2e-4 from iteration 12000.
+    ema_momentum: float | None = None
+    ema_begin: int = 0
     accelerator: str = "auto"
     # One device unless told: data.batch_size is per device, so more devices (N, a list, or "auto"
     # and -1 for every visible one, DDP) multiply the recipe's batch. The paper trains on one GPU.
@@ -456,6 +462,8 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "train.devices": (1, False),
     "train.activation_checkpointing": (0, False),
     "train.num_nodes": (1, False),
+    "train.ema_momentum": (0, True),
+    "train.ema_begin": (0, False),
 }
 
 
@@ -474,6 +482,8 @@ def check_values(config: Config) -> Config:
                 raise ConfigError(f"{key} must be {bound}, got {value!r}")
     if config.train.betas and any(b >= 1 for b in config.train.betas):
         raise ConfigError(f"train.betas must be in [0, 1), got {config.train.betas!r}")
+    if config.train.ema_momentum is not None and config.train.ema_momentum > 1:
+        raise ConfigError(f"train.ema_momentum must be in (0, 1], got {config.train.ema_momentum!r}")
     _check_levers(config.train)
     if config.data.cat_max_ratio > 1:
         raise ConfigError(f"data.cat_max_ratio must be at most 1, got {config.data.cat_max_ratio!r}")

@@ -57,6 +57,7 @@ from .datamodule import (
     training_set,
     validation_sets,
 )
+from .ema import ExponentialAverage
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .optim import build_optimizer, lr_factor, parameter_groups, set_tf32
 from .safe_load import UnsafeFileError, load_torch_file
@@ -136,6 +137,8 @@ class SegmentationTask(L.LightningModule):
         self.already_finished: int | None = None
         # The iteration a validation outside fit belongs to (validate_missed_step); None: global_step.
         self.results_step: int | None = None
+        # The weight average a resumed checkpoint holds (see on_load_checkpoint), for _WeightAverage.
+        self.loaded_average: dict | None = None
 
     # -- data (the datamodule's; Lightning is given it with the task) -----------------------
     def train_set(self):
@@ -366,6 +369,16 @@ class SegmentationTask(L.LightningModule):
             set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
             # What a validation right after the restart (Lightning may redo one) puts back.
             self._rng_after_step = rng_state()
+        # A checkpoint of a run with an EMA holds the average as its weights (what evaluation and
+        # prediction take) and the weights it trains from under "ema": those are loaded, the
+        # average kept for the run's _WeightAverage (or dropped, if this run keeps none).
+        self.loaded_average = None
+        ema = checkpoint.get("ema")
+        if isinstance(ema, dict) and isinstance(ema.get("trained"), dict):
+            weights = checkpoint["state_dict"]
+            trained = {k: v for k, v in ema["trained"].items() if k in weights}
+            self.loaded_average = {"average": {k: weights[k] for k in trained}, "started": bool(ema.get("started"))}
+            weights.update(trained)
         self.data.start_step = int(checkpoint.get("global_step", 0))
         samples_seen = checkpoint.get("samples_seen")  # older checkpoints: start_step x the global batch
         if isinstance(samples_seen, int) and not isinstance(samples_seen, bool) and samples_seen >= 0:
@@ -609,6 +622,59 @@ class _RunGuard(L.Callback):
             self._save(trainer)
 
 
+class _WeightAverage(L.Callback):
+    """``train.ema_momentum``: keeps a :class:`~reinseg.ema.ExponentialAverage` of the trainable
+    weights, updated after every step, validated (swapped into the model for the validation) and
+    saved as the checkpoint's weights, the trained ones under ``checkpoint["ema"]["trained"]``
+    (:meth:`SegmentationTask.on_load_checkpoint` swaps them back), as mmengine's EMAHook."""
+
+    def __init__(self, momentum: float, begin: int) -> None:
+        self.momentum, self.begin = momentum, begin
+        self.average: ExponentialAverage | None = None
+        self.swapped = False  # the model holds the average (during a validation)
+
+    def _ensure(self, pl_module) -> ExponentialAverage:
+        if self.average is None:
+            weights = {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+            self.average = ExponentialAverage(weights, self.momentum, self.begin)
+            if pl_module.loaded_average is not None:  # a resumed checkpoint's
+                self.average.load_state_dict(pl_module.loaded_average)
+        return self.average
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.average = None  # made from the weights as fit restored them
+        self._ensure(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self._ensure(pl_module).update(trainer.global_step)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not self.swapped:
+            self._ensure(pl_module).swap()
+            self.swapped = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.swapped:
+            self._ensure(pl_module).swap()
+            self.swapped = False
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        average = self._ensure(pl_module)
+        weights = checkpoint["state_dict"]  # the model's tensors, the average's while swapped
+        trained, averaged = {}, {}
+        for name, held in average.average.items():
+            if name in weights:
+                current = weights[name]
+                trained[name], averaged[name] = (held, current) if self.swapped else (current, held)
+        weights.update(averaged)
+        checkpoint["ema"] = {
+            "trained": trained,
+            "started": average.started,
+            "momentum": self.momentum,
+            "begin": self.begin,
+        }
+
+
 class _Progress(TQDMProgressBar):
     """Progress bar in iterations (the training stream is endless, so epochs mean nothing)."""
 
@@ -716,7 +782,9 @@ def build_trainer(
         num_sanity_val_steps=0,
         gradient_clip_val=tc.grad_clip,
         log_every_n_steps=tc.log_interval,
-        callbacks=[checkpoint, _RunGuard(out / "checkpoints" / "last.ckpt"), LearningRateMonitor("step"), _Progress()]
+        # The average first: the step's update before any checkpoint of the step is written.
+        callbacks=([_WeightAverage(tc.ema_momentum, tc.ema_begin)] if tc.ema_momentum is not None else [])
+        + [checkpoint, _RunGuard(out / "checkpoints" / "last.ckpt"), LearningRateMonitor("step"), _Progress()]
         + list(callbacks or []),
         logger=loggers,
         plugins=[AtomicCheckpointIO(out / "checkpoints")],
