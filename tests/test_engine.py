@@ -332,6 +332,23 @@ def test_sigterm_during_a_two_process_evaluation_lets_it_finish(tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == labelled
 
 
+def test_under_ddp_the_sigterm_handler_lightning_registers_only_marks_the_rank(tmp_path):
+    """Lightning's handler runs a collective inside the signal handler; under DDP the trainer's
+    connector registers _RunGuard's mark instead, from the start of fit or validate on."""
+    import signal
+
+    from reinseg.engine import _run_guard
+
+    trainer = build_trainer(tiny_config(tmp_path, devices=2, accelerator="cpu"), logging=False)
+    connector = trainer._signal_connector
+    connector.register_signal_handlers()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        connector.teardown()
+    assert _run_guard(trainer).signalled() and not trainer.received_sigterm
+
+
 def test_a_resume_restores_the_current_cuda_devices_generator_only(monkeypatch):
     """One state per rank's own device: a checkpoint of a node with 8 visible GPUs resumes where
     one is visible (every device's states, restored all, raised IndexError there)."""

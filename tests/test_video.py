@@ -178,7 +178,22 @@ def test_a_bad_video_among_images_is_refused_before_any_image_is_written(checkpo
     assert not (tmp_path / "out").exists()
 
 
-def test_a_portrait_phone_video_is_segmented_upright(checkpoint, tmp_path, capsys):
+Q = 1 << 16  # 1.0 in the display matrix's 16.16 fixed point
+
+
+@pytest.mark.parametrize(
+    "matrix, shown",
+    [
+        # (a, b, c, d) -> the stored frame as players show it (numpy); FFmpeg's names in comments.
+        ((0, Q, -Q, 0), lambda f: np.rot90(f, -1)),  # "rotation of -90 degrees": an iPhone held upright
+        ((0, -Q, Q, 0), lambda f: np.rot90(f, 1)),  # +90
+        ((-Q, 0, 0, -Q), lambda f: f[::-1, ::-1]),  # 180
+        ((-Q, 0, 0, Q), lambda f: f[:, ::-1]),  # mirrored left to right
+        ((Q, 0, 0, -Q), lambda f: f[::-1]),  # mirrored top to bottom
+        ((0, 0, 0, 0), lambda f: f),  # degenerate: ignored, as players do
+    ],
+)
+def test_a_video_is_segmented_as_its_display_matrix_shows_it(checkpoint, tmp_path, capsys, matrix, shown):
     from PIL import Image
 
     from reinseg.checkpoints import segmentor_from_checkpoint
@@ -188,19 +203,15 @@ def test_a_portrait_phone_video_is_segmented_upright(checkpoint, tmp_path, capsy
     stored = make_video(tmp_path / "stored.mp4", frames=4)
     with av.open(str(stored)) as container:
         first = next(container.decode(video=0)).to_ndarray(format="rgb24")  # (HEIGHT, WIDTH, 3)
-    # A quarter turn clockwise (FFmpeg: "rotation of -90 degrees"), as an iPhone held upright.
-    clip = with_display_matrix(stored, 0, 1 << 16, -(1 << 16), 0)
-    upright = next(read_frames(clip))
-    assert upright.shape == (WIDTH, HEIGHT, 3)
-    # Turned clockwise: the stored frame's left column, read bottom to top, is the top row, and
-    # its top row the right column.
-    np.testing.assert_array_equal(upright[0], first[::-1, 0])
-    np.testing.assert_array_equal(upright[:, -1], first[0])
+    clip = with_display_matrix(stored, *matrix)
+    expected = np.ascontiguousarray(shown(first))
+    np.testing.assert_array_equal(next(read_frames(clip)), expected)
     out = tmp_path / "out"
     argv = ["predict", str(checkpoint), str(clip), "--output", str(out), "--scale", "64", "48", "--frames"]
     assert main(argv) == 0
-    assert f"({HEIGHT}x{WIDTH}, turned 90 degrees clockwise," in capsys.readouterr().out
-    assert decoded(out / "stored_overlay.mp4")[1] == (WIDTH, HEIGHT)
+    printed = capsys.readouterr().out
+    assert (", turned as its display matrix says" in printed) == (matrix != (0, 0, 0, 0))
+    assert decoded(out / "stored_overlay.mp4")[1] == expected.shape[:2]
     segmentor, _ = segmentor_from_checkpoint(checkpoint)
     label = np.asarray(Image.open(sorted((out / "stored_frames").glob("*_labelTrainIds.png"))[0]))
-    np.testing.assert_array_equal(label, segment_image(segmentor.eval(), upright, (64, 48)))
+    np.testing.assert_array_equal(label, segment_image(segmentor.eval(), expected, (64, 48)))

@@ -75,7 +75,7 @@ def usable_device(name: str) -> torch.device:
         if device.type == "meta":
             raise RuntimeError("meta tensors hold no values")
         torch.empty(0, device=device)  # the one test that holds for every backend
-    except (RuntimeError, AssertionError) as err:  # AssertionError: a build without CUDA
+    except Exception as err:  # RuntimeError, AssertionError (a build without CUDA), ModuleNotFoundError (hpu), ...
         # The first sentence: backends add pages of advice and dispatch tables.
         reason = str(err).strip().split(". ")[0].splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise ValueError(f"device {name!r} is not usable here: {reason}") from None

@@ -769,7 +769,7 @@ def build_trainer(
     loggers = [TensorBoardLogger(out, name="tensorboard", version=""), _AppendingCSVLogger(out, name="csv", version="")]
     if not logging:
         loggers = False
-    return L.Trainer(
+    trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=tc.num_nodes,
@@ -793,6 +793,15 @@ def build_trainer(
         enable_model_summary=False,
         default_root_dir=out,
     )
+    if many:
+        # Lightning registers its SIGTERM handler (a collective inside the signal handler) at the
+        # start of every fit and validate, before any hook: replaced at the source, so that no
+        # moment between its registration and _RunGuard's hooks is left to it. (Where a Lightning
+        # release names it otherwise, the hooks still replace it from the first step on.)
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and hasattr(connector, "_sigterm_notifier_fn"):
+            connector._sigterm_notifier_fn = _run_guard(trainer)._mark_signalled
+    return trainer
 
 
 def train(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["VIDEO_SUFFIXES", "is_video", "VideoInfo", "probe_video", "read_frames", "VideoWriter", "predict_video"]
+__all__ = [
+    "VIDEO_SUFFIXES",
+    "is_video",
+    "VideoInfo",
+    "display_matrix",
+    "upright",
+    "probe_video",
+    "read_frames",
+    "VideoWriter",
+    "predict_video",
+]
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 DEFAULT_FPS = Fraction(25)  # for containers that record no frame rate
@@ -39,23 +50,41 @@ def _av():
 
 @dataclass
 class VideoInfo:
-    width: int  # upright, as players show the video (see rotation)
+    width: int  # upright, as players show the video (see display)
     height: int
     fps: Fraction
     frames: int | None  # as the container records it (None: unknown)
-    # Quarter turns counterclockwise that make the stored frames upright (a phone's portrait
-    # video is stored landscape, with a display matrix saying how to show it): 0, 1, 2 or 3.
-    quarter_turns: int = 0
+    # The stored frames' display matrix (a, b, c, d), each -1, 0 or 1 (:func:`display_matrix`): a
+    # phone's portrait video is stored landscape with a matrix saying how to show it. None: as stored.
+    display: tuple[int, int, int, int] | None = None
 
 
-def _quarter_turns(frame) -> int:
-    """The display matrix's rotation of a decoded frame, in quarter turns counterclockwise."""
-    return round(frame.rotation / 90) % 4
+def display_matrix(frame) -> tuple[int, int, int, int] | None:
+    """The display matrix a decoded frame carries, ``(a, b, c, d)`` with each entry -1, 0 or 1, when
+    it is a quarter turn, a half turn or a mirror (what phones and editors write); None without one
+    or for any other (a degenerate or an oblique matrix is left alone, as players do)."""
+    for data in frame.side_data:
+        if str(data.type).rsplit(".", 1)[-1] != "DISPLAYMATRIX":
+            continue
+        a, b, _, c, d, *_ = struct.unpack("=9i", bytes(data))  # 16.16 fixed point, native order
+        sa, sb, sc, sd = (0 if abs(v) < 1 << 15 else (1 if v > 0 else -1) for v in (a, b, c, d))
+        straight = sb == sc == 0 and sa * sd != 0  # a half turn or a mirror
+        turned = sa == sd == 0 and sb * sc != 0  # a quarter turn, perhaps mirrored
+        return (sa, sb, sc, sd) if (straight or turned) and (sa, sb, sc, sd) != (1, 0, 0, 1) else None
+    return None
 
 
-def _upright(frame, quarter_turns: int) -> np.ndarray:
-    image = frame.to_ndarray(format="rgb24")
-    return np.ascontiguousarray(np.rot90(image, quarter_turns)) if quarter_turns else image
+def upright(image: np.ndarray, display: tuple[int, int, int, int] | None) -> np.ndarray:
+    """``image (H, W, 3)`` as its display matrix says to show it. The matrix maps a stored pixel
+    ``(x, y)`` to ``(a x + c y, b x + d y)`` (FFmpeg's ``libavutil/display.h``)."""
+    if display is None:
+        return image
+    a, b, c, d = display
+    if a == 0:  # x' = c y, y' = b x: the axes exchange
+        image, flip_rows, flip_columns = image.transpose(1, 0, 2), b < 0, c < 0
+    else:  # x' = a x, y' = d y
+        flip_rows, flip_columns = d < 0, a < 0
+    return np.ascontiguousarray(image[:: -1 if flip_rows else 1, :: -1 if flip_columns else 1])
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -71,9 +100,10 @@ def probe_video(path: str | Path) -> VideoInfo:
             if first is None:
                 raise ValueError(f"{path}: its video stream holds no frame")
             rate = stream.average_rate or stream.guessed_rate
-            turns = _quarter_turns(first)
-            width, height = (first.height, first.width) if turns % 2 else (first.width, first.height)
-            return VideoInfo(width, height, Fraction(rate) if rate else DEFAULT_FPS, stream.frames or None, turns)
+            display = display_matrix(first)
+            turned = display is not None and display[0] == 0
+            width, height = (first.height, first.width) if turned else (first.width, first.height)
+            return VideoInfo(width, height, Fraction(rate) if rate else DEFAULT_FPS, stream.frames or None, display)
     except (av.error.FFmpegError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
@@ -87,7 +117,7 @@ def read_frames(path: str | Path) -> Iterator[np.ndarray]:
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(container.streams.video[0]):
-                yield _upright(frame, _quarter_turns(frame))
+                yield upright(frame.to_ndarray(format="rgb24"), display_matrix(frame))
     except av.error.FFmpegError as err:
         raise ValueError(f"{path}: decoding failed ({err})") from None
 
@@ -162,10 +192,9 @@ def predict_video(
     info = probe_video(video)  # a video FFmpeg cannot read is refused before anything is written
     segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device)
     total = "?" if info.frames is None else info.frames
-    upright = f", turned {(360 - 90 * info.quarter_turns) % 360} degrees clockwise" if info.quarter_turns else ""
-    print(
-        f"segmenting {video} ({info.width}x{info.height}{upright}, {total} frames at {float(info.fps):g} fps) at {size}"
-    )
+    shown = ", turned as its display matrix says" if info.display is not None else ""
+    rate = f"{total} frames at {float(info.fps):g} fps"
+    print(f"segmenting {video} ({info.width}x{info.height}{shown}, {rate}) at {size}")
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(20, "Not a directory", str(out))
