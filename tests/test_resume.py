@@ -164,23 +164,31 @@ DDP_STOPS = {
 }
 
 
+DDP_OPTIONS = dict(num_val=3, max_iters=5, val_interval=2, checkpoint_interval=2, devices=2, accelerator="cpu")
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    """The uninterrupted two-rank run every DDP stop is compared with (run once)."""
+    folder = tmp_path_factory.mktemp("ddp_reference")
+    (folder / "a.yaml").write_text(dump_config(vary_class_counts(tiny_config(folder, **DDP_OPTIONS))))
+    result = run_reinseg("train", str(folder / "a.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", list(DDP_STOPS))
-def test_two_rank_ddp_kill_resumes_bit_exactly(tmp_path, where):
-    options = dict(num_val=3, max_iters=5, val_interval=2, checkpoint_interval=2, devices=2, accelerator="cpu")
-    reference = vary_class_counts(tiny_config(tmp_path / "a", **options))
-    (tmp_path / "a.yaml").write_text(dump_config(reference))
-    result = run_reinseg("train", str(tmp_path / "a.yaml"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    interrupted = vary_class_counts(tiny_config(tmp_path / "b", **options))
+def test_two_rank_ddp_kill_resumes_bit_exactly(tmp_path, where, ddp_reference):
+    interrupted = vary_class_counts(tiny_config(tmp_path / "b", **DDP_OPTIONS))
     stop, saved_step = DDP_STOPS[where]
     config_file = kill_run(tmp_path / "b", interrupted, **stop)
     assert weights(tmp_path / "b" / "run")[0] == saved_step
     assert len(torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["rng"]["ranks"]) == 2
     result = run_reinseg("train", str(config_file))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
-    assert validation_results(tmp_path / "b" / "run") == validation_results(tmp_path / "a" / "run")
+    assert_same_weights(weights(ddp_reference), weights(tmp_path / "b" / "run"))
+    assert validation_results(tmp_path / "b" / "run") == validation_results(ddp_reference)
 
 
 @pytest.mark.slow  # data-loader worker processes
