@@ -116,7 +116,9 @@ def test_official_scales_are_those_of_the_official_configs_of_the_crop(crop, exp
 def test_sizes_off_the_patch_grid_are_padded_and_below_the_crop_run_as_a_smaller_window():
     """ms-flip at 0.5 takes BDD100K's 1280x720 to 640x360 (below a 512 crop, 360 off the 16 grid).
     Off the grid: the scores of the image padded to it. On the grid below the crop: one smaller
-    window, as mmseg's slide_inference runs it (no padding to the crop)."""
+    window, as mmseg's slide_inference runs it (no padding to the crop). Above the crop, on the
+    grid or off it (ACDC's 1080 rows at 1024 crops): the windows of the image itself, unpadded
+    (padding to the grid moved the last window onto 8 rows of padding)."""
     import torch.nn.functional as F
 
     from reinseg.data.transforms import eval_transform
@@ -127,7 +129,8 @@ def test_sizes_off_the_patch_grid_are_padded_and_below_the_crop_run_as_a_smaller
     rng = np.random.default_rng(0)
     for mode, crop, stride in (("slide", (64, 64), (43, 43)), ("whole", None, None)):
         run = ProtocolRun(get_protocols(["official"])[0], {"d": None}, mode, crop, stride)
-        for height, padded_height in ((32, 32), (27, 32)):  # on the grid; 27 off it
+        # On the grid; 27 off it; 70 off it and above the 64 crop (whole mode: padded to 80).
+        for height, padded_height in ((32, 32), (27, 32), (70, 70 if mode == "slide" else 80)):
             image = rng.integers(0, 255, (height, 48, 3), dtype=np.uint8)
             tensor = eval_transform(None)(image)[0][None]
             with torch.no_grad():

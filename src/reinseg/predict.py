@@ -139,17 +139,25 @@ def padded_scores(
     flip: bool | None = None,
     full_windows: bool = True,
 ) -> torch.Tensor:
-    """``segmentor.predict`` of normalized ``(B, 3, h, w)`` images of any size: padded with zeros
-    (the mean colour after normalization) to a multiple of the patch size and, with
-    ``full_windows`` in sliding-window mode, to at least the crop (every window a full crop;
-    without it a smaller image is one smaller window, as mmseg's ``slide_inference`` runs it);
-    the scores ``(B, C, h, w)`` of the images themselves."""
+    """``segmentor.predict`` of normalized ``(B, 3, h, w)`` images of any size; the scores
+    ``(B, C, h, w)`` of the images themselves. A side is padded with zeros (the mean colour after
+    normalization) where the model needs it: to a multiple of the patch size in ``whole`` mode,
+    and in sliding-window mode only where it is shorter than the crop (every window of a longer
+    side is a whole crop inside the image: nothing is padded, as mmseg's ``slide_inference``);
+    there with ``full_windows`` to the crop (every window a full crop), without it to the patch
+    grid (one smaller window, as mmseg runs an image below the crop)."""
     h, w = images.shape[-2:]
-    ph, pw = segmentor.backbone.patch_size
-    min_h, min_w = 0, 0
-    if full_windows and (mode or segmentor.test_mode) == "slide":
-        min_h, min_w = segmentor.crop_size if crop_size is None else as_pair(crop_size, "crop_size")
-    target_h, target_w = max(-(-h // ph) * ph, min_h), max(-(-w // pw) * pw, min_w)
+    patch = segmentor.backbone.patch_size
+    slide = (mode or segmentor.test_mode) == "slide"
+    crop = (segmentor.crop_size if crop_size is None else as_pair(crop_size, "crop_size")) if slide else (0, 0)
+
+    def padded_side(size: int, patch_side: int, crop_side: int) -> int:
+        if slide and size >= crop_side:
+            return size
+        on_grid = -(-size // patch_side) * patch_side
+        return max(on_grid, crop_side) if slide and full_windows else on_grid
+
+    target_h, target_w = (padded_side(size, p, c) for size, p, c in zip((h, w), patch, crop, strict=True))
     padded = F.pad(images, (0, target_w - w, 0, target_h - h))
     return segmentor.predict(padded, mode=mode, crop_size=crop_size, stride=stride, flip=flip)[..., :h, :w]
 
