@@ -163,11 +163,12 @@ def test_several_protocols_read_each_image_once_and_record_themselves(tmp_path, 
     assert {tuple(r["crop_size"]) for r in recorded.values()} == {(64, 64)}
 
 
-def test_the_config_protocol_gives_what_validation_during_training_gives(tmp_path, checkpoint):
+@pytest.mark.parametrize("scale", [[96, 48], [90, 45]])  # 45 x 90: off the patch grid, one side below the crop
+def test_the_config_protocol_gives_what_validation_during_training_gives(tmp_path, checkpoint, scale):
     """Evaluation resizes the images itself (once per protocol): the same numbers as validation,
     where the datasets resize them; another protocol in the same pass changes nothing of it."""
     make_fake_cityscapes(tmp_path / "cs", n=2, size=(32, 64), splits=("val",), prepared=True)
-    config = eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"), scale=[96, 48])])
+    config = eval_config(tmp_path, [dict(name="cityscapes", root=str(tmp_path / "cs"), scale=scale)])
     small = register_protocol(Protocol("small-flip", "test", scale=(64, 32), flip=True))
     try:
         evaluated = evaluate(config, checkpoint, protocols=[PROTOCOLS["config"], small]).last_results
@@ -179,7 +180,7 @@ def test_the_config_protocol_gives_what_validation_during_training_gives(tmp_pat
     # The checkpoint records no iteration: neither do the results (not the trainer's 0).
     assert evaluated["step"] is None and evaluated["protocols"]["small-flip"]["step"] is None
     assert evaluated["protocol"] == task.last_results["protocol"]
-    assert evaluated["protocol"]["scales"] == {"cityscapes": [96, 48]}
+    assert evaluated["protocol"]["scales"] == {"cityscapes": scale}
     assert evaluated["protocol"]["mode"] == "whole" and evaluated["protocol"]["crop_size"] is None
     assert evaluated["protocols"]["small-flip"]["protocol"]["flip"] is True
 
