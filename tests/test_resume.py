@@ -23,8 +23,9 @@ from test_engine import run_reinseg, tiny_config
 
 from reinseg.config import dump_config
 
-# Sends signal argv[4] to the process (every DDP rank, each to itself): at the start of training
-# step argv[2], or during the validation that follows step argv[3]. SIGKILL is a power cut.
+# Sends signal argv[4] to the process (every DDP rank, each to itself, or rank argv[5] alone): at
+# the start of training step argv[2], or during the validation that follows step argv[3].
+# SIGKILL is a power cut.
 KILLER = textwrap.dedent(
     """
     import os, sys
@@ -34,7 +35,7 @@ KILLER = textwrap.dedent(
 
     class Kill(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == int(sys.argv[2]):
+            if trainer.global_step == int(sys.argv[2]) and int(sys.argv[5]) in (-1, trainer.global_rank):
                 os.kill(os.getpid(), int(sys.argv[4]))
 
         def on_validation_batch_end(self, trainer, *args):
@@ -50,7 +51,7 @@ KILLER = textwrap.dedent(
 )
 
 
-def kill_run(tmp_path, config, at_step=-1, in_validation_after=-1, sig=signal.SIGKILL, status=-signal.SIGKILL):
+def kill_run(tmp_path, config, at_step=-1, in_validation_after=-1, sig=signal.SIGKILL, status=-signal.SIGKILL, rank=-1):
     """Run ``config`` in a fresh process that signals itself as :data:`KILLER` says."""
     (tmp_path / "killer.py").write_text(KILLER)
     config_file = tmp_path / "killed.yaml"
@@ -63,6 +64,7 @@ def kill_run(tmp_path, config, at_step=-1, in_validation_after=-1, sig=signal.SI
             str(at_step),
             str(in_validation_after),
             str(sig),
+            str(rank),
         ],
         capture_output=True,
         text=True,
@@ -161,6 +163,8 @@ DDP_STOPS = {
     "kill during the validation of step 2": (dict(in_validation_after=2), 2),
     # Lightning's own SIGTERM handling deadlocked here: the validation ends, then step 3.
     "SIGTERM during the validation of step 2": (dict(in_validation_after=2, sig=signal.SIGTERM, status=143), 3),
+    # To one rank only (a scheduler, `kill` on one process): every rank stops at the step's end.
+    "SIGTERM to rank 1 alone at the start of step 3": (dict(at_step=3, sig=signal.SIGTERM, status=143, rank=1), 4),
 }
 
 
