@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import load_golden
 
+from reinseg.build import build_segmentor
 from reinseg.checkpoints import segmentor_from_checkpoint
 from reinseg.cli import main
 from reinseg.config import ConfigError
@@ -168,3 +169,36 @@ def test_official_python_configs_are_read_without_executing_them(tmp_path):
     (tmp_path / "evil2.py").write_text("model = __import__('os').system('echo pwned')\n")
     with pytest.raises(ValueError, match="evil2.py, line 1"):
         read_official_config(tmp_path / "evil2.py")
+
+
+def full_fine_tuning_release(golden):
+    """The official full fine-tuning config (EncoderDecoder + plain DinoVisionTransformer +
+    Mask2FormerHead) and a release of it: the head's and the fine-tuned VFM's weights."""
+    import copy
+
+    from reinseg.checkpoints import checkpoint_state_dict
+    from reinseg.official import official_model_config, to_official_name
+
+    config = copy.deepcopy(golden["model_config"])
+    config["backbone"]["type"] = "DinoVisionTransformer"
+    del config["backbone"]["reins_config"]
+    config["decode_head"]["type"] = "Mask2FormerHead"
+    torch.manual_seed(0)
+    model = build_segmentor(official_model_config(config), load_backbone_weights=False)
+    release = {to_official_name(k): v for k, v in checkpoint_state_dict(model).items() if not k.startswith("backbone.")}
+    release |= {f"backbone.{k}": v for k, v in model.backbone.vit.state_dict().items()}
+    return config, release, model
+
+
+def test_a_full_fine_tuning_release_converts_with_its_own_vfm_weights(golden):
+    config, release, model = full_fine_tuning_release(golden)
+    converted = from_official(config, release).eval()
+    images = golden["crop_input"]
+    with torch.no_grad():
+        assert torch.equal(converted.predict(images, mode="whole"), model.eval().predict(images, mode="whole"))
+
+
+def test_a_backbone_file_beside_a_release_holding_the_vfm_is_refused(golden):
+    config, release, _ = full_fine_tuning_release(golden)
+    with pytest.raises(ValueError, match=r"the release holds the VFM's weights \(\d+ backbone.\* tensors\)"):
+        from_official(config, release, golden["backbone_state_dict"])

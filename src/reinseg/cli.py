@@ -630,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone",
         default=None,
         help="the frozen backbone's weights: DINOv2 / EVA02 (original release or converted by the official "
-        "script), ResNet V1c (mmseg names) or ConvNeXt (mmpretrain names), or timm's; omit if the release holds them",
+        "script), ResNet V1c (mmseg names) or ConvNeXt (mmpretrain names), or timm's; refused where the release "
+        "holds them (backbone.*: a full fine-tuning release, or one written by generate_full_weights.py)",
     )
     p.add_argument("--output", required=True, help="output folder")
     p.set_defaults(func=_cmd_convert_official)

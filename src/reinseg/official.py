@@ -629,12 +629,21 @@ def from_official(
     config = official_model_config(model_config)
     release = unwrap_state_dict(release_state_dict, "release state dict")
     trainable, vfm = split_release_state_dict(release)
+    if vfm and backbone_state_dict is not None:
+        # Its own VFM weights are those its model was trained (full fine-tuning) or evaluated with.
+        raise ValueError(f"the release holds the VFM's weights ({len(vfm)} backbone.* tensors): omit the backbone file")
     if backbone_state_dict is None:
         if not vfm:
             raise ValueError("no backbone weights: pass backbone_state_dict (the converted DINOv2 weights)")
         backbone_state_dict = vfm
     segmentor = build_segmentor(config, load_backbone_weights=False)
     segmentor.backbone.load_backbone_weights(backbone_state_dict)
+    if vfm:
+        # The VFM's weights a checkpoint holds (where they train, tuning "full") come from the
+        # release's backbone.*, just fitted into the model.
+        expected = checkpoint_state_dict(segmentor)
+        fitted = {f"backbone.vit.{k}": v for k, v in segmentor.backbone.vit.state_dict().items()}
+        trainable.update({k: v for k, v in fitted.items() if k in expected and k not in trainable})
     load_checkpoint_weights(segmentor, trainable, source="release checkpoint", names=to_official_name)
     return segmentor
 
