@@ -259,12 +259,14 @@ class SegmentationDataModule(L.LightningDataModule):
         """The class names of each validation set, in ``val_sets()`` order."""
         return [dataset.classes.names for _, dataset, _ in self.val_sets()]
 
+    def global_batch(self) -> int:
+        """The training samples of one step over all ranks: ``data.batch_size`` x the world size."""
+        return self.config.data.batch_size * self._rank_and_world()[1]
+
     def samples_before(self, step: int) -> int:
         """The training samples (over all ranks) the run has taken before step ``step``."""
-        _, world = self._rank_and_world()
-        global_batch = self.config.data.batch_size * world
-        start = self.start_step * global_batch if self.start_sample is None else self.start_sample
-        return start + (step - self.start_step) * global_batch
+        start = self.start_step * self.global_batch() if self.start_sample is None else self.start_sample
+        return start + (step - self.start_step) * self.global_batch()
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

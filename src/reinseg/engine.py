@@ -342,7 +342,7 @@ class SegmentationTask(L.LightningModule):
         checkpoint["rng"] = {"ranks": ranks}
         # Where the data stream stands: a resume with another global batch continues from here.
         checkpoint["samples_seen"] = self.data.samples_before(self.global_step)
-        checkpoint["global_batch"] = self.config.data.batch_size * self.trainer.world_size
+        checkpoint["global_batch"] = self.data.global_batch()
         # Float sums are split across threads: a resume continues with the thread count that
         # wrote the checkpoint, so that it ends where an uninterrupted run would, on any machine.
         checkpoint["torch_threads"] = torch.get_num_threads()
@@ -388,12 +388,12 @@ class SegmentationTask(L.LightningModule):
         if isinstance(samples_seen, int) and not isinstance(samples_seen, bool) and samples_seen >= 0:
             self.data.start_sample = samples_seen
         batch = checkpoint.get("global_batch")
-        if isinstance(batch, int) and batch != self.config.data.batch_size * self.trainer.world_size:
+        if isinstance(batch, int) and batch != self.data.global_batch():
             log.warning(
                 "the checkpoint's run took %d training samples per step, this one takes %d (data.batch_size x "
                 "devices): the data continues where it stopped, but the run differs from an uninterrupted one",
                 batch,
-                self.config.data.batch_size * self.trainer.world_size,
+                self.data.global_batch(),
             )
         threads = checkpoint.get("torch_threads")
         if isinstance(threads, int) and not isinstance(threads, bool):
@@ -603,7 +603,8 @@ class _RunGuard(L.Callback):
     def _mark_signalled(self, signum, frame) -> None:
         self._signalled = True
 
-    def _any_rank_signalled(self, trainer) -> bool:
+    def any_rank_signalled(self, trainer) -> bool:
+        """Whether SIGTERM reached any DDP rank: a collective, so every rank must call it together."""
         mark = torch.tensor([int(self._signalled)], device=trainer.strategy.root_device)
         torch.distributed.all_reduce(mark, op=torch.distributed.ReduceOp.MAX)
         return bool(mark.item())
@@ -611,7 +612,7 @@ class _RunGuard(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         # Here the state is the one every other checkpoint of a step holds.
         if trainer.world_size > 1:
-            if self._any_rank_signalled(trainer):  # every rank, every step: the collectives pair up
+            if self.any_rank_signalled(trainer):  # every rank, every step: the collectives pair up
                 self._save(trainer)
                 raise SIGTERMException
         elif trainer.received_sigterm:
@@ -896,7 +897,7 @@ def _run_guard(trainer: L.Trainer) -> _RunGuard:
 def _stop_if_signalled(trainer: L.Trainer, message) -> None:
     """After a DDP validation outside fit: TrainingInterrupted if SIGTERM reached any rank during
     it (the ranks agree, as at the end of a training step)."""
-    if trainer.world_size > 1 and _run_guard(trainer)._any_rank_signalled(trainer):
+    if trainer.world_size > 1 and _run_guard(trainer).any_rank_signalled(trainer):
         raise TrainingInterrupted(message())
 
 
@@ -1034,7 +1035,7 @@ def evaluate(
     trainer = build_trainer(config, validate_during_training=True, logging=False)
     with _on_sigterm(lambda: "evaluation stopped by SIGTERM"):
         trainer.validate(task, datamodule=task.data, verbose=False)
-    if trainer.world_size > 1 and _run_guard(trainer)._any_rank_signalled(trainer):
+    if trainer.world_size > 1 and _run_guard(trainer).any_rank_signalled(trainer):
         log.warning("SIGTERM arrived during the evaluation, which finished first (DDP ranks stop together)")
     if step is None and task.last_results is not None:
         for summary in [task.last_results, *task.last_results.get("protocols", {}).values()]:
