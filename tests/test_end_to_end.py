@@ -198,7 +198,10 @@ def test_predict_of_a_checkpoint_without_validation_sets_uses_the_cityscapes_sca
     assert checkpoint_scale({"model": {"backbone": {"img_size": 512}}})[0] == (1024, 512)
     assert checkpoint_scale({"model": {"backbone": {"img_size": 1024}}})[0] == (2048, 1024)
     assert checkpoint_scale({"model": {"backbone": {"img_size": [1024, 1024]}}})[0] == (2048, 1024)
-    assert checkpoint_scale({"data": {"val": [{"name": "acdc", "root": "x"}]}})[0] == (1920, 1080)
+    # A validation entry without a scale: its dataset's in the official configs of the crop.
+    assert checkpoint_scale({"data": {"val": [{"name": "acdc", "root": "x"}]}})[0] == (960, 540)
+    acdc_1024 = {"model": {"backbone": {"img_size": 1024}}, "data": {"val": [{"name": "acdc", "root": "x"}]}}
+    assert checkpoint_scale(acdc_1024)[0] == (1920, 1080)
     assert checkpoint_scale({"data": {"val": [{"name": "synthetic", "root": "x"}]}})[0] is None
 
 

@@ -60,3 +60,14 @@ def test_check_data_reads_a_config_as_evaluation_does(tmp_path):
     )
     assert [d.name for _, d, _ in validation_sets(config)] == [r.name for r in check(config_file, progress=False)]
     assert isinstance(entries[1], DatasetEntry) and entries[1].classes().names == ("a", "b")
+
+
+@pytest.mark.parametrize("crop, size", [(512, (512, 1024)), (1024, (1024, 2048)), ([1024, 512], (1024, 2048))])
+def test_validation_scales_an_entry_without_scale_as_the_official_configs_of_its_crop(tmp_path, crop, size):
+    """Cityscapes in configs/_base_/datasets/cityscapes_512x512.py is tested at 1024x512, in
+    cityscapes_1024x1024.py at 2048x1024: validation during training follows the crop."""
+    make_fake_cityscapes(tmp_path / "cs", n=1, size=(16, 32), splits=("val",), prepared=True)
+    config = Config(data=DataConfig(val=[{"name": "cityscapes", "root": str(tmp_path / "cs")}]))
+    config.model.backbone.img_size = crop
+    [(_, dataset, _)] = validation_sets(config)
+    assert tuple(dataset[0]["image"].shape[-2:]) == size

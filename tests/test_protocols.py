@@ -106,11 +106,14 @@ def test_official_scales_are_those_of_the_official_configs_of_the_crop(crop, exp
     model.backbone.img_size = crop
     names = {"cs": "cityscapes", "acdc": "acdc", "bdd": "bdd100k", "map": "mapillary"}
     domains = [(domain, DatasetEntry(name, "root", "val")) for domain, name in names.items()]
-    for name in ("official", "ms-flip"):
+    # An entry without a scale of its own gets the official scale under the config protocol too.
+    for name in ("official", "ms-flip", "config"):
         run = protocol_run(get_protocols([name])[0], domains, model)
         assert run.scales == expected, name
-    # The config protocol keeps each dataset's own test scale, whatever the crop.
-    assert protocol_run(get_protocols(["config"])[0], domains, model).scales["acdc"] == (1920, 1080)
+    # The config protocol keeps an entry's own scale, whatever the crop; official does not.
+    own = [("acdc", DatasetEntry("acdc", "root", "val", scale=(1000, 500)))]
+    assert protocol_run(get_protocols(["config"])[0], own, model).scales == {"acdc": (1000, 500)}
+    assert protocol_run(get_protocols(["official"])[0], own, model).scales == {"acdc": expected["acdc"]}
 
 
 def test_sizes_off_the_patch_grid_are_padded_and_below_the_crop_run_as_a_smaller_window():

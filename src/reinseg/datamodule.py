@@ -163,14 +163,16 @@ def validation_sets(config: Config, raw: bool = False) -> list[tuple[str, object
     """``(domain name, dataset, entry)`` per ``data.val`` entry (per corruption and severity of
     an entry with ``corruptions``), with the evaluation transform; ``raw``: images as read,
     (H, W, 3) uint8 tensors, which each test protocol resizes itself (:mod:`reinseg.protocols`)."""
+    from .build import official_window
     from .data import eval_transform
     from .data.corruptions import Corrupt
     from .data.transforms import Compose
 
     sets = []
     entries = [expanded for entry in _entries(config, "val") for expanded in entry.expanded()]
+    crop, _ = official_window(config.model)  # the training crop, whose official configs set the default scales
     for entry in entries:
-        transform = _raw_image if raw else eval_transform(entry.eval_scale())
+        transform = _raw_image if raw else eval_transform(entry.eval_scale(crop))
         seed = None
         if entry.corruption is not None:
             transform, seed = Compose([Corrupt(*entry.corruption), transform]), entry.corruption_seed

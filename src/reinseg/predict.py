@@ -74,14 +74,13 @@ def checkpoint_scale(config: dict) -> tuple[tuple[int, int] | None, str]:
     from .protocols import official_test_scale
 
     val = (config.get("data") or {}).get("val") or []
+    h, w = as_pair(((config.get("model") or {}).get("backbone") or {}).get("img_size", 512), "model.backbone.img_size")
     if not val or not isinstance(val[0], dict):
-        crop = ((config.get("model") or {}).get("backbone") or {}).get("img_size", 512)
-        h, w = as_pair(crop, "model.backbone.img_size")
         scale = official_test_scale("cityscapes", (h, w), DEFAULT_SCALE)
         return scale, f"Cityscapes' test scale at {h}x{w} crops, as the official configs: no validation set recorded"
     first = val[0]
     domain = first.get("label") or first.get("name")
-    return eval_scale(first), f"the test scale of {domain}, the checkpoint's first validation set"
+    return eval_scale(first, (h, w)), f"the test scale of {domain}, the checkpoint's first validation set"
 
 
 @torch.no_grad()

@@ -10,8 +10,9 @@ evaluates under one or several of them in one pass over the data (each image is 
 name       what the model sees
 =========  ==========================================================================================
 config     the configuration as it is: each ``data.val`` entry's ``scale`` (else its dataset's test
-           scale) and ``model.test`` (mode, window, flip). The protocol of ``reinseg eval`` without
-           ``--protocol``, and of validation during training.
+           scale in the official configs of the training crop, as ``official``) and ``model.test``
+           (mode, window, flip). The protocol of ``reinseg eval`` without ``--protocol``, and of
+           validation during training.
 official   the official Rein test pipelines (configs/_base_/datasets/*.py): keep-ratio resize to the
            dataset's test scale in the official configs of the training crop (512 crops:
            Cityscapes 1024x512, ACDC 960x540; 1024 crops: Cityscapes 2048x1024, ACDC 1920x1080;
@@ -44,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.layouts import OFFICIAL_SCALES_BY_CROP, eval_scale, official_test_scale
+
 __all__ = [
     "Protocol",
     "ProtocolRun",
@@ -72,7 +75,8 @@ class Protocol:
         name: what ``--protocol`` and the results call it.
         description: one line for listings.
         scale: ``"config"`` (the entry's ``scale``, else the dataset's), ``"official"`` (the
-            dataset's test scale, :data:`reinseg.data.TEST_SCALES`) or ``(long, short)`` for
+            dataset's test scale in the official configs of the training crop,
+            :func:`reinseg.data.official_test_scale`) or ``(long, short)`` for
             every dataset; images are resized keeping their aspect ratio to fit it.
         ratios: the image at that size is also resized by each factor (multi-scale).
         flip: each size is also run mirrored.
@@ -171,37 +175,19 @@ class ProtocolRun:
 def protocol_run(protocol: Protocol, domains, model_config) -> ProtocolRun:
     """Resolve ``protocol`` for the ``(domain, entry)`` pairs of a run and its ``model`` config."""
     from .build import official_window
-    from .data.layouts import DATASETS
 
     crop, stride = official_window(model_config)
     scales = {}
     for domain, entry in domains:
         if protocol.scale == "config":
-            scales[domain] = entry.eval_scale()
+            scales[domain] = entry.eval_scale(crop)
         elif protocol.scale == "official":
-            info = DATASETS.get(entry.name)
-            scales[domain] = official_test_scale(entry.name, crop, None if info is None else info.test_scale)
+            scales[domain] = eval_scale({"name": entry.name}, crop)
         else:
             scales[domain] = tuple(protocol.scale)
     if protocol.window == "config":
         return ProtocolRun(protocol, scales, None, None, None)
     return ProtocolRun(protocol, scales, "slide", crop, stride)
-
-
-# The test scales of the official configs that depend on the training crop
-# (configs/_base_/datasets/{cityscapes,*-acdc}_{512x512,1024x1024}.py); every other dataset's is
-# the same in both (reinseg.data.TEST_SCALES).
-OFFICIAL_SCALES_BY_CROP = {
-    512: {"cityscapes": (1024, 512), "acdc": (960, 540)},
-    1024: {"cityscapes": (2048, 1024), "acdc": (1920, 1080)},
-}
-
-
-def official_test_scale(dataset: str, crop: tuple[int, int], default):
-    """The (long, short) scale the official configs of the training ``crop`` (h, w) evaluate
-    ``dataset`` at: the 1024 configs' for crops of 1024 and more, else the 512 configs'."""
-    by_dataset = OFFICIAL_SCALES_BY_CROP[1024 if max(crop) >= 1024 else 512]
-    return by_dataset.get(dataset, default)
 
 
 def input_sizes(run: ProtocolRun, domain: str, image_size: tuple[int, int]) -> list[tuple[int, int]]:

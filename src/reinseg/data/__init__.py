@@ -39,6 +39,8 @@ _EXPORTS = {
     "eval_transform": ".transforms",
     "TEST_SCALES": ".layouts",
     "eval_scale": ".layouts",
+    "official_test_scale": ".layouts",
+    "OFFICIAL_SCALES_BY_CROP": ".layouts",
     "DATASETS": ".layouts",
     "ACDC_CONDITIONS": ".layouts",
     "DataError": ".io",
@@ -59,6 +61,8 @@ __all__ = [
     "IMAGENET_STD",
     "TEST_SCALES",
     "eval_scale",
+    "official_test_scale",
+    "OFFICIAL_SCALES_BY_CROP",
     "DATASETS",
     "ACDC_CONDITIONS",
     "DataError",
@@ -85,7 +89,16 @@ if TYPE_CHECKING:
     from .encodings import LabelEncoding
     from .entries import DatasetEntry, parse_entries
     from .io import DataError
-    from .layouts import ACDC_CONDITIONS, DATASETS, TEST_SCALES, DatasetInfo, eval_scale, register_dataset
+    from .layouts import (
+        ACDC_CONDITIONS,
+        DATASETS,
+        OFFICIAL_SCALES_BY_CROP,
+        TEST_SCALES,
+        DatasetInfo,
+        eval_scale,
+        official_test_scale,
+        register_dataset,
+    )
     from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 

@@ -3,10 +3,11 @@
 Training, evaluation, ``check-data``, ``predict`` (the test scale and palette of a checkpoint's
 data) and the tests read ``data.train`` and ``data.val`` through :func:`parse_entries`, so an
 entry means the same everywhere. Validation entries may also hold the keys reinseg reads itself
-(:data:`EVAL_ENTRY_KEYS`): ``scale`` (the test scale, default the dataset's), ``label`` (the
-domain's name in results, default the dataset's), ``in_mean`` (whether the domain counts in
-the mean over target domains, default true) and ``corruptions`` / ``severities`` /
-``corruption_seed`` (Cityscapes-C style corrupted copies, :mod:`reinseg.data.corruptions`).
+(:data:`EVAL_ENTRY_KEYS`): ``scale`` (the test scale, default the dataset's in the official
+configs of the training crop), ``label`` (the domain's name in results, default the dataset's),
+``in_mean`` (whether the domain counts in the mean over target domains, default true) and
+``corruptions`` / ``severities`` / ``corruption_seed`` (Cityscapes-C style corrupted copies,
+:mod:`reinseg.data.corruptions`).
 """
 
 from __future__ import annotations
@@ -97,10 +98,11 @@ class DatasetEntry:
             for severity in self.severities
         ]
 
-    def eval_scale(self) -> tuple[int, int] | None:
+    def eval_scale(self, crop: tuple[int, int] | None = None) -> tuple[int, int] | None:
         """The (long, short) scale images are resized to fit for evaluation: the entry's
-        ``scale``, else its dataset's; None keeps them as they are."""
-        return eval_scale({"name": self.name, "scale": self.scale})
+        ``scale``, else its dataset's in the official configs of the training ``crop`` (h, w;
+        :func:`~reinseg.data.layouts.eval_scale`); None keeps them as they are."""
+        return eval_scale({"name": self.name, "scale": self.scale}, crop)
 
     def build(self, **kwargs) -> SegmentationDataset:
         """The dataset (``kwargs``: ``transform``, ``on_error``, ``seed`` of :func:`build_dataset`)."""

@@ -34,6 +34,8 @@ __all__ = [
     "DatasetInfo",
     "DATASETS",
     "TEST_SCALES",
+    "OFFICIAL_SCALES_BY_CROP",
+    "official_test_scale",
     "eval_scale",
     "ACDC_CONDITIONS",
     "discover",
@@ -380,17 +382,39 @@ for _info in (
     register_dataset(_info)
 
 # Evaluation scales (w, h) of the official test pipelines: the image is resized keeping its ratio
-# to fit (long, short); the label stays at its resolution. ACDC follows the official 1024x1024
-# configs (night-acdc_1024x1024.py and siblings; the 512x512 ones use (960, 540)). Synthia and
-# UrbanSyn have no official test pipeline: their native sizes. None: the image as it is.
+# to fit (long, short); the label stays at its resolution. Without a training crop ACDC follows the
+# official 1024x1024 configs (night-acdc_1024x1024.py and siblings; the 512x512 ones use (960, 540):
+# OFFICIAL_SCALES_BY_CROP, which eval_scale reads given the crop). Synthia and UrbanSyn have no
+# official test pipeline: their native sizes. None: the image as it is.
 TEST_SCALES = {name: info.test_scale for name, info in DATASETS.items()}
 
 
-def eval_scale(entry: dict) -> tuple[int, int] | None:
+# The official test scales that depend on the training crop (configs/_base_/datasets/
+# {cityscapes,*-acdc}_{512x512,1024x1024}.py); every other dataset's is the same at both crops.
+OFFICIAL_SCALES_BY_CROP = {
+    512: {"cityscapes": (1024, 512), "acdc": (960, 540)},
+    1024: {"cityscapes": (2048, 1024), "acdc": (1920, 1080)},
+}
+
+
+def official_test_scale(dataset: str, crop: tuple[int, int], default):
+    """The (long, short) scale the official configs of the training ``crop`` (h, w) evaluate
+    ``dataset`` at: the 1024 configs' for crops of 1024 and more, else the 512 configs'; ``default``
+    for a dataset whose scale does not depend on the crop."""
+    by_dataset = OFFICIAL_SCALES_BY_CROP[1024 if max(crop) >= 1024 else 512]
+    return by_dataset.get(dataset, default)
+
+
+def eval_scale(entry: dict, crop: tuple[int, int] | None = None) -> tuple[int, int] | None:
     """The (long, short) scale a ``data.val`` entry's images are resized to fit for evaluation: the
-    entry's own ``scale``, else its dataset's (:data:`TEST_SCALES`); None keeps them as they are."""
-    info = DATASETS.get(entry.get("name"))
-    scale = entry.get("scale") or (info.test_scale if info is not None else None)
+    entry's own ``scale``, else its dataset's test scale in the official configs of the training
+    ``crop`` (h, w; Cityscapes and ACDC depend on it, :func:`official_test_scale`), else, without a
+    crop, :data:`TEST_SCALES`'; None keeps the images as they are."""
+    scale = entry.get("scale")
+    if not scale:
+        info = DATASETS.get(entry.get("name"))
+        default = info.test_scale if info is not None else None
+        scale = default if crop is None else official_test_scale(entry.get("name"), tuple(crop), default)
     return None if scale is None else tuple(scale)
 
 
