@@ -108,6 +108,35 @@ def test_crop_size_not_divisible_by_the_patch_size(golden):
         (("decode_head", "num_queries"), 12, "model.decode_head.num_queries=12 must equal 10"),
         (("backbone", "reins_config", "embed_dims"), 32, "model.backbone.reins_config.embed_dims=32 must equal 64"),
         (("decode_head", "align_corners"), True, "model.decode_head.align_corners=True is not supported"),
+        # DINOv2's arguments: the official code takes these, reinseg cannot represent them.
+        (("backbone", "drop_path_uniform"), True, "model.backbone.drop_path_uniform=True is not supported"),
+        (("backbone", "in_chans"), 4, "model.backbone.in_chans=4 is not supported"),
+        (
+            ("backbone", "act_layer"),
+            "SiLU",
+            "model.backbone: act_layer not supported by reinseg for ReinsDinoVisionTransformer",
+        ),
+        # mmdet's SinePositionalEncoding, in both transformers.
+        (
+            ("decode_head", "pixel_decoder", "positional_encoding", "normalize"),
+            False,
+            "model.decode_head.pixel_decoder.positional_encoding.normalize=False is not supported",
+        ),
+        (
+            ("decode_head", "positional_encoding", "temperature"),
+            20,
+            "model.decode_head.positional_encoding.temperature=20 is not supported",
+        ),
+        (
+            ("decode_head", "positional_encoding", "offset"),
+            -0.5,
+            "model.decode_head.positional_encoding.offset=-0.5 is not supported",
+        ),
+        (
+            ("decode_head", "positional_encoding", "dim"),
+            2,
+            "model.decode_head.positional_encoding: dim not supported by reinseg$",
+        ),
     ],
 )
 def test_unsupported_config_fields_are_named(golden, path, value, message):
@@ -202,3 +231,17 @@ def test_a_backbone_file_beside_a_release_holding_the_vfm_is_refused(golden):
     config, release, _ = full_fine_tuning_release(golden)
     with pytest.raises(ValueError, match=r"the release holds the VFM's weights \(\d+ backbone.\* tensors\)"):
         from_official(config, release, golden["backbone_state_dict"])
+
+
+def test_dinov2_drop_path_is_timms_and_block_chunks_change_nothing(golden):
+    """The official linear drop-path rule (0 to the rate over the blocks) is timm's; the block
+    chunks only group the blocks."""
+    import copy
+
+    from reinseg.official import official_model_config
+
+    config = copy.deepcopy(golden["model_config"])
+    config["backbone"].update(drop_path_rate=0.3, block_chunks=4)
+    backbone = official_model_config(config).backbone
+    assert backbone.timm_kwargs["drop_path_rate"] == 0.3
+    assert "drop_path_rate" not in official_model_config(golden["model_config"]).backbone.timm_kwargs

@@ -60,6 +60,7 @@ def test_the_rotary_reference_grid_matters(golden):
         ("naiveswiglu", False, "backbone.naiveswiglu=False is not supported"),
         ("hybrid_backbone", {"type": "ResNet"}, "backbone.hybrid_backbone=.* is not supported"),
         ("window", 7, "backbone: window not supported by reinseg for ReinsEVA2"),
+        ("intp_freq", False, "backbone.intp_freq=False is not supported"),
     ],
 )
 def test_unsupported_fields_are_named(golden, key, value, message):

@@ -119,6 +119,34 @@ def official_backbone(bb: _Fields) -> OfficialBackbone:
 
 
 def _dinov2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
+    """The official ``DinoVisionTransformer`` (``ReinsDinoVisionTransformer``,
+    rein/models/backbones/dino_v2.py) -> timm's DINOv2 ``VisionTransformer``. Its module arguments
+    (``embed_layer``, ``act_layer``, ``block_fn``) and fields of other backbones are refused;
+    ``block_chunks`` only groups the blocks (FSDP wrapping) and is read as any value."""
+    _check_keys(
+        bb,
+        {
+            "img_size",
+            "patch_size",
+            "in_chans",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "mlp_ratio",
+            "qkv_bias",
+            "ffn_bias",
+            "proj_bias",
+            "drop_path_rate",
+            "drop_path_uniform",
+            "init_values",
+            "ffn_layer",
+            "block_chunks",
+            "out_indices",
+        },
+    )
+    bb.expect("in_chans", 3, default=3)
+    # The official depth rule without drop_path_uniform (linear from 0 to the rate) is timm's.
+    bb.expect("drop_path_uniform", False, default=False)
     embed_dim = bb.get("embed_dim", 768)
     depth = bb.get("depth", 12)
     num_heads = bb.get("num_heads", 12)
@@ -145,6 +173,8 @@ def _dinov2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
     init_values = bb.get("init_values", None)
     if init_values != 1e-5:
         timm_kwargs["init_values"] = init_values
+    if bb.get("drop_path_rate", 0.0):
+        timm_kwargs["drop_path_rate"] = bb.get("drop_path_rate")
     out_indices = list(bb.get("out_indices", [7, 11, 15, 23]))
     backbone = BackboneConfig(
         name=name,
@@ -209,6 +239,8 @@ def _eva2_backbone(bb: _Fields, has_rein: bool) -> OfficialBackbone:
         bb.expect(key, False, default=False)
     for key in ("qk_scale", "hybrid_backbone"):
         bb.expect(key, None, default=None)
+    # timm always resamples the rotary frequencies to the image's grid (the official intp_freq).
+    bb.expect("intp_freq", True, default=True)
     norm = _Fields(bb.get("norm_layer"), f"{bb.path}.norm_layer")
     norm.expect("type", "LN")
     norm.expect("eps", 1e-6)
@@ -293,7 +325,8 @@ def _stage_reins(bb: _Fields, depths: list[int], channels: list[int]) -> ReinCon
 def _check_keys(bb: _Fields, known: set[str]) -> None:
     unknown = sorted(set(bb.data) - known - {"type", "reins_config", "distinct_cfgs", "init_cfg", "pretrained"})
     if unknown:
-        raise ConfigError(f"{bb.path}: {', '.join(unknown)} not supported by reinseg for {bb.get('type')}")
+        kind = f" for {bb.data['type']}" if "type" in bb.data else ""
+        raise ConfigError(f"{bb.path}: {', '.join(unknown)} not supported by reinseg{kind}")
 
 
 # mmseg ResNet depths: (timm block, blocks per stage).
@@ -489,8 +522,7 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
                 f"model.backbone.reins_config.query_dims={rein.query_dims} must equal "
                 f"model.decode_head.feat_channels={feat}"
             )
-    dh.sub("positional_encoding").equal("num_feats", feat // 2, "half the decoder width")
-    dh.sub("positional_encoding").expect("normalize", True)
+    _sine_encoding(dh.sub("positional_encoding"), feat)
 
     pd = dh.sub("pixel_decoder")
     _type(pd, ("MSDeformAttnPixelDecoder",))
@@ -505,7 +537,7 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
     enc_ffn = encoder.sub("layer_cfg").sub("ffn_cfg")
     enc_ffn.equal("embed_dims", feat, "model.decode_head.feat_channels", default=feat)
     enc_ffn.expect("num_fcs", 2, default=2)
-    pd.sub("positional_encoding").equal("num_feats", feat // 2, "half the decoder width")
+    _sine_encoding(pd.sub("positional_encoding"), feat)
     num_heads_head = enc_attn.get("num_heads", 8)
 
     decoder = dh.sub("transformer_decoder")
@@ -549,6 +581,18 @@ def official_model_config(model: dict[str, Any]) -> ModelConfig:
         loss=loss,
         test=TestConfig(mode=mode, crop_size=crop, stride=stride),
     )
+
+
+def _sine_encoding(encoding: _Fields, feat: int) -> None:
+    """mmdet's ``SinePositionalEncoding`` as reinseg computes it (heads/position_encoding.py):
+    normalized positions, its default temperature, scale, eps and offset."""
+    _check_keys(encoding, {"num_feats", "normalize", "temperature", "scale", "eps", "offset"})
+    encoding.equal("num_feats", feat // 2, "half the decoder width")
+    encoding.expect("normalize", True)
+    encoding.expect("temperature", 10000, default=10000)
+    encoding.expect("scale", 2 * math.pi, default=2 * math.pi)
+    encoding.expect("eps", 1e-6, default=1e-6)
+    encoding.expect("offset", 0.0, default=0.0)
 
 
 def _official_loss(dh: _Fields, num_classes: int) -> LossConfig:
