@@ -16,12 +16,15 @@
 # BUDGET (seconds, default 420; 0 = no limit) bounds the whole run: a section starts only while
 # time is left, its commands are stopped (with every process they started) when it runs out, and
 # what was measured so far is already in OUT.md. On the lent device machine, whose calls run at
-# most 10 minutes and whose session has 15 minutes of device time in all, one call fits with
-# room for a machine start and a rerun:
+# most 10 minutes and whose session has 15 minutes of device time in all (the machine's start
+# included), one call fits, and leaves a short rerun (BUDGET=90) at most. Its image has PyTorch,
+# Lightning, scipy and opencv, and a timm of unknown version, so the call brings the tested timm
+# (`pip download --no-deps timm==1.0.31 -d .whl` here first; .whl/ is git-ignored):
 #
-#     run(command="PYTHONUNBUFFERED=1 bash benchmarks/gpu.sh $OUT/gpu.md", timeout_s=480)
+#     run(command="python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site
+#         bash benchmarks/gpu.sh $OUT/gpu.md", carry=[".whl"], timeout_s=480)
 #
-# (its image has PyTorch, timm, Lightning, scipy and opencv; reinseg is taken from src/). A longer
+# reinseg is taken from src/. A longer
 # lease: BUDGET=0 for every section. SMOKE=1 runs the same steps with a ViT-S on the CPU, one step
 # each, to check the script itself (no budget unless BUDGET is set).
 set -uo pipefail

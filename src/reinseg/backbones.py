@@ -297,13 +297,16 @@ class ReinBackbone(FrozenBackbone):
     def hold_frozen_in(self, dtype: torch.dtype) -> None:
         """Store the VFM's frozen parameters and floating buffers in ``dtype`` and run its blocks
         in it; parameters that train (LoRA, adapters, the VFM under full fine-tuning) keep their
-        dtype, and Rein and the maps stay fp32."""
+        dtype, and Rein and the maps stay fp32. Non-persistent buffers (the rotary frequencies of
+        DINOv3 and EVA02, tables computed rather than learned) stay fp32, as timm computes the
+        rotary angles: in bf16 they are off by up to 0.4 %; timm casts the rotated queries and
+        keys back to the values' dtype."""
         for param in self.vit.parameters():
             if not param.requires_grad:
                 param.data = param.data.to(dtype)
         for module in self.vit.modules():
             for name, buffer in module.named_buffers(recurse=False):
-                if buffer is not None and buffer.is_floating_point():
+                if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
                     setattr(module, name, buffer.to(dtype))
         self.frozen_dtype = dtype
 

@@ -165,7 +165,8 @@ class SegmentationTask(L.LightningModule):
             set_rng_state(self._rng_after_step)
 
     def configure_optimizers(self):
-        optimizer, schedule = build_optimizer(self.segmentor, self.config)
+        precision = self._trainer.precision if self._trainer is not None else "32-true"  # without Lightning: fp32
+        optimizer, schedule = build_optimizer(self.segmentor, self.config, precision=precision)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- validation -----------------------------------------------------------------------

@@ -144,9 +144,10 @@ def state_in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 
 def build_optimizer(
-    segmentor: Segmentor, config: Config
+    segmentor: Segmentor, config: Config, precision: str = "32-true"
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """The AdamW optimizer and its per-iteration schedule for ``segmentor`` as ``config.train`` says."""
+    """The AdamW optimizer and its per-iteration schedule for ``segmentor`` as ``config.train`` says,
+    under the Lightning ``precision`` the trainer runs (``config.train.precision`` resolved)."""
     tc = config.train
     # train.backbone_lr_mult is for the VFM's own weights when they fine-tune; modules added inside
     # it (LoRA, adapters, SoMA's components) take their strategy's multiplier (1 but for SoMA).
@@ -157,7 +158,11 @@ def build_optimizer(
     # Fused where PyTorch has the kernel (CPU, CUDA): one pass over all parameters (the CPU step
     # of the paper head's parameters 0.043 -> 0.016 s, benchmarks/vs_official.py); the same update
     # up to float rounding, within the official code's two-step golden (test_optimizer_golden.py).
-    fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
+    # Lightning's mixed-precision plugin refuses to clip a fused optimizer's gradients (its step
+    # would unscale fp16's itself; bf16 is refused alike): clipping under mixed precision takes
+    # the foreach update.
+    clipped_mixed = bool(tc.grad_clip) and "mixed" in str(precision)
+    fused = not clipped_mixed and all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
     optimizer = torch.optim.AdamW(
         groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay, fused=fused
     )
