@@ -63,3 +63,63 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     with atomic_directory(target):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _run_with_a_relative_vfm(tmp_path, monkeypatch):
+    """A tiny trained run whose config names its VFM file relative to the run's folder, as the
+    shipped configs do; the checkpoint as a run writes it (SegmentationTask.on_save_checkpoint)."""
+    from conftest import tiny_model_config
+
+    from reinseg.build import build_segmentor
+    from reinseg.checkpoints import checkpoint_state_dict
+    from reinseg.config import Config, to_dict
+
+    torch.manual_seed(0)
+    model = tiny_model_config()
+    segmentor = build_segmentor(model, load_backbone_weights=False).eval()
+    (tmp_path / "project" / "checkpoints").mkdir(parents=True)
+    torch.save(segmentor.backbone.vit.state_dict(), tmp_path / "project" / "checkpoints" / "vfm.pth")
+    monkeypatch.chdir(tmp_path / "project")
+    config = to_dict(Config(model=model))
+    config["model"]["backbone"]["checkpoint"] = "checkpoints/vfm.pth"
+    segmentor.backbone.weights_source = "checkpoints/vfm.pth"  # as build_segmentor sets it on loading the file
+    return segmentor, config, checkpoint_state_dict(segmentor)
+
+
+def test_a_checkpoint_loads_from_any_folder_and_names_a_missing_vfm(tmp_path, monkeypatch):
+    from reinseg.checkpoints import config_for_checkpoint, segmentor_from_checkpoint
+
+    segmentor, config, state = _run_with_a_relative_vfm(tmp_path, monkeypatch)
+    save_checkpoint(tmp_path / "new.ckpt", config_for_checkpoint(config), state)
+    save_checkpoint(tmp_path / "old.ckpt", config, state)  # as runs before 2026-12-06 stored it
+    assert config["model"]["backbone"]["checkpoint"] == "checkpoints/vfm.pth"  # the run's own config unchanged
+    monkeypatch.chdir(tmp_path)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = segmentor(images)
+        loaded, payload = segmentor_from_checkpoint(tmp_path / "new.ckpt")
+        assert payload["config"]["model"]["backbone"]["checkpoint"] == str(tmp_path / "project/checkpoints/vfm.pth")
+        torch.testing.assert_close(loaded.eval()(images), expected, rtol=0, atol=0)
+        with pytest.raises(FileNotFoundError) as missing:
+            segmentor_from_checkpoint(tmp_path / "old.ckpt")
+        message = str(missing.value)
+        assert "old.ckpt references the VFM weights checkpoints/vfm.pth" in message
+        assert f"relative to the current folder, {tmp_path}" in message and "--backbone" in message
+        loaded, _ = segmentor_from_checkpoint(tmp_path / "old.ckpt", backbone="project/checkpoints/vfm.pth")
+        torch.testing.assert_close(loaded.eval()(images), expected, rtol=0, atol=0)
+
+
+def test_predict_takes_the_vfm_file_a_checkpoint_references_elsewhere(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from reinseg.cli import main
+
+    _, config, state = _run_with_a_relative_vfm(tmp_path, monkeypatch)
+    save_checkpoint(tmp_path / "old.ckpt", config, state)
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 32)).save(tmp_path / "street.png")
+    arguments = ["predict", "old.ckpt", "street.png", "--output", "out", "--device", "cpu"]
+    assert main(arguments) == 2
+    assert "references the VFM weights checkpoints/vfm.pth" in capsys.readouterr().err
+    assert main([*arguments, "--backbone", "project/checkpoints/vfm.pth"]) == 0
+    assert (tmp_path / "out" / "street_labelTrainIds.png").is_file()

@@ -71,6 +71,25 @@ def test_params_of_a_config(capsys):
     assert "2,990,081" in out and "20,579,796" in out
 
 
+def test_overrides_may_follow_options_and_a_leftover_is_the_subcommands_error(capsys):
+    """argparse ends a nargs="*" positional at the first option: KEY=VALUE after one was refused."""
+    config = Path(__file__).parents[1] / "configs" / "rein_dinov2-l_gta_512.yaml"
+    assert main(["params", str(config), "--tuning", "rein", "model.head.num_classes=5", "model.rein.lora_dim=8"]) == 0
+    out = capsys.readouterr().out
+    assert "Mask2Former head for 5 classes" in out and "rank 8" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["params", str(config), "--tuning", "rein", "--bogus"])
+    assert exit_info.value.code == 2
+    assert "reinseg params: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_params_of_a_config_refuses_the_options_that_describe_a_model(capsys):
+    config = Path(__file__).parents[1] / "configs" / "rein_dinov2-l_gta_512.yaml"
+    assert main(["params", str(config), "--backbone", "dinov2_vitb14", "--img-size", "1024"]) == 2
+    err = capsys.readouterr().err
+    assert "--backbone, --img-size describe a model without a config" in err and "model.backbone.name=" in err
+
+
 ROOT = Path(__file__).parents[1]
 SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "checkpoint_state_dict",
     "load_checkpoint_weights",
     "merge_checkpoint",
+    "config_for_checkpoint",
     "segmentor_from_checkpoint",
     "check_same_model",
 ]
@@ -190,15 +192,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None = None):
+def segmentor_from_checkpoint(
+    path: str | Path, model_config: ModelConfig | None = None, backbone: str | Path | None = None
+):
     """Build the segmentor of a checkpoint and load its weights.
 
     Args:
         path: the checkpoint.
         model_config: use this model configuration instead of the checkpoint's: it must describe
             the same model (:func:`check_same_model`), else an error names the keys that differ.
+        backbone: the VFM weight file, instead of the one the configuration names
+            (``model.backbone.checkpoint``: a checkpoint references the frozen VFM, it does not
+            hold it).
     Returns:
         ``(segmentor, payload)``.
+    Raises:
+        FileNotFoundError naming the checkpoint and the VFM weight file it references.
     """
     from .build import build_segmentor
 
@@ -207,23 +216,45 @@ def segmentor_from_checkpoint(path: str | Path, model_config: ModelConfig | None
         model_config = from_dict(ModelConfig, payload["config"].get("model"), "model")
     else:
         check_same_model(payload["config"].get("model"), to_dict(model_config), f"checkpoint {path}")
+    if backbone is not None:
+        model_config = replace(model_config, backbone=replace(model_config.backbone, checkpoint=str(backbone)))
+    weights = model_config.backbone.checkpoint
+    if weights and not Path(weights).is_file():
+        where = "" if Path(weights).is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+        raise FileNotFoundError(
+            f"{path} references the VFM weights {weights}{where} (model.backbone.checkpoint), which are "
+            "not there: pass the file (--backbone in the command line)"
+        )
     segmentor = build_segmentor(model_config)
     load_checkpoint_weights(segmentor, payload["state_dict"], source=str(path))
     return segmentor, payload
 
 
-def merge_checkpoint(path: str | Path, output: str | Path) -> Path:
+def config_for_checkpoint(config: dict) -> dict:
+    """``config`` (a plain dict) as a checkpoint stores it: the VFM weight file it references
+    (``model.backbone.checkpoint``) as an absolute path, so that the checkpoint loads from any
+    folder (configs name it relative to where the run is started)."""
+    backbone = (config.get("model") or {}).get("backbone") or {}
+    weights = backbone.get("checkpoint")
+    if not weights or Path(weights).is_absolute():
+        return config
+    model = dict(config["model"], backbone=dict(backbone, checkpoint=str(Path(weights).resolve())))
+    return dict(config, model=model)
+
+
+def merge_checkpoint(path: str | Path, output: str | Path, backbone: str | Path | None = None) -> Path:
     """Fold a checkpoint's tuning modules into the VFM's weights (the strategy's ``merge``: SoMA,
     LoRA) and write a self-contained checkpoint of the plain model (``model.tuning: full``, every
     weight stored, no VFM file referenced) that computes the same logits at no extra cost.
 
-    A strategy that cannot be merged raises ``NotImplementedError`` naming it.
+    ``backbone``: the VFM weight file, instead of the one the checkpoint references. A strategy
+    that cannot be merged raises ``NotImplementedError`` naming it.
     """
     from .tuning import get_strategy
 
     if Path(output).resolve() == Path(path).resolve():
         raise ValueError(f"merge: the output {output} is the checkpoint itself; write the merged model elsewhere")
-    segmentor, payload = segmentor_from_checkpoint(path)
+    segmentor, payload = segmentor_from_checkpoint(path, backbone=backbone)
     model = payload["config"]["model"]
     tuning = model.get("tuning", "rein")
     get_strategy(tuning).merge(segmentor.backbone)

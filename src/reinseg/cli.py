@@ -6,6 +6,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -29,6 +30,19 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
 _COMPONENT_NAMES = {"rein": "Rein", "vpt": "prompts", "set": "SET", "fada": "FADA"}
 
 
+# reinseg params' options that describe a model without a config: flag -> (dest, default).
+_PARAMS_MODEL_FLAGS = {
+    "--backbone": ("backbone", "dinov2_vitl14"),
+    "--img-size": ("img_size", 512),
+    "--patch-size": ("patch_size", 16),
+    "--lora-dim": ("lora_dim", 16),
+    "--token-length": ("token_length", 100),
+    "--query-dims": ("query_dims", 256),
+    "--num-classes": ("num_classes", 19),
+    "--no-rein": ("no_rein", False),
+}
+
+
 def _cmd_params(args: argparse.Namespace) -> int:
     import torch
 
@@ -38,9 +52,17 @@ def _cmd_params(args: argparse.Namespace) -> int:
     from .tuning import strategy_names
 
     if args.config:
+        given = [flag for flag, (dest, default) in _PARAMS_MODEL_FLAGS.items() if getattr(args, dest) != default]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} describe a model without a config; with {args.config} override its keys "
+                "instead (e.g. model.backbone.name=dinov2_vitb14 model.backbone.img_size=1024)"
+            )
         config = load_config(args.config, args.overrides).model
         title = f"{args.config}: {config.backbone.name}"
     else:
+        if args.overrides:
+            raise ValueError(f"KEY=VALUE overrides need a CONFIG: {' '.join(args.overrides)}")
         rein = None
         if not args.no_rein:
             rein = ReinConfig(
@@ -208,7 +230,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
     from .video import is_video, predict_video, probe_video
 
-    options = dict(scale=args.scale or "checkpoint", mode=args.mode, flip=args.flip, device=args.device)
+    options = dict(
+        scale=args.scale or "checkpoint", mode=args.mode, flip=args.flip, device=args.device, backbone=args.backbone
+    )
     # Glob patterns are expanded first, so that 'clips/*.mp4' names videos, not a file.
     inputs = [
         match
@@ -235,7 +259,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
-    result = export_onnx(args.checkpoint, args.output, size=args.size, dynamic=args.dynamic, fold=not args.no_fold)
+    result = export_onnx(
+        args.checkpoint,
+        args.output,
+        size=args.size,
+        dynamic=args.dynamic,
+        fold=not args.no_fold,
+        backbone=args.backbone,
+    )
     size = "x".join(map(str, result["size"]))
     shape = f"(B, 3, H, W), traced at {size}" if result["dynamic"] else f"(1, 3, {size.replace('x', ', ')})"
     checked = ", ".join(f"{k}: {v:.1e}" for k, v in result["max_error"].items())
@@ -298,7 +329,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .checkpoints import merge_checkpoint
 
     _check_writable_file(Path(args.output))
-    print(f"wrote {merge_checkpoint(args.checkpoint, args.output)}")
+    print(f"wrote {merge_checkpoint(args.checkpoint, args.output, backbone=args.backbone)}")
     print(f"evaluate with: reinseg eval CONFIG {args.output} model.tuning=full  (CONFIG: the run's config)")
     return 0
 
@@ -352,6 +383,16 @@ def _parser(sub, name: str, help: str, description: str, example: str) -> argpar
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n" + textwrap.indent(textwrap.dedent(example).strip(), "  "),
+    )
+
+
+def _backbone_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backbone",
+        default=None,
+        metavar="FILE",
+        help="the VFM weight file (default: the one the checkpoint references, model.backbone.checkpoint; "
+        "a checkpoint does not hold the frozen VFM)",
     )
 
 
@@ -467,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LONG", "SHORT"),
         help="resize (keeping the ratio) to fit LONG x SHORT before inference; predictions are resized "
         "back (default: the scale the checkpoint was evaluated at, that of its first data.val set; "
-        "1024 512, the Cityscapes test scale, if it records none)",
+        "if it records none, Cityscapes' in the official configs of its crop: 1024 512, or 2048 1024 from "
+        "1024 px crops)",
     )
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
     p.add_argument("--flip", action="store_true", help="average with the mirrored image")
@@ -476,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=_positive_int, default=8, help="video frames run through the model at once (default 8)"
     )
     p.add_argument("--frames", action="store_true", help="videos: also write each frame's train-ID PNG and overlay PNG")
+    _backbone_option(p)
     p.set_defaults(func=_cmd_predict)
 
     p = _parser(
@@ -504,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-fold", action="store_true", help="keep Rein's token computations in the graph (default: precomputed)"
     )
+    _backbone_option(p)
     p.set_defaults(func=_cmd_export)
 
     p = _parser(
@@ -568,18 +612,33 @@ def build_parser() -> argparse.ArgumentParser:
                 reinseg params configs/rein_dinov2-l_gta_512.yaml
                 reinseg params --backbone eva02_vitl14 --lora-dim 0   # full-rank tokens""",
     )
-    p.add_argument("config", nargs="?", metavar="CONFIG", help="a YAML config (else the options below)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
-    p.add_argument("--backbone", default="dinov2_vitl14", help="zoo name (see `reinseg backbones`)")
-    p.add_argument("--img-size", type=int, default=512, help="input resolution (default 512)")
     p.add_argument(
-        "--patch-size", type=int, default=16, help="patch size (default 16, the paper's; 0: the model's own)"
+        "config", nargs="?", metavar="CONFIG", help="a YAML config (else the options below, but --tuning and --compare)"
     )
-    p.add_argument("--lora-dim", type=int, default=16, help="rank of the Rein tokens, 0 for full rank (default 16)")
-    p.add_argument("--token-length", type=int, default=100, help="Rein tokens per layer (default 100)")
-    p.add_argument("--query-dims", type=int, default=256, help="width of the linked queries (default 256)")
-    p.add_argument("--num-classes", type=int, default=19, help="classes of the head (default 19)")
-    p.add_argument("--no-rein", action="store_true", help="the plain frozen backbone")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+    flags = {flag: default for flag, (_, default) in _PARAMS_MODEL_FLAGS.items()}
+    p.add_argument("--backbone", default=flags["--backbone"], help="zoo name (see `reinseg backbones`)")
+    p.add_argument("--img-size", type=int, default=flags["--img-size"], help="input resolution (default 512)")
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        default=flags["--patch-size"],
+        help="patch size (default 16, the paper's; 0: the model's own)",
+    )
+    p.add_argument(
+        "--lora-dim",
+        type=int,
+        default=flags["--lora-dim"],
+        help="rank of the Rein tokens, 0 for full rank (default 16)",
+    )
+    p.add_argument(
+        "--token-length", type=int, default=flags["--token-length"], help="Rein tokens per layer (default 100)"
+    )
+    p.add_argument(
+        "--query-dims", type=int, default=flags["--query-dims"], help="width of the linked queries (default 256)"
+    )
+    p.add_argument("--num-classes", type=int, default=flags["--num-classes"], help="classes of the head (default 19)")
+    p.add_argument("--no-rein", action="store_true", help="the plain frozen backbone (without a CONFIG)")
     p.add_argument(
         "--tuning",
         default=None,
@@ -646,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="a reinseg checkpoint of a mergeable strategy (soma, lora)")
     p.add_argument("--output", required=True, help="the merged checkpoint to write")
+    _backbone_option(p)
     p.set_defaults(func=_cmd_merge)
 
     from .data.commands import register_commands
@@ -654,9 +714,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, with ``KEY=VALUE`` overrides taken after options too
+    (``reinseg eval CONFIG CKPT --json x.json data.num_workers=0``): argparse ends a ``nargs="*"``
+    positional at the first option. Anything else left over is the subcommand's usage error."""
+    args, rest = parser.parse_known_args(argv)
+    subcommand = _subparsers(parser)[args.command]
+    overrides = [a for a in rest if _OVERRIDE.match(a)]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides or []) + overrides
+        rest = [a for a in rest if not _OVERRIDE.match(a)]
+    if rest:
+        subcommand.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         # Freed tensors stay in the process for the next step instead of coming back as new
         # pages (reinseg.allocator; REINSEG_ALLOCATOR=system opts out).

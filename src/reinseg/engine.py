@@ -44,6 +44,7 @@ from .checkpoints import (
     atomic_write_bytes,
     check_same_model,
     checkpoint_state_dict,
+    config_for_checkpoint,
     remove_stale_temporaries,
 )
 from .config import Config, ConfigError, check_values, to_dict
@@ -332,7 +333,7 @@ class SegmentationTask(L.LightningModule):
         keep = {f"segmentor.{k}" for k in checkpoint_state_dict(self.segmentor)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["format"] = CHECKPOINT_FORMAT
-        checkpoint["config"] = to_dict(self.config)
+        checkpoint["config"] = config_for_checkpoint(to_dict(self.config))
         # The loss samples points with torch's generator (the data has its own seeded ones). Each
         # DDP rank draws its own points: every rank's state is kept, rank r's at ranks[r].
         state = rng_state()

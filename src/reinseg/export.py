@@ -151,6 +151,7 @@ def export_onnx(
     dynamic: bool = False,
     fold: bool = True,
     check: bool = True,
+    backbone: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``checkpoint``'s segmentor as an ONNX graph to ``output``.
 
@@ -160,6 +161,7 @@ def export_onnx(
         dynamic: batch, H and W are free in the graph (checked at a second, other size too).
         fold: precompute what depends on Rein's tokens alone (:class:`FoldedRein`).
         check: compare onnxruntime's logits with PyTorch's before writing (needs onnxruntime).
+        backbone: the VFM weight file, instead of the one the checkpoint references.
     Returns:
         ``{"output", "opset", "size", "dynamic", "max_error": {size: error}}``.
     Raises:
@@ -176,11 +178,7 @@ def export_onnx(
     output = Path(output)
     if output.is_dir():
         raise IsADirectoryError(21, "Is a directory", str(output))
-    try:
-        segmentor, _ = segmentor_from_checkpoint(checkpoint)
-    except FileNotFoundError as err:
-        # The checkpoint references the VFM weights by path (model.backbone.checkpoint).
-        raise FileNotFoundError(f"cannot export {checkpoint}: {err}") from None
+    segmentor, _ = segmentor_from_checkpoint(checkpoint, backbone=backbone)
     segmentor = segmentor.cpu().eval()
     patch = segmentor.backbone.patch_size
     if size is None:

@@ -166,13 +166,19 @@ def overlay(image: np.ndarray, train_ids: np.ndarray, classes) -> np.ndarray:
     return (0.5 * image + 0.5 * classes.colorize(train_ids)).astype(np.uint8)
 
 
-def load_for_prediction(checkpoint: str, scale: Sequence[int] | None | str = "checkpoint", device: str | None = None):
+def load_for_prediction(
+    checkpoint: str,
+    scale: Sequence[int] | None | str = "checkpoint",
+    device: str | None = None,
+    backbone: str | None = None,
+):
     """A checkpoint's segmentor, in eval mode on ``device`` (default: cuda if available), with the
     classes of the data it was trained on (the overlays' colours) and the scale to run at (as
-    :func:`predict_files` takes it). Returns ``(segmentor, classes, scale, "the scale in words")``."""
+    :func:`predict_files` takes it); ``backbone``: the VFM weight file instead of the one the
+    checkpoint references. Returns ``(segmentor, classes, scale, "the scale in words")``."""
     from .data.layouts import config_classes
 
-    segmentor, payload = segmentor_from_checkpoint(checkpoint)
+    segmentor, payload = segmentor_from_checkpoint(checkpoint, backbone=backbone)
     classes = config_classes(payload["config"])
     if isinstance(scale, str):
         if scale != "checkpoint":
@@ -194,6 +200,7 @@ def predict_files(
     flip: bool = False,
     device: str | None = None,
     progress: bool = True,
+    backbone: str | None = None,
 ) -> list[Path]:
     """Segment every input image; writes ``<stem>_labelTrainIds.png`` and ``<stem>_overlay.png``.
 
@@ -201,13 +208,14 @@ def predict_files(
     own size, or "checkpoint" (default) for the scale the checkpoint was evaluated at
     (:func:`checkpoint_scale`). Photos are turned upright as their EXIF orientation says, and the
     outputs have the upright size. ``progress`` shows a bar (on stderr) over the images.
+    ``backbone``: the VFM weight file, instead of the one the checkpoint references.
     """
     from tqdm import tqdm
 
     from .data.io import read_photo, write_png
 
     paths = collect_images(inputs)  # everything is checked before anything is written
-    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device)
+    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone)
     print(f"segmenting {len(paths)} image(s) at {size}", flush=True)
     out = Path(output)
     written = []

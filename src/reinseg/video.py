@@ -171,12 +171,13 @@ def predict_video(
     batch: int = 8,
     frames: bool = False,
     progress: bool = True,
+    backbone: str | None = None,
 ) -> list[Path]:
     """Segment every frame of ``video``; writes ``<stem>_overlay.mp4`` (the classes' colours over
     the frames, at the video's size and frame rate) into ``output`` and, with ``frames``,
     ``<stem>_frames/<stem>_<n>_labelTrainIds.png`` and ``..._overlay.png`` per frame (n from 1).
 
-    ``scale``, ``mode``, ``flip``, ``device``: as :func:`reinseg.predict.predict_files`.
+    ``scale``, ``mode``, ``flip``, ``device``, ``backbone``: as :func:`reinseg.predict.predict_files`.
     ``batch``: frames run through the model at once. Returns the files written.
     """
     from tqdm import tqdm
@@ -190,7 +191,7 @@ def predict_video(
     if not video.is_file():
         raise FileNotFoundError(2, "No such file", str(video))
     info = probe_video(video)  # a video FFmpeg cannot read is refused before anything is written
-    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device)
+    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone)
     total = "?" if info.frames is None else info.frames
     shown = ", turned as its display matrix says" if info.display is not None else ""
     rate = f"{total} frames at {float(info.fps):g} fps"
