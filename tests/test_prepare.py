@@ -227,3 +227,11 @@ def test_check_data_command(parser, tmp_path, capsys):
     args = parser.parse_args(["check-data", str(tmp_path / "missing")])
     with pytest.raises(FileNotFoundError, match="missing"):
         args.func(args)
+
+
+def test_the_command_says_a_dataset_needs_no_preparation_and_succeeds(tmp_path, capsys):
+    """A script preparing every dataset must not stop at BDD100K or ACDC."""
+    from reinseg.cli import main
+
+    assert main(["prepare", "acdc", str(tmp_path)]) == 0
+    assert "acdc needs no preparation: its labels are already train IDs" in capsys.readouterr().out

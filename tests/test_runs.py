@@ -63,7 +63,29 @@ def test_a_finished_run_is_left_as_it_is(run, capsys):
     out, config_file = run
     before = snapshot(out)
     assert main(["train", str(config_file)]) == 0
-    assert "is finished (4 of 4 iterations)" in capsys.readouterr().out
+    assert "is finished (its checkpoint is at iteration 4, train.max_iters is 4)" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--overwrite"], "deletes an earlier run only for a new one: add --resume never"),
+        (["train.precision=fp16"], "train.precision='fp16' is not one of auto, 32-true"),
+        (["data.crop_size=60"], "data.crop_size=60 is not a multiple of the backbone's patch size 16"),
+        pytest.param(
+            ["train.accelerator=gpu"],
+            "train.accelerator=gpu: PyTorch sees no CUDA GPU here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there"),
+        ),
+    ],
+)
+def test_bad_run_options_are_named_before_anything_is_written(run, capsys, arguments, message):
+    """Lightning refused these at its trainer, the model at its first step, after files were written."""
+    out, config_file = run
+    before = snapshot(out)
+    assert main(["train", str(config_file), *arguments]) == 2
+    assert message in capsys.readouterr().err
     assert snapshot(out) == before
 
 

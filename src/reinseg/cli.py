@@ -146,7 +146,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     task = train(config, resume=args.resume, overwrite=args.overwrite)
     finished = task.already_finished
     if finished is not None:
-        finished_text = f"the run in {out} is finished ({finished} of {config.train.max_iters} iterations)"
+        finished_text = (
+            f"the run in {out} is finished (its checkpoint is at iteration {finished}, "
+            f"train.max_iters is {config.train.max_iters})"
+        )
         if task.last_results is None:
             print(f"{finished_text}; nothing changed (raise train.max_iters to train further)")
             return 0
@@ -205,8 +208,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         examples_dir=examples,
         examples_like=like,
     )
+    replaced = target.exists()
     _write_json(target, task.last_results)
-    print(f"wrote {target}")
+    # Results of another checkpoint may have been there: say so (--json keeps them apart).
+    print(f"wrote {target}" + (" (replacing the results that were there; --json chooses the file)" if replaced else ""))
     if args.submission:
         from .submission import write_acdc_submission
 

@@ -836,8 +836,12 @@ def train(
     L.seed_everything(config.train.seed, workers=True, verbose=False)  # before the model's initialisation
     out = Path(config.train.output_dir)
     checkpoints = out / "checkpoints"
+    if overwrite and resume != "never":
+        # Deleting a run is never implied: with resume="auto" it would be continued instead.
+        raise ValueError("--overwrite (overwrite=True) deletes an earlier run only for a new one: add --resume never")
     ckpt_path = _checkpoint_to_resume(resume, checkpoints, overwrite)
     task = SegmentationTask(config)
+    check_run_options(config, task.segmentor)  # what Lightning or the first step would refuse later
     step, epoch, missed = 0, 0, False
     if ckpt_path is not None:
         # Refuse another model's checkpoint before writing anything (config.yaml, logs).
@@ -890,6 +894,29 @@ def train(
             trainer.validate(task, datamodule=task.data, verbose=False)
             _stop_if_signalled(trainer, stopped)
     return task
+
+
+# Lightning's precisions (lightning.fabric.connector), and reinseg's "auto".
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64")
+
+
+def check_run_options(config: Config, segmentor: Segmentor | None = None) -> None:
+    """Refuse what Lightning or the first training step would refuse later, naming the key: an
+    unknown precision, a GPU that is not there, and with the ``segmentor`` to train, a training
+    crop off its ViT's patch grid."""
+    from .backbones import ReinBackbone
+
+    tc = config.train
+    if segmentor is not None and isinstance(segmentor.backbone, ReinBackbone):
+        ph, pw = segmentor.backbone.patch_size
+        if config.data.crop_size % ph or config.data.crop_size % pw:
+            raise ConfigError(
+                f"data.crop_size={config.data.crop_size} is not a multiple of the backbone's patch size {ph}"
+            )
+    if str(tc.precision) not in PRECISIONS:
+        raise ConfigError(f"train.precision={tc.precision!r} is not one of {', '.join(PRECISIONS)}")
+    if tc.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.accelerator={tc.accelerator}: PyTorch sees no CUDA GPU here (use auto or cpu)")
 
 
 def _run_guard(trainer: L.Trainer) -> _RunGuard:
@@ -1015,6 +1042,7 @@ def evaluate(
 
     check_values(config)
     check_num_classes(config)
+    check_run_options(config)
     if not config.data.val:
         raise ConfigError("data.val lists no dataset to evaluate on")
     segmentor, payload = segmentor_from_checkpoint(checkpoint, config.model)

@@ -13,12 +13,15 @@ import textwrap
 from pathlib import Path
 
 from .layouts import ACDC_CONDITIONS, DATASETS
-from .prepare import ON_MISMATCH, PREPARABLE, prepare
+from .prepare import NO_PREPARATION, NO_PREPARATION_MESSAGE, ON_MISMATCH, PREPARABLE, prepare
 
 __all__ = ["register_commands"]
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
+    if args.dataset in NO_PREPARATION:  # not a failure: a script preparing every dataset goes on
+        print(NO_PREPARATION_MESSAGE.format(dataset=args.dataset))
+        return 0
     summary = prepare(
         args.dataset, args.root, workers=args.workers, overwrite=args.overwrite, on_mismatch=args.on_mismatch
     )

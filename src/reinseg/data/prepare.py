@@ -166,6 +166,13 @@ def _jobs(dataset: str, root: Path, split: str) -> tuple[list[_Job], list[tuple[
     return jobs, found.unpaired
 
 
+# Datasets whose labels ship as train IDs.
+NO_PREPARATION = ("bdd100k", "acdc")
+NO_PREPARATION_MESSAGE = (
+    "{dataset} needs no preparation: its labels are already train IDs; `reinseg check-data` verifies them"
+)
+
+
 def prepare(
     dataset: str,
     root,
@@ -185,9 +192,8 @@ def prepare(
             (nearest neighbour), "skip" it, or "raise" (report it as an error).
     """
     if dataset not in PREPARABLE:
-        ready = "its labels are already train IDs" if dataset in ("bdd100k", "acdc") else None
-        if ready:
-            raise ValueError(f"{dataset} needs no preparation: {ready}; `reinseg check-data` verifies them")
+        if dataset in NO_PREPARATION:
+            raise ValueError(NO_PREPARATION_MESSAGE.format(dataset=dataset))
         raise ValueError(f"cannot prepare '{dataset}'; valid: {', '.join(PREPARABLE)}")
     if on_mismatch not in ON_MISMATCH:
         raise ValueError(f"on_mismatch must be one of {', '.join(ON_MISMATCH)}, got '{on_mismatch}'")
