@@ -383,3 +383,26 @@ def test_examples_like_saves_another_models_choices_for_the_report(evaluated, tm
         missing_cells += 2 * len(own - chosen)  # the late model did not save those
     assert main(["report", str(late), str(other), "--output", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "index.html").read_text().count(">not saved<") == missing_cells
+
+
+def test_report_names_each_files_protocol_and_says_when_they_differ(handmade, tmp_path):
+    """The protocol moves mIoU by points: results of two protocols side by side are flagged."""
+    for file, protocol in zip(handmade, ("official", "config"), strict=True):
+        data = json.loads(file.read_text())
+        data["protocol"] = {"name": protocol}
+        data["protocols"] = {protocol: {}, "ms-flip": {}} if protocol == "official" else {protocol: {}}
+        file.write_text(json.dumps(data))
+
+    def page(files, out):
+        assert main(["report", *map(str, files), "--output", str(tmp_path / out)]) == 0
+        html = (tmp_path / out / "index.html").read_text()
+        dom = _Collect()
+        dom.feed(html)
+        return html, {v["data-model"]: v["text"] for v in dom.values if v["data-key"] == "protocol"}
+
+    html, shown = page(handmade, "mixed")
+    assert shown == {"frozen": "official", "rein": "config"}
+    assert 'id="mixed-protocols"' in html and "under different protocols (config, official)" in html
+    assert "frozen: ms-flip" in html  # the file's other protocol, not shown
+    html, shown = page(handmade[:1], "one")
+    assert shown == {"frozen": "official"} and 'id="mixed-protocols"' not in html

@@ -270,10 +270,21 @@ def _palette(models: list[ModelResults], classes: list[str]) -> np.ndarray:
     return default_palette(len(classes))
 
 
+def protocol_name(model: ModelResults) -> str:
+    """The test protocol a results file's top-level scores were evaluated under ("?" for results
+    that record none)."""
+    protocol = model.data.get("protocol")
+    return str(protocol.get("name", "?")) if isinstance(protocol, dict) else "?"
+
+
 def _miou_table(models: list[ModelResults], domains: list[str]) -> str:
-    rows = ["<table><tr><th>model</th>" + "".join(f"<th>{_e(d)}</th>" for d in domains) + "<th>mean</th></tr>"]
+    rows = [
+        "<table><tr><th>model</th><th>protocol</th>"
+        + "".join(f"<th>{_e(d)}</th>" for d in domains)
+        + "<th>mean</th></tr>"
+    ]
     for model in models:
-        cells = []
+        cells = [f'<td data-model="{_e(model.name)}" data-key="protocol">{_e(protocol_name(model))}</td>']
         for domain in domains:
             value = model.domains.get(domain, {}).get("mIoU")
             cells.append(
@@ -287,7 +298,25 @@ def _miou_table(models: list[ModelResults], domains: list[str]) -> str:
         rows.append(f"<tr><td>{_e(model.name)}</td>{''.join(cells)}</tr>")
     rows.append("</table>")
     notes = {", ".join(m.data.get("mean_domains") or []) for m in models}
-    return "".join(rows) + f'<p class="note">mean: over the target domains ({_e("; ".join(notes))}).</p>'
+    html = "".join(rows) + f'<p class="note">mean: over the target domains ({_e("; ".join(notes))}).</p>'
+    protocols = sorted({protocol_name(m) for m in models})
+    if len(protocols) > 1:
+        # The protocol moves mIoU by points (README, "Evaluation protocols"): never compare silently.
+        html += (
+            f'<p class="note" id="mixed-protocols"><b>These results were evaluated under different protocols '
+            f"({_e(', '.join(protocols))}): their numbers are not comparable.</b></p>"
+        )
+    others = [
+        f"{model.name}: {', '.join(sorted(set(model.data['protocols']) - {protocol_name(model)}))}"
+        for model in models
+        if isinstance(model.data.get("protocols"), dict) and set(model.data["protocols"]) - {protocol_name(model)}
+    ]
+    if others:
+        html += (
+            f'<p class="note">Also in the files, not shown (the report reads each file\'s first protocol): '
+            f"{_e('; '.join(others))}.</p>"
+        )
+    return html
 
 
 def _class_bars(models: list[ModelResults], domain: str) -> str:
