@@ -896,8 +896,8 @@ def train(
     return task
 
 
-# Lightning's precisions (lightning.fabric.connector), and reinseg's "auto".
-PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64")
+# Lightning's precisions and their short aliases (lightning.fabric.connector), and reinseg's "auto".
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
 
 
 def check_run_options(config: Config, segmentor: Segmentor | None = None) -> None:
