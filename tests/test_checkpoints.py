@@ -66,8 +66,10 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
 
 
 def _run_with_a_relative_vfm(tmp_path, monkeypatch):
-    """A tiny trained run whose config names its VFM file relative to the run's folder, as the
-    shipped configs do; the checkpoint as a run writes it (SegmentationTask.on_save_checkpoint)."""
+    """A tiny model whose config names its VFM file relative to the run's folder, as the shipped
+    configs do, built from that file; its checkpoint config and the weights a checkpoint stores."""
+    from dataclasses import replace
+
     from conftest import tiny_model_config
 
     from reinseg.build import build_segmentor
@@ -76,21 +78,20 @@ def _run_with_a_relative_vfm(tmp_path, monkeypatch):
 
     torch.manual_seed(0)
     model = tiny_model_config()
-    segmentor = build_segmentor(model, load_backbone_weights=False).eval()
+    random_vfm = build_segmentor(model, load_backbone_weights=False).backbone.vit
     (tmp_path / "project" / "checkpoints").mkdir(parents=True)
-    torch.save(segmentor.backbone.vit.state_dict(), tmp_path / "project" / "checkpoints" / "vfm.pth")
+    torch.save(random_vfm.state_dict(), tmp_path / "project" / "checkpoints" / "vfm.pth")
     monkeypatch.chdir(tmp_path / "project")
-    config = to_dict(Config(model=model))
-    config["model"]["backbone"]["checkpoint"] = "checkpoints/vfm.pth"
-    segmentor.backbone.weights_source = "checkpoints/vfm.pth"  # as build_segmentor sets it on loading the file
-    return segmentor, config, checkpoint_state_dict(segmentor)
+    model = replace(model, backbone=replace(model.backbone, checkpoint="checkpoints/vfm.pth"))
+    segmentor = build_segmentor(model).eval()
+    return segmentor, to_dict(Config(model=model)), checkpoint_state_dict(segmentor)
 
 
 def test_a_checkpoint_loads_from_any_folder_and_names_a_missing_vfm(tmp_path, monkeypatch):
-    from reinseg.checkpoints import config_for_checkpoint, segmentor_from_checkpoint
+    from reinseg.checkpoints import config_for_checkpoint, segmentor_from_checkpoint, vfm_record
 
     segmentor, config, state = _run_with_a_relative_vfm(tmp_path, monkeypatch)
-    save_checkpoint(tmp_path / "new.ckpt", config_for_checkpoint(config), state)
+    save_checkpoint(tmp_path / "new.ckpt", config_for_checkpoint(config), state, **vfm_record(segmentor))
     save_checkpoint(tmp_path / "old.ckpt", config, state)  # as runs before 2026-12-06 stored it
     assert config["model"]["backbone"]["checkpoint"] == "checkpoints/vfm.pth"  # the run's own config unchanged
     monkeypatch.chdir(tmp_path)
@@ -123,3 +124,22 @@ def test_predict_takes_the_vfm_file_a_checkpoint_references_elsewhere(tmp_path, 
     assert "references the VFM weights checkpoints/vfm.pth" in capsys.readouterr().err
     assert main([*arguments, "--backbone", "project/checkpoints/vfm.pth"]) == 0
     assert (tmp_path / "out" / "street_labelTrainIds.png").is_file()
+
+
+def test_a_checkpoint_refuses_other_vfm_weights_than_it_was_trained_on(tmp_path, monkeypatch):
+    """Rein and the head on another frozen VFM score wrong without any error: a config or
+    --backbone naming another file is refused; the same weights under another name are not."""
+    from reinseg.checkpoints import segmentor_from_checkpoint, vfm_record
+
+    segmentor, config, state = _run_with_a_relative_vfm(tmp_path, monkeypatch)
+    record = vfm_record(segmentor)
+    assert len(record["vfm_fingerprint"]) == 20
+    save_checkpoint(tmp_path / "model.ckpt", config, state, **record)
+    weights = torch.load(tmp_path / "project/checkpoints/vfm.pth")
+    torch.save(weights, tmp_path / "copy.pth")
+    weights["blocks.1.mlp.fc1.weight"] = weights["blocks.1.mlp.fc1.weight"] * 1.01
+    torch.save(weights, tmp_path / "other.pth")
+    loaded, _ = segmentor_from_checkpoint(tmp_path / "model.ckpt", backbone=tmp_path / "copy.pth")
+    torch.testing.assert_close(loaded.state_dict(), segmentor.state_dict(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"model.ckpt was trained on other VFM weights than .*other.pth"):
+        segmentor_from_checkpoint(tmp_path / "model.ckpt", backbone=tmp_path / "other.pth")

@@ -391,3 +391,26 @@ def test_gradients_are_clipped_under_each_precision(tmp_path, precision):
     config = tiny_config(tmp_path, max_iters=2, val_interval=100, precision=precision, grad_clip=1e-3)
     train(config, resume="never", callbacks=[norms])
     assert len(norms.norms) == 2 and max(norms.norms) <= 1e-3 * (1 + 1e-5)
+
+
+@pytest.mark.slow  # a short run
+def test_a_run_records_its_vfm_file_and_evaluation_refuses_another(tmp_path, monkeypatch):
+    """The checkpoint references the VFM by its absolute path, with its fingerprint; evaluating
+    with a config naming other weights is an error, not a wrong score."""
+    from reinseg.checkpoints import load_checkpoint
+    from reinseg.engine import evaluate, train
+
+    config = tiny_config(tmp_path, max_iters=1, val_interval=100)
+    torch.manual_seed(0)
+    vit = build_segmentor(config.model, load_backbone_weights=False).backbone.vit
+    torch.save(vit.state_dict(), tmp_path / "vfm.pth")
+    torch.save({k: v * 1.01 for k, v in vit.state_dict().items()}, tmp_path / "other.pth")
+    monkeypatch.chdir(tmp_path)
+    config.model.backbone.checkpoint = "vfm.pth"
+    train(config, resume="never")
+    payload = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert payload["config"]["model"]["backbone"]["checkpoint"] == str(tmp_path / "vfm.pth")
+    assert payload["vfm_fingerprint"]
+    config.model.backbone.checkpoint = "other.pth"
+    with pytest.raises(ValueError, match="was trained on other VFM weights than other.pth"):
+        evaluate(config, str(tmp_path / "run" / "checkpoints" / "last.ckpt"))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .families import BackboneFamily, CNNFamily, get_family
-from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_weights
+from .pretrained import RESAMPLE_METHODS, fit_state_dict, load_into, read_weights, weights_fingerprint
 from .rein import Rein
 
 __all__ = [
@@ -215,6 +215,7 @@ class ReinBackbone(FrozenBackbone):
         self.num_prefix_tokens = self.family.num_prefix_tokens(vit)
         self.freeze_backbone = True
         self.weights_source: str | None = None  # where the VFM weights came from; None: random init
+        self.weights_fingerprint: str | None = None  # pretrained.weights_fingerprint of them, as loaded
         # Training levers (reinseg.train_options): blocks whose activations are recomputed in
         # backward, and the dtype the frozen VFM is held and run in (None: as built).
         self.checkpoint_blocks: frozenset[int] = frozenset()
@@ -316,6 +317,7 @@ class ReinBackbone(FrozenBackbone):
         fitted = fit_state_dict(state_dict, self.vit, self.family.checkpoint_filter(), resample, source=source)
         load_into(self.vit, fitted)
         self.weights_source = source
+        self.weights_fingerprint = weights_fingerprint(self.vit)
 
 
 def _cast_floating(value: Any, dtype: torch.dtype) -> Any:

@@ -36,6 +36,7 @@ __all__ = [
     "load_checkpoint_weights",
     "merge_checkpoint",
     "config_for_checkpoint",
+    "vfm_record",
     "segmentor_from_checkpoint",
     "check_same_model",
 ]
@@ -226,8 +227,26 @@ def segmentor_from_checkpoint(
             "not there: pass the file (--backbone in the command line)"
         )
     segmentor = build_segmentor(model_config)
+    recorded, loaded = payload.get("vfm_fingerprint"), vfm_record(segmentor).get("vfm_fingerprint")
+    if recorded and loaded and recorded != loaded:
+        # Rein and the head were trained on other frozen weights: their scores would be wrong, silently.
+        raise ValueError(
+            f"{path} was trained on other VFM weights than {weights} (model.backbone.checkpoint): their "
+            f"fingerprints differ ({recorded} recorded, {loaded} loaded); use the weight file the model was "
+            "trained on"
+        )
     load_checkpoint_weights(segmentor, payload["state_dict"], source=str(path))
     return segmentor, payload
+
+
+def vfm_record(segmentor: torch.nn.Module) -> dict[str, Any]:
+    """What a checkpoint records of the VFM weight file it references (``vfm_fingerprint``:
+    :func:`~reinseg.pretrained.weights_fingerprint` of them as loaded), for
+    :func:`segmentor_from_checkpoint` to refuse other weights; nothing when it stores them."""
+    backbone = segmentor.backbone
+    fingerprint = getattr(backbone, "weights_fingerprint", None)
+    referenced = backbone.freeze_backbone and backbone.weights_source is not None
+    return {"vfm_fingerprint": fingerprint} if referenced and fingerprint else {}
 
 
 def config_for_checkpoint(config: dict) -> dict:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .backbones import BackboneMaps, BackboneOutput, BackboneSpec, FrozenBackbone, _download_pretrained, rein_arguments
 from .families import CNNFamily, get_family
-from .pretrained import load_into, read_weights
+from .pretrained import load_into, read_weights, weights_fingerprint
 from .rein import Rein
 
 __all__ = ["StageReins", "ReinCNNBackbone", "build_cnn_backbone", "REIN_PATCH_SIZE"]
@@ -108,6 +108,7 @@ class ReinCNNBackbone(FrozenBackbone):
         self.patch_size = (self.family.reduction, self.family.reduction)
         self.freeze_backbone = True
         self.weights_source: str | None = None
+        self.weights_fingerprint: str | None = None
         self.vit.requires_grad_(False)
         self.vit.eval()
 
@@ -171,6 +172,7 @@ class ReinCNNBackbone(FrozenBackbone):
         state_dict, source = read_weights(weights)
         load_into(self.vit, self.family.fit_state_dict(state_dict, self.vit, source))
         self.weights_source = source
+        self.weights_fingerprint = weights_fingerprint(self.vit)
 
 
 def build_cnn_backbone(

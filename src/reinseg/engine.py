@@ -46,6 +46,7 @@ from .checkpoints import (
     checkpoint_state_dict,
     config_for_checkpoint,
     remove_stale_temporaries,
+    vfm_record,
 )
 from .config import Config, ConfigError, check_values, to_dict
 from .data.entries import EVAL_ENTRY_KEYS, DatasetEntry
@@ -334,6 +335,7 @@ class SegmentationTask(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["format"] = CHECKPOINT_FORMAT
         checkpoint["config"] = config_for_checkpoint(to_dict(self.config))
+        checkpoint.update(vfm_record(self.segmentor))
         # The loss samples points with torch's generator (the data has its own seeded ones). Each
         # DDP rank draws its own points: every rank's state is kept, rank r's at ranks[r].
         state = rng_state()

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from torch import Tensor
 
 from .build import build_configured_backbone, build_segmentor
-from .checkpoints import atomic_write_bytes, checkpoint_state_dict, load_checkpoint_weights, save_checkpoint
+from .checkpoints import atomic_write_bytes, checkpoint_state_dict, load_checkpoint_weights, save_checkpoint, vfm_record
 from .cnn import REIN_PATCH_SIZE
 from .config import BackboneConfig, ConfigError, HeadConfig, LossConfig, ModelConfig, ReinConfig, TestConfig, to_dict
 from .pretrained import read_state_dict, state_dict_mismatches, unwrap_state_dict
@@ -779,6 +779,7 @@ def convert_official(
         full_config,
         checkpoint_state_dict(segmentor),
         source={"config": str(config_path), "checkpoint": str(checkpoint_path)},
+        **vfm_record(segmentor),
     )
     config_file = atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(full_config, sort_keys=False).encode())
     return config_file, checkpoint

@@ -18,6 +18,7 @@ Two ways to fit a checkpoint trained at another patch size or resolution:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Callable
@@ -38,6 +39,7 @@ __all__ = [
     "fit_state_dict",
     "state_dict_mismatches",
     "load_into",
+    "weights_fingerprint",
 ]
 
 RESAMPLE_METHODS = ("official", "timm")
@@ -240,3 +242,26 @@ def state_dict_mismatches(expected: dict[str, Tensor], given: dict[str, Tensor],
             more = f", ... ({len(names) - 8} more)" if len(names) > 8 else ""
             problems.append(f"{label} ({len(names)}): {', '.join(names[:8])}{more}")
     return problems
+
+
+# Tensors a load may resample (patch 14 -> 16, another grid, rotary tables): their bits could move
+# with the PyTorch version, so they identify no file.
+_RESAMPLED = ("pos_embed", "patch_embed", "rope", "position_embedding", "rel_pos")
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short digest of a VFM's weights as loaded, to tell one weight file from another: names,
+    shapes and an evenly spaced sample of about a thousand values of every floating tensor (the
+    resampled ones excepted). A checkpoint records it beside the file it references, so that a
+    model is not run on other weights than it was trained on."""
+    digest = hashlib.sha256()
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if not tensor.is_floating_point() or any(part in name for part in _RESAMPLED):
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 1024)].to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:20]
