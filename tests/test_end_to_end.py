@@ -255,3 +255,22 @@ def test_an_image_given_as_checkpoint_is_a_one_line_error(trained, tmp_path, cap
     assert err.count("\n") == 1 and str(image) in err and "not a reinseg checkpoint" in err
     assert "weights_only" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_predictions_of_native_labels_carry_train_id_names_and_score_once_prepared(trained, capsys):
+    """Native Cityscapes (label IDs): the saved train-ID predictions are named as the prepared
+    labels (they were *_gtFine_labelIds.png), and score against them once they are prepared."""
+    make_fake_cityscapes(trained / "native", n=2, size=(64, 128), splits=("val",), prepared=False)
+    checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    preds, result = trained / "native_preds", trained / "native.json"
+    root = trained / "native"
+    arguments = ["eval", str(trained / "config.yaml"), checkpoint, "--save-preds", str(preds), "--json", str(result)]
+    assert main([*arguments, f"data.val=[{{name: cityscapes, root: {root}, split: val, scale: [128, 64]}}]"]) == 0
+    assert "not train IDs: `reinseg prepare` them first" in capsys.readouterr().out
+    names = sorted(p.name for p in (preds / "cityscapes").rglob("*.png"))
+    assert len(names) == 2 and all(n.endswith("_gtFine_labelTrainIds.png") for n in names)
+    assert main(["prepare", "cityscapes", str(root), "--workers", "1"]) == 0
+    scored = trained / "native_score.json"
+    assert main(["score", str(preds / "cityscapes"), str(root / "gtFine" / "val"), "--json", str(scored)]) == 0
+    expected = json.loads(result.read_text())["domains"]["cityscapes"]["mIoU"]
+    assert json.loads(scored.read_text())["mIoU"] == pytest.approx(expected, abs=1e-9)

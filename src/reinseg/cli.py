@@ -220,15 +220,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.save_examples:
         print(f"examples (best, median, worst per domain) in {examples}; an HTML report with: reinseg report {target}")
     if args.save_preds:
-        print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
-        from .data.classes import CITYSCAPES_CLASSES
-        from .engine import label_root
-
-        for domain, dataset, _ in task.val_sets():
-            # Another class list is read from the config (the Cityscapes one is score's default).
-            classes = "" if dataset.classes == CITYSCAPES_CLASSES else f" --config {args.config}"
-            print(f"  reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}{classes}")
+        _print_score_commands(args, task)
     return 0
+
+
+def _print_score_commands(args: argparse.Namespace, task) -> None:
+    """After ``eval --save-preds``: where the predictions are and the ``reinseg score`` command
+    of each domain."""
+    print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
+    from .data.classes import CITYSCAPES_CLASSES
+    from .datamodule import native_labels
+    from .engine import label_root
+
+    for domain, dataset, _ in task.val_sets():
+        # Another class list is read from the config (the Cityscapes one is score's default).
+        classes = "" if dataset.classes == CITYSCAPES_CLASSES else f" --config {args.config}"
+        command = f"reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}{classes}"
+        if native_labels(dataset):  # score reads train-ID labels: those `reinseg prepare` writes
+            print(f"  (labels of {domain} are not train IDs: `reinseg prepare` them first) {command}")
+        else:
+            print(f"  {command}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

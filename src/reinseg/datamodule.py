@@ -228,6 +228,25 @@ def label_root(dataset) -> Path:
     return Path(os.path.commonpath([str(Path(p).parent) for p in labels]))
 
 
+def native_labels(dataset) -> bool:
+    """Whether some labels of ``dataset`` are not train-ID PNGs (a native layout, not prepared)."""
+    from .data.encodings import TRAIN_IDS
+
+    return any(encoding is not TRAIN_IDS for encoding in dataset.encodings)
+
+
+def prediction_name(dataset, relative: Path) -> Path:
+    """Where ``--save-preds`` writes the train-ID prediction for the label at ``relative`` (to
+    :func:`label_root`): the same path where the labels are train IDs, else the name the dataset's
+    ``reinseg prepare`` gives the train-ID label (``*_labelIds.png`` -> ``*_labelTrainIds.png``,
+    ``name.png`` -> ``name_labelTrainIds.png``), so that train IDs never carry a label-ID name."""
+    if not native_labels(dataset) or relative.name.endswith("labelTrainIds.png"):
+        return relative
+    if relative.name.endswith("labelIds.png"):
+        return relative.with_name(relative.name[: -len("labelIds.png")] + "labelTrainIds.png")
+    return relative.with_name(f"{relative.stem}_labelTrainIds.png")
+
+
 class SegmentationDataModule(L.LightningDataModule):
     """The training stream and validation sets of a :class:`Config`, built on first use.
 
