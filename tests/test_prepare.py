@@ -124,6 +124,21 @@ def test_detect_dataset_by_layout(tmp_path, name):
     assert detect_dataset(tmp_path) == name
 
 
+def test_check_of_a_folder_of_dataset_roots_checks_each(tmp_path):
+    """data/ holding cityscapes/ and gta/ was taken for a synthetic benchmark of one domain, and
+    GTAV was never looked at."""
+    make_fake_cityscapes(tmp_path / "cityscapes", n=2, splits=("val",))
+    make_fake_gtav(tmp_path / "gta", n=3)
+    write_png(next((tmp_path / "gta" / "labels").glob("*.png")), np.full((32, 64), 200, np.uint8))
+    reports = check(tmp_path, workers=1, progress=False)
+    assert sorted((r.name, r.split, r.pairs, r.ok) for r in reports) == [
+        ("cityscapes", "val", 2, True),
+        ("gtav", "train", 3, False),
+    ]
+    with pytest.raises(ValueError, match="a folder of them"):
+        check(tmp_path, split="val", progress=False)
+
+
 def test_check_reports_every_problem_with_its_file(tmp_path):
     make_fake_cityscapes(tmp_path, n=3, splits=("val",))
     val = tmp_path / "gtFine" / "val"

@@ -155,13 +155,33 @@ def detect_dataset(root) -> str:
     for name, folders in markers:
         if all((root / folder).is_dir() for folder in folders):
             return name
-    if root.is_dir() and any((child / "leftImg8bit").is_dir() for child in root.iterdir()):
+    # The synthetic benchmark's domains are Cityscapes layouts of one city, "synth" (a folder of
+    # dataset roots, data/ holding cityscapes/, is not one).
+    if root.is_dir() and any(next((child / "leftImg8bit").glob("*/synth"), None) for child in root.iterdir()):
         return "synthetic"
     looked_for = "; ".join(f"{name}: {' + '.join(folders)}" for name, folders in markers)
     raise ValueError(
         f"cannot tell which dataset {root} holds (looked for {looked_for}; "
         f"synthetic: <domain>/leftImg8bit); name it with --dataset"
     )
+
+
+def dataset_roots_below(folder: Path) -> list[Path]:
+    """The dataset roots directly in ``folder`` (``data/`` holding ``cityscapes/``, ``gta/``, ...)
+    when ``folder`` is none itself: empty otherwise."""
+    try:
+        detect_dataset(folder)
+        return []
+    except ValueError:
+        pass
+    roots = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        try:
+            detect_dataset(child)
+        except ValueError:
+            continue
+        roots.append(child)
+    return roots
 
 
 def config_entries(path) -> list[dict]:
@@ -238,6 +258,10 @@ def check(
         if dataset or split or options:
             raise ValueError("--dataset, --split and dataset options go with a dataset root, not a config")
         entries = [(entry, False) for entry in config_dataset_entries(target)]
+    elif dataset is None and (roots := dataset_roots_below(target)):
+        if split or options:
+            raise ValueError(f"--split and dataset options go with one dataset root, not {target}, a folder of them")
+        entries = [entry for root in roots for entry in _root_entries(root, None, None, {})]
     else:
         entries = _root_entries(target, dataset, split, options)
     reports = []
