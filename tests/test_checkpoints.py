@@ -143,3 +143,23 @@ def test_a_checkpoint_refuses_other_vfm_weights_than_it_was_trained_on(tmp_path,
     torch.testing.assert_close(loaded.state_dict(), segmentor.state_dict(), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"model.ckpt was trained on other VFM weights than .*other.pth"):
         segmentor_from_checkpoint(tmp_path / "model.ckpt", backbone=tmp_path / "other.pth")
+
+
+def test_a_vfm_stored_on_one_side_and_referenced_on_the_other_is_named(tmp_path, monkeypatch):
+    """The 60 backbone.vit.* keys that differ then are one thing: the VFM weight file setting."""
+    from reinseg.build import build_segmentor
+    from reinseg.checkpoints import checkpoint_state_dict, load_checkpoint_weights
+    from reinseg.config import ModelConfig, from_dict
+
+    segmentor, config, referenced_state = _run_with_a_relative_vfm(tmp_path, monkeypatch)
+    stored = build_segmentor(
+        from_dict(
+            ModelConfig, dict(config["model"], backbone=dict(config["model"]["backbone"], checkpoint=None)), "model"
+        )
+    )
+    stored_state = checkpoint_state_dict(stored)
+    assert set(stored_state) > set(referenced_state)
+    with pytest.raises(ValueError, match=r"c.ckpt holds its VFM's weights .* set model.backbone.checkpoint=null"):
+        load_checkpoint_weights(segmentor, stored_state, source="c.ckpt")
+    with pytest.raises(ValueError, match=r"c.ckpt references its VFM's weight file, but the configuration names none"):
+        load_checkpoint_weights(stored, referenced_state, source="c.ckpt")

@@ -240,6 +240,19 @@ def test_file_system_errors_are_one_line_naming_the_path(tmp_path, capsys):
     assert main(["train", str(config_file), "--output", str(blocker / "run")]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "Not a directory" in error and str(blocker) in error
+    assert main(["train", str(config_file), "--output", str(blocker)]) == 2
+    assert f"train.output_dir (--output) {blocker}: is a file, not a folder" in capsys.readouterr().err
+
+
+def test_an_unwritable_results_path_is_named_by_its_option(run, capsys):
+    out, config_file = run
+    blocker = out.parent / "a-file"
+    blocker.write_text("")
+    checkpoint = str(out / "checkpoints" / "last.ckpt")
+    assert main(["eval", str(config_file), checkpoint, "--json", str(blocker / "x.json")]) == 2
+    assert f"--json {blocker}: cannot write there: Not a directory" in capsys.readouterr().err
+    assert main(["eval", str(config_file), checkpoint, "--json", str(out)]) == 2
+    assert f"--json {out}: is a folder, not a file" in capsys.readouterr().err
 
 
 def _alive(pid: int) -> bool:

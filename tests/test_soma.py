@@ -239,7 +239,8 @@ def test_merge_refuses_strategies_that_cannot_be_merged(golden, tmp_path, capsys
     config = model_config(golden, tmp_path, "rein")
     save_checkpoint(tmp_path / "c.pt", {"model": to_dict(config)}, checkpoint_state_dict(build_segmentor(config)))
     assert main(["merge", str(tmp_path / "c.pt"), "--output", str(tmp_path / "merged.pt")]) == 2
-    assert "model.tuning='rein' cannot be merged" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.tuning='rein' cannot be merged into the VFM's weights (mergeable: lora, soma)" in err
     assert not (tmp_path / "merged.pt").exists()
     assert main(["merge", str(tmp_path / "c.pt"), "--output", str(tmp_path / "c.pt")]) == 2
     assert "is the checkpoint itself" in capsys.readouterr().err

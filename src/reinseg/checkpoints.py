@@ -294,6 +294,19 @@ def load_checkpoint_weights(segmentor, state_dict: dict[str, Tensor], source: st
             f"{names(cls_key)} has {state_dict[cls_key].shape[0] - 1} (+1 no-object)"
         )
     problems = state_dict_mismatches(expected, state_dict, names)
+    vfm_keys = set(state_dict) ^ set(expected)
+    if problems and vfm_keys and all(k.startswith("backbone.vit.") for k in vfm_keys):
+        # Only the frozen VFM differs: one side stores it, the other references a weight file.
+        if set(state_dict) > set(expected):
+            raise ValueError(
+                f"{source} holds its VFM's weights (trained on a VFM without a weight file), but the "
+                "configuration references one (model.backbone.checkpoint or pretrained): set model.backbone."
+                "checkpoint=null model.backbone.pretrained=false"
+            )
+        raise ValueError(
+            f"{source} references its VFM's weight file, but the configuration names none "
+            "(model.backbone.checkpoint is null and pretrained false): set model.backbone.checkpoint"
+        )
     if problems:
         raise ValueError(f"{source} does not fit the model configuration: " + "; ".join(problems))
     segmentor.load_state_dict(state_dict, strict=False)

@@ -143,6 +143,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.output:
         config.train.output_dir = args.output
     out = Path(config.train.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"train.output_dir (--output) {out}: is a file, not a folder")
     task = train(config, resume=args.resume, overwrite=args.overwrite)
     finished = task.already_finished
     if finished is not None:
@@ -178,9 +180,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         protocols = parse_protocols(config.model.test.protocols, "model.test.protocols")
     target = Path(args.json) if args.json else Path(config.train.output_dir) / "eval_metrics.json"
     # Refuse an unwritable destination now, not after the whole evaluation.
-    _check_writable_file(target)
+    _check_writable_file(target, "--json")
     if args.save_preds:
-        _check_writable_folder(Path(args.save_preds))
+        _check_writable_folder(Path(args.save_preds), "--save-preds")
     if args.submission:
         from .submission import check_submission_target
 
@@ -344,27 +346,31 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .checkpoints import merge_checkpoint
 
-    _check_writable_file(Path(args.output))
+    _check_writable_file(Path(args.output), "--output")
     print(f"wrote {merge_checkpoint(args.checkpoint, args.output, backbone=args.backbone)}")
     print(f"evaluate with: reinseg eval CONFIG {args.output} model.tuning=full  (CONFIG: the run's config)")
     return 0
 
 
-def _check_writable_folder(folder: Path) -> None:
-    """Create ``folder`` and write a file in it, or raise the OSError naming it."""
+def _check_writable_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` and write a file in it, or raise a ValueError naming ``option``."""
     import tempfile
 
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(20, "Not a directory", str(folder))
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder):
-        pass
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        # (not the temporary file's name, which would mean nothing to the user)
+        raise ValueError(f"{option} {folder}: cannot write there: {err.strerror or err}") from None
 
 
-def _check_writable_file(path: Path) -> None:
+def _check_writable_file(path: Path, option: str) -> None:
     if path.is_dir():
-        raise IsADirectoryError(21, "Is a directory", str(path))
-    _check_writable_folder(path.parent)
+        raise ValueError(f"{option} {path}: is a folder, not a file")
+    _check_writable_folder(path.parent, option)
 
 
 def _device(text: str):

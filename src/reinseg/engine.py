@@ -749,6 +749,8 @@ def build_trainer(
     # pytree deprecation is not ours to act on.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # A resume's folder holds checkpoints by design; a new run into one is refused before (train()).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     tc = config.train
     set_tf32(tc.tf32)
     out = Path(tc.output_dir)

@@ -18,7 +18,9 @@ Every export is checked with onnxruntime on the CPU against PyTorch before the f
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -224,7 +226,7 @@ def segmentor_to_onnx(segmentor: nn.Module, size: tuple[int, int], dynamic: bool
                 3: patch[1] * dim("cols", min=1, max=1024),
             },
         )
-    with torch.no_grad(), _traceable_positions(model.segmentor.backbone, dynamic):
+    with torch.no_grad(), _traceable_positions(model.segmentor.backbone, dynamic), _quiet_folding():
         program = torch.onnx.export(
             model,
             (example,),
@@ -239,6 +241,19 @@ def segmentor_to_onnx(segmentor: nn.Module, size: tuple[int, int], dynamic: bool
     if program.model_proto.ByteSize() >= 2**31:
         raise ValueError("the ONNX graph exceeds protobuf's 2 GiB: models this large are not supported yet")
     return program.model_proto.SerializeToString()
+
+
+@contextlib.contextmanager
+def _quiet_folding():
+    """onnxscript's optimizer warns once per multi-output node it does not fold (26 lines for a
+    DINOv2 segmentor, nothing the user can act on): its constant-folding logger is quieted."""
+    folding = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding.level
+    folding.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        folding.setLevel(level)
 
 
 class _traceable_positions:

@@ -678,7 +678,10 @@ def from_official(
         raise ValueError(f"the release holds the VFM's weights ({len(vfm)} backbone.* tensors): omit the backbone file")
     if backbone_state_dict is None:
         if not vfm:
-            raise ValueError("no backbone weights: pass backbone_state_dict (the converted DINOv2 weights)")
+            raise ValueError(
+                "no VFM weights: the release holds no backbone.* tensors; pass the VFM's weights "
+                "(convert-official --backbone FILE; backbone_state_dict in Python)"
+            )
         backbone_state_dict = vfm
     segmentor = build_segmentor(config, load_backbone_weights=False)
     segmentor.backbone.load_backbone_weights(backbone_state_dict)

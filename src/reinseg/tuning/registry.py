@@ -55,7 +55,10 @@ class TuningStrategy:
         """Fold the strategy's modules into the VFM's own weights, leaving a plain VFM that computes
         the same features (``reinseg merge``); strategies whose modules cannot be folded do not
         override this."""
-        raise NotImplementedError(f"model.tuning={self.name!r} cannot be merged into the VFM's weights")
+        mergeable = [name for name, s in STRATEGIES.items() if type(s).merge is not TuningStrategy.merge]
+        raise NotImplementedError(
+            f"model.tuning={self.name!r} cannot be merged into the VFM's weights (mergeable: {', '.join(mergeable)})"
+        )
 
     def backbone_lr_mult(self, options: Any) -> float:
         """The lr multiplier of the strategy's parameters inside the VFM (``backbone.vit.*``) when
