@@ -43,6 +43,11 @@ def test_train_writes_checkpoints_logs_and_metrics(trained):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     metrics = json.loads((run / "metrics" / "val_step0000004.json").read_text())
     assert set(metrics["domains"]) == {"cityscapes"} and metrics["mean_domains"] == ["cityscapes"]
+    # The validation's CSV row names its iteration (Lightning's step column counts from 0).
+    import csv
+
+    rows = [r for r in csv.DictReader((run / "csv" / "metrics.csv").open()) if r.get("val/mean_mIoU")]
+    assert [(float(r["iteration"]), int(r["step"])) for r in rows] == [(4.0, 3)]
 
 
 def test_eval_score_and_predict_agree(trained, capsys):

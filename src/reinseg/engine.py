@@ -308,7 +308,7 @@ class SegmentationTask(L.LightningModule):
         # The scores are already summed over ranks: rank 0 logs them. A validation outside fit
         # (validate_missed_step) is logged at its iteration by its caller instead.
         if self.results_step is None:
-            for name, value in logged_scores(summary).items():
+            for name, value in logged_scores(summary, self.step_of_results()).items():
                 self.log(name, value, prog_bar=name == "val/mean_mIoU", rank_zero_only=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for run, (results, tables) in zip(self.protocol_runs(), per_protocol, strict=True):
@@ -414,11 +414,13 @@ class SegmentationTask(L.LightningModule):
             torch.set_num_threads(int(threads))
 
 
-def logged_scores(summary: dict[str, Any]) -> dict[str, float]:
-    """The scalars a validation logs: ``val/<domain>/mIoU`` per domain and ``val/mean_mIoU``."""
+def logged_scores(summary: dict[str, Any], step: int) -> dict[str, float]:
+    """The scalars the validation of iteration ``step`` logs: ``val/<domain>/mIoU`` per domain,
+    ``val/mean_mIoU`` and ``iteration`` (the loggers' own step is Lightning's, one less)."""
     scores = {f"val/{domain}/mIoU": s["mIoU"] for domain, s in summary["domains"].items() if s["mIoU"] is not None}
     if summary["mean_mIoU"] is not None:
         scores["val/mean_mIoU"] = summary["mean_mIoU"]
+    scores["iteration"] = float(step)
     return scores
 
 
@@ -981,7 +983,7 @@ def validate_missed_step(trainer: L.Trainer, task: SegmentationTask, ckpt_path: 
         task.results_step = None
     if trainer.is_global_zero and task.last_results is not None:
         # In float32, as self.log stores the scores of a validation during fit.
-        scores = {name: float(torch.tensor(value)) for name, value in logged_scores(task.last_results).items()}
+        scores = {name: float(torch.tensor(value)) for name, value in logged_scores(task.last_results, step).items()}
         for logger in trainer.loggers:
             logger.log_metrics({"epoch": epoch} | scores, step=step - 1)
             logger.save()
