@@ -60,7 +60,9 @@ def test_prepare_runs_on_several_processes(tmp_path):
 def test_prepare_mapillary_makes_the_half_resolution_validation_set(tmp_path):
     fake = make_fake_mapillary(tmp_path, n=2, size=(32, 64))
     summary = prepare("mapillary", tmp_path, workers=1, progress=False)
-    assert summary.ok and len(summary.written) == 4
+    # 2 train and 2 val labels, and the 2 val images and labels at half resolution: every file written
+    assert summary.ok and len(summary.written) == 8
+    assert sum("/half/" in path for path in summary.written) == 4
     half = build_dataset("mapillary", tmp_path, "val")  # the official evaluation set: half/
     assert all("/half/val_img/" in image and "/half/val_label/" in label for image, label in half.pairs)
     for item in half:

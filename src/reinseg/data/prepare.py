@@ -113,7 +113,7 @@ def _intact(job: _Job) -> bool:
 def _convert(job: _Job, overwrite: bool, on_mismatch: str) -> dict:
     """Convert one label; returns {"status": written|exists|skipped|error, ...} (picklable)."""
     if not overwrite and _intact(job):
-        return {"status": "exists", "path": job.output}
+        return {"status": "exists", "path": job.output, "paths": job.outputs()}
     try:
         train_ids = job.encoding.decode(read_label(job.label, job.encoding.first_channel), job.label)
         mismatch = None
@@ -136,7 +136,8 @@ def _convert(job: _Job, overwrite: bool, on_mismatch: str) -> dict:
             _write_half(job.image, train_ids, job.half_image, job.half_label)
     except DataError as err:
         return {"status": "error", "path": err.path, "reason": err.reason}
-    return {"status": "written", "path": job.output, "mismatch": mismatch}
+    # Every file written: Mapillary's validation labels come with their half-resolution copies.
+    return {"status": "written", "path": job.output, "paths": job.outputs(), "mismatch": mismatch}
 
 
 def _write_half(image_path: str, train_ids, image_out: str, label_out: str) -> None:
@@ -218,9 +219,9 @@ def prepare(
         if status == "error":
             summary.errors.append((result["path"], result["reason"]))
         elif status == "exists":
-            summary.skipped.append(result["path"])
+            summary.skipped.extend(result["paths"])
         elif status == "written":
-            summary.written.append(result["path"])
+            summary.written.extend(result["paths"])
         if result.get("mismatch"):
             summary.mismatched.append(result["mismatch"])
     return summary
