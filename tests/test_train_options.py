@@ -241,6 +241,21 @@ def test_frozen_vfm_in_bf16_keeps_the_rotary_frequencies_in_fp32(name):
     assert all(b.dtype == torch.float32 for b in segmentor.backbone.vit.rope.buffers())
     expected = reference.backbone.vit.rope.get_embed((32, 32))
     assert torch.equal(segmentor.backbone.vit.rope.get_embed((32, 32)), expected)
+    # ... and the blocks receive them in fp32 (timm casts the rotated queries and keys itself).
+    family, received = segmentor.backbone.family, []
+    run_block = family.run_block
+
+    def recording(block, x, block_kwargs):
+        received.extend(v.dtype for v in block_kwargs.values() if torch.is_tensor(v) and v.is_floating_point())
+        return run_block(block, x, block_kwargs)
+
+    family.run_block = recording
+    try:
+        with torch.no_grad():
+            segmentor.backbone(torch.randn(1, 3, 64, 64))
+    finally:
+        del family.run_block
+    assert received and set(received) == {torch.float32}
 
 
 @pytest.mark.parametrize("kind", ["vit", "cnn"])

@@ -260,9 +260,9 @@ class ReinBackbone(FrozenBackbone):
         frozen_dtype = self.frozen_dtype
         if frozen_dtype is not None:
             images = images.to(frozen_dtype)
+        # The blocks' other inputs (DINOv3's and EVA02's rotary sines and cosines) stay fp32, as
+        # timm keeps them under autocast: it casts the rotated queries and keys to the values' dtype.
         x, block_kwargs = family.embed(self.vit, images)
-        if frozen_dtype is not None:
-            block_kwargs = {k: _cast_floating(v, frozen_dtype) for k, v in block_kwargs.items()}
         maps = []
         for index, block in enumerate(self.vit.blocks):
             x = self._run_block(index, block, x, block_kwargs)
@@ -318,10 +318,6 @@ class ReinBackbone(FrozenBackbone):
         load_into(self.vit, fitted)
         self.weights_source = source
         self.weights_fingerprint = weights_fingerprint(self.vit)
-
-
-def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
-    return value.to(dtype) if isinstance(value, Tensor) and value.is_floating_point() else value
 
 
 def rein_arguments(
