@@ -163,3 +163,23 @@ def test_a_vfm_stored_on_one_side_and_referenced_on_the_other_is_named(tmp_path,
         load_checkpoint_weights(segmentor, stored_state, source="c.ckpt")
     with pytest.raises(ValueError, match=r"c.ckpt references its VFM's weight file, but the configuration names none"):
         load_checkpoint_weights(stored, referenced_state, source="c.ckpt")
+
+
+def test_backbone_replaces_the_hub_too_and_a_configs_missing_file_is_named_as_the_configs(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from reinseg.checkpoints import segmentor_from_checkpoint
+    from reinseg.config import ModelConfig, from_dict
+
+    segmentor, config, state = _run_with_a_relative_vfm(tmp_path, monkeypatch)
+    hub = dict(config["model"], backbone=dict(config["model"]["backbone"], checkpoint=None, pretrained=True))
+    save_checkpoint(tmp_path / "hub.ckpt", {"model": hub}, state)
+    # Offline, a checkpoint trained on hub weights runs on the same weights from a file.
+    loaded, _ = segmentor_from_checkpoint(tmp_path / "hub.ckpt", backbone="checkpoints/vfm.pth")
+    torch.testing.assert_close(loaded.state_dict(), segmentor.state_dict(), rtol=0, atol=0)
+    model = from_dict(ModelConfig, config["model"], "model")
+    model = replace(model, backbone=replace(model.backbone, checkpoint="gone.pth"))
+    with pytest.raises(FileNotFoundError) as missing:
+        segmentor_from_checkpoint(tmp_path / "hub.ckpt", model)
+    assert str(missing.value).startswith("the VFM weights gone.pth (relative to the current folder")
+    assert "--backbone" not in str(missing.value)  # eval has no such option: the config names the file

@@ -414,3 +414,6 @@ def test_a_run_records_its_vfm_file_and_evaluation_refuses_another(tmp_path, mon
     config.model.backbone.checkpoint = "other.pth"
     with pytest.raises(ValueError, match="was trained on other VFM weights than other.pth"):
         evaluate(config, str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    config.train.max_iters = 2  # nor does the run continue on them
+    with pytest.raises(ValueError, match="was trained on other VFM weights than other.pth"):
+        train(config)

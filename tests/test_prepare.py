@@ -141,6 +141,15 @@ def test_check_of_a_folder_of_dataset_roots_checks_each(tmp_path):
         check(tmp_path, split="val", progress=False)
 
 
+def test_a_folder_of_splits_is_not_taken_for_dataset_roots(tmp_path):
+    """A custom dataset's train/ and val/ (each images/ + labels/, GTAV's folders) are one dataset
+    to name, not two GTAV roots."""
+    for split in ("train", "val"):
+        make_fake_gtav(tmp_path / split, n=1)
+    with pytest.raises(ValueError, match="cannot tell which dataset"):
+        check(tmp_path, progress=False)
+
+
 def test_check_reports_every_problem_with_its_file(tmp_path):
     make_fake_cityscapes(tmp_path, n=3, splits=("val",))
     val = tmp_path / "gtFine" / "val"

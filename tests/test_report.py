@@ -406,3 +406,11 @@ def test_report_names_each_files_protocol_and_says_when_they_differ(handmade, tm
     assert "frozen: ms-flip" in html  # the file's other protocol, not shown
     html, shown = page(handmade[:1], "one")
     assert shown == {"frozen": "official"} and 'id="mixed-protocols"' not in html
+    # One name, other settings (ACDC's default scale at 512 crops changed between versions).
+    for file, scale in zip(handmade, ([1920, 1080], [960, 540]), strict=True):
+        data = json.loads(file.read_text())
+        data["protocol"] = {"name": "config", "scales": {"target": scale}, "flip": False}
+        file.write_text(json.dumps(data))
+    html, shown = page(handmade, "renamed")
+    assert shown == {"frozen": "config", "rein": "config"}
+    assert "under different protocols (config; different scales, windows or flips)" in html

@@ -84,9 +84,10 @@ def test_bad_run_options_are_named_before_anything_is_written(run, capsys, argum
     """Lightning refused these at its trainer, the model at its first step, after files were written."""
     out, config_file = run
     before = snapshot(out)
-    assert main(["train", str(config_file), *arguments]) == 2
+    fresh = out.parent / "fresh"
+    assert main(["train", str(config_file), *arguments, "--output", str(fresh)]) == 2
     assert message in capsys.readouterr().err
-    assert snapshot(out) == before
+    assert snapshot(out) == before and not fresh.exists()
 
 
 def test_a_refused_resume_writes_nothing(run, capsys):

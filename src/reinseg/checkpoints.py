@@ -213,15 +213,20 @@ def segmentor_from_checkpoint(
     from .build import build_segmentor
 
     payload = load_checkpoint(path)
+    from_config = model_config is not None and backbone is None  # the VFM file is the caller's config's
     if model_config is None:
         model_config = from_dict(ModelConfig, payload["config"].get("model"), "model")
     else:
         check_same_model(payload["config"].get("model"), to_dict(model_config), f"checkpoint {path}")
-    if backbone is not None:
-        model_config = replace(model_config, backbone=replace(model_config.backbone, checkpoint=str(backbone)))
+    if backbone is not None:  # the file instead of the hub too: offline use is what it is for
+        model_config = replace(
+            model_config, backbone=replace(model_config.backbone, checkpoint=str(backbone), pretrained=False)
+        )
     weights = model_config.backbone.checkpoint
     if weights and not Path(weights).is_file():
         where = "" if Path(weights).is_absolute() else f" (relative to the current folder, {Path.cwd()})"
+        if from_config:
+            raise FileNotFoundError(f"the VFM weights {weights}{where} (model.backbone.checkpoint) are not there")
         raise FileNotFoundError(
             f"{path} references the VFM weights {weights}{where} (model.backbone.checkpoint), which are "
             "not there: pass the file (--backbone in the command line)"
@@ -257,7 +262,8 @@ def config_for_checkpoint(config: dict) -> dict:
     weights = backbone.get("checkpoint")
     if not weights or Path(weights).is_absolute():
         return config
-    model = dict(config["model"], backbone=dict(backbone, checkpoint=str(Path(weights).resolve())))
+    # abspath, not resolve: a symbolic link in the path stays one (it may be re-pointed later)
+    model = dict(config["model"], backbone=dict(backbone, checkpoint=os.path.abspath(weights)))
     return dict(config, model=model)
 
 

@@ -180,7 +180,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         protocols = parse_protocols(config.model.test.protocols, "model.test.protocols")
     target = Path(args.json) if args.json else Path(config.train.output_dir) / "eval_metrics.json"
     # Refuse an unwritable destination now, not after the whole evaluation.
-    _check_writable_file(target, "--json")
+    _check_writable_file(target, "--json" if args.json else "the results file (default of --json)")
     if args.save_preds:
         _check_writable_folder(Path(args.save_preds), "--save-preds")
     if args.submission:
@@ -238,7 +238,12 @@ def _print_score_commands(args: argparse.Namespace, task) -> None:
         # Another class list is read from the config (the Cityscapes one is score's default).
         classes = "" if dataset.classes == CITYSCAPES_CLASSES else f" --config {args.config}"
         command = f"reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}{classes}"
-        if native_labels(dataset):  # score reads train-ID labels: those `reinseg prepare` writes
+        if native_labels(dataset) and dataset.name == "mapillary":  # prepared elsewhere, same names
+            print(
+                f"  (labels of {domain} are not train IDs: `reinseg prepare mapillary` writes them to "
+                f"cityscapes_trainIdLabel/<split>/label/ under the dataset's root; score against that folder)"
+            )
+        elif native_labels(dataset):  # score reads train-ID labels: those `reinseg prepare` writes
             print(f"  (labels of {domain} are not train IDs: `reinseg prepare` them first) {command}")
         else:
             print(f"  {command}")

@@ -239,8 +239,9 @@ def prediction_name(dataset, relative: Path) -> Path:
     """Where ``--save-preds`` writes the train-ID prediction for the label at ``relative`` (to
     :func:`label_root`): the same path where the labels are train IDs, else the name the dataset's
     ``reinseg prepare`` gives the train-ID label (``*_labelIds.png`` -> ``*_labelTrainIds.png``,
-    ``name.png`` -> ``name_labelTrainIds.png``), so that train IDs never carry a label-ID name."""
-    if not native_labels(dataset) or relative.name.endswith("labelTrainIds.png"):
+    ``name.png`` -> ``name_labelTrainIds.png``), so that train IDs never carry a label-ID name.
+    Mapillary's prepared labels live in another folder under the same names: kept."""
+    if not native_labels(dataset) or relative.name.endswith("labelTrainIds.png") or dataset.name == "mapillary":
         return relative
     if relative.name.endswith("labelIds.png"):
         return relative.with_name(relative.name[: -len("labelIds.png")] + "labelTrainIds.png")

@@ -361,6 +361,12 @@ class SegmentationTask(L.LightningModule):
         missing = sorted(expected - set(checkpoint.get("state_dict", {})))
         if missing:
             raise ValueError(f"{name} lacks {len(missing)} trainable weights, e.g. {', '.join(missing[:5])}")
+        recorded, loaded = checkpoint.get("vfm_fingerprint"), vfm_record(self.segmentor).get("vfm_fingerprint")
+        if recorded and loaded and recorded != loaded:
+            raise ValueError(
+                f"{name} was trained on other VFM weights than {self.config.model.backbone.checkpoint or 'these'} "
+                f"(model.backbone.checkpoint): their fingerprints differ ({recorded} recorded, {loaded} loaded)"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint)
@@ -848,7 +854,6 @@ def train(
         raise ValueError("--overwrite (overwrite=True) deletes an earlier run only for a new one: add --resume never")
     ckpt_path = _checkpoint_to_resume(resume, checkpoints, overwrite)
     task = SegmentationTask(config)
-    check_run_options(config, task.segmentor)  # what Lightning or the first step would refuse later
     step, epoch, missed = 0, 0, False
     if ckpt_path is not None:
         # Refuse another model's checkpoint before writing anything (config.yaml, logs).
@@ -863,6 +868,7 @@ def train(
             task.already_finished = step
             if not missed:
                 return task
+    check_run_options(config, task.segmentor)  # what Lightning or the first step would refuse later
     # Fail on bad data now, not after hours of training (and before writing anything).
     task.train_set()
     if config.data.val:

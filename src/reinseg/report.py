@@ -277,6 +277,18 @@ def protocol_name(model: ModelResults) -> str:
     return str(protocol.get("name", "?")) if isinstance(protocol, dict) else "?"
 
 
+def _protocol_settings(model: ModelResults, domains: list[str]) -> str:
+    """What a file's protocol did to the images of ``domains``: its recorded parameters but the
+    name, the scales of those domains only (a file without them records nothing to compare)."""
+    protocol = model.data.get("protocol")
+    if not isinstance(protocol, dict):
+        return ""
+    settings = {k: v for k, v in protocol.items() if k not in ("name", "scales")}
+    scales = protocol.get("scales") if isinstance(protocol.get("scales"), dict) else {}
+    settings["scales"] = {d: scales[d] for d in domains if d in scales}
+    return json.dumps(settings, sort_keys=True)
+
+
 def _miou_table(models: list[ModelResults], domains: list[str]) -> str:
     rows = [
         "<table><tr><th>model</th><th>protocol</th>"
@@ -300,11 +312,15 @@ def _miou_table(models: list[ModelResults], domains: list[str]) -> str:
     notes = {", ".join(m.data.get("mean_domains") or []) for m in models}
     html = "".join(rows) + f'<p class="note">mean: over the target domains ({_e("; ".join(notes))}).</p>'
     protocols = sorted({protocol_name(m) for m in models})
-    if len(protocols) > 1:
+    settings = {_protocol_settings(m, domains) for m in models}
+    if len(protocols) > 1 or len(settings) > 1:
         # The protocol moves mIoU by points (README, "Evaluation protocols"): never compare silently.
+        # One name may also hold other settings (another version's default scales, model.test).
         html += (
             f'<p class="note" id="mixed-protocols"><b>These results were evaluated under different protocols '
-            f"({_e(', '.join(protocols))}): their numbers are not comparable.</b></p>"
+            f"({_e(', '.join(protocols))}"
+            + ("; different scales, windows or flips" if len(protocols) == 1 else "")
+            + "): their numbers are not comparable.</b></p>"
         )
     others = [
         f"{model.name}: {', '.join(sorted(set(model.data['protocols']) - {protocol_name(model)}))}"

@@ -166,6 +166,9 @@ def detect_dataset(root) -> str:
     )
 
 
+_SPLIT_FOLDERS = ("train", "val", "test", "training", "validation", "testing")
+
+
 def dataset_roots_below(folder: Path) -> list[Path]:
     """The dataset roots directly in ``folder`` (``data/`` holding ``cityscapes/``, ``gta/``, ...)
     when ``folder`` is none itself: empty otherwise."""
@@ -176,6 +179,8 @@ def dataset_roots_below(folder: Path) -> list[Path]:
         pass
     roots = []
     for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if child.name.lower() in _SPLIT_FOLDERS:  # a split of one dataset (custom, Mapillary), not a root
+            return []
         try:
             detect_dataset(child)
         except ValueError:
