@@ -71,3 +71,29 @@ def test_validation_scales_an_entry_without_scale_as_the_official_configs_of_its
     config.model.backbone.img_size = crop
     [(_, dataset, _)] = validation_sets(config)
     assert tuple(dataset[0]["image"].shape[-2:]) == size
+
+
+def test_a_corrupted_entry_builds_corrupted_images_and_val_lists_build_as_evaluation_reads_them(tmp_path):
+    """entry.expanded()[k].build() gave the clean images under a Cityscapes-C label; build_datasets
+    refused a data.val list's own keys (scale, in_mean, ...)."""
+    import torch
+
+    from reinseg.data import build_datasets
+
+    make_fake_cityscapes(tmp_path / "cs", n=1, splits=("val",), prepared=True)
+    entry = {"name": "cityscapes", "root": str(tmp_path / "cs"), "scale": [64, 32], "in_mean": False}
+    corrupted = dict(entry, corruptions=["gaussian_noise"], severities=[5])
+    [noisy] = parse_entries([corrupted], "val")[0].expanded()
+    [clean] = parse_entries([entry], "val")
+    assert noisy.label == "cityscapes-c/gaussian_noise/5"
+    noisy_image, clean_image = noisy.build()[0]["image"], clean.build()[0]["image"]
+    assert noisy_image.shape == clean_image.shape and not torch.equal(noisy_image, clean_image)
+    assert torch.equal(noisy.build()[0]["image"], noisy_image)  # seeded by corruption_seed
+    # The evaluation's own datasets are the same (validation_sets builds through entry.build).
+    config = Config(data=DataConfig(val=[corrupted]))
+    [(domain, _, _)] = validation_sets(config)
+    assert domain == "cityscapes-c/gaussian_noise/5"
+    datasets = build_datasets([entry, corrupted], section="val")
+    assert len(datasets) == 2 and torch.equal(datasets[1][0]["image"], noisy_image)
+    with pytest.raises(ValueError, match=r"scale, in_mean are keys of data.val entries: .*section='val'"):
+        build_datasets([entry])

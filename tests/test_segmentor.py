@@ -117,6 +117,27 @@ def test_loss_needs_a_criterion():
         segmentor.loss(torch.randn(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long))
 
 
+def test_loss_checks_its_labels_and_takes_png_dtypes():
+    """uint8 labels (as PNGs read) failed deep in the loss; labels of another size were taken,
+    even transposed ones, and trained on misaligned targets."""
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config())
+    images = torch.randn(2, 3, 64, 96)
+    labels = torch.randint(0, 19, (2, 64, 96), generator=torch.Generator().manual_seed(1))
+    labels[:, :8] = 255
+    torch.manual_seed(2)
+    expected = segmentor.loss(images, labels)
+    torch.manual_seed(2)
+    as_png = segmentor.loss(images, labels.to(torch.uint8))
+    assert set(as_png) == set(expected) and all(torch.equal(as_png[k], expected[k]) for k in expected)
+    # "loss" is the sum of the terms (every other key).
+    torch.testing.assert_close(expected["loss"], sum(v for k, v in expected.items() if k != "loss"))
+    with pytest.raises(ValueError, match=r"labels must be \(B, H, W\) = \(2, 64, 96\) for images"):
+        segmentor.loss(images, labels.transpose(1, 2))
+    with pytest.raises(ValueError, match="labels must hold integer class IDs, got torch.float32"):
+        segmentor.loss(images, labels.float())
+
+
 def test_full_fine_tuning_trains_the_backbone_too():
     config = tiny_model_config()
     config.tuning = "full"

@@ -165,18 +165,13 @@ def validation_sets(config: Config, raw: bool = False) -> list[tuple[str, object
     (H, W, 3) uint8 tensors, which each test protocol resizes itself (:mod:`reinseg.protocols`)."""
     from .build import official_window
     from .data import eval_transform
-    from .data.corruptions import Corrupt
-    from .data.transforms import Compose
 
     sets = []
     entries = [expanded for entry in _entries(config, "val") for expanded in entry.expanded()]
     crop, _ = official_window(config.model)  # the training crop, whose official configs set the default scales
     for entry in entries:
         transform = _raw_image if raw else eval_transform(entry.eval_scale(crop))
-        seed = None
-        if entry.corruption is not None:
-            transform, seed = Compose([Corrupt(*entry.corruption), transform]), entry.corruption_seed
-        dataset = entry.build(transform=transform, on_error=config.data.on_error, seed=seed)
+        dataset = entry.build(transform=transform, on_error=config.data.on_error)  # corrupted, if its entry is
         # Every file is read now: a bad one must stop the run before training, not at its first
         # validation hours later. With on_error=skip the bad pairs are dropped (skipping at load
         # time would score a replacement image twice).

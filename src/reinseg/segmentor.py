@@ -99,9 +99,22 @@ class Segmentor(nn.Module):
         return features, queries, {}
 
     def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Training losses for ``images (B, 3, H, W)`` and semantic ``labels (B, H, W)`` (255 ignored)."""
+        """Training losses for ``images (B, 3, H, W)`` and semantic ``labels (B, H, W)`` of an
+        integer dtype (class IDs, 255 ignored; uint8 as read from PNGs is fine).
+
+        Returns the criterion's terms: ``loss_cls``, ``loss_mask``, ``loss_dice`` of the last
+        prediction, ``d<i>.loss_*`` of the decoder layer ``i``'s, and ``loss``, their sum (the one
+        to backpropagate: summing every value counts each term twice)."""
         if self.criterion is None:
             raise RuntimeError("this segmentor has no criterion; build it with a loss configuration to train")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must hold integer class IDs, got {labels.dtype}")
+        if labels.dim() != 3 or labels.shape != (images.shape[0], *images.shape[-2:]):
+            raise ValueError(
+                f"labels must be (B, H, W) = {(images.shape[0], *images.shape[-2:])} for images "
+                f"{tuple(images.shape)}, got {tuple(labels.shape)}"
+            )
+        labels = labels.long()
         class_logits, mask_logits = self(images)
         return self.criterion(class_logits, mask_logits, labels)
 

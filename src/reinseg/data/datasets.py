@@ -323,14 +323,27 @@ def build_dataset(
     return dataset
 
 
-def build_datasets(entries, *, transform=None, on_error: str = "raise", seed: int | None = None):
-    """Datasets from config entries ``{name, root, split, **options}`` (a YAML ``data`` list)."""
-    from .entries import DatasetEntry
+def build_datasets(
+    entries, *, transform=None, on_error: str = "raise", seed: int | None = None, section: str = "train"
+):
+    """Datasets from config entries ``{name, root, split, **options}`` (a YAML ``data.train`` list,
+    or with ``section="val"`` a ``data.val`` list: its ``scale``, ``label``, ``in_mean`` keys
+    read, one dataset per corruption and severity of an entry with ``corruptions``)."""
+    from .entries import EVAL_ENTRY_KEYS, parse_entries
 
-    return [
-        DatasetEntry.parse(entry, f"dataset entry {i}").build(transform=transform, on_error=on_error, seed=seed)
-        for i, entry in enumerate(entries)
-    ]
+    if section not in ("train", "val"):
+        raise ValueError(f"section must be 'train' or 'val', got {section!r}")
+    if section == "train":
+        for i, entry in enumerate(entries):
+            own = [k for k in EVAL_ENTRY_KEYS if isinstance(entry, dict) and k in entry]
+            if own:
+                raise ValueError(
+                    f"dataset entry {i}: {', '.join(own)} are keys of data.val entries: "
+                    "build_datasets(entries, section='val')"
+                )
+    parsed = [expanded for entry in parse_entries(entries, section) for expanded in entry.expanded()]
+    kwargs = {} if seed is None else {"seed": seed}
+    return [entry.build(transform=transform, on_error=on_error, **kwargs) for entry in parsed]
 
 
 def collate(items: list[dict]) -> dict:

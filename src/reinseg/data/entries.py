@@ -104,11 +104,19 @@ class DatasetEntry:
         :func:`~reinseg.data.layouts.eval_scale`); None keeps them as they are."""
         return eval_scale({"name": self.name, "scale": self.scale}, crop)
 
-    def build(self, **kwargs) -> SegmentationDataset:
-        """The dataset (``kwargs``: ``transform``, ``on_error``, ``seed`` of :func:`build_dataset`)."""
+    def build(self, transform=None, **kwargs) -> SegmentationDataset:
+        """The dataset (``transform`` and ``kwargs``: ``on_error``, ``seed`` of
+        :func:`build_dataset`). An entry of :meth:`expanded` with a ``corruption`` corrupts each
+        image before ``transform`` (seeded by ``corruption_seed`` unless ``seed`` is given)."""
         from .datasets import build_dataset
 
-        return build_dataset(self.name, self.root, self.split, **kwargs, **self.options)
+        if self.corruption is not None:
+            from .corruptions import Corrupt
+            from .transforms import Compose, eval_transform
+
+            transform = Compose([Corrupt(*self.corruption), transform or eval_transform(None)])
+            kwargs.setdefault("seed", self.corruption_seed)
+        return build_dataset(self.name, self.root, self.split, transform=transform, **kwargs, **self.options)
 
 
 def parse_entries(entries, section: str) -> list[DatasetEntry]:
