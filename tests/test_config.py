@@ -33,3 +33,21 @@ def test_wrong_types_are_named(data, message):
 
 def test_null_rein_means_the_plain_backbone():
     assert from_dict(ModelConfig, {"rein": None}, "model").rein is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.tuning=lorra", "model.tuning='lorra' is not one of rein, "),
+        ("model.test.protocols=[foo]", "model.test.protocols: unknown protocol"),
+        ("data.val=[{name: cityscapes}]", r"data.val\[0\]: dataset entry .* lacks 'root'"),
+    ],
+)
+def test_load_config_refuses_names_that_would_fail_later(tmp_path, override, message):
+    """These were accepted and failed at build or evaluation time."""
+    from reinseg.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])

@@ -59,6 +59,8 @@ def test_prepare_runs_on_several_processes(tmp_path):
 
 def test_prepare_mapillary_makes_the_half_resolution_validation_set(tmp_path):
     fake = make_fake_mapillary(tmp_path, n=2, size=(32, 64))
+    with pytest.raises(FileNotFoundError, match=r"half/val_img .*`reinseg prepare mapillary .*` writes it; half=False"):
+        build_dataset("mapillary", tmp_path, "val")
     summary = prepare("mapillary", tmp_path, workers=1, progress=False)
     # 2 train and 2 val labels, and the 2 val images and labels at half resolution: every file written
     assert summary.ok and len(summary.written) == 8

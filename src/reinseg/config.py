@@ -498,7 +498,27 @@ def check_values(config: Config) -> Config:
                 raise ConfigError(
                     f"data.{section}[{i}].scale must be two positive integers [long, short], got {scale!r}"
                 )
+    _check_names(config)
     return config
+
+
+def _check_names(config: Config) -> None:
+    """Names that would fail only at build or evaluation time: the strategy, the protocols, the
+    dataset entries (their name and root; the files are read later)."""
+    from .data.entries import parse_entries
+    from .protocols import parse_protocols
+    from .tuning import strategy_names
+
+    if config.model.tuning not in strategy_names():
+        raise ConfigError(f"model.tuning={config.model.tuning!r} is not one of {', '.join(strategy_names())}")
+    try:
+        parse_protocols(config.model.test.protocols, "model.test.protocols")
+        for section in ("train", "val"):
+            parse_entries(getattr(config.data, section), section)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 FROZEN_DTYPES = ("float32", "bfloat16")

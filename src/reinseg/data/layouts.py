@@ -252,6 +252,12 @@ def _mapillary_prepared(split: str) -> LabelSource:
 
 def _mapillary(root: Path, split: str, half: bool = True) -> FolderPairs:
     if split == "val" and half:
+        if not (root / "half" / "val_img").is_dir():
+            raise FileNotFoundError(
+                f"image folder not found: {root / 'half' / 'val_img'} (the official evaluation's "
+                f"half-resolution copy: `reinseg prepare mapillary {root}` writes it; half=False reads "
+                "the full-size validation set)"
+            )
         return FolderPairs("half/val_img", ".jpg", (LabelSource("half/val_label", ".png", TRAIN_IDS),))
     folder = {"train": "training", "val": "validation"}[split]
     return FolderPairs(f"{folder}/images", ".jpg", (_mapillary_prepared(split), _mapillary_native(root, folder)))
@@ -381,8 +387,8 @@ for _info in (
 ):
     register_dataset(_info)
 
-# Evaluation scales (w, h) of the official test pipelines: the image is resized keeping its ratio
-# to fit (long, short); the label stays at its resolution. Without a training crop ACDC follows the
+# Evaluation scales of the official test pipelines, written (w, h) there: the image is resized
+# keeping its ratio to fit (long, short); the label stays at its resolution. Without a training crop ACDC follows the
 # official 1024x1024 configs (night-acdc_1024x1024.py and siblings; the 512x512 ones use (960, 540):
 # OFFICIAL_SCALES_BY_CROP, which eval_scale reads given the crop). Synthia and UrbanSyn have no
 # official test pipeline: their native sizes. None: the image as it is.

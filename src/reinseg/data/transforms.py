@@ -142,7 +142,8 @@ class RandomResizeShortestEdge:
 
 
 class Resize:
-    """mmseg ``Resize(scale, keep_ratio)`` with ``scale`` = (w, h) as in the configs.
+    """mmseg ``Resize(scale, keep_ratio)`` with ``scale`` = (w, h) as in the configs (with
+    ``keep_ratio``, (long, short): a portrait image's height fits the larger value).
 
     With ``keep_ratio`` the image is rescaled to fit (long, short) = ``scale`` (mmcv
     ``imrescale``); otherwise it is resized to exactly (w, h). With ``resize_label=False`` the
@@ -377,8 +378,9 @@ def train_transform(
 
 
 def eval_transform(scale: tuple[int, int] | None = None) -> Compose:
-    """The official test pipeline: keep-ratio resize of the image to ``scale`` = (w, h) (see
-    ``reinseg.data.TEST_SCALES``), the label left at its resolution; then normalization.
-    ``scale=None`` keeps the image as it is."""
+    """The official test pipeline: keep-ratio resize of the image to fit ``scale`` = (long, short)
+    (written (w, h) in the official configs; mmcv's ``imrescale`` fits a portrait image's height
+    to the larger value too; see ``reinseg.data.TEST_SCALES``), the label left at its
+    resolution; then normalization. ``scale=None`` keeps the image as it is."""
     steps = [] if scale is None else [Resize(scale, keep_ratio=True, resize_label=False)]
     return Compose(steps + [Normalize(), ToTensor()])
