@@ -311,3 +311,13 @@ def test_compose_threads_one_generator():
     pipeline = Compose([RandomCrop(20), RandomFlip(0.5)])
     a, b = pipeline(image, label, rng=11), pipeline(image, label, rng=11)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_transform_arguments_are_checked_when_built():
+    """A zero crop or scale was accepted, then failed in OpenCV at the first image."""
+    from reinseg.data.transforms import eval_transform, train_transform
+
+    with pytest.raises(ValueError, match="train_transform: crop_size must be a positive integer, got 0"):
+        train_transform(crop_size=0)
+    with pytest.raises(ValueError, match=r"eval_transform: scale must be \(long, short\).* got \(0, 32\)"):
+        eval_transform((0, 32))

@@ -113,6 +113,10 @@ class TestConfig:
 
 @dataclass
 class ModelConfig:
+    """The ``model`` section: what :func:`reinseg.build_segmentor` builds (the frozen VFM, the
+    tuning strategy and its options, the head, the loss, inference). Read from YAML with
+    :func:`load_config` or :func:`from_dict`; :func:`to_dict` gives it back."""
+
     # What trains besides the head: a registered strategy (reinseg.tuning): "rein" (the
     # default), "frozen" (the head only), "full" (the whole VFM, at train.backbone_lr_mult x the
     # lr), "lora", "vpt", "adaptformer", "soma", "fada" or "set"; each built-in strategy reads its own section below.
@@ -246,6 +250,9 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A whole configuration (one YAML file under ``configs/``): ``model``, ``data``, ``train``.
+    :func:`load_config` reads and checks one; every key is documented in the dataclasses."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

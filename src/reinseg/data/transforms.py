@@ -362,7 +362,14 @@ def train_transform(
     ``cat_max_ratio``; horizontal flip with p = 0.5; photometric distortion; then, as mmseg's data
     preprocessor, ImageNet normalization and padding to the crop size (0 and ignore).
     """
+    for name, value in (("crop_size", crop_size), ("base_size", base_size), ("max_size", max_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"train_transform: {name} must be a positive integer, got {value!r}")
     low, high = round(ratio_range[0] * 10), round(ratio_range[1] * 10)
+    if not 1 <= low <= high:
+        raise ValueError(
+            f"train_transform: ratio_range must be (low, high) with 0.1 <= low <= high, got {ratio_range!r}"
+        )
     scales = [int(base_size * x * 0.1) for x in range(low, high + 1)]
     return Compose(
         [
@@ -382,5 +389,9 @@ def eval_transform(scale: tuple[int, int] | None = None) -> Compose:
     (written (w, h) in the official configs; mmcv's ``imrescale`` fits a portrait image's height
     to the larger value too; see ``reinseg.data.TEST_SCALES``), the label left at its
     resolution; then normalization. ``scale=None`` keeps the image as it is."""
+    if scale is not None and (
+        len(scale) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in scale)
+    ):
+        raise ValueError(f"eval_transform: scale must be (long, short), two positive integers, got {scale!r}")
     steps = [] if scale is None else [Resize(scale, keep_ratio=True, resize_label=False)]
     return Compose(steps + [Normalize(), ToTensor()])
