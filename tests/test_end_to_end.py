@@ -279,3 +279,16 @@ def test_predictions_of_native_labels_carry_train_id_names_and_score_once_prepar
     assert main(["score", str(preds / "cityscapes"), str(root / "gtFine" / "val"), "--json", str(scored)]) == 0
     expected = json.loads(result.read_text())["domains"]["cityscapes"]["mIoU"]
     assert json.loads(scored.read_text())["mIoU"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_segment_image_names_what_it_takes():
+    """A grey (H, W) array or float pixels failed with a numpy broadcast error."""
+    from reinseg.build import build_segmentor
+    from reinseg.predict import segment_image
+
+    segmentor = build_segmentor(tiny_model_config()).eval()
+    rgb = np.zeros((32, 48, 3), dtype=np.uint8)
+    assert segment_image(segmentor, rgb, scale=None).shape == (32, 48)
+    for bad in (rgb[..., 0], rgb.astype(np.float32)):
+        with pytest.raises(ValueError, match=r"image 0 must be RGB \(H, W, 3\) uint8"):
+            segment_image(segmentor, bad, scale=None)
