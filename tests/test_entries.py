@@ -81,7 +81,7 @@ def test_a_corrupted_entry_builds_corrupted_images_and_val_lists_build_as_evalua
     from reinseg.data import build_datasets
 
     make_fake_cityscapes(tmp_path / "cs", n=1, splits=("val",), prepared=True)
-    entry = {"name": "cityscapes", "root": str(tmp_path / "cs"), "scale": [64, 32], "in_mean": False}
+    entry = {"name": "cityscapes", "root": str(tmp_path / "cs"), "scale": [32, 16], "in_mean": False}
     corrupted = dict(entry, corruptions=["gaussian_noise"], severities=[5])
     [noisy] = parse_entries([corrupted], "val")[0].expanded()
     [clean] = parse_entries([entry], "val")
@@ -89,11 +89,17 @@ def test_a_corrupted_entry_builds_corrupted_images_and_val_lists_build_as_evalua
     noisy_image, clean_image = noisy.build()[0]["image"], clean.build()[0]["image"]
     assert noisy_image.shape == clean_image.shape and not torch.equal(noisy_image, clean_image)
     assert torch.equal(noisy.build()[0]["image"], noisy_image)  # seeded by corruption_seed
+    assert torch.equal(noisy.build(seed=None)[0]["image"], noisy_image)
     # The evaluation's own datasets are the same (validation_sets builds through entry.build).
     config = Config(data=DataConfig(val=[corrupted]))
     [(domain, _, _)] = validation_sets(config)
     assert domain == "cityscapes-c/gaussian_noise/5"
     datasets = build_datasets([entry, corrupted], section="val")
-    assert len(datasets) == 2 and torch.equal(datasets[1][0]["image"], noisy_image)
+    assert [d.name for d in datasets] == ["cityscapes", "cityscapes-c/gaussian_noise/5"]
+    # Each at its entry's scale (the fake images are 32 x 64: fit in 32 x 16 -> 16 x 32), as
+    # validation_sets builds them.
+    assert [tuple(d[0]["image"].shape) for d in datasets] == [(3, 16, 32)] * 2
+    [(_, validated, _)] = validation_sets(Config(data=DataConfig(val=[corrupted])))
+    assert torch.equal(datasets[1][0]["image"], validated[0]["image"])
     with pytest.raises(ValueError, match=r"scale, in_mean are keys of data.val entries: .*section='val'"):
         build_datasets([entry])

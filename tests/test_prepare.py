@@ -152,6 +152,12 @@ def test_a_folder_of_splits_is_not_taken_for_dataset_roots(tmp_path):
         check(tmp_path, progress=False)
 
 
+def test_a_scratch_folder_named_like_a_split_beside_dataset_roots_is_skipped(tmp_path):
+    make_fake_cityscapes(tmp_path / "cityscapes", n=1, splits=("val",))
+    (tmp_path / "test").mkdir()
+    assert [r.name for r in check(tmp_path, workers=1, progress=False)] == ["cityscapes"]
+
+
 def test_check_reports_every_problem_with_its_file(tmp_path):
     make_fake_cityscapes(tmp_path, n=3, splits=("val",))
     val = tmp_path / "gtFine" / "val"

@@ -414,3 +414,12 @@ def test_report_names_each_files_protocol_and_says_when_they_differ(handmade, tm
     html, shown = page(handmade, "renamed")
     assert shown == {"frozen": "config", "rein": "config"}
     assert "under different protocols (config; different scales, windows or flips)" in html
+    # The same settings, one file covering a domain more: comparable where both have it.
+    for file, domains in zip(handmade, ({"target": [960, 540], "source": [1, 1]}, {"target": [960, 540]}), strict=True):
+        data = json.loads(file.read_text())
+        data["protocol"] = {"name": "config", "scales": domains, "flip": False}
+        if "source" not in domains:
+            del data["domains"]["source"]
+        file.write_text(json.dumps(data))
+    html, _ = page(handmade, "covering")
+    assert 'id="mixed-protocols"' not in html

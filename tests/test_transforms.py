@@ -319,5 +319,7 @@ def test_transform_arguments_are_checked_when_built():
 
     with pytest.raises(ValueError, match="train_transform: crop_size must be a positive integer, got 0"):
         train_transform(crop_size=0)
+    train_transform(crop_size=(512, 1024), base_size=np.int64(512))  # (h, w) crops and numpy sizes, as before
+    eval_transform((np.int64(1024), 512))
     with pytest.raises(ValueError, match=r"eval_transform: scale must be \(long, short\).* got \(0, 32\)"):
         eval_transform((0, 32))

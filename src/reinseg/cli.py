@@ -234,15 +234,15 @@ def _print_score_commands(args: argparse.Namespace, task) -> None:
     from .datamodule import native_labels
     from .engine import label_root
 
-    for domain, dataset, _ in task.val_sets():
+    for domain, dataset, entry in task.val_sets():
         # Another class list is read from the config (the Cityscapes one is score's default).
         classes = "" if dataset.classes == CITYSCAPES_CLASSES else f" --config {args.config}"
         command = f"reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}{classes}"
         if native_labels(dataset) and dataset.name == "mapillary":  # prepared elsewhere, same names
-            print(
-                f"  (labels of {domain} are not train IDs: `reinseg prepare mapillary` writes them to "
-                f"cityscapes_trainIdLabel/<split>/label/ under the dataset's root; score against that folder)"
-            )
+            prepared = Path(entry.root) / "cityscapes_trainIdLabel" / entry.split / "label"
+            predictions = Path(args.save_preds) / domain.replace("/", "_")
+            print(f"  (labels of {domain} are not train IDs: `reinseg prepare mapillary {entry.root}` first)")
+            print(f"  reinseg score {predictions} {prepared}{classes}")
         elif native_labels(dataset):  # score reads train-ID labels: those `reinseg prepare` writes
             print(f"  (labels of {domain} are not train IDs: `reinseg prepare` them first) {command}")
         else:

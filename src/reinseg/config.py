@@ -475,8 +475,10 @@ _RANGES: dict[str, tuple[float, bool]] = {
 
 
 def check_values(config: Config) -> Config:
-    """Refuse numbers out of range (``train.max_iters: 0``, ``data.batch_size: -1``, ...) with a
-    :class:`ConfigError` naming the key; returns ``config``."""
+    """Refuse numbers out of range (``train.max_iters: 0``, ``data.batch_size: -1``, ...), and an
+    unknown strategy, protocol or dataset entry, with a :class:`ConfigError` naming the key;
+    returns ``config``. Strategies and protocols of your own are registered before a config
+    naming them is loaded."""
     for key, (low, exclusive) in _RANGES.items():
         value: Any = config
         for part in key.split("."):

@@ -277,16 +277,19 @@ def protocol_name(model: ModelResults) -> str:
     return str(protocol.get("name", "?")) if isinstance(protocol, dict) else "?"
 
 
-def _protocol_settings(model: ModelResults, domains: list[str]) -> str:
-    """What a file's protocol did to the images of ``domains``: its recorded parameters but the
-    name, the scales of those domains only (a file without them records nothing to compare)."""
+def _protocol_settings(model: ModelResults) -> str:
+    """A file's protocol parameters but its name and per-domain scales (windows, flip, ratios)."""
     protocol = model.data.get("protocol")
     if not isinstance(protocol, dict):
         return ""
-    settings = {k: v for k, v in protocol.items() if k not in ("name", "scales")}
-    scales = protocol.get("scales") if isinstance(protocol.get("scales"), dict) else {}
-    settings["scales"] = {d: scales[d] for d in domains if d in scales}
-    return json.dumps(settings, sort_keys=True)
+    return json.dumps({k: v for k, v in protocol.items() if k not in ("name", "scales")}, sort_keys=True)
+
+
+def _protocol_scale(model: ModelResults, domain: str) -> str:
+    """The scale a file's protocol ran ``domain``'s images at (as recorded)."""
+    protocol = model.data.get("protocol")
+    scales = protocol.get("scales") if isinstance(protocol, dict) else None
+    return json.dumps(scales.get(domain) if isinstance(scales, dict) else None)
 
 
 def _miou_table(models: list[ModelResults], domains: list[str]) -> str:
@@ -312,8 +315,10 @@ def _miou_table(models: list[ModelResults], domains: list[str]) -> str:
     notes = {", ".join(m.data.get("mean_domains") or []) for m in models}
     html = "".join(rows) + f'<p class="note">mean: over the target domains ({_e("; ".join(notes))}).</p>'
     protocols = sorted({protocol_name(m) for m in models})
-    settings = {_protocol_settings(m, domains) for m in models}
-    if len(protocols) > 1 or len(settings) > 1:
+    settings = {_protocol_settings(m) for m in models}
+    # Each domain's scale among the files that evaluated it (files may cover other domains).
+    scales = [{_protocol_scale(m, d) for m in models if d in m.domains} for d in domains]
+    if len(protocols) > 1 or len(settings) > 1 or any(len(s) > 1 for s in scales):
         # The protocol moves mIoU by points (README, "Evaluation protocols"): never compare silently.
         # One name may also hold other settings (another version's default scales, model.test).
         html += (

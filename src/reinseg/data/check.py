@@ -179,12 +179,12 @@ def dataset_roots_below(folder: Path) -> list[Path]:
         pass
     roots = []
     for child in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if child.name.lower() in _SPLIT_FOLDERS:  # a split of one dataset (custom, Mapillary), not a root
-            return []
         try:
             detect_dataset(child)
         except ValueError:
             continue
+        if child.name.lower() in _SPLIT_FOLDERS:  # a split of one dataset (custom, Mapillary), not a root
+            return []
         roots.append(child)
     return roots
 

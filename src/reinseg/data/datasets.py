@@ -343,7 +343,15 @@ def build_datasets(
                 )
     parsed = [expanded for entry in parse_entries(entries, section) for expanded in entry.expanded()]
     kwargs = {} if seed is None else {"seed": seed}
-    return [entry.build(transform=transform, on_error=on_error, **kwargs) for entry in parsed]
+    datasets = []
+    for entry in parsed:
+        # A data.val entry's own scale (else its dataset's) unless a transform is given.
+        own = eval_transform(entry.eval_scale()) if transform is None and section == "val" else transform
+        dataset = entry.build(transform=own, on_error=on_error, **kwargs)
+        if entry.label is not None:  # its domain's name in results (Cityscapes-C: one per corruption)
+            dataset.name = entry.label
+        datasets.append(dataset)
+    return datasets
 
 
 def collate(items: list[dict]) -> dict:

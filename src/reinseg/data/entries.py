@@ -115,7 +115,8 @@ class DatasetEntry:
             from .transforms import Compose, eval_transform
 
             transform = Compose([Corrupt(*self.corruption), transform or eval_transform(None)])
-            kwargs.setdefault("seed", self.corruption_seed)
+            if kwargs.get("seed") is None:
+                kwargs["seed"] = self.corruption_seed
         return build_dataset(self.name, self.root, self.split, transform=transform, **kwargs, **self.options)
 
 

@@ -15,6 +15,8 @@ preprocessor pads a batch: the padding is never flipped or photometrically disto
 
 from __future__ import annotations
 
+import numbers
+
 import cv2
 import numpy as np
 import torch
@@ -363,7 +365,9 @@ def train_transform(
     preprocessor, ImageNet normalization and padding to the crop size (0 and ignore).
     """
     for name, value in (("crop_size", crop_size), ("base_size", base_size), ("max_size", max_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        # crop_size may be (h, w), as RandomCrop and Pad take it
+        values = value if name == "crop_size" and isinstance(value, (tuple, list)) and len(value) == 2 else [value]
+        if not all(_positive_integer(v) for v in values):
             raise ValueError(f"train_transform: {name} must be a positive integer, got {value!r}")
     low, high = round(ratio_range[0] * 10), round(ratio_range[1] * 10)
     if not 1 <= low <= high:
@@ -384,14 +388,16 @@ def train_transform(
     )
 
 
+def _positive_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def eval_transform(scale: tuple[int, int] | None = None) -> Compose:
     """The official test pipeline: keep-ratio resize of the image to fit ``scale`` = (long, short)
     (written (w, h) in the official configs; mmcv's ``imrescale`` fits a portrait image's height
     to the larger value too; see ``reinseg.data.TEST_SCALES``), the label left at its
     resolution; then normalization. ``scale=None`` keeps the image as it is."""
-    if scale is not None and (
-        len(scale) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in scale)
-    ):
+    if scale is not None and (len(scale) != 2 or not all(_positive_integer(v) for v in scale)):
         raise ValueError(f"eval_transform: scale must be (long, short), two positive integers, got {scale!r}")
     steps = [] if scale is None else [Resize(scale, keep_ratio=True, resize_label=False)]
     return Compose(steps + [Normalize(), ToTensor()])
