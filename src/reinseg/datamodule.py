@@ -224,10 +224,9 @@ def label_root(dataset) -> Path:
 
 
 def native_labels(dataset) -> bool:
-    """Whether some labels of ``dataset`` are not train-ID PNGs (a native layout, not prepared)."""
-    from .data.encodings import TRAIN_IDS
-
-    return any(encoding is not TRAIN_IDS for encoding in dataset.encodings)
+    """Whether some labels of ``dataset`` do not hold class indices (a native layout that
+    ``reinseg prepare`` converts, such as Cityscapes' label IDs)."""
+    return any(encoding is not None and not encoding.stores_class_ids for encoding in dataset.encodings)
 
 
 def prediction_name(dataset, relative: Path) -> Path:

@@ -67,6 +67,12 @@ class LabelEncoding:
                 return mapped.astype(np.uint8)
         raise DataError(path, self.invalid_message(self.invalid_values(raw)))
 
+    @property
+    def stores_class_ids(self) -> bool:
+        """Whether the files hold the class indices themselves (train IDs, a custom dataset's
+        0..N-1 and 255): every value maps to itself, nothing to prepare."""
+        return all(value == train_id for value, train_id in self.table.items())
+
     def invalid_values(self, raw: np.ndarray) -> list[int]:
         """The distinct values of ``raw`` that this encoding does not know."""
         values = np.unique(raw)
