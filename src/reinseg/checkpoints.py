@@ -37,6 +37,7 @@ __all__ = [
     "merge_checkpoint",
     "config_for_checkpoint",
     "vfm_record",
+    "check_vfm_weights",
     "segmentor_from_checkpoint",
     "check_same_model",
 ]
@@ -232,14 +233,7 @@ def segmentor_from_checkpoint(
             "not there: pass the file (--backbone in the command line)"
         )
     segmentor = build_segmentor(model_config)
-    recorded, loaded = payload.get("vfm_fingerprint"), vfm_record(segmentor).get("vfm_fingerprint")
-    if recorded and loaded and recorded != loaded:
-        # Rein and the head were trained on other frozen weights: their scores would be wrong, silently.
-        raise ValueError(
-            f"{path} was trained on other VFM weights than {weights} (model.backbone.checkpoint): their "
-            f"fingerprints differ ({recorded} recorded, {loaded} loaded); use the weight file the model was "
-            "trained on"
-        )
+    check_vfm_weights(payload, segmentor, str(path), weights)
     load_checkpoint_weights(segmentor, payload["state_dict"], source=str(path))
     return segmentor, payload
 
@@ -252,6 +246,19 @@ def vfm_record(segmentor: torch.nn.Module) -> dict[str, Any]:
     fingerprint = getattr(backbone, "weights_fingerprint", None)
     referenced = backbone.freeze_backbone and backbone.weights_source is not None
     return {"vfm_fingerprint": fingerprint} if referenced and fingerprint else {}
+
+
+def check_vfm_weights(payload: dict, segmentor: torch.nn.Module, name: str, weights: str | None) -> None:
+    """Refuse a checkpoint ``payload`` whose recorded VFM fingerprint (:func:`vfm_record`) is not
+    that of the weights ``segmentor`` loaded (from ``weights``): Rein and the head trained on other
+    frozen weights would score wrong, silently."""
+    recorded, loaded = payload.get("vfm_fingerprint"), vfm_record(segmentor).get("vfm_fingerprint")
+    if recorded and loaded and recorded != loaded:
+        raise ValueError(
+            f"{name} was trained on other VFM weights than {weights or 'these'} (model.backbone.checkpoint): "
+            f"their fingerprints differ ({recorded} recorded, {loaded} loaded); use the weight file the model "
+            "was trained on"
+        )
 
 
 def config_for_checkpoint(config: dict) -> dict:

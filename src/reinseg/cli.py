@@ -231,19 +231,18 @@ def _print_score_commands(args: argparse.Namespace, task) -> None:
     of each domain."""
     print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
     from .data.classes import CITYSCAPES_CLASSES
-    from .datamodule import native_labels
+    from .datamodule import native_labels, prepared_elsewhere
     from .engine import label_root
 
     for domain, dataset, entry in task.val_sets():
         # Another class list is read from the config (the Cityscapes one is score's default).
         classes = "" if dataset.classes == CITYSCAPES_CLASSES else f" --config {args.config}"
-        command = f"reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {label_root(dataset)}{classes}"
-        if native_labels(dataset) and dataset.name == "mapillary":  # prepared elsewhere, same names
-            prepared = Path(entry.root) / "cityscapes_trainIdLabel" / entry.split / "label"
-            predictions = Path(args.save_preds) / domain.replace("/", "_")
+        labels = label_root(dataset)
+        if prepared_elsewhere(dataset):
+            labels = Path(entry.root) / "cityscapes_trainIdLabel" / entry.split / "label"
             print(f"  (labels of {domain} are not train IDs: `reinseg prepare mapillary {entry.root}` first)")
-            print(f"  reinseg score {predictions} {prepared}{classes}")
-        elif native_labels(dataset):  # score reads train-ID labels: those `reinseg prepare` writes
+        command = f"reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {labels}{classes}"
+        if native_labels(dataset) and not prepared_elsewhere(dataset):  # score reads the labels prepare writes
             print(f"  (labels of {domain} are not train IDs: `reinseg prepare` them first) {command}")
         else:
             print(f"  {command}")

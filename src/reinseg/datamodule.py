@@ -229,13 +229,19 @@ def native_labels(dataset) -> bool:
     return any(encoding is not None and not encoding.stores_class_ids for encoding in dataset.encodings)
 
 
+def prepared_elsewhere(dataset) -> bool:
+    """Whether ``reinseg prepare`` writes ``dataset``'s train-ID labels to another folder under
+    the native labels' names (Mapillary: ``cityscapes_trainIdLabel/<split>/label``), not beside them."""
+    return native_labels(dataset) and dataset.name == "mapillary"
+
+
 def prediction_name(dataset, relative: Path) -> Path:
     """Where ``--save-preds`` writes the train-ID prediction for the label at ``relative`` (to
     :func:`label_root`): the same path where the labels are train IDs, else the name the dataset's
     ``reinseg prepare`` gives the train-ID label (``*_labelIds.png`` -> ``*_labelTrainIds.png``,
     ``name.png`` -> ``name_labelTrainIds.png``), so that train IDs never carry a label-ID name.
     Mapillary's prepared labels live in another folder under the same names: kept."""
-    if not native_labels(dataset) or relative.name.endswith("labelTrainIds.png") or dataset.name == "mapillary":
+    if not native_labels(dataset) or relative.name.endswith("labelTrainIds.png") or prepared_elsewhere(dataset):
         return relative
     if relative.name.endswith("labelIds.png"):
         return relative.with_name(relative.name[: -len("labelIds.png")] + "labelTrainIds.png")

@@ -43,6 +43,7 @@ from .checkpoints import (
     atomic_write,
     atomic_write_bytes,
     check_same_model,
+    check_vfm_weights,
     checkpoint_state_dict,
     config_for_checkpoint,
     remove_stale_temporaries,
@@ -361,12 +362,7 @@ class SegmentationTask(L.LightningModule):
         missing = sorted(expected - set(checkpoint.get("state_dict", {})))
         if missing:
             raise ValueError(f"{name} lacks {len(missing)} trainable weights, e.g. {', '.join(missing[:5])}")
-        recorded, loaded = checkpoint.get("vfm_fingerprint"), vfm_record(self.segmentor).get("vfm_fingerprint")
-        if recorded and loaded and recorded != loaded:
-            raise ValueError(
-                f"{name} was trained on other VFM weights than {self.config.model.backbone.checkpoint or 'these'} "
-                f"(model.backbone.checkpoint): their fingerprints differ ({recorded} recorded, {loaded} loaded)"
-            )
+        check_vfm_weights(checkpoint, self.segmentor, name, self.config.model.backbone.checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint)

@@ -112,14 +112,13 @@ def segment_images(
     batch, :attr:`Segmentor.mixes_batch`, runs them one at a time)."""
     from .data.transforms import Normalize, rescale_size, resize_image
 
+    height, width = images[0].shape[:2]
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(
                 f"image {i} must be RGB (H, W, 3) uint8 (as reinseg.data.io.read_photo reads files), "
                 f"got {image.shape} {image.dtype}"
             )
-    height, width = images[0].shape[:2]
-    for i, image in enumerate(images):
         if image.shape[:2] != (height, width):  # one size per batch: else resized to the first's
             raise ValueError(f"image {i} of the batch is {image.shape[0]}x{image.shape[1]}, the first {height}x{width}")
     if len(images) > 1 and segmentor.mixes_batch:
