@@ -400,3 +400,29 @@ def test_check_data_reads_the_gtav_frames_once_when_the_split_file_is_there(tmp_
     savemat(tmp_path / "gta" / "split.mat", {"trainIds": [[1.0]], "valIds": [[2.0]], "testIds": [[3.0]]})
     reports = check(tmp_path / "gta", dataset="gtav", progress=False)
     assert [report.pairs for report in reports] == [3]
+
+
+def test_prediction_names_follow_the_prepared_labels(tmp_path):
+    """--save-preds writes train IDs under the name `reinseg prepare` gives a label: Cityscapes'
+    native *_labelIds.png become *_labelTrainIds.png, prepared labels keep theirs, and Mapillary's
+    (prepared into another folder under the same names) keep theirs."""
+    from reinseg.datamodule import label_root, prediction_name, prepared_elsewhere
+
+    cases = {
+        "cityscapes": (make_fake_cityscapes(tmp_path / "cs_native", n=1), {}),
+        "cityscapes_prepared": (make_fake_cityscapes(tmp_path / "cs_prepared", n=1, prepared=True), {}),
+        "mapillary": (make_fake_mapillary(tmp_path / "mapillary", n=1), {"half": False}),
+    }
+    names = {}
+    for case, (fake, options) in cases.items():
+        dataset = build_dataset(case.split("_")[0], fake.root, "val", **options)
+        [(_, label)] = dataset.pairs
+        relative = Path(label).relative_to(label_root(dataset))
+        names[case] = (relative.name, prediction_name(dataset, relative).name, prepared_elsewhere(dataset))
+    native, predicted, elsewhere = names["cityscapes"]
+    assert native.endswith("_gtFine_labelIds.png") and not elsewhere
+    assert predicted == native.replace("_labelIds.png", "_labelTrainIds.png")
+    prepared, predicted, elsewhere = names["cityscapes_prepared"]
+    assert prepared.endswith("_labelTrainIds.png") and predicted == prepared and not elsewhere
+    native, predicted, elsewhere = names["mapillary"]
+    assert elsewhere and predicted == native

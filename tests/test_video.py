@@ -87,6 +87,10 @@ def test_a_three_second_video_round_trips(checkpoint, tmp_path, capsys):
     expected = segment_image(segmentor.eval(), frame, (64, 48))
     np.testing.assert_array_equal(np.asarray(Image.open(labels[6])), expected)
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    # A re-run without --frames keeps the earlier frames and says they are not this run's.
+    assert main(argv) == 0
+    assert f"{out / 'clip_frames'} holds an earlier run's frames" in capsys.readouterr().out
+    assert len(list((out / "clip_frames").glob("*_labelTrainIds.png"))) == FPS * SECONDS
 
 
 def test_frames_stream_through_in_batches(checkpoint, tmp_path, monkeypatch):

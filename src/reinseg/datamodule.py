@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import Config, ConfigError
 from .data.entries import DatasetEntry, parse_entries
+from .data.layouts import DATASETS
 
 __all__ = [
     "TrainingStream",
@@ -232,7 +233,8 @@ def native_labels(dataset) -> bool:
 def prepared_elsewhere(dataset) -> bool:
     """Whether ``reinseg prepare`` writes ``dataset``'s train-ID labels to another folder under
     the native labels' names (Mapillary: ``cityscapes_trainIdLabel/<split>/label``), not beside them."""
-    return native_labels(dataset) and dataset.name == "mapillary"
+    info = DATASETS.get(dataset.name)
+    return native_labels(dataset) and info is not None and info.labels_prepared_elsewhere
 
 
 def prediction_name(dataset, relative: Path) -> Path:

@@ -228,6 +228,9 @@ def predict_video(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    stale = out / frame_dir.name
+    if not frames and stale.is_dir():  # kept (a user's files), but they are not this run's
+        print(f"note: {stale} holds an earlier run's frames; this run wrote none (--frames replaces them)")
     return [out / name for name in names]
 
 

@@ -314,6 +314,9 @@ class DatasetInfo:
         options: option -> (allowed values or None, default or :data:`REQUIRED`).
         classes: the class list its labels are in, or ``classes(options) -> ClassList`` where the
             dataset entry gives them.
+        labels_prepared_elsewhere: ``reinseg prepare`` writes the train-ID labels to another
+            folder under the native labels' names (Mapillary: ``cityscapes_trainIdLabel/<split>/label``),
+            not beside them under a ``*_labelTrainIds.png`` name.
     """
 
     name: str
@@ -323,6 +326,7 @@ class DatasetInfo:
     parts: Callable[..., list[tuple[str, Path, FolderPairs]]]
     options: dict = field(default_factory=dict)
     classes: ClassList | Callable[[dict], ClassList] = CITYSCAPES_CLASSES
+    labels_prepared_elsewhere: bool = False
 
     def class_list(self, options: dict) -> ClassList:
         """The classes of a split read with ``options`` (already resolved)."""
@@ -367,6 +371,7 @@ for _info in (
         "Mapillary Vistas v1.2 in the 19 classes (18,000 / 2,000; val at half resolution)",
         _mapillary_parts,
         {"half": ((True, False), True)},
+        labels_prepared_elsewhere=True,
     ),
     DatasetInfo(
         "acdc",
