@@ -49,3 +49,23 @@ def test_the_set_config_builds_with_the_official_set_count(capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("SET "))
     count = rein_parameters(24, 1024) + 24 * 100 * 1024 + 2 * (1024 * 1024 + 1024)
     assert row.split()[1:3] == [f"{count:,}", f"{count:,}"]
+
+
+@pytest.mark.parametrize("method", ["fada", "set"])
+def test_cityscapes_source_configs_are_the_gtav_recipe_on_cityscapes(method):
+    """The forks' configs/my/citys_rein_dinov2_mask2former_512x512_bs1x4.py is their GTAV config
+    with Cityscapes' training split as the source: the same model, pipeline, optimizer and schedule."""
+    from reinseg.config import load_config, to_dict
+
+    gtav = to_dict(load_config(CONFIGS / f"{method}_dinov2-l_gta_512.yaml"))
+    citys = to_dict(load_config(CONFIGS / f"{method}_dinov2-l_cityscapes_512.yaml"))
+    assert citys["model"] == gtav["model"]
+    assert citys["data"]["train"] == [{"name": "cityscapes", "root": "data/cityscapes", "split": "train"}]
+    assert {k: v for k, v in citys["data"].items() if k not in ("train", "val")} == {
+        k: v for k, v in gtav["data"].items() if k not in ("train", "val")
+    }
+    differing = {k for k in gtav["train"] if citys["train"][k] != gtav["train"][k]}
+    assert differing == {"output_dir", "val_interval"}
+    # The source is reported apart; the three targets make the mean.
+    in_mean = [(e["name"], e.get("split")) for e in citys["data"]["val"] if e.get("in_mean", True)]
+    assert in_mean == [("bdd100k", "val"), ("mapillary", "val"), ("gtav", "train")]
