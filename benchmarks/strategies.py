@@ -67,7 +67,9 @@ def timed(device: torch.device, run):
 
 def build_on(device: torch.device, config: ModelConfig):
     """The segmentor with random weights, initialised on ``device`` itself (a 7B ViT's
-    initialisation on the CPU would take minutes before it reached a GPU)."""
+    initialisation on the CPU would take minutes before it reached a GPU). cuDNN's algorithm
+    search as `reinseg train` sets it (train.cudnn_benchmark)."""
+    torch.backends.cudnn.benchmark = Config().train.cudnn_benchmark
     with device:
         segmentor = build_segmentor(config, load_backbone_weights=False)
     return segmentor.to(device)  # anything built outside the device context

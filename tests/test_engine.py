@@ -93,6 +93,22 @@ def test_paper_configs_train_in_fp32_as_the_official_runs(path, tmp_path, restor
     assert build_trainer(config, logging=False).precision == "bf16-mixed"
 
 
+def test_cudnn_benchmark_follows_the_config_as_the_official_runtime(tmp_path):
+    # The official default_runtime.py: env_cfg cudnn_benchmark=True; reinseg's default likewise.
+    before = torch.backends.cudnn.benchmark
+    try:
+        for override, expected in (([], True), (["train.cudnn_benchmark=false"], False)):
+            config = load_config(
+                Path(__file__).parents[1] / "configs/rein_dinov2-l_gta_512.yaml",
+                [f"train.output_dir={tmp_path}", *override],
+            )
+            torch.backends.cudnn.benchmark = not expected
+            build_trainer(config, logging=False)
+            assert torch.backends.cudnn.benchmark is expected
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def test_tf32_modes_set_the_torch_flags(restore_tf32_flags):
     expected = {"conv": (False, True), "all": (True, True), "none": (False, False)}
     for mode, flags in expected.items():

@@ -200,6 +200,10 @@ class TrainConfig:
     precision: str = "auto"
     # fp32 CUDA math on TF32 tensor cores: "conv" (cuDNN convolutions only, as the official runs), "all", "none"
     tf32: str = "conv"
+    # cuDNN times its convolution algorithms on each new input shape and keeps the fastest
+    # (torch.backends.cudnn.benchmark), as the official runs (env_cfg cudnn_benchmark=True):
+    # faster GPU convolutions, whose sums may then differ in the last bits from run to run.
+    cudnn_benchmark: bool = True
     # Speed and memory levers (reinseg.train_options; measured in benchmarks/RESULTS.md).
     # Recompute the frozen VFM blocks' activations in backward instead of keeping them: false,
     # true (every block), N (the first N blocks) or a list of block indices. fp32 gradients are

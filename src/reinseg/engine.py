@@ -797,6 +797,7 @@ def build_trainer(
         limit_val_batches=None if (validate_during_training and config.data.val) else 0,
         num_sanity_val_steps=0,
         gradient_clip_val=tc.grad_clip,
+        benchmark=tc.cudnn_benchmark,
         log_every_n_steps=tc.log_interval,
         # The average first: the step's update before any checkpoint of the step is written.
         callbacks=([_WeightAverage(tc.ema_momentum, tc.ema_begin)] if tc.ema_momentum is not None else [])
