@@ -48,6 +48,15 @@ def test_mean_over_domains_and_table():
     assert "40.00" in table and "-" in table.splitlines()[2]
 
 
+def test_the_mean_over_domains_averages_rounded_mious_as_the_official_dgiou_metric():
+    # rein/dg_metrics.py averages mmseg's per-dataset mIoUs, which IoUMetric rounds to 2 decimals:
+    # (61.00 + 61.00 + 61.01) / 3 = 61.0033 (printed 61.00), not 61.0082 (61.01).
+    results = {name: {"mIoU": value} for name, value in (("c", 61.0049), ("b", 61.0049), ("m", 61.0149))}
+    mean = mean_over_domains(results)
+    assert mean == pytest.approx((61.00 + 61.00 + 61.01) / 3, abs=1e-12)
+    assert f"{mean:.2f}" == "61.00"
+
+
 def cityscapes_ids():
     """train ID -> Cityscapes label ID (cityscapesScripts' labels.py)."""
     from cityscapesscripts.helpers.labels import labels

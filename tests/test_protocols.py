@@ -314,3 +314,62 @@ def test_examples_are_those_of_the_first_protocol(tmp_path, checkpoint, seen):
     assert results["protocol"]["name"] == "highres"
     assert len(domain["images"]) == 1 and domain["examples"]["best"][0]["mIoU"] == domain["images"][0]["mIoU"]
     assert (tmp_path / domain["examples"]["best"][0]["files"]["prediction"]).is_file()
+
+
+# mmcv 2.1's Resize(scale_factor=r, keep_ratio=True) on images of these (h, w), run in the
+# official environment: the size times r rounded, then the image rescaled to fit it.
+MMCV_RATIO_SIZES = {
+    (686, 751): [(343, 376), (514, 563), (686, 751), (858, 939), (1029, 1127), (1200, 1314)],
+    (512, 1024): [(256, 512), (384, 768), (512, 1024), (640, 1280), (768, 1536), (896, 1792)],
+    (91, 133): [(46, 67), (68, 99), (91, 133), (114, 166), (137, 200), (159, 232)],
+    (333, 517): [(167, 259), (250, 388), (333, 517), (416, 646), (500, 776), (583, 905)],
+}
+
+
+def test_ms_flip_sizes_are_those_of_mmcvs_resize_by_a_factor():
+    from reinseg.protocols import ProtocolRun, input_sizes
+
+    run = ProtocolRun(get_protocols(["ms-flip"])[0], {"d": None}, None, None, None)
+    for size, expected in MMCV_RATIO_SIZES.items():
+        assert input_sizes(run, "d", size) == expected, size
+
+
+def test_flip_averages_softmax_after_resizing_to_the_label_as_mmseg_tta():
+    """mmseg's SegTTAModel: each augmentation's scores resized to the original size, then softmax,
+    then the mean. Averaging at the input size first gives other classes near edges."""
+    import torch.nn.functional as F
+
+    from reinseg.data.transforms import eval_transform
+    from reinseg.predict import scores_at_sizes
+    from reinseg.protocols import ProtocolRun, protocol_scores
+
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config(), load_backbone_weights=False).eval()
+    # Sharp scores that vary from pixel to pixel and are not mirror-symmetric (a random head's are
+    # nearly flat): a 1x1 projection of the pixels plus a ramp across the width.
+    weight, ramp = 3 * torch.randn(19, 3), torch.randn(19, 1, 1)
+    segmentor.encode_decode = lambda x: (
+        torch.einsum("kc,bchw->bkhw", weight, x) + ramp * torch.linspace(0, 4, x.shape[-1])
+    )
+    images = torch.randn(2, 3, 32, 48)
+    size = (77, 101)  # the labels: larger than the input, as a test scale below the image's own
+
+    def resized(scores):
+        return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        plain = segmentor.predict(images, "whole", flip=False)
+        mirrored = segmentor.predict(images.flip(-1), "whole", flip=False).flip(-1)
+        expected = (resized(plain).softmax(1) + resized(mirrored).softmax(1)) / 2
+        got = torch.stack(scores_at_sizes(segmentor, images, [size, size], "whole", flip=True))
+        averaged_first = resized(segmentor.predict(images, "whole", flip=True))
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert (averaged_first.argmax(1) != expected.argmax(1)).any()  # the other order: other classes
+        segmentor.flip = True  # the config protocol flips where the model does
+        run = ProtocolRun(get_protocols(["config"])[0], {"d": None}, "whole", None, None)
+        image = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+        tensor = eval_transform(None)(image)[0][None]
+        one = protocol_scores(segmentor, run, "d", image, size)
+        torch.testing.assert_close(
+            one, scores_at_sizes(segmentor, tensor, [size], "whole", flip=True)[0], rtol=0, atol=1e-6
+        )

@@ -163,10 +163,16 @@ class FrozenBackbone(nn.Module):
     vit: Any  # the timm model: its blocks and embeddings are read as timm names them
     rein: Any  # a Rein module (or one per stage), or None
     freeze_backbone: bool
+    patch_size: tuple[int, int]  # a ViT's patch; a CNN's coarsest stride
 
     @property
     def links_queries(self) -> bool:
         return self.rein is not None and bool(self.rein.link_token_to_query)
+
+    @property
+    def input_multiple(self) -> tuple[int, int]:
+        """What the image sides must be multiples of (inference pads them to it): a ViT's patch."""
+        return self.patch_size
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(mode)

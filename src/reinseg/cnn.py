@@ -104,7 +104,7 @@ class ReinCNNBackbone(FrozenBackbone):
         self.stage_depths = [len(blocks) for _, blocks in stages]
         self.rein: StageReins | None = None
         self.prompts = None  # token-based strategies (vpt) do not apply to CNNs
-        # Inputs must be multiples of the coarsest stride (the padding unit of inference).
+        # The coarsest stride: training crops and sliding windows are checked against it.
         self.patch_size = (self.family.reduction, self.family.reduction)
         self.freeze_backbone = True
         self.weights_source: str | None = None
@@ -142,15 +142,17 @@ class ReinCNNBackbone(FrozenBackbone):
         self.rein = StageReins(reins, self.out_indices)
         return self.rein
 
+    @property
+    def input_multiple(self) -> tuple[int, int]:
+        """Any image size runs, as the official CNNs run it (mmseg pads nothing; the stages' maps
+        are then a pixel larger or smaller than a quarter, eighth, ... of the image)."""
+        return (1, 1)
+
     def forward(self, images: Tensor, resize: bool = True) -> BackboneOutput | BackboneMaps:
         """The four stage maps (strides 4, 8, 16, 32); ``resize=False``: the same maps as
         :class:`~reinseg.backbones.BackboneMaps` (scales 1)."""
         if images.dim() != 4:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        unit = self.family.reduction
-        height, width = images.shape[-2:]
-        if height % unit or width % unit:
-            raise ValueError(f"image size {height}x{width} is not a multiple of {unit}, the CNN's coarsest stride")
         family = self.family
         x = family.stem(self.vit, images)
         features = []

@@ -206,12 +206,12 @@ class SegmentationTask(L.LightningModule):
         """Per protocol (``first_only``: the first), the (H, W) int64 prediction of each image of
         ``batch`` at its label's size."""
         if self.protocols is None:
-            from .predict import padded_scores
+            from .predict import scores_at_sizes
 
             # Padded where the model needs it, as reinseg eval pads (nothing for a side above the
             # crop in slide mode, or on the patch grid): the same scores for the same images.
-            scores = padded_scores(self.segmentor, batch["image"], full_windows=False)
-            return [[prediction_at_size(scores[i], size) for i, size in enumerate(batch["ori_size"])]]
+            scores = scores_at_sizes(self.segmentor, batch["image"], batch["ori_size"], full_windows=False)
+            return [[score.argmax(0) for score in scores]]
         from .protocols import protocol_scores
 
         domain = self.val_sets()[dataloader_idx][0]

@@ -22,6 +22,7 @@ __all__ = [
     "segment_image",
     "segment_images",
     "padded_scores",
+    "scores_at_sizes",
     "overlay",
     "predict_files",
 ]
@@ -129,9 +130,8 @@ def segment_images(
             image = resize_image(image, rescale_size((height, width), tuple(scale)))
         batch.append(torch.from_numpy(Normalize()(image)[0]).permute(2, 0, 1))
     device = next(segmentor.parameters()).device
-    scores = padded_scores(segmentor, torch.stack(batch).to(device), mode=mode, flip=flip)
-    scores = F.interpolate(scores.float(), size=(height, width), mode="bilinear", align_corners=False)
-    return scores.argmax(1).to(torch.uint8).cpu().numpy()
+    scores = scores_at_sizes(segmentor, torch.stack(batch).to(device), [(height, width)] * len(batch), mode, flip=flip)
+    return torch.stack(scores).argmax(1).to(torch.uint8).cpu().numpy()
 
 
 def padded_scores(
@@ -151,7 +151,7 @@ def padded_scores(
     there with ``full_windows`` to the crop (every window a full crop), without it to the patch
     grid (one smaller window, as mmseg runs an image below the crop)."""
     h, w = images.shape[-2:]
-    patch = segmentor.backbone.patch_size
+    patch = segmentor.backbone.input_multiple  # a ViT's patch; 1 for a CNN, which takes any size
     slide = (mode or segmentor.test_mode) == "slide"
     crop = (segmentor.crop_size if crop_size is None else as_pair(crop_size, "crop_size")) if slide else (0, 0)
 
@@ -164,6 +164,39 @@ def padded_scores(
     target_h, target_w = (padded_side(size, p, c) for size, p, c in zip((h, w), patch, crop, strict=True))
     padded = F.pad(images, (0, target_w - w, 0, target_h - h))
     return segmentor.predict(padded, mode=mode, crop_size=crop_size, stride=stride, flip=flip)[..., :h, :w]
+
+
+def scores_at_sizes(
+    segmentor: Segmentor,
+    images: torch.Tensor,
+    sizes,
+    mode: str | None = None,
+    crop_size=None,
+    stride=None,
+    flip: bool | None = None,
+    full_windows: bool = True,
+) -> list[torch.Tensor]:
+    """Each image's class scores ``(C, H_i, W_i)`` at ``sizes[i]`` = (H_i, W_i), its label's size,
+    from normalized ``images (B, 3, h, w)`` (:func:`padded_scores`), as mmseg tests: the scores
+    resized bilinearly without corner alignment (``postprocess_result``). With ``flip`` (default:
+    the segmentor's) the image's and its mirror's scores are each resized, then softmax-ed and
+    averaged: the order of mmseg's ``SegTTAModel`` (averaging at the input size and resizing
+    after gives other classes near edges). The argmax of each is the prediction."""
+    from .protocols import scores_at_size
+
+    flip = segmentor.flip if flip is None else flip
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return padded_scores(segmentor, batch, mode, crop_size, stride, flip=False, full_windows=full_windows)
+
+    scores = run(images)
+    if not flip:
+        return [scores_at_size(score, size) for score, size in zip(scores, sizes, strict=True)]
+    mirrored = run(images.flip(-1)).flip(-1)
+    return [
+        (scores_at_size(score, size).softmax(0) + scores_at_size(mirror, size).softmax(0)) / 2
+        for score, mirror, size in zip(scores, mirrored, sizes, strict=True)
+    ]
 
 
 def overlay(image: np.ndarray, train_ids: np.ndarray, classes) -> np.ndarray:

@@ -196,39 +196,40 @@ def input_sizes(run: ProtocolRun, domain: str, image_size: tuple[int, int]) -> l
 
     scale = run.scales.get(domain)
     base = tuple(image_size) if scale is None else rescale_size(tuple(image_size), scale)
-    # mmcv's imrescale by a factor: sizes round half up.
-    return [(int(base[0] * r + 0.5), int(base[1] * r + 0.5)) for r in run.protocol.ratios]
+    # mmcv's Resize(scale_factor=r, keep_ratio=True): the size times r rounded half up, then the
+    # image rescaled to fit that size (686x751 x 0.75: 515x563 fitted, 514x563).
+    return [rescale_size(base, (int(base[0] * r + 0.5), int(base[1] * r + 0.5))) for r in run.protocol.ratios]
 
 
 def protocol_scores(segmentor, run: ProtocolRun, domain: str, image: np.ndarray, out_size) -> torch.Tensor:
     """Class scores ``(C, H, W)`` at ``out_size`` = (H, W) of one (h, w, 3) uint8 RGB ``image``.
 
-    One size: the segmentor's ``predict`` (its flip averages softmax at the input size), resized
-    to ``out_size`` (the argmax of the scores is the prediction). Several sizes: each size's
-    scores, mirrored and not where ``flip``, resized to ``out_size``, softmax-ed and averaged.
+    Each size's scores, mirrored and not where the protocol flips (the ``config`` window: where
+    the segmentor does), resized to ``out_size``; one unmirrored size: those scores (the argmax
+    is the prediction), else their softmax averaged, as mmseg's ``SegTTAModel``.
     """
     from .data.transforms import eval_transform, resize_image
     from .predict import padded_scores
 
     device = next(segmentor.parameters()).device
     sizes = input_sizes(run, domain, image.shape[:2])
-    flip = run.protocol.flip if run.protocol.window != "config" else None
+    flip = run.protocol.flip if run.protocol.window != "config" else segmentor.flip
 
-    def run_at(size, mirrored: bool = False, predict_flip: bool | None = flip) -> torch.Tensor:
+    def run_at(size, mirrored: bool = False) -> torch.Tensor:
         tensor = eval_transform(None)(resize_image(image, size))[0][None].to(device)
         if mirrored:
             tensor = tensor.flip(-1)
         # A size off the patch grid (BDD100K x 0.5: 360x640) is padded to it; one below the crop is
         # a smaller window, as mmseg runs it.
-        scores = padded_scores(segmentor, tensor, run.mode, run.crop, run.stride, predict_flip, full_windows=False)[0]
+        scores = padded_scores(segmentor, tensor, run.mode, run.crop, run.stride, False, full_windows=False)[0]
         return scores.flip(-1) if mirrored else scores
 
-    if len(sizes) == 1:
+    if len(sizes) == 1 and not flip:
         return scores_at_size(run_at(sizes[0]), out_size)
     total, count = None, 0
     for size in sizes:
-        for mirrored in (False, True) if run.protocol.flip else (False,):
-            probabilities = scores_at_size(run_at(size, mirrored, predict_flip=False), out_size).softmax(0)
+        for mirrored in (False, True) if flip else (False,):
+            probabilities = scores_at_size(run_at(size, mirrored), out_size).softmax(0)
             total = probabilities if total is None else total + probabilities
             count += 1
     return total / count

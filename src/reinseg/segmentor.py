@@ -4,7 +4,9 @@ Inference follows mmseg's semantics, so that official checkpoints give the same 
 ``whole`` runs the model on the full image; ``slide`` runs it on ``crop_size`` windows every
 ``stride`` pixels (the last window of a row/column is shifted back inside the image) and averages
 the overlapping scores. Horizontal-flip test-time augmentation averages the softmax of the scores
-of the image and of its mirror, as mmseg's ``SegTTAModel`` does.
+of the image and of its mirror at the input size; evaluation and ``reinseg predict`` resize each
+to the label's size first, in the order of mmseg's ``SegTTAModel``
+(:func:`reinseg.predict.scores_at_sizes`).
 """
 
 from __future__ import annotations
@@ -147,7 +149,9 @@ class Segmentor(nn.Module):
             images: normalized ``(B, 3, H, W)``.
             mode: ``"whole"`` or ``"slide"`` (default: the segmentor's ``test_mode``).
             crop_size, stride: sliding window ``(h, w)`` (default: the segmentor's).
-            flip: also run the mirrored image and average (default: the segmentor's ``flip``).
+            flip: also run the mirrored image and average the two softmaxes at the input size
+                (default: the segmentor's ``flip``); :func:`reinseg.predict.scores_at_sizes`
+                resizes each to the output size first, as mmseg.
         """
         mode = self.test_mode if mode is None else mode
         crop = self.crop_size if crop_size is None else as_pair(crop_size, "crop_size")

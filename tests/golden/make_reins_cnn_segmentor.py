@@ -13,7 +13,8 @@ weights are initialised and perturbed (``randn * 0.1``) after ``torch.manual_see
 nothing is trivial. Saved per kind:
 ``model_config``, ``release_state_dict`` (``backbone.reins.*`` and ``decode_head.*``, what released
 checkpoints hold; the CNN weights are the golden's ``backbone_state_dict``), the inputs, the head's
-per-layer outputs on ``crop_input`` and the whole-image and sliding-window logits.
+per-layer outputs on ``crop_input`` and the whole-image and sliding-window logits, and both on
+``offgrid_input`` (52x84: off the stride-32 grid, below the crop in height).
 """
 
 import copy
@@ -63,6 +64,12 @@ def make(kind_file):
         class_logits, mask_logits = model.decode_head(features, samples)
         crop_seg_logits = model.encode_decode(crop_input, [meta] * crop_input.shape[0])
         slide_seg_logits = model.slide_inference(slide_input, [slide_meta] * slide_input.shape[0])
+        # An image off the stride-32 grid, below the crop in height: mmseg pads nothing (one smaller
+        # window in slide mode).
+        offgrid_input = torch.randn(1, 3, 52, 84, generator=torch.Generator().manual_seed(1))
+        offgrid_meta = dict(img_shape=(52, 84), ori_shape=(52, 84))
+        offgrid_whole_seg_logits = model.encode_decode(offgrid_input, [offgrid_meta])
+        offgrid_slide_seg_logits = model.slide_inference(offgrid_input, [offgrid_meta])
 
     # What a released checkpoint holds: the Reins and the head (the frozen CNN is not saved).
     release = {f"backbone.{k}": v for k, v in cnn["reins_state_dict"].items()}
@@ -79,6 +86,9 @@ def make(kind_file):
         slide_crop=tuple(model_config["test_cfg"]["crop_size"]),
         slide_stride=tuple(model_config["test_cfg"]["stride"]),
         slide_seg_logits=slide_seg_logits,
+        offgrid_input=offgrid_input,
+        offgrid_whole_seg_logits=offgrid_whole_seg_logits,
+        offgrid_slide_seg_logits=offgrid_slide_seg_logits,
     )
 
 
