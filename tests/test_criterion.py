@@ -95,6 +95,24 @@ def test_matching_cost_is_bit_for_bit_mmdets():
     assert torch.equal(cost, mmdet_matching_cost(matcher, class_logits, mask_logits, gt_classes, gt_masks, coords))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_matching_cost_is_fp32_under_autocast(dtype):
+    """Confident masks over a large segment: in fp16 the products over 12,544 points pass 65,504
+    and the cost became infinite (the assignment refuses it: training stopped)."""
+    gt_masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    gt_masks[0, :, :48] = True
+    gt_masks[1] = ~gt_masks[0]
+    mask_logits = torch.where(gt_masks[[0, 1, 0, 1]], -12.0, 12.0)  # confidently wrong
+    class_logits = torch.randn(4, 20, generator=torch.Generator().manual_seed(0))
+    matcher = HungarianMatcher(num_points=12544)
+    torch.manual_seed(0)
+    expected = matcher.cost(class_logits, mask_logits, torch.tensor([1, 2]), gt_masks)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=dtype):
+        cost = matcher.cost(class_logits, mask_logits, torch.tensor([1, 2]), gt_masks)
+    assert cost.dtype == torch.float32 and torch.equal(cost, expected)
+
+
 def test_assign_solves_each_cost_as_scipy_does_in_one_call():
     from scipy.optimize import linear_sum_assignment
 

@@ -349,6 +349,30 @@ def test_sigterm_during_a_two_process_evaluation_lets_it_finish(tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == labelled
 
 
+@pytest.mark.slow
+def test_a_two_process_eval_writes_its_results_and_examples_once(tmp_path):
+    """Every rank returned from the evaluation and wrote the results JSON (and would have made the
+    ACDC submission, racing for its folder): the first rank alone does now."""
+    from reinseg.build import build_segmentor
+    from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint
+    from reinseg.config import to_dict
+
+    config = tiny_config(tmp_path, num_val=3, devices=2, accelerator="cpu")
+    (tmp_path / "eval.yaml").write_text(dump_config(config))
+    checkpoint = save_checkpoint(
+        tmp_path / "model.ckpt", {"model": to_dict(config.model)}, checkpoint_state_dict(build_segmentor(config.model))
+    )
+    target = tmp_path / "results.json"
+    result = run_reinseg(
+        "eval", str(tmp_path / "eval.yaml"), str(checkpoint), "--json", str(target), "--save-examples", "1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(f"wrote {target}") == 1
+    results = json.loads(target.read_text())
+    assert len(results["domains"]["cityscapes"]["images"]) == 3  # every image once, over both ranks
+    assert list((tmp_path / "results_examples" / "cityscapes").glob("*.png"))
+
+
 def test_under_ddp_the_sigterm_handler_lightning_registers_only_marks_the_rank(tmp_path):
     """Lightning's handler runs a collective inside the signal handler; under DDP the trainer's
     connector registers _RunGuard's mark instead, from the start of fit or validate on."""
@@ -433,3 +457,33 @@ def test_a_run_records_its_vfm_file_and_evaluation_refuses_another(tmp_path, mon
     config.train.max_iters = 2  # nor does the run continue on them
     with pytest.raises(ValueError, match="was trained on other VFM weights than other.pth"):
         train(config)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_predictions_after_a_validation_run_as_the_validation(tmp_path, precision):
+    """eval --save-examples and --submission predict after trainer.validate, whose teardown moves
+    the model to the CPU: prediction_context puts it back on the trainer's device, under its
+    autocast."""
+    from reinseg.engine import SegmentationTask
+
+    config = Config(model=tiny_model_config(), train=TrainConfig(output_dir=str(tmp_path), precision=precision))
+    task = SegmentationTask(config, segmentor=build_segmentor(config.model), write_metrics=False)
+    trainer = build_trainer(config, logging=False)
+    task.trainer = trainer
+    moved = []
+    task.to = lambda device: moved.append(device) or task
+    with task.prediction_context():
+        assert torch.is_autocast_enabled("cpu") == (precision == "bf16-mixed")
+    assert moved == [trainer.strategy.root_device]
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_process_count_reads_devices_as_lightning(monkeypatch):
+    """Several processes get reinseg's DDP strategy (its SIGTERM handling): -1, "auto", "-1" and
+    index strings were counted as one process, leaving Lightning to pick DDP without it."""
+    from reinseg.engine import process_count
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    on_gpu = {(1, 1), (2, 2), ("2", 2), (-1, 4), ("-1", 4), ("auto", 4), ("0,1", 2), ("0,", 1), ("1, 3, 5", 3)}
+    assert {(devices, process_count(devices, on_gpu=True)) for devices, _ in on_gpu} == on_gpu
+    assert [process_count(devices, on_gpu=False) for devices in (1, 3, "auto", "3")] == [1, 3, 1, 3]

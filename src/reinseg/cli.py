@@ -210,6 +210,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         examples_dir=examples,
         examples_like=like,
     )
+    if not task.trainer.is_global_zero:
+        return 0  # under DDP the first rank writes the results and makes the submission
     replaced = target.exists()
     _write_json(target, task.last_results)
     # Results of another checkpoint may have been there: say so (--json keeps them apart).
@@ -217,7 +219,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.submission:
         from .submission import write_acdc_submission
 
-        written = write_acdc_submission(task, Path(args.submission), protocols[0])
+        with task.prediction_context():
+            written = write_acdc_submission(task, Path(args.submission), protocols[0])
         print(f"ACDC test-server submission ({written} predictions, Cityscapes label IDs) in {args.submission}")
     if args.save_examples:
         print(f"examples (best, median, worst per domain) in {examples}; an HTML report with: reinseg report {target}")

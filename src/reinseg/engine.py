@@ -174,6 +174,16 @@ class SegmentationTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- validation -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def prediction_context(self):
+        """For predictions made after a validation (``eval --save-examples``, ``--submission``):
+        the model back on the trainer's device, which Lightning's teardown leaves for the CPU, and
+        under the trainer's precision (its autocast), as the validation ran."""
+        trainer = self.trainer
+        self.to(trainer.strategy.root_device)
+        with trainer.precision_plugin.forward_context():
+            yield
+
     def protocol_runs(self) -> list:
         """The protocols of this evaluation resolved for its domains and model
         (:func:`reinseg.protocols.protocol_run`); ``[config]`` during training."""
@@ -759,14 +769,10 @@ def build_trainer(
     set_tf32(tc.tf32)
     out = Path(tc.output_dir)
     accelerator = tc.accelerator
-    on_gpu = accelerator == "gpu" or (accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     precision = tc.precision if tc.precision != "auto" else ("bf16-mixed" if on_gpu else "32-true")
     devices = tc.devices
-    many = (
-        (isinstance(devices, int) and devices > 1)
-        or tc.num_nodes > 1
-        or (devices == "auto" and on_gpu and torch.cuda.device_count() > 1)
-    )
+    many = tc.num_nodes > 1 or process_count(devices, on_gpu) > 1
     # Every trainable parameter gets a gradient each step: no find_unused_parameters.
     strategy = DDPStrategy(find_unused_parameters=False) if many else "auto"
     checkpoint = ModelCheckpoint(
@@ -819,6 +825,23 @@ def build_trainer(
         if connector is not None and hasattr(connector, "_sigterm_notifier_fn"):
             connector._sigterm_notifier_fn = _run_guard(trainer)._mark_signalled
     return trainer
+
+
+def process_count(devices: int | str, on_gpu: bool) -> int:
+    """The processes Lightning starts on one node for ``train.devices`` (as it reads them: an
+    int, -1 or "auto" for every visible GPU, a string of a number or of GPU indices "0,1")."""
+    every = torch.cuda.device_count() if on_gpu else 1  # Lightning's CPU "auto" is one process
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto":
+            return every
+        if "," in text:
+            return len([index for index in text.split(",") if index.strip()])
+        try:
+            devices = int(text)
+        except ValueError:
+            return 1  # Lightning names what it cannot read
+    return every if devices == -1 else int(devices)
 
 
 def train(
@@ -1086,5 +1109,6 @@ def evaluate(
         from .examples import write_examples
 
         examples_dir = Path(examples_dir)
-        write_examples(task, save_examples, examples_dir, relative_to=examples_dir.parent, also=examples_like)
+        with task.prediction_context():
+            write_examples(task, save_examples, examples_dir, relative_to=examples_dir.parent, also=examples_like)
     return task

@@ -169,16 +169,19 @@ class HungarianMatcher:
         else:
             target = point_sample(gt_masks.unsqueeze(0).float(), coords)[0]
 
-        cost_class = -class_logits.float().softmax(-1)[:, gt_classes]
-        # Sigmoid BCE of every prediction against every target, averaged over points. torch's
-        # BCE with logits is (1 - t) x - log_sigmoid(x): against 1 and against 0 it is these two,
-        # bit for bit, from one log-sigmoid instead of two.
-        log_sigmoid = F.logsigmoid(pred)
-        pos = -log_sigmoid
-        neg = pred - log_sigmoid
-        cost_mask = (pos @ target.t() + neg @ (1 - target).t()) / pred.shape[1]
-        prob = pred.sigmoid()
-        cost_dice = 1 - (2 * prob @ target.t() + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None, :] + 1)
+        # In fp32 under autocast too: fp16 products over 12,544 points exceed its 65,504 (confident
+        # masks over large segments), and the assignment refuses an infinite cost.
+        with torch.autocast(mask_logits.device.type, enabled=False):
+            cost_class = -class_logits.float().softmax(-1)[:, gt_classes]
+            # Sigmoid BCE of every prediction against every target, averaged over points. torch's
+            # BCE with logits is (1 - t) x - log_sigmoid(x): against 1 and against 0 it is these
+            # two, bit for bit, from one log-sigmoid instead of two.
+            log_sigmoid = F.logsigmoid(pred)
+            pos = -log_sigmoid
+            neg = pred - log_sigmoid
+            cost_mask = (pos @ target.t() + neg @ (1 - target).t()) / pred.shape[1]
+            prob = pred.sigmoid()
+            cost_dice = 1 - (2 * prob @ target.t() + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None, :] + 1)
         return self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
 
     def __call__(
