@@ -8,7 +8,9 @@ importable from here too.
 - Checkpoints hold the trainable weights (Rein + head), optimizer, schedule, step, every rank's
   RNG state, and the configuration; the frozen VFM is referenced by the configuration, not
   copied. They are written atomically, and ``train`` resumes from the newest intact checkpoint in
-  ``<output_dir>/checkpoints``, bit for bit: validation never draws from the RNG the loss uses.
+  ``<output_dir>/checkpoints``, bit for bit on the CPU: validation never draws from the RNG the
+  loss uses (on a GPU, backward passes that sum with atomic additions make every run differ in
+  the last bits, resumed or not).
 - A run stopped by SIGTERM writes ``last.ckpt`` and raises :class:`TrainingInterrupted`
   (``reinseg train`` exits with status 143); logs are appended to across resumes.
 - Validation: one confusion matrix per domain in its dataset's classes, summed over DDP ranks;
