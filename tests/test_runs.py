@@ -100,6 +100,25 @@ def test_a_refused_resume_writes_nothing(run, capsys):
     assert snapshot(out) == before
 
 
+def test_a_resume_whose_optimizer_state_holds_other_parameters_is_refused(run, capsys):
+    """A checkpoint whose run trained more tensors (a run without linked queries written before
+    Rein's unused transform and merge were frozen): Lightning failed deep in the optimizer's
+    load_state_dict after the run's files were touched; now one line, nothing written."""
+    import torch
+
+    out, config_file = run
+    last = out / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=False)
+    group = checkpoint["optimizer_states"][0]["param_groups"][0]
+    group["params"].append(max(p for g in checkpoint["optimizer_states"][0]["param_groups"] for p in g["params"]) + 1)
+    torch.save(checkpoint, last)
+    before = snapshot(out)
+    assert main(["train", str(config_file), "train.max_iters=8"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "holds the optimizer state of" in error and "--resume never" in error and str(last) in error
+    assert snapshot(out) == before
+
+
 def test_a_new_run_into_a_used_folder_is_refused_unless_overwritten(run, capsys):
     out, config_file = run
     before = snapshot(out)

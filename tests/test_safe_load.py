@@ -353,6 +353,20 @@ def test_yaml_anchors_within_bounds_still_work():
     assert MAX_NODES >= 100_000
 
 
+def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path, capsys):
+    """PyYAML keeps a repeated key's last value: a second `train:` section replaced the first
+    whole, silently."""
+    with pytest.raises(ValueError, match=r"x\.yaml: line 3: the key 'lr' is given twice \(first on line 2\)"):
+        load_yaml("train:\n  lr: 0.1\n  lr: 0.2\n", "x.yaml")
+    (tmp_path / "twice.yaml").write_text("model:\n  tuning: rein\ntrain:\n  max_iters: 5\nmodel:\n  tuning: lora\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: line 5: the key 'model' is given twice"):
+        load_config(tmp_path / "twice.yaml")
+    assert main(["params", str(tmp_path / "twice.yaml")]) == 2
+    assert "line 5" in capsys.readouterr().err
+    # The same key in two mappings, and a merge's keys overridden, are fine.
+    assert load_yaml("a: {lr: 1}\nb: {lr: 2}\nd: &d {x: 1}\ne: {<<: *d, x: 3}\n", "y.yaml")["e"] == {"x": 3}
+
+
 # ---------------------------------------------------------------------------------------------
 # What a resumed checkpoint may delete
 

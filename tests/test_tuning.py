@@ -191,19 +191,22 @@ def test_prompt_tokens_take_no_weight_decay_as_reins_tokens():
     assert decay_of[id(segmentor.backbone.prompts.tokens)] == 0.0
 
 
-@pytest.mark.parametrize("backbone", ["dinov2_vits14", "resnet50_v1c"])
-def test_without_linked_queries_every_trainable_parameter_gets_a_gradient(backbone):
-    """link_token_to_query: false leaves Rein's transform and merge unused (the head learns its own
-    queries): they are frozen, as DDP runs without find_unused_parameters and fails at the second
-    step on a trainable parameter without a gradient."""
-    config = tiny_config("dinov2_vits14", "rein")
+@pytest.mark.parametrize(
+    "tuning, backbone",
+    [("rein", "dinov2_vits14"), ("rein", "resnet50_v1c"), ("fada", "dinov2_vits14"), ("set", "dinov2_vits14")],
+)
+def test_without_linked_queries_every_trainable_parameter_gets_a_gradient(tuning, backbone):
+    """link_token_to_query: false leaves Rein's (FADA's, SET's) transform and merge unused (the head
+    learns its own queries): they are frozen, as DDP runs without find_unused_parameters and fails
+    at the second step on a trainable parameter without a gradient."""
+    config = tiny_config("dinov2_vits14", tuning)
     if backbone == "resnet50_v1c":
         config.backbone = BackboneConfig(
             name=backbone,
             patch_size=None,
             timm_kwargs=dict(block="basic", layers=[1, 1, 1, 1], stem_width=4, channels=[8, 16, 32, 64]),
         )
-    config.rein.link_token_to_query = False
+    getattr(config, tuning).link_token_to_query = False
     segmentor = build_segmentor(config).train()
     images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 19, (2, 64, 64))
     segmentor.loss(images, labels)["loss"].backward()

@@ -109,7 +109,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
         segmentor = build_segmentor(config, load_backbone_weights=False)
     rein = config.rein if config.tuning == "rein" else None
     patch = segmentor.backbone.patch_size[0]
-    grid = f"patch {patch}" if segmentor.backbone.family.kind == "vit" else f"inputs multiples of {patch}"
+    grid = f"patch {patch}" if segmentor.backbone.family.kind == "vit" else "images of any size"
     described = (
         f"tuning {config.tuning}"
         if rein is None

@@ -79,8 +79,8 @@ class ReinCNNBackbone(FrozenBackbone):
         family: the family's name or adapter (:class:`reinseg.families.CNNFamily`).
         out_indices: the stages whose outputs feed the head (four for Mask2Former).
 
-    ``forward(images (B, 3, H, W))`` (H, W multiples of 32) returns a :class:`BackboneOutput`:
-    maps ``(B, C_i, H / s_i, W / s_i)`` of the ``out_indices`` stages (strides 4, 8, 16, 32,
+    ``forward(images (B, 3, H, W))`` (any H, W) returns a :class:`BackboneOutput`:
+    maps of about ``(B, C_i, H / s_i, W / s_i)`` of the ``out_indices`` stages (strides 4, 8, 16, 32,
     channels :attr:`out_channels`) and the summed queries. The CNN stays frozen and in eval mode
     (BatchNorm running statistics, no drop path) when the module is put in train mode; only the
     Reins train.

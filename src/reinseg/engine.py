@@ -375,6 +375,19 @@ class SegmentationTask(L.LightningModule):
         if missing:
             raise ValueError(f"{name} lacks {len(missing)} trainable weights, e.g. {', '.join(missing[:5])}")
         check_vfm_weights(checkpoint, self.segmentor, name, self.config.model.backbone.checkpoint)
+        states = checkpoint.get("optimizer_states") or []
+        if states and isinstance(states[0], dict):
+            saved = [len(group.get("params", [])) for group in states[0].get("param_groups", [])]
+            now = [len(group["params"]) for group in build_optimizer(self.segmentor, self.config)[0].param_groups]
+            if saved != now:
+                # Checkpoints of runs without linked queries written before Rein's unused transform
+                # and merge were frozen (2026-12-06) train four tensors more.
+                raise ValueError(
+                    f"{name} holds the optimizer state of {sum(saved)} trainable tensors (per group {saved}), this "
+                    f"run trains {sum(now)} ({now}): its run trained other parameters (e.g. a reinseg from before "
+                    "Rein's unused transform and merge were frozen without linked queries); evaluate it, or start "
+                    "a new run (--resume never)"
+                )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint)

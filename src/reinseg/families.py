@@ -286,7 +286,7 @@ class CNNFamily:
 
     name = "cnn"
     kind = "cnn"
-    reduction = 32  # the stride of the coarsest stage: inputs must be multiples of it
+    reduction = 32  # the stride of the coarsest stage: sliding windows and exported sizes are multiples of it
     # Classifier parts of checkpoints that the segmentation backbone never runs.
     unused_prefixes: tuple[str, ...] = ("fc.", "head.")
 

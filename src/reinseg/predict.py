@@ -131,7 +131,7 @@ def segment_images(
         batch.append(torch.from_numpy(Normalize()(image)[0]).permute(2, 0, 1))
     device = next(segmentor.parameters()).device
     scores = scores_at_sizes(segmentor, torch.stack(batch).to(device), [(height, width)] * len(batch), mode, flip=flip)
-    return torch.stack(scores).argmax(1).to(torch.uint8).cpu().numpy()
+    return np.stack([score.argmax(0).to(torch.uint8).cpu().numpy() for score in scores])
 
 
 def padded_scores(

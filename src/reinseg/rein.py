@@ -104,6 +104,11 @@ class Rein(nn.Module):
         self.zero_mlp_delta_f = bool(zero_mlp_delta_f)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self._create_parameters()
+        if not self.link_token_to_query:
+            # Made (the official state dict and random draws hold them) but unused: frozen, so that
+            # every trainable parameter gets a gradient (DDP runs without find_unused_parameters).
+            self.transform.requires_grad_(False)
+            self.merge.requires_grad_(False)
 
     def _create_parameters(self) -> None:
         # The creation and initialisation order replicates the official code call by call, so
@@ -123,11 +128,6 @@ class Rein(nn.Module):
         self._init_more(bound)
         self.transform = nn.Linear(C, self.query_dims)
         self.merge = nn.Linear(self.query_dims * 3, self.query_dims)
-        if not self.link_token_to_query:
-            # Made (the official state dict and random draws hold them) but unused: frozen, so that
-            # every trainable parameter gets a gradient (DDP runs without find_unused_parameters).
-            self.transform.requires_grad_(False)
-            self.merge.requires_grad_(False)
         self.scale: float | nn.Parameter
         if self.zero_mlp_delta_f:
             nn.init.zeros_(self.mlp_delta_f.weight)

@@ -382,8 +382,8 @@ def load_yaml(text: str, source: str) -> Any:
 
     Raises:
         ValueError: naming ``source``, when the text has more than :data:`MAX_YAML_ALIASES`
-            aliases or expands to more than :data:`MAX_NODES` values; ``yaml.YAMLError`` when it
-            is not YAML.
+            aliases or expands to more than :data:`MAX_NODES` values, or gives a mapping's key
+            twice; ``yaml.YAMLError`` when it is not YAML.
     """
     import yaml
 
@@ -396,6 +396,23 @@ def load_yaml(text: str, source: str) -> Any:
                 if type(self).aliases > MAX_YAML_ALIASES:
                     raise ValueError(f"{source}: more than {MAX_YAML_ALIASES} YAML aliases (*name): refused")
             return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            # A key given twice: PyYAML keeps the last silently (a second `train:` section would
+            # replace the first whole).
+            if isinstance(node, yaml.MappingNode):
+                lines: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue  # `<<: *defaults` merges may be overridden: that is what they are for
+                    key = self.construct_object(key_node)
+                    line = key_node.start_mark.line + 1
+                    if key in lines:
+                        raise ValueError(
+                            f"{source}: line {line}: the key {key!r} is given twice (first on line {lines[key]})"
+                        )
+                    lines[key] = line
+            return super().construct_mapping(node, deep)
 
     data = yaml.load(text, Loader=_BoundedLoader)
     if count_nodes(data) > MAX_NODES:

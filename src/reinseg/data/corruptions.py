@@ -451,5 +451,6 @@ def corruption_summary(results: dict, domains) -> dict:
 
 
 def _mean(values):
-    values = [v for v in values if v is not None]
+    # Of the mIoUs rounded to two decimals, as the mean over domains (the official DGIoUMetric).
+    values = [float(np.round(v, 2)) for v in values if v is not None]
     return float(np.mean(values)) if values else None
