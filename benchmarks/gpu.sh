@@ -83,7 +83,8 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
     echo
     if [ "$device" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; fi
     $py -c "import torch, timm; print('torch', torch.__version__, '| timm', timm.__version__,
-        '| fp32 products: matmul precision', torch.get_float32_matmul_precision(), '| cuDNN TF32', torch.backends.cudnn.allow_tf32)"
+        '| fp32 products: matmul precision', torch.get_float32_matmul_precision(), '| cuDNN TF32', torch.backends.cudnn.allow_tf32,
+        '| cuDNN algorithm search: on in strategies.py runs (train.cudnn_benchmark default)')"
     echo "budget: $([ "$budget" -gt 0 ] && echo "$budget s" || echo none)"
     # Fail in seconds, not per section, where the environment does not hold reinseg's needs (timm
     # outside pyproject.toml's range, say: carry a wheel, DEVELOPERS.md "Benchmarks").
