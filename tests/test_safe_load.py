@@ -246,6 +246,87 @@ def test_a_torchscript_archive_with_a_hostile_data_record_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_a_checkpoint_whose_containers_hold_themselves_or_nest_exponentially_is_refused(tmp_path):
+    """A 2 kB file: a list holding itself, or a list of the same list twice nested 40 levels
+    (2 ** 40 paths). torch reads both in milliseconds; every walk over them ran forever."""
+    looped: list = [1]
+    looped.append(looped)
+    nested: list = []
+    for _ in range(40):
+        nested = [nested, nested]
+    for name, junk in (("looped.pth", looped), ("nested.pth", nested)):
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "junk": junk}, tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name}: refused.*more than {MAX_NODES:,} values"):
+            load_torch_file(tmp_path / name, "checkpoint")
+
+
+def test_a_compressed_record_that_expands_a_thousandfold_is_refused(tmp_path):
+    """torch.save writes its records uncompressed; deflated zeros expand about 1000 times (a
+    20 MB file, 20 GB as it is read)."""
+    torch.save({"w": torch.zeros(2**20)}, tmp_path / "stored.pth")
+    with zipfile.ZipFile(tmp_path / "stored.pth") as src, zipfile.ZipFile(tmp_path / "bomb.pth", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert (tmp_path / "bomb.pth").stat().st_size < 64 * 2**10
+    assert torch.equal(load_torch_file(tmp_path / "stored.pth")["w"], torch.zeros(2**20))
+    with pytest.raises(ValueError, match=r"bomb\.pth: refused.*expands from [\d,]+ to 4,194,304 bytes"):
+        load_torch_file(tmp_path / "bomb.pth", "checkpoint")
+
+
+def _script_record_class():
+    """A class that pickles as a TorchScript module record, ``__torch__.M``, with its attributes."""
+    import copyreg
+
+    def reduce(self, protocol):
+        return (copyreg.__newobj__, (type(self),), self.attributes)
+
+    def init(self, attributes):
+        self.attributes = attributes
+
+    return type("M", (), {"__module__": "__torch__", "__init__": init, "__reduce_ex__": reduce})
+
+
+class _StorageRef:
+    """Pickles as a tensor of 4 floats on the archive's storage ``0``."""
+
+    def __reduce__(self):
+        import collections
+
+        return (torch._utils._rebuild_tensor_v2, (_STORAGE, 0, (4,), (1,), False, collections.OrderedDict()))
+
+
+_STORAGE = object()
+
+
+class _ScriptPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return ("storage", torch.FloatStorage, "0", "cpu", 4) if obj is _STORAGE else None
+
+
+def test_a_torchscript_archive_of_shared_modules_nested_exponentially_is_refused(tmp_path, monkeypatch):
+    """Module records holding the same record twice, 20 levels deep, over one tensor: a million
+    names, each a clone (at 40 levels, 900 bytes of archive, memory grew until it ran out)."""
+    import sys
+    import types
+
+    record = _script_record_class()
+    module = types.ModuleType("__torch__")
+    module.M = record
+    monkeypatch.setitem(sys.modules, "__torch__", module)
+    node = record({"w": _StorageRef()})
+    for _ in range(20):
+        node = record({"a": node, "b": node})
+    pickled = io.BytesIO()
+    _ScriptPickler(pickled, protocol=2).dump(node)
+    with zipfile.ZipFile(tmp_path / "shared.pt", "w") as archive:  # stored, as torch.jit.save writes
+        archive.writestr("arch/data.pkl", pickled.getvalue())
+        archive.writestr("arch/constants.pkl", b"")
+        archive.writestr("arch/code/__torch__.py", b"")
+        archive.writestr("arch/data/0", bytes(16))
+    with pytest.raises(ValueError, match=r"shared\.pt: refused.*more than 100,000 tensors"):
+        read_state_dict(tmp_path / "shared.pt")
+
+
 def test_an_image_given_as_checkpoint_is_named_without_torch_advice(tmp_path):
     from PIL import Image
 

@@ -110,6 +110,8 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        _refuse_compressed_entries(path, what)
     if is_zip and _is_torchscript(path):
         return _read_torchscript(path)
     with open(path, "rb") as file:
@@ -128,8 +130,35 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
         raise ValueError(f"could not read {what} {path}: {_first_line(err)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"could not read {what} {path}: {_first_line(err)}") from None
+    if count_nodes(loaded) > MAX_NODES:
+        # Lists holding themselves, or nested twice over 40 levels (a 2 kB file), took every walk
+        # over the value forever.
+        raise ValueError(
+            f"{path}: refused to read this {what}: it holds more than {MAX_NODES:,} values once its shared "
+            "containers are written out, or a container that holds itself"
+        )
     _refuse_stretched_tensors(loaded, path, what)
     return loaded
+
+
+# torch.save and torch.jit.save store their records uncompressed. A deflated record expands up to
+# about 1000 times (zeros): a 20 MB file would fill 20 GB as it is read.
+MAX_EXPANSION = 16
+
+
+def _refuse_compressed_entries(path: Path, what: str) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"could not read {what} {path}: {err}") from None
+    for entry in entries:
+        expanded = entry.file_size > max(MAX_EXPANSION * entry.compress_size, 2**20)
+        if entry.compress_type != zipfile.ZIP_STORED and expanded:
+            raise ValueError(
+                f"{path}: refused to read this {what}: its record {entry.filename} expands from "
+                f"{entry.compress_size:,} to {entry.file_size:,} bytes (PyTorch writes its records uncompressed)"
+            )
 
 
 @contextlib.contextmanager
@@ -169,9 +198,12 @@ def _refuse_stretched_tensors(loaded: object, path: Path, what: str) -> None:
     than its file stores (:data:`MAX_STRETCHED_BYTES`)."""
     import torch
 
-    stack = [loaded]
+    stack, seen = [loaded], set()
     while stack:
         item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
         if isinstance(item, torch.Tensor):
             if _stretched(item):
                 raise ValueError(
@@ -305,21 +337,41 @@ def _read_torchscript(path: Path) -> dict[str, Tensor]:
         raise
     except Exception as err:
         raise ValueError(f"{path} is not a readable TorchScript archive: {_first_line(err)}") from None
-    tensors: dict[str, Tensor] = {}
-    _collect_tensors(module, "", tensors)
+    tensors = _collect_tensors(module, path)
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
-def _collect_tensors(record: object, prefix: str, out: dict[str, Tensor]) -> None:
+# OpenAI's CLIP-L archive names about 400 tensors.
+MAX_SCRIPT_TENSORS = 100_000
+
+
+def _collect_tensors(module: object, source: Path) -> dict[str, Tensor]:
+    """``{dotted name: tensor}`` of the module records' tensors, each distinct tensor cloned once.
+    A record that contains itself, or more than :data:`MAX_SCRIPT_TENSORS` names (records shared
+    over and over: 2 ** 40 paths in a 900-byte archive), is refused."""
     import torch
 
-    if not isinstance(record, _ScriptRecord):
-        return
-    for name, value in getattr(record, "attributes", {}).items():
-        if isinstance(value, torch.Tensor):
-            out[prefix + name] = value.clone()
-        elif isinstance(value, _ScriptRecord):
-            _collect_tensors(value, f"{prefix}{name}.", out)
+    out: dict[str, Tensor] = {}
+    clones: dict[int, Tensor] = {}
+    stack: list[tuple[object, str, frozenset[int]]] = [(module, "", frozenset())]
+    while stack:
+        record, prefix, above = stack.pop()
+        if not isinstance(record, _ScriptRecord):
+            continue
+        if id(record) in above:
+            raise ValueError(f"{source}: refused to read this TorchScript archive: a module contains itself")
+        for name, value in getattr(record, "attributes", {}).items():
+            if isinstance(value, torch.Tensor):
+                if id(value) not in clones:
+                    clones[id(value)] = value.clone()
+                out[prefix + name] = clones[id(value)]
+                if len(out) > MAX_SCRIPT_TENSORS:
+                    raise ValueError(
+                        f"{source}: refused to read this TorchScript archive: more than {MAX_SCRIPT_TENSORS:,} tensors"
+                    )
+            elif isinstance(value, _ScriptRecord):
+                stack.append((value, f"{prefix}{name}.", above | {id(record)}))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
