@@ -183,3 +183,46 @@ def test_backbone_replaces_the_hub_too_and_a_configs_missing_file_is_named_as_th
         segmentor_from_checkpoint(tmp_path / "hub.ckpt", model)
     assert str(missing.value).startswith("the VFM weights gone.pth (relative to the current folder")
     assert "--backbone" not in str(missing.value)  # eval has no such option: the config names the file
+
+
+@pytest.mark.slow  # builds a 160-billion-parameter ViT on the meta device
+def test_a_checkpoint_whose_config_asks_for_more_than_its_weights_is_refused_before_building(tmp_path, monkeypatch):
+    """A shared checkpoint's configuration named two million classes (or a giant ViT): the model
+    was built, taking the memory, before its weights were found not to fit. Now the model is
+    planned on the meta device and refused first; and a test scale is bounded."""
+    from conftest import tiny_model_config
+
+    import reinseg.build
+    from reinseg.build import build_segmentor
+    from reinseg.checkpoints import checkpoint_state_dict, segmentor_from_checkpoint
+    from reinseg.config import to_dict
+    from reinseg.predict import checkpoint_scale
+
+    model = tiny_model_config()
+    weights = checkpoint_state_dict(build_segmentor(model))
+    built = []
+    real_build = reinseg.build.build_segmentor
+    monkeypatch.setattr(
+        reinseg.build,
+        "build_segmentor",
+        lambda config, **kw: built.append(torch.empty(0).device.type) or real_build(config, **kw),
+    )
+    for key, value, message in (
+        ("head", {**to_dict(model)["head"], "num_classes": 2_000_000}, "class count mismatch.*2000000 classes"),
+        ("rein", {**to_dict(model)["rein"], "token_length": 9}, r"backbone\.rein\..* should be \(.*9"),
+    ):
+        config = {"model": {**to_dict(model), key: value}}
+        save_checkpoint(tmp_path / "hostile.ckpt", config, weights)
+        built.clear()
+        with pytest.raises(ValueError, match=message):
+            segmentor_from_checkpoint(tmp_path / "hostile.ckpt")
+        assert built == ["meta"]  # planned, never built for real
+    giant = {**to_dict(model)["backbone"], "timm_kwargs": {"embed_dim": 8192, "depth": 200, "num_heads": 8}}
+    save_checkpoint(tmp_path / "giant.ckpt", {"model": {**to_dict(model), "backbone": giant}}, weights)
+    with pytest.raises(ValueError, match=r"giant\.ckpt: its configuration describes a model of [\d,]+ parameters"):
+        segmentor_from_checkpoint(tmp_path / "giant.ckpt")
+    save_checkpoint(tmp_path / "ok.ckpt", {"model": to_dict(model)}, weights)
+    assert segmentor_from_checkpoint(tmp_path / "ok.ckpt")[0].num_classes == model.head.num_classes
+    scale = {"model": to_dict(model), "data": {"val": [{"name": "cityscapes", "root": "x", "scale": [40000, 40000]}]}}
+    with pytest.raises(ValueError, match="test scale 40000x40000 of cityscapes: more than 16384 pixels a side"):
+        checkpoint_scale(scale)

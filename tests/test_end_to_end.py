@@ -1,6 +1,7 @@
 """The command line end to end: train, evaluate, score, predict, on a tiny model and fake Cityscapes."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,3 +293,30 @@ def test_segment_image_names_what_it_takes():
     for bad in (rgb[..., 0], rgb.astype(np.float32)):
         with pytest.raises(ValueError, match=r"image 0 must be RGB \(H, W, 3\) uint8"):
             segment_image(segmentor, bad, scale=None)
+
+
+def test_saved_predictions_of_acdc_score_with_the_printed_commands_and_stay_inside(trained, capsys):
+    """ACDC's conditions share gt/, which also holds their train labels: the one printed command
+    (score preds/acdc data/acdc/gt) failed on labels without predictions; one per condition now.
+    A domain labelled '..' wrote its predictions into the folder above --save-preds."""
+    from fake_datasets import make_fake_acdc
+
+    root = trained / "acdc"
+    make_fake_acdc(root, n=2, size=(64, 128), splits=("train", "val"))
+    checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    preds, result = trained / "acdc_preds" / "inside", trained / "acdc.json"
+    entry = f"{{name: acdc, root: {root}, split: val, scale: [128, 64], label: '..'}}"
+    arguments = ["eval", str(trained / "config.yaml"), checkpoint, "--save-preds", str(preds), "--json", str(result)]
+    assert main([*arguments, f"data.val=[{entry}]"]) == 0
+    out = capsys.readouterr().out
+    assert [p.name for p in (trained / "acdc_preds").iterdir()] == ["inside"]  # nothing above
+    commands = [line.split()[2:] for line in out.splitlines() if line.strip().startswith("reinseg score")]
+    conditions = [Path(labels).relative_to(root / "gt") for _, labels in commands]
+    assert conditions == [Path(f"{condition}/val") for condition in ("fog", "night", "rain", "snow")]
+    domains = json.loads(result.read_text())["domains"]
+    for predicted, labels in commands:
+        assert Path(predicted).is_relative_to(preds)
+        assert main(["score", predicted, labels, "--json", str(trained / "s.json")]) == 0
+        condition = Path(labels).parent.name
+        scored = json.loads((trained / "s.json").read_text())
+        assert scored["mIoU"] == pytest.approx(domains[f"../{condition}"]["mIoU"], abs=1e-9)

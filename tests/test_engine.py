@@ -77,7 +77,17 @@ def restore_tf32_flags():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+# Three configs in the fast tier (the main setting, the 4-GPU one, a CNN); every one in the full suite.
+_FAST_CONFIGS = {"rein_dinov2-l_gta_512.yaml", "rein_dinov2-l_cityscapes2acdc_1024.yaml", "rein_resnet50_gta_512.yaml"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(path, marks=() if path.name in _FAST_CONFIGS else pytest.mark.slow, id=path.name)
+        for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    ],
+)
 def test_paper_configs_train_in_fp32_as_the_official_runs(path, tmp_path, restore_tf32_flags):
     # The official runs: fp32 OptimWrapper (no AMP), PyTorch's TF32 defaults (convolutions only).
     config = load_config(path, [f"train.output_dir={tmp_path}"])

@@ -331,10 +331,12 @@ def test_report_refuses_bad_results_and_leaves_no_folder(handmade, tmp_path, cap
 
 
 def test_report_copies_no_picture_from_outside_the_results_folder(handmade, tmp_path, capsys):
-    """A shared results file could otherwise name any image on the disk (``../``, absolute)."""
+    """A shared results file could otherwise name any image on the disk (``../``, absolute, or a
+    symbolic link in the folder)."""
     secret = tmp_path.parent / f"{tmp_path.name}_secret.png"
     Image.fromarray(np.zeros((12, 16), np.uint8)).save(secret)
-    for named in (f"../{secret.name}", str(secret)):
+    (tmp_path / "link.png").symlink_to(secret)  # inside the folder, leading out of it
+    for named in (f"../{secret.name}", str(secret), "link.png"):
         hostile = json.loads(handmade[0].read_text())
         hostile["domains"]["target"]["examples"]["best"][0]["files"]["prediction"] = named
         (tmp_path / "hostile.json").write_text(json.dumps(hostile))
@@ -359,6 +361,29 @@ def test_eval_refuses_bad_examples_options_before_evaluating(evaluated, tmp_path
     (tmp_path / "r_examples").write_text("a file where the examples go")
     assert main([*args, "--save-examples", "1"]) == 2
     assert str(tmp_path / "r_examples") in capsys.readouterr().err
+    # A folder holding a user's file is not replaced (it was, silently).
+    (tmp_path / "r_examples").unlink()
+    (tmp_path / "r_examples" / "target").mkdir(parents=True)
+    (tmp_path / "r_examples" / "notes.txt").write_text("mine")
+    assert main([*args, "--save-examples", "1"]) == 2
+    assert "holds notes.txt, which --save-examples did not write" in capsys.readouterr().err
+    assert (tmp_path / "r_examples" / "notes.txt").read_text() == "mine"
+
+
+def test_an_examples_folder_is_replaced_only_when_it_holds_examples(tmp_path):
+    from reinseg.examples import check_replaceable
+
+    folder = tmp_path / "results_examples"
+    check_replaceable(folder)  # none yet
+    for name in ("00000_image.png", "00000_label.png", "00017_prediction.png"):
+        (folder / "acdc_night").mkdir(parents=True, exist_ok=True)
+        (folder / "acdc_night" / name).write_bytes(b"")
+    check_replaceable(folder)  # an earlier evaluation's
+    for extra in (folder / "acdc_night" / "todo.txt", folder / "readme.md"):
+        extra.write_text("mine")
+        with pytest.raises(ValueError, match=f"holds {extra.name}|holds acdc_night"):
+            check_replaceable(folder)
+        extra.unlink()
 
 
 @pytest.mark.slow

@@ -434,6 +434,15 @@ def test_yaml_anchors_within_bounds_still_work():
     assert MAX_NODES >= 100_000
 
 
+def test_a_yaml_text_over_a_mebibyte_is_refused_before_parsing():
+    from reinseg.safe_load import MAX_YAML_CHARACTERS
+
+    assert load_yaml("x: [" + "1, " * 1000 + "1]", "small.yaml")["x"] == [1] * 1001
+    with pytest.raises(ValueError, match=r"huge\.yaml: 1,200,005 characters of YAML, more than 1,048,576"):
+        load_yaml("x: [" + "1, " * 400_000 + "]", "huge.yaml")
+    assert MAX_YAML_CHARACTERS == 2**20
+
+
 def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path, capsys):
     """PyYAML keeps a repeated key's last value: a second `train:` section replaced the first
     whole, silently."""
@@ -553,6 +562,21 @@ def test_read_image_keeps_pillows_pixel_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels: over twice the limit
     with pytest.raises(DataError, match="large.png.*refused"):
         read_image(path)
+
+
+def test_read_image_refuses_formats_whose_size_it_cannot_check(tmp_path):
+    """OpenCV decodes Radiance HDR, JPEG 2000, ... whatever the file's name; Pillow's pixel limit
+    applies only to the formats it reads (a 277-byte JPEG 2000 named .png claimed 30000x30000)."""
+    import cv2
+    import numpy as np
+
+    from reinseg.data.io import DataError, read_image
+
+    ok, data = cv2.imencode(".hdr", np.ones((8, 8, 3), np.float32))
+    assert ok and cv2.imdecode(data, cv2.IMREAD_COLOR).shape == (8, 8, 3)  # OpenCV would read it
+    (tmp_path / "radiance.png").write_bytes(data.tobytes())
+    with pytest.raises(DataError, match=r"radiance\.png: unreadable \(not an image in one of the formats PNG, JPEG"):
+        read_image(tmp_path / "radiance.png")
 
 
 def test_a_tensor_that_views_more_than_its_file_stores_is_refused(tmp_path):

@@ -209,7 +209,7 @@ def test_release_config_has_the_official_trainable_count(golden, capsys):
     assert row.split()[2] == f"{golden['dinov2_l_trainable'] - golden['dinov2_l_mask_token']:,}" == "4,866,048"
 
 
-@pytest.mark.parametrize("tuning", ["soma", "lora"])
+@pytest.mark.parametrize("tuning", ["soma", pytest.param("lora", marks=pytest.mark.slow)])
 def test_merge_gives_plain_weights_with_the_same_logits(golden, tmp_path, tuning):
     config = model_config(golden, tmp_path, tuning)
     segmentor = build_segmentor(config).eval()

@@ -143,7 +143,8 @@ def test_sam_prompts_are_extra_tokens_of_the_global_attention():
     assert torch.allclose(ours, with_row, atol=1e-5)
 
 
-@pytest.mark.parametrize("tuning", TUNINGS)
+# Rein in the fast tier; every strategy in the full suite.
+@pytest.mark.parametrize("tuning", [pytest.param(t, marks=() if t == "rein" else pytest.mark.slow) for t in TUNINGS])
 def test_save_and_load_round_trip(tmp_path, tuning):
     config = tiny_config("eva02_vitl14", tuning)
     vfm = tmp_path / "vfm.pth"

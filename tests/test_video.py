@@ -191,10 +191,11 @@ Q = 1 << 16  # 1.0 in the display matrix's 16.16 fixed point
         # (a, b, c, d) -> the stored frame as players show it (numpy); FFmpeg's names in comments.
         ((0, Q, -Q, 0), lambda f: np.rot90(f, -1)),  # "rotation of -90 degrees": an iPhone held upright
         ((0, -Q, Q, 0), lambda f: np.rot90(f, 1)),  # +90
-        ((-Q, 0, 0, -Q), lambda f: f[::-1, ::-1]),  # 180
-        ((-Q, 0, 0, Q), lambda f: f[:, ::-1]),  # mirrored left to right
-        ((Q, 0, 0, -Q), lambda f: f[::-1]),  # mirrored top to bottom
-        ((0, 0, 0, 0), lambda f: f),  # degenerate: ignored, as players do
+        # The others in the full suite.
+        pytest.param((-Q, 0, 0, -Q), lambda f: f[::-1, ::-1], marks=pytest.mark.slow),  # 180
+        pytest.param((-Q, 0, 0, Q), lambda f: f[:, ::-1], marks=pytest.mark.slow),  # mirrored left to right
+        pytest.param((Q, 0, 0, -Q), lambda f: f[::-1], marks=pytest.mark.slow),  # mirrored top to bottom
+        pytest.param((0, 0, 0, 0), lambda f: f, marks=pytest.mark.slow),  # degenerate: ignored, as players do
     ],
 )
 def test_a_video_is_segmented_as_its_display_matrix_shows_it(checkpoint, tmp_path, capsys, matrix, shown):

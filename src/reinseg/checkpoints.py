@@ -232,10 +232,38 @@ def segmentor_from_checkpoint(
             f"{path} references the VFM weights {weights}{where} (model.backbone.checkpoint), which are "
             "not there: pass the file (--backbone in the command line)"
         )
+    check_planned_model(model_config, payload["state_dict"], str(path))
     segmentor = build_segmentor(model_config)
     check_vfm_weights(payload, segmentor, str(path), weights)
     load_checkpoint_weights(segmentor, payload["state_dict"], source=str(path))
     return segmentor, payload
+
+
+# DINOv3-7B, the zoo's largest VFM, has 6.7 billion parameters.
+MAX_PARAMETERS = 8_000_000_000
+
+
+def check_planned_model(model_config: ModelConfig, state_dict: dict[str, Tensor], source: str) -> None:
+    """Refuse, before any memory is taken, a checkpoint whose configuration describes a model
+    larger than the zoo's largest, or trainable weights of other shapes than the file holds (a
+    shared checkpoint's configuration asked for two million classes: built, then refused). The
+    model is built on the meta device."""
+    from .build import build_segmentor
+
+    with torch.device("meta"):
+        planned = build_segmentor(model_config, load_backbone_weights=False)
+    total = sum(p.numel() for p in planned.parameters())
+    if total > MAX_PARAMETERS:
+        raise ValueError(f"{source}: its configuration describes a model of {total:,} parameters: refused")
+    _check_class_count(planned, dict(planned.named_parameters()), state_dict, source)
+    for name, param in planned.named_parameters():
+        stored = state_dict.get(name)
+        if param.requires_grad and (not isinstance(stored, Tensor) or stored.shape != param.shape):
+            found = "nothing" if not isinstance(stored, Tensor) else f"shape {tuple(stored.shape)}"
+            raise ValueError(
+                f"{source} does not fit its model configuration: {name} should be {tuple(param.shape)}, "
+                f"the file holds {found}"
+            )
 
 
 def vfm_record(segmentor: torch.nn.Module) -> dict[str, Any]:
@@ -300,12 +328,7 @@ def load_checkpoint_weights(segmentor, state_dict: dict[str, Tensor], source: st
     """Load the weights of :func:`checkpoint_state_dict` strictly; what does not fit is named (in
     ``names``' convention)."""
     expected = checkpoint_state_dict(segmentor)
-    cls_key = "head.cls_embed.weight"
-    if cls_key in state_dict and cls_key in expected and state_dict[cls_key].shape != expected[cls_key].shape:
-        raise ValueError(
-            f"class count mismatch: the config has {segmentor.num_classes} classes but {source}'s "
-            f"{names(cls_key)} has {state_dict[cls_key].shape[0] - 1} (+1 no-object)"
-        )
+    _check_class_count(segmentor, expected, state_dict, source, names)
     problems = state_dict_mismatches(expected, state_dict, names)
     vfm_keys = set(state_dict) ^ set(expected)
     if problems and vfm_keys and all(k.startswith("backbone.vit.") for k in vfm_keys):
@@ -323,6 +346,15 @@ def load_checkpoint_weights(segmentor, state_dict: dict[str, Tensor], source: st
     if problems:
         raise ValueError(f"{source} does not fit the model configuration: " + "; ".join(problems))
     segmentor.load_state_dict(state_dict, strict=False)
+
+
+def _check_class_count(segmentor, expected: dict, state_dict: dict, source: str, names=lambda name: name) -> None:
+    cls_key = "head.cls_embed.weight"
+    if cls_key in state_dict and cls_key in expected and state_dict[cls_key].shape != expected[cls_key].shape:
+        raise ValueError(
+            f"class count mismatch: the config has {segmentor.num_classes} classes but {source}'s "
+            f"{names(cls_key)} has {state_dict[cls_key].shape[0] - 1} (+1 no-object)"
+        )
 
 
 def check_same_model(saved: dict | None, current: dict, what: str) -> None:

@@ -188,8 +188,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         check_submission_target(config, Path(args.submission))
     examples = target.with_name(f"{target.stem}_examples")
-    if args.save_examples and examples.exists() and not examples.is_dir():
-        raise NotADirectoryError(20, "Not a directory (where --save-examples writes)", str(examples))
+    if args.save_examples:
+        _check_examples_folder(examples)
     like = None
     if args.examples_like:
         if not args.save_examples:
@@ -229,26 +229,55 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_examples_folder(examples: Path) -> None:
+    """Where --save-examples writes: a folder of an earlier evaluation's examples, or none."""
+    from .examples import check_replaceable
+
+    if examples.exists() and not examples.is_dir():
+        raise NotADirectoryError(20, "Not a directory (where --save-examples writes)", str(examples))
+    check_replaceable(examples)
+
+
 def _print_score_commands(args: argparse.Namespace, task) -> None:
     """After ``eval --save-preds``: where the predictions are and the ``reinseg score`` command
     of each domain."""
     print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
     from .data.classes import CITYSCAPES_CLASSES
-    from .datamodule import native_labels, prepared_elsewhere
+    from .datamodule import domain_folder, native_labels, prepared_elsewhere
     from .engine import label_root
 
     for domain, dataset, entry in task.val_sets():
         # Another class list is read from the config (the Cityscapes one is score's default).
         classes = "" if dataset.classes == CITYSCAPES_CLASSES else f" --config {args.config}"
-        labels = label_root(dataset)
+        root = label_root(dataset)
+        predictions = Path(args.save_preds) / domain_folder(domain)
         if prepared_elsewhere(dataset):
             labels = Path(entry.root) / "cityscapes_trainIdLabel" / entry.split / "label"
             print(f"  (labels of {domain} are not train IDs: `reinseg prepare mapillary {entry.root}` first)")
-        command = f"reinseg score {Path(args.save_preds) / domain.replace('/', '_')} {labels}{classes}"
-        if native_labels(dataset) and not prepared_elsewhere(dataset):  # score reads the labels prepare writes
-            print(f"  (labels of {domain} are not train IDs: `reinseg prepare` them first) {command}")
+            folders = [(predictions, labels)]
         else:
-            print(f"  {command}")
+            # One command per part (ACDC's conditions): the parts' common folder also holds other
+            # splits (gt/<condition>/train), whose labels have no prediction.
+            folders = [(predictions / part.relative_to(root), part) for part in _part_label_folders(dataset, root)]
+        for predicted, labels in folders:
+            command = f"reinseg score {predicted} {labels}{classes}"
+            if native_labels(dataset) and not prepared_elsewhere(dataset):  # score reads what prepare writes
+                print(f"  (labels of {domain} are not train IDs: `reinseg prepare` them first) {command}")
+            else:
+                print(f"  {command}")
+
+
+def _part_label_folders(dataset, root: Path) -> list[Path]:
+    """The folder of each part's labels (ACDC's conditions), or ``[root]`` for a dataset of one part."""
+    import os
+
+    by_part: dict[str, list[str]] = {}
+    for image, label in dataset.pairs:
+        if label is not None:
+            by_part.setdefault(dataset.part_of.get(str(image), ""), []).append(str(Path(label).parent))
+    if len(by_part) < 2:
+        return [root]
+    return [Path(os.path.commonpath(folders)) for _, folders in sorted(by_part.items())]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -237,6 +237,14 @@ def prepared_elsewhere(dataset) -> bool:
     return native_labels(dataset) and info is not None and info.labels_prepared_elsewhere
 
 
+def domain_folder(domain: str) -> str:
+    """The folder name of a validation domain's files (``--save-preds``, ``--save-examples``): its
+    name with path separators as ``_`` (``acdc/night`` -> ``acdc_night``), never ``.`` or ``..``
+    (a ``label: ..`` wrote predictions into the folder above)."""
+    folder = domain.replace("/", "_").replace("\\", "_")
+    return f"_{folder}" if folder in ("", ".", "..") else folder
+
+
 def prediction_name(dataset, relative: Path) -> Path:
     """Where ``--save-preds`` writes the train-ID prediction for the label at ``relative`` (to
     :func:`label_root`): the same path where the labels are train IDs, else the name the dataset's

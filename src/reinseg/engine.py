@@ -58,6 +58,7 @@ from .datamodule import (
     ShardSampler,
     TrainingStream,
     check_num_classes,
+    domain_folder,
     label_root,
     prediction_name,
     training_set,
@@ -274,7 +275,7 @@ class SegmentationTask(L.LightningModule):
         if dataloader_idx not in self._label_roots:
             self._label_roots[dataloader_idx] = label_root(dataset)
         relative = Path(label_path).relative_to(self._label_roots[dataloader_idx])
-        target = self.save_predictions / domain.replace("/", "_") / prediction_name(dataset, relative)
+        target = self.save_predictions / domain_folder(domain) / prediction_name(dataset, relative)
         write_png(target, prediction.to(torch.uint8).cpu().numpy(), sync=True)
 
     def _protocol_results(self, p: int) -> tuple[dict[str, Any], dict]:

@@ -23,6 +23,7 @@ docs/report.md):
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,26 @@ def _small(image: np.ndarray, label: np.ndarray, prediction: np.ndarray):
     return image, label, prediction
 
 
+_EXAMPLE_FILE = re.compile(r"\d{5}_(image|label|prediction)\.png")
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to replace ``folder`` unless it holds nothing or only what :func:`write_examples`
+    writes (a folder per domain of ``<n>_image|label|prediction.png``): the examples of an earlier
+    evaluation are replaced, anything else is a user's and stays."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        ours = entry.is_dir() and not entry.is_symlink()
+        ours = ours and all(f.is_file() and _EXAMPLE_FILE.fullmatch(f.name) for f in entry.iterdir())
+        if not ours:
+            raise ValueError(
+                f"{folder} holds {entry.name}, which --save-examples did not write: it would replace the "
+                "folder; choose another --json (the examples go beside it) or move the folder"
+            )
+
+
 @torch.no_grad()
 def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str, set[str]] | None = None) -> None:
     """Add ``images`` and ``examples`` to each domain of ``task.last_results`` and write the
@@ -80,6 +101,7 @@ def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str
     from .checkpoints import atomic_directory
     from .data import collate
     from .data.io import read_image, write_png
+    from .datamodule import domain_folder
 
     task.segmentor.eval()
     device = next(task.segmentor.parameters()).device
@@ -95,7 +117,7 @@ def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str
             wanted = (also or {}).get(domain, set())
             chosen["also"] = [i for i, r in enumerate(records) if r["image"] in wanted]
             written: dict[int, dict] = {}
-            subfolder = domain.replace("/", "_")
+            subfolder = domain_folder(domain)
             for group in chosen:
                 for position in chosen[group]:
                     if position not in written:

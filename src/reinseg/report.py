@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -570,16 +569,15 @@ def _read_png(model: ModelResults, relative: str, ndim: int) -> np.ndarray:
     path = folder / relative
     # A results file names its examples relative to itself; it may not copy other files on this
     # disk into a report that is then shared.
-    if Path(relative).is_absolute() or not os.path.normpath(path.absolute()).startswith(
-        os.path.join(os.path.normpath(folder.absolute()), "")
-    ):
+    # Resolved: a symbolic link inside the folder may not lead out of it either.
+    if Path(relative).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
         raise ValueError(f"{model.path}: example file {relative!r} is outside the results' folder {folder}")
     try:
         with Image.open(path, formats=RASTER_FORMATS) as picture:
             array = np.asarray(picture.convert("RGB") if ndim == 3 else picture)
     except FileNotFoundError:
         raise ValueError(f"{model.path}: example file not found: {path}") from None
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise ValueError(f"{model.path}: example file {path} does not read: {err}") from None
     if array.ndim != ndim:
         raise ValueError(f"{model.path}: example file {path} has shape {array.shape}, not {ndim} dimensions")

@@ -45,6 +45,8 @@ __all__ = [
 # with shared references expanded.
 MAX_NODES = 1_000_000
 MAX_YAML_ALIASES = 256
+# A configuration is a few kilobytes (the official-config reader takes at most 1 MiB too).
+MAX_YAML_CHARACTERS = 2**20
 
 
 class UnsafeFileError(ValueError):
@@ -434,10 +436,15 @@ def load_yaml(text: str, source: str) -> Any:
 
     Raises:
         ValueError: naming ``source``, when the text has more than :data:`MAX_YAML_ALIASES`
-            aliases or expands to more than :data:`MAX_NODES` values, or gives a mapping's key
-            twice; ``yaml.YAMLError`` when it is not YAML.
+            aliases or expands to more than :data:`MAX_NODES` values, is longer than
+            :data:`MAX_YAML_CHARACTERS`, or gives a mapping's key twice; ``yaml.YAMLError`` when it
+            is not YAML.
     """
     import yaml
+
+    if len(text) > MAX_YAML_CHARACTERS:
+        # Parsing builds every value before any count: 300,000 list items took 12 s and 213 MB.
+        raise ValueError(f"{source}: {len(text):,} characters of YAML, more than {MAX_YAML_CHARACTERS:,}: refused")
 
     class _BoundedLoader(yaml.SafeLoader):
         aliases = 0

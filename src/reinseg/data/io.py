@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "RASTER_FORMATS",
@@ -102,7 +102,12 @@ def _refuse_decompression_bombs(path) -> None:
             pass
     except Image.DecompressionBombError as err:
         raise DataError(path, f"refused: {err}") from None
-    except Exception:  # not a format Pillow reads: OpenCV decides
+    except UnidentifiedImageError:
+        # OpenCV also decodes JPEG 2000, AVIF, OpenEXR, ... whatever the file's name: their sizes
+        # are unchecked (a 277-byte JPEG 2000 named .png claimed 30000x30000).
+        formats = ", ".join(RASTER_FORMATS)
+        raise DataError(path, f"unreadable (not an image in one of the formats {formats})") from None
+    except Exception:  # a damaged header of one of those formats: OpenCV's decoding says what is wrong
         pass
 
 

@@ -426,7 +426,17 @@ def eval_scale(entry: dict, crop: tuple[int, int] | None = None) -> tuple[int, i
         info = DATASETS.get(entry.get("name"))
         default = info.test_scale if info is not None else None
         scale = default if crop is None else official_test_scale(entry.get("name"), tuple(crop), default)
+    if scale is not None and max(scale) > MAX_TEST_SIDE:
+        # A shared checkpoint's config names it: 40000x40000 made a 64x128 photo 8.9 GiB of scores.
+        raise ValueError(
+            f"test scale {scale[0]}x{scale[1]} of {entry.get('label') or entry.get('name')}: "
+            f"more than {MAX_TEST_SIDE} pixels a side"
+        )
     return None if scale is None else tuple(scale)
+
+
+# Larger than any camera's frames (8K video: 7680x4320), and ms-flip's 1.75 x 4096.
+MAX_TEST_SIDE = 16384
 
 
 def dataset_info(name: str) -> DatasetInfo:
