@@ -89,6 +89,20 @@ def test_params_of_a_config_refuses_the_options_that_describe_a_model(capsys):
     err = capsys.readouterr().err
     assert "--backbone, --img-size describe a model without a config" in err and "model.backbone.name=" in err
 
+    assert main(["params", str(config), "--patch-size", "14"]) == 2
+    assert "--patch-size describes a model without a config" in capsys.readouterr().err
+
+
+def test_params_of_a_cnn_takes_no_patch_size(capsys):
+    """--patch-size defaulted to 16 for every backbone: a CNN was refused ("patch_size does not apply")."""
+    assert main(["params", "--backbone", "resnet50_v1c"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("resnet50_v1c at 512 px, images of any size")
+    assert main(["params", "--backbone", "dinov2_vits14"]) == 0
+    assert capsys.readouterr().out.startswith("dinov2_vits14 at 512 px, patch 16")
+    assert main(["params", "--backbone", "dinov2_vits14", "--patch-size", "0", "--img-size", "518"]) == 0
+    assert capsys.readouterr().out.startswith("dinov2_vits14 at 518 px, patch 14")
+
 
 ROOT = Path(__file__).parents[1]
 SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

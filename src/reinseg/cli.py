@@ -34,7 +34,7 @@ _COMPONENT_NAMES = {"rein": "Rein", "vpt": "prompts", "set": "SET", "fada": "FAD
 _PARAMS_MODEL_FLAGS = {
     "--backbone": ("backbone", "dinov2_vitl14"),
     "--img-size": ("img_size", 512),
-    "--patch-size": ("patch_size", 16),
+    "--patch-size": ("patch_size", None),
     "--lora-dim": ("lora_dim", 16),
     "--token-length": ("token_length", 100),
     "--query-dims": ("query_dims", 256),
@@ -55,8 +55,9 @@ def _cmd_params(args: argparse.Namespace) -> int:
         given = [flag for flag, (dest, default) in _PARAMS_MODEL_FLAGS.items() if getattr(args, dest) != default]
         if given:
             raise ValueError(
-                f"{', '.join(given)} describe a model without a config; with {args.config} override its keys "
-                "instead (e.g. model.backbone.name=dinov2_vitb14 model.backbone.img_size=1024)"
+                f"{', '.join(given)} {'describes' if len(given) == 1 else 'describe'} a model without a config; "
+                f"with {args.config} override its keys instead "
+                "(e.g. model.backbone.name=dinov2_vitb14 model.backbone.img_size=1024)"
             )
         config = load_config(args.config, args.overrides).model
         title = f"{args.config}: {config.backbone.name}"
@@ -70,7 +71,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
             )
         config = ModelConfig(
             tuning="frozen" if rein is None else "rein",
-            backbone=BackboneConfig(name=args.backbone, img_size=args.img_size, patch_size=args.patch_size or None),
+            backbone=BackboneConfig(name=args.backbone, img_size=args.img_size, patch_size=_patch_size(args)),
             rein=rein,
             head=HeadConfig(num_classes=args.num_classes, feat_channels=args.query_dims),
         )
@@ -164,6 +165,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if task.last_results is not None and task.last_results["mean_mIoU"] is not None:
         print(f"final mean mIoU: {task.last_results['mean_mIoU']:.2f}")
     return 0
+
+
+def _patch_size(args: argparse.Namespace) -> int | None:
+    """--patch-size: 16 (the paper's) for a ViT unless given, none for a CNN, 0 for the model's own."""
+    if args.patch_size is not None:
+        return args.patch_size or None
+    from .backbones import BACKBONES
+    from .families import get_family
+
+    spec = BACKBONES.get(args.backbone)
+    return None if spec is not None and get_family(spec.family).kind == "cnn" else 16
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -548,8 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         "segment images with a checkpoint",
         "Segment images (files, folders or glob patterns) and write, per image, <stem>_labelTrainIds.png "
-        "(train IDs) and <stem>_overlay.png (Cityscapes colours over the image). Photos are turned "
-        "upright as their EXIF orientation says. Videos (.mp4, .mov, .avi, .mkv, .webm, ...; needs "
+        "(train IDs) and <stem>_overlay.png (the colours of the checkpoint's classes over the image). "
+        "Photos are turned upright as their EXIF orientation says. Videos (.mp4, .mov, .avi, .mkv, .webm, ...; needs "
         "`pip install reinseg[video]`) give <stem>_overlay.mp4, and with --frames <stem>_frames/ of PNGs.",
         """
                 reinseg predict work_dirs/gta/checkpoints/last.ckpt street.jpg photos/ 'more/*.png' --output out
@@ -681,7 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--patch-size",
         type=int,
         default=flags["--patch-size"],
-        help="patch size (default 16, the paper's; 0: the model's own)",
+        help="patch size (default 16, the paper's, for a ViT; none for a CNN; 0: the model's own)",
     )
     p.add_argument(
         "--lora-dim",
@@ -759,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fold a checkpoint's SoMA or LoRA adapters into the backbone's weights",
         "Merge the tuning strategy's modules into the VFM's own weights and write a self-contained checkpoint "
         "of the plain model (model.tuning: full, every weight stored) with the same logits and no inference cost.",
-        "reinseg merge work_dirs/soma_dinov2-l_gta_512/last.pt --output soma_merged.pt",
+        "reinseg merge work_dirs/soma_dinov2-l_gta_512/checkpoints/last.ckpt --output soma_merged.pt",
     )
     p.add_argument("checkpoint", help="a reinseg checkpoint of a mergeable strategy (soma, lora)")
     p.add_argument("--output", required=True, help="the merged checkpoint to write")

@@ -99,7 +99,7 @@ def register_commands(subparsers) -> None:
             ({0..18, 255}; {0..N-1, 255} for a custom dataset of N classes) with the files, and
             the class histogram. CONFIG_OR_ROOT is a dataset root (its dataset recognised by
             the layout, or named with --dataset) or a YAML config with a `data` section.
-            Exits 1 when any problem is found."""
+            Exits 1 when any problem is found (2 with --on-error raise, at the first)."""
         ),
         epilog=textwrap.dedent(
             """\
