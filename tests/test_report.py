@@ -2,6 +2,7 @@
 predictions, and the page in a real browser (headless Chromium) against the results JSON."""
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -328,6 +329,32 @@ def test_report_refuses_bad_results_and_leaves_no_folder(handmade, tmp_path, cap
     assert main(["report", str(files[0]), "--output", str(tmp_path / "mine")]) == 2
     assert "is not a reinseg report" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    "where, value, message",
+    [
+        (("mIoU",), True, "mIoU is True, not a percentage"),
+        (("IoU", "road"), float("nan"), "IoU\\['road'\\] is nan"),
+        (("mIoU",), 5000, "mIoU is 5000"),
+        (("mIoU",), [1, 2], r"mIoU is \[1, 2\]"),
+        (("confusion", 0, 0), -4, "the confusion matrix of domain 'target' is not"),
+        (("palette", 0), [300, 0, 0], "the palette of domain 'target' is not"),
+    ],
+)
+def test_a_malformed_results_file_is_named_not_shown(handmade, tmp_path, capsys, where, value, message):
+    """true was shown as 1.00, NaN and 5000 as they are; a list or a colour of 300 crashed the page."""
+    results = json.loads(handmade[0].read_text())
+    scores = results["domains"]["target"]
+    scores.setdefault("palette", [[0, 0, 0]] * len(scores["IoU"]))
+    target = scores
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    (tmp_path / "bad.json").write_text(json.dumps(results))
+    assert main(["report", str(tmp_path / "bad.json"), "--output", str(tmp_path / "out")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_copies_no_picture_from_outside_the_results_folder(handmade, tmp_path, capsys):

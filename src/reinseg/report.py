@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,17 +86,38 @@ def _check_results(data, path: Path) -> None:
     domains = data.get("domains") if isinstance(data, dict) else None
     if not isinstance(domains, dict) or not domains:
         raise ValueError(f"{path} is not a reinseg evaluation result: no 'domains' (write it with reinseg eval)")
+    if not _percent(data.get("mean_mIoU")):
+        raise ValueError(f"{path}: mean_mIoU is {data.get('mean_mIoU')!r}, not a percentage or null")
     for domain, scores in domains.items():
         if not isinstance(scores, dict) or not isinstance(scores.get("IoU"), dict) or "mIoU" not in scores:
             raise ValueError(f"{path}: domain {domain!r} has no 'mIoU' and per-class 'IoU'")
+        # The page shows these numbers as they are: true, NaN, 5000 or a list were shown or crashed it.
+        percents = {"mIoU": scores["mIoU"], "aAcc": scores.get("aAcc"), "mAcc": scores.get("mAcc")}
+        percents.update({f"IoU[{c!r}]": v for c, v in scores["IoU"].items()})
+        percents.update({f"Acc[{c!r}]": v for c, v in (scores.get("Acc") or {}).items()})
+        percents.update(
+            {f"images[{i}].mIoU": r.get("mIoU") for i, r in enumerate(scores.get("images", [])) if isinstance(r, dict)}
+        )
+        wrong = next((key for key, value in percents.items() if not _percent(value)), None)
+        if wrong is not None:
+            raise ValueError(f"{path}: domain {domain!r}: {wrong} is {percents[wrong]!r}, not a percentage or null")
         confusion = scores.get("confusion")
         k = len(scores["IoU"])
         if confusion is not None and (
             not isinstance(confusion, list)
             or len(confusion) != k
             or any(not isinstance(row, list) or len(row) != k + 1 for row in confusion)
+            or any(not _count(c) for row in confusion for c in row)
         ):
             raise ValueError(f"{path}: the confusion matrix of domain {domain!r} is not {k} rows of {k + 1} counts")
+        palette = scores.get("palette")
+        if palette is not None and (
+            not isinstance(palette, list)
+            or any(
+                not isinstance(c, list) or len(c) != 3 or not all(_count(v) and v <= 255 for v in c) for c in palette
+            )
+        ):
+            raise ValueError(f"{path}: the palette of domain {domain!r} is not [r, g, b] colours of 0..255")
         examples = scores.get("examples", {})
         entries = (
             [e for g in (*GROUPS, "also") for e in (examples.get(g) or [])] if isinstance(examples, dict) else None
@@ -113,6 +135,16 @@ def _check_results(data, path: Path) -> None:
             )
         if not all(isinstance(r, dict) and isinstance(r.get("image"), str) for r in scores.get("images", [])):
             raise ValueError(f"{path}: the per-image records of domain {domain!r} have no 'image'")
+
+
+def _percent(value) -> bool:
+    return value is None or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 100
+    )
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_same_classes(models: list[ModelResults]) -> None:
