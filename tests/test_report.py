@@ -402,10 +402,11 @@ def test_an_examples_folder_is_replaced_only_when_it_holds_examples(tmp_path):
 
     folder = tmp_path / "results_examples"
     check_replaceable(folder)  # none yet
-    for name in ("00000_image.png", "00000_label.png", "00017_prediction.png"):
+    for name in ("00000_image.png", "00000_label.png", "00017_prediction.png", "123456_image.png", ".DS_Store"):
         (folder / "acdc_night").mkdir(parents=True, exist_ok=True)
         (folder / "acdc_night" / name).write_bytes(b"")
-    check_replaceable(folder)  # an earlier evaluation's
+    (folder / ".DS_Store").write_bytes(b"")
+    check_replaceable(folder)  # an earlier evaluation's, looked at in a file browser
     for extra in (folder / "acdc_night" / "todo.txt", folder / "readme.md"):
         extra.write_text("mine")
         with pytest.raises(ValueError, match=f"holds {extra.name}|holds acdc_night"):

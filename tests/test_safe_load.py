@@ -269,7 +269,9 @@ def test_a_compressed_record_that_expands_a_thousandfold_is_refused(tmp_path):
             dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
     assert (tmp_path / "bomb.pth").stat().st_size < 64 * 2**10
     assert torch.equal(load_torch_file(tmp_path / "stored.pth")["w"], torch.zeros(2**20))
-    with pytest.raises(ValueError, match=r"bomb\.pth: refused.*expands from [\d,]+ to 4,194,304 bytes"):
+    with pytest.raises(
+        ValueError, match=r"bomb\.pth: refused.*tensor record .*data/0 is compressed \([\d,]+ bytes for 4,194,304\)"
+    ):
         load_torch_file(tmp_path / "bomb.pth", "checkpoint")
 
 
@@ -323,7 +325,7 @@ def test_a_torchscript_archive_of_shared_modules_nested_exponentially_is_refused
         archive.writestr("arch/constants.pkl", b"")
         archive.writestr("arch/code/__torch__.py", b"")
         archive.writestr("arch/data/0", bytes(16))
-    with pytest.raises(ValueError, match=r"shared\.pt: refused.*more than 100,000 tensors"):
+    with pytest.raises(ValueError, match=r"shared\.pt: refused.*more than 100,000 module records"):
         read_state_dict(tmp_path / "shared.pt")
 
 
@@ -455,6 +457,8 @@ def test_a_key_given_twice_is_refused_naming_its_lines(tmp_path, capsys):
     assert "line 5" in capsys.readouterr().err
     # The same key in two mappings, and a merge's keys overridden, are fine.
     assert load_yaml("a: {lr: 1}\nb: {lr: 2}\nd: &d {x: 1}\ne: {<<: *d, x: 3}\n", "y.yaml")["e"] == {"x": 3}
+    # An anchored mapping with a merge, used again: flattened once, not a repeat.
+    assert load_yaml("a: &a {x: 1}\nb: &b {<<: *a, x: 2}\nd: *b\n", "z.yaml")["d"] == {"x": 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,6 +581,30 @@ def test_read_image_refuses_formats_whose_size_it_cannot_check(tmp_path):
     (tmp_path / "radiance.png").write_bytes(data.tobytes())
     with pytest.raises(DataError, match=r"radiance\.png: unreadable \(not an image in one of the formats PNG, JPEG"):
         read_image(tmp_path / "radiance.png")
+
+
+def test_a_png_pillow_refuses_for_a_bad_ancillary_checksum_is_decoded_with_its_size_checked(tmp_path, monkeypatch):
+    """Pillow refuses a PNG whose optional chunk has a bad checksum; OpenCV decodes it. It is read
+    (it was refused as "not an image"), its IHDR size still bounded by Pillow's limit."""
+    import struct
+    import zlib
+
+    import cv2
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from reinseg.data.io import DataError, read_image
+
+    ok, encoded = cv2.imencode(".png", np.full((100, 100, 3), 100, np.uint8))
+    text = b"Comment\x00hello"
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", (zlib.crc32(b"tEXt" + text) + 1) % 2**32)
+    (tmp_path / "damaged.png").write_bytes(encoded.tobytes()[:33] + chunk + encoded.tobytes()[33:])
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(tmp_path / "damaged.png")
+    assert (read_image(tmp_path / "damaged.png") == 100).all()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 pixels: over twice the limit
+    with pytest.raises(DataError, match=r"damaged\.png: refused: 100x100 pixels"):
+        read_image(tmp_path / "damaged.png")
 
 
 def test_a_tensor_that_views_more_than_its_file_stores_is_refused(tmp_path):

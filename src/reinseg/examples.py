@@ -72,7 +72,9 @@ def _small(image: np.ndarray, label: np.ndarray, prediction: np.ndarray):
     return image, label, prediction
 
 
-_EXAMPLE_FILE = re.compile(r"\d{5}_(image|label|prediction)\.png")
+_EXAMPLE_FILE = re.compile(r"\d{5,}_(image|label|prediction)\.png")
+# What file browsers leave in a folder they showed.
+_BROWSER_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 
 
 def check_replaceable(folder: Path) -> None:
@@ -83,8 +85,12 @@ def check_replaceable(folder: Path) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
+        if entry.name in _BROWSER_FILES:
+            continue
         ours = entry.is_dir() and not entry.is_symlink()
-        ours = ours and all(f.is_file() and _EXAMPLE_FILE.fullmatch(f.name) for f in entry.iterdir())
+        ours = ours and all(
+            f.is_file() and (_EXAMPLE_FILE.fullmatch(f.name) or f.name in _BROWSER_FILES) for f in entry.iterdir()
+        )
         if not ours:
             raise ValueError(
                 f"{folder} holds {entry.name}, which --save-examples did not write: it would replace the "

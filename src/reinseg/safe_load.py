@@ -143,8 +143,8 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
     return loaded
 
 
-# torch.save and torch.jit.save store their records uncompressed. A deflated record expands up to
-# about 1000 times (zeros): a 20 MB file would fill 20 GB as it is read.
+# torch.save and torch.jit.save store tensors uncompressed (torch.jit.save deflates its code). A
+# deflated record expands up to about 1000 times (zeros): a 20 MB file would fill 20 GB as read.
 MAX_EXPANSION = 16
 
 
@@ -154,13 +154,20 @@ def _refuse_compressed_entries(path: Path, what: str) -> None:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError) as err:
         raise ValueError(f"could not read {what} {path}: {err}") from None
-    for entry in entries:
-        expanded = entry.file_size > max(MAX_EXPANSION * entry.compress_size, 2**20)
-        if entry.compress_type != zipfile.ZIP_STORED and expanded:
+    compressed = [e for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    for entry in compressed:
+        if "/data/" in f"/{entry.filename}":
             raise ValueError(
-                f"{path}: refused to read this {what}: its record {entry.filename} expands from "
-                f"{entry.compress_size:,} to {entry.file_size:,} bytes (PyTorch writes its records uncompressed)"
+                f"{path}: refused to read this {what}: its tensor record {entry.filename} is compressed "
+                f"({entry.compress_size:,} bytes for {entry.file_size:,}); PyTorch stores tensors uncompressed"
             )
+    # Other records (TorchScript's code and debug records are deflated) together, not one by one:
+    # 64 records of 1 MiB each made 75 kB expand to 64 MiB.
+    expanded, stored = sum(e.file_size for e in compressed), sum(e.compress_size for e in compressed)
+    if expanded > max(MAX_EXPANSION * stored, 2**24):
+        raise ValueError(
+            f"{path}: refused to read this {what}: its compressed records expand from {stored:,} to {expanded:,} bytes"
+        )
 
 
 @contextlib.contextmanager
@@ -355,11 +362,17 @@ def _collect_tensors(module: object, source: Path) -> dict[str, Tensor]:
 
     out: dict[str, Tensor] = {}
     clones: dict[int, Tensor] = {}
+    visited = 0
     stack: list[tuple[object, str, frozenset[int]]] = [(module, "", frozenset())]
     while stack:
         record, prefix, above = stack.pop()
         if not isinstance(record, _ScriptRecord):
             continue
+        visited += 1
+        if visited > MAX_SCRIPT_TENSORS:  # records shared over and over, with or without tensors
+            raise ValueError(
+                f"{source}: refused to read this TorchScript archive: more than {MAX_SCRIPT_TENSORS:,} module records"
+            )
         if id(record) in above:
             raise ValueError(f"{source}: refused to read this TorchScript archive: a module contains itself")
         for name, value in getattr(record, "attributes", {}).items():
@@ -448,6 +461,7 @@ def load_yaml(text: str, source: str) -> Any:
 
     class _BoundedLoader(yaml.SafeLoader):
         aliases = 0
+        checked: set[int] = set()
 
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent):
@@ -459,7 +473,10 @@ def load_yaml(text: str, source: str) -> Any:
         def construct_mapping(self, node, deep=False):
             # A key given twice: PyYAML keeps the last silently (a second `train:` section would
             # replace the first whole).
-            if isinstance(node, yaml.MappingNode):
+            if isinstance(node, yaml.MappingNode) and id(node) not in self.checked:
+                # Once, as written: an anchored mapping with a merge is flattened in place when
+                # first built, and an alias to it would see its merged keys as repeats.
+                self.checked.add(id(node))
                 lines: dict = {}
                 for key_node, _ in node.value:
                     if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):

@@ -83,7 +83,7 @@ def read_image(path) -> np.ndarray:
         raise DataError(path, "file not found") from None
     except OSError as err:
         raise DataError(path, f"unreadable ({err.strerror or err})") from None
-    _refuse_decompression_bombs(path)
+    _refuse_decompression_bombs(path, data[:32].tobytes())
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise DataError(path, "unreadable (not an image format OpenCV can decode, or a damaged file)")
@@ -93,7 +93,25 @@ def read_image(path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _refuse_decompression_bombs(path) -> None:
+# The first bytes of the formats of RASTER_FORMATS (a damaged file of one of them is left to
+# OpenCV, which decodes some that Pillow refuses, such as a PNG with a bad ancillary-chunk checksum).
+_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"GIF8",
+    b"P1",
+    b"P2",
+    b"P3",
+    b"P4",
+    b"P5",
+    b"P6",
+)
+
+
+def _refuse_decompression_bombs(path, head: bytes = b"") -> None:
     """Pillow's limit on pixels (``Image.MAX_IMAGE_PIXELS``) for OpenCV's decoding too, read from
     the file's header (0.02 ms; a copy of the bytes read would take 10x that): OpenCV's own
     limit allows 2**30 pixels, so a 190 KB PNG would take gigabytes."""
@@ -103,6 +121,12 @@ def _refuse_decompression_bombs(path) -> None:
     except Image.DecompressionBombError as err:
         raise DataError(path, f"refused: {err}") from None
     except UnidentifiedImageError:
+        if head.startswith(_SIGNATURES) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP"):
+            if head.startswith(_SIGNATURES[0]) and head[12:16] == b"IHDR":  # PNG: IHDR comes first
+                width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+                if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+                    raise DataError(path, f"refused: {width}x{height} pixels, a decompression bomb") from None
+            return  # damaged: OpenCV's decoding says what is wrong
         # OpenCV also decodes JPEG 2000, AVIF, OpenEXR, ... whatever the file's name: their sizes
         # are unchecked (a 277-byte JPEG 2000 named .png claimed 30000x30000).
         formats = ", ".join(RASTER_FORMATS)
