@@ -320,3 +320,26 @@ def test_saved_predictions_of_acdc_score_with_the_printed_commands_and_stay_insi
         condition = Path(labels).parent.name
         scored = json.loads((trained / "s.json").read_text())
         assert scored["mIoU"] == pytest.approx(domains[f"../{condition}"]["mIoU"], abs=1e-9)
+
+
+@pytest.mark.slow  # the printed command's oracle: prepare, then score
+def test_saved_predictions_of_native_mapillary_score_with_the_printed_command_once_prepared(trained, capsys):
+    """Mapillary's prepared labels live in their own folder (the layout's first label source),
+    under the native labels' names: the printed command names that folder."""
+    from fake_datasets import make_fake_mapillary
+
+    root = trained / "mapillary"
+    make_fake_mapillary(root, n=2, size=(64, 128))
+    checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    preds, result = trained / "mapillary_preds", trained / "mapillary.json"
+    entry = f"{{name: mapillary, root: {root}, split: val, half: false, scale: [128, 64]}}"
+    arguments = ["eval", str(trained / "config.yaml"), checkpoint, "--save-preds", str(preds), "--json", str(result)]
+    assert main([*arguments, f"data.val=[{entry}]"]) == 0
+    out = capsys.readouterr().out
+    assert f"`reinseg prepare mapillary {root}` first" in out
+    [command] = [line.split()[2:] for line in out.splitlines() if line.strip().startswith("reinseg score")]
+    assert command == [str(preds / "mapillary"), str(root / "cityscapes_trainIdLabel" / "val" / "label")]
+    assert main(["prepare", "mapillary", str(root), "--workers", "1"]) == 0
+    assert main(["score", *command, "--json", str(trained / "m.json")]) == 0
+    scored = json.loads((trained / "m.json").read_text())
+    assert scored["mIoU"] == pytest.approx(json.loads(result.read_text())["domains"]["mapillary"]["mIoU"], abs=1e-9)

@@ -255,8 +255,8 @@ def _print_score_commands(args: argparse.Namespace, task) -> None:
     of each domain."""
     print(f"predictions (train-ID PNGs) in {args.save_preds}/<domain>/, scored with e.g.:")
     from .data.classes import CITYSCAPES_CLASSES
-    from .datamodule import domain_folder, native_labels, prepared_elsewhere
-    from .engine import label_root
+    from .data.layouts import split_layout
+    from .datamodule import domain_folder, label_root, native_labels, part_label_folders, prepared_elsewhere
 
     for domain, dataset, entry in task.val_sets():
         # Another class list is read from the config (the Cityscapes one is score's default).
@@ -264,32 +264,19 @@ def _print_score_commands(args: argparse.Namespace, task) -> None:
         root = label_root(dataset)
         predictions = Path(args.save_preds) / domain_folder(domain)
         if prepared_elsewhere(dataset):
-            labels = Path(entry.root) / "cityscapes_trainIdLabel" / entry.split / "label"
-            print(f"  (labels of {domain} are not train IDs: `reinseg prepare mapillary {entry.root}` first)")
-            folders = [(predictions, labels)]
+            # The layout's first label source is the one prepare writes (Mapillary's own folder).
+            [(_, part_root, layout)] = split_layout(entry.name, Path(entry.root), entry.split, entry.options)
+            print(f"  (labels of {domain} are not train IDs: `reinseg prepare {entry.name} {entry.root}` first)")
+            folders = [(predictions, part_root / layout.labels[0].folder)]
         else:
-            # One command per part (ACDC's conditions): the parts' common folder also holds other
-            # splits (gt/<condition>/train), whose labels have no prediction.
-            folders = [(predictions / part.relative_to(root), part) for part in _part_label_folders(dataset, root)]
+            # One command per part (ACDC's conditions), whose labels all have a prediction.
+            folders = [(predictions / part.relative_to(root), part) for part in part_label_folders(dataset)]
         for predicted, labels in folders:
             command = f"reinseg score {predicted} {labels}{classes}"
             if native_labels(dataset) and not prepared_elsewhere(dataset):  # score reads what prepare writes
                 print(f"  (labels of {domain} are not train IDs: `reinseg prepare` them first) {command}")
             else:
                 print(f"  {command}")
-
-
-def _part_label_folders(dataset, root: Path) -> list[Path]:
-    """The folder of each part's labels (ACDC's conditions), or ``[root]`` for a dataset of one part."""
-    import os
-
-    by_part: dict[str, list[str]] = {}
-    for image, label in dataset.pairs:
-        if label is not None:
-            by_part.setdefault(dataset.part_of.get(str(image), ""), []).append(str(Path(label).parent))
-    if len(by_part) < 2:
-        return [root]
-    return [Path(os.path.commonpath(folders)) for _, folders in sorted(by_part.items())]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

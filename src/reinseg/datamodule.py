@@ -221,6 +221,23 @@ def label_root(dataset) -> Path:
     labels = [label for _, label in dataset.pairs if label is not None]
     if not labels:
         raise ValueError(f"{dataset.name} has no labels")
+    return _common_folder(labels)
+
+
+def part_label_folders(dataset) -> list[Path]:
+    """The folder of each part's labels (ACDC's conditions), or ``[label_root(dataset)]`` for a
+    dataset of one part: the parts' common folder may also hold other splits' labels
+    (``gt/<condition>/train``)."""
+    by_part: dict[str, list[str]] = {}
+    for image, label in dataset.pairs:
+        if label is not None:
+            by_part.setdefault(dataset.part_of.get(str(image), ""), []).append(label)
+    if len(by_part) < 2:
+        return [label_root(dataset)]
+    return [_common_folder(labels) for _, labels in sorted(by_part.items())]
+
+
+def _common_folder(labels) -> Path:
     return Path(os.path.commonpath([str(Path(p).parent) for p in labels]))
 
 

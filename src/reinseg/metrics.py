@@ -99,9 +99,13 @@ def mean_over_domains(results: Mapping[str, dict], domains: Sequence[str] | None
     if missing:
         raise KeyError(f"no results for domains {missing}")
     values = [results[k]["mIoU"] for k in keys]
-    if any(v is None for v in values) or not values:
-        return None
-    return sum(float(np.round(v, 2)) for v in values) / len(values)
+    return None if any(v is None for v in values) else mean_of_rounded(values)
+
+
+def mean_of_rounded(values: Sequence[float]) -> float | None:
+    """The mean of ``values`` rounded to two decimals, as the official ``DGIoUMetric`` averages
+    mmseg's rounded mIoUs; None for no values."""
+    return sum(float(np.round(v, 2)) for v in values) / len(values) if values else None
 
 
 def format_scores_table(results: Mapping[str, dict], class_names: Sequence[str]) -> str:

@@ -451,6 +451,6 @@ def corruption_summary(results: dict, domains) -> dict:
 
 
 def _mean(values):
-    # Of the mIoUs rounded to two decimals, as the mean over domains (the official DGIoUMetric).
-    values = [float(np.round(v, 2)) for v in values if v is not None]
-    return float(np.mean(values)) if values else None
+    from ..metrics import mean_of_rounded  # as the mean over domains
+
+    return mean_of_rounded([v for v in values if v is not None])
