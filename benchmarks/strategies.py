@@ -32,7 +32,7 @@ import torch
 from levers import LEVERS, apply_lever
 
 from reinseg.backbones import backbone_kind, list_backbones
-from reinseg.build import build_segmentor
+from reinseg.build import build_segmentor, plan_segmentor
 from reinseg.config import BackboneConfig, Config, ModelConfig
 from reinseg.optim import build_optimizer
 from reinseg.tuning import STRATEGIES, strategy_names
@@ -95,8 +95,7 @@ def cmd_params(args) -> None:
         cells = []
         total = None
         for tuning in (trains_all, *adding):
-            with torch.device("meta"):
-                segmentor = build_segmentor(model_config(name, tuning, args.img_size), load_backbone_weights=False)
+            segmentor = plan_segmentor(model_config(name, tuning, args.img_size))
             if tuning == trains_all:
                 total = trainable_in_backbone(segmentor)
             else:

@@ -230,3 +230,17 @@ def test_no_object_class_is_down_weighted():
     expected = torch.nn.functional.cross_entropy(class_logits[0], torch.full((4,), 3))
     assert torch.allclose(loss, 2.0 * expected, atol=1e-6)
     assert criterion.ce_class_weights.tolist() == pytest.approx([1, 1, 1, 0.1])
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (dict(importance_sample_ratio=1.5), "importance_sample_ratio must be in \\[0, 1\\], got 1.5"),
+        (dict(importance_sample_ratio=-0.1), "importance_sample_ratio must be in \\[0, 1\\], got -0.1"),
+        (dict(oversample_ratio=0.5), "oversample_ratio must be at least 1, got 0.5"),
+    ],
+)
+def test_sampling_ratios_outside_mmdets_range_are_refused(option, message):
+    """A ratio over 1 drew more points than the mask losses divide by: 1.5x the mask loss, silently."""
+    with pytest.raises(ValueError, match=message):
+        Mask2FormerLoss(num_classes=3, **option)

@@ -367,6 +367,111 @@ def test_images_opencv_cannot_decode_are_errors_naming_the_file(tmp_path, damage
     assert decoded.shape == (64, 96, 3) and (ext == ".jpg" or np.array_equal(decoded, image[..., ::-1]))
 
 
+def test_a_complete_jpeg_decodes_whatever_follows_it_and_whatever_its_exif_holds(tmp_path):
+    """A motion photo appends a video after the image's end marker; an EXIF thumbnail holds a
+    JPEG, end marker included, before the image's first scan. Both decode as the bare image."""
+    import cv2
+    from PIL import Image
+
+    from reinseg.data.io import read_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    bare = tmp_path / "bare.jpg"
+    Image.fromarray(rgb).save(bare, quality=90)
+    expected = read_image(bare)
+    motion = tmp_path / "motion.jpg"
+    trailer = b"\x00\x00\x00\x18ftypmp42" + b"\xff\xda\x00\x08" + bytes(range(256)) * 4  # a scan marker, no EOI
+    motion.write_bytes(bare.read_bytes() + trailer)
+    assert np.array_equal(cv2.imdecode(np.fromfile(motion, np.uint8), cv2.IMREAD_COLOR)[..., ::-1], expected)
+    assert np.array_equal(read_image(motion), expected)
+    small = tmp_path / "small.jpg"
+    Image.fromarray(rgb[:8, :8]).save(small)
+    payload = b"thumbnail\x00" + small.read_bytes()  # SOI ... EOI inside an application segment
+    segment = b"\xff\xe5" + (len(payload) + 2).to_bytes(2, "big") + payload
+    with_thumbnail = tmp_path / "thumb.jpg"
+    with_thumbnail.write_bytes(bare.read_bytes()[:2] + segment + bare.read_bytes()[2:])
+    assert np.array_equal(read_image(with_thumbnail), expected)
+    with_thumbnail.write_bytes(with_thumbnail.read_bytes()[:-200])  # its own scan cut: damaged
+    with pytest.raises(ValueError, match="unreadable"):
+        read_image(with_thumbnail)
+    # cut inside the last scan, or inside a header segment: damaged
+    data = bare.read_bytes()
+    for cut in (len(data) - 2, len(data) // 2, 30):
+        motion.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="unreadable"):
+            read_image(motion)
+
+
+def test_bilevel_label_pngs_read_as_zeros_and_ones(tmp_path):
+    """Image.fromarray(mask > 0).save(...) writes a 1-bit PNG; mmseg reads it as 0 and 1."""
+    from PIL import Image
+
+    from reinseg.data.encodings import TRAIN_IDS
+    from reinseg.data.io import read_label
+
+    mask = np.random.default_rng(0).random((12, 20)) > 0.5
+    path = tmp_path / "mask.png"
+    Image.fromarray(mask).save(path)
+    assert Image.open(path).mode == "1"
+    values = read_label(path)
+    assert values.dtype == np.uint8 and np.array_equal(values, mask.astype(np.uint8))
+    assert np.array_equal(TRAIN_IDS.read(str(path)), mask.astype(np.uint8))
+
+
+def test_city_folders_that_are_links_are_read_and_a_link_loop_ends(tmp_path):
+    """Cities linked in from another disk are pairs as any other (mmengine's listing follows
+    links); a link to a folder above would loop and is walked once."""
+    import shutil
+
+    from reinseg.data.io import files_below
+
+    fake = make_fake_cityscapes(tmp_path / "cityscapes", n=2, splits=("val",), prepared=True)
+    elsewhere = tmp_path / "other_disk"
+    for top in ("leftImg8bit", "gtFine"):
+        moved = elsewhere / top / "bochum"
+        shutil.move(fake.root / top / "val" / "bochum", moved)
+        (fake.root / top / "val" / "bochum").symlink_to(moved, target_is_directory=True)
+    (fake.root / "leftImg8bit" / "val" / "aachen" / "loop").symlink_to(
+        fake.root / "leftImg8bit", target_is_directory=True
+    )
+    dataset = build_dataset("cityscapes", fake.root, "val")
+    assert [Path(image).parent.name for image, _ in dataset.pairs] == ["aachen", "bochum"]
+    for i, (image, _) in enumerate(dataset.pairs):
+        np.testing.assert_array_equal(dataset[i]["label"].numpy(), fake.expected[image])  # through the link
+    below = files_below(fake.root / "leftImg8bit")
+    assert len(below) == 2 and all("loop" not in p.parts[2:] for p in below)
+
+
+def test_webp_images_are_not_turned_by_their_exif_orientation(tmp_path):
+    """mmcv's OpenCV 4.x leaves a WebP image as stored; OpenCV 5 turns it, the label (read by
+    Pillow) stays: the pair would silently disagree."""
+    from PIL import Image
+
+    from reinseg.data.io import read_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: a viewer rotates it by 90 degrees
+    path = tmp_path / "turned.webp"
+    Image.fromarray(rgb).save(path, lossless=True, exif=exif.tobytes())
+    assert Image.open(path).getexif().get(0x0112) == 6
+    assert np.array_equal(read_image(path), rgb)
+
+
+def test_a_native_label_of_another_size_names_prepare(tmp_path):
+    from PIL import Image
+
+    from reinseg.data.datasets import read_pair
+    from reinseg.data.io import DataError
+    from reinseg.data.encodings import GTAV_IDS
+
+    fake = make_fake_gtav(tmp_path / "gta", n=1, size=(32, 64))
+    label = tmp_path / "gta" / "labels" / "00001.png"
+    Image.fromarray(np.zeros((34, 64), np.uint8), mode="P").save(label)
+    with pytest.raises(DataError, match=r"00001.png: label is 34x64 \(HxW\) but its image .* `reinseg prepare`"):
+        read_pair(next(iter(fake.expected)), str(label), GTAV_IDS)
+
+
 def test_gtav_val_and_test_are_the_frames_of_the_official_split_file(tmp_path):
     from scipy.io import savemat
 

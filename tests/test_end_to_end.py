@@ -245,13 +245,19 @@ def test_predict_writes_upright_outputs_for_a_folder_with_progress(trained, tmp_
     grey = rng.integers(0, 255, (64, 96), dtype=np.uint8)
     Image.fromarray(np.stack([grey, np.full_like(grey, 255)], axis=-1), mode="LA").save(photos / "grey.png")
     Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(photos / "plain.png")
+    (photos / "._plain.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS's AppleDouble file: no image
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(elsewhere / "linked.png")
+    (photos / "album").symlink_to(elsewhere, target_is_directory=True)
     checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
     assert main(["predict", checkpoint, str(photos), "--output", str(tmp_path / "out")]) == 0
+    assert np.asarray(Image.open(tmp_path / "out" / "linked_labelTrainIds.png")).shape == (64, 64)
     assert np.asarray(Image.open(tmp_path / "out" / "portrait_labelTrainIds.png")).shape == (128, 64)
     assert np.asarray(Image.open(tmp_path / "out" / "portrait_overlay.png")).shape == (128, 64, 3)
     assert np.asarray(Image.open(tmp_path / "out" / "grey_labelTrainIds.png")).shape == (64, 96)
     err = capsys.readouterr().err
-    assert "predict" in err and "3/3" in err
+    assert "predict" in err and "4/4" in err
 
 
 def test_an_image_given_as_checkpoint_is_a_one_line_error(trained, tmp_path, capsys):

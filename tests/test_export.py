@@ -10,9 +10,13 @@ from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint, segmento
 from reinseg.cli import main
 from reinseg.config import Config, to_dict
 
-onnx = pytest.importorskip("onnx", reason="ONNX export needs the [export] extra (onnx, onnxruntime)")
-ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the [export] extra (onnx, onnxruntime)")
-pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs the [export] extra (onnxscript)")
+
+def needs_onnx():
+    """onnxruntime, after skipping a test that exports without the [export] extra (imported
+    only by the tests that export: onnx and onnxscript take 1.6 s to import)."""
+    for name in ("onnx", "onnxscript"):
+        pytest.importorskip(name, reason="ONNX export needs the [export] extra (onnx, onnxscript, onnxruntime)")
+    return pytest.importorskip("onnxruntime", reason="ONNX export needs the [export] extra (onnxruntime)")
 
 
 @pytest.fixture
@@ -23,7 +27,7 @@ def tiny_checkpoint(tmp_path):
 
 
 def onnx_logits(path, images: torch.Tensor) -> torch.Tensor:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = needs_onnx().InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (name,) = [i.name for i in session.get_inputs()]
     return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
 
@@ -39,6 +43,9 @@ def assert_parity(checkpoint, graph, images):
 
 @pytest.mark.slow
 def test_fixed_size_export_matches_pytorch(tiny_checkpoint, tmp_path, capsys):
+    needs_onnx()
+    import onnx
+
     target = tmp_path / "out" / "model.onnx"
     assert (
         main(["export", str(tiny_checkpoint), "--format", "onnx", "--size", "64", "96", "--output", str(target)]) == 0
@@ -55,6 +62,7 @@ def test_fixed_size_export_matches_pytorch(tiny_checkpoint, tmp_path, capsys):
 def test_dynamic_export_follows_the_input_size(tiny_checkpoint, tmp_path):
     """Traced at 64x64 (the stored position grid, used as it is), run at other grids (interpolated)
     and batch sizes."""
+    needs_onnx()
     target = tmp_path / "model.onnx"
     assert main(["export", str(tiny_checkpoint), "--dynamic", "--no-fold", "--output", str(target)]) == 0
     for shape in ((1, 3, 64, 64), (2, 3, 96, 64), (1, 3, 48, 128)):

@@ -151,6 +151,59 @@ def test_unsupported_config_fields_are_named(golden, path, value, message):
         from_official(config, golden["release_state_dict"], golden["backbone_state_dict"])
 
 
+def _official_config_without(golden, *paths):
+    import copy
+
+    config = copy.deepcopy(golden["model_config"])
+    for path in paths:
+        node = config
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return config
+
+
+def test_left_out_loss_weights_are_mmdets_defaults(golden):
+    """mmdet's loss_weight default is 1.0, not the released 2 / 5 / 5 (an official run of such a
+    config trains with 1.0): the matching costs left at their default weight 1.0 agree."""
+    head = ("decode_head",)
+    config = _official_config_without(
+        golden, *[(*head, loss, "loss_weight") for loss in ("loss_cls", "loss_mask", "loss_dice")]
+    )
+    for cost in config["decode_head"]["train_cfg"]["assigner"]["match_costs"]:
+        cost.pop("weight")
+    criterion = from_official(config, golden["release_state_dict"], golden["backbone_state_dict"]).criterion
+    assert (criterion.class_weight, criterion.mask_weight, criterion.dice_weight) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        (("loss_dice", "naive_dice"), "model.decode_head.loss_dice.naive_dice=False is not supported"),
+        (("loss_dice", "eps"), "model.decode_head.loss_dice.eps=0.001 is not supported"),
+        (("loss_mask", "use_sigmoid"), "model.decode_head.loss_mask.use_sigmoid=False is not supported"),
+        (("loss_cls", "loss_weight"), "match_costs\\[0\\].weight 2.0 differs from the matching loss weight 1.0"),
+    ],
+)
+def test_left_out_loss_options_are_read_as_mmdet_reads_them(golden, path, message):
+    config = _official_config_without(golden, ("decode_head", *path))
+    with pytest.raises(ConfigError, match=message):
+        from_official(config, golden["release_state_dict"], golden["backbone_state_dict"])
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("pred_act", "match_costs\\[2\\].pred_act=False is not supported"),
+        ("eps", "match_costs\\[2\\].eps=0.001 is not supported"),
+    ],
+)
+def test_left_out_dice_cost_options_are_mmdets_defaults(golden, key, message):
+    config = _official_config_without(golden, ("decode_head", "train_cfg", "assigner", "match_costs", 2, key))
+    with pytest.raises(ConfigError, match=message):
+        from_official(config, golden["release_state_dict"], golden["backbone_state_dict"])
+
+
 @pytest.mark.parametrize(
     "segmentor_type, backbone_type, tuning",
     [

@@ -67,13 +67,15 @@ def test_parameter_groups_equal_the_official_constructor(train_golden, golden):
     assert {decay for _, decay in golden["param_groups"].values()} == {0.0, 0.05}
 
 
-def test_frozen_baseline_groups_equal_the_official_constructor(golden):
-    """The frozen-VFM config has its own paramwise_cfg (query_feat without decay, no Rein keys)."""
+@pytest.mark.parametrize("keys_from", ["config", "strategy"])
+def test_frozen_baseline_groups_equal_the_official_constructor(golden, keys_from):
+    """The frozen-VFM config has its own paramwise_cfg (query_feat without decay, no Rein keys);
+    the frozen strategy declares the same keys, for a run that picks it by ``model.tuning=frozen``."""
     frozen = golden["frozen"]
     config = load_config(CONFIGS / "frozen_dinov2-l_gta_512.yaml")
     segmentor = build_segmentor(official_model_config(frozen["model_config"]), load_backbone_weights=False)
     segmentor.train()
-    keys = config.train.no_decay_keys
+    keys = config.train.no_decay_keys if keys_from == "config" else None
     groups = parameter_groups(segmentor, lr=1e-4, weight_decay=0.05, backbone_lr_mult=1.0, no_decay_keys=keys)
     name_of = {id(p): to_official_name(n) for n, p in segmentor.named_parameters()}
     ours = {name_of[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}

@@ -234,6 +234,8 @@ def test_bad_validation_file_stops_training_before_it_starts(tmp_path):
         ("data.num_workers=-1", "data.num_workers"),
         ("data.val.0.scale=[0,0]", "data.val[0].scale"),
         ("model.backbone.img_size=0", "model.backbone.img_size"),
+        ("model.loss.importance_sample_ratio=1.5", "model.loss.importance_sample_ratio"),
+        ("model.loss.oversample_ratio=0.5", "model.loss.oversample_ratio"),
     ],
 )
 def test_numbers_out_of_range_are_one_line_naming_the_key(tmp_path, capsys, override, key):

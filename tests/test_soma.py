@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_golden, relative_errors
+from conftest import load_golden, relative_errors, tiny_model_config
 
 from reinseg.build import build_segmentor
 from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint, segmentor_from_checkpoint
 from reinseg.cli import main
 from reinseg.config import BackboneConfig, Config, ConfigError, TrainConfig, load_config, to_dict
-from reinseg.optim import build_optimizer, lr_factor
+from reinseg.optim import build_optimizer, lr_factor, parameter_groups
 from reinseg.tuning import SomaConfig
 from reinseg.tuning.soma import cosine_weight_decay
 
@@ -338,3 +338,16 @@ def test_training_anneals_the_weight_decay_and_its_checkpoint_merges(tmp_path):
     with torch.no_grad():
         ours, theirs = merged.eval().predict(images, mode="whole"), trained.eval().predict(images, mode="whole")
     assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item()
+
+
+@pytest.mark.parametrize(("tuning", "decay"), [("soma", 0.0), ("full", 0.05)])
+def test_the_heads_own_queries_take_the_decay_of_the_strategys_official_config(tuning, decay):
+    """SoMA's fork exempts query_feat from weight decay; the official full fine-tuning config
+    does not: a strategy picked by ``model.tuning=`` on another config keeps its recipe."""
+    model = tiny_model_config()
+    model.tuning = tuning
+    model.soma = dataclasses.replace(model.soma, rank=2, start_block=2)
+    segmentor = build_segmentor(model, load_backbone_weights=False)
+    groups = parameter_groups(segmentor, lr=1e-4, weight_decay=0.05, backbone_lr_mult=1.0)
+    query_feat = segmentor.head.query_feat.weight
+    assert [g["weight_decay"] for g in groups if any(p is query_feat for p in g["params"])] == [decay]

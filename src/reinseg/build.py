@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import torch
+from torch.overrides import TorchFunctionMode
+
 from .backbones import as_pair, backbone_kind, build_backbone
 from .config import BackboneConfig, ConfigError, ModelConfig, to_dict
 from .heads import get_head
 from .segmentor import Segmentor
 from .tuning import get_strategy
 
-__all__ = ["build_segmentor", "build_configured_backbone", "official_window"]
+__all__ = ["build_segmentor", "build_configured_backbone", "official_window", "plan_segmentor"]
 
 
 def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) -> Segmentor:
@@ -65,6 +68,37 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
     # Official paramwise_cfg: the segmentor holds the norm and head keys; the strategy adds its own.
     segmentor.no_decay_keys += strategy.no_decay_keys
     return segmentor
+
+
+def plan_segmentor(config: ModelConfig) -> Segmentor:
+    """The segmentor ``config`` describes, built on the meta device: every parameter's and
+    buffer's name, shape, dtype and trainability, without memory, weights or initialisation
+    (what ``reinseg params`` counts, and what a checkpoint is checked against before loading)."""
+    with torch.device("meta"), _MetaInitialisationSkipped():
+        return build_segmentor(config, load_backbone_weights=False)
+
+
+# The in-place writes of weight initialisation. None changes a tensor's shape, dtype, device or
+# trainability, so on the meta device, which holds no values, each leaves its tensor as it was.
+_INITIALISATION_WRITES = frozenset(
+    [getattr(torch.nn.init, name) for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")]
+    + [
+        getattr(torch.Tensor, name)
+        for name in (
+            "zero_", "fill_", "copy_", "uniform_", "normal_", "erfinv_", "mul_", "add_", "sub_", "div_", "clamp_",
+        )
+    ]
+)  # fmt: skip
+
+
+class _MetaInitialisationSkipped(TorchFunctionMode):
+    """Weight initialisation as a no-op on meta tensors. Each write otherwise runs through a
+    Python meta decomposition: they took 60 % of planning DINOv2-L (0.19 -> 0.08 s)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _INITIALISATION_WRITES and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def build_configured_backbone(bb: BackboneConfig, load_weights: bool = True):

@@ -248,10 +248,9 @@ def check_planned_model(model_config: ModelConfig, state_dict: dict[str, Tensor]
     larger than the zoo's largest, or trainable weights of other shapes than the file holds (a
     shared checkpoint's configuration asked for two million classes: built, then refused). The
     model is built on the meta device."""
-    from .build import build_segmentor
+    from .build import plan_segmentor
 
-    with torch.device("meta"):
-        planned = build_segmentor(model_config, load_backbone_weights=False)
+    planned = plan_segmentor(model_config)
     total = sum(p.numel() for p in planned.parameters())
     if total > MAX_PARAMETERS:
         raise ValueError(f"{source}: its configuration describes a model of {total:,} parameters: refused")

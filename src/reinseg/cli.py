@@ -44,9 +44,8 @@ _PARAMS_MODEL_FLAGS = {
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    import torch
 
-    from .build import build_segmentor
+    from .build import plan_segmentor
     from .config import BackboneConfig, HeadConfig, ModelConfig, ReinConfig, load_config
     from .parameters import format_parameter_table, format_strategy_table
     from .tuning import strategy_names
@@ -87,8 +86,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
         for tuning in (t for t in strategy_names() if kind in get_strategy(t).backbone_kinds):
             config.tuning = tuning
             try:
-                with torch.device("meta"):
-                    segmentor = build_segmentor(config, load_backbone_weights=False)
+                segmentor = plan_segmentor(config)
             except RuntimeError as err:
                 if not isinstance(err.__cause__, ImportError):
                     raise
@@ -106,8 +104,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
             print(f"skipped {note}")
         return 0
     # The meta device builds even giant models instantly and without memory.
-    with torch.device("meta"):
-        segmentor = build_segmentor(config, load_backbone_weights=False)
+    segmentor = plan_segmentor(config)
     rein = config.rein if config.tuning == "rein" else None
     patch = segmentor.backbone.patch_size[0]
     grid = f"patch {patch}" if segmentor.backbone.family.kind == "vit" else "images of any size"

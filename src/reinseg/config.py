@@ -498,8 +498,12 @@ def check_values(config: Config) -> Config:
     if config.train.ema_momentum is not None and config.train.ema_momentum > 1:
         raise ConfigError(f"train.ema_momentum must be in (0, 1], got {config.train.ema_momentum!r}")
     _check_levers(config.train)
-    if config.data.cat_max_ratio > 1:
-        raise ConfigError(f"data.cat_max_ratio must be at most 1, got {config.data.cat_max_ratio!r}")
+    for key in ("data.cat_max_ratio", "model.loss.importance_sample_ratio"):
+        value = config
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value > 1:  # fractions
+            raise ConfigError(f"{key} must be at most 1, got {value!r}")
     for section in ("train", "val"):
         for i, entry in enumerate(getattr(config.data, section)):
             scale = entry.get("scale") if isinstance(entry, dict) else None

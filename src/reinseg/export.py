@@ -172,11 +172,6 @@ def export_onnx(
     """
     from .checkpoints import atomic_write_bytes, segmentor_from_checkpoint
 
-    try:
-        import onnx  # noqa: F401  (the dynamo exporter needs it; fail before the long export)
-        import onnxscript  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError(f"ONNX export needs `pip install reinseg[export]` ({err})") from None
     output = Path(output)
     if output.is_dir():
         raise IsADirectoryError(21, "Is a directory", str(output))
@@ -191,6 +186,11 @@ def export_onnx(
         raise ValueError(
             f"--size {' '.join(map(str, size))}: H and W must be positive multiples of the patch size {patch[0]}"
         )
+    try:
+        import onnx  # noqa: F401  (the dynamo exporter needs it; fail before the long export)
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(f"ONNX export needs `pip install reinseg[export]` ({err})") from None
     data = segmentor_to_onnx(segmentor, size, dynamic, fold)
     errors = {}
     if check:

@@ -151,16 +151,17 @@ def score_directories(
     import numpy as np
     from PIL import Image
 
-    from .data.io import RASTER_FORMATS
+    from .data.io import RASTER_FORMATS, files_below
 
     pred_root, label_root = Path(prediction_dir), Path(label_dir)
     for root, what in ((pred_root, "prediction"), (label_root, "label")):
         if not root.is_dir():
             raise FileNotFoundError(f"{what} folder not found: {root}")
+    label_files = files_below(label_root)
     if label_suffix is None:
-        label_suffix = "labelTrainIds.png" if next(label_root.rglob("*labelTrainIds.png"), None) else ".png"
-    labels = sorted(p.relative_to(label_root) for p in label_root.rglob(f"*{label_suffix}"))
-    predictions = sorted(p.relative_to(pred_root) for p in pred_root.rglob("*.png"))
+        label_suffix = "labelTrainIds.png" if any(p.name.endswith("labelTrainIds.png") for p in label_files) else ".png"
+    labels = sorted(p for p in label_files if p.name.endswith(label_suffix))
+    predictions = sorted(p for p in files_below(pred_root) if p.name.endswith(".png"))
     if not labels:
         raise ValueError(f"no label files (*{label_suffix}) under {label_root}")
     missing = sorted(set(labels) - set(predictions))

@@ -596,32 +596,39 @@ def _sine_encoding(encoding: _Fields, feat: int) -> None:
 
 
 def _official_loss(dh: _Fields, num_classes: int) -> LossConfig:
+    """The Mask2Former loss of an official head. A key left out takes mmdet 3.3's default, which
+    for several keys is not the value the released configs set (loss weights 1.0, the dice loss's
+    ``naive_dice=False`` and ``eps=1e-3``, the dice cost's ``pred_act=False``): such a config is
+    read as mmdet reads it, and refused where reinseg computes otherwise."""
     cls = dh.sub("loss_cls")
-    class_weight = cls.get("class_weight", [1.0] * num_classes + [0.1])
+    _type(cls, ("CrossEntropyLoss",))
+    cls.expect("use_sigmoid", False, default=False)
+    class_weight = cls.get("class_weight", None) or [1.0] * (num_classes + 1)  # mmdet: None, no weighting
     if len(class_weight) != num_classes + 1 or any(w != 1.0 for w in class_weight[:-1]):
         raise ConfigError(
             "model.decode_head.loss_cls.class_weight must be [1.0] * num_classes + [no-object weight] "
             f"({num_classes + 1} values), got {len(class_weight)} values"
         )
     mask = dh.sub("loss_mask")
+    _type(mask, ("CrossEntropyLoss",))
+    mask.expect("use_sigmoid", True, default=False)
     dice = dh.sub("loss_dice")
-    dice.expect("naive_dice", True, default=True)
-    dice.expect("eps", 1.0, default=1.0)
+    _type(dice, ("DiceLoss",))
+    dice.expect("use_sigmoid", True, default=True)
+    dice.expect("activate", True, default=True)
+    dice.expect("naive_dice", True, default=False)
+    dice.expect("eps", 1.0, default=1e-3)
+    for loss in (cls, mask, dice):
+        loss.expect("reduction", "mean", default="mean")
     weights = dict(
-        class_weight=cls.get("loss_weight", 2.0),
-        mask_weight=mask.get("loss_weight", 5.0),
-        dice_weight=dice.get("loss_weight", 5.0),
+        class_weight=cls.get("loss_weight", 1.0),
+        mask_weight=mask.get("loss_weight", 1.0),
+        dice_weight=dice.get("loss_weight", 1.0),
     )
     train = dh.get("train_cfg", None)
     train = _Fields(train or {}, "model.decode_head.train_cfg")
     if "assigner" in train.data:
-        costs = train.sub("assigner").get("match_costs", [])
-        for cost, key in zip(costs, ("class_weight", "mask_weight", "dice_weight"), strict=False):
-            if not _same(cost.get("weight", 1.0), weights[key]):
-                raise ConfigError(
-                    f"model.decode_head.train_cfg.assigner.match_costs weight {cost.get('weight')} differs from the "
-                    f"matching loss weight {weights[key]}: reinseg matches with the loss weights"
-                )
+        _check_match_costs(train.sub("assigner"), weights)
     return LossConfig(
         **weights,
         no_object_weight=class_weight[-1],
@@ -629,6 +636,36 @@ def _official_loss(dh: _Fields, num_classes: int) -> LossConfig:
         oversample_ratio=train.get("oversample_ratio", 3.0),
         importance_sample_ratio=train.get("importance_sample_ratio", 0.75),
     )
+
+
+# The matching cost of each loss term: reinseg matches with the loss's own terms and weights.
+_MATCH_COSTS = {"ClassificationCost": "class_weight", "CrossEntropyLossCost": "mask_weight", "DiceCost": "dice_weight"}
+
+
+def _check_match_costs(assigner: _Fields, weights: dict[str, float]) -> None:
+    """Refuse an official assigner whose costs are not the loss's terms at the loss's weights
+    (each key left out read as mmdet 3.3's default)."""
+    _type(assigner, ("HungarianAssigner",))
+    costs = assigner.get("match_costs", [])
+    found = []
+    for index, cost_data in enumerate(costs):
+        cost = _Fields(cost_data, f"{assigner.path}.match_costs[{index}]")
+        kind = _type(cost, tuple(_MATCH_COSTS))
+        found.append(kind)
+        if kind == "CrossEntropyLossCost":
+            cost.expect("use_sigmoid", True, default=False)
+        elif kind == "DiceCost":
+            cost.expect("pred_act", True, default=False)
+            cost.expect("eps", 1.0, default=1e-3)
+            cost.expect("naive_dice", True, default=True)
+        weight = cost.get("weight", 1.0)
+        if not _same(weight, weights[_MATCH_COSTS[kind]]):
+            raise ConfigError(
+                f"{cost.path}.weight {weight} differs from the matching loss weight {weights[_MATCH_COSTS[kind]]}: "
+                "reinseg matches with the loss weights"
+            )
+    if sorted(found) != sorted(_MATCH_COSTS):
+        raise ConfigError(f"{assigner.path}.match_costs must be one each of {', '.join(_MATCH_COSTS)}, got {found}")
 
 
 def split_release_state_dict(release: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -37,13 +37,16 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
     Raises a ValueError naming any input that matches nothing, any file that is not a readable
     image, and any two inputs that would write the same output name.
     """
-    from .data.io import read_photo
+    from .data.io import files_below, read_photo
 
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            # macOS leaves "._name.jpg" resource files beside copied photos: dot files are no images
+            found = [
+                path / p for p in files_below(path) if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            ]
             if not found:
                 raise ValueError(f"{item}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
             paths += found

@@ -52,9 +52,14 @@ def read_pair(image_path: str, label_path: str | None, encoding: LabelEncoding |
     image = read_image(image_path)
     if label_path is None:
         return image, None
-    label = (encoding or TRAIN_IDS).read(label_path)
+    encoding = encoding or TRAIN_IDS
+    label = encoding.read(label_path)
     if label.shape != image.shape[:2]:
-        raise size_mismatch(image_path, image.shape[:2], label_path, label.shape)
+        err = size_mismatch(image_path, image.shape[:2], label_path, label.shape)
+        if not encoding.stores_class_ids:  # native labels: GTAV has frames whose label size differs
+            hint = "`reinseg prepare` writes train-ID labels resized to their images (its --on-mismatch)"
+            err = DataError(err.path, f"{err.reason}; {hint}")
+        raise err
     return image, label
 
 

@@ -61,6 +61,10 @@ class LabelEncoding:
     def decode(self, raw: np.ndarray, path: str = "<array>") -> np.ndarray:
         """Native values (H, W) -> train IDs (H, W) uint8; DataError naming ``path`` on unknown values."""
         raw = np.asarray(raw)
+        if raw.dtype.kind == "b":
+            raw = raw.astype(np.uint8)
+        elif raw.dtype.kind not in "iu":
+            raise DataError(path, f"label values must be integers, got {raw.dtype} values")
         if raw.size and raw.max() < len(self.lut) and raw.min() >= 0:
             mapped = self.lut[raw]
             if mapped.min() >= 0:

@@ -11,6 +11,8 @@ path.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,6 +27,8 @@ __all__ = [
     "image_size",
     "write_png",
     "write_jpeg",
+    "walk_folder",
+    "files_below",
 ]
 
 
@@ -84,7 +88,12 @@ def read_image(path) -> np.ndarray:
     except OSError as err:
         raise DataError(path, f"unreadable ({err.strerror or err})") from None
     _refuse_decompression_bombs(path, data[:32].tobytes())
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    flags = cv2.IMREAD_COLOR
+    if data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP":
+        # OpenCV 5 turns WebP images as their EXIF orientation says, 4.x (mmcv's) does not; the
+        # label, read by Pillow, is never turned: a square image would silently leave its label.
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise DataError(path, "unreadable (not an image format OpenCV can decode, or a damaged file)")
     if _truncated_jpeg(data):
@@ -136,14 +145,31 @@ def _refuse_decompression_bombs(path, head: bytes = b"") -> None:
 
 
 def _truncated_jpeg(data: np.ndarray) -> bool:
-    """A JPEG stream whose last scan (SOS marker) is not followed by an end-of-image marker.
+    """A JPEG stream that ends before its end-of-image marker (EOI).
 
-    Entropy-coded data escapes 0xFF bytes, so EOI (FF D9) cannot occur inside a scan."""
+    The stream is walked from its start: each segment is skipped by its length (an EXIF thumbnail
+    holds a JPEG of its own, EOI included), each scan's entropy-coded data up to the next marker
+    (0xFF bytes in it are escaped as FF 00, restart markers are FF D0..D7). Whatever follows the
+    stream's EOI is not the image's: phones append a video to "motion photos"."""
     raw = data.tobytes()
     if not raw.startswith(b"\xff\xd8"):
         return False
-    last_scan = raw.rfind(b"\xff\xda")
-    return last_scan < 0 or raw.find(b"\xff\xd9", last_scan) < 0
+    position, end = 2, len(raw)
+    while True:
+        position = raw.find(b"\xff", position)
+        if position < 0 or position + 1 >= end:
+            return True
+        marker = raw[position + 1]
+        if marker == 0xD9:
+            return False
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+        elif marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD7:  # escaped data, TEM, restarts
+            position += 2
+        else:  # a segment: its two length bytes count themselves
+            if position + 4 > end:
+                return True
+            position += 2 + int.from_bytes(raw[position + 2 : position + 4], "big")
 
 
 def read_photo(path) -> np.ndarray:
@@ -171,7 +197,9 @@ def read_label(path, first_channel: bool = False) -> np.ndarray:
     if first_channel:
         return _first_channel(path)
     image = _open(path)
-    if image.mode in ("L", "P", "I;16", "I;16B", "I", "1"):
+    if image.mode == "1":  # a bilevel PNG: Pillow gives booleans, mmseg's reading 0 and 1
+        return np.asarray(image, dtype=np.uint8)
+    if image.mode in ("L", "P", "I;16", "I;16B", "I"):
         return np.array(image)
     hint = " (a colour-coded label? use the ID-encoded file)" if image.mode.startswith("RGB") else ""
     raise DataError(path, f"a label map must be a single-channel image, got PIL mode {image.mode}{hint}")
@@ -212,3 +240,22 @@ def write_jpeg(path, image: Image.Image) -> None:
     from ..checkpoints import atomic_write
 
     atomic_write(path, lambda f: image.save(f, format="JPEG"), sync=False)
+
+
+def walk_folder(base: str | os.PathLike) -> Iterator[tuple[Path, list[str]]]:
+    """``(folder, file names)`` of ``base`` and of every folder below it, both in sorted order.
+
+    Folders reached through symbolic links are walked (a dataset's city folders may be links
+    to another disk, and the official loaders follow them), except a link back to a folder it
+    is inside, which would never end."""
+    inside: dict[str, frozenset[str]] = {}  # folder -> the real paths of it and the folders above it
+    for directory, dirs, names in os.walk(base, followlinks=True):
+        chain = inside.pop(directory, frozenset()) | {os.path.realpath(directory)}
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(directory, d)) not in chain)
+        inside.update((os.path.join(directory, d), chain) for d in dirs)
+        yield Path(directory), sorted(names)
+
+
+def files_below(base: str | os.PathLike) -> list[Path]:
+    """Every file below ``base`` (as :func:`walk_folder` walks), as paths relative to it, sorted."""
+    return [(folder / name).relative_to(base) for folder, names in walk_folder(base) for name in names]

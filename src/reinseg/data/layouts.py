@@ -10,7 +10,6 @@ are removed. The trees are drawn in docs/datasets.md.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from .encodings import (
     LabelEncoding,
     mapillary_encoding,
 )
+from .io import walk_folder
 
 __all__ = [
     "LabelSource",
@@ -107,16 +107,15 @@ def _files(root: Path, folder: str, suffix: str, prefix: str = "", exclude: str 
     """{key: path} of the files below ``root/folder`` named ``<prefix><name><suffix>``, recursively."""
     base = root / folder
     found = {}
-    for directory, dirs, names in os.walk(base):
-        dirs.sort()
-        rel = Path(directory).relative_to(base).as_posix()
-        for name in sorted(names):
+    for directory, names in walk_folder(base):
+        rel = directory.relative_to(base).as_posix()
+        for name in names:
             if not (name.endswith(suffix) and name.startswith(prefix)) or (exclude and name.endswith(exclude)):
                 continue
             if name.startswith("."):  # temporary files of an interrupted write
                 continue
             stem = name[len(prefix) : len(name) - len(suffix)]
-            found[stem if rel == "." else f"{rel}/{stem}"] = Path(directory) / name
+            found[stem if rel == "." else f"{rel}/{stem}"] = directory / name
     return found
 
 

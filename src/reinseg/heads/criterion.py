@@ -250,6 +250,12 @@ class Mask2FormerLoss(nn.Module):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
+        # mmdet asserts both: more than the points drawn, or a ratio over 1, would sample more
+        # points than the losses divide by.
+        if not 0 <= importance_sample_ratio <= 1:
+            raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio!r}")
+        if oversample_ratio < 1:
+            raise ValueError(f"oversample_ratio must be at least 1, got {oversample_ratio!r}")
         self.num_classes = num_classes
         self.class_weight = class_weight
         self.mask_weight = mask_weight

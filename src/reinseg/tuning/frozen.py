@@ -11,6 +11,9 @@ from .registry import TuningStrategy, register_strategy
 class Frozen(TuningStrategy):
     """The VFM stays as it is; the head learns its own queries."""
 
+    # The official frozen-VFM configs' custom_keys: the head's own queries take no decay.
+    no_decay_keys = ("query_feat",)
+
 
 @register_strategy("full")
 class FullFineTuning(TuningStrategy):

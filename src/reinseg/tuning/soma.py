@@ -197,6 +197,8 @@ class Soma(TuningStrategy):
     options_class = SomaConfig
     backbone_kinds = ("vit",)  # linear layers of transformer blocks
     frozen_in_bf16 = False  # the trainable biases would meet bf16 weights in the same layer
+    # The SoMA fork's custom_keys: the head's own queries take no decay (sora_dinov2-L_mask2former.py).
+    no_decay_keys = ("query_feat",)
 
     def check(self, options: SomaConfig) -> None:
         if options.rank < 1:

@@ -1,0 +1,70 @@
+"""The builders: :func:`reinseg.build.plan_segmentor` against a plain meta-device build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reinseg.backbones import backbone_kind, list_backbones
+from reinseg.build import _MetaInitialisationSkipped, build_segmentor, plan_segmentor
+from reinseg.config import BackboneConfig, ModelConfig, load_config
+from reinseg.tuning import strategy_names
+
+CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+
+
+def signature(model: torch.nn.Module) -> list[tuple]:
+    """Every parameter's and buffer's name, shape, dtype, device and trainability."""
+    params = [(n, tuple(p.shape), p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()]
+    return params + [(n, tuple(b.shape), b.dtype, b.device) for n, b in model.named_buffers()]
+
+
+def assert_plan_is_the_meta_build(config: ModelConfig) -> None:
+    with torch.device("meta"):
+        built = build_segmentor(config, load_backbone_weights=False)
+    planned = plan_segmentor(config)
+    assert signature(planned) == signature(built)
+    assert planned.no_decay_keys == built.no_decay_keys
+
+
+@pytest.mark.parametrize(
+    "config_file",
+    [pytest.param(f, marks=() if f.name == "rein_dinov2-l_gta_512.yaml" else pytest.mark.slow) for f in CONFIGS],
+    ids=lambda f: f.name,
+)
+def test_a_plan_is_the_meta_build_of_each_config(config_file):
+    assert_plan_is_the_meta_build(load_config(str(config_file)).model)
+
+
+# Every zoo backbone with Rein, every strategy on DINOv2 (the whole cross takes over a minute)
+ZOO = [
+    pytest.param(name, tuning, marks=pytest.mark.slow)
+    for name, tuning in [(name, "rein") for name in list_backbones()]
+    + [("dinov2_vitl14", t) for t in strategy_names() if t != "rein"]
+]
+
+
+@pytest.mark.parametrize(("name", "tuning"), ZOO)
+def test_a_plan_is_the_meta_build_of_every_zoo_backbone_and_strategy(name, tuning):
+    if tuning == "lora":
+        pytest.importorskip("peft")
+    patch_size = 16 if backbone_kind(name) == "vit" else None
+    assert_plan_is_the_meta_build(
+        ModelConfig(tuning=tuning, backbone=BackboneConfig(name=name, img_size=512, patch_size=patch_size))
+    )
+
+
+def test_planning_skips_initialisation_on_meta_tensors_only():
+    on_cpu = torch.zeros(64)
+    with torch.device("meta"), _MetaInitialisationSkipped():
+        on_meta = torch.empty(3, 4)
+        assert torch.nn.init.trunc_normal_(on_meta) is on_meta
+        assert on_meta.uniform_().erfinv_().mul_(2.0).add_(1.0).clamp_(-1, 1) is on_meta
+        torch.nn.init.normal_(on_cpu)
+        on_cpu.add_(1.0)
+        frozen = torch.empty(2).requires_grad_(False)  # not an initialisation: still applied
+        trainable = torch.empty(2).requires_grad_()
+    assert on_cpu.std() > 0.5 and abs(on_cpu.mean() - 1.0) < 0.5
+    assert trainable.requires_grad and not frozen.requires_grad and trainable.is_meta
