@@ -170,6 +170,26 @@ def test_dinov2_interpolates_positions_as_the_original_code(golden, tmp_path):
     assert torch.allclose(embedded, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("grid", [(6, 6), (3, 5), (8, 2)])
+def test_dinov2_with_registers_interpolates_positions_as_its_original_code(grid):
+    """facebookresearch/dinov2's register models: interpolate_antialias=True, interpolate_offset=0.0
+    (their vision_transformer.py: bicubic to the grid's size, antialiased)."""
+    import torch.nn.functional as F
+
+    from reinseg.families import DINOv2Family
+
+    backbone = build_backbone("dinov2_vits14_reg", img_size=64, patch_size=16, **tiny_overrides("dinov2_vits14_reg"))
+    vit = backbone.vit
+    vit.pos_embed.data.normal_()
+    assert vit.pos_embed.shape[1] == 4 * 4  # patches only: the CLS position is folded into the token
+    stored = vit.pos_embed.reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(stored, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    expected = expected.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
+    torch.testing.assert_close(DINOv2Family().position_embedding(vit, grid), expected, rtol=0, atol=1e-6)
+    maps = backbone(torch.randn(1, 3, 16 * grid[0], 16 * grid[1]), resize=False).maps
+    assert maps[2].shape[-2:] == grid
+
+
 def test_default_out_indices_match_the_official_ones():
     assert default_out_indices(24) == [7, 11, 15, 23]
     assert default_out_indices(12) == [3, 5, 7, 11]

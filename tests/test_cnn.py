@@ -159,6 +159,18 @@ def test_timm_layout_weights_load_and_convnext_takes_its_final_norm():
     assert torch.equal(backbone.vit.stages[2].blocks[0].mlp.fc1.weight, state["stages.2.blocks.0.mlp.fc1.weight"])
 
 
+def test_resnet_weights_without_batchnorm_counters_load(tmp_path):
+    """PyTorch's strict loading fills in the num_batches_tracked counters a file leaves out."""
+    overrides = dict(layers=[1, 1, 1, 1], channels=[8, 16, 32, 64])
+    source = build_backbone("resnet50_v1c", patch_size=None, **overrides)
+    state = {k: v.clone() for k, v in source.vit.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(source.vit.state_dict())
+    backbone = build_backbone("resnet50_v1c", patch_size=None, **overrides)
+    backbone.load_backbone_weights(state)
+    assert torch.equal(backbone.vit.layer3[0].conv2.weight, source.vit.layer3[0].conv2.weight)
+    assert torch.equal(backbone.vit.bn1.running_var, source.vit.bn1.running_var)
+
+
 def test_an_unknown_backbone_type_is_named(golden):
     config = dict(golden["backbone_config"], type="ReinsSwin")
     with pytest.raises(ConfigError, match="backbone.type='ReinsSwin' is not supported"):

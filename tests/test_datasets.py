@@ -462,8 +462,8 @@ def test_a_native_label_of_another_size_names_prepare(tmp_path):
     from PIL import Image
 
     from reinseg.data.datasets import read_pair
-    from reinseg.data.io import DataError
     from reinseg.data.encodings import GTAV_IDS
+    from reinseg.data.io import DataError
 
     fake = make_fake_gtav(tmp_path / "gta", n=1, size=(32, 64))
     label = tmp_path / "gta" / "labels" / "00001.png"

@@ -82,13 +82,21 @@ def test_folded_rein_computes_what_rein_does():
         torch.testing.assert_close(folded.queries(), rein.queries(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("grid", [(4, 4), (4, 6), (6, 4), (7, 3), (2, 2), (32, 64)])
-def test_traceable_position_embedding_is_dinov2s_interpolation(grid):
-    """The dynamic graph's matrix form equals the backbone's own (golden-tested) interpolation."""
+GRIDS = [(4, 4), (4, 6), (6, 4), (7, 3), (2, 2), (32, 64)]
+
+
+@pytest.mark.parametrize(
+    ("name", "grid"), [("dinov2_vits14", g) for g in GRIDS] + [("dinov2_vits14_reg", g) for g in GRIDS]
+)
+def test_traceable_position_embedding_is_dinov2s_interpolation(name, grid):
+    """The dynamic graph's matrix form equals the backbone's own (golden-tested) interpolation,
+    antialiased for the models with registers."""
     from reinseg.export import _dinov2_position_embedding
     from reinseg.families import DINOv2Family
 
-    segmentor = build_segmentor(tiny_model_config())
+    model = tiny_model_config()
+    model.backbone.name = name
+    segmentor = build_segmentor(model)
     vit = segmentor.backbone.vit
     vit.pos_embed.data.normal_()
     expected = DINOv2Family().position_embedding(vit, grid)

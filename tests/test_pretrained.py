@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from conftest import load_golden, tiny_overrides
 from safetensors.torch import save_file
+from torch import Tensor
 
 from reinseg import build_backbone
 from reinseg.pretrained import read_state_dict
@@ -135,6 +136,69 @@ def test_dinov2_with_registers_release_layout(tmp_path):
     assert torch.allclose(embedded, expected, atol=1e-6)
 
 
+def openai_clip_layout(vit) -> dict:
+    """A tiny timm CLIP's weights in the layout of OpenAI's release file (clip/model.py): the
+    image tower under ``visual.`` and the text tower beside it, whose (77, C) position
+    embedding is the unprefixed ``positional_embedding``."""
+    renames = [
+        ("patch_embed.proj", "conv1"),
+        ("norm_pre", "ln_pre"),
+        ("blocks.", "transformer.resblocks."),
+        ("norm1", "ln_1"),
+        ("norm2", "ln_2"),
+        ("attn.qkv.", "attn.in_proj_"),
+        ("attn.proj", "attn.out_proj"),
+        ("mlp.fc1", "mlp.c_fc"),
+        ("mlp.fc2", "mlp.c_proj"),
+    ]
+    release = {}
+    for key, value in vit.state_dict().items():
+        if key == "pos_embed":
+            key, value = "positional_embedding", value[0]
+        elif key == "cls_token":
+            key, value = "class_embedding", value[0, 0]
+        for ours, theirs in renames:
+            key = key.replace(ours, theirs)
+        release[f"visual.{key}"] = value.clone()
+    width = vit.embed_dim
+    release.update({"visual.ln_post.weight": torch.ones(width), "visual.ln_post.bias": torch.zeros(width)})
+    release["visual.proj"] = torch.randn(width, 16)
+    release.update(
+        positional_embedding=torch.randn(77, 24),
+        text_projection=torch.randn(24, 16),
+        logit_scale=torch.tensor(4.6),
+    )
+    release["token_embedding.weight"] = torch.randn(100, 24)
+    release["transformer.resblocks.0.attn.in_proj_weight"] = torch.randn(72, 24)
+    release["ln_final.weight"] = torch.ones(24)
+    return release
+
+
+@pytest.mark.parametrize("resample", ["official", "timm"])
+def test_openai_clip_release_layout_with_its_text_tower(tmp_path, resample):
+    overrides = tiny_overrides("clip_vitl14")
+    source = build_backbone("clip_vitl14", img_size=64, patch_size=16, **overrides)  # grid 4
+    path = tmp_path / "ViT-L-14.pt"
+    torch.save(openai_clip_layout(source.vit), path)
+    backbone = build_backbone(
+        "clip_vitl14", img_size=80, patch_size=16, checkpoint=path, resample=resample, **overrides
+    )
+    vit = backbone.vit
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, source.vit.blocks[1].mlp.fc2.weight)
+    assert torch.equal(vit.cls_token, source.vit.cls_token)
+    assert vit.pos_embed.shape == (1, 1 + 25, vit.embed_dim)
+    assert torch.equal(vit.pos_embed[:, :1], source.vit.pos_embed[:, :1])
+
+
+def test_a_position_embedding_of_no_grid_is_named_with_its_file(tmp_path):
+    release = dinov2_release_layout(grid=4, patch=16)
+    release["pos_embed"] = release["pos_embed"][:, :-3]
+    path = tmp_path / "w.pth"
+    torch.save(release, path)
+    with pytest.raises(ValueError, match=r"w.pth: pos_embed: a position embedding of 14 tokens is not a square grid"):
+        build_backbone("dinov2_vits14", img_size=80, patch_size=16, checkpoint=path, **TINY)
+
+
 def test_chunked_block_names_are_understood(tmp_path):
     release = dinov2_release_layout(grid=4, patch=16)
     chunked = {k.replace("blocks.", "blocks.0.", 1) if k.startswith("blocks.") else k: v for k, v in release.items()}
@@ -230,3 +294,58 @@ def test_objects_of_unknown_classes_in_a_checkpoint_are_refused_by_name(tmp_path
     torch.save(payload, tmp_path / "mm.pth")
     with pytest.raises(ValueError, match=r"mm\.pth: refused .* fractions\.Fraction"):
         read_state_dict(tmp_path / "mm.pth")
+
+
+def dinov3_release_layout(vit, qkv_bias: Tensor | None = None) -> dict:
+    """A tiny timm DINOv3's weights in the layout of the original release (facebookresearch/dinov3):
+    ``storage_tokens``, ``ls1.gamma``, the rotary periods, the mask token, and the S to H+ models'
+    attention biases with their key mask."""
+    names = [("reg_token", "storage_tokens"), ("gamma_1", "ls1.gamma"), ("gamma_2", "ls2.gamma")]
+    release = {}
+    for key, value in vit.state_dict().items():
+        for ours, theirs in names:
+            key = key.replace(ours, theirs)
+        release[key] = value.clone()
+    width = vit.embed_dim
+    release["rope_embed.periods"] = torch.ones(width // vit.blocks[0].attn.num_heads // 4)
+    release["mask_token"] = torch.zeros(1, width)
+    for i in range(len(vit.blocks)):
+        release[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * width) if qkv_bias is None else qkv_bias.clone()
+        key_masked = torch.cat([torch.ones(width), torch.zeros(width), torch.ones(width)])
+        release[f"blocks.{i}.attn.qkv.bias_mask"] = key_masked
+    return release
+
+
+def test_dinov3_release_with_zero_attention_biases_loads_quietly(tmp_path, capfd):
+    overrides = tiny_overrides("dinov3_vits16")
+    source = build_backbone("dinov3_vits16", img_size=64, **overrides)
+    path = tmp_path / "dinov3.pth"
+    torch.save(dinov3_release_layout(source.vit), path)
+    backbone = build_backbone("dinov3_vits16", img_size=64, checkpoint=path, **overrides)
+    for key, value in source.vit.state_dict().items():
+        assert torch.equal(backbone.vit.state_dict()[key], value), key
+    assert capfd.readouterr().out == ""  # timm's filter printed a line per block
+
+
+def test_dinov3_release_with_query_biases_is_refused_by_name(tmp_path):
+    """The bias-free architecture would drop them silently (7.5e-3 off in a tiny model)."""
+    overrides = tiny_overrides("dinov3_vits16")
+    source = build_backbone("dinov3_vits16", img_size=64, **overrides)
+    bias = torch.zeros(3 * 32)
+    bias[:32] = 0.01
+    path = tmp_path / "dinov3.pth"
+    torch.save(dinov3_release_layout(source.vit, qkv_bias=bias), path)
+    with pytest.raises(ValueError, match=r"dinov3.pth: blocks.0.attn.qkv.bias holds non-zero query and value biases"):
+        build_backbone("dinov3_vits16", img_size=64, checkpoint=path, **overrides)
+
+
+def test_a_dino_training_checkpoint_loads_its_teachers_backbone(tmp_path):
+    """DINOv2 and DINOv3 save {"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}."""
+    release = dinov2_release_layout(grid=4, patch=16)
+    teacher = {f"backbone.{k}": v for k, v in release.items()}
+    teacher["dino_head.mlp.0.weight"] = torch.zeros(8, 32)
+    teacher["ibot_head.last_layer.weight"] = torch.zeros(8, 8)
+    path = tmp_path / "teacher_checkpoint.pth"
+    torch.save({"teacher": teacher}, path)
+    backbone = build_backbone("dinov2_vits14", img_size=64, patch_size=16, checkpoint=path, **TINY)
+    assert torch.equal(backbone.vit.blocks[2].mlp.fc1.weight, release["blocks.2.mlp.fc1.weight"])

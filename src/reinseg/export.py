@@ -104,9 +104,12 @@ def fold_rein(segmentor: nn.Module) -> nn.Module:
 
 def _dinov2_position_embedding(vit: Any, grid: tuple[Any, Any]) -> Tensor:
     """:func:`reinseg.families.dinov2_interpolate_pos_embed` (bicubic, scale ``(grid + 0.1) /
-    stored``) written as two interpolation matrices built from the grid with tensor operations, so
-    that a dynamic-size graph computes it for the input's grid instead of keeping the one it was
-    traced at. ``(1, P + h*w, C)``."""
+    stored``; antialiased to the grid's size for the models with registers) written as two
+    interpolation matrices built from the grid with tensor operations, so that a dynamic-size
+    graph computes it for the input's grid instead of keeping the one it was traced at.
+    ``(1, P + h*w, C)``."""
+    from .families import has_registers
+
     stored = tuple(vit.patch_embed.grid_size)
     num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
     prefix, patches = vit.pos_embed[:, :num_prefix], vit.pos_embed[:, num_prefix:]
@@ -114,8 +117,9 @@ def _dinov2_position_embedding(vit: Any, grid: tuple[Any, Any]) -> Tensor:
     patches = patches.float().reshape(*stored, channels)
     # The stored grid itself is used as it is (no interpolation), as the model does.
     same = (patches.new_ones(()) * grid[0] == stored[0]) & (patches.new_ones(()) * grid[1] == stored[1])
-    rows = _bicubic_matrix(grid[0], stored[0], same)  # (h, stored h)
-    cols = _bicubic_matrix(grid[1], stored[1], same)  # (w, stored w)
+    matrix = _antialiased_bicubic_matrix if has_registers(vit) else _bicubic_matrix
+    rows = matrix(grid[0], stored[0], same)  # (h, stored h)
+    cols = matrix(grid[1], stored[1], same)  # (w, stored w)
     out = torch.einsum("ij,jkc,lk->ilc", rows, patches, cols).reshape(1, -1, channels)
     return torch.cat([prefix, out.to(vit.pos_embed.dtype)], dim=1)
 
@@ -142,6 +146,25 @@ def _bicubic_matrix(size: Any, stored: int, identity: Tensor) -> Tensor:
     for offset, weight in zip((-1, 0, 1, 2), weights, strict=True):
         column = (base + offset).clamp(0, stored - 1).long()
         matrix = matrix + nn.functional.one_hot(column, stored).float() * weight[:, None]
+    unit = nn.functional.one_hot(index.long().clamp(max=stored - 1), stored).float()
+    return torch.where(identity, unit, matrix)
+
+
+def _antialiased_bicubic_matrix(size: Any, stored: int, identity: Tensor) -> Tensor:
+    """``(size, stored)``: PyTorch's antialiased bicubic resize to ``size`` (Keys' kernel with
+    A = -0.5, stretched by the scale when downsampling, the weights inside the input normalised
+    to sum to 1: ``upsample_bicubic2d_aa``); the identity where ``identity`` holds."""
+    index = torch.arange(size, device=identity.device, dtype=torch.float32)
+    scale = stored / (index.new_ones(()) * size)  # input pixels per output pixel
+    stretch = torch.clamp(scale, min=1.0)  # the kernel widens when downsampling
+    centre = (index + 0.5) * scale
+    source = torch.arange(stored, device=identity.device, dtype=torch.float32)
+    x = ((source[None, :] + 0.5 - centre[:, None]) / stretch).abs()
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    weight = torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+    matrix = weight / weight.sum(dim=1, keepdim=True)
     unit = nn.functional.one_hot(index.long().clamp(max=stored - 1), stored).float()
     return torch.where(identity, unit, matrix)
 

@@ -36,6 +36,7 @@ __all__ = [
     "register_family",
     "get_family",
     "dinov2_interpolate_pos_embed",
+    "has_registers",
 ]
 
 FAMILIES: dict[str, BackboneFamily | CNNFamily] = {}
@@ -149,7 +150,38 @@ class DINOv2Family(BackboneFamily):
         if grid == stored:
             return vit.pos_embed
         num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-        return dinov2_interpolate_pos_embed(vit.pos_embed, num_prefix, stored, grid)
+        antialias = has_registers(vit)
+        return dinov2_interpolate_pos_embed(vit.pos_embed, num_prefix, stored, grid, antialias=antialias)
+
+
+def _zero_qkv_biases_dropped(state_dict: dict[str, Tensor], model: Any) -> dict[str, Tensor]:
+    """DINOv3's releases hold ``blocks.N.attn.qkv.bias`` (the key part masked off by
+    ``bias_mask``), all zero in the distilled S to H+ models, which timm builds without biases.
+    Zero biases are dropped here (timm's filter would print a line per block); a file whose
+    query or value biases are not zero (a model trained further) does not fit the bias-free
+    architecture and is refused by name instead of losing them silently."""
+    if not any(k.endswith(".bias_mask") for k in state_dict):
+        return state_dict  # no masked attention biases: not a DINOv3 release of this kind
+    params = dict(model.named_parameters())
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("attn.qkv.bias") and key.replace("qkv.bias", "q_bias") not in params:
+            query, _, value_bias = value.float().chunk(3, dim=-1)
+            if query.count_nonzero() or value_bias.count_nonzero():
+                raise ValueError(
+                    f"{key} holds non-zero query and value biases, which {type(model).__name__} "
+                    "(timm's DINOv3 without attention biases) has no parameters for"
+                )
+            continue
+        out[key] = value
+    return out
+
+
+def has_registers(vit: Any) -> bool:
+    """Whether a timm DINOv2 is a "with registers" model. Their original code interpolates
+    positions antialiased to the grid's size, without the 0.1 offset (facebookresearch/dinov2,
+    hub/backbones.py: ``interpolate_antialias=True, interpolate_offset=0.0``)."""
+    return getattr(vit, "reg_token", None) is not None
 
 
 @register_family("eva")
@@ -159,7 +191,10 @@ class EvaFamily(BackboneFamily):
     def checkpoint_filter(self):
         from timm.models.eva import checkpoint_filter_fn
 
-        return checkpoint_filter_fn
+        def dinov3_biases_checked(state_dict: dict[str, Tensor], model: Any) -> dict[str, Tensor]:
+            return checkpoint_filter_fn(_zero_qkv_biases_dropped(state_dict, model), model)
+
+        return dinov3_biases_checked
 
     def embed(self, vit: Any, images: Tensor) -> tuple[Tensor, dict[str, Any]]:
         x, rope = vit._pos_embed(vit.patch_embed(images))
@@ -258,19 +293,27 @@ def _sam_attention_with_prompts(attn: Any, x: Tensor, prompts: Tensor) -> Tensor
 
 
 def dinov2_interpolate_pos_embed(
-    pos_embed: Tensor, num_prefix_tokens: int, stored_grid: tuple[int, int], grid: tuple[int, int]
+    pos_embed: Tensor,
+    num_prefix_tokens: int,
+    stored_grid: tuple[int, int],
+    grid: tuple[int, int],
+    antialias: bool = False,
 ) -> Tensor:
     """Position embeddings for another grid, as the original DINOv2 code interpolates them.
 
     Bicubic with scale factors ``(grid + 0.1) / stored_grid``: the 0.1 guards the output size
     against floating-point floor errors (facebookresearch/dino#8), and because it also shifts the
-    sampling positions slightly, it is kept to match the released models exactly.
+    sampling positions slightly, it is kept to match the released models exactly. With
+    ``antialias`` (the models with registers), antialiased bicubic to the grid's size.
     """
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     channels = patches.shape[-1]
     patches = patches.float().reshape(1, *stored_grid, channels).permute(0, 3, 1, 2)
-    scale = ((grid[0] + 0.1) / stored_grid[0], (grid[1] + 0.1) / stored_grid[1])
-    patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", align_corners=False)
+    if antialias:
+        patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    else:
+        scale = ((grid[0] + 0.1) / stored_grid[0], (grid[1] + 0.1) / stored_grid[1])
+        patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", align_corners=False)
     if tuple(patches.shape[-2:]) != tuple(grid):
         raise RuntimeError(f"position interpolation produced {tuple(patches.shape[-2:])}, expected {grid}")
     patches = patches.permute(0, 2, 3, 1).reshape(1, -1, channels).to(pos_embed.dtype)
@@ -322,17 +365,14 @@ class CNNFamily:
     def fit_state_dict(self, state_dict: dict[str, Tensor], model: Any, source: str) -> dict[str, Tensor]:
         """``state_dict`` converted to ``model``'s names, classifier dropped; a ValueError naming
         ``source`` and the keys when it does not fit."""
-        from .pretrained import state_dict_mismatches
+        from .pretrained import backbone_part, state_dict_mismatches
 
-        if any(k.startswith("backbone.") for k in state_dict):
-            # A whole classification or segmentation checkpoint (mmpretrain, mmseg): its backbone
-            # part, without the Reins a full Rein release holds there.
-            state_dict = {
-                k[len("backbone.") :]: v
-                for k, v in state_dict.items()
-                if k.startswith("backbone.") and not k.startswith("backbone.reins.")
-            }
-        fitted = self.to_timm_layout(dict(state_dict), model)
+        fitted = self.to_timm_layout(backbone_part(state_dict), model)
+        # PyTorch's own loading fills in BatchNorm counters a file leaves out; they count
+        # training steps and change no output.
+        for key, buffer in model.state_dict().items():
+            if key.endswith("num_batches_tracked") and key not in fitted:
+                fitted[key] = torch.zeros((), dtype=buffer.dtype)
         fitted = {k: v for k, v in fitted.items() if not k.startswith(self.unused_prefixes)}
         problems = state_dict_mismatches(model.state_dict(), fitted)
         if problems:

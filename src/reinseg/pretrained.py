@@ -40,12 +40,14 @@ __all__ = [
     "state_dict_mismatches",
     "load_into",
     "weights_fingerprint",
+    "backbone_part",
 ]
 
 RESAMPLE_METHODS = ("official", "timm")
 
-# Wrappers that training frameworks put around a state dict.
-_WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
+# Wrappers that training frameworks put around a state dict ("teacher": DINOv2's and DINOv3's
+# training checkpoints, whose teacher network is the released one).
+_WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module", "teacher")
 # Keys of parts of a ViT that the segmentation backbone never runs (final norms, classifier,
 # SAM's neck, MIM heads); checkpoints may or may not hold them.
 _UNUSED_PREFIXES = ("norm.", "fc_norm.", "head.", "neck.", "attn_pool.", "lm_head.", "head_drop.")
@@ -109,6 +111,19 @@ def unwrap_state_dict(obj: object, source: str = "state dict") -> dict[str, Tens
     return tensors
 
 
+def backbone_part(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The backbone's weights of a whole-model checkpoint (a DINO teacher's ``backbone.*`` beside
+    its projection heads; an mmpretrain or mmseg model's ``backbone.*``, without the Reins an
+    official Rein release holds there), with the prefix removed; any other dict as it is."""
+    if not any(k.startswith("backbone.") for k in state_dict):
+        return state_dict
+    return {
+        k[len("backbone.") :]: v
+        for k, v in state_dict.items()
+        if k.startswith("backbone.") and not k.startswith("backbone.reins.")
+    }
+
+
 def resize_patch_kernel(kernel: Tensor, patch_size: tuple[int, int], method: str = "official") -> Tensor:
     """Resize a patch-embedding kernel ``(C, 3, p, p)`` to ``patch_size``."""
     if tuple(kernel.shape[-2:]) == tuple(patch_size):
@@ -130,11 +145,12 @@ def resize_pos_grid(grid: Tensor, size: tuple[int, int], method: str = "official
     )
 
 
-def _resize_pos_embed(pos: Tensor, grid: tuple[int, int], method: str) -> Tensor:
+def _resize_pos_embed(pos: Tensor, grid: tuple[int, int], method: str, name: str = "position embedding") -> Tensor:
     """Resize a position embedding in any of the layouts we read to ``grid``, prefix kept.
 
     Layouts: ``(1, P + h*w, C)`` (timm, DINOv2, EVA), ``(P + h*w, C)`` (OpenAI CLIP),
-    ``(1, h, w, C)`` (SAM). Stored grids are square; ``P`` is 0 or 1.
+    ``(1, h, w, C)`` (SAM). Stored grids are square; ``P`` is 0 or 1. ``name`` (the file and
+    key) starts the error of a tensor in none of these layouts.
     """
     if pos.dim() == 4:
         out = resize_pos_grid(pos.permute(0, 3, 1, 2), grid, method)
@@ -143,7 +159,7 @@ def _resize_pos_embed(pos: Tensor, grid: tuple[int, int], method: str) -> Tensor
     n, c = flat.shape[1], flat.shape[2]
     num_prefix = next((p for p in (0, 1) if math.isqrt(n - p) ** 2 == n - p), None)
     if num_prefix is None:
-        raise ValueError(f"position embedding of {n} tokens is not a square grid with 0 or 1 prefix tokens")
+        raise ValueError(f"{name}: a position embedding of {n} tokens is not a square grid with 0 or 1 prefix tokens")
     side = math.isqrt(n - num_prefix)
     if (side, side) == tuple(grid):
         return pos
@@ -183,17 +199,22 @@ def fit_state_dict(
         raise ValueError(f"resample must be one of {RESAMPLE_METHODS}, got {method!r}")
     patch = tuple(model.patch_embed.proj.weight.shape[-2:])
     grid = tuple(model.patch_embed.grid_size)
-    state_dict = dict(state_dict)
+    state_dict = dict(backbone_part(state_dict))
     if method == "official":
         # Resample before timm's filter sees the weights, so that it finds the shapes it
-        # expects and leaves them alone.
+        # expects and leaves them alone. OpenAI's CLIP file holds the text tower too, whose
+        # (77, C) position embedding is the unprefixed key: the image tower's keys carry "visual.".
+        image_tower_prefixed = any(key.startswith("visual.") for key in state_dict)
         for key in _PATCH_KEYS:
-            if key in state_dict:
+            if key in state_dict and not (image_tower_prefixed and key == "conv1.weight"):
                 state_dict[key] = resize_patch_kernel(state_dict[key], patch, method)
         for key in _POS_KEYS:
-            if key in state_dict:
-                state_dict[key] = _resize_pos_embed(state_dict[key], grid, method)
-    state_dict = filter_fn(state_dict, model)
+            if key in state_dict and not (image_tower_prefixed and key == "positional_embedding"):
+                state_dict[key] = _resize_pos_embed(state_dict[key], grid, method, f"{source}: {key}")
+    try:
+        state_dict = filter_fn(state_dict, model)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
 
     # Whatever the filter left unfitted (SAM's filter does no resampling).
     target = model.state_dict()
@@ -203,7 +224,7 @@ def fit_state_dict(
         if key == "patch_embed.proj.weight":
             state_dict[key] = resize_patch_kernel(value, patch, method)
         elif key == "pos_embed":
-            state_dict[key] = _resize_pos_embed(value, grid, method)
+            state_dict[key] = _resize_pos_embed(value, grid, method, f"{source}: {key}")
         elif key.endswith((".rel_pos_h", ".rel_pos_w")):
             state_dict[key] = _resize_rel_pos(value, target[key].shape[0])
 
