@@ -259,7 +259,7 @@ def test_a_converted_official_cnn_segmentor_predicts_as_the_official_one(segment
 @pytest.mark.parametrize("kind", sorted(SEGMENTOR_KINDS))
 def test_an_image_off_the_stride_grid_is_scored_unpadded_as_the_official_cnn_segmentor(segmentor_goldens, kind):
     """52x84 (off the 32 grid, below the 64 crop in height): mmseg pads nothing, whole or sliding
-    (one smaller window); reinseg's evaluation (padded_scores, full_windows=False) likewise."""
+    (one smaller window); reinseg's evaluation (padded_scores) likewise."""
     from reinseg.official import from_official
     from reinseg.predict import padded_scores
 
@@ -268,8 +268,8 @@ def test_an_image_off_the_stride_grid_is_scored_unpadded_as_the_official_cnn_seg
     segmentor = from_official(golden["model_config"], golden["release_state_dict"], weights).eval()
     assert segmentor.backbone.input_multiple == (1, 1)
     with torch.no_grad():
-        whole = padded_scores(segmentor, golden["offgrid_input"], mode="whole", full_windows=False)
-        slide = padded_scores(segmentor, golden["offgrid_input"], mode="slide", full_windows=False)
+        whole = padded_scores(segmentor, golden["offgrid_input"], mode="whole")
+        slide = padded_scores(segmentor, golden["offgrid_input"], mode="slide")
     assert_matches(whole, golden["offgrid_whole_seg_logits"])
     assert_matches(slide, golden["offgrid_slide_seg_logits"])
 

@@ -169,3 +169,58 @@ def test_frost_without_the_package_pictures_is_refused_by_name(monkeypatch):
         corrupt(image, "blizzard", 1, np.random.RandomState(0))
     with pytest.raises(ValueError, match="at least 32x32"):
         corrupt(image[:8], "fog", 1, np.random.RandomState(0))
+
+
+def test_the_image_as_seen_is_the_corrupted_one_the_model_was_given(tmp_path):
+    """What --save-examples shows beside a Cityscapes-C prediction: the corrupted image, drawn as
+    the evaluated item drew it (the clean file would misstate what was segmented)."""
+    from reinseg.data import IMAGENET_MEAN, IMAGENET_STD
+    from reinseg.data.io import read_image
+
+    make_fake_cityscapes(tmp_path / "cs", n=2, size=(32, 64), splits=("val",), prepared=True)
+    entry = dict(name="cityscapes", root=str(tmp_path / "cs"), scale=[64, 32])
+    noise = dict(corruptions=["gaussian_noise"], severities=[5], corruption_seed=3)
+    (corrupted,) = parse_entries([entry | noise], "val")[0].expanded()
+    (clean,) = parse_entries([entry], "val")
+    noisy, plain = corrupted.build(), clean.build()
+    for index in range(2):
+        seen = noisy.image_as_seen(index)
+        given = noisy[index]["image"].permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+        assert np.abs(given - seen).max() < 1e-3  # at its own size: the normalised item is this image
+        assert not np.array_equal(seen, read_image(noisy.pairs[index][0]))
+        assert np.array_equal(plain.image_as_seen(index), read_image(plain.pairs[index][0]))
+
+
+@pytest.mark.slow
+def test_saved_examples_of_a_corrupted_domain_show_the_corrupted_image(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from reinseg.cli import main
+    from reinseg.config import dump_config
+
+    model = tiny_model_config()
+    checkpoint = tmp_path / "tiny.ckpt"
+    save_checkpoint(checkpoint, {"model": to_dict(model)}, checkpoint_state_dict(build_segmentor(model)))
+    make_fake_cityscapes(tmp_path / "cs", n=2, size=(32, 64), splits=("val",), prepared=True)
+    entry = dict(name="cityscapes", root=str(tmp_path / "cs"), scale=[64, 32])
+    noisy = dict(entry, corruptions=["gaussian_noise"], severities=[5], corruption_seed=3)
+    config = Config(
+        model=model, data=DataConfig(val=[entry, noisy], num_workers=0), train=TrainConfig(accelerator="cpu")
+    )
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    result = tmp_path / "results.json"
+    assert (
+        main(["eval", str(tmp_path / "config.yaml"), str(checkpoint), "--json", str(result), "--save-examples", "1"])
+        == 0
+    )
+    domains = json.loads(result.read_text())["domains"]
+    (dataset,) = parse_entries([noisy], "val")[0].expanded()
+    noisy_set = dataset.build()
+    for domain, built in (("cityscapes-c/gaussian_noise/5", noisy_set), ("cityscapes", None)):
+        example = domains[domain]["examples"]["best"][0]
+        shown = np.asarray(Image.open(tmp_path / example["files"]["image"]))
+        index = [str(label) for _, label in (built or noisy_set).pairs].index(example["label"])
+        expected = built.image_as_seen(index) if built else np.asarray(Image.open(example["image"]).convert("RGB"))
+        assert np.array_equal(shown, expected), domain

@@ -66,6 +66,10 @@ def test_eval_score_and_predict_agree(trained, capsys):
     scored = json.loads((trained / "s.json").read_text())
     assert scored["mIoU"] == pytest.approx(scores["mIoU"], abs=1e-9)
     assert scored["IoU"] == pytest.approx(scores["IoU"], abs=1e-9)
+    # Another evaluation's predictions never mix into a used folder (a failed one would leave both).
+    args = ["eval", config, checkpoint, "--save-preds", str(trained / "preds"), "--json", str(trained / "eval2.json")]
+    assert main(args) == 2
+    assert "--save-preds" in capsys.readouterr().err and not (trained / "eval2.json").exists()
     assert evaluated["mean_mIoU"] == pytest.approx(round(scores["mIoU"], 2))  # the official mean of rounded mIoUs
     # Same numbers after a round trip through the checkpoint as in training's final validation.
     final = json.loads((trained / "run" / "metrics" / "val_step0000004.json").read_text())
@@ -235,6 +239,18 @@ def test_grey_alpha_pngs_are_read_as_grey(tmp_path):
     Image.fromarray(np.stack([grey, alpha], axis=-1), mode="LA").save(tmp_path / "la.png")
     assert Image.open(tmp_path / "la.png").mode == "LA"
     assert np.array_equal(read_photo(tmp_path / "la.png"), np.stack([grey] * 3, axis=-1))
+
+
+def test_16_bit_and_bilevel_photos_read_as_evaluation_reads_them(tmp_path):
+    """predict's reader gives what evaluation's OpenCV decoding gives: the high byte of 16-bit
+    grey, 0 and 255 for a 1-bit PNG."""
+    from reinseg.data.io import read_image, read_photo
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 65536, (20, 30), dtype=np.uint16)).save(tmp_path / "grey16.png")
+    Image.fromarray(rng.random((20, 30)) > 0.5).save(tmp_path / "mask.png")
+    for name in ("grey16.png", "mask.png"):
+        assert np.array_equal(read_photo(tmp_path / name), read_image(tmp_path / name)), name
 
 
 def test_predict_writes_upright_outputs_for_a_folder_with_progress(trained, tmp_path, capsys):

@@ -86,22 +86,37 @@ GRIDS = [(4, 4), (4, 6), (6, 4), (7, 3), (2, 2), (32, 64)]
 
 
 @pytest.mark.parametrize(
-    ("name", "grid"), [("dinov2_vits14", g) for g in GRIDS] + [("dinov2_vits14_reg", g) for g in GRIDS]
+    ("name", "grid"), [(n, g) for n in ("dinov2_vits14", "dinov2_vits14_reg", "clip_vitl14") for g in GRIDS]
 )
-def test_traceable_position_embedding_is_dinov2s_interpolation(name, grid):
-    """The dynamic graph's matrix form equals the backbone's own (golden-tested) interpolation,
-    antialiased for the models with registers."""
-    from reinseg.export import _dinov2_position_embedding
-    from reinseg.families import DINOv2Family
+def test_traceable_position_embedding_is_the_families_interpolation(name, grid):
+    """The dynamic graph's matrix form equals the backbone's own (golden-tested) interpolation:
+    DINOv2's offset bicubic, antialiased for the models with registers and for plain ViTs (CLIP)."""
+    from reinseg.export import _traceable_positions
 
     model = tiny_model_config()
     model.backbone.name = name
-    segmentor = build_segmentor(model)
-    vit = segmentor.backbone.vit
+    backbone = build_segmentor(model).backbone
+    vit = backbone.vit
     vit.pos_embed.data.normal_()
-    expected = DINOv2Family().position_embedding(vit, grid)
+    expected = backbone.family.position_embedding(vit, grid)
+    with _traceable_positions(backbone, dynamic=True) as traceable:
+        assert traceable.active
+        traced = backbone.family.position_embedding(vit, grid)
     # float32 rounding only (the sums run in another order): assert_close's float32 defaults.
-    torch.testing.assert_close(_dinov2_position_embedding(vit, grid), expected)
+    torch.testing.assert_close(traced, expected)
+
+
+def test_a_sam_checkpoint_is_refused_before_exporting(tmp_path, capsys):
+    model = tiny_model_config()
+    model.backbone.name = "sam_vitb16"
+    model.backbone.timm_kwargs = dict(embed_dim=32, depth=4, num_heads=2, global_attn_indexes=[1, 3], window_size=2)
+    checkpoint = save_checkpoint(
+        tmp_path / "sam.ckpt", to_dict(Config(model=model)), checkpoint_state_dict(build_segmentor(model))
+    )
+    target = tmp_path / "sam.onnx"
+    assert main(["export", str(checkpoint), "--output", str(target)]) == 2
+    assert "ONNX export of sam backbones is not supported" in capsys.readouterr().err
+    assert not target.exists()
 
 
 def test_missing_vfm_weights_are_named_and_nothing_is_written(tmp_path, capsys):

@@ -124,6 +124,14 @@ def test_score_command_writes_the_json_contract(tmp_path, capsys):
     assert scores["mIoU"] == pytest.approx((road + car) / 2)
 
 
+def test_score_of_labels_without_a_labelled_pixel_has_no_miou(tmp_path, capsys):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    write_pair(pred, gt, "city/a_gtFine_labelTrainIds.png", np.zeros((8, 8), np.uint8), np.full((8, 8), 255, np.uint8))
+    assert main(["score", str(pred), str(gt), "--json", str(tmp_path / "s.json")]) == 0
+    assert "1 images, mIoU - (no labelled pixel)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["mIoU"] is None
+
+
 def test_score_refuses_what_does_not_match(tmp_path, capsys):
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     label = np.zeros((8, 8), dtype=np.uint8)

@@ -214,9 +214,17 @@ def test_acdc_results_per_condition_and_overall(tmp_path, checkpoint):
     assert results["domains"]["acdc"]["pixels"] == sum(results["domains"][c]["pixels"] for c in conditions)
 
 
-def test_acdc_submission_has_the_server_layout_and_label_ids(tmp_path, checkpoint, monkeypatch, capsys):
+@pytest.mark.parametrize("conditions", [[None], ["night", "snow", "fog", "rain"]])
+def test_acdc_submission_has_the_server_layout_and_label_ids(tmp_path, checkpoint, monkeypatch, capsys, conditions):
+    """Every condition's test images, also from a config evaluating the conditions one entry
+    each (the Cityscapes -> ACDC config, night first)."""
     fake = make_fake_acdc(tmp_path / "acdc", n=2, size=(32, 64))
-    config = eval_config(tmp_path, [dict(name="acdc", root=str(tmp_path / "acdc"), split="val", scale=[64, 32])])
+    entries = [
+        dict(name="acdc", root=str(tmp_path / "acdc"), split="val", scale=[64, 32])
+        | ({"condition": condition} if condition else {})
+        for condition in conditions
+    ]
+    config = eval_config(tmp_path, entries)
     config_file = tmp_path / "config.yaml"
     config_file.write_text(dump_config(config))
 
@@ -275,6 +283,20 @@ def test_a_failed_submission_leaves_nothing_and_a_used_folder_is_refused(tmp_pat
     assert main(["eval", str(config_file), checkpoint, "--submission", str(target)]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert not target.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".submission")]
+
+
+def test_a_submission_missing_a_condition_is_refused(tmp_path, checkpoint, capsys):
+    import shutil
+
+    make_fake_acdc(tmp_path / "acdc", n=2, size=(32, 64))
+    shutil.rmtree(tmp_path / "acdc" / "rgb_anon" / "rain" / "test")
+    entry = dict(name="acdc", root=str(tmp_path / "acdc"), split="val", scale=[64, 32], condition="night")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(eval_config(tmp_path, [entry])))
+    assert main(["eval", str(config_file), checkpoint, "--submission", str(tmp_path / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "--submission needs the test images of all four ACDC conditions" in err and "rain/test" in err
+    assert not (tmp_path / "sub").exists()
 
 
 def test_submission_without_an_acdc_entry_is_refused(tmp_path, checkpoint, capsys):

@@ -327,8 +327,17 @@ def test_report_refuses_bad_results_and_leaves_no_folder(handmade, tmp_path, cap
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     assert main(["report", str(files[0]), "--output", str(tmp_path / "mine")]) == 2
-    assert "is not a reinseg report" in capsys.readouterr().err
+    assert "mine holds notes.txt, which a reinseg report did not write" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    # Nor a report a user added files to, or one that holds a results file it is made from.
+    (out / "notes.txt").write_text("keep")
+    assert main(["report", str(files[0]), "--output", str(out)]) == 2
+    assert "holds notes.txt" in capsys.readouterr().err and (out / "notes.txt").exists()
+    (out / "notes.txt").unlink()
+    kept = out / "kept.json"
+    kept.write_text(files[0].read_text())
+    assert main(["report", str(kept), "--output", str(out)]) == 2
+    assert "holds kept.json" in capsys.readouterr().err and kept.exists()
 
 
 @pytest.mark.parametrize(
@@ -476,3 +485,28 @@ def test_report_names_each_files_protocol_and_says_when_they_differ(handmade, tm
         file.write_text(json.dumps(data))
     html, _ = page(handmade, "covering")
     assert 'id="mixed-protocols"' not in html
+
+
+def test_a_part_of_a_target_is_no_source_and_runs_at_its_wholes_scale(handmade, tmp_path):
+    """ACDC evaluated as one entry gives its conditions as parts (``subdomains``): the source is
+    the first domain that is neither a target nor a part of one, and a condition ran at ACDC's
+    scale, comparable with a file that evaluated the condition as an entry of its own."""
+    frozen, rein = (json.loads(f.read_text()) for f in handmade)
+    scale = {"name": "config", "flip": False}
+    whole = dict(rein, mean_domains=["acdc"], subdomains={"acdc": ["acdc/fog"]})
+    whole["domains"] = {"acdc": rein["domains"]["target"], "acdc/fog": rein["domains"]["target"]}
+    whole["domains"]["cityscapes"] = rein["domains"]["source"]
+    whole["protocol"] = scale | {"scales": {"acdc": [128, 64], "cityscapes": [128, 64]}}
+    entry = dict(frozen, mean_domains=["acdc/fog"])
+    entry["domains"] = {"acdc/fog": frozen["domains"]["target"], "cityscapes": frozen["domains"]["source"]}
+    entry["protocol"] = scale | {"scales": {"acdc/fog": [128, 64], "cityscapes": [128, 64]}}
+    handmade[0].write_text(json.dumps(entry))
+    handmade[1].write_text(json.dumps(whole))
+    assert main(["report", *map(str, handmade), "--output", str(tmp_path / "out")]) == 0
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "rein: cityscapes → mean of acdc" in html and "frozen: cityscapes → mean of acdc/fog" in html
+    assert 'id="mixed-protocols"' not in html
+    del whole["domains"]["cityscapes"]
+    handmade[1].write_text(json.dumps(whole))
+    assert main(["report", str(handmade[1]), "--output", str(tmp_path / "alone")]) == 0
+    assert "rein: no source domain among its results" in (tmp_path / "alone" / "index.html").read_text()

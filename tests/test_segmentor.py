@@ -156,3 +156,17 @@ def test_tuning_must_be_known_and_consistent():
     config.rein = None
     with pytest.raises(ConfigError, match="model.rein is null"):
         build_segmentor(config)
+
+
+def test_an_image_below_the_crop_is_one_smaller_window_in_predict_as_in_eval():
+    """mmseg's slide_inference runs an image smaller than the crop as one window of its own size
+    (on the patch grid): the whole-image scores. predict and eval share that path."""
+    from reinseg.predict import scores_at_sizes
+
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config()).eval()
+    images = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        (slide,) = scores_at_sizes(segmentor, images, [(48, 48)], mode="slide", crop_size=64, stride=32, flip=False)
+        (whole,) = scores_at_sizes(segmentor, images, [(48, 48)], mode="whole", flip=False)
+    torch.testing.assert_close(slide, whole, rtol=0, atol=1e-5)

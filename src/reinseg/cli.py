@@ -191,7 +191,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     # Refuse an unwritable destination now, not after the whole evaluation.
     _check_writable_file(target, "--json" if args.json else "the results file (default of --json)")
     if args.save_preds:
-        _check_writable_folder(Path(args.save_preds), "--save-preds")
+        _check_writable_folder(Path(args.save_preds), "--save-preds", empty=True)
     if args.submission:
         from .submission import check_submission_target
 
@@ -338,7 +338,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     names = classes.names
     results = score_directories(args.predictions, args.labels, names, label_suffix=args.label_suffix)
     print(format_scores_table({Path(args.labels).name or "scores": results}, names))
-    print(f"{results['num_images']} images, mIoU {results['mIoU']:.2f}")
+    miou = "- (no labelled pixel)" if results["mIoU"] is None else f"{results['mIoU']:.2f}"
+    print(f"{results['num_images']} images, mIoU {miou}")
     if args.json:
         _write_json(Path(args.json), results)
         print(f"wrote {args.json}")
@@ -384,10 +385,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_writable_folder(folder: Path, option: str) -> None:
-    """Create ``folder`` and write a file in it, or raise a ValueError naming ``option``."""
+def _check_writable_folder(folder: Path, option: str, empty: bool = False) -> None:
+    """Create ``folder`` and write a file in it, or raise a ValueError naming ``option``; with
+    ``empty``, also when it holds anything (another evaluation's files would mix with the new
+    ones, and score as one)."""
     import tempfile
 
+    if empty and folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{option} {folder} is not empty: choose a new folder or empty it")
     try:
         if folder.exists() and not folder.is_dir():
             raise NotADirectoryError(20, "Not a directory", str(folder))

@@ -223,7 +223,7 @@ class SegmentationTask(L.LightningModule):
 
             # Padded where the model needs it, as reinseg eval pads (nothing for a side above the
             # crop in slide mode, or on the patch grid): the same scores for the same images.
-            scores = scores_at_sizes(self.segmentor, batch["image"], batch["ori_size"], full_windows=False)
+            scores = scores_at_sizes(self.segmentor, batch["image"], batch["ori_size"])
             return [[score.argmax(0) for score in scores]]
         from .protocols import protocol_scores
 

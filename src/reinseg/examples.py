@@ -74,7 +74,7 @@ def _small(image: np.ndarray, label: np.ndarray, prediction: np.ndarray):
 
 _EXAMPLE_FILE = re.compile(r"\d{5,}_(image|label|prediction)\.png")
 # What file browsers leave in a folder they showed.
-_BROWSER_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
+BROWSER_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 
 
 def check_replaceable(folder: Path) -> None:
@@ -85,11 +85,11 @@ def check_replaceable(folder: Path) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name in _BROWSER_FILES:
+        if entry.name in BROWSER_FILES:
             continue
         ours = entry.is_dir() and not entry.is_symlink()
         ours = ours and all(
-            f.is_file() and (_EXAMPLE_FILE.fullmatch(f.name) or f.name in _BROWSER_FILES) for f in entry.iterdir()
+            f.is_file() and (_EXAMPLE_FILE.fullmatch(f.name) or f.name in BROWSER_FILES) for f in entry.iterdir()
         )
         if not ours:
             raise ValueError(
@@ -106,7 +106,7 @@ def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str
     images (files as the dataset names them) to save, listed under ``examples.also``."""
     from .checkpoints import atomic_directory
     from .data import collate
-    from .data.io import read_image, write_png
+    from .data.io import write_png
     from .datamodule import domain_folder
 
     task.segmentor.eval()
@@ -133,7 +133,8 @@ def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str
                         batch["image"] = batch["image"].to(device)
                         # As validation predicted it (the first protocol's, if any).
                         prediction = task.predictions(batch, d, first_only=True)[0][0].cpu().numpy()
-                        arrays = _small(read_image(record["image"]), item["label"].numpy(), prediction.astype(np.uint8))
+                        seen = dataset.image_as_seen(index_of[record["label"]])  # corrupted where it was
+                        arrays = _small(seen, item["label"].numpy(), prediction.astype(np.uint8))
                         stem = f"{position:05d}"
                         files = {}
                         for name, array in zip(("image", "label", "prediction"), arrays, strict=True):

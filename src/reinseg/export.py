@@ -102,14 +102,13 @@ def fold_rein(segmentor: nn.Module) -> nn.Module:
     return folded
 
 
-def _dinov2_position_embedding(vit: Any, grid: tuple[Any, Any]) -> Tensor:
-    """:func:`reinseg.families.dinov2_interpolate_pos_embed` (bicubic, scale ``(grid + 0.1) /
-    stored``; antialiased to the grid's size for the models with registers) written as two
-    interpolation matrices built from the grid with tensor operations, so that a dynamic-size
-    graph computes it for the input's grid instead of keeping the one it was traced at.
-    ``(1, P + h*w, C)``."""
-    from .families import has_registers
-
+def _traceable_position_embedding(vit: Any, grid: tuple[Any, Any], antialiased: bool) -> Tensor:
+    """The position interpolation of a DINOv2 (:func:`reinseg.families.dinov2_interpolate_pos_embed`:
+    bicubic, scale ``(grid + 0.1) / stored``) or, ``antialiased``, of a DINOv2 with registers or a
+    plain ViT (timm's ``resample_abs_pos_embed``: antialiased bicubic to the grid's size), written
+    as two interpolation matrices built from the grid with tensor operations, so that a
+    dynamic-size graph computes it for the input's grid instead of keeping the one it was traced
+    at. ``(1, P + h*w, C)``."""
     stored = tuple(vit.patch_embed.grid_size)
     num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
     prefix, patches = vit.pos_embed[:, :num_prefix], vit.pos_embed[:, num_prefix:]
@@ -117,7 +116,7 @@ def _dinov2_position_embedding(vit: Any, grid: tuple[Any, Any]) -> Tensor:
     patches = patches.float().reshape(*stored, channels)
     # The stored grid itself is used as it is (no interpolation), as the model does.
     same = (patches.new_ones(()) * grid[0] == stored[0]) & (patches.new_ones(()) * grid[1] == stored[1])
-    matrix = _antialiased_bicubic_matrix if has_registers(vit) else _bicubic_matrix
+    matrix = _antialiased_bicubic_matrix if antialiased else _bicubic_matrix
     rows = matrix(grid[0], stored[0], same)  # (h, stored h)
     cols = matrix(grid[1], stored[1], same)  # (w, stored w)
     out = torch.einsum("ij,jkc,lk->ilc", rows, patches, cols).reshape(1, -1, channels)
@@ -200,6 +199,9 @@ def export_onnx(
         raise IsADirectoryError(21, "Is a directory", str(output))
     segmentor, _ = segmentor_from_checkpoint(checkpoint, backbone=backbone)
     segmentor = segmentor.cpu().eval()
+    family = segmentor.backbone.family
+    if not getattr(family, "onnx_exportable", True):
+        raise ValueError(f"{checkpoint}: ONNX export of {family.name} backbones is not supported (torch's exporter)")
     patch = segmentor.backbone.patch_size
     if size is None:
         img_size = getattr(getattr(segmentor.backbone.vit, "patch_embed", None), "img_size", None) or (512, 512)
@@ -280,20 +282,26 @@ def _quiet_folding():
 
 
 class _traceable_positions:
-    """While exporting a dynamic-size graph of a DINOv2 backbone, its position interpolation in
-    tensor operations (:func:`_dinov2_position_embedding`); other families are left as they are
-    (the parity check at a second size tells whether their graph follows the input's size)."""
+    """While exporting a dynamic-size graph of a DINOv2 or plain ViT (CLIP, MAE) backbone, its
+    position interpolation in tensor operations (:func:`_traceable_position_embedding`); other
+    families are left as they are (the parity check at a second size tells whether their graph
+    follows the input's size)."""
 
     def __init__(self, backbone: nn.Module, dynamic: bool) -> None:
-        from .families import DINOv2Family
+        from .families import DINOv2Family, ViTFamily, has_registers
 
         self.backbone = backbone
-        self.active = dynamic and isinstance(getattr(backbone, "family", None), DINOv2Family)
+        family = getattr(backbone, "family", None)
+        self.active = dynamic and isinstance(family, (DINOv2Family, ViTFamily))
+        if self.active:
+            vit = backbone.vit
+            self.antialiased = not isinstance(family, DINOv2Family) or has_registers(vit)
 
     def __enter__(self):
         if self.active:
             family = copy.copy(self.backbone.family)
-            family.position_embedding = _dinov2_position_embedding
+            antialiased = self.antialiased
+            family.position_embedding = lambda vit, grid: _traceable_position_embedding(vit, grid, antialiased)
             self.original, self.backbone.family = self.backbone.family, family
         return self
 

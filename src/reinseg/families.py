@@ -69,6 +69,8 @@ class BackboneFamily:
 
     name = "base"
     kind = "vit"  # run by reinseg.backbones.ReinBackbone
+    # Whether torch's ONNX exporter converts the family's blocks (reinseg export refuses otherwise).
+    onnx_exportable = True
 
     def timm_kwargs(self) -> dict[str, Any]:
         """Extra ``timm.create_model`` arguments the family needs."""
@@ -209,6 +211,8 @@ class EvaFamily(BackboneFamily):
 @register_family("sam")
 class SamFamily(BackboneFamily):
     """timm ``VisionTransformerSAM``: NHWC maps ``(B, H, W, C)`` between blocks, no prefix tokens."""
+
+    onnx_exportable = False  # the exporter's attention takes no 5-D windowed query (torch 2.14)
 
     def timm_kwargs(self) -> dict[str, Any]:
         return {}

@@ -144,15 +144,13 @@ def padded_scores(
     crop_size=None,
     stride=None,
     flip: bool | None = None,
-    full_windows: bool = True,
 ) -> torch.Tensor:
     """``segmentor.predict`` of normalized ``(B, 3, h, w)`` images of any size; the scores
     ``(B, C, h, w)`` of the images themselves. A side is padded with zeros (the mean colour after
     normalization) where the model needs it: to a multiple of the patch size in ``whole`` mode,
-    and in sliding-window mode only where it is shorter than the crop (every window of a longer
-    side is a whole crop inside the image: nothing is padded, as mmseg's ``slide_inference``);
-    there with ``full_windows`` to the crop (every window a full crop), without it to the patch
-    grid (one smaller window, as mmseg runs an image below the crop)."""
+    and in sliding-window mode only where it is shorter than the crop, to the patch grid (every
+    window of a longer side is a whole crop inside the image, and a shorter side is one smaller
+    window: mmseg's ``slide_inference``)."""
     h, w = images.shape[-2:]
     patch = segmentor.backbone.input_multiple  # a ViT's patch; 1 for a CNN, which takes any size
     slide = (mode or segmentor.test_mode) == "slide"
@@ -161,8 +159,7 @@ def padded_scores(
     def padded_side(size: int, patch_side: int, crop_side: int) -> int:
         if slide and size >= crop_side:
             return size
-        on_grid = -(-size // patch_side) * patch_side
-        return max(on_grid, crop_side) if slide and full_windows else on_grid
+        return -(-size // patch_side) * patch_side
 
     target_h, target_w = (padded_side(size, p, c) for size, p, c in zip((h, w), patch, crop, strict=True))
     padded = F.pad(images, (0, target_w - w, 0, target_h - h))
@@ -177,7 +174,6 @@ def scores_at_sizes(
     crop_size=None,
     stride=None,
     flip: bool | None = None,
-    full_windows: bool = True,
 ) -> list[torch.Tensor]:
     """Each image's class scores ``(C, H_i, W_i)`` at ``sizes[i]`` = (H_i, W_i), its label's size,
     from normalized ``images (B, 3, h, w)`` (:func:`padded_scores`), as mmseg tests: the scores
@@ -190,7 +186,7 @@ def scores_at_sizes(
     flip = segmentor.flip if flip is None else flip
 
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return padded_scores(segmentor, batch, mode, crop_size, stride, flip=False, full_windows=full_windows)
+        return padded_scores(segmentor, batch, mode, crop_size, stride, flip=False)
 
     scores = run(images)
     if not flip:

@@ -221,7 +221,7 @@ def protocol_scores(segmentor, run: ProtocolRun, domain: str, image: np.ndarray,
             tensor = tensor.flip(-1)
         # A size off the patch grid (BDD100K x 0.5: 360x640) is padded to it; one below the crop is
         # a smaller window, as mmseg runs it.
-        scores = padded_scores(segmentor, tensor, run.mode, run.crop, run.stride, False, full_windows=False)[0]
+        scores = padded_scores(segmentor, tensor, run.mode, run.crop, run.stride, False)[0]
         return scores.flip(-1) if mirrored else scores
 
     if len(sizes) == 1 and not flip:

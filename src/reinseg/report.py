@@ -48,6 +48,18 @@ class ModelResults:
     def classes(self, domain: str) -> list[str]:
         return list(self.domains[domain]["IoU"])
 
+    def whole_of(self, domain: str) -> str | None:
+        """The domain ``domain`` is a part of (``acdc`` of an ACDC condition; ``cityscapes-c`` of a
+        corruption at a severity), from the file's ``subdomains`` and ``corruptions``; else None."""
+        subdomains = self.data.get("subdomains")
+        for whole, parts in subdomains.items() if isinstance(subdomains, dict) else ():
+            if isinstance(parts, list) and domain in parts:
+                return whole
+        corruptions = self.data.get("corruptions")
+        return next(
+            (b for b in (corruptions if isinstance(corruptions, dict) else ()) if domain.startswith(f"{b}/")), None
+        )
+
 
 def load_results(paths: list[str | Path], names: list[str] | None = None) -> list[ModelResults]:
     """Read and check results files (``reinseg eval``'s JSON); a model is named by ``names``, else
@@ -192,14 +204,28 @@ def write_report(
 
 
 def _check_replaceable(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        index = output / "index.html"
-        try:
-            ours = index.is_file() and f'content="{GENERATOR}"' in index.read_text(errors="replace")[:2000]
-        except OSError:
-            ours = False
-        if not ours:
-            raise ValueError(f"--output {output} exists and is not a reinseg report: choose a new folder")
+    """Refuse to replace ``output`` unless it is empty or holds only what a report writes (its
+    ``index.html`` and ``images/*.png``): files a user put there would be lost."""
+    from .examples import BROWSER_FILES
+
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ValueError(f"--output {output} exists and is not a reinseg report: choose a new folder")
+    index = output / "index.html"
+    try:
+        ours = index.is_file() and f'content="{GENERATOR}"' in index.read_text(errors="replace")[:2000]
+    except OSError:
+        ours = False
+    for entry in output.iterdir():
+        if entry.name in BROWSER_FILES or (entry == index and ours):
+            continue
+        images = entry.name == "images" and entry.is_dir() and not entry.is_symlink()
+        if not (images and ours and all(f.is_file() and f.suffix == ".png" for f in entry.iterdir())):
+            raise ValueError(
+                f"--output {output} holds {entry.name}, which a reinseg report did not write: the report would "
+                "replace the folder; choose a new one"
+            )
 
 
 # -- the page -------------------------------------------------------------------------------------
@@ -320,7 +346,10 @@ def _protocol_scale(model: ModelResults, domain: str) -> str:
     """The scale a file's protocol ran ``domain``'s images at (as recorded)."""
     protocol = model.data.get("protocol")
     scales = protocol.get("scales") if isinstance(protocol, dict) else None
-    return json.dumps(scales.get(domain) if isinstance(scales, dict) else None)
+    if not isinstance(scales, dict):
+        return json.dumps(None)
+    # a part (an ACDC condition evaluated with the others) ran at its whole's scale
+    return json.dumps(scales.get(domain, scales.get(model.whole_of(domain) or "")))
 
 
 def _miou_table(models: list[ModelResults], domains: list[str]) -> str:
@@ -408,8 +437,8 @@ def _class_bars(models: list[ModelResults], domain: str) -> str:
 
 def _source_and_targets(model: ModelResults, source: str | None) -> tuple[str | None, list[str]]:
     targets = [d for d in (model.data.get("mean_domains") or []) if d in model.domains]
-    if source is None:
-        source = next((d for d in model.domains if d not in targets), None)
+    if source is None:  # the first domain that is no target, nor a part of one (an ACDC condition)
+        source = next((d for d in model.domains if d not in targets and model.whole_of(d) is None), None)
     if source not in model.domains:
         return None, targets
     return source, [d for d in (targets or model.domains) if d != source]

@@ -35,12 +35,18 @@ def _acdc_entry(config):
 
 
 def acdc_test_set(config):
-    """The ACDC test split (every condition, or the entry's ``condition``), images as read."""
+    """The ACDC test split of every condition (the server scores the four together, whichever
+    condition the config's entry evaluates), images as read; an error naming a condition's
+    missing test folder."""
     from .data.datasets import build_dataset
     from .datamodule import _raw_image
 
     entry = _acdc_entry(config)
-    return entry, build_dataset("acdc", entry.root, "test", transform=_raw_image, **entry.options)
+    options = {**entry.options, "condition": "all"}
+    try:
+        return entry, build_dataset("acdc", entry.root, "test", transform=_raw_image, **options)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"--submission needs the test images of all four ACDC conditions: {err}") from None
 
 
 def check_submission_target(config, target: Path) -> None:

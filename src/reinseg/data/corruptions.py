@@ -405,6 +405,8 @@ class Corrupt:
     """A transform: the image corrupted, the label as it is. The generator is seeded by the
     dataset's per-item generator (seeded by ``(seed, epoch, index)``), the corruption and severity."""
 
+    pixels_only = True  # changes no geometry: the image as seen (SegmentationDataset.image_as_seen)
+
     def __init__(self, name: str, severity: int) -> None:
         if name not in CORRUPTIONS:
             raise ValueError(f"unknown corruption '{name}'; known: {', '.join(CORRUPTIONS)}")

@@ -195,6 +195,20 @@ class SegmentationDataset(Dataset):
             "ori_size": ori_size,
         }
 
+    def image_as_seen(self, index: int) -> np.ndarray:
+        """Image ``index`` as the model sees it before resizing and normalisation, (H, W, 3)
+        uint8 RGB: the file's pixels after the transform's leading pixel-only steps (a
+        Cityscapes-C corruption), drawn as :meth:`load` draws them."""
+        from .transforms import as_generator
+
+        image = read_image(self.pairs[index][0])
+        rng = as_generator(self._rng(index))
+        for step in getattr(self.transform, "transforms", ()):
+            if not getattr(step, "pixels_only", False):
+                break
+            image, _ = step(image, None, rng=rng)
+        return image
+
     def __getitem__(self, index: int) -> dict:
         if not -len(self.pairs) <= index < len(self.pairs):
             raise IndexError(f"{self.name}: index {index} out of range for {len(self.pairs)} pairs")

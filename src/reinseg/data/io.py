@@ -181,8 +181,12 @@ def read_photo(path) -> np.ndarray:
         image = ImageOps.exif_transpose(image)
     except Exception as err:  # a malformed EXIF block
         raise DataError(path, _unreadable(path, err)) from None
-    if image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr", "LA", "PA", "RGBX"):
-        raise DataError(path, f"not an 8-bit colour or grey image (PIL mode {image.mode})")
+    if image.mode in ("I;16", "I;16B", "I;16L"):
+        # 16-bit grey: its high byte, as OpenCV (and so evaluation) reads it for an 8-bit image
+        grey = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode not in ("RGB", "L", "P", "RGBA", "CMYK", "YCbCr", "LA", "PA", "RGBX", "1"):
+        raise DataError(path, f"not an 8- or 16-bit colour or grey image (PIL mode {image.mode})")
     return np.array(image.convert("RGB"))
 
 
