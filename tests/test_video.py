@@ -99,7 +99,7 @@ def test_frames_stream_through_in_batches(checkpoint, tmp_path, monkeypatch):
     import reinseg.video as video
 
     alive, peak = [0], [0]
-    real_read, real_write = video.read_frames, video.VideoWriter.write
+    real_read, real_write = video.read_timed_frames, video.VideoWriter.write
 
     def counting_read(path):
         for frame in real_read(path):
@@ -107,16 +107,42 @@ def test_frames_stream_through_in_batches(checkpoint, tmp_path, monkeypatch):
             peak[0] = max(peak[0], alive[0])
             yield frame
 
-    def counting_write(self, frame):
+    def counting_write(self, frame, time=None):
         alive[0] -= 1
-        real_write(self, frame)
+        real_write(self, frame, time)
 
-    monkeypatch.setattr(video, "read_frames", counting_read)
+    monkeypatch.setattr(video, "read_timed_frames", counting_read)
     monkeypatch.setattr(video.VideoWriter, "write", counting_write)
     clip = make_video(tmp_path / "clip.mp4", frames=23, height=32, width=32)
     written = video.predict_video(str(checkpoint), clip, tmp_path / "out", scale=(32, 32), batch=5, progress=False)
     assert decoded(written[0])[:2] == (23, (32, 32))
     assert alive[0] == 0 and peak[0] == 5
+
+
+def test_a_variable_frame_rate_video_keeps_its_timing(checkpoint, tmp_path):
+    """Phones and screen recorders pause the clock (here 2 s between frames 4 and 5): each
+    overlay frame is shown when its frame was."""
+    from fractions import Fraction
+
+    from reinseg.video import predict_video
+
+    times = [0, 0.1, 0.2, 0.3, 2.3, 2.4, 2.5, 2.6]
+    clip = tmp_path / "vfr.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("h264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 30 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    written = predict_video(str(checkpoint), clip, tmp_path / "out", scale=(64, 48), progress=False)
+    with av.open(str(written[0])) as container:
+        shown = [float(f.pts * f.time_base) for f in container.decode(video=0)]
+    assert shown == pytest.approx(times, abs=1e-3)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a video at all" * 100, "truncated"])

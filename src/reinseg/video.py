@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -113,18 +114,29 @@ def probe_video(path: str | Path) -> VideoInfo:
 def read_frames(path: str | Path) -> Iterator[np.ndarray]:
     """The RGB frames ``(H, W, 3)`` uint8 of a video, one at a time (a generator), upright as
     the stream's display matrix says (as players show them)."""
+    for image, _ in read_timed_frames(path):
+        yield image
+
+
+def read_timed_frames(path: str | Path) -> Iterator[tuple[np.ndarray, Fraction | None]]:
+    """:func:`read_frames` with each frame's presentation time in seconds (None where the stream
+    gives none): a variable-frame-rate video (phones, screen recorders) keeps its timing."""
     av = _av()
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(container.streams.video[0]):
-                yield upright(frame.to_ndarray(format="rgb24"), display_matrix(frame))
+                time = None if frame.pts is None or frame.time_base is None else frame.pts * frame.time_base
+                yield upright(frame.to_ndarray(format="rgb24"), display_matrix(frame)), time
     except av.error.FFmpegError as err:
         raise ValueError(f"{path}: decoding failed ({err})") from None
 
 
 class VideoWriter:
     """H.264 (yuv420p) video of RGB frames ``(H, W, 3)`` uint8; odd sizes are padded to even ones
-    with their last row / column (4:2:0 chroma needs even sizes)."""
+    with their last row / column (4:2:0 chroma needs even sizes). Frames given their time keep
+    it (in steps of 1/90000 s, MPEG's clock), the others follow at ``fps``."""
+
+    TIME_BASE = Fraction(1, 90000)
 
     def __init__(self, path: str | Path, width: int, height: int, fps: Fraction) -> None:
         av = _av()
@@ -132,14 +144,27 @@ class VideoWriter:
         self.stream = self.container.add_stream("h264", rate=fps)
         self.stream.width, self.stream.height = width + width % 2, height + height % 2
         self.stream.pix_fmt = "yuv420p"
+        self.stream.codec_context.time_base = self.TIME_BASE
+        self.fps = Fraction(fps)
         self.frames = 0
+        self.start: Fraction | None = None
+        self.last_pts = -1
 
-    def write(self, frame: np.ndarray) -> None:
+    def write(self, frame: np.ndarray, time: Fraction | None = None) -> None:
+        """Append ``frame``, shown at ``time`` seconds (relative to the first frame's) if given."""
         av = _av()
         pad = ((0, self.stream.height - frame.shape[0]), (0, self.stream.width - frame.shape[1]), (0, 0))
         if any(p[1] for p in pad):
             frame = np.pad(frame, pad, mode="edge")
-        for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        if time is not None and self.start is None:
+            self.start = time
+        seconds = time - self.start if time is not None and self.start is not None else self.frames / self.fps
+        # Strictly increasing: a stream whose times repeat or go back gets the next tick.
+        pts = max(round(seconds / self.TIME_BASE), self.last_pts + 1)
+        video_frame.pts, video_frame.time_base = pts, self.TIME_BASE
+        self.last_pts = pts
+        for packet in self.stream.encode(video_frame):
             self.container.mux(packet)
         self.frames += 1
 
@@ -149,8 +174,11 @@ class VideoWriter:
         self.container.close()
 
 
-def _batches(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
-    batch: list[np.ndarray] = []
+T = TypeVar("T")
+
+
+def _batches(frames: Iterator[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
     for frame in frames:
         batch.append(frame)
         if len(batch) == size:
@@ -174,7 +202,7 @@ def predict_video(
     backbone: str | None = None,
 ) -> list[Path]:
     """Segment every frame of ``video``; writes ``<stem>_overlay.mp4`` (the classes' colours over
-    the frames, at the video's size and frame rate) into ``output`` and, with ``frames``,
+    the frames, at the video's size, frame rate and frame times) into ``output`` and, with ``frames``,
     ``<stem>_frames/<stem>_<n>_labelTrainIds.png`` and ``..._overlay.png`` per frame (n from 1).
 
     ``scale``, ``mode``, ``flip``, ``device``, ``backbone``: as :func:`reinseg.predict.predict_files`.
@@ -207,13 +235,13 @@ def predict_video(
         count = 0
         with tqdm(total=info.frames, desc="predict", unit="frame", disable=not progress) as bar:
             try:
-                for chunk in _batches(read_frames(video), batch):
-                    for image, train_ids in zip(
-                        chunk, segment_images(segmentor, chunk, scale, mode, flip or None), strict=True
-                    ):
+                for chunk in _batches(read_timed_frames(video), batch):
+                    images = [image for image, _ in chunk]
+                    predicted = segment_images(segmentor, images, scale, mode, flip or None)
+                    for (image, time), train_ids in zip(chunk, predicted, strict=True):
                         count += 1
                         colored = overlay(image, train_ids, classes)
-                        writer.write(colored)
+                        writer.write(colored, time)
                         if frames:
                             stem = f"{video.stem}_{count:06d}"
                             write_png(frame_dir / f"{stem}_labelTrainIds.png", train_ids)
