@@ -61,6 +61,8 @@ def test_planning_skips_initialisation_on_meta_tensors_only():
     with torch.device("meta"), _MetaInitialisationSkipped():
         on_meta = torch.empty(3, 4)
         assert torch.nn.init.trunc_normal_(on_meta) is on_meta
+        assert torch.nn.init.normal_(on_meta, std=-1.0) is on_meta  # raises where it runs: skipped
+        assert on_meta.normal_(0.0, -1.0) is on_meta
         assert on_meta.uniform_().erfinv_().mul_(2.0).add_(1.0).clamp_(-1, 1) is on_meta
         torch.nn.init.normal_(on_cpu)
         on_cpu.add_(1.0)

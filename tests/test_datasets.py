@@ -420,12 +420,12 @@ def test_bilevel_label_pngs_read_as_zeros_and_ones(tmp_path):
 
 def test_city_folders_that_are_links_are_read_and_a_link_loop_ends(tmp_path):
     """Cities linked in from another disk are pairs as any other (mmengine's listing follows
-    links); a link to a folder above would loop and is walked once."""
+    links); a link to a folder above is not walked (it would loop, and bring in the train split)."""
     import shutil
 
     from reinseg.data.io import files_below
 
-    fake = make_fake_cityscapes(tmp_path / "cityscapes", n=2, splits=("val",), prepared=True)
+    fake = make_fake_cityscapes(tmp_path / "cityscapes", n=2, splits=("train", "val"), prepared=True)
     elsewhere = tmp_path / "other_disk"
     for top in ("leftImg8bit", "gtFine"):
         moved = elsewhere / top / "bochum"
@@ -436,10 +436,11 @@ def test_city_folders_that_are_links_are_read_and_a_link_loop_ends(tmp_path):
     )
     dataset = build_dataset("cityscapes", fake.root, "val")
     assert [Path(image).parent.name for image, _ in dataset.pairs] == ["aachen", "bochum"]
+    assert all("/train/" not in image for image, _ in dataset.pairs)
     for i, (image, _) in enumerate(dataset.pairs):
         np.testing.assert_array_equal(dataset[i]["label"].numpy(), fake.expected[image])  # through the link
-    below = files_below(fake.root / "leftImg8bit")
-    assert len(below) == 2 and all("loop" not in p.parts[2:] for p in below)
+    below = files_below(fake.root / "leftImg8bit" / "val")
+    assert len(below) == 2 and all("loop" not in p.parts for p in below)
 
 
 def test_webp_images_are_not_turned_by_their_exif_orientation(tmp_path):
@@ -461,7 +462,7 @@ def test_webp_images_are_not_turned_by_their_exif_orientation(tmp_path):
 def test_a_native_label_of_another_size_names_prepare(tmp_path):
     from PIL import Image
 
-    from reinseg.data.datasets import read_pair
+    from reinseg.data.datasets import inspect_pair, read_pair
     from reinseg.data.encodings import GTAV_IDS
     from reinseg.data.io import DataError
 
@@ -470,6 +471,9 @@ def test_a_native_label_of_another_size_names_prepare(tmp_path):
     Image.fromarray(np.zeros((34, 64), np.uint8), mode="P").save(label)
     with pytest.raises(DataError, match=r"00001.png: label is 34x64 \(HxW\) but its image .* `reinseg prepare`"):
         read_pair(next(iter(fake.expected)), str(label), GTAV_IDS)
+    # check-data and a validation set's up-front validation say the same
+    (problem,) = inspect_pair(next(iter(fake.expected)), str(label), GTAV_IDS).problems
+    assert problem.kind == "size mismatch" and "`reinseg prepare`" in problem.reason
 
 
 def test_gtav_val_and_test_are_the_frames_of_the_official_split_file(tmp_path):

@@ -204,6 +204,11 @@ def test_left_out_dice_cost_options_are_mmdets_defaults(golden, key, message):
         from_official(config, golden["release_state_dict"], golden["backbone_state_dict"])
 
 
+def test_a_left_out_mask_cost_sigmoid_is_mmdets_default_true(golden):
+    config = _official_config_without(golden, ("decode_head", "train_cfg", "assigner", "match_costs", 1, "use_sigmoid"))
+    assert from_official(config, golden["release_state_dict"], golden["backbone_state_dict"]).criterion is not None
+
+
 @pytest.mark.parametrize(
     "segmentor_type, backbone_type, tuning",
     [

@@ -391,7 +391,9 @@ def _check_writable_folder(folder: Path, option: str, empty: bool = False) -> No
     ones, and score as one)."""
     import tempfile
 
-    if empty and folder.is_dir() and any(folder.iterdir()):
+    from .examples import BROWSER_FILES
+
+    if empty and folder.is_dir() and any(entry.name not in BROWSER_FILES for entry in folder.iterdir()):
         raise ValueError(f"{option} {folder} is not empty: choose a new folder or empty it")
     try:
         if folder.exists() and not folder.is_dir():

@@ -212,7 +212,7 @@ class EvaFamily(BackboneFamily):
 class SamFamily(BackboneFamily):
     """timm ``VisionTransformerSAM``: NHWC maps ``(B, H, W, C)`` between blocks, no prefix tokens."""
 
-    onnx_exportable = False  # the exporter's attention takes no 5-D windowed query (torch 2.14)
+    onnx_exportable = False  # torch 2.14's exporter fails on its windowed attention, even at a fixed size
 
     def timm_kwargs(self) -> dict[str, Any]:
         return {}
@@ -371,7 +371,7 @@ class CNNFamily:
         ``source`` and the keys when it does not fit."""
         from .pretrained import backbone_part, state_dict_mismatches
 
-        fitted = self.to_timm_layout(backbone_part(state_dict), model)
+        fitted = self.to_timm_layout(dict(backbone_part(state_dict)), model)  # the caller's dict untouched
         # PyTorch's own loading fills in BatchNorm counters a file leaves out; they count
         # training steps and change no output.
         for key, buffer in model.state_dict().items():

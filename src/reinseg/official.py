@@ -597,9 +597,10 @@ def _sine_encoding(encoding: _Fields, feat: int) -> None:
 
 def _official_loss(dh: _Fields, num_classes: int) -> LossConfig:
     """The Mask2Former loss of an official head. A key left out takes mmdet 3.3's default, which
-    for several keys is not the value the released configs set (loss weights 1.0, the dice loss's
-    ``naive_dice=False`` and ``eps=1e-3``, the dice cost's ``pred_act=False``): such a config is
-    read as mmdet reads it, and refused where reinseg computes otherwise."""
+    for several keys is not the value the released configs set (loss weights 1.0, the mask loss's
+    ``use_sigmoid=False``, the dice loss's ``naive_dice=False`` and ``eps=1e-3``, the dice cost's
+    ``pred_act=False``): such a config is read as mmdet reads it, and refused where reinseg
+    computes otherwise."""
     cls = dh.sub("loss_cls")
     _type(cls, ("CrossEntropyLoss",))
     cls.expect("use_sigmoid", False, default=False)
@@ -653,7 +654,7 @@ def _check_match_costs(assigner: _Fields, weights: dict[str, float]) -> None:
         kind = _type(cost, tuple(_MATCH_COSTS))
         found.append(kind)
         if kind == "CrossEntropyLossCost":
-            cost.expect("use_sigmoid", True, default=False)
+            cost.expect("use_sigmoid", True, default=True)
         elif kind == "DiceCost":
             cost.expect("pred_act", True, default=False)
             cost.expect("eps", 1.0, default=1e-3)

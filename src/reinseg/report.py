@@ -205,27 +205,34 @@ def write_report(
 
 def _check_replaceable(output: Path) -> None:
     """Refuse to replace ``output`` unless it is empty or holds only what a report writes (its
-    ``index.html`` and ``images/*.png``): files a user put there would be lost."""
+    ``index.html`` and ``images/*.png``; a file browser's own files aside): files a user put
+    there would be lost."""
     from .examples import BROWSER_FILES
 
     if not output.exists():
         return
     if not output.is_dir():
         raise ValueError(f"--output {output} exists and is not a reinseg report: choose a new folder")
+    entries = [entry for entry in output.iterdir() if entry.name not in BROWSER_FILES]
+    if not entries:
+        return
     index = output / "index.html"
     try:
         ours = index.is_file() and f'content="{GENERATOR}"' in index.read_text(errors="replace")[:2000]
     except OSError:
         ours = False
-    for entry in output.iterdir():
-        if entry.name in BROWSER_FILES or (entry == index and ours):
+    if not ours:
+        raise ValueError(f"--output {output} exists and is not a reinseg report: choose a new folder")
+    for entry in entries:
+        pictures = entry.name == "images" and entry.is_dir() and not entry.is_symlink()
+        if entry == index or (
+            pictures and all(f.is_file() and (f.suffix == ".png" or f.name in BROWSER_FILES) for f in entry.iterdir())
+        ):
             continue
-        images = entry.name == "images" and entry.is_dir() and not entry.is_symlink()
-        if not (images and ours and all(f.is_file() and f.suffix == ".png" for f in entry.iterdir())):
-            raise ValueError(
-                f"--output {output} holds {entry.name}, which a reinseg report did not write: the report would "
-                "replace the folder; choose a new one"
-            )
+        raise ValueError(
+            f"--output {output} holds {entry.name}, which a reinseg report did not write: the report would "
+            "replace the folder; choose a new one"
+        )
 
 
 # -- the page -------------------------------------------------------------------------------------

@@ -55,11 +55,7 @@ def read_pair(image_path: str, label_path: str | None, encoding: LabelEncoding |
     encoding = encoding or TRAIN_IDS
     label = encoding.read(label_path)
     if label.shape != image.shape[:2]:
-        err = size_mismatch(image_path, image.shape[:2], label_path, label.shape)
-        if not encoding.stores_class_ids:  # native labels: GTAV has frames whose label size differs
-            hint = "`reinseg prepare` writes train-ID labels resized to their images (its --on-mismatch)"
-            err = DataError(err.path, f"{err.reason}; {hint}")
-        raise err
+        raise size_mismatch(image_path, image.shape[:2], label_path, label.shape, not encoding.stores_class_ids)
     return image, label
 
 
@@ -103,7 +99,7 @@ def inspect_pair(
         report.problems.append(Problem("unreadable", err.path, err.reason))
         return report
     if image_hw is not None and raw.shape != image_hw:
-        err = size_mismatch(image_path, image_hw, label_path, raw.shape)
+        err = size_mismatch(image_path, image_hw, label_path, raw.shape, not encoding.stores_class_ids)
         report.problems.append(Problem("size mismatch", err.path, err.reason))
     bad = encoding.invalid_values(raw)
     if bad:

@@ -46,12 +46,13 @@ class DataError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def size_mismatch(image_path, image_hw, label_path, label_hw) -> DataError:
-    """The error for a label whose (H, W) differs from its image's."""
-    return DataError(
-        label_path,
-        f"label is {label_hw[0]}x{label_hw[1]} (HxW) but its image {image_path} is {image_hw[0]}x{image_hw[1]}",
-    )
+def size_mismatch(image_path, image_hw, label_path, label_hw, native: bool = False) -> DataError:
+    """The error for a label whose (H, W) differs from its image's; a ``native`` label (GTAV has
+    frames whose label size differs) is told how ``reinseg prepare`` handles it."""
+    reason = f"label is {label_hw[0]}x{label_hw[1]} (HxW) but its image {image_path} is {image_hw[0]}x{image_hw[1]}"
+    if native:
+        reason += "; `reinseg prepare` writes train-ID labels resized to their images (its --on-mismatch)"
+    return DataError(label_path, reason)
 
 
 def _open(path, load: bool = True, rawmode: str | None = None) -> Image.Image:
@@ -250,16 +251,24 @@ def walk_folder(base: str | os.PathLike) -> Iterator[tuple[Path, list[str]]]:
     """``(folder, file names)`` of ``base`` and of every folder below it, both in sorted order.
 
     Folders reached through symbolic links are walked (a dataset's city folders may be links
-    to another disk, and the official loaders follow them), except a link back to a folder it
-    is inside, which would never end."""
-    inside: dict[str, frozenset[str]] = {}  # folder -> the real paths of it and the folders above it
+    to another disk, and the official loaders follow them), except a link to a folder the walk
+    is inside (``base`` itself or one above it, or one the walk came through): it would loop,
+    or bring in a whole other tree (another split)."""
+    chains: dict[str, frozenset[str]] = {}  # folder -> the real paths of the folders the walk came through
     for directory, dirs, names in os.walk(base, followlinks=True):
-        chain = inside.pop(directory, frozenset()) | {os.path.realpath(directory)}
-        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(directory, d)) not in chain)
-        inside.update((os.path.join(directory, d), chain) for d in dirs)
+        here = os.path.realpath(directory)
+        chain = chains.pop(directory, frozenset()) | {here}
+        kept = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(directory, name))
+            if real not in chain and not (here + os.sep).startswith(real + os.sep):
+                kept.append(name)
+                chains[os.path.join(directory, name)] = chain
+        dirs[:] = kept
         yield Path(directory), sorted(names)
 
 
 def files_below(base: str | os.PathLike) -> list[Path]:
-    """Every file below ``base`` (as :func:`walk_folder` walks), as paths relative to it, sorted."""
+    """Every file below ``base`` (as :func:`walk_folder` walks), as paths relative to it, in the
+    walk's order (a folder's files, then its subfolders')."""
     return [(folder / name).relative_to(base) for folder, names in walk_folder(base) for name in names]
