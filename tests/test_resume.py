@@ -226,6 +226,24 @@ def test_augmentation_does_not_depend_on_the_thread_count(tmp_path):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
+def train_until_the_first_checkpoint(config_file: Path, run: Path, **popen) -> subprocess.Popen:
+    """``reinseg train config_file`` in a child process, returned once ``iter_000002.ckpt`` is
+    written (or the child ended, or 240 s passed)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "reinseg", "train", str(config_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        **popen,
+    )
+    deadline = time.monotonic() + 240
+    first = run / "checkpoints" / "iter_000002.ckpt"
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return process
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(tmp_path):
     from reinseg.engine import train
@@ -234,17 +252,7 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(tmp_path):
     config = tiny_config(tmp_path / "b", **options)
     config_file = tmp_path / "b.yaml"
     config_file.write_text(dump_config(config))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "reinseg", "train", str(config_file)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
-    checkpoints = tmp_path / "b" / "run" / "checkpoints"
-    deadline = time.monotonic() + 240
-    while not (checkpoints / "iter_000002.ckpt").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    process = train_until_the_first_checkpoint(config_file, tmp_path / "b" / "run")
     process.send_signal(signal.SIGTERM)  # as `timeout`, a scheduler or `docker stop`
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 143, stderr[-3000:]
@@ -256,6 +264,24 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(tmp_path):
     train(config)
     train(tiny_config(tmp_path / "a", **options))
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
+
+
+@pytest.mark.slow  # data-loader worker processes
+def test_sigterm_to_the_process_group_with_data_workers_writes_a_checkpoint(tmp_path):
+    """`timeout`, Slurm's scancel and Ctrl-C signal every process of the group: the data workers
+    outlive it, so the step ends and last.ckpt is written (a killed worker failed the next batch)."""
+    config = tiny_config(tmp_path / "b", max_iters=200, checkpoint_interval=2, val_interval=1000)
+    config.data.num_workers = 2
+    config_file = tmp_path / "b.yaml"
+    config_file.write_text(dump_config(config))
+    # its own process group, as a shell job's
+    process = train_until_the_first_checkpoint(config_file, tmp_path / "b" / "run", start_new_session=True)
+    checkpoints = tmp_path / "b" / "run" / "checkpoints"
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr[-3000:]
+    step, _ = weights(tmp_path / "b" / "run")
+    assert (checkpoints / "last.ckpt").exists() and 2 <= step < 200
 
 
 @pytest.mark.slow

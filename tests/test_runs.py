@@ -11,7 +11,7 @@ from test_engine import tiny_config
 
 from reinseg.checkpoints import atomic_write, remove_stale_temporaries
 from reinseg.cli import main
-from reinseg.config import dump_config
+from reinseg.config import dump_config, load_config
 from reinseg.engine import latest_checkpoint
 
 
@@ -72,6 +72,8 @@ def test_a_finished_run_is_left_as_it_is(run, capsys):
     [
         (["--overwrite"], "deletes an earlier run only for a new one: add --resume never"),
         (["train.precision=fp16"], "train.precision='fp16' is not one of auto, 32-true"),
+        # the whole model in bf16 met the head's fp32 tables at the first step, after files were written
+        (["train.precision=bf16-true"], "train.precision='bf16-true' is not one of auto, 32-true"),
         (["data.crop_size=60"], "data.crop_size=60 is not a multiple of the backbone's patch size 16"),
         pytest.param(
             ["train.accelerator=gpu"],
@@ -236,6 +238,11 @@ def test_bad_validation_file_stops_training_before_it_starts(tmp_path):
         ("model.backbone.img_size=0", "model.backbone.img_size"),
         ("model.loss.importance_sample_ratio=1.5", "model.loss.importance_sample_ratio"),
         ("model.loss.oversample_ratio=0.5", "model.loss.oversample_ratio"),
+        ("train.seed=-5", "train.seed"),
+        ("train.betas=[0.9]", "train.betas"),
+        ("train.betas=[0.9,0.99,0.5]", "train.betas"),
+        ("train.min_lr=0.5", "train.min_lr"),
+        ("data.val.0.in_mean=nope", "data.val[0]: in_mean"),
     ],
 )
 def test_numbers_out_of_range_are_one_line_naming_the_key(tmp_path, capsys, override, key):
@@ -245,6 +252,33 @@ def test_numbers_out_of_range_are_one_line_naming_the_key(tmp_path, capsys, over
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and f"{key} must be" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; the configs write 1.0e-4."""
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(tiny_config(tmp_path)).replace("lr: 0.001", "lr: 1e-3"))
+    assert "lr: 1e-3" in config_file.read_text()
+    assert load_config(config_file, ["train.weight_decay=5e-2"]).train.lr == 1e-3
+    assert load_config(config_file, ["train.weight_decay=5e-2"]).train.weight_decay == 0.05
+
+
+def test_a_home_relative_output_folder_is_one_folder(tmp_path, monkeypatch):
+    """Lightning expands "~" for its checkpoints and logs: the rest of the run goes there too."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(tiny_config(tmp_path)))
+    assert load_config(config_file, ["train.output_dir=~/runs/a"]).train.output_dir == str(tmp_path / "home/runs/a")
+
+
+def test_a_file_where_the_run_writes_a_folder_is_refused_before_training(tmp_path, capsys):
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(dump_config(tiny_config(tmp_path, max_iters=1)))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")
+    assert main(["train", str(config_file)]) == 2
+    assert "checkpoints is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
 
 
 def test_predict_scale_must_be_positive(tmp_path, capsys):
@@ -371,3 +405,21 @@ def test_a_resume_removes_leftovers_of_killed_writes(run_in_place):
     leftover.write_bytes(b"half a checkpoint")
     assert main(["train", str(config_file), "train.max_iters=5"]) == 0
     assert not leftover.exists()
+
+
+@pytest.mark.slow  # trains six steps
+def test_an_output_folder_reached_through_a_link_keeps_only_its_newest_checkpoints(tmp_path):
+    """Lightning names checkpoints by their real path (macOS's /tmp, a linked scratch disk):
+    reinseg's own rule of what it may delete compares real paths too."""
+    from reinseg.engine import train
+
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "scratch", target_is_directory=True)
+    config = tiny_config(tmp_path, max_iters=6, checkpoint_interval=2, val_interval=100)
+    config.train.output_dir = str(tmp_path / "link" / "run")
+    config.train.keep_checkpoints = 1
+    train(config)
+    assert sorted(p.name for p in (tmp_path / "scratch" / "run" / "checkpoints").iterdir()) == [
+        "iter_000006.ckpt",
+        "last.ckpt",
+    ]

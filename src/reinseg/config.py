@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -396,6 +398,8 @@ def _convert(value: Any, hint: Any, path: str) -> Any:  # noqa: C901 - one branc
             raise ConfigError(f"{path} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         return float(value)
@@ -404,6 +408,10 @@ def _convert(value: Any, hint: Any, path: str) -> Any:  # noqa: C901 - one branc
             raise ConfigError(f"{path} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported type {hint}")
+
+
+# A number in exponent notation without a dot (1e-4), which YAML 1.1 leaves a string.
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _type_name(hint: Any) -> str:
@@ -464,6 +472,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "train.warmup_start_factor": (0, False),
     "train.poly_power": (0, False),
     "train.min_lr": (0, False),
+    "train.seed": (0, False),
     "train.grad_clip": (0, True),
     "train.backbone_lr_mult": (0, False),
     "train.val_interval": (1, False),
@@ -483,6 +492,9 @@ def check_values(config: Config) -> Config:
     unknown strategy, protocol or dataset entry, with a :class:`ConfigError` naming the key;
     returns ``config``. Strategies and protocols of your own are registered before a config
     naming them is loaded."""
+    # Lightning expands "~" in the folder it writes checkpoints and logs to; reinseg writes the
+    # rest there too and looks for the checkpoints to resume there.
+    config.train.output_dir = os.path.expanduser(config.train.output_dir)
     for key, (low, exclusive) in _RANGES.items():
         value: Any = config
         for part in key.split("."):
@@ -493,8 +505,11 @@ def check_values(config: Config) -> Config:
             if isinstance(item, (int, float)) and not isinstance(item, bool) and not _in_range(item, low, exclusive):
                 bound = f"greater than {low}" if exclusive else f"at least {low}"
                 raise ConfigError(f"{key} must be {bound}, got {value!r}")
-    if config.train.betas and any(b >= 1 for b in config.train.betas):
-        raise ConfigError(f"train.betas must be in [0, 1), got {config.train.betas!r}")
+    betas = config.train.betas
+    if betas is not None and (len(betas) != 2 or any(not 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {config.train.betas!r}")
+    if config.train.min_lr > config.train.lr:
+        raise ConfigError(f"train.min_lr must be at most train.lr ({config.train.lr!r}), got {config.train.min_lr!r}")
     if config.train.ema_momentum is not None and config.train.ema_momentum > 1:
         raise ConfigError(f"train.ema_momentum must be in (0, 1], got {config.train.ema_momentum!r}")
     _check_levers(config.train)

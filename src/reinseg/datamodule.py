@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,6 +190,20 @@ def validation_sets(config: Config, raw: bool = False) -> list[tuple[str, object
     return sets
 
 
+def worker_started(worker_id: int) -> None:
+    """A DataLoader worker's start: seeded as Lightning seeds workers (``seed_everything(workers=
+    True)``, which an explicit function replaces), and deaf to SIGTERM and SIGINT. ``timeout``,
+    Slurm's ``scancel`` and Ctrl-C signal the whole process group: a worker ended by them made
+    the main process's next batch fail before it could write ``last.ckpt`` at the end of its step.
+    A worker still ends with its DataLoader, and with the main process."""
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _raw_image(image, label=None, rng=None):
     """The image as read, an (H, W, 3) uint8 tensor, and the label as ``ToTensor`` gives it."""
     return torch.from_numpy(np.ascontiguousarray(image)), None if label is None else torch.from_numpy(
@@ -346,6 +361,7 @@ class SegmentationDataModule(L.LightningDataModule):
             persistent_workers=data.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             generator=generator,
+            worker_init_fn=worker_started,
         )
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -362,6 +378,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 num_workers=self.config.data.num_workers,
                 collate_fn=collate,
                 generator=torch.Generator().manual_seed(self.config.train.seed),
+                worker_init_fn=worker_started,
             )
             if rank < len(dataset)
             else DataLoader(EmptyShard(), batch_size=None)  # the item as it is, no collation

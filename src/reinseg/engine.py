@@ -500,7 +500,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def __init__(self, checkpoint_dir: str | Path) -> None:
         super().__init__()
-        self.checkpoint_dir = Path(checkpoint_dir).absolute()
+        # Real paths (Lightning's own are): a folder reached through a link is still this one.
+        self.checkpoint_dir = Path(os.path.realpath(checkpoint_dir))
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         remove_stale_temporaries(Path(path).parent)
@@ -523,11 +524,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def owns(self, path) -> bool:
         """Whether ``path`` is a ``*.ckpt`` file name directly inside the checkpoint folder
-        (``..`` resolved, no URL scheme)."""
+        (links and ``..`` resolved, no URL scheme)."""
         if not isinstance(path, (str, Path)) or "://" in str(path):
             return False
-        candidate = Path(os.path.normpath(Path(path).absolute()))
-        return candidate.suffix == ".ckpt" and candidate.parent == Path(os.path.normpath(self.checkpoint_dir))
+        candidate = Path(os.path.realpath(path))
+        return candidate.suffix == ".ckpt" and candidate.parent == self.checkpoint_dir
 
     def _keep_own_paths(self, state: dict) -> None:
         """ModelCheckpoint's state without any path outside the checkpoint folder."""
@@ -885,6 +886,7 @@ def train(
     L.seed_everything(config.train.seed, workers=True, verbose=False)  # before the model's initialisation
     out = Path(config.train.output_dir)
     checkpoints = out / "checkpoints"
+    _check_run_folders(out)
     if overwrite and resume != "never":
         # Deleting a run is never implied: with resume="auto" it would be continued instead.
         raise ValueError("--overwrite (overwrite=True) deletes an earlier run only for a new one: add --resume never")
@@ -945,8 +947,10 @@ def train(
     return task
 
 
-# Lightning's precisions and their short aliases (lightning.fabric.connector), and reinseg's "auto".
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
+# Lightning's fp32 and mixed precisions and their short aliases (lightning.fabric.connector), and
+# reinseg's "auto". Not "*-true" other than fp32: the whole model in bf16, fp16 or fp64 meets the
+# head's fp32 sampling tables and fails at the first step (train.frozen_dtype holds the VFM in bf16).
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "32", "16", "bf16")
 
 
 def check_run_options(config: Config, segmentor: Segmentor | None = None) -> None:
@@ -1057,11 +1061,23 @@ def _read_checkpoint(path: Path) -> dict:
     return load_torch_file(path, what="checkpoint", mmap=True)
 
 
+# The folders a run writes into its output_dir (besides config.yaml).
+RUN_FOLDERS = ("checkpoints", "csv", "tensorboard", "metrics")
+
+
+def _check_run_folders(out: Path) -> None:
+    """Refuse, before anything is written, an output folder where one of the run's folders is a
+    file (found otherwise at the first checkpoint's save)."""
+    for name in RUN_FOLDERS:
+        if (out / name).exists() and not (out / name).is_dir():
+            raise ValueError(f"train.output_dir {out}: {name} is a file, where the run writes its {name} folder")
+
+
 def _clear_run(out: Path) -> None:
     """Delete what a run wrote into ``out``: checkpoints, logs, validation results, config."""
     import shutil
 
-    for name in ("checkpoints", "csv", "tensorboard", "metrics"):
+    for name in RUN_FOLDERS:
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "config.yaml").unlink(missing_ok=True)
 

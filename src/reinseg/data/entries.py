@@ -64,6 +64,9 @@ class DatasetEntry:
         own = EVAL_ENTRY_KEYS if evaluation else ()
         scale = entry.get("scale") if evaluation else None
         corruptions, severities, corruption_seed = _corruption_keys(entry, where) if evaluation else ((), (), 0)
+        in_mean = entry.get("in_mean", True)
+        if evaluation and not isinstance(in_mean, bool):  # "false" as a string would count as true
+            raise ValueError(f"{where}: in_mean must be true or false, got {in_mean!r}")
         return cls(
             corruptions=corruptions,
             severities=severities or (1, 2, 3, 4, 5),
@@ -74,7 +77,7 @@ class DatasetEntry:
             options={k: v for k, v in entry.items() if k not in ("name", "root", "split") + own},
             scale=None if scale is None else tuple(scale),
             label=entry.get("label") if evaluation else None,
-            in_mean=bool(entry.get("in_mean", True)) if evaluation else True,
+            in_mean=in_mean if evaluation else True,
             where=where,
             section=section,
         )
