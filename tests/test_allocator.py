@@ -46,12 +46,13 @@ def _probe(setting: str) -> tuple[str, int]:
 @glibc
 def test_freed_memory_is_reused_without_new_page_faults():
     """The oracle is the kernel's page-fault count: with the system allocator the 64 MiB blocks
-    come from fresh mmaps each step and fault their pages in anew (seen: 74-100 % of the pages
-    touched); with the setting, steady-state steps reuse the heap (seen: 0-1 %)."""
-    applied, faults = _probe("keep")
-    assert applied == "True" and faults < _PAGES_TOUCHED // 10
-    applied, faults = _probe("system")
-    assert applied == "False" and faults > _PAGES_TOUCHED // 2
+    come from fresh mmaps each step and fault their pages in anew (seen: 46-100 % of the pages
+    touched; the share varies from run to run on this machine's kernel); with the setting,
+    steady-state steps reuse the heap (seen: 0-1 %)."""
+    applied, kept = _probe("keep")
+    assert applied == "True" and kept < _PAGES_TOUCHED // 10
+    applied, system = _probe("system")
+    assert applied == "False" and system > _PAGES_TOUCHED // 5 and system > 10 * kept
 
 
 def test_a_bad_setting_names_the_variable(monkeypatch):
