@@ -44,7 +44,6 @@ _PARAMS_MODEL_FLAGS = {
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-
     from .build import plan_segmentor
     from .config import BackboneConfig, HeadConfig, ModelConfig, ReinConfig, load_config
     from .parameters import format_parameter_table, format_strategy_table

@@ -487,6 +487,14 @@ _RANGES: dict[str, tuple[float, bool]] = {
 }
 
 
+def _value_at(config: Config, key: str) -> Any:
+    """The value of a dotted ``key`` (``train.lr``) of ``config``."""
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 def check_values(config: Config) -> Config:
     """Refuse numbers out of range (``train.max_iters: 0``, ``data.batch_size: -1``, ...), and an
     unknown strategy, protocol or dataset entry, with a :class:`ConfigError` naming the key;
@@ -496,17 +504,15 @@ def check_values(config: Config) -> Config:
     # rest there too and looks for the checkpoints to resume there.
     config.train.output_dir = os.path.expanduser(config.train.output_dir)
     for key, (low, exclusive) in _RANGES.items():
-        value: Any = config
-        for part in key.split("."):
-            value = getattr(value, part, None)
+        value = _value_at(config, key)
         if key == "train.devices" and value == -1:
             continue  # Lightning's "every device"
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, (int, float)) and not isinstance(item, bool) and not _in_range(item, low, exclusive):
                 bound = f"greater than {low}" if exclusive else f"at least {low}"
                 raise ConfigError(f"{key} must be {bound}, got {value!r}")
-    betas = config.train.betas
-    if betas is not None and (len(betas) != 2 or any(not 0 <= b < 1 for b in betas)):
+    betas = config.train.betas  # each at least 0: _RANGES
+    if betas is not None and (len(betas) != 2 or any(b >= 1 for b in betas)):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {config.train.betas!r}")
     if config.train.min_lr > config.train.lr:
         raise ConfigError(f"train.min_lr must be at most train.lr ({config.train.lr!r}), got {config.train.min_lr!r}")
@@ -514,9 +520,7 @@ def check_values(config: Config) -> Config:
         raise ConfigError(f"train.ema_momentum must be in (0, 1], got {config.train.ema_momentum!r}")
     _check_levers(config.train)
     for key in ("data.cat_max_ratio", "model.loss.importance_sample_ratio"):
-        value = config
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = _value_at(config, key)
         if value > 1:  # fractions
             raise ConfigError(f"{key} must be at most 1, got {value!r}")
     for section in ("train", "val"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,16 @@ _EXAMPLE_FILE = re.compile(r"\d{5,}_(image|label|prediction)\.png")
 BROWSER_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
 
 
+def holds_only(folder: Path, written: Callable[[str], object]) -> bool:
+    """Whether ``folder`` is a folder (not a link to one) whose entries are all files that
+    ``written`` accepts by name, or that a file browser left there."""
+    return (
+        folder.is_dir()
+        and not folder.is_symlink()
+        and all(f.is_file() and (written(f.name) or f.name in BROWSER_FILES) for f in folder.iterdir())
+    )
+
+
 def check_replaceable(folder: Path) -> None:
     """Refuse to replace ``folder`` unless it holds nothing or only what :func:`write_examples`
     writes (a folder per domain of ``<n>_image|label|prediction.png``): the examples of an earlier
@@ -87,11 +98,7 @@ def check_replaceable(folder: Path) -> None:
     for entry in folder.iterdir():
         if entry.name in BROWSER_FILES:
             continue
-        ours = entry.is_dir() and not entry.is_symlink()
-        ours = ours and all(
-            f.is_file() and (_EXAMPLE_FILE.fullmatch(f.name) or f.name in BROWSER_FILES) for f in entry.iterdir()
-        )
-        if not ours:
+        if not holds_only(entry, _EXAMPLE_FILE.fullmatch):
             raise ValueError(
                 f"{folder} holds {entry.name}, which --save-examples did not write: it would replace the "
                 "folder; choose another --json (the examples go beside it) or move the folder"

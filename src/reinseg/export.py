@@ -123,6 +123,23 @@ def _traceable_position_embedding(vit: Any, grid: tuple[Any, Any], antialiased: 
     return torch.cat([prefix, out.to(vit.pos_embed.dtype)], dim=1)
 
 
+def _keys_near(d: Tensor, a: float) -> Tensor:
+    """Keys' cubic convolution kernel (parameter ``a``) at distances ``|d| <= 1``."""
+    return ((a + 2) * d - (a + 3)) * d * d + 1
+
+
+def _keys_far(d: Tensor, a: float) -> Tensor:
+    """Keys' cubic convolution kernel at distances ``1 < |d| < 2``."""
+    return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+
+
+def _or_identity(matrix: Tensor, index: Tensor, stored: int, identity: Tensor) -> Tensor:
+    """``matrix``, or the identity where the boolean tensor ``identity`` holds (then the output
+    size is ``stored``: the stored grid is used as it is)."""
+    unit = nn.functional.one_hot(index.long().clamp(max=stored - 1), stored).float()
+    return torch.where(identity, unit, matrix)
+
+
 def _bicubic_matrix(size: Any, stored: int, identity: Tensor) -> Tensor:
     """``(size, stored)``: PyTorch's bicubic upsampling (A = -0.75, align_corners False, indices
     clamped at the border) with scale ``(size + 0.1) / stored``; the identity where the boolean
@@ -133,20 +150,12 @@ def _bicubic_matrix(size: Any, stored: int, identity: Tensor) -> Tensor:
     base = source.floor()
     t = source - base
     a = -0.75
-
-    def near(d: Tensor) -> Tensor:  # |d| <= 1
-        return ((a + 2) * d - (a + 3)) * d * d + 1
-
-    def far(d: Tensor) -> Tensor:  # 1 < |d| < 2
-        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-
-    weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+    weights = (_keys_far(t + 1, a), _keys_near(t, a), _keys_near(1 - t, a), _keys_far(2 - t, a))
     matrix = index.new_zeros(index.shape[0], stored)
     for offset, weight in zip((-1, 0, 1, 2), weights, strict=True):
         column = (base + offset).clamp(0, stored - 1).long()
         matrix = matrix + nn.functional.one_hot(column, stored).float() * weight[:, None]
-    unit = nn.functional.one_hot(index.long().clamp(max=stored - 1), stored).float()
-    return torch.where(identity, unit, matrix)
+    return _or_identity(matrix, index, stored, identity)
 
 
 def _antialiased_bicubic_matrix(size: Any, stored: int, identity: Tensor) -> Tensor:
@@ -160,12 +169,8 @@ def _antialiased_bicubic_matrix(size: Any, stored: int, identity: Tensor) -> Ten
     source = torch.arange(stored, device=identity.device, dtype=torch.float32)
     x = ((source[None, :] + 0.5 - centre[:, None]) / stretch).abs()
     a = -0.5
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    weight = torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
-    matrix = weight / weight.sum(dim=1, keepdim=True)
-    unit = nn.functional.one_hot(index.long().clamp(max=stored - 1), stored).float()
-    return torch.where(identity, unit, matrix)
+    weight = torch.where(x < 1, _keys_near(x, a), torch.where(x < 2, _keys_far(x, a), torch.zeros_like(x)))
+    return _or_identity(weight / weight.sum(dim=1, keepdim=True), index, stored, identity)
 
 
 def export_onnx(

@@ -371,7 +371,7 @@ class CNNFamily:
         ``source`` and the keys when it does not fit."""
         from .pretrained import backbone_part, state_dict_mismatches
 
-        fitted = self.to_timm_layout(dict(backbone_part(state_dict)), model)  # the caller's dict untouched
+        fitted = self.to_timm_layout(backbone_part(state_dict), model)
         # PyTorch's own loading fills in BatchNorm counters a file leaves out; they count
         # training steps and change no output.
         for key, buffer in model.state_dict().items():

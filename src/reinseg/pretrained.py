@@ -114,9 +114,10 @@ def unwrap_state_dict(obj: object, source: str = "state dict") -> dict[str, Tens
 def backbone_part(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """The backbone's weights of a whole-model checkpoint (a DINO teacher's ``backbone.*`` beside
     its projection heads; an mmpretrain or mmseg model's ``backbone.*``, without the Reins an
-    official Rein release holds there), with the prefix removed; any other dict as it is."""
+    official Rein release holds there), with the prefix removed; any other dict copied as it is
+    (the caller's dict is never changed)."""
     if not any(k.startswith("backbone.") for k in state_dict):
-        return state_dict
+        return dict(state_dict)
     return {
         k[len("backbone.") :]: v
         for k, v in state_dict.items()
@@ -199,7 +200,7 @@ def fit_state_dict(
         raise ValueError(f"resample must be one of {RESAMPLE_METHODS}, got {method!r}")
     patch = tuple(model.patch_embed.proj.weight.shape[-2:])
     grid = tuple(model.patch_embed.grid_size)
-    state_dict = dict(backbone_part(state_dict))
+    state_dict = backbone_part(state_dict)
     if method == "official":
         # Resample before timm's filter sees the weights, so that it finds the shapes it
         # expects and leaves them alone. OpenAI's CLIP file holds the text tower too, whose

@@ -207,7 +207,7 @@ def _check_replaceable(output: Path) -> None:
     """Refuse to replace ``output`` unless it is empty or holds only what a report writes (its
     ``index.html`` and ``images/*.png``; a file browser's own files aside): files a user put
     there would be lost."""
-    from .examples import BROWSER_FILES
+    from .examples import BROWSER_FILES, holds_only
 
     if not output.exists():
         return
@@ -224,10 +224,7 @@ def _check_replaceable(output: Path) -> None:
     if not ours:
         raise ValueError(f"--output {output} exists and is not a reinseg report: choose a new folder")
     for entry in entries:
-        pictures = entry.name == "images" and entry.is_dir() and not entry.is_symlink()
-        if entry == index or (
-            pictures and all(f.is_file() and (f.suffix == ".png" or f.name in BROWSER_FILES) for f in entry.iterdir())
-        ):
+        if entry == index or (entry.name == "images" and holds_only(entry, lambda name: Path(name).suffix == ".png")):
             continue
         raise ValueError(
             f"--output {output} holds {entry.name}, which a reinseg report did not write: the report would "

@@ -88,9 +88,10 @@ def read_image(path) -> np.ndarray:
         raise DataError(path, "file not found") from None
     except OSError as err:
         raise DataError(path, f"unreadable ({err.strerror or err})") from None
-    _refuse_decompression_bombs(path, data[:32].tobytes())
+    head = data[:32].tobytes()
+    _refuse_decompression_bombs(path, head)
     flags = cv2.IMREAD_COLOR
-    if data[:4].tobytes() == b"RIFF" and data[8:12].tobytes() == b"WEBP":
+    if _is_webp(head):
         # OpenCV 5 turns WebP images as their EXIF orientation says, 4.x (mmcv's) does not; the
         # label, read by Pillow, is never turned: a square image would silently leave its label.
         flags |= cv2.IMREAD_IGNORE_ORIENTATION
@@ -121,6 +122,11 @@ _SIGNATURES = (
 )
 
 
+def _is_webp(head: bytes) -> bool:
+    """Whether a file's first bytes are a WebP image's (a RIFF container of WEBP)."""
+    return head.startswith(b"RIFF") and head[8:12] == b"WEBP"
+
+
 def _refuse_decompression_bombs(path, head: bytes = b"") -> None:
     """Pillow's limit on pixels (``Image.MAX_IMAGE_PIXELS``) for OpenCV's decoding too, read from
     the file's header (0.02 ms; a copy of the bytes read would take 10x that): OpenCV's own
@@ -131,7 +137,7 @@ def _refuse_decompression_bombs(path, head: bytes = b"") -> None:
     except Image.DecompressionBombError as err:
         raise DataError(path, f"refused: {err}") from None
     except UnidentifiedImageError:
-        if head.startswith(_SIGNATURES) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP"):
+        if head.startswith(_SIGNATURES) or _is_webp(head):
             if head.startswith(_SIGNATURES[0]) and head[12:16] == b"IHDR":  # PNG: IHDR comes first
                 width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
                 if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
@@ -254,16 +260,17 @@ def walk_folder(base: str | os.PathLike) -> Iterator[tuple[Path, list[str]]]:
     to another disk, and the official loaders follow them), except a link to a folder the walk
     is inside (``base`` itself or one above it, or one the walk came through): it would loop,
     or bring in a whole other tree (another split)."""
-    chains: dict[str, frozenset[str]] = {}  # folder -> the real paths of the folders the walk came through
+    # folder -> its real path, and the real paths of the folders the walk came through to it
+    ahead: dict[str, tuple[str, frozenset[str]]] = {}
     for directory, dirs, names in os.walk(base, followlinks=True):
-        here = os.path.realpath(directory)
-        chain = chains.pop(directory, frozenset()) | {here}
+        here, above = ahead.pop(directory, None) or (os.path.realpath(directory), frozenset())
+        chain = above | {here}
         kept = []
         for name in sorted(dirs):
             real = os.path.realpath(os.path.join(directory, name))
             if real not in chain and not (here + os.sep).startswith(real + os.sep):
                 kept.append(name)
-                chains[os.path.join(directory, name)] = chain
+                ahead[os.path.join(directory, name)] = (real, chain)
         dirs[:] = kept
         yield Path(directory), sorted(names)
 
