@@ -1,7 +1,7 @@
 """reinseg against the official Rein code on the CPU: same model, same weights, same inputs.
 
 Needs one environment holding both: the official one (torch, mmcv-lite 2.1.0, mmengine,
-mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain; see ../shared/golden/README.md) with reinseg
+mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain; see tests/data/README.md) with reinseg
 installed (``pip install -e .``), and a checkout of the official repository (w1oves/Rein):
 
     python benchmarks/vs_official.py --official /path/to/Rein --threads 2

@@ -237,3 +237,39 @@ def test_bad_out_indices():
 def test_pretrained_offline_says_to_pass_a_checkpoint():
     with pytest.raises(RuntimeError, match=r"could not download(.|\n)*pass checkpoint=PATH"):
         build_backbone("dinov2_vits14", img_size=32, patch_size=16, pretrained=True, **tiny_overrides("dinov2_vits14"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_head=2), r"timm_kwargs \(.*num_head=2\): timm cannot build dinov2_vits14 with them: .*'num_head'"),
+        (dict(embed_dim=33), r"timm_kwargs \(embed_dim=33, .*\): timm cannot build .* divisible by num_heads"),
+        (dict(num_heads=0), r"timm_kwargs \(.*num_heads=0\): timm cannot build"),
+        (dict(depth=-1), r"timm_kwargs \(.*depth=-1.*\): timm cannot build"),
+        (dict(act_layer="gelu_new2"), r"timm_kwargs \(.*act_layer='gelu_new2'\): timm cannot build .*gelu_new2"),
+        (dict(img_size=32), r"timm_kwargs: set model.backbone.img_size instead"),
+        (dict(pretrained=True, checkpoint="w.pth"), r"set model.backbone.checkpoint, model.backbone.pretrained inst"),
+        (dict(num_classes=5), r"timm_kwargs: reinseg sets num_classes for dinov2_vits14 itself"),
+        (dict(dynamic_img_size=False), r"timm_kwargs: reinseg sets dynamic_img_size for dinov2_vits14 itself"),
+    ],
+)
+def test_timm_kwargs_timm_refuses_are_errors_naming_the_key(overrides, message):
+    from conftest import tiny_model_config
+
+    from reinseg.build import build_segmentor
+
+    config = tiny_model_config()
+    config.backbone.timm_kwargs = config.backbone.timm_kwargs | overrides
+    with pytest.raises(ValueError, match=message):
+        build_segmentor(config)
+
+
+def test_a_cnns_timm_kwargs_timm_refuses_are_named():
+    from test_cnn import tiny_cnn_config
+
+    from reinseg.build import build_segmentor
+
+    config = tiny_cnn_config()
+    config.backbone.timm_kwargs = config.backbone.timm_kwargs | dict(layer=[1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"timm_kwargs \(.*layer=\[1, 1, 1, 1\]\): timm cannot build resnet50_v1c"):
+        build_segmentor(config)

@@ -226,3 +226,79 @@ def test_a_checkpoint_whose_config_asks_for_more_than_its_weights_is_refused_bef
     scale = {"model": to_dict(model), "data": {"val": [{"name": "cityscapes", "root": "x", "scale": [40000, 40000]}]}}
     with pytest.raises(ValueError, match="test scale 40000x40000 of cityscapes: more than 16384 pixels a side"):
         checkpoint_scale(scale)
+
+
+def _hold_lock_in_another_process(folder):
+    """A process (plain Python, not reinseg) that holds ``folder``'s run lock with flock, as a
+    run does, and writes its pid there."""
+    import subprocess
+    import sys
+
+    from reinseg.checkpoints import RUN_LOCK
+
+    code = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(folder / RUN_LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, str(os.getpid()).encode())\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.mark.skipif(os.name != "posix", reason="advisory locks are POSIX flock")
+def test_a_folder_another_process_trains_into_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
+    from reinseg.checkpoints import RunInProgressError, refuse_running_run, run_lock
+
+    refuse_running_run(tmp_path / "absent")  # no folder, no lock file: nothing to refuse
+    assert not (tmp_path / "absent").exists()
+    holder = _hold_lock_in_another_process(tmp_path)
+    try:
+        with pytest.raises(RunInProgressError, match=rf"{tmp_path}: another reinseg run \(pid {holder.pid}\)"):
+            refuse_running_run(tmp_path)
+        with pytest.raises(RunInProgressError, match="train.output_dir"):
+            with run_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+    refuse_running_run(tmp_path)
+    with run_lock(tmp_path) as lock_file:
+        assert lock_file.read_text().startswith(f"{os.getpid()} on ")
+        with pytest.raises(RunInProgressError):  # a second holder in this process is refused too
+            with run_lock(tmp_path):
+                pass
+    with run_lock(tmp_path):  # released when the block ended
+        pass
+
+
+def test_atomic_write_names_the_file_and_writes_through_a_link(tmp_path):
+    import errno
+
+    target = tmp_path / "results.json"
+    target.write_bytes(b"old")
+
+    def full_disk(f):
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as failed:
+        atomic_write(target, full_disk)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(target)  # not the temporary
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+    def torch_full_disk(f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 632704 vs 632592")
+
+    with pytest.raises(OSError, match=r"could not write .*results.json \(is the disk full\?\): \[enforce fail"):
+        atomic_write(target, torch_full_disk)
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "latest.json").write_bytes(b"old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(tmp_path / "shared" / "latest.json")
+    atomic_write(link, lambda f: f.write(b"new"))
+    assert link.is_symlink() and (tmp_path / "shared" / "latest.json").read_bytes() == b"new"

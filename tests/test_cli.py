@@ -242,3 +242,12 @@ def test_predict_names_the_device_option_it_cannot_use(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error: argument --device: device 'gpu' is not usable here" in err.splitlines()[-1]
+
+
+def test_params_refuses_reins_sizes_for_a_strategy_that_does_not_use_them(capsys):
+    """They were ignored silently: the table of --tuning fada --token-length 10 was the default's."""
+    assert main(["params", "--tuning", "fada", "--token-length", "10", "--lora-dim", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora-dim, --token-length describe Rein's tokens, which --tuning fada does not use" in err
+    assert main(["params", "--tuning", "rein", "--token-length", "10"]) == 0
+    assert "Rein: 10 tokens" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """Rein on CNNs (ResNet V1c, ConvNeXt) against the official ReinsResNetV1c / ReinsConvNeXt.
 
 Golden files: tests/data/reins_resnet_tiny.pt and reins_convnext_tiny.pt, made by running the
-official code (../shared/golden/README.md): every weight perturbed, BatchNorm statistics set.
+official code (tests/data/README.md): every weight perturbed, BatchNorm statistics set.
 """
 
 import copy

@@ -153,3 +153,37 @@ def test_bad_class_options_are_named(tmp_path, options, message):
     make_custom(tmp_path / "d", num_classes=2, n=1, size=(32, 64), splits=("val",))
     with pytest.raises(ValueError, match=message):
         build_dataset("custom", tmp_path / "d", "val", image_suffix=".jpg", **options)
+
+
+def test_check_data_does_not_take_your_own_dataset_for_gtav(tmp_path, caplog):
+    """Both keep images/ and labels/; GTAV's frames lie directly in images/ (read with GTAV's
+    label IDs, your own labels would be counted as the wrong classes)."""
+    from fake_datasets import make_fake_gtav
+
+    make_custom(tmp_path / "data" / "cracks", num_classes=2, n=1, size=(32, 64), splits=("val",))
+    make_fake_gtav(tmp_path / "data" / "gta", n=1, prepared=True)
+    with pytest.raises(ValueError, match=r"cracks has the layout of your own dataset .* --dataset custom"):
+        check(tmp_path / "data" / "cracks", progress=False)
+    with caplog.at_level("WARNING"):
+        reports = check(tmp_path / "data", progress=False)
+    assert [(r.name, r.root) for r in reports] == [("gtav", str(tmp_path / "data" / "gta"))]
+    assert "skipping" in caplog.text and "cracks has the layout of your own dataset" in caplog.text
+    reports = check(tmp_path / "data" / "cracks", dataset="custom", split="val", classes=CLASSES, image_suffix=".jpg")
+    assert [r.name for r in reports] == ["custom"] and reports[0].ok
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("3\n", "must hold a mapping"),
+        ("data:\n\tval: []\n", "is not valid YAML"),
+        ("data:\n  vall: []\n", "vall"),
+        ("data:\n  val:\n    - {name: custom, root: r, classes: 3}\n", "classes"),
+    ],
+)
+def test_score_names_a_malformed_config(tmp_path, capsys, text, message):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "config.yaml").write_text(text)
+    assert main(["score", str(tmp_path / "p"), str(tmp_path / "p"), "--config", str(tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and message in err and "Traceback" not in err

@@ -12,6 +12,7 @@ from PIL import Image
 
 from reinseg.cli import main
 from reinseg.config import Config, DataConfig, TrainConfig, dump_config
+from reinseg.config import to_dict as _to_dict
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +199,33 @@ def test_predict_runs_at_the_checkpoints_test_scale(trained, tmp_path, monkeypat
         == 0
     )
     assert sizes[-1] == (128, 256)
+
+
+@pytest.mark.slow
+def test_predict_flips_as_the_checkpoint_says_unless_told(tmp_path, monkeypatch):
+    from reinseg.build import build_segmentor
+    from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint
+    from reinseg.segmentor import Segmentor
+
+    model = tiny_model_config()
+    model.test.flip = True
+    checkpoint = save_checkpoint(
+        tmp_path / "flip.ckpt", dict(model=_to_dict(model)), checkpoint_state_dict(build_segmentor(model))
+    )
+    Image.new("RGB", (64, 32)).save(tmp_path / "a.png")
+    runs = []  # images run through the model per command: two with the mirrored one
+    predict = Segmentor.predict
+
+    def recording(self, x, *args, **kwargs):
+        runs[-1] += len(x)
+        return predict(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Segmentor, "predict", recording)
+    for option in ([], ["--flip"], ["--no-flip"]):
+        runs.append(0)
+        out = tmp_path / f"out{len(runs)}"
+        assert main(["predict", str(checkpoint), str(tmp_path / "a.png"), "--output", str(out), *option]) == 0
+    assert runs == [2, 2, 1]
 
 
 def test_predict_of_a_checkpoint_without_validation_sets_uses_the_cityscapes_scale():

@@ -497,3 +497,184 @@ def test_process_count_reads_devices_as_lightning(monkeypatch):
     on_gpu = {(1, 1), (2, 2), ("2", 2), (-1, 4), ("-1", 4), ("auto", 4), ("0,1", 2), ("0,", 1), ("1, 3, 5", 3)}
     assert {(devices, process_count(devices, on_gpu=True)) for devices, _ in on_gpu} == on_gpu
     assert [process_count(devices, on_gpu=False) for devices in (1, 3, "auto", "3")] == [1, 3, 1, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="advisory locks are POSIX flock")
+def test_a_run_holds_its_folder_and_a_second_run_there_is_refused_before_writing(tmp_path):
+    import lightning as L
+
+    from reinseg.checkpoints import RunInProgressError, refuse_running_run
+    from reinseg.engine import train
+
+    class SecondRun(L.Callback):
+        refused = None
+
+        def on_train_start(self, trainer, pl_module):
+            try:
+                refuse_running_run(tmp_path / "run")
+            except RunInProgressError as err:
+                SecondRun.refused = str(err)
+
+    config = tiny_config(tmp_path, max_iters=1, checkpoint_interval=1)
+    config.data.val = []
+    train(config, callbacks=[SecondRun()])
+    assert SecondRun.refused is not None and str(os.getpid()) in SecondRun.refused
+    train(config)  # the lock went with the first run: the finished run is found, not refused
+
+    second = tiny_config(tmp_path, output_dir=str(tmp_path / "second"))
+    from test_checkpoints import _hold_lock_in_another_process
+
+    (tmp_path / "second").mkdir()
+    holder = _hold_lock_in_another_process(tmp_path / "second")
+    try:
+        with pytest.raises(RunInProgressError, match=str(tmp_path / "second")):
+            train(second)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (tmp_path / "second").iterdir()) == [".reinseg-run.lock"]
+
+
+@pytest.mark.slow
+def test_a_failed_validation_keeps_the_training_before_it_and_the_resume_is_exact(tmp_path):
+    """An error in a validation during training (a file, the disk) comes after a whole step:
+    last.ckpt is written at that step first, and the resumed run ends as an uninterrupted one."""
+    import lightning as L
+
+    from reinseg.engine import train
+
+    class FailingDisk(L.Callback):
+        def on_validation_batch_start(self, trainer, *args):
+            raise OSError(28, "No space left on device", "metrics")
+
+    options = dict(max_iters=6, val_interval=3, checkpoint_interval=2)
+    reference = tiny_config(tmp_path / "a", **options)
+    train(reference)
+    failed = tiny_config(tmp_path / "b", **options)
+    with pytest.raises(OSError, match="No space left"):
+        train(failed, callbacks=[FailingDisk()])
+    checkpoints = Path(failed.train.output_dir) / "checkpoints"
+    kept = torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")
+    assert kept["global_step"] == 3  # not iter_000002's step
+    train(failed)
+    a = torch.load(Path(reference.train.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert (Path(failed.train.output_dir) / "metrics" / "val_step0000003.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_a_one_line_error_with_what_to_change(tmp_path, capsys):
+    from reinseg.cli import main
+
+    config = tiny_config(tmp_path, max_iters=4)
+    config.data.val = []
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    assert main(["train", str(tmp_path / "config.yaml"), "train.lr=1e9"]) == 2
+    err = capsys.readouterr().err
+    assert "reinseg train: error: the matching cost is not finite" in err and "train.lr" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(devices="foo"), r"train.accelerator='auto', train.devices='foo', train.num_nodes=1: "),
+        (dict(accelerator="tpu"), r"train.accelerator='tpu'"),
+        (dict(accelerator="nope"), r"train.accelerator='nope'.*nope"),
+    ],
+)
+def test_what_lightning_refuses_in_accelerator_and_devices_is_named(tmp_path, options, message):
+    from reinseg.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        build_trainer(tiny_config(tmp_path, **options))
+
+
+def _damage_largest_record(path: Path) -> None:
+    """Overwrite bytes inside the checkpoint's largest tensor record (the zip stays readable;
+    only the record's CRC tells)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+        with open(path, "rb") as raw:
+            raw.seek(info.header_offset + 26)
+            name_length, extra_length = (int.from_bytes(raw.read(2), "little") for _ in range(2))
+    start = info.header_offset + 30 + name_length + extra_length
+    with open(path, "r+b") as raw:
+        raw.seek(start + info.file_size // 2)
+        raw.write(b"\x00\x00\x80\x3f" * 16)  # float 1.0
+
+
+@pytest.mark.slow
+def test_checkpoints_damaged_inside_a_tensor_are_passed_over_or_named(tmp_path, capsys):
+    """torch.load does not check the zip CRCs: damaged bytes inside a tensor loaded as other
+    numbers (a resume trained on from them, eval scored them)."""
+    from reinseg.cli import main
+    from reinseg.engine import latest_checkpoint, train
+
+    config = tiny_config(tmp_path, max_iters=4, checkpoint_interval=2)
+    config.data.val = []
+    train(config)
+    checkpoints = Path(config.train.output_dir) / "checkpoints"
+    _damage_largest_record(checkpoints / "last.ckpt")
+    assert latest_checkpoint(checkpoints) == checkpoints / "iter_000004.ckpt"  # the same step, intact
+    (tmp_path / "config.yaml").write_text(dump_config(tiny_config(tmp_path, max_iters=4, checkpoint_interval=2)))
+    assert main(["eval", str(tmp_path / "config.yaml"), str(checkpoints / "last.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "last.ckpt: its record" in err and "do not match its CRC" in err
+    for name in ("iter_000002.ckpt", "iter_000004.ckpt"):
+        _damage_largest_record(checkpoints / name)
+    # Every checkpoint damaged: starting afresh would write over the run; refused instead.
+    with pytest.raises(ValueError, match="no checkpoint in .* reads back whole.*--resume never --overwrite"):
+        train(tiny_config(tmp_path, max_iters=6, checkpoint_interval=2))
+    with pytest.raises(ValueError, match="iter_000002.ckpt: its record .* is damaged"):
+        train(tiny_config(tmp_path, max_iters=6, checkpoint_interval=2), resume=str(checkpoints / "iter_000002.ckpt"))
+
+
+def test_a_partial_last_row_of_the_csv_log_is_cut_before_appending(tmp_path):
+    """A kill or a full disk midway through an append left half a row, to which the resumed run
+    joined its first row (loss 55.3 read as 55.3 of one column and a step of another)."""
+    from reinseg.engine import _AppendingWriter
+
+    log_dir = tmp_path / "csv"
+    log_dir.mkdir()
+    (log_dir / "metrics.csv").write_text("epoch,step,train/loss\n0,1,60.5\n0,2,55.3")
+    writer = _AppendingWriter(str(log_dir))
+    writer.log_metrics({"epoch": 0, "train/loss": 50.0}, step=2)
+    writer.save()
+    assert (log_dir / "metrics.csv").read_text().splitlines() == ["epoch,step,train/loss", "0,1,60.5", "0,2,50.0"]
+
+
+def test_a_run_folder_the_run_cannot_write_to_is_found_before_training(tmp_path, monkeypatch):
+    import tempfile
+
+    from reinseg.engine import _check_writable_run
+
+    out = tmp_path / "run"
+    _check_writable_run(out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "csv", "metrics", "tensorboard"]
+    (out / "metrics").rmdir()
+    (out / "metrics").symlink_to(tmp_path / "nowhere" / "metrics")  # a link to a folder that is gone
+    with pytest.raises(OSError, match="the run cannot write there"):
+        _check_writable_run(out)
+    (out / "metrics").unlink()
+    (out / "checkpoints" / "last.ckpt").mkdir()
+    with pytest.raises(IsADirectoryError, match="last.ckpt"):
+        _check_writable_run(out)
+    (out / "checkpoints" / "last.ckpt").rmdir()
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):  # as root, permission bits would not stop the test
+        if str(dir).endswith("checkpoints"):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OSError, match=r"the run cannot write there \(Permission denied\)") as refused:
+        _check_writable_run(out)
+    assert refused.value.filename == str(out / "checkpoints")

@@ -103,3 +103,20 @@ def test_a_corrupted_entry_builds_corrupted_images_and_val_lists_build_as_evalua
     assert torch.equal(datasets[1][0]["image"], validated[0]["image"])
     with pytest.raises(ValueError, match=r"scale, in_mean are keys of data.val entries: .*section='val'"):
         build_datasets([entry])
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (dict(name=["cityscapes"], root="data/cs"), r"val\[0\]: name must be a non-empty string, got \['cityscapes'\]"),
+        (dict(name="cityscapes", root=None), r"val\[0\]: root must be a non-empty string, got None"),
+        (dict(name="cityscapes", root=""), r"val\[0\]: root must be a non-empty string, got ''"),
+        (dict(name="cityscapes", root="data/cs", split=1), r"val\[0\]: split must be a non-empty string, got 1"),
+        (dict(name="cityscapes", root="data/cs", label=1), r"val\[0\]: label must be a non-empty string, got 1"),
+        (dict(name="cityscapes", root="data/cs", label=["a"]), r"label must be a non-empty string, got \['a'\]"),
+    ],
+)
+def test_entry_names_roots_splits_and_labels_are_strings(entry, message):
+    """A list or a number there failed deep in the run (a label after the first validation)."""
+    with pytest.raises(ValueError, match=message):
+        parse_entries([entry], "val")

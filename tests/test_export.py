@@ -157,3 +157,29 @@ def test_folding_keeps_what_each_rein_computes(tuning):
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded.encode_decode(images), segmentor.encode_decode(images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_cnn_is_traced_at_its_configured_size_by_default(tmp_path, monkeypatch):
+    """A CNN has no ViT grid to take the size from: its ``model.backbone.img_size`` is used."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    from test_cnn import tiny_cnn_config
+
+    import reinseg.export as export
+
+    model = tiny_cnn_config()
+    model.backbone.img_size = 96
+    checkpoint = save_checkpoint(
+        tmp_path / "cnn.ckpt", to_dict(Config(model=model)), checkpoint_state_dict(build_segmentor(model))
+    )
+    traced = []
+
+    def record(segmentor, size, dynamic, fold):
+        traced.append(size)
+        raise RuntimeError("recorded")  # stop before the export itself
+
+    monkeypatch.setattr(export, "segmentor_to_onnx", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        export.export_onnx(checkpoint, tmp_path / "cnn.onnx")
+    assert traced == [(96, 96)]

@@ -243,3 +243,24 @@ def test_not_for_cnn_backbones():
     config.backbone.name = "resnet50_v1c"
     with pytest.raises(ConfigError, match="model.tuning='fada' applies to vit backbones"):
         build_segmentor(config)
+
+
+def test_a_run_whose_grids_fada_cannot_split_is_refused_before_training():
+    """Found otherwise at the first step (an odd crop) or the first validation (whole images)."""
+    from reinseg.config import Config, DataConfig
+    from reinseg.engine import check_run_options
+
+    config = tiny_model_config()
+    config.tuning = "fada"
+    config.fada = FadaConfig(token_length=8, lora_dim=4, query_dims=32)
+    segmentor = build_segmentor(config)
+    with pytest.raises(ConfigError, match="needs square patch grids with an even side: set model.test.mode=slide"):
+        check_run_options(Config(model=config, data=DataConfig(crop_size=64)), segmentor)
+    config.test.mode, config.test.crop_size, config.test.stride = "slide", [64, 64], [32, 32]
+    segmentor = build_segmentor(config)
+    with pytest.raises(ConfigError, match="data.crop_size=48 is 3 patches"):
+        check_run_options(Config(model=config, data=DataConfig(crop_size=48)), segmentor)
+    check_run_options(Config(model=config, data=DataConfig(crop_size=64)), segmentor)
+    config.test.crop_size = [64, 32]
+    with pytest.raises(ConfigError, match="model.test.crop_size 64x32 is 4x2 patches"):
+        check_run_options(Config(model=config, data=DataConfig(crop_size=64)), build_segmentor(config))

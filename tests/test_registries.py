@@ -160,3 +160,17 @@ def test_built_in_strategies_declare_what_the_optimizer_reads():
     assert get_strategy("full").trains_vfm and not get_strategy("rein").trains_vfm
     assert "backbone.rein.scale" in get_strategy("rein").no_decay_keys
     assert get_strategy("frozen").options_class is None
+
+
+def test_head_options_do_not_override_the_named_head_keys():
+    """They won silently: options.num_classes=3 built a 3-class head for a 19-class loss."""
+    from conftest import tiny_model_config
+
+    model = tiny_model_config()
+    model.head.options = {"num_classes": 3, "in_channels": [1, 2]}
+    with pytest.raises(
+        ConfigError,
+        match=r"model.head.options.in_channels: set from the backbone; "
+        r"model.head.options.num_classes: set model.head.num_classes instead",
+    ):
+        build_segmentor(model)

@@ -243,6 +243,11 @@ def test_bad_validation_file_stops_training_before_it_starts(tmp_path):
         ("train.betas=[0.9,0.99,0.5]", "train.betas"),
         ("train.min_lr=0.5", "train.min_lr"),
         ("data.val.0.in_mean=nope", "data.val[0]: in_mean"),
+        ("train.warmup_start_factor=5", "train.warmup_start_factor"),
+        ("train.tf32=bogus", "train.tf32"),
+        ("data.crop_size=16", "data.crop_size=16"),
+        ('train.output_dir="  "', "train.output_dir"),
+        ("data.val.0.label=1", "data.val[0]: label"),
     ],
 )
 def test_numbers_out_of_range_are_one_line_naming_the_key(tmp_path, capsys, override, key):

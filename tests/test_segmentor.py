@@ -170,3 +170,38 @@ def test_an_image_below_the_crop_is_one_smaller_window_in_predict_as_in_eval():
         (slide,) = scores_at_sizes(segmentor, images, [(48, 48)], mode="slide", crop_size=64, stride=32, flip=False)
         (whole,) = scores_at_sizes(segmentor, images, [(48, 48)], mode="whole", flip=False)
     torch.testing.assert_close(slide, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+@pytest.mark.parametrize("size", [(16, 64), (64, 9), (1, 1)])
+def test_images_of_one_patch_or_less_a_side_are_predicted(mode, size):
+    """The head also takes the ViT's map at half its size: an image side of one patch or less
+    (16 px here) is padded to two patches, and the scores of the image itself are the padded
+    image's scores at its pixels (the oracle: the same padding done by hand)."""
+    from reinseg.predict import padded_scores
+
+    segmentor = build_segmentor(tiny_model_config()).eval()
+    segmentor.crop_size, segmentor.stride = (64, 64), (32, 32)
+    images = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        scores = padded_scores(segmentor, images, mode=mode)
+        h, w = size
+        by_hand = torch.nn.functional.pad(images, (0, max(32, -(-w // 16) * 16) - w, 0, max(32, -(-h // 16) * 16) - h))
+        expected = segmentor.predict(by_hand, mode=mode)[..., :h, :w]
+    assert scores.shape == (1, 19, *size)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+
+
+def test_test_windows_and_training_crops_of_one_patch_are_refused():
+    from reinseg.config import Config, DataConfig
+    from reinseg.engine import check_run_options
+
+    segmentor = build_segmentor(tiny_model_config()).eval()
+    with pytest.raises(ValueError, match="crop_size 16x64 must be at least two patches \\(32\\) a side"):
+        segmentor.predict(torch.randn(1, 3, 64, 64), mode="slide", crop_size=(16, 64), stride=16)
+    with pytest.raises(ValueError, match="data.crop_size=16 must be at least two patches \\(32\\)"):
+        check_run_options(Config(model=tiny_model_config(), data=DataConfig(crop_size=16)), segmentor)
+    model = tiny_model_config()
+    model.test.mode, model.test.crop_size, model.test.stride = "slide", [16, 16], [16, 16]
+    with pytest.raises(ValueError, match="crop_size 16x16 must be at least two patches"):
+        check_run_options(Config(model=model, data=DataConfig(crop_size=64)), build_segmentor(model))

@@ -1,6 +1,6 @@
 """The training loss and its gradients against the official Rein code (mmseg 1.2 / mmdet 3.3).
 
-``official_train_tiny.pt`` (see ``../shared/golden/README.md``): three batches through the official
+``official_train_tiny.pt`` (see ``tests/data/README.md``): three batches through the official
 ``EncoderDecoder.loss`` and backward of the sum of its terms. ``official_optim_tiny.pt``
 (``tests/golden/make_optim_golden.py``): the same loss with the real ``torch.rand`` after a seed,
 and the sizes of the official code's ``torch.rand`` calls in order.

@@ -357,6 +357,7 @@ def test_levers_refuse_what_they_cannot_do():
         ("deformable_recompute", "yes", "train.deformable_recompute must be true or false"),
         ("channels_last", 1, "train.channels_last must be true or false"),
         ("compile", "fastest", "train.compile must be true, false or a torch.compile backend"),
+        ("tf32", "bogus", "train.tf32 must be one of conv, all, none, got 'bogus'"),
     ],
 )
 def test_lever_keys_are_checked(key, value, message):

@@ -365,6 +365,23 @@ def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair
 
 
+def create_with_overrides(create, name: str, fixed: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """``create(**fixed, **overrides)``: timm's model of zoo entry ``name``. What timm refuses in
+    ``overrides`` (an unknown argument, a width its heads do not divide, a negative size, ...) is
+    an error naming ``model.backbone.timm_kwargs``, as is an argument reinseg sets itself."""
+    taken = sorted(set(overrides) & set(fixed))
+    if taken:
+        raise ValueError(f"model.backbone.timm_kwargs: reinseg sets {', '.join(taken)} for {name} itself")
+    if not overrides:
+        return create(**fixed)
+    try:
+        return create(**fixed, **overrides)
+    except Exception as err:  # timm's own checks are asserts, TypeErrors, KeyErrors, ...
+        shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        reason = str(err) or type(err).__name__
+        raise ValueError(f"model.backbone.timm_kwargs ({shown}): timm cannot build {name} with them: {reason}") from err
+
+
 # timm.create_model arguments that load or fetch weights: refused in timm_kwargs.
 TIMM_LOADING_KEYS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict")
 
@@ -427,10 +444,12 @@ def build_backbone(
         return build_cnn_backbone(
             name, spec, family, rein, patch_size, out_indices, checkpoint, pretrained, timm_overrides
         )
-    kwargs: dict[str, Any] = dict(img_size=img_hw, num_classes=0, **family.timm_kwargs(), **timm_overrides)
+    fixed = dict(img_size=img_hw, num_classes=0, **family.timm_kwargs())
     if patch_size is not None:
-        kwargs["patch_size"] = int(patch_size)
-    vit: Any = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        fixed["patch_size"] = int(patch_size)
+    vit: Any = create_with_overrides(
+        lambda **kwargs: timm.create_model(spec.arch, pretrained=False, **kwargs), name, fixed, timm_overrides
+    )
     ph, pw = vit.patch_embed.patch_size
     if img_hw[0] % ph or img_hw[1] % pw:
         raise ValueError(

@@ -108,6 +108,12 @@ class _MetaInitialisationSkipped(TorchFunctionMode):
 def build_configured_backbone(bb: BackboneConfig, load_weights: bool = True):
     """The backbone a ``model.backbone`` section describes (without tuning), its VFM weights loaded
     from ``checkpoint`` / ``pretrained`` when ``load_weights``."""
+    own = sorted(set(bb.timm_kwargs) & {"rein", *(f.name for f in dataclasses.fields(BackboneConfig))})
+    if own:
+        raise ConfigError(
+            f"model.backbone.timm_kwargs: set {', '.join(f'model.backbone.{k}' for k in own)} instead "
+            "(reinseg builds the model and fits its weights to them)"
+        )
     return build_backbone(
         bb.name,
         img_size=bb.img_size,
@@ -147,6 +153,16 @@ def _head_hyper_parameters(config: ModelConfig, head_class: type) -> dict:
     unknown = set(config.head.options) - set(accepted)
     if unknown:
         raise ConfigError(f"model.head.options: {sorted(unknown)} are not arguments of the {config.head.type} head")
+    # The model.head keys and what the builder passes (in_channels, the queries) are set there.
+    named = sorted(set(config.head.options) & (set(fields) | {"in_channels", "linked_queries"}))
+    if named:
+        raise ConfigError(
+            "; ".join(
+                f"model.head.options.{k}: "
+                + (f"set model.head.{k} instead" if k in fields else "set from the backbone")
+                for k in named
+            )
+        )
     return {**given, **config.head.options}
 
 

@@ -30,6 +30,9 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_directory",
     "remove_stale_temporaries",
+    "RunInProgressError",
+    "run_lock",
+    "refuse_running_run",
     "save_checkpoint",
     "load_checkpoint",
     "checkpoint_state_dict",
@@ -69,10 +72,13 @@ def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
     that can be regenerated, such as prepared labels, skip it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The writer's pid in the name tells a killed writer's leftover from a live one's file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", suffix=".tmp", dir=path.parent)
+    if path.is_symlink():  # written through, as a plain open() would: the link stays a link
+        path = Path(os.path.realpath(path))
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The writer's pid in the name tells a killed writer's leftover from a live one's file.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             if sync:
@@ -81,8 +87,15 @@ def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno is not None:
+            # Named by the file being written, not by its temporary (a full disk names none).
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        if isinstance(err, RuntimeError) and "inline_container" in str(err):
+            # torch.save's writer reports a failed write as a position mismatch.
+            raise OSError(f"could not write {path} (is the disk full?): {str(err).splitlines()[0]}") from err
         raise
     return path
 
@@ -155,6 +168,81 @@ def atomic_directory(path: str | Path):
         raise
 
 
+RUN_LOCK = ".reinseg-run.lock"
+
+
+class RunInProgressError(RuntimeError):
+    """Another process is training into the same output folder."""
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        text = lock_file.read_text().strip()
+    except OSError:
+        text = ""
+    return f" (pid {text})" if text else ""
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the advisory lock on ``fd`` without waiting; False when another process holds it.
+    Where the file system has no locks (some network mounts), the run goes on without one."""
+    import errno
+
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return True
+    return True
+
+
+def _running(folder: Path, lock_file: Path) -> RunInProgressError:
+    return RunInProgressError(
+        f"train.output_dir {folder}: another reinseg run{_holder(lock_file)} is training into it; "
+        "wait for it to end or stop it, or choose another train.output_dir"
+    )
+
+
+def refuse_running_run(folder: str | Path) -> None:
+    """Raise :class:`RunInProgressError` if a live process holds ``folder``'s run lock; writes
+    nothing (a check before a run's other checks)."""
+    lock_file = Path(folder) / RUN_LOCK
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: no run has trained here since locks exist
+    try:
+        if not _try_lock(fd):
+            raise _running(Path(folder), lock_file)
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path):
+    """Hold ``folder``'s run lock (``.reinseg-run.lock``, an advisory ``flock``) for the block:
+    two runs never train into one folder. The kernel releases it when the process ends, however
+    it ends, so a killed run leaves no stale lock. Raises :class:`RunInProgressError` at once
+    when another process holds it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock_file = folder / RUN_LOCK
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _try_lock(fd):
+            raise _running(folder, lock_file)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else 'this host'}\n".encode())
+        yield lock_file
+    finally:
+        os.close(fd)
+
+
 def checkpoint_state_dict(segmentor: torch.nn.Module) -> dict[str, Tensor]:
     """The weights a checkpoint stores: everything but the frozen weights of a VFM that come from
     a file or the hub (trainable weights inside it, such as LoRA's, are stored; a randomly
@@ -184,7 +272,7 @@ def save_checkpoint(path: str | Path, config: dict[str, Any], state_dict: dict[s
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a reinseg checkpoint, refusing (with the path) files that are not one."""
     path = Path(path)
-    payload = load_torch_file(path, what="reinseg checkpoint")
+    payload = load_torch_file(path, what="reinseg checkpoint", verify=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path} is not a reinseg checkpoint (official Rein releases are converted with `reinseg convert-official`)"

@@ -75,6 +75,17 @@ def _cmd_params(args: argparse.Namespace) -> int:
         )
         title = args.backbone
     if args.tuning:
+        rein_flags = [
+            f
+            for f in ("--lora-dim", "--token-length")
+            if getattr(args, _PARAMS_MODEL_FLAGS[f][0]) != _PARAMS_MODEL_FLAGS[f][1]
+        ]
+        if args.tuning != "rein" and not args.compare and not args.config and rein_flags:
+            raise ValueError(
+                f"{', '.join(rein_flags)} describe{'s' if len(rein_flags) == 1 else ''} Rein's tokens, which "
+                f"--tuning {args.tuning} does not use; its own sizes are keys of a config "
+                f"(reinseg params CONFIG --tuning {args.tuning} model.KEY=VALUE)"
+            )
         config.tuning = args.tuning
     if args.compare:
         rows, skipped = [], []
@@ -330,10 +341,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
     classes = CITYSCAPES_CLASSES
     if args.config:
+        from .config import load_config, to_dict
         from .data.layouts import config_classes
-        from .safe_load import load_yaml
 
-        classes = config_classes(load_yaml(Path(args.config).read_text(), args.config) or {})
+        # Checked as a run's: a malformed file or entry is named, not a traceback.
+        config = load_config(args.config)
+        try:
+            classes = config_classes(to_dict(config))
+        except ValueError as err:
+            raise ValueError(f"{args.config}: {err}") from None
     names = classes.names
     results = score_directories(args.predictions, args.labels, names, label_suffix=args.label_suffix)
     print(format_scores_table({Path(args.labels).name or "scores": results}, names))
@@ -509,7 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the predictions as train-ID PNGs, mirroring each domain's label folder",
     )
     p.add_argument("--json", default=None, help="results file (default <train.output_dir>/eval_metrics.json)")
-    p.add_argument("--output", default=None, help="folder for logs (overrides train.output_dir)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="folder of the default results file, <output>/eval_metrics.json (overrides train.output_dir)",
+    )
     p.add_argument(
         "--protocol",
         action="append",
@@ -572,7 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
         "1024 px crops)",
     )
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
-    p.add_argument("--flip", action="store_true", help="average with the mirrored image")
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average with the mirrored image (--no-flip: never; default: the checkpoint's model.test.flip)",
+    )
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument(
         "--batch", type=_positive_int, default=8, help="video frames run through the model at once (default 8)"
@@ -722,7 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reinseg demo --output reinseg-demo",
     )
     p.add_argument("--output", default="reinseg-demo", help="output folder (default ./reinseg-demo)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the synthetic scenes, the model and training (default 0)"
+    )
     p.add_argument("--iters", type=_positive_int, default=None, help="training iterations (default 250)")
     p.add_argument(
         "--threads",
@@ -807,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         # pages (reinseg.allocator; REINSEG_ALLOCATOR=system opts out).
         keep_freed_memory()
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
         # Errors with their own exit status (engine.TrainingInterrupted: 143) are not failures.
         status = getattr(err, "exit_status", None)
         if status is not None:

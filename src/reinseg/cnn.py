@@ -19,7 +19,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .backbones import BackboneMaps, BackboneOutput, BackboneSpec, FrozenBackbone, _download_pretrained, rein_arguments
+from .backbones import (
+    BackboneMaps,
+    BackboneOutput,
+    BackboneSpec,
+    FrozenBackbone,
+    _download_pretrained,
+    create_with_overrides,
+    rein_arguments,
+)
 from .families import CNNFamily, get_family
 from .pretrained import load_into, read_weights, weights_fingerprint
 from .rein import Rein
@@ -191,7 +199,7 @@ def build_cnn_backbone(
     """:func:`reinseg.build_backbone` for a CNN zoo entry (its arguments, checked there)."""
     if patch_size is not None:
         raise ValueError(f"{name} is a CNN: patch_size does not apply (set backbone.patch_size to null)")
-    model = family.create(spec.arch, **timm_overrides)
+    model = create_with_overrides(lambda **kwargs: family.create(spec.arch, **kwargs), name, {}, timm_overrides)
     indices = list(out_indices) if out_indices is not None else list(range(len(family.stages(model))))
     backbone = ReinCNNBackbone(model, family, indices)
     if rein is not None:

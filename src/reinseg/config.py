@@ -194,10 +194,12 @@ class TrainConfig:
     # layers: the official paramwise_cfg custom keys. null: the keys the head and the tuning
     # strategy declare (the Rein configs').
     no_decay_keys: list[str] | None = None
-    val_interval: int = 10000
-    checkpoint_interval: int = 4000
+    val_interval: int = 10000  # iterations between validations (and one at max_iters)
+    checkpoint_interval: int = 4000  # iterations between checkpoints (iter_<N>.ckpt and last.ckpt)
+    # How many iter_<N>.ckpt files are kept (the newest); -1 keeps all, 0 none. last.ckpt, which a
+    # resume starts from, is always written.
     keep_checkpoints: int = 3
-    log_interval: int = 50
+    log_interval: int = 50  # iterations between logged losses and learning rates
     # "auto": bf16 autocast on GPU, fp32 on CPU; or a Lightning precision ("32-true", "bf16-mixed")
     precision: str = "auto"
     # fp32 CUDA math on TF32 tensor cores: "conv" (cuDNN convolutions only, as the official runs), "all", "none"
@@ -216,7 +218,8 @@ class TrainConfig:
     deformable_recompute: bool = True
     # The deformable attention's sampling: "auto" (sparse matrix products on the CPU, about twice
     # as fast there; grid_sample on a GPU), "csr" (CPU only) or "grid_sample" (the reference).
-    # The same numbers up to float rounding. Inference uses "auto".
+    # The same numbers up to float rounding. Validation and `reinseg eval` use this setting;
+    # predict and export use "auto".
     deformable_kernel: str = "auto"
     # Recompute the pixel decoder's deformable encoder layers and FPN levels in backward instead
     # of keeping their activations (they hold most of a step's activations at ViT-S/B sizes).
@@ -245,7 +248,7 @@ class TrainConfig:
     # runs: momentum 2e-4 from iteration 12000.
     ema_momentum: float | None = None
     ema_begin: int = 0
-    accelerator: str = "auto"
+    accelerator: str = "auto"  # Lightning's: "auto" (a GPU when there is one), "cpu", "gpu", ...
     # One device unless told: data.batch_size is per device, so more devices (N, a list, or "auto"
     # and -1 for every visible one, DDP) multiply the recipe's batch. The paper trains on one GPU.
     devices: int | str = 1
@@ -519,9 +522,11 @@ def check_values(config: Config) -> Config:
     if config.train.ema_momentum is not None and config.train.ema_momentum > 1:
         raise ConfigError(f"train.ema_momentum must be in (0, 1], got {config.train.ema_momentum!r}")
     _check_levers(config.train)
-    for key in ("data.cat_max_ratio", "model.loss.importance_sample_ratio"):
+    if not config.train.output_dir.strip():
+        raise ConfigError(f"train.output_dir must be the run's folder, got {config.train.output_dir!r}")
+    for key in ("data.cat_max_ratio", "model.loss.importance_sample_ratio", "train.warmup_start_factor"):
         value = _value_at(config, key)
-        if value > 1:  # fractions
+        if value > 1:  # fractions (a warm-up starts below lr, as mmengine's LinearLR requires)
             raise ConfigError(f"{key} must be at most 1, got {value!r}")
     for section in ("train", "val"):
         for i, entry in enumerate(getattr(config.data, section)):
@@ -564,7 +569,10 @@ def _check_levers(train: TrainConfig) -> None:
     if train.frozen_dtype not in FROZEN_DTYPES:
         raise ConfigError(f"train.frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {train.frozen_dtype!r}")
     from .heads.deformable_attention import KERNELS
+    from .optim import TF32_MODES
 
+    if train.tf32 not in TF32_MODES:
+        raise ConfigError(f"train.tf32 must be one of {', '.join(TF32_MODES)}, got {train.tf32!r}")
     if train.deformable_kernel not in KERNELS:
         raise ConfigError(
             f"train.deformable_kernel must be one of {', '.join(KERNELS)}, got {train.deformable_kernel!r}"

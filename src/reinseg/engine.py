@@ -37,7 +37,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from .build import build_segmentor
 from .checkpoints import (
@@ -48,7 +48,9 @@ from .checkpoints import (
     check_vfm_weights,
     checkpoint_state_dict,
     config_for_checkpoint,
+    refuse_running_run,
     remove_stale_temporaries,
+    run_lock,
     vfm_record,
 )
 from .config import Config, ConfigError, check_values, to_dict
@@ -67,7 +69,7 @@ from .datamodule import (
 from .ema import ExponentialAverage
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .optim import build_optimizer, lr_factor, parameter_groups, set_tf32
-from .safe_load import UnsafeFileError, load_torch_file
+from .safe_load import UnsafeFileError, damaged_record, load_torch_file
 from .segmentor import Segmentor
 from .train_options import apply_train_options
 
@@ -539,6 +541,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             state["best_k_models"] = {p: v for p, v in state["best_k_models"].items() if self.owns(p)}
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """Cut a last line without its newline (an append a kill or a full disk stopped midway): the
+    next append would join it to its own row."""
+    with open(path, "r+b") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        file.seek(size - 1)
+        if file.read(1) == b"\n":
+            return
+        tail = max(0, size - (1 << 20))  # rows are short; a megabyte holds the last newline
+        file.seek(tail)
+        end = file.read().rfind(b"\n")
+        file.truncate(tail + end + 1 if end >= 0 else 0)
+        log.warning("%s ended in a partial row (an interrupted write): removed", path)
+
+
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run appends to it
     (the rows between the checkpoint and an interruption appear twice, with equal values)."""
@@ -548,6 +567,7 @@ class _AppendingWriter(ExperimentWriter):
         if self._fs.isfile(self.metrics_file_path):
             import csv
 
+            _drop_partial_last_line(Path(self.metrics_file_path))
             with self._fs.open(self.metrics_file_path, "r", newline="") as file:
                 self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
 
@@ -596,8 +616,9 @@ def _on_sigterm(message):
 
 
 class _RunGuard(L.Callback):
-    """Writes ``last.ckpt`` when SIGTERM arrives (at the end of the current step) and at the end
-    of training when the last step is not a checkpoint step (the final weights are never lost).
+    """Writes ``last.ckpt`` when SIGTERM arrives (at the end of the current step), when a
+    validation during training fails (one process), and at the end of training when the last step
+    is not a checkpoint step (the final weights are never lost).
 
     Under DDP, SIGTERM only marks the rank: Lightning's own handler issues a collective inside
     the signal handler, wherever the rank happens to be, and stops a rank mid-validation while the
@@ -655,8 +676,16 @@ class _RunGuard(L.Callback):
             self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.world_size == 1:
+        if trainer.world_size > 1:
+            return  # a save is a collective there: not from one rank's error
+        if isinstance(exception, SIGTERMException):
             self._save(trainer)
+        elif trainer.state.fn == "fit" and trainer.validating:
+            # An error in a validation (a file, the disk) comes after a whole step: the training
+            # since the last checkpoint is kept, and the resume redoes this validation.
+            self._save(trainer)
+            if self._saved_step == trainer.global_step:
+                log.warning("the validation of iteration %d failed: saved %s first", trainer.global_step, self.last)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step > 0:
@@ -808,31 +837,38 @@ def build_trainer(
     loggers = [TensorBoardLogger(out, name="tensorboard", version=""), _AppendingCSVLogger(out, name="csv", version="")]
     if not logging:
         loggers = False
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=tc.num_nodes,
-        strategy=strategy,
-        precision=precision,
-        max_steps=tc.max_iters,
-        val_check_interval=val_interval if (validate_during_training and config.data.val) else None,
-        check_val_every_n_epoch=None,
-        limit_val_batches=None if (validate_during_training and config.data.val) else 0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=tc.grad_clip,
-        benchmark=tc.cudnn_benchmark,
-        log_every_n_steps=tc.log_interval,
-        # The average first: the step's update before any checkpoint of the step is written.
-        callbacks=([_WeightAverage(tc.ema_momentum, tc.ema_begin)] if tc.ema_momentum is not None else [])
-        + [checkpoint, _RunGuard(out / "checkpoints" / "last.ckpt"), LearningRateMonitor("step"), _Progress()]
-        + list(callbacks or []),
-        logger=loggers,
-        plugins=[AtomicCheckpointIO(out / "checkpoints")],
-        enable_progress_bar=enable_progress_bar,
-        use_distributed_sampler=False,  # the stream and ShardSampler split the data themselves
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
+    try:
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=tc.num_nodes,
+            strategy=strategy,
+            precision=precision,
+            max_steps=tc.max_iters,
+            val_check_interval=val_interval if (validate_during_training and config.data.val) else None,
+            check_val_every_n_epoch=None,
+            limit_val_batches=None if (validate_during_training and config.data.val) else 0,
+            num_sanity_val_steps=0,
+            gradient_clip_val=tc.grad_clip,
+            benchmark=tc.cudnn_benchmark,
+            log_every_n_steps=tc.log_interval,
+            # The average first: the step's update before any checkpoint of the step is written.
+            callbacks=([_WeightAverage(tc.ema_momentum, tc.ema_begin)] if tc.ema_momentum is not None else [])
+            + [checkpoint, _RunGuard(out / "checkpoints" / "last.ckpt"), LearningRateMonitor("step"), _Progress()]
+            + list(callbacks or []),
+            logger=loggers,
+            plugins=[AtomicCheckpointIO(out / "checkpoints")],
+            enable_progress_bar=enable_progress_bar,
+            use_distributed_sampler=False,  # the stream and ShardSampler split the data themselves
+            enable_model_summary=False,
+            default_root_dir=out,
+        )
+    except (MisconfigurationException, ImportError, TypeError, ValueError) as err:
+        # Lightning's own checks of these keys, named (an unknown accelerator, devices it cannot use).
+        raise ConfigError(
+            f"train.accelerator={tc.accelerator!r}, train.devices={tc.devices!r}, train.num_nodes={tc.num_nodes}: "
+            f"{str(err).strip() or type(err).__name__}"
+        ) from err
     if many:
         # Lightning registers its SIGTERM handler (a collective inside the signal handler) at the
         # start of every fit and validate, before any hook: replaced at the source, so that no
@@ -874,6 +910,8 @@ def train(
     Raises:
         FileExistsError: ``resume="never"`` into a folder holding a run's checkpoints.
         TrainingInterrupted: SIGTERM arrived; ``last.ckpt`` holds the state to resume from.
+        RunInProgressError: another process is training into ``train.output_dir`` (its run lock,
+            ``.reinseg-run.lock``, is held until the run returns).
 
     Everything (configuration, checkpoint, data) is checked before anything is written. A run
     that had already reached ``train.max_iters`` is not trained further (``already_finished``
@@ -890,12 +928,14 @@ def train(
     if overwrite and resume != "never":
         # Deleting a run is never implied: with resume="auto" it would be continued instead.
         raise ValueError("--overwrite (overwrite=True) deletes an earlier run only for a new one: add --resume never")
+    if rank_zero_only.rank == 0:
+        refuse_running_run(out)  # at once, not after the checks below (the lock is taken later)
     ckpt_path = _checkpoint_to_resume(resume, checkpoints, overwrite)
     task = SegmentationTask(config)
     step, epoch, missed = 0, 0, False
     if ckpt_path is not None:
         # Refuse another model's checkpoint before writing anything (config.yaml, logs).
-        payload = _read_checkpoint(ckpt_path)
+        payload = _read_checkpoint(ckpt_path, verify=resume != "auto")  # auto's choice was verified
         task.check_resumable(payload, f"checkpoint {ckpt_path}")
         step, epoch = int(payload.get("global_step", 0)), int(payload.get("epoch", 0))
         del payload
@@ -911,40 +951,38 @@ def train(
     task.train_set()
     if config.data.val:
         task.val_sets()
-    # Rank 0 (as the launcher's environment says): before the trainer, so a bad output folder fails first.
-    if rank_zero_only.rank == 0:
-        from .config import dump_config
+    with contextlib.ExitStack() as held:
+        # Rank 0 (as the launcher's environment says): the run lock, config.yaml and stale
+        # temporaries before the trainer, so a bad output folder fails first. The lock is held
+        # until the run returns (the other ranks run inside it).
+        if rank_zero_only.rank == 0:
+            held.enter_context(run_lock(out))
+            _start_run_folder(config, clear=resume == "never" and overwrite)
+        trainer = build_trainer(config, callbacks)
+        if ckpt_path:
+            log.info("resuming from %s (iteration %d)", ckpt_path, step)
 
-        if resume == "never" and overwrite:
-            _clear_run(out)
-        for folder in (out, checkpoints, out / "metrics", out / "csv"):
-            remove_stale_temporaries(folder)
-        atomic_write_bytes(out / "config.yaml", dump_config(config).encode())
-    trainer = build_trainer(config, callbacks)
-    if ckpt_path:
-        log.info("resuming from %s (iteration %d)", ckpt_path, step)
+        def stopped():
+            if task.already_finished is not None or trainer.state.fn != "fit":
+                n = trainer.global_step or step  # validate_missed_step's trainer has not restored the step
+                return f"SIGTERM during the validation of iteration {n}: run the same command to continue"
+            return (
+                f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
+                "run the same command to resume"
+            )
 
-    def stopped():
-        if task.already_finished is not None or trainer.state.fn != "fit":
-            n = trainer.global_step or step  # validate_missed_step's trainer has not restored the step
-            return f"SIGTERM during the validation of iteration {n}: run the same command to continue"
-        return (
-            f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
-            "run the same command to resume"
-        )
-
-    with _on_sigterm(stopped):
-        if missed:
-            validate_missed_step(trainer, task, ckpt_path, step, epoch)
-            _stop_if_signalled(trainer, stopped)
-        if task.already_finished is not None:
-            return task
-        trainer.fit(task, datamodule=task.data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
-        last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
-        if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
-            trainer.validate(task, datamodule=task.data, verbose=False)
-            _stop_if_signalled(trainer, stopped)
-    return task
+        with _on_sigterm(stopped):
+            if missed:
+                validate_missed_step(trainer, task, ckpt_path, step, epoch)
+                _stop_if_signalled(trainer, stopped)
+            if task.already_finished is not None:
+                return task
+            trainer.fit(task, datamodule=task.data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+            last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
+            if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
+                trainer.validate(task, datamodule=task.data, verbose=False)
+                _stop_if_signalled(trainer, stopped)
+        return task
 
 
 # Lightning's fp32 and mixed precisions and their short aliases (lightning.fabric.connector), and
@@ -956,7 +994,7 @@ PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "32", "16", "bf16")
 def check_run_options(config: Config, segmentor: Segmentor | None = None) -> None:
     """Refuse what Lightning or the first training step would refuse later, naming the key: an
     unknown precision, a GPU that is not there, and with the ``segmentor`` to train, a training
-    crop off its ViT's patch grid."""
+    crop off its ViT's patch grid or under two patches, and its test windows."""
     from .backbones import ReinBackbone
 
     tc = config.train
@@ -966,10 +1004,32 @@ def check_run_options(config: Config, segmentor: Segmentor | None = None) -> Non
             raise ConfigError(
                 f"data.crop_size={config.data.crop_size} is not a multiple of the backbone's patch size {ph}"
             )
+        if config.data.crop_size < 2 * max(ph, pw):
+            # The head takes the ViT's map at half its size too: one patch gives none there.
+            raise ConfigError(f"data.crop_size={config.data.crop_size} must be at least two patches ({2 * ph})")
+    if segmentor is not None:  # model.test's windows, refused now rather than at the first validation
+        segmentor._check_inference_settings(segmentor.test_mode, segmentor.crop_size, segmentor.stride)
+        _check_square_even_grids(config, segmentor)
     if str(tc.precision) not in PRECISIONS:
         raise ConfigError(f"train.precision={tc.precision!r} is not one of {', '.join(PRECISIONS)}")
     if tc.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.accelerator={tc.accelerator}: PyTorch sees no CUDA GPU here (use auto or cpu)")
+
+
+def _check_square_even_grids(config: Config, segmentor: Segmentor) -> None:
+    """FADA's Haar split takes square patch grids of an even side only: its training crop and its
+    test windows must give them (whole-image inference would give the images' own grids)."""
+    if not getattr(segmentor.backbone.rein, "square_even_grid", False):
+        return
+    patch = segmentor.backbone.patch_size[0]
+    need = f"model.tuning={config.model.tuning} needs square patch grids with an even side"
+    if (config.data.crop_size // patch) % 2:
+        raise ConfigError(f"{need}: data.crop_size={config.data.crop_size} is {config.data.crop_size // patch} patches")
+    if segmentor.test_mode != "slide":
+        raise ConfigError(f"{need}: set model.test.mode=slide (whole images give their own grids)")
+    h, w = segmentor.crop_size
+    if h != w or (h // patch) % 2:
+        raise ConfigError(f"{need}: model.test.crop_size {h}x{w} is {h // patch}x{w // patch} patches")
 
 
 def _run_guard(trainer: L.Trainer) -> _RunGuard:
@@ -986,7 +1046,14 @@ def _stop_if_signalled(trainer: L.Trainer, message) -> None:
 def _checkpoint_to_resume(resume: str, checkpoints: Path, overwrite: bool) -> Path | None:
     """The checkpoint :func:`train`'s ``resume`` names, None for a new run."""
     if resume == "auto":
-        return latest_checkpoint(checkpoints)
+        found = latest_checkpoint(checkpoints)
+        if found is None and checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")):
+            # Starting afresh would write over the earlier run's checkpoints, logs and results.
+            raise ValueError(
+                f"no checkpoint in {checkpoints} reads back whole (warnings above): resume from one with "
+                "--resume PATH, or start afresh with --resume never --overwrite"
+            )
+        return found
     if resume == "never":
         existing = sorted(p.name for p in checkpoints.glob("*.ckpt")) if checkpoints.is_dir() else []
         if existing and not overwrite:
@@ -1037,28 +1104,32 @@ def validate_missed_step(trainer: L.Trainer, task: SegmentationTask, ckpt_path: 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
     """The checkpoint of ``folder`` (``last.ckpt``, ``iter_*.ckpt``) at the highest step that
-    reads back: a kill between writing ``iter_N.ckpt`` and ``last.ckpt`` loses nothing."""
+    reads back whole (every record matches its CRC): a kill between writing ``iter_N.ckpt`` and
+    ``last.ckpt``, or a damaged file, loses nothing that another checkpoint holds."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    best, best_step = None, -1
+    steps = []
     # last.ckpt first: at equal steps it is the one taken.
-    for path in sorted(folder.glob("*.ckpt"), key=lambda p: p.name != "last.ckpt"):
+    for order, path in enumerate(sorted(folder.glob("*.ckpt"), key=lambda p: p.name != "last.ckpt")):
         try:
-            step = int(_read_checkpoint(path).get("global_step", -1))
+            steps.append((-int(_read_checkpoint(path).get("global_step", -1)), order, path))
         except UnsafeFileError:
             raise  # not damaged but hostile: refused, never passed over
         except Exception as err:  # a damaged file is passed over, not fatal
             log.warning("passing over %s, which does not read back: %s", path, err)
-            continue
-        if step > best_step:
-            best, best_step = path, step
-    return best
+    for _, _, path in sorted(steps):
+        damaged = damaged_record(path)  # only as far as the first intact one: each read is whole
+        if damaged is None:
+            return path
+        log.warning("passing over %s: %s", path, damaged)
+    return None
 
 
-def _read_checkpoint(path: Path) -> dict:
-    """A training checkpoint, memory-mapped (only what is touched is read)."""
-    return load_torch_file(path, what="checkpoint", mmap=True)
+def _read_checkpoint(path: Path, verify: bool = False) -> dict:
+    """A training checkpoint, memory-mapped (only what is touched is read); ``verify``: every
+    record checked against its CRC first."""
+    return load_torch_file(path, what="checkpoint", mmap=True, verify=verify)
 
 
 # The folders a run writes into its output_dir (besides config.yaml).
@@ -1071,6 +1142,43 @@ def _check_run_folders(out: Path) -> None:
     for name in RUN_FOLDERS:
         if (out / name).exists() and not (out / name).is_dir():
             raise ValueError(f"train.output_dir {out}: {name} is a file, where the run writes its {name} folder")
+
+
+def _start_run_folder(config: Config, clear: bool) -> None:
+    """Rank 0, holding the run lock: the earlier run deleted (``clear``), temporaries of killed
+    writes removed, the run's ``config.yaml`` written."""
+    from .config import dump_config
+
+    out = Path(config.train.output_dir)
+    if clear:
+        _clear_run(out)
+    for folder in (out, out / "checkpoints", out / "metrics", out / "csv"):
+        remove_stale_temporaries(folder)
+    atomic_write_bytes(out / "config.yaml", dump_config(config).encode())
+    _check_writable_run(out)
+
+
+def _check_writable_run(out: Path) -> None:
+    """Write into each of the run's folders now: one the run cannot write to (its permissions, a
+    link to nowhere) is otherwise found at the first checkpoint or validation, hours in."""
+    import tempfile
+
+    for name in RUN_FOLDERS:
+        folder = out / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            log_file = folder / "metrics.csv"
+            if name == "csv" and log_file.exists():
+                with open(log_file, "ab"):
+                    pass
+        except OSError as err:
+            reason = f"the run cannot write there ({err.strerror})"
+            raise OSError(err.errno, reason, str(err.filename or folder)) from err
+    for checkpoint in (out / "checkpoints").glob("*.ckpt"):
+        if checkpoint.is_dir():
+            raise IsADirectoryError(21, "a folder where the run writes a checkpoint", str(checkpoint))
 
 
 def _clear_run(out: Path) -> None:

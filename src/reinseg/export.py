@@ -186,7 +186,8 @@ def export_onnx(
 
     Args:
         size: the input ``(H, W)``, multiples of the patch size (default: the backbone's
-            ``img_size``, square). With ``dynamic``, the size traced at and checked first.
+            ``img_size``: a ViT's as built, a CNN's ``model.backbone.img_size``). With
+            ``dynamic``, the size traced at and checked first.
         dynamic: batch, H and W are free in the graph (checked at a second, other size too).
         fold: precompute what depends on Rein's tokens alone (:class:`FoldedRein`).
         check: compare onnxruntime's logits with PyTorch's before writing (needs onnxruntime).
@@ -202,15 +203,18 @@ def export_onnx(
     output = Path(output)
     if output.is_dir():
         raise IsADirectoryError(21, "Is a directory", str(output))
-    segmentor, _ = segmentor_from_checkpoint(checkpoint, backbone=backbone)
+    segmentor, payload = segmentor_from_checkpoint(checkpoint, backbone=backbone)
     segmentor = segmentor.cpu().eval()
     family = segmentor.backbone.family
     if not getattr(family, "onnx_exportable", True):
         raise ValueError(f"{checkpoint}: ONNX export of {family.name} backbones is not supported (torch's exporter)")
     patch = segmentor.backbone.patch_size
     if size is None:
-        img_size = getattr(getattr(segmentor.backbone.vit, "patch_embed", None), "img_size", None) or (512, 512)
-        size = tuple(img_size)
+        # A ViT's grid as built; a CNN's, which has none, from its configuration.
+        img_size = getattr(getattr(segmentor.backbone.vit, "patch_embed", None), "img_size", None)
+        if img_size is None:
+            img_size = ((payload["config"].get("model") or {}).get("backbone") or {}).get("img_size", 512)
+        size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
     size = tuple(int(s) for s in size)
     if len(size) != 2 or size[0] < patch[0] or size[1] < patch[1] or size[0] % patch[0] or size[1] % patch[1]:
         raise ValueError(

@@ -109,6 +109,7 @@ class Fada(Rein):
     """
 
     refines_rows_alone = False  # its transform reads the patch rows alone as an h x w map
+    square_even_grid = True  # its Haar split takes square patch grids with an even side only
 
     def __init__(
         self, num_layers: int, embed_dims: int, patch_size: int, *, learn_wavelet: bool = True, **rein

@@ -147,10 +147,10 @@ def padded_scores(
 ) -> torch.Tensor:
     """``segmentor.predict`` of normalized ``(B, 3, h, w)`` images of any size; the scores
     ``(B, C, h, w)`` of the images themselves. A side is padded with zeros (the mean colour after
-    normalization) where the model needs it: to a multiple of the patch size in ``whole`` mode,
-    and in sliding-window mode only where it is shorter than the crop, to the patch grid (every
-    window of a longer side is a whole crop inside the image, and a shorter side is one smaller
-    window: mmseg's ``slide_inference``)."""
+    normalization) where the model needs it: to a multiple of the patch size (at least two patches)
+    in ``whole`` mode, and in sliding-window mode only where it is shorter than the crop, to the
+    patch grid (every window of a longer side is a whole crop inside the image, and a shorter side
+    is one smaller window: mmseg's ``slide_inference``)."""
     h, w = images.shape[-2:]
     patch = segmentor.backbone.input_multiple  # a ViT's patch; 1 for a CNN, which takes any size
     slide = (mode or segmentor.test_mode) == "slide"
@@ -159,7 +159,9 @@ def padded_scores(
     def padded_side(size: int, patch_side: int, crop_side: int) -> int:
         if slide and size >= crop_side:
             return size
-        return -(-size // patch_side) * patch_side
+        # At least two patches: the head takes the ViT's map at half its size too (one patch would
+        # give none there; the official code fails on such an image).
+        return max(-(-size // patch_side), 2 if patch_side > 1 else 1) * patch_side
 
     target_h, target_w = (padded_side(size, p, c) for size, p, c in zip((h, w), patch, crop, strict=True))
     padded = F.pad(images, (0, target_w - w, 0, target_h - h))
@@ -234,7 +236,7 @@ def predict_files(
     output: str,
     scale: Sequence[int] | None | str = "checkpoint",
     mode: str | None = None,
-    flip: bool = False,
+    flip: bool | None = None,
     device: str | None = None,
     progress: bool = True,
     backbone: str | None = None,
@@ -245,6 +247,8 @@ def predict_files(
     own size, or "checkpoint" (default) for the scale the checkpoint was evaluated at
     (:func:`checkpoint_scale`). Photos are turned upright as their EXIF orientation says, and the
     outputs have the upright size. ``progress`` shows a bar (on stderr) over the images.
+    ``flip``: average with the mirrored image (True), never (False), or as the checkpoint's
+    ``model.test.flip`` says (None, the default).
     ``backbone``: the VFM weight file, instead of the one the checkpoint references.
     """
     from tqdm import tqdm
@@ -258,7 +262,7 @@ def predict_files(
     written = []
     for path in tqdm(paths, desc="predict", unit="image", disable=not progress or len(paths) < 2):
         image = read_photo(path)
-        train_ids = segment_image(segmentor, image, scale, mode, flip or None)
+        train_ids = segment_image(segmentor, image, scale, mode, flip)
         for suffix, array in (("_labelTrainIds.png", train_ids), ("_overlay.png", overlay(image, train_ids, classes))):
             target = out / f"{path.stem}{suffix}"
             write_png(target, array, sync=True)

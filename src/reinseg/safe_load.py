@@ -91,13 +91,26 @@ FRAMEWORK_GLOBALS: tuple[str, ...] = (
 _RECORD_CLASSES = [(type(name.rsplit(".", 1)[1], (FrameworkRecord,), {}), name) for name in FRAMEWORK_GLOBALS]
 
 
-def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) -> Any:
+def damaged_record(path: str | Path) -> str | None:
+    """What is damaged in the zip file ``path`` (a record whose bytes do not match its CRC, or
+    that cannot be read), None when every record is intact."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"it is damaged ({_first_line(err)})"
+    return None if bad is None else f"its record {bad} is damaged (its bytes do not match its CRC)"
+
+
+def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False, verify: bool = False) -> Any:
     """Read a PyTorch file without running anything it holds.
 
     Args:
         path: a ``torch.save`` file (zip or legacy format) or a TorchScript archive.
         what: what the file should be, for error messages (``"checkpoint"``, ``"weight file"``).
         mmap: memory-map the tensors (zip files): only what is touched is read.
+        verify: check every record of a zip file against its CRC first (torch does not: bytes
+            damaged inside a tensor load as other numbers). Reads the whole file.
     Returns:
         The unpickled object; framework records in it are :class:`FrameworkRecord` instances.
         From a TorchScript archive: ``{name: tensor}`` of its modules' tensors.
@@ -114,6 +127,10 @@ def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False) ->
     is_zip = zipfile.is_zipfile(path)
     if is_zip:
         _refuse_compressed_entries(path, what)
+        if verify:
+            damaged = damaged_record(path)
+            if damaged is not None:
+                raise ValueError(f"could not read {what} {path}: {damaged}")
     if is_zip and _is_torchscript(path):
         return _read_torchscript(path)
     with open(path, "rb") as file:

@@ -194,7 +194,7 @@ def predict_video(
     output: str | Path,
     scale="checkpoint",
     mode: str | None = None,
-    flip: bool = False,
+    flip: bool | None = None,
     device: str | None = None,
     batch: int = 8,
     frames: bool = False,
@@ -237,7 +237,7 @@ def predict_video(
             try:
                 for chunk in _batches(read_timed_frames(video), batch):
                     images = [image for image, _ in chunk]
-                    predicted = segment_images(segmentor, images, scale, mode, flip or None)
+                    predicted = segment_images(segmentor, images, scale, mode, flip)
                     for (image, time), train_ids in zip(chunk, predicted, strict=True):
                         count += 1
                         colored = overlay(image, train_ids, classes)

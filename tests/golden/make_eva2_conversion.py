@@ -1,6 +1,6 @@
 """Write tests/data/eva2_conversion_tiny.pt: the official conversion of EVA02 weights to 512 px.
 
-Run in the official environment (see ../shared/golden/README.md):
+Run in the official environment (see tests/data/README.md):
 
     OMP_NUM_THREADS=1 /work/official-venv/bin/python tests/golden/make_eva2_conversion.py /work/official
 

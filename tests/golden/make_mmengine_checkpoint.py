@@ -1,7 +1,7 @@
 """Write tests/data/mmengine_runner_tiny.pth (and its weights alone, ..._weights.pt): a checkpoint
 as mmengine's Runner.save_checkpoint writes it.
 
-Run in the official environment (mmengine installed; see ../shared/golden/README.md):
+Run in the official environment (mmengine installed; see tests/data/README.md):
 
     /path/to/official-venv/bin/python tests/golden/make_mmengine_checkpoint.py
 

@@ -1,6 +1,6 @@
 """Write tests/data/official_cnn_segmentor_tiny.pt: the official segmentor with a Rein CNN backbone.
 
-Run in the official environment (mmseg 1.2, mmdet 3.3, mmpretrain; see ../shared/golden/README.md)
+Run in the official environment (mmseg 1.2, mmdet 3.3, mmpretrain; see tests/data/README.md)
 with the official repository on the path:
 
     OMP_NUM_THREADS=1 /work/official-venv/bin/python tests/golden/make_reins_cnn_segmentor.py /work/official

@@ -1,6 +1,6 @@
 """Write tests/data/reins_eva2_tiny.pt: the official ReinsEVA2 (EVA02 + Rein after every block).
 
-Run in the official environment (see ../shared/golden/README.md):
+Run in the official environment (see tests/data/README.md):
 
     OMP_NUM_THREADS=1 /work/official-venv/bin/python tests/golden/make_reins_eva2.py /work/official
 

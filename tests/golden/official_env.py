@@ -1,4 +1,4 @@
-"""Import the official Rein code in the official environment (see ../shared/golden/README.md).
+"""Import the official Rein code in the official environment (see tests/data/README.md).
 
 ``import official_env`` (from a script in this folder) puts the official repository on the path
 (the script's first argument, default /work/official), stands in for what this CPU environment

@@ -20,6 +20,8 @@ Relative roots are relative to the working directory, as in the official configs
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,8 @@ from .datasets import Problem, SegmentationDataset, inspect_pair
 from .entries import DatasetEntry, parse_entries
 from .layouts import ACDC_CONDITIONS, dataset_info
 from .parallel import parallel_map
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DatasetReport", "check_dataset", "check", "detect_dataset", "config_entries", "config_dataset_entries"]
 
@@ -139,6 +143,10 @@ def check_dataset(
     return report
 
 
+class OwnDatasetLayout(ValueError):
+    """A root in the layout of a custom dataset, which needs its classes to be read."""
+
+
 def detect_dataset(root) -> str:
     """The dataset whose layout ``root`` has; ValueError listing what was looked for otherwise."""
     root = Path(root)
@@ -154,6 +162,12 @@ def detect_dataset(root) -> str:
     ]
     for name, folders in markers:
         if all((root / folder).is_dir() for folder in folders):
+            if name == "gtav" and not _holds_a_file(root / "images"):
+                # GTAV keeps its frames directly in images/; your own dataset has split folders there.
+                raise OwnDatasetLayout(
+                    f"{root} has the layout of your own dataset (images/<split>/, labels/<split>/), not "
+                    "GTAV's: check it with --dataset custom --split SPLIT and its classes (docs/datasets.md)"
+                )
             return name
     # The synthetic benchmark's domains are Cityscapes layouts of one city, "synth" (a folder of
     # dataset roots, data/ holding cityscapes/, is not one).
@@ -164,6 +178,11 @@ def detect_dataset(root) -> str:
         f"cannot tell which dataset {root} holds (looked for {looked_for}; "
         f"synthetic: <domain>/leftImg8bit); name it with --dataset"
     )
+
+
+def _holds_a_file(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(entry.is_file() for entry in entries)
 
 
 _SPLIT_FOLDERS = ("train", "val", "test", "training", "validation", "testing")
@@ -181,6 +200,9 @@ def dataset_roots_below(folder: Path) -> list[Path]:
     for child in sorted(p for p in folder.iterdir() if p.is_dir()):
         try:
             detect_dataset(child)
+        except OwnDatasetLayout as err:  # not checkable without its classes: say so
+            log.warning("skipping %s", err)
+            continue
         except ValueError:
             continue
         if child.name.lower() in _SPLIT_FOLDERS:  # a split of one dataset (custom, Mapillary), not a root

@@ -274,7 +274,7 @@ class ClassList:
 
     def __post_init__(self):
         names = self.names
-        if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"{self.what}: a list of one or more class names, got {names!r}")
         if len(set(names)) != len(names):
             raise ValueError(f"{self.what}: class names repeat: {sorted({n for n in names if names.count(n) > 1})}")

@@ -13,6 +13,7 @@ configs of the training crop), ``label`` (the domain's name in results, default 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from .layouts import dataset_classes, eval_scale
@@ -61,6 +62,11 @@ class DatasetEntry:
         for key in ("name", "root"):
             if key not in entry:
                 raise ValueError(f"{where}: dataset entry {entry} lacks '{key}' (each needs a name and a root)")
+        for key in ("name", "root", "split") + (("label",) if evaluation else ()):
+            value = entry.get(key)
+            required = key in ("name", "root")
+            if (value is not None or required) and not (isinstance(value, (str, PurePath)) and str(value)):
+                raise ValueError(f"{where}: {key} must be a non-empty string, got {value!r}")
         own = EVAL_ENTRY_KEYS if evaluation else ()
         scale = entry.get("scale") if evaluation else None
         corruptions, severities, corruption_seed = _corruption_keys(entry, where) if evaluation else ((), (), 0)

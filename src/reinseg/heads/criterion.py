@@ -209,7 +209,10 @@ class HungarianMatcher:
         device = costs[0].device
         flat = torch.cat([cost.flatten() for cost in costs]).cpu().numpy()
         if not np.isfinite(flat).all():
-            raise FloatingPointError("the matching cost is not finite: the predictions hold NaN or Inf")
+            raise FloatingPointError(
+                "the matching cost is not finite: the predictions hold NaN or Inf (in training: it diverged; "
+                "a lower train.lr, a train.grad_clip or fp32 precision may keep it finite)"
+            )
         pairs, start = [], 0
         for cost in costs:
             num_queries, num_segments = cost.shape
