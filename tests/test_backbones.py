@@ -273,3 +273,7 @@ def test_a_cnns_timm_kwargs_timm_refuses_are_named():
     config.backbone.timm_kwargs = config.backbone.timm_kwargs | dict(layer=[1, 1, 1, 1])
     with pytest.raises(ValueError, match=r"timm_kwargs \(.*layer=\[1, 1, 1, 1\]\): timm cannot build resnet50_v1c"):
         build_segmentor(config)
+    config = tiny_cnn_config()
+    config.backbone.timm_kwargs = config.backbone.timm_kwargs | dict(num_classes=3)
+    with pytest.raises(ValueError, match=r"timm_kwargs: reinseg sets num_classes for resnet50_v1c itself"):
+        build_segmentor(config)

@@ -302,3 +302,26 @@ def test_atomic_write_names_the_file_and_writes_through_a_link(tmp_path):
     link.symlink_to(tmp_path / "shared" / "latest.json")
     atomic_write(link, lambda f: f.write(b"new"))
     assert link.is_symlink() and (tmp_path / "shared" / "latest.json").read_bytes() == b"new"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked children")
+def test_a_forked_child_such_as_a_data_worker_does_not_keep_the_run_lock(tmp_path):
+    """flock belongs to the open file, which a fork shares: a lingering data worker kept the
+    lock after its run had ended."""
+    import signal
+
+    from reinseg.checkpoints import refuse_running_run, run_lock
+
+    started, ready = os.pipe()
+    with run_lock(tmp_path):
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child only sleeps until killed
+            os.write(ready, b"1")  # the fork's handlers have run
+            signal.pause()
+            os._exit(0)
+    assert os.read(started, 1) == b"1"
+    try:
+        refuse_running_run(tmp_path)  # the child still runs, and holds no lock
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

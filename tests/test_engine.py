@@ -519,7 +519,7 @@ def test_a_run_holds_its_folder_and_a_second_run_there_is_refused_before_writing
     config = tiny_config(tmp_path, max_iters=1, checkpoint_interval=1)
     config.data.val = []
     train(config, callbacks=[SecondRun()])
-    assert SecondRun.refused is not None and str(os.getpid()) in SecondRun.refused
+    assert SecondRun.refused is not None and "another reinseg run (this process)" in SecondRun.refused
     train(config)  # the lock went with the first run: the finished run is found, not refused
 
     second = tiny_config(tmp_path, output_dir=str(tmp_path / "second"))
@@ -660,7 +660,7 @@ def test_a_run_folder_the_run_cannot_write_to_is_found_before_training(tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "csv", "metrics", "tensorboard"]
     (out / "metrics").rmdir()
     (out / "metrics").symlink_to(tmp_path / "nowhere" / "metrics")  # a link to a folder that is gone
-    with pytest.raises(OSError, match="the run cannot write there"):
+    with pytest.raises(OSError, match="cannot write there"):
         _check_writable_run(out)
     (out / "metrics").unlink()
     (out / "checkpoints" / "last.ckpt").mkdir()
@@ -675,6 +675,39 @@ def test_a_run_folder_the_run_cannot_write_to_is_found_before_training(tmp_path,
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
-    with pytest.raises(OSError, match=r"the run cannot write there \(Permission denied\)") as refused:
+    with pytest.raises(OSError, match=r"cannot write there \(Permission denied\)") as refused:
         _check_writable_run(out)
     assert refused.value.filename == str(out / "checkpoints")
+
+
+FAILING_VALIDATION_RUN = """
+import sys
+from reinseg import engine
+from reinseg.cli import main
+
+def fail(self, *args, **kwargs):
+    raise OSError(28, "No space left on device", "metrics")
+
+engine.SegmentationTask.validation_step = fail
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_with_data_workers_exits_after_a_failed_validation(tmp_path):
+    """The workers ignore SIGTERM (a group signal must reach the main process alone), and
+    multiprocessing ends daemonic children at exit with SIGTERM, then waits: the process hung
+    after printing its error."""
+    config = tiny_config(tmp_path, max_iters=4, val_interval=2, checkpoint_interval=4)
+    config.data.num_workers = 1
+    (tmp_path / "config.yaml").write_text(dump_config(config))
+    ended = subprocess.run(
+        [sys.executable, "-c", FAILING_VALIDATION_RUN, str(tmp_path / "config.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ended.returncode == 2, ended.stderr[-2000:]
+    assert "reinseg train: error: No space left on device: metrics" in ended.stderr
+    kept = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert kept["global_step"] == 2  # saved before the validation's error

@@ -311,7 +311,7 @@ def test_an_unwritable_results_path_is_named_by_its_option(run, capsys):
     blocker.write_text("")
     checkpoint = str(out / "checkpoints" / "last.ckpt")
     assert main(["eval", str(config_file), checkpoint, "--json", str(blocker / "x.json")]) == 2
-    assert f"--json {blocker}: cannot write there: Not a directory" in capsys.readouterr().err
+    assert f"--json {blocker}: cannot write there (Not a directory)" in capsys.readouterr().err
     assert main(["eval", str(config_file), checkpoint, "--json", str(out)]) == 2
     assert f"--json {out}: is a folder, not a file" in capsys.readouterr().err
 

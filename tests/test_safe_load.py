@@ -650,3 +650,19 @@ def test_globals_torch_adds_process_wide_are_refused_too(tmp_path, target):
     with pytest.raises(UnsafeFileError, match=target):
         load_torch_file(tmp_path / "file.pth")
     assert len(torch.serialization.get_safe_globals()) == registered  # put back after the read
+
+
+def test_a_file_saved_without_crcs_is_read_not_called_damaged(tmp_path):
+    """torch.serialization.set_crc32_options(False) (faster saves) writes CRC 0 everywhere."""
+    import torch
+
+    from reinseg.safe_load import damaged_record, load_torch_file
+
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.arange(1000.0)}, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    assert damaged_record(tmp_path / "nocrc.pt") is None
+    assert torch.equal(load_torch_file(tmp_path / "nocrc.pt", verify=True)["w"], torch.arange(1000.0))

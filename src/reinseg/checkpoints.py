@@ -125,6 +125,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def probe_writable_folder(folder: str | Path) -> None:
+    """Create ``folder`` and write a file in it (then removed): an OSError naming ``folder`` when
+    that fails (a file or a link to nowhere in its place, its permissions, a read-only disk)."""
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        # Named by the folder, not by the temporary file, which would mean nothing to the user.
+        raise OSError(err.errno, f"cannot write there ({err.strerror or err})", str(folder)) from err
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda f: f.write(data))
@@ -180,7 +195,25 @@ def _holder(lock_file: Path) -> str:
         text = lock_file.read_text().strip()
     except OSError:
         text = ""
+    if text.split(" ")[0] == str(os.getpid()):
+        return " (this process)"
     return f" (pid {text})" if text else ""
+
+
+# The run locks this process holds: a forked child (a data worker) closes its copies, or the lock
+# (which belongs to the open file, shared by the fork) would outlive the run in a lingering worker.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 def _try_lock(fd: int) -> bool:
@@ -238,8 +271,10 @@ def run_lock(folder: str | Path):
             raise _running(folder, lock_file)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else 'this host'}\n".encode())
+        _HELD_LOCKS.add(fd)
         yield lock_file
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)
 
 

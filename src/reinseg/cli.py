@@ -404,21 +404,15 @@ def _check_writable_folder(folder: Path, option: str, empty: bool = False) -> No
     """Create ``folder`` and write a file in it, or raise a ValueError naming ``option``; with
     ``empty``, also when it holds anything (another evaluation's files would mix with the new
     ones, and score as one)."""
-    import tempfile
-
+    from .checkpoints import probe_writable_folder
     from .examples import BROWSER_FILES
 
     if empty and folder.is_dir() and any(entry.name not in BROWSER_FILES for entry in folder.iterdir()):
         raise ValueError(f"{option} {folder} is not empty: choose a new folder or empty it")
     try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(20, "Not a directory", str(folder))
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        probe_writable_folder(folder)
     except OSError as err:
-        # (not the temporary file's name, which would mean nothing to the user)
-        raise ValueError(f"{option} {folder}: cannot write there: {err.strerror or err}") from None
+        raise ValueError(f"{option} {folder}: {err.strerror}") from None
 
 
 def _check_writable_file(path: Path, option: str) -> None:

@@ -199,7 +199,13 @@ def build_cnn_backbone(
     """:func:`reinseg.build_backbone` for a CNN zoo entry (its arguments, checked there)."""
     if patch_size is not None:
         raise ValueError(f"{name} is a CNN: patch_size does not apply (set backbone.patch_size to null)")
-    model = create_with_overrides(lambda **kwargs: family.create(spec.arch, **kwargs), name, {}, timm_overrides)
+    model = create_with_overrides(
+        # family.create sets num_classes=0 itself: named here so that an override of it is refused
+        lambda num_classes, **kwargs: family.create(spec.arch, **kwargs),
+        name,
+        {"num_classes": 0},
+        timm_overrides,
+    )
     indices = list(out_indices) if out_indices is not None else list(range(len(family.stages(model))))
     backbone = ReinCNNBackbone(model, family, indices)
     if rein is not None:

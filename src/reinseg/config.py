@@ -569,10 +569,9 @@ def _check_levers(train: TrainConfig) -> None:
     if train.frozen_dtype not in FROZEN_DTYPES:
         raise ConfigError(f"train.frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {train.frozen_dtype!r}")
     from .heads.deformable_attention import KERNELS
-    from .optim import TF32_MODES
+    from .optim import check_tf32_mode
 
-    if train.tf32 not in TF32_MODES:
-        raise ConfigError(f"train.tf32 must be one of {', '.join(TF32_MODES)}, got {train.tf32!r}")
+    check_tf32_mode(train.tf32)
     if train.deformable_kernel not in KERNELS:
         raise ConfigError(
             f"train.deformable_kernel must be one of {', '.join(KERNELS)}, got {train.deformable_kernel!r}"

@@ -13,6 +13,7 @@ their classes, all from a configuration's ``data`` section.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -202,6 +203,22 @@ def worker_started(worker_id: int) -> None:
         pl_worker_init_function(worker_id)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_deaf_workers() -> None:
+    """At the interpreter's exit multiprocessing ends its daemonic children with SIGTERM and then
+    waits for them: data workers ignore SIGTERM (:func:`worker_started`), so a process whose
+    DataLoader was not shut down (an error during a validation) waited for ever. They are
+    killed first (the exit would end them anyway)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+# Registered after multiprocessing's own exit handler (imported with torch): it runs first.
+atexit.register(_kill_deaf_workers)
 
 
 def _raw_image(image, label=None, rng=None):

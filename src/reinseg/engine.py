@@ -48,6 +48,7 @@ from .checkpoints import (
     check_vfm_weights,
     checkpoint_state_dict,
     config_for_checkpoint,
+    probe_writable_folder,
     refuse_running_run,
     remove_stale_temporaries,
     run_lock,
@@ -543,19 +544,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _drop_partial_last_line(path: Path) -> None:
     """Cut a last line without its newline (an append a kill or a full disk stopped midway): the
-    next append would join it to its own row."""
+    next append would join it to its own row. (A run's log is small: read whole.)"""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
     with open(path, "r+b") as file:
-        size = file.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        file.seek(size - 1)
-        if file.read(1) == b"\n":
-            return
-        tail = max(0, size - (1 << 20))  # rows are short; a megabyte holds the last newline
-        file.seek(tail)
-        end = file.read().rfind(b"\n")
-        file.truncate(tail + end + 1 if end >= 0 else 0)
-        log.warning("%s ended in a partial row (an interrupted write): removed", path)
+        file.truncate(data.rfind(b"\n") + 1)  # 0 where even the header is partial: written again
+    log.warning("%s ended in a partial row (an interrupted write): removed", path)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -683,7 +678,16 @@ class _RunGuard(L.Callback):
         elif trainer.state.fn == "fit" and trainer.validating:
             # An error in a validation (a file, the disk) comes after a whole step: the training
             # since the last checkpoint is kept, and the resume redoes this validation.
-            self._save(trainer)
+            try:
+                self._save(trainer)
+            except Exception as err:  # the validation's error is the one to report (and a full disk fails both)
+                log.warning(
+                    "the validation of iteration %d failed, and so did saving %s: %s",
+                    trainer.global_step,
+                    self.last,
+                    err,
+                )
+                return
             if self._saved_step == trainer.global_step:
                 log.warning("the validation of iteration %d failed: saved %s first", trainer.global_step, self.last)
 
@@ -928,7 +932,7 @@ def train(
     if overwrite and resume != "never":
         # Deleting a run is never implied: with resume="auto" it would be continued instead.
         raise ValueError("--overwrite (overwrite=True) deletes an earlier run only for a new one: add --resume never")
-    if rank_zero_only.rank == 0:
+    if _first_process():
         refuse_running_run(out)  # at once, not after the checks below (the lock is taken later)
     ckpt_path = _checkpoint_to_resume(resume, checkpoints, overwrite)
     task = SegmentationTask(config)
@@ -955,7 +959,7 @@ def train(
         # Rank 0 (as the launcher's environment says): the run lock, config.yaml and stale
         # temporaries before the trainer, so a bad output folder fails first. The lock is held
         # until the run returns (the other ranks run inside it).
-        if rank_zero_only.rank == 0:
+        if _first_process():
             held.enter_context(run_lock(out))
             _start_run_folder(config, clear=resume == "never" and overwrite)
         trainer = build_trainer(config, callbacks)
@@ -1144,6 +1148,12 @@ def _check_run_folders(out: Path) -> None:
             raise ValueError(f"train.output_dir {out}: {name} is a file, where the run writes its {name} folder")
 
 
+def _first_process() -> bool:
+    """Global rank 0 as the launcher's environment says, on the first node: a multi-node run
+    started by hand on each node (Lightning's ``NODE_RANK``) sets no rank before ``fit``."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
 def _start_run_folder(config: Config, clear: bool) -> None:
     """Rank 0, holding the run lock: the earlier run deleted (``clear``), temporaries of killed
     writes removed, the run's ``config.yaml`` written."""
@@ -1161,21 +1171,12 @@ def _start_run_folder(config: Config, clear: bool) -> None:
 def _check_writable_run(out: Path) -> None:
     """Write into each of the run's folders now: one the run cannot write to (its permissions, a
     link to nowhere) is otherwise found at the first checkpoint or validation, hours in."""
-    import tempfile
-
     for name in RUN_FOLDERS:
-        folder = out / name
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-            log_file = folder / "metrics.csv"
-            if name == "csv" and log_file.exists():
-                with open(log_file, "ab"):
-                    pass
-        except OSError as err:
-            reason = f"the run cannot write there ({err.strerror})"
-            raise OSError(err.errno, reason, str(err.filename or folder)) from err
+        probe_writable_folder(out / name)
+    log_file = out / "csv" / "metrics.csv"
+    if log_file.exists():
+        with open(log_file, "ab"):  # appended to
+            pass
     for checkpoint in (out / "checkpoints").glob("*.ckpt"):
         if checkpoint.is_dir():
             raise IsADirectoryError(21, "a folder where the run writes a checkpoint", str(checkpoint))

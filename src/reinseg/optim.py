@@ -96,6 +96,12 @@ def lr_factor(
     return (start - min_factor) * (1.0 - progress) ** power + min_factor
 
 
+def check_tf32_mode(mode: str) -> None:
+    """ConfigError naming ``train.tf32`` unless ``mode`` is one of :data:`TF32_MODES`."""
+    if mode not in TF32_MODES:
+        raise ConfigError(f"train.tf32 must be one of {', '.join(TF32_MODES)}, got {mode!r}")
+
+
 def set_tf32(mode: str) -> None:
     """Where fp32 CUDA math may run on TF32 tensor cores (process-wide PyTorch flags).
 
@@ -104,8 +110,7 @@ def set_tf32(mode: str) -> None:
     ``OptimWrapper``; neither mmengine nor the official code touches the flags). ``"all"``: matmuls
     too (faster on Ampere and Hopper GPUs, about 10 mantissa bits). ``"none"``: IEEE fp32 everywhere.
     """
-    if mode not in TF32_MODES:
-        raise ConfigError(f"train.tf32 must be one of {', '.join(TF32_MODES)}, got {mode!r}")
+    check_tf32_mode(mode)
     torch.backends.cuda.matmul.allow_tf32 = mode == "all"
     torch.backends.cudnn.allow_tf32 = mode != "none"
 

@@ -96,10 +96,19 @@ def damaged_record(path: str | Path) -> str | None:
     that cannot be read), None when every record is intact."""
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            for info in archive.infolist():
+                if info.CRC == 0:
+                    # torch.serialization.set_crc32_options(False) writes none: not checkable.
+                    continue
+                try:
+                    with archive.open(info) as record:
+                        while record.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile:
+                    return f"its record {info.filename} is damaged (its bytes do not match its CRC)"
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         return f"it is damaged ({_first_line(err)})"
-    return None if bad is None else f"its record {bad} is damaged (its bytes do not match its CRC)"
+    return None
 
 
 def load_torch_file(path: str | Path, what: str = "file", mmap: bool = False, verify: bool = False) -> Any:
