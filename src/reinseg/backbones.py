@@ -174,6 +174,14 @@ class FrozenBackbone(nn.Module):
         """What the image sides must be multiples of (inference pads them to it): a ViT's patch."""
         return self.patch_size
 
+    @property
+    def smallest_input(self) -> tuple[int, int]:
+        """The shortest image sides the backbone and head take (inference pads up to them): two
+        patches for a ViT, whose map the head also takes at half its size (one patch gives none
+        there; the official code fails on such an image)."""
+        patches = math.ceil(1 / min(VIT_MAP_SCALES))
+        return (patches * self.patch_size[0], patches * self.patch_size[1])
+
     def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(mode)
         if self.freeze_backbone:
@@ -280,7 +288,7 @@ class ReinBackbone(FrozenBackbone):
                 x = family.from_tokens(self.rein(family.to_tokens(x), index), x)
             if index in self.out_indices:
                 maps.append(family.patch_map(x, self.num_prefix_tokens, height // ph, width // pw))
-        out = BackboneMaps(maps, (4, 2, 1, 0.5), self.rein.queries() if self.links_queries else None)
+        out = BackboneMaps(maps, VIT_MAP_SCALES, self.rein.queries() if self.links_queries else None)
         return out.output() if resize else out
 
     def _run_block(self, index: int, block: Any, x: Tensor, block_kwargs: dict[str, Any]) -> Tensor:
@@ -363,6 +371,10 @@ def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"{name} must be a positive int or an (h, w) pair, got {value!r}")
     return pair
+
+
+# A ViT's four maps, all at its patch stride, are resized by these for the head (strides 4-32).
+VIT_MAP_SCALES = (4, 2, 1, 0.5)
 
 
 def create_with_overrides(create, name: str, fixed: dict[str, Any], overrides: dict[str, Any]) -> Any:

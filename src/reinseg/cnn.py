@@ -156,6 +156,11 @@ class ReinCNNBackbone(FrozenBackbone):
         are then a pixel larger or smaller than a quarter, eighth, ... of the image)."""
         return (1, 1)
 
+    @property
+    def smallest_input(self) -> tuple[int, int]:
+        """Any image size runs (strided convolutions give maps of at least one pixel)."""
+        return (1, 1)
+
     def forward(self, images: Tensor, resize: bool = True) -> BackboneOutput | BackboneMaps:
         """The four stage maps (strides 4, 8, 16, 32); ``resize=False``: the same maps as
         :class:`~reinseg.backbones.BackboneMaps` (scales 1)."""

@@ -1008,9 +1008,9 @@ def check_run_options(config: Config, segmentor: Segmentor | None = None) -> Non
             raise ConfigError(
                 f"data.crop_size={config.data.crop_size} is not a multiple of the backbone's patch size {ph}"
             )
-        if config.data.crop_size < 2 * max(ph, pw):
-            # The head takes the ViT's map at half its size too: one patch gives none there.
-            raise ConfigError(f"data.crop_size={config.data.crop_size} must be at least two patches ({2 * ph})")
+        smallest = max(segmentor.backbone.smallest_input)
+        if config.data.crop_size < smallest:
+            raise ConfigError(f"data.crop_size={config.data.crop_size} must be at least two patches ({smallest})")
     if segmentor is not None:  # model.test's windows, refused now rather than at the first validation
         segmentor._check_inference_settings(segmentor.test_mode, segmentor.crop_size, segmentor.stride)
         _check_square_even_grids(config, segmentor)

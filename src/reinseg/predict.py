@@ -153,17 +153,18 @@ def padded_scores(
     is one smaller window: mmseg's ``slide_inference``)."""
     h, w = images.shape[-2:]
     patch = segmentor.backbone.input_multiple  # a ViT's patch; 1 for a CNN, which takes any size
+    smallest = segmentor.backbone.smallest_input  # two patches for a ViT
     slide = (mode or segmentor.test_mode) == "slide"
     crop = (segmentor.crop_size if crop_size is None else as_pair(crop_size, "crop_size")) if slide else (0, 0)
 
-    def padded_side(size: int, patch_side: int, crop_side: int) -> int:
+    def padded_side(size: int, patch_side: int, smallest_side: int, crop_side: int) -> int:
         if slide and size >= crop_side:
             return size
-        # At least two patches: the head takes the ViT's map at half its size too (one patch would
-        # give none there; the official code fails on such an image).
-        return max(-(-size // patch_side), 2 if patch_side > 1 else 1) * patch_side
+        return max(-(-size // patch_side) * patch_side, smallest_side)
 
-    target_h, target_w = (padded_side(size, p, c) for size, p, c in zip((h, w), patch, crop, strict=True))
+    target_h, target_w = (
+        padded_side(size, p, m, c) for size, p, m, c in zip((h, w), patch, smallest, crop, strict=True)
+    )
     padded = F.pad(images, (0, target_w - w, 0, target_h - h))
     return segmentor.predict(padded, mode=mode, crop_size=crop_size, stride=stride, flip=flip)[..., :h, :w]
 

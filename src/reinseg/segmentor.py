@@ -185,9 +185,9 @@ class Segmentor(nn.Module):
         patch = self.backbone.patch_size
         if crop[0] % patch[0] or crop[1] % patch[1]:
             raise ValueError(f"crop_size {crop[0]}x{crop[1]} is not divisible by the patch size {patch[0]}")
-        if self.backbone.input_multiple[0] > 1 and min(crop[0] // patch[0], crop[1] // patch[1]) < 2:
-            # A ViT's map is also taken at half its size: one patch gives none there.
-            raise ValueError(f"crop_size {crop[0]}x{crop[1]} must be at least two patches ({2 * patch[0]}) a side")
+        smallest = self.backbone.smallest_input
+        if crop[0] < smallest[0] or crop[1] < smallest[1]:
+            raise ValueError(f"crop_size {crop[0]}x{crop[1]} must be at least two patches ({smallest[0]}) a side")
         if stride[0] > crop[0] or stride[1] > crop[1] or min(stride) < 1:
             # Windows further apart than they are wide leave pixels no window covers (0 / 0 scores).
             raise ValueError(
