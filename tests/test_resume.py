@@ -1,4 +1,4 @@
-"""Interrupted runs: kill -9 anywhere (a validation step, DDP), SIGTERM, data workers, logs, refusals.
+"""Interrupted runs: kill -9 anywhere (a validation step, DDP), SIGTERM, Ctrl-C, data workers, logs, refusals.
 
 The oracle of every exactness test is an uninterrupted run of the same configuration: a resumed
 run must end with bit-identical weights.
@@ -22,6 +22,7 @@ from PIL import Image
 from test_engine import run_reinseg, tiny_config
 
 from reinseg.config import dump_config
+from reinseg.engine import SIGNAL_NAMES
 
 # Sends signal argv[4] to the process (every DDP rank, each to itself, or rank argv[5] alone): at
 # the start of training step argv[2], or during the validation that follows step argv[3].
@@ -266,8 +267,15 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resumes_exactly(tmp_path):
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(tmp_path / "b" / "run"))
 
 
+def python_sigint_handler_in_the_child() -> None:
+    """A test process started as a background job ignores SIGINT, and so would its child: Python
+    installs its own handler (KeyboardInterrupt) only over the default disposition."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow  # data-loader worker processes
-def test_sigterm_to_the_process_group_with_data_workers_writes_a_checkpoint(tmp_path):
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_process_group_with_data_workers_writes_a_checkpoint(tmp_path, sig, status):
     """`timeout`, Slurm's scancel and Ctrl-C signal every process of the group: the data workers
     outlive it, so the step ends and last.ckpt is written (a killed worker failed the next batch)."""
     config = tiny_config(tmp_path / "b", max_iters=200, checkpoint_interval=2, val_interval=1000)
@@ -275,13 +283,107 @@ def test_sigterm_to_the_process_group_with_data_workers_writes_a_checkpoint(tmp_
     config_file = tmp_path / "b.yaml"
     config_file.write_text(dump_config(config))
     # its own process group, as a shell job's
-    process = train_until_the_first_checkpoint(config_file, tmp_path / "b" / "run", start_new_session=True)
+    process = train_until_the_first_checkpoint(
+        config_file, tmp_path / "b" / "run", start_new_session=True, preexec_fn=python_sigint_handler_in_the_child
+    )
     checkpoints = tmp_path / "b" / "run" / "checkpoints"
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, sig)
     _, stderr = process.communicate(timeout=240)
-    assert process.returncode == 143, stderr[-3000:]
+    assert process.returncode == status, stderr[-3000:]
     step, _ = weights(tmp_path / "b" / "run")
     assert (checkpoints / "last.ckpt").exists() and 2 <= step < 200
+    message = [line for line in stderr.splitlines() if line.startswith("reinseg train:")]
+    assert len(message) == 1 and f"stopped by {SIGNAL_NAMES[sig]} at iteration {step};" in message[0]
+
+
+class CtrlC(L.Callback):
+    """Presses Ctrl-C (SIGINT to this process) ``times`` times at the start of training step
+    ``at_step`` + 1, or at the end of the first batch of the validation of step ``in_validation_of``."""
+
+    def __init__(self, at_step=-1, in_validation_of=-1, times=1):
+        self.at_step, self.in_validation_of, self.times = at_step, in_validation_of, times
+
+    def press(self):
+        for _ in range(self.times):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_train_batch_start(self, trainer, *args):
+        if trainer.global_step == self.at_step:
+            self.press()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if trainer.global_step == self.in_validation_of and batch_idx == 0 and dataloader_idx == 0:
+            self.press()
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler in this process, as an interactive one has (not the SIG_IGN of
+    a background job), put back as it was after the test."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("press", "saved_step"),
+    [
+        # The step ends and is saved; the validation due after it is left to the resume.
+        (dict(at_step=3), 4),
+        # A single process stops its validation midway, as on SIGTERM; the resume redoes it.
+        (dict(in_validation_of=2), 2),
+    ],
+    ids=["during step 4, whose validation is due", "during the validation of step 2"],
+)
+def test_ctrl_c_saves_the_step_stops_with_130_and_resumes_exactly(tmp_path, python_sigint_handler, press, saved_step):
+    from reinseg.engine import TrainingInterrupted, train
+
+    options = dict(num_val=2, max_iters=6, val_interval=2, checkpoint_interval=3)
+    reference, interrupted = (tiny_config(tmp_path / name, **options) for name in "ab")
+    train(reference)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(interrupted, callbacks=[CtrlC(**press)])
+    assert stopped.value.exit_status == 130
+    assert "Ctrl-C" in str(stopped.value) and "run the same command" in str(stopped.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
+    run = tmp_path / "b" / "run"
+    assert weights(run)[0] == saved_step
+    assert f"val_step{saved_step:07d}.json" not in validation_results(run)
+    train(interrupted)
+    assert_same_weights(weights(tmp_path / "a" / "run"), weights(run))
+    assert validation_results(run) == validation_results(tmp_path / "a" / "run")
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, python_sigint_handler):
+    from reinseg.engine import train
+
+    config = tiny_config(tmp_path, max_iters=6, checkpoint_interval=2, val_interval=100)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning exits 1 on KeyboardInterrupt
+        train(config, callbacks=[CtrlC(at_step=2, times=2)])
+    assert weights(tmp_path / "run")[0] == 2  # the checkpoint before: step 3 is not saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_left_to_a_program_that_handles_it(tmp_path):
+    """train() catches Ctrl-C only over Python's own handler: a program's handler stays, and sees it."""
+    from reinseg.engine import train
+
+    pressed = []
+
+    def own_handler(signum, frame):
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, own_handler)
+    try:
+        train(tiny_config(tmp_path, max_iters=2, checkpoint_interval=2), callbacks=[CtrlC(at_step=0)])
+        assert signal.getsignal(signal.SIGINT) is own_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert pressed == [signal.SIGINT]
+    assert weights(tmp_path / "run")[0] == 2  # trained to the end
 
 
 @pytest.mark.slow

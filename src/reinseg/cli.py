@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Train on data.train, validating on data.val every train.val_interval iterations. Checkpoints "
         "(Rein + head + optimizer state; the VFM is referenced, not copied) go to "
         "<train.output_dir>/checkpoints; a killed run resumes exactly from its newest checkpoint when started "
-        "again. On SIGTERM it writes last.ckpt and exits with status 143; bad options exit with status 2.",
+        "again. On SIGTERM it writes last.ckpt and exits with status 143, on Ctrl-C likewise with status 130 (a second "
+        "Ctrl-C stops it at once, without saving); bad options exit with status 2.",
         "reinseg train configs/rein_dinov2-l_gta_512.yaml train.output_dir=work_dirs/gta data.batch_size=2",
     )
     p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
@@ -829,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
         return args.func(args)
     except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
-        # Errors with their own exit status (engine.TrainingInterrupted: 143) are not failures.
+        # Errors with their own exit status (engine.TrainingInterrupted: 143, 130) are not failures.
         status = getattr(err, "exit_status", None)
         if status is not None:
             print(f"reinseg {args.command}: {err}", file=sys.stderr)

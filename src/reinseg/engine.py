@@ -11,8 +11,8 @@ importable from here too.
   ``<output_dir>/checkpoints``, bit for bit on the CPU: validation never draws from the RNG the
   loss uses (on a GPU, backward passes that sum with atomic additions make every run differ in
   the last bits, resumed or not).
-- A run stopped by SIGTERM writes ``last.ckpt`` and raises :class:`TrainingInterrupted`
-  (``reinseg train`` exits with status 143); logs are appended to across resumes.
+- A run stopped by SIGTERM or Ctrl-C writes ``last.ckpt`` and raises :class:`TrainingInterrupted`
+  (``reinseg train`` exits with status 143 or 130); logs are appended to across resumes.
 - Validation: one confusion matrix per domain in its dataset's classes, summed over DDP ranks;
   per-domain mIoU and the mean over target domains are logged, printed and written as JSON.
 """
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,7 @@ __all__ = [
     "prediction_at_size",
     "EVAL_ENTRY_KEYS",
     "TrainingInterrupted",
+    "SIGNAL_NAMES",
     "latest_checkpoint",
 ]
 
@@ -594,26 +596,39 @@ class _AppendingCSVLogger(CSVLogger):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Training (after writing a checkpoint) or evaluation stopped on SIGTERM; the command line
-    exits with ``exit_status``, 143 (128 + SIGTERM, as a shell reports a process the signal ended)."""
+    """Training (after writing a checkpoint) or evaluation stopped on SIGTERM or Ctrl-C; the
+    command line exits with ``exit_status``, 128 + the signal's number as a shell reports a
+    process the signal ended: 143 for SIGTERM, 130 for SIGINT."""
 
-    exit_status = 143
+    def __init__(self, message: str, exit_status: int = 128 + signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+# How the messages name the signals a run stops on.
+SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
 
 @contextlib.contextmanager
-def _on_sigterm(message):
-    """Lightning ends a run on SIGTERM with a SystemExit of status 0: make it an error whose
-    text is ``message()``."""
+def _on_sigterm(message, guard: _RunGuard | None = None):
+    """Lightning ends a run on SIGTERM with a SystemExit of status 0, and _RunGuard a run on
+    Ctrl-C likewise: make it an error whose text is ``message(name)``, ``name`` the signal's
+    (:data:`SIGNAL_NAMES`)."""
     try:
         yield
     except SIGTERMException:
-        raise TrainingInterrupted(message()) from None
+        stop = guard.stop_signal if guard is not None else signal.SIGTERM
+        raise TrainingInterrupted(message(SIGNAL_NAMES[stop]), exit_status=128 + stop) from None
 
 
 class _RunGuard(L.Callback):
-    """Writes ``last.ckpt`` when SIGTERM arrives (at the end of the current step), when a
-    validation during training fails (one process), and at the end of training when the last step
-    is not a checkpoint step (the final weights are never lost).
+    """Writes ``last.ckpt`` when SIGTERM or Ctrl-C arrives (at the end of the current step), when
+    a validation during training fails (one process), and at the end of training when the last
+    step is not a checkpoint step (the final weights are never lost).
+
+    Ctrl-C (SIGINT) is handled as SIGTERM is, once :meth:`catch_ctrl_c` has installed its handler
+    (Lightning's own handling ends the run at once, without a checkpoint); the handler puts the
+    previous one back, so a second Ctrl-C stops the run at once.
 
     Under DDP, SIGTERM only marks the rank: Lightning's own handler issues a collective inside
     the signal handler, wherever the rank happens to be, and stops a rank mid-validation while the
@@ -627,6 +642,38 @@ class _RunGuard(L.Callback):
         self.last = last
         self._saved_step: int | None = None
         self._signalled = False
+        self._ctrl_c = False  # Ctrl-C came (one process; under DDP it marks _signalled)
+        self.stop_signal = signal.SIGTERM  # the signal the messages name: the last one to arrive
+
+    @contextlib.contextmanager
+    def catch_ctrl_c(self, trainer):
+        """While the run is inside this block, the first Ctrl-C stops it as SIGTERM does (at the
+        end of the step, ``last.ckpt`` written, status 130); the second one at once. Only where
+        Python's own handler is in place, in the main thread: a program's own SIGINT handler, or
+        a SIGINT ignored (a background job), is left as it is."""
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
+            yield
+            return
+
+        def first_ctrl_c(signum, frame):
+            signal.signal(signal.SIGINT, previous)
+            self.stop_signal = signal.SIGINT
+            if trainer.world_size > 1:
+                self._signalled = True
+            else:
+                self._ctrl_c = True
+            log.warning(
+                "Ctrl-C: the run stops after this iteration and saves %s; press Ctrl-C again to stop at once, "
+                "without saving",
+                self.last,
+            )
+
+        signal.signal(signal.SIGINT, first_ctrl_c)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _save(self, trainer) -> None:
         if trainer.state.fn != "fit":
@@ -654,6 +701,7 @@ class _RunGuard(L.Callback):
 
     def _mark_signalled(self, signum, frame) -> None:
         self._signalled = True
+        self.stop_signal = signal.SIGTERM
 
     def any_rank_signalled(self, trainer) -> bool:
         """Whether SIGTERM reached any DDP rank: a collective, so every rank must call it together."""
@@ -669,6 +717,14 @@ class _RunGuard(L.Callback):
                 raise SIGTERMException
         elif trainer.received_sigterm:
             self._save(trainer)
+        elif self._ctrl_c:
+            self._save(trainer)
+            raise SIGTERMException  # as Lightning stops on SIGTERM (the due validation is redone on resume)
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        # One process: a validation stops midway on Ctrl-C, as on SIGTERM (redone on resume).
+        if self._ctrl_c and trainer.world_size == 1:
+            raise SIGTERMException
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.world_size > 1:
@@ -913,7 +969,8 @@ def train(
         overwrite: with ``resume="never"``, delete the run's checkpoints, logs and metrics first.
     Raises:
         FileExistsError: ``resume="never"`` into a folder holding a run's checkpoints.
-        TrainingInterrupted: SIGTERM arrived; ``last.ckpt`` holds the state to resume from.
+        TrainingInterrupted: SIGTERM or Ctrl-C arrived; ``last.ckpt`` holds the state to resume
+            from (a second Ctrl-C stops the run at once, without it).
         RunInProgressError: another process is training into ``train.output_dir`` (its run lock,
             ``.reinseg-run.lock``, is held until the run returns).
 
@@ -966,16 +1023,17 @@ def train(
         if ckpt_path:
             log.info("resuming from %s (iteration %d)", ckpt_path, step)
 
-        def stopped():
+        def stopped(signal_name: str) -> str:
             if task.already_finished is not None or trainer.state.fn != "fit":
                 n = trainer.global_step or step  # validate_missed_step's trainer has not restored the step
-                return f"SIGTERM during the validation of iteration {n}: run the same command to continue"
+                return f"{signal_name} during the validation of iteration {n}: run the same command to continue"
             return (
-                f"stopped by SIGTERM at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
+                f"stopped by {signal_name} at iteration {trainer.global_step}; {checkpoints / 'last.ckpt'} holds it: "
                 "run the same command to resume"
             )
 
-        with _on_sigterm(stopped):
+        guard = _run_guard(trainer)
+        with guard.catch_ctrl_c(trainer), _on_sigterm(stopped, guard):
             if missed:
                 validate_missed_step(trainer, task, ckpt_path, step, epoch)
                 _stop_if_signalled(trainer, stopped)
@@ -1041,10 +1099,11 @@ def _run_guard(trainer: L.Trainer) -> _RunGuard:
 
 
 def _stop_if_signalled(trainer: L.Trainer, message) -> None:
-    """After a DDP validation outside fit: TrainingInterrupted if SIGTERM reached any rank during
-    it (the ranks agree, as at the end of a training step)."""
-    if trainer.world_size > 1 and _run_guard(trainer).any_rank_signalled(trainer):
-        raise TrainingInterrupted(message())
+    """After a DDP validation outside fit: TrainingInterrupted if SIGTERM or Ctrl-C reached any
+    rank during it (the ranks agree, as at the end of a training step)."""
+    guard = _run_guard(trainer)
+    if trainer.world_size > 1 and guard.any_rank_signalled(trainer):
+        raise TrainingInterrupted(message(SIGNAL_NAMES[guard.stop_signal]), exit_status=128 + guard.stop_signal)
 
 
 def _checkpoint_to_resume(resume: str, checkpoints: Path, overwrite: bool) -> Path | None:
@@ -1237,7 +1296,7 @@ def evaluate(
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
-    with _on_sigterm(lambda: "evaluation stopped by SIGTERM"):
+    with _on_sigterm(lambda signal_name: f"evaluation stopped by {signal_name}"):
         trainer.validate(task, datamodule=task.data, verbose=False)
     if trainer.world_size > 1 and _run_guard(trainer).any_rank_signalled(trainer):
         log.warning("SIGTERM arrived during the evaluation, which finished first (DDP ranks stop together)")
