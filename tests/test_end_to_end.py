@@ -393,3 +393,57 @@ def test_saved_predictions_of_native_mapillary_score_with_the_printed_command_on
     assert main(["score", *command, "--json", str(trained / "m.json")]) == 0
     scored = json.loads((trained / "m.json").read_text())
     assert scored["mIoU"] == pytest.approx(json.loads(result.read_text())["domains"]["mapillary"]["mIoU"], abs=1e-9)
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler in this process (a test run as a background job ignores
+    SIGINT), put back as it was after the test."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_an_evaluation_at_the_batch_with_130_and_writes_no_results(
+    trained, tmp_path, monkeypatch, python_sigint_handler, capsys
+):
+    import os
+    import signal
+
+    from reinseg.engine import SegmentationTask
+
+    batches = []
+    step = SegmentationTask.validation_step
+
+    def pressed_once(self, batch, *args):
+        if not batches:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the first batch
+        batches.append(len(batch["image"]))
+        return step(self, batch, *args)
+
+    monkeypatch.setattr(SegmentationTask, "validation_step", pressed_once)
+    checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    result, preds = tmp_path / "eval.json", tmp_path / "preds"
+    command = ["eval", str(trained / "config.yaml"), checkpoint, "--json", str(result), "--save-preds", str(preds)]
+    assert main(command) == 130
+    err = capsys.readouterr().err
+    assert "reinseg eval: evaluation stopped by Ctrl-C (SIGINT): no results written; the predictions in" in err
+    assert "Traceback" not in err
+    assert batches == [1]  # the batch it came in finished; none after it (3 images)
+    assert not result.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_another_command_is_one_line_and_status_130(trained, tmp_path, monkeypatch, capsys):
+    import reinseg.predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reinseg.predict, "predict_files", interrupted)
+    images = trained / "cityscapes" / "leftImg8bit" / "val"
+    checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    assert main(["predict", checkpoint, str(images), "--output", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == "reinseg predict: stopped by Ctrl-C\n"

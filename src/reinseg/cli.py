@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -829,6 +830,12 @@ def main(argv: list[str] | None = None) -> int:
         # pages (reinseg.allocator; REINSEG_ALLOCATOR=system opts out).
         keep_freed_memory()
         return args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C where no command stops gracefully (train and eval do): a line, not a traceback.
+        if os.environ.get("REINSEG_DEBUG"):
+            raise
+        print(f"reinseg {args.command}: stopped by Ctrl-C", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ValueError, OSError, RuntimeError, FloatingPointError) as err:
         # Errors with their own exit status (engine.TrainingInterrupted: 143, 130) are not failures.
         status = getattr(err, "exit_status", None)

@@ -646,11 +646,12 @@ class _RunGuard(L.Callback):
         self.stop_signal = signal.SIGTERM  # the signal the messages name: the last one to arrive
 
     @contextlib.contextmanager
-    def catch_ctrl_c(self, trainer):
+    def catch_ctrl_c(self, trainer, notice: str):
         """While the run is inside this block, the first Ctrl-C stops it as SIGTERM does (at the
-        end of the step, ``last.ckpt`` written, status 130); the second one at once. Only where
-        Python's own handler is in place, in the main thread: a program's own SIGINT handler, or
-        a SIGINT ignored (a background job), is left as it is."""
+        end of the step, ``last.ckpt`` written, status 130; an evaluation at the end of the batch)
+        and logs ``notice``; the second one stops it at once. Only where Python's own handler is
+        in place, in the main thread: a program's own SIGINT handler, or a SIGINT ignored (a
+        background job), is left as it is."""
         previous = signal.getsignal(signal.SIGINT)
         if threading.current_thread() is not threading.main_thread() or previous is not signal.default_int_handler:
             yield
@@ -663,11 +664,7 @@ class _RunGuard(L.Callback):
                 self._signalled = True
             else:
                 self._ctrl_c = True
-            log.warning(
-                "Ctrl-C: the run stops after this iteration and saves %s; press Ctrl-C again to stop at once, "
-                "without saving",
-                self.last,
-            )
+            log.warning("Ctrl-C: %s; press Ctrl-C again to stop at once", notice)
 
         signal.signal(signal.SIGINT, first_ctrl_c)
         try:
@@ -1033,7 +1030,8 @@ def train(
             )
 
         guard = _run_guard(trainer)
-        with guard.catch_ctrl_c(trainer), _on_sigterm(stopped, guard):
+        notice = f"the run stops after this iteration and saves {checkpoints / 'last.ckpt'} (a second Ctrl-C does not)"
+        with guard.catch_ctrl_c(trainer, notice), _on_sigterm(stopped, guard):
             if missed:
                 validate_missed_step(trainer, task, ckpt_path, step, epoch)
                 _stop_if_signalled(trainer, stopped)
@@ -1296,10 +1294,19 @@ def evaluate(
     task.val_sets()
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
-    with _on_sigterm(lambda signal_name: f"evaluation stopped by {signal_name}"):
+    guard = _run_guard(trainer)
+    partial = "" if save_predictions is None else f"; the predictions in {save_predictions} are incomplete"
+    notice = "the evaluation stops " + ("at the end of this image" if trainer.world_size == 1 else "when it ends")
+    with (
+        guard.catch_ctrl_c(trainer, notice),
+        _on_sigterm(lambda signal_name: f"evaluation stopped by {signal_name}: no results written{partial}", guard),
+    ):
         trainer.validate(task, datamodule=task.data, verbose=False)
-    if trainer.world_size > 1 and _run_guard(trainer).any_rank_signalled(trainer):
-        log.warning("SIGTERM arrived during the evaluation, which finished first (DDP ranks stop together)")
+    if trainer.world_size > 1 and guard.any_rank_signalled(trainer):
+        log.warning(
+            "%s arrived during the evaluation, which finished first (DDP ranks stop together)",
+            SIGNAL_NAMES[guard.stop_signal],
+        )
     if step is None and task.last_results is not None:
         for summary in [task.last_results, *task.last_results.get("protocols", {}).values()]:
             summary["step"] = None
