@@ -434,6 +434,21 @@ def test_ctrl_c_stops_an_evaluation_at_the_batch_with_130_and_writes_no_results(
     assert batches == [1]  # the batch it came in finished; none after it (3 images)
     assert not result.exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # The same command replaces the incomplete predictions: those of a whole evaluation, the
+    # marker gone, as a first evaluation into a new folder writes them.
+    written = sorted(p.relative_to(preds) for p in preds.rglob("*.png"))
+    assert len(written) == 1 and (preds / ".reinseg-incomplete").is_file()
+    monkeypatch.setattr(SegmentationTask, "validation_step", step)
+    assert main(command) == 0
+    assert "removing the incomplete predictions an interrupted evaluation left in" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"
+    assert main([*command[:3], "--json", str(tmp_path / "fresh.json"), "--save-preds", str(fresh)]) == 0
+    assert sorted(p.relative_to(preds) for p in preds.rglob("*")) == sorted(
+        p.relative_to(fresh) for p in fresh.rglob("*")
+    )
+    assert not (preds / ".reinseg-incomplete").exists()
+    assert len(list(preds.rglob("*.png"))) == 3 and written[0] in [p.relative_to(preds) for p in preds.rglob("*.png")]
+    assert json.loads(result.read_text())["domains"] == json.loads((tmp_path / "fresh.json").read_text())["domains"]
 
 
 def test_ctrl_c_in_another_command_is_one_line_and_status_130(trained, tmp_path, monkeypatch, capsys):

@@ -373,14 +373,20 @@ def test_a_two_process_eval_writes_its_results_and_examples_once(tmp_path):
         tmp_path / "model.ckpt", {"model": to_dict(config.model)}, checkpoint_state_dict(build_segmentor(config.model))
     )
     target = tmp_path / "results.json"
+    preds = tmp_path / "preds"
     result = run_reinseg(
-        "eval", str(tmp_path / "eval.yaml"), str(checkpoint), "--json", str(target), "--save-examples", "1"
+        "eval",
+        *(str(tmp_path / "eval.yaml"), str(checkpoint), "--json", str(target), "--save-examples", "1"),
+        *("--save-preds", str(preds)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count(f"wrote {target}") == 1
     results = json.loads(target.read_text())
     assert len(results["domains"]["cityscapes"]["images"]) == 3  # every image once, over both ranks
     assert list((tmp_path / "results_examples" / "cityscapes").glob("*.png"))
+    # Both ranks' predictions; the first rank alone prepared the folder (its marker, then gone).
+    assert len(list(preds.rglob("*.png"))) == 3 and not (preds / ".reinseg-incomplete").exists()
+    assert "removing the incomplete predictions" not in result.stderr  # the second rank did not take it for one
 
 
 def test_under_ddp_the_sigterm_handler_lightning_registers_only_marks_the_rank(tmp_path):

@@ -188,7 +188,7 @@ def _patch_size(args: argparse.Namespace) -> int | None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .engine import evaluate
+    from .engine import evaluate, first_process
     from .protocols import parse_protocols
 
     config = load_config(args.config, args.overrides)
@@ -201,8 +201,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     target = Path(args.json) if args.json else Path(config.train.output_dir) / "eval_metrics.json"
     # Refuse an unwritable destination now, not after the whole evaluation.
     _check_writable_file(target, "--json" if args.json else "the results file (default of --json)")
-    if args.save_preds:
-        _check_writable_folder(Path(args.save_preds), "--save-preds", empty=True)
+    if args.save_preds and first_process():  # the other DDP ranks start once it is ready
+        _start_predictions_folder(Path(args.save_preds))
     if args.submission:
         from .submission import check_submission_target
 
@@ -245,8 +245,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.save_examples:
         print(f"examples (best, median, worst per domain) in {examples}; an HTML report with: reinseg report {target}")
     if args.save_preds:
+        (Path(args.save_preds) / INCOMPLETE_PREDICTIONS).unlink(missing_ok=True)
         _print_score_commands(args, task)
     return 0
+
+
+# In a --save-preds folder from the start of the evaluation until it has written everything.
+INCOMPLETE_PREDICTIONS = ".reinseg-incomplete"
+
+
+def _start_predictions_folder(folder: Path) -> None:
+    """``--save-preds``: a new or empty folder (another evaluation's files would score with
+    these), or one an interrupted or failed evaluation left (its marker says so), emptied first;
+    then marked as incomplete until the evaluation ends."""
+    import shutil
+
+    if (folder / INCOMPLETE_PREDICTIONS).is_file():
+        print(f"removing the incomplete predictions an interrupted evaluation left in {folder}", file=sys.stderr)
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    _check_writable_folder(folder, "--save-preds", empty=True)
+    (folder / INCOMPLETE_PREDICTIONS).touch()
 
 
 def _check_examples_folder(examples: Path) -> None:

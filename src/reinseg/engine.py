@@ -986,7 +986,7 @@ def train(
     if overwrite and resume != "never":
         # Deleting a run is never implied: with resume="auto" it would be continued instead.
         raise ValueError("--overwrite (overwrite=True) deletes an earlier run only for a new one: add --resume never")
-    if _first_process():
+    if first_process():
         refuse_running_run(out)  # at once, not after the checks below (the lock is taken later)
     ckpt_path = _checkpoint_to_resume(resume, checkpoints, overwrite)
     task = SegmentationTask(config)
@@ -1013,7 +1013,7 @@ def train(
         # Rank 0 (as the launcher's environment says): the run lock, config.yaml and stale
         # temporaries before the trainer, so a bad output folder fails first. The lock is held
         # until the run returns (the other ranks run inside it).
-        if _first_process():
+        if first_process():
             held.enter_context(run_lock(out))
             _start_run_folder(config, clear=resume == "never" and overwrite)
         trainer = build_trainer(config, callbacks)
@@ -1205,7 +1205,7 @@ def _check_run_folders(out: Path) -> None:
             raise ValueError(f"train.output_dir {out}: {name} is a file, where the run writes its {name} folder")
 
 
-def _first_process() -> bool:
+def first_process() -> bool:
     """Global rank 0 as the launcher's environment says, on the first node: a multi-node run
     started by hand on each node (Lightning's ``NODE_RANK``) sets no rank before ``fit``."""
     return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
@@ -1295,7 +1295,11 @@ def evaluate(
     # No loggers: evaluating must not touch (or overwrite) the training run's logs.
     trainer = build_trainer(config, validate_during_training=True, logging=False)
     guard = _run_guard(trainer)
-    partial = "" if save_predictions is None else f"; the predictions in {save_predictions} are incomplete"
+    partial = (
+        ""
+        if save_predictions is None
+        else f"; the predictions in {save_predictions} are incomplete (the same command replaces them)"
+    )
     notice = "the evaluation stops " + ("at the end of this image" if trainer.world_size == 1 else "when it ends")
     with (
         guard.catch_ctrl_c(trainer, notice),
