@@ -36,6 +36,33 @@ def test_demo_trains_evaluates_and_writes_its_results(tmp_path, capsys):
     assert "mean over unseen domains" in out and "game" in out
 
 
+@pytest.mark.slow
+def test_a_demo_stopped_by_ctrl_c_says_it_starts_again(tmp_path, monkeypatch):
+    """train's message says to resume, which a demo does not: it starts afresh."""
+    import signal
+
+    from test_resume import CtrlC
+
+    import reinseg.engine
+    from reinseg.demo import run_demo
+
+    real_train = reinseg.engine.train
+
+    def train_pressing_ctrl_c(config, **options):
+        return real_train(config, **options | {"callbacks": [*options["callbacks"], CtrlC(at_step=1)]})
+
+    monkeypatch.setattr(reinseg.engine, "train", train_pressing_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(reinseg.engine.TrainingInterrupted) as stopped:
+            run_demo(tmp_path / "demo", max_iters=4, num_train=8, num_val=2, threads=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert stopped.value.exit_status == 130  # the command's status
+    assert str(stopped.value) == "the demo stopped on Ctrl-C (SIGINT): `reinseg demo` runs it again from the start"
+    assert not (tmp_path / "demo" / "metrics.json").exists()
+
+
 def test_demo_help_has_an_example(capsys):
     try:
         main(["demo", "--help"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,7 +138,7 @@ def run_demo(
     from .checkpoints import atomic_write_bytes
     from .data.io import write_png
     from .data.synthetic import DOMAINS, write_cityscapes_layout
-    from .engine import train
+    from .engine import SIGNAL_NAMES, TrainingInterrupted, train
     from .examples import write_examples
     from .report import write_report
 
@@ -164,7 +165,14 @@ def run_demo(
             f"random weights; config in {output / 'config.yaml'})"
         )
         # A re-run replaces the previous demo run (never a stale last.ckpt beside the new one).
-        task = train(config, resume="never", overwrite=True, callbacks=[_RecordImages()])
+        try:
+            task = train(config, resume="never", overwrite=True, callbacks=[_RecordImages()])
+        except TrainingInterrupted as stopped:
+            # train's message says to resume, but a demo starts afresh.
+            name = SIGNAL_NAMES[signal.Signals(stopped.exit_status - 128)]
+            raise TrainingInterrupted(
+                f"the demo stopped on {name}: `reinseg demo` runs it again from the start", stopped.exit_status
+            ) from None
         results = task.last_results
         if results is None:
             raise RuntimeError("the demo's validation produced no results")
