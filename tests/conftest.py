@@ -161,3 +161,21 @@ def tiny_model_config(num_classes: int = 19, **head):
         loss=LossConfig(num_points=256),
         test=TestConfig(mode="whole"),
     )
+
+
+def killed_writers_leftover(folder, name: str, is_folder: bool = False):
+    """What a writer of ``folder/name`` killed midway leaves: its temporary file (or staging
+    folder, ``is_folder``), named with the id of a process that has ended."""
+    import subprocess
+    import sys
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    leftover = folder / f".{name}.{ended.pid}-partial-x1y2{'' if is_folder else '.tmp'}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if is_folder:
+        leftover.mkdir()
+        (leftover / "frame_000001.png").write_bytes(b"half")
+    else:
+        leftover.write_bytes(b"half")
+    return leftover

@@ -46,6 +46,11 @@ def test_a_demo_stopped_by_ctrl_c_says_it_starts_again(tmp_path, monkeypatch):
     import reinseg.engine
     from reinseg.demo import run_demo
 
+    # An earlier demo's results, which a stopped one must not leave beside its own run.
+    earlier = tmp_path / "demo"
+    for name in ("metrics.json", "results.json", "game.png", "report/index.html", "results_examples/game/0.png"):
+        (earlier / name).parent.mkdir(parents=True, exist_ok=True)
+        (earlier / name).write_text("an earlier demo's")
     real_train = reinseg.engine.train
 
     def train_pressing_ctrl_c(config, **options):
@@ -60,7 +65,7 @@ def test_a_demo_stopped_by_ctrl_c_says_it_starts_again(tmp_path, monkeypatch):
         signal.signal(signal.SIGINT, previous)
     assert stopped.value.exit_status == 130  # the command's status
     assert str(stopped.value) == "the demo stopped on Ctrl-C (SIGINT): `reinseg demo` runs it again from the start"
-    assert not (tmp_path / "demo" / "metrics.json").exists()
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.yaml", "data", "run"]
 
 
 def test_demo_help_has_an_example(capsys):

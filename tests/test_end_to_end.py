@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import killed_writers_leftover, tiny_model_config
 from fake_datasets import make_fake_cityscapes
 from PIL import Image
 
@@ -295,7 +295,9 @@ def test_predict_writes_upright_outputs_for_a_folder_with_progress(trained, tmp_
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(elsewhere / "linked.png")
     (photos / "album").symlink_to(elsewhere, target_is_directory=True)
     checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    leftover = killed_writers_leftover(tmp_path / "out", "plain_overlay.png")
     assert main(["predict", checkpoint, str(photos), "--output", str(tmp_path / "out")]) == 0
+    assert not leftover.exists()  # a killed run's half-written file
     assert np.asarray(Image.open(tmp_path / "out" / "linked_labelTrainIds.png")).shape == (64, 64)
     assert np.asarray(Image.open(tmp_path / "out" / "portrait_labelTrainIds.png")).shape == (128, 64)
     assert np.asarray(Image.open(tmp_path / "out" / "portrait_overlay.png")).shape == (128, 64, 3)

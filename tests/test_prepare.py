@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from conftest import killed_writers_leftover
 from fake_datasets import FAKE_MAKERS, make_fake_cityscapes, make_fake_gtav, make_fake_mapillary, write_png
 from PIL import Image
 
@@ -32,7 +33,10 @@ OUTPUT = {
 @pytest.mark.parametrize("name", list(PREPARABLE))
 def test_prepare_writes_train_id_labels_once(tmp_path, name):
     fake = FAKE_MAKERS[name](tmp_path)
+    written = tmp_path / OUTPUT[name][1]
+    leftover = killed_writers_leftover(written.parent, written.name)  # a killed preparation's
     summary = prepare(name, tmp_path, workers=1, progress=False)
+    assert not leftover.exists()
     assert summary.ok and not summary.mismatched and not summary.skipped
     assert str(tmp_path / OUTPUT[name][1]) in summary.written
     assert (tmp_path / OUTPUT[name][0]).exists()  # the native label stays

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_golden, relative_errors, tiny_model_config
+from conftest import killed_writers_leftover, load_golden, relative_errors, tiny_model_config
 
 from reinseg.build import build_segmentor
 from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint, segmentor_from_checkpoint
@@ -218,7 +218,9 @@ def test_merge_gives_plain_weights_with_the_same_logits(golden, tmp_path, tuning
             if param.requires_grad and name.startswith("backbone."):
                 param.add_(torch.randn_like(param) * 0.05)  # as if trained
     save_checkpoint(tmp_path / "c.pt", {"model": to_dict(config)}, checkpoint_state_dict(segmentor))
+    leftover = killed_writers_leftover(tmp_path, "merged.pt")  # a killed merge's (a whole VFM)
     assert main(["merge", str(tmp_path / "c.pt"), "--output", str(tmp_path / "merged.pt")]) == 0
+    assert not leftover.exists()
     merged, payload = segmentor_from_checkpoint(tmp_path / "merged.pt")
     assert payload["config"]["model"]["tuning"] == "full" and payload["merged_from"] == tuning
     assert payload["config"]["model"]["backbone"]["checkpoint"] is None  # self-contained

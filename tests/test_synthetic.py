@@ -122,6 +122,20 @@ def test_write_cityscapes_layout_is_read_by_the_loaders(tmp_path):
         tmp_path, domains=("game", "fog"), num_train=2, num_val=1, size=(32, 64), seed=5, workers=1, progress=False
     )
     assert again["written"] == 0
+    # Another seed (a demo stopped midway and started with --seed 1): none of seed 5's scenes is
+    # kept beside seed 6's, nor after settings that were not recorded.
+    for seed, forget in ((6, False), (6, True)):
+        if forget:
+            (tmp_path / "synthetic.json").unlink()
+        other = write_cityscapes_layout(
+            tmp_path, domains=("game",), num_train=2, num_val=1, size=(32, 64), seed=seed, workers=1, progress=False
+        )
+        assert other["written"] == 3
+        assert not list(tmp_path.glob("fog/*/*/synth/*.png"))  # the other domain's scenes of seed 5 too
+        assert np.array_equal(
+            np.asarray(Image.open(image.as_posix().replace("fog", "game"))),
+            render(scene_seed(6, "val", 0), "game", (32, 64))[0],
+        )
 
 
 def test_unknown_domain_is_an_error():

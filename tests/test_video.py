@@ -4,7 +4,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import killed_writers_leftover, tiny_model_config
 
 from reinseg.build import build_segmentor
 from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint
@@ -72,6 +72,7 @@ def test_a_three_second_video_round_trips(checkpoint, tmp_path, capsys):
     assert decoded(clip)[0] == FPS * SECONDS
     out = tmp_path / "out"
     argv = ["predict", str(checkpoint), str(clip), "--output", str(out), "--scale", "64", "48", "--batch", "4"]
+    killed_writers_leftover(tmp_path, "out", is_folder=True)  # removed below (no "partial" left)
     assert main([*argv, "--frames"]) == 0
     captured = capsys.readouterr()
     assert f"{FPS * SECONDS}/{FPS * SECONDS}" in captured.err  # the progress bar, on stderr

@@ -145,6 +145,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def staging_folder(path: Path) -> Path:
+    """A new empty folder beside ``path`` (``.<name>.<pid>-partial-<random>``) to build it in,
+    after removing those that killed writers of ``path`` left (their process is gone)."""
+    import shutil
+
+    for stale in path.parent.glob(f".{path.name}.*{_TMP_MARK}*"):
+        pid = stale.name[len(path.name) + 2 :].partition(_TMP_MARK)[0]
+        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", dir=path.parent))
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path):
     """Yield a fresh temporary folder beside ``path``; when the block ends without an error it
@@ -156,11 +168,7 @@ def atomic_directory(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(20, "Not a directory", str(path))
-    for stale in path.parent.glob(f".{path.name}.*{_TMP_MARK}*"):  # left by killed writers
-        pid = stale.name[len(path.name) + 2 :].partition(_TMP_MARK)[0]
-        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", dir=path.parent))
+    staging = staging_folder(path)
     try:
         yield staging
         os.chmod(staging, 0o777 & ~_umask())
@@ -436,6 +444,7 @@ def merge_checkpoint(path: str | Path, output: str | Path, backbone: str | Path 
 
     if Path(output).resolve() == Path(path).resolve():
         raise ValueError(f"merge: the output {output} is the checkpoint itself; write the merged model elsewhere")
+    remove_stale_temporaries(Path(output).parent)  # a killed merge's (a whole VFM each)
     segmentor, payload = segmentor_from_checkpoint(path, backbone=backbone)
     model = payload["config"]["model"]
     tuning = model.get("tuning", "rein")

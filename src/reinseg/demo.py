@@ -119,6 +119,19 @@ def free_cores() -> int:
     return max(1, min(allowed, (os.cpu_count() or allowed) - busy))
 
 
+def _remove_results(output: Path) -> None:
+    """An earlier demo's results, deleted before this one starts: stopped midway, it would leave
+    them beside a new config and run that they do not describe."""
+    import shutil
+
+    from .data.synthetic import DOMAINS
+
+    for name in ("metrics.json", "results.json", *(f"{domain}.png" for domain in DOMAINS)):
+        (output / name).unlink(missing_ok=True)
+    for folder in ("report", "results_examples"):
+        shutil.rmtree(output / folder, ignore_errors=True)
+
+
 def run_demo(
     output: str | Path = "reinseg-demo",
     seed: int = 0,
@@ -144,6 +157,7 @@ def run_demo(
 
     output = Path(output)
     start = time.perf_counter()
+    _remove_results(output)
     # A thread count the user set for OpenMP wins over the guess.
     threads = threads or (torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else free_cores())
     previous_threads = torch.get_num_threads()

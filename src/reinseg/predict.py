@@ -254,12 +254,14 @@ def predict_files(
     """
     from tqdm import tqdm
 
+    from .checkpoints import remove_stale_temporaries
     from .data.io import read_photo, write_png
 
     paths = collect_images(inputs)  # everything is checked before anything is written
     segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone)
     print(f"segmenting {len(paths)} image(s) at {size}", flush=True)
     out = Path(output)
+    remove_stale_temporaries(out)  # a killed run's half-written files
     written = []
     for path in tqdm(paths, desc="predict", unit="image", disable=not progress or len(paths) < 2):
         image = read_photo(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -210,6 +209,7 @@ def predict_video(
     """
     from tqdm import tqdm
 
+    from .checkpoints import staging_folder
     from .data.io import write_png
     from .predict import load_for_prediction, overlay, segment_images
 
@@ -228,7 +228,7 @@ def predict_video(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(20, "Not a directory", str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}-partial-", dir=out.parent))
+    staging = staging_folder(out)  # and a killed run's, with its frames, removed
     try:
         writer = VideoWriter(staging / f"{video.stem}_overlay.mp4", info.width, info.height, info.fps)
         frame_dir = staging / f"{video.stem}_frames"

@@ -213,6 +213,10 @@ def prepare(
         summary.notes += [f"no partner: {path}: {reason}" for path, reason in unpaired]
     if not jobs:
         raise FileNotFoundError(f"no {dataset} labels to convert below {root}: " + "; ".join(summary.notes))
+    from ..checkpoints import remove_stale_temporaries  # here: that module imports torch
+
+    for folder in {Path(path).parent for job in jobs for path in job.outputs()}:
+        remove_stale_temporaries(folder)  # half-written labels of a killed preparation
     convert = partial(_convert, overwrite=overwrite, on_mismatch=on_mismatch)
     for result in parallel_map(convert, jobs, workers, desc=f"prepare {dataset}", progress=progress):
         status = result["status"]

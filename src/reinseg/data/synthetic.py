@@ -609,6 +609,10 @@ def _write_item(job, root: Path, domains, size, seed: int, overwrite: bool) -> i
     return len(todo)
 
 
+# The settings the scenes below a root were rendered with (write_cityscapes_layout).
+MANIFEST = "synthetic.json"
+
+
 def write_cityscapes_layout(
     root,
     domains=DOMAINS,
@@ -626,12 +630,28 @@ def write_cityscapes_layout(
         root/<domain>/gtFine/{train,val}/synth/synth_<index>_000019_gtFine_labelTrainIds.png
 
     Item ``i`` of a split shows the same scene in every domain. Existing files are kept unless
-    ``overwrite``. Returns {"root", "domains", "num_train", "num_val", "size", "written",
-    "seconds"} where ``written`` counts (domain, item) pairs rendered.
+    ``overwrite``, when ``root/synthetic.json`` says they are of this ``seed`` and ``size``; the
+    scenes of another seed or size, or of none recorded (an earlier release's), are deleted first,
+    so that a run stopped midway and continued with other settings never mixes two benchmarks.
+    Returns {"root", "domains", "num_train", "num_val", "size", "written", "seconds"} where
+    ``written`` counts (domain, item) pairs rendered.
     """
+    import json
+
+    from ..checkpoints import atomic_write_bytes
+
     for domain in domains:
         _check_domain(domain)
     root = Path(root)
+    manifest, settings = root / MANIFEST, {"seed": int(seed), "size": [int(s) for s in size]}
+    try:
+        recorded = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != settings:
+        for scene in root.glob("*/*/*/synth/synth_*.png"):
+            scene.unlink()
+        atomic_write_bytes(manifest, json.dumps(settings).encode())  # before any scene of these settings
     jobs = [("train", i) for i in range(num_train)] + [("val", i) for i in range(num_val)]
     start = time.perf_counter()
     write = partial(_write_item, root=root, domains=tuple(domains), size=tuple(size), seed=seed, overwrite=overwrite)
