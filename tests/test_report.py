@@ -513,3 +513,26 @@ def test_a_part_of_a_target_is_no_source_and_runs_at_its_wholes_scale(handmade, 
     handmade[1].write_text(json.dumps(whole))
     assert main(["report", str(handmade[1]), "--output", str(tmp_path / "alone")]) == 0
     assert "rein: no source domain among its results" in (tmp_path / "alone" / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_the_report_refuses_example_files_other_than_those_saved_with_the_results(evaluated, tmp_path, capsys):
+    """An evaluation killed after it replaced the examples folder, before its results: the old
+    results would have shown the new model's pictures beside their numbers."""
+    import hashlib
+
+    _, late = evaluated
+    folder = tmp_path / "results"
+    shutil.copytree(late.parent, folder)
+    results = json.loads((folder / late.name).read_text())
+    best = results["domains"]["target"]["examples"]["best"][0]
+    saved = folder / best["files"]["prediction"]
+    assert best["sha256"]["prediction"] == hashlib.sha256(saved.read_bytes()).hexdigest()
+    assert main(["report", str(folder / late.name), "--output", str(tmp_path / "good")]) == 0
+    other = (folder / best["files"]["label"]).read_bytes()  # (random weights predict one class everywhere)
+    assert other != saved.read_bytes()  # another class map of the same size, a valid PNG
+    saved.write_bytes(other)
+    assert main(["report", str(folder / late.name), "--output", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert f"example file {saved} is not the one saved with these results" in err
+    assert not (tmp_path / "report").exists()

@@ -105,6 +105,14 @@ def check_replaceable(folder: Path) -> None:
             )
 
 
+def file_digest(data: bytes) -> str:
+    """The SHA-256 of an example file as the results record it (``examples.<group>[].sha256``):
+    the report checks that the files beside the results are the ones saved with them."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 @torch.no_grad()
 def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str, set[str]] | None = None) -> None:
     """Add ``images`` and ``examples`` to each domain of ``task.last_results`` and write the
@@ -143,16 +151,19 @@ def write_examples(task, n: int, folder: Path, relative_to: Path, also: dict[str
                         seen = dataset.image_as_seen(index_of[record["label"]])  # corrupted where it was
                         arrays = _small(seen, item["label"].numpy(), prediction.astype(np.uint8))
                         stem = f"{position:05d}"
-                        files = {}
+                        files, digests = {}, {}
                         for name, array in zip(("image", "label", "prediction"), arrays, strict=True):
-                            write_png(staging / subfolder / f"{stem}_{name}.png", np.asarray(array, dtype=np.uint8))
+                            staged = staging / subfolder / f"{stem}_{name}.png"
+                            write_png(staged, np.asarray(array, dtype=np.uint8))
                             files[name] = Path(
                                 os.path.relpath(folder / subfolder / f"{stem}_{name}.png", relative_to)
                             ).as_posix()
+                            digests[name] = file_digest(staged.read_bytes())
                         written[position] = {
                             "image": record["image"],
                             "label": record["label"],
                             "mIoU": record["mIoU"],
                             "files": files,
+                            "sha256": digests,
                         }
             results["examples"] = {group: [written[p] for p in chosen[group]] for group in chosen if chosen[group]}

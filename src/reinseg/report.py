@@ -586,8 +586,8 @@ def _gallery(models: list[ModelResults], domains: list[str], palette: np.ndarray
                 entries = saved[image_name]
                 first = next(iter(entries.values()))
                 owner = next(m for m in models if m.name in entries)
-                image = _read_png(owner, first["files"]["image"], 3)
-                label = _read_png(owner, first["files"]["label"], 2)
+                image = _read_png(owner, first, "image", 3)
+                label = _read_png(owner, first, "label", 2)
                 full_size = label.shape
                 image, label = _shrink(image, label)
                 stem = f"{count:04d}"
@@ -602,7 +602,7 @@ def _gallery(models: list[ModelResults], domains: list[str], palette: np.ndarray
                     if entry is None:
                         cells += ['<div class="missing">not saved</div>'] * 2
                         continue
-                    prediction = _read_png(model, entry["files"]["prediction"], 2)
+                    prediction = _read_png(model, entry, "prediction", 2)
                     if prediction.shape != full_size:
                         raise ValueError(
                             f"{model.path}: the prediction of {image_name} is {prediction.shape[1]}x"
@@ -625,11 +625,18 @@ def _gallery(models: list[ModelResults], domains: list[str], palette: np.ndarray
     return "".join(out)
 
 
-def _read_png(model: ModelResults, relative: str, ndim: int) -> np.ndarray:
+def _read_png(model: ModelResults, entry: dict, name: str, ndim: int) -> np.ndarray:
+    """Example ``entry``'s file ``name`` (image, label or prediction), checked against the digest
+    the results recorded for it, where they did (an evaluation killed between replacing the
+    examples and writing its results left the new pictures beside the old numbers)."""
+    import io
+
     from PIL import Image
 
     from .data.io import RASTER_FORMATS
+    from .examples import file_digest
 
+    relative = entry["files"][name]
     folder = model.path.parent
     path = folder / relative
     # A results file names its examples relative to itself; it may not copy other files on this
@@ -638,10 +645,20 @@ def _read_png(model: ModelResults, relative: str, ndim: int) -> np.ndarray:
     if Path(relative).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
         raise ValueError(f"{model.path}: example file {relative!r} is outside the results' folder {folder}")
     try:
-        with Image.open(path, formats=RASTER_FORMATS) as picture:
+        data = path.read_bytes()
+        recorded = (entry.get("sha256") or {}).get(name) if isinstance(entry.get("sha256"), dict) else None
+        if recorded is not None and file_digest(data) != recorded:
+            raise ValueError(
+                f"{model.path}: example file {path} is not the one saved with these results (another "
+                "evaluation's, e.g. one interrupted after it replaced the examples): evaluate again with "
+                "--save-examples"
+            )
+        with Image.open(io.BytesIO(data), formats=RASTER_FORMATS) as picture:
             array = np.asarray(picture.convert("RGB") if ndim == 3 else picture)
     except FileNotFoundError:
         raise ValueError(f"{model.path}: example file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{model.path}: example file {path} is a folder") from None
     except (OSError, Image.DecompressionBombError) as err:
         raise ValueError(f"{model.path}: example file {path} does not read: {err}") from None
     if array.ndim != ndim:
