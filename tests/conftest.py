@@ -179,3 +179,14 @@ def killed_writers_leftover(folder, name: str, is_folder: bool = False):
     else:
         leftover.write_bytes(b"half")
     return leftover
+
+
+@pytest.fixture
+def python_sigint_handler():
+    """Python's own SIGINT handler (KeyboardInterrupt) in this process, as an interactive one has
+    (a test process started as a background job ignores SIGINT), put back after the test."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

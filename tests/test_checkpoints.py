@@ -65,6 +65,33 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_temporary_is_removed_only_when_its_writer_ran_here_and_is_gone(tmp_path):
+    """On a file system several machines write to, a process id of another machine says nothing
+    here: its temporaries stay (a job array predicting into one folder lost its files)."""
+    import subprocess
+    import sys
+
+    from reinseg.checkpoints import _HOST, atomic_write, remove_stale_temporaries
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(ended.stdout)
+    names = {
+        "killed here": f".a.png.{dead}@{_HOST}-partial-x1.tmp",
+        "killed, no machine recorded": f".b.png.{dead}-partial-x2.tmp",
+        "another machine's": f".c.png.{dead}@{_HOST}x-partial-x3.tmp",
+        "running here": f".d.png.{os.getpid()}@{_HOST}-partial-x4.tmp",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"half")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([names["killed here"], names["killed, no machine recorded"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["another machine's"], names["running here"]])
+    # What this process writes is named so (a killed write of it would be found).
+    seen = []
+    atomic_write(tmp_path / "e.png", lambda f: seen.extend(p.name for p in tmp_path.glob(".e.png.*")))
+    assert len(seen) == 1 and seen[0].startswith(f".e.png.{os.getpid()}@{_HOST}-partial-")
+
+
 def _run_with_a_relative_vfm(tmp_path, monkeypatch):
     """A tiny model whose config names its VFM file relative to the run's folder, as the shipped
     configs do, built from that file; its checkpoint config and the weights a checkpoint stores."""

@@ -251,3 +251,30 @@ def test_params_refuses_reins_sizes_for_a_strategy_that_does_not_use_them(capsys
     assert "--lora-dim, --token-length describe Rein's tokens, which --tuning fada does not use" in err
     assert main(["params", "--tuning", "rein", "--token-length", "10"]) == 0
     assert "Rein: 10 tokens" in capsys.readouterr().out
+
+
+def test_predictions_another_evaluation_is_writing_are_left_alone(tmp_path, capsys):
+    """A --save-preds folder marked by a process that runs (or ran on another machine, where it
+    cannot be seen) is refused; one marked by an ended process is emptied."""
+    import os
+    import subprocess
+    import sys
+
+    from reinseg.checkpoints import _HOST
+    from reinseg.cli import INCOMPLETE_PREDICTIONS, _start_predictions_folder
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    (folder / "cityscapes").mkdir()
+    (folder / "cityscapes" / "a.png").write_bytes(b"a prediction")
+    for writer in (f"1@{_HOST}", f"{int(ended.stdout)}@{_HOST}x"):  # init runs; another machine
+        (folder / INCOMPLETE_PREDICTIONS).write_text(writer + "\n")
+        with pytest.raises(ValueError, match=f"another evaluation \\({writer}\\) is writing it"):
+            _start_predictions_folder(folder)
+        assert (folder / "cityscapes" / "a.png").exists()
+    (folder / INCOMPLETE_PREDICTIONS).write_text(f"{int(ended.stdout)}@{_HOST}\n")
+    _start_predictions_folder(folder)
+    assert [p.name for p in folder.iterdir()] == [INCOMPLETE_PREDICTIONS]
+    assert (folder / INCOMPLETE_PREDICTIONS).read_text() == f"{os.getpid()}@{_HOST}\n"
+    assert "removing the incomplete predictions" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from PIL import Image
 
 from reinseg.cli import main
 from reinseg.data.synthetic import DOMAINS
+from reinseg.report import GENERATOR
 
 
 @pytest.mark.slow
@@ -48,9 +49,15 @@ def test_a_demo_stopped_by_ctrl_c_says_it_starts_again(tmp_path, monkeypatch):
 
     # An earlier demo's results, which a stopped one must not leave beside its own run.
     earlier = tmp_path / "demo"
-    for name in ("metrics.json", "results.json", "game.png", "report/index.html", "results_examples/game/0.png"):
+    for name in (
+        "metrics.json",
+        "results.json",
+        "game.png",
+        "report/index.html",
+        "results_examples/game/00000_image.png",
+    ):
         (earlier / name).parent.mkdir(parents=True, exist_ok=True)
-        (earlier / name).write_text("an earlier demo's")
+        (earlier / name).write_text(f'<meta name="generator" content="{GENERATOR}">')
     real_train = reinseg.engine.train
 
     def train_pressing_ctrl_c(config, **options):
@@ -66,6 +73,20 @@ def test_a_demo_stopped_by_ctrl_c_says_it_starts_again(tmp_path, monkeypatch):
     assert stopped.value.exit_status == 130  # the command's status
     assert str(stopped.value) == "the demo stopped on Ctrl-C (SIGINT): `reinseg demo` runs it again from the start"
     assert sorted(p.name for p in earlier.iterdir()) == ["config.yaml", "data", "run"]
+
+
+@pytest.mark.parametrize("folder", ["report", "results_examples"])
+def test_a_demo_refuses_to_delete_a_users_folder_of_the_name_it_writes(tmp_path, folder):
+    """``--output`` naming a user's folder: its report/ or results_examples/ holding other files
+    than the demo writes is refused before anything is deleted."""
+    from reinseg.demo import _remove_results
+
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "thesis.tex").write_text("a user's")
+    (tmp_path / "fog.png").write_bytes(b"a user's picture")
+    with pytest.raises(ValueError, match=folder):
+        _remove_results(tmp_path)
+    assert (tmp_path / folder / "thesis.tex").exists() and (tmp_path / "fog.png").exists()
 
 
 def test_demo_help_has_an_example(capsys):

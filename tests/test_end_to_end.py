@@ -397,17 +397,6 @@ def test_saved_predictions_of_native_mapillary_score_with_the_printed_command_on
     assert scored["mIoU"] == pytest.approx(json.loads(result.read_text())["domains"]["mapillary"]["mIoU"], abs=1e-9)
 
 
-@pytest.fixture
-def python_sigint_handler():
-    """Python's own SIGINT handler in this process (a test run as a background job ignores
-    SIGINT), put back as it was after the test."""
-    import signal
-
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_ctrl_c_stops_an_evaluation_at_the_batch_with_130_and_writes_no_results(
     trained, tmp_path, monkeypatch, python_sigint_handler, capsys
 ):

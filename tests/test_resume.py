@@ -316,15 +316,6 @@ class CtrlC(L.Callback):
             self.press()
 
 
-@pytest.fixture
-def python_sigint_handler():
-    """Python's own SIGINT handler in this process, as an interactive one has (not the SIG_IGN of
-    a background job), put back as it was after the test."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("press", "saved_step"),
@@ -353,15 +344,20 @@ def test_ctrl_c_saves_the_step_stops_with_130_and_resumes_exactly(tmp_path, pyth
     train(interrupted)
     assert_same_weights(weights(tmp_path / "a" / "run"), weights(run))
     assert validation_results(run) == validation_results(tmp_path / "a" / "run")
+    # Every step's logged row, as the uninterrupted run's (the stopped step's loss included).
+    assert sorted(csv_rows(run), key=repr) == sorted(csv_rows(tmp_path / "a" / "run"), key=repr)
 
 
 @pytest.mark.slow
-def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, python_sigint_handler):
+@pytest.mark.parametrize(
+    "press", [dict(at_step=2), dict(in_validation_of=3)], ids=["during step 3", "during the validation of step 3"]
+)
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, python_sigint_handler, press):
     from reinseg.engine import train
 
-    config = tiny_config(tmp_path, max_iters=6, checkpoint_interval=2, val_interval=100)
-    with pytest.raises((KeyboardInterrupt, SystemExit)):  # Lightning exits 1 on KeyboardInterrupt
-        train(config, callbacks=[CtrlC(at_step=2, times=2)])
+    config = tiny_config(tmp_path, num_val=2, max_iters=6, checkpoint_interval=2, val_interval=3)
+    with pytest.raises(KeyboardInterrupt):  # not Lightning's SystemExit(1): the command's status is 130
+        train(config, callbacks=[CtrlC(**press, times=2)])
     assert weights(tmp_path / "run")[0] == 2  # the checkpoint before: step 3 is not saved
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

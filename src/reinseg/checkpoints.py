@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
+import socket
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -62,7 +64,33 @@ def _umask() -> int:
     return mask
 
 
-_TMP_MARK = "-partial-"  # temporary files are .<name>.<pid>-partial-<random>.tmp
+_TMP_MARK = "-partial-"  # temporary files are .<name>.<pid>@<host>-partial-<random>.tmp
+# This machine's name as temporary names carry it (no dots: the name's own are parsed around it).
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _temporary_prefix(name: str) -> str:
+    """The start of a temporary file's or staging folder's name beside ``name``: the writer's
+    process and machine tell a killed writer's leftover from a live one's, also in a folder that
+    other machines write to (a shared file system, where their processes cannot be seen)."""
+    return f".{name}.{writer_mark()}{_TMP_MARK}"
+
+
+def writer_mark() -> str:
+    """``<pid>@<host>``: this process, as temporaries and markers of unfinished outputs name it."""
+    return f"{os.getpid()}@{_HOST}"
+
+
+def writer_is_gone(mark: str) -> bool:
+    """Whether the process a :func:`writer_mark` names ran on this machine (or the mark names no
+    machine, as earlier releases wrote it) and has ended."""
+    pid, _, host = mark.partition("@")
+    return pid.isdigit() and host in ("", _HOST) and not _alive(int(pid))
+
+
+def _left_by_a_killed_writer(temporary: str) -> bool:
+    """Whether the temporary named ``temporary`` is a leftover of a killed writer."""
+    return writer_is_gone(temporary[: temporary.rindex(_TMP_MARK)].rpartition(".")[2])
 
 
 def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
@@ -77,8 +105,7 @@ def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # The writer's pid in the name tells a killed writer's leftover from a live one's file.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             if sync:
@@ -108,8 +135,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return removed
     for tmp in folder.glob(f".*{_TMP_MARK}*.tmp"):
-        pid = tmp.name[: tmp.name.rindex(_TMP_MARK)].rpartition(".")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if _left_by_a_killed_writer(tmp.name):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -151,10 +177,9 @@ def staging_folder(path: Path) -> Path:
     import shutil
 
     for stale in path.parent.glob(f".{path.name}.*{_TMP_MARK}*"):
-        pid = stale.name[len(path.name) + 2 :].partition(_TMP_MARK)[0]
-        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if stale.is_dir() and _left_by_a_killed_writer(stale.name):
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}", dir=path.parent))
+    return Path(tempfile.mkdtemp(prefix=_temporary_prefix(path.name), dir=path.parent))
 
 
 @contextlib.contextmanager
@@ -177,7 +202,7 @@ def atomic_directory(path: str | Path):
             return
         # A folder cannot be renamed over a non-empty one: the old one steps aside first, and
         # comes back if the new one cannot take its place.
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}{_TMP_MARK}old-", dir=path.parent))
+        old = Path(tempfile.mkdtemp(prefix=f"{_temporary_prefix(path.name)}old-", dir=path.parent))
         os.replace(path, old / path.name)
         try:
             os.replace(staging, path)

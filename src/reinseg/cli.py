@@ -256,19 +256,31 @@ INCOMPLETE_PREDICTIONS = ".reinseg-incomplete"
 
 def _start_predictions_folder(folder: Path) -> None:
     """``--save-preds``: a new or empty folder (another evaluation's files would score with
-    these), or one an interrupted or failed evaluation left (its marker says so), emptied first;
-    then marked as incomplete until the evaluation ends."""
+    these), or one an interrupted or failed evaluation left (its marker names its process, gone),
+    emptied first; then marked with this process until the evaluation ends."""
     import shutil
 
-    if (folder / INCOMPLETE_PREDICTIONS).is_file():
+    from .checkpoints import writer_is_gone, writer_mark
+
+    marker = folder / INCOMPLETE_PREDICTIONS
+    if marker.is_file():
+        writer = marker.read_text(errors="replace").strip()
+        if writer != writer_mark() and not writer_is_gone(writer):  # (this process: an evaluation it ended)
+            raise ValueError(
+                f"--save-preds {folder}: another evaluation ({writer}) is writing it, or ran on another machine "
+                f"and stopped: choose a new folder, or empty it once that evaluation has ended"
+            )
         print(f"removing the incomplete predictions an interrupted evaluation left in {folder}", file=sys.stderr)
         for entry in folder.iterdir():
+            if entry == marker:
+                continue  # last: a kill midway leaves a folder the next evaluation still empties
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
+        marker.unlink()
     _check_writable_folder(folder, "--save-preds", empty=True)
-    (folder / INCOMPLETE_PREDICTIONS).touch()
+    marker.write_text(writer_mark() + "\n")
 
 
 def _check_examples_folder(examples: Path) -> None:

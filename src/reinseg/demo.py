@@ -121,11 +121,17 @@ def free_cores() -> int:
 
 def _remove_results(output: Path) -> None:
     """An earlier demo's results, deleted before this one starts: stopped midway, it would leave
-    them beside a new config and run that they do not describe."""
+    them beside a new config and run that they do not describe. A ``report`` or
+    ``results_examples`` folder that holds other files than the demo writes is refused first, as
+    writing them would refuse it (a user's own files are never deleted)."""
     import shutil
 
     from .data.synthetic import DOMAINS
+    from .examples import check_replaceable
+    from .report import _check_replaceable as check_report_replaceable
 
+    check_report_replaceable(output / "report")
+    check_replaceable(output / "results_examples")
     for name in ("metrics.json", "results.json", *(f"{domain}.png" for domain in DOMAINS)):
         (output / name).unlink(missing_ok=True)
     for folder in ("report", "results_examples"):

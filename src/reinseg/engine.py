@@ -611,14 +611,19 @@ SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
 @contextlib.contextmanager
 def _on_sigterm(message, guard: _RunGuard | None = None):
-    """Lightning ends a run on SIGTERM with a SystemExit of status 0, and _RunGuard a run on
-    Ctrl-C likewise: make it an error whose text is ``message(name)``, ``name`` the signal's
-    (:data:`SIGNAL_NAMES`)."""
+    """Lightning ends a run on SIGTERM (and _RunGuard's Ctrl-C) with a SystemExit of status 0:
+    make it an error whose text is ``message(name)``, ``name`` the signal's
+    (:data:`SIGNAL_NAMES`). A second Ctrl-C, which Lightning ends with status 1, stays a
+    KeyboardInterrupt."""
     try:
         yield
     except SIGTERMException:
         stop = guard.stop_signal if guard is not None else signal.SIGTERM
         raise TrainingInterrupted(message(SIGNAL_NAMES[stop]), exit_status=128 + stop) from None
+    except SystemExit:
+        if guard is not None and guard.aborted:
+            raise KeyboardInterrupt from None  # Lightning's sys.exit(1) after a second Ctrl-C
+        raise
 
 
 class _RunGuard(L.Callback):
@@ -627,8 +632,8 @@ class _RunGuard(L.Callback):
     step is not a checkpoint step (the final weights are never lost).
 
     Ctrl-C (SIGINT) is handled as SIGTERM is, once :meth:`catch_ctrl_c` has installed its handler
-    (Lightning's own handling ends the run at once, without a checkpoint); the handler puts the
-    previous one back, so a second Ctrl-C stops the run at once.
+    (Lightning's own handling ends the run at once, without a checkpoint); a second Ctrl-C stops
+    the run at once, without saving, as a KeyboardInterrupt.
 
     Under DDP, SIGTERM only marks the rank: Lightning's own handler issues a collective inside
     the signal handler, wherever the rank happens to be, and stops a rank mid-validation while the
@@ -642,8 +647,13 @@ class _RunGuard(L.Callback):
         self.last = last
         self._saved_step: int | None = None
         self._signalled = False
-        self._ctrl_c = False  # Ctrl-C came (one process; under DDP it marks _signalled)
-        self.stop_signal = signal.SIGTERM  # the signal the messages name: the last one to arrive
+        self._ctrl_c = False  # pressed once: the run stops as on SIGTERM
+        self.aborted = False  # pressed twice: KeyboardInterrupt, which Lightning made SystemExit(1)
+
+    @property
+    def stop_signal(self) -> signal.Signals:
+        """The signal a stopped run's message names: Ctrl-C's once pressed, else SIGTERM."""
+        return signal.SIGINT if self._ctrl_c else signal.SIGTERM
 
     @contextlib.contextmanager
     def catch_ctrl_c(self, trainer, notice: str):
@@ -657,16 +667,18 @@ class _RunGuard(L.Callback):
             yield
             return
 
-        def first_ctrl_c(signum, frame):
-            signal.signal(signal.SIGINT, previous)
-            self.stop_signal = signal.SIGINT
+        def ctrl_c(signum, frame):
+            if self._ctrl_c:  # Lightning's teardown may have put this handler back
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGINT, previous)  # the second press interrupts at once
+            self._ctrl_c = True
             if trainer.world_size > 1:
                 self._signalled = True
-            else:
-                self._ctrl_c = True
+            else:  # the SIGTERM path: last.ckpt at the step's end, logged as every step
+                trainer._signal_connector.received_sigterm = True
             log.warning("Ctrl-C: %s; press Ctrl-C again to stop at once", notice)
 
-        signal.signal(signal.SIGINT, first_ctrl_c)
+        signal.signal(signal.SIGINT, ctrl_c)
         try:
             yield
         finally:
@@ -681,11 +693,18 @@ class _RunGuard(L.Callback):
         trainer.save_checkpoint(self.last)
         self._saved_step = trainer.global_step
 
+    def _keep_ctrl_c(self, trainer) -> None:
+        # Lightning clears its SIGTERM mark at the start of every fit and validate.
+        if self._ctrl_c and trainer.world_size == 1:
+            trainer._signal_connector.received_sigterm = True
+
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.world_size > 1:  # Lightning registered its handler at the start of fit: replaced
             signal.signal(signal.SIGTERM, self._mark_signalled)
+        self._keep_ctrl_c(trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        self._keep_ctrl_c(trainer)
         # A validation outside fit (reinseg eval, the final or a missed one) cannot stop its ranks
         # together midway (they hold different numbers of images): it finishes, then its caller
         # looks at signalled().
@@ -698,7 +717,6 @@ class _RunGuard(L.Callback):
 
     def _mark_signalled(self, signum, frame) -> None:
         self._signalled = True
-        self.stop_signal = signal.SIGTERM
 
     def any_rank_signalled(self, trainer) -> bool:
         """Whether SIGTERM reached any DDP rank: a collective, so every rank must call it together."""
@@ -714,16 +732,11 @@ class _RunGuard(L.Callback):
                 raise SIGTERMException
         elif trainer.received_sigterm:
             self._save(trainer)
-        elif self._ctrl_c:
-            self._save(trainer)
-            raise SIGTERMException  # as Lightning stops on SIGTERM (the due validation is redone on resume)
-
-    def on_validation_batch_end(self, trainer, *args) -> None:
-        # One process: a validation stops midway on Ctrl-C, as on SIGTERM (redone on resume).
-        if self._ctrl_c and trainer.world_size == 1:
-            raise SIGTERMException
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.aborted = True  # a second Ctrl-C: at once, without saving
+            return
         if trainer.world_size > 1:
             return  # a save is a collective there: not from one rank's error
         if isinstance(exception, SIGTERMException):

@@ -630,8 +630,8 @@ def write_cityscapes_layout(
         root/<domain>/gtFine/{train,val}/synth/synth_<index>_000019_gtFine_labelTrainIds.png
 
     Item ``i`` of a split shows the same scene in every domain. Existing files are kept unless
-    ``overwrite``, when ``root/synthetic.json`` says they are of this ``seed`` and ``size``; the
-    scenes of another seed or size, or of none recorded (an earlier release's), are deleted first,
+    ``overwrite``, when ``root/synthetic.json`` says they are of this ``seed``, ``size`` and
+    counts; the scenes of other settings, or of none recorded (an earlier release's), are deleted first,
     so that a run stopped midway and continued with other settings never mixes two benchmarks.
     Returns {"root", "domains", "num_train", "num_val", "size", "written", "seconds"} where
     ``written`` counts (domain, item) pairs rendered.
@@ -643,7 +643,8 @@ def write_cityscapes_layout(
     for domain in domains:
         _check_domain(domain)
     root = Path(root)
-    manifest, settings = root / MANIFEST, {"seed": int(seed), "size": [int(s) for s in size]}
+    settings = {"seed": int(seed), "size": [int(s) for s in size], "num_train": num_train, "num_val": num_val}
+    manifest = root / MANIFEST
     try:
         recorded = json.loads(manifest.read_text())
     except (OSError, ValueError):
