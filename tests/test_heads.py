@@ -115,6 +115,7 @@ def test_linked_head_requires_queries_of_the_right_shape():
         head(features, torch.randn(12, 32))
 
 
+@pytest.mark.slow  # 0.5 s; the fast tier builds every full-size zoo backbone on the meta device
 def test_full_size_head_builds_on_the_meta_device():
     with torch.device("meta"):
         head = Mask2FormerHead([1024] * 4, num_classes=19, num_queries=100)

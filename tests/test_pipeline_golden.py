@@ -128,6 +128,7 @@ def test_training_sample_does_not_depend_on_the_thread_counts(tmp_path, threads)
     assert sha256(out_image.numpy()) == sample["image_sha256"]
 
 
+@pytest.mark.slow  # 0.8 s; the fast tier keeps the unpadded training sample's golden
 def test_padded_official_recipe_crop_pads_after_normalisation(tmp_path):
     """The 512 recipe on a GTAV frame resized to a 256 short edge: the 256 x 466 crop is flipped and
     distorted unpadded, then padded with 0 (the mean colour) and label 255 at the bottom/right."""

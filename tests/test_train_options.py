@@ -128,6 +128,7 @@ def test_deformable_recompute_is_an_option_with_the_same_gradients():
     assert saved_for_backward_bytes(built()) < saved_for_backward_bytes(built(deformable_recompute=False))
 
 
+@pytest.mark.slow  # a lever's option, 0.7 s: the fast tier keeps the ViT's checkpointing
 def test_pixel_decoder_checkpointing_gives_the_same_gradients_and_keeps_less():
     segmentor = built(pixel_decoder_checkpointing=True)
     decoders = [m for m in segmentor.modules() if isinstance(m, PixelDecoder)]
@@ -194,9 +195,10 @@ def test_encoder_ffn_recompute_gradients_equal_float64_autograd(chunk_rows):
         ("rein", "dinov2_vits14"),
         ("rein", "eva02_vitl14"),
         ("rein", "sam_vitb16"),
-        ("lora", "dinov2_vits14"),
         ("vpt", "dinov2_vits14"),
-        # In the full suite only: frozen (no module), AdaptFormer (an adapter as LoRA is), FADA and SET (Rein's kind).
+        # In the full suite only: frozen (no module), LoRA and AdaptFormer (adapters: peft's, reinseg's), FADA
+        # and SET (Rein's kind).
+        pytest.param("lora", "dinov2_vits14", marks=pytest.mark.slow),
         pytest.param("frozen", "dinov2_vits14", marks=pytest.mark.slow),
         pytest.param("adaptformer", "dinov2_vits14", marks=pytest.mark.slow),
         pytest.param("fada", "dinov2_vits14", marks=pytest.mark.slow),
