@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,7 +156,7 @@ def run_demo(
     from .checkpoints import atomic_write_bytes
     from .data.io import write_png
     from .data.synthetic import DOMAINS, write_cityscapes_layout
-    from .engine import SIGNAL_NAMES, TrainingInterrupted, train
+    from .engine import TrainingInterrupted, train
     from .examples import write_examples
     from .report import write_report
 
@@ -189,9 +188,8 @@ def run_demo(
             task = train(config, resume="never", overwrite=True, callbacks=[_RecordImages()])
         except TrainingInterrupted as stopped:
             # train's message says to resume, but a demo starts afresh.
-            name = SIGNAL_NAMES[signal.Signals(stopped.exit_status - 128)]
-            raise TrainingInterrupted(
-                f"the demo stopped on {name}: `reinseg demo` runs it again from the start", stopped.exit_status
+            raise TrainingInterrupted.on(
+                stopped.stop, lambda name: f"the demo stopped on {name}: `reinseg demo` runs it again from the start"
             ) from None
         results = task.last_results
         if results is None:

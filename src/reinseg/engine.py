@@ -600,9 +600,15 @@ class TrainingInterrupted(RuntimeError):
     command line exits with ``exit_status``, 128 + the signal's number as a shell reports a
     process the signal ended: 143 for SIGTERM, 130 for SIGINT."""
 
-    def __init__(self, message: str, exit_status: int = 128 + signal.SIGTERM) -> None:
+    def __init__(self, message: str, stop: signal.Signals = signal.SIGTERM) -> None:
         super().__init__(message)
-        self.exit_status = exit_status
+        self.stop, self.exit_status = stop, 128 + stop
+
+    @classmethod
+    def on(cls, stop: signal.Signals, message) -> TrainingInterrupted:
+        """The error of a run the signal ``stop`` ended, whose text is ``message(name)``, ``name``
+        the signal's as the messages say it (:data:`SIGNAL_NAMES`)."""
+        return cls(message(SIGNAL_NAMES[stop]), stop)
 
 
 # How the messages name the signals a run stops on.
@@ -618,8 +624,7 @@ def _on_sigterm(message, guard: _RunGuard | None = None):
     try:
         yield
     except SIGTERMException:
-        stop = guard.stop_signal if guard is not None else signal.SIGTERM
-        raise TrainingInterrupted(message(SIGNAL_NAMES[stop]), exit_status=128 + stop) from None
+        raise TrainingInterrupted.on(guard.stop_signal if guard is not None else signal.SIGTERM, message) from None
     except SystemExit:
         if guard is not None and guard.aborted:
             raise KeyboardInterrupt from None  # Lightning's sys.exit(1) after a second Ctrl-C
@@ -1114,7 +1119,7 @@ def _stop_if_signalled(trainer: L.Trainer, message) -> None:
     rank during it (the ranks agree, as at the end of a training step)."""
     guard = _run_guard(trainer)
     if trainer.world_size > 1 and guard.any_rank_signalled(trainer):
-        raise TrainingInterrupted(message(SIGNAL_NAMES[guard.stop_signal]), exit_status=128 + guard.stop_signal)
+        raise TrainingInterrupted.on(guard.stop_signal, message)
 
 
 def _checkpoint_to_resume(resume: str, checkpoints: Path, overwrite: bool) -> Path | None:
