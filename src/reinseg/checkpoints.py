@@ -172,8 +172,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def staging_folder(path: Path) -> Path:
-    """A new empty folder beside ``path`` (``.<name>.<pid>-partial-<random>``) to build it in,
-    after removing those that killed writers of ``path`` left (their process is gone)."""
+    """A new empty folder beside ``path`` (``.<name>.<pid>@<host>-partial-<random>``) to build
+    it in, after removing those that killed writers of ``path`` on this machine left."""
     import shutil
 
     for stale in path.parent.glob(f".{path.name}.*{_TMP_MARK}*"):

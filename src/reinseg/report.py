@@ -646,7 +646,8 @@ def _read_png(model: ModelResults, entry: dict, name: str, ndim: int) -> np.ndar
         raise ValueError(f"{model.path}: example file {relative!r} is outside the results' folder {folder}")
     try:
         data = path.read_bytes()
-        recorded = (entry.get("sha256") or {}).get(name) if isinstance(entry.get("sha256"), dict) else None
+        digests = entry.get("sha256")
+        recorded = digests.get(name) if isinstance(digests, dict) else None
         if recorded is not None and file_digest(data) != recorded:
             raise ValueError(
                 f"{model.path}: example file {path} is not the one saved with these results (another "
