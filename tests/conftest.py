@@ -10,6 +10,10 @@ import torch  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 
+# One intra-op thread: the tests' tensors are tiny, and a second thread's hand-offs cost more than
+# it computes (fast tier 62.8 -> 57.3 s on 2 cores). A test about thread counts sets its own.
+torch.set_num_threads(1)
+
 
 def run_reinseg(args: list[str], env_without: tuple[str, ...] = ()):
     """Run ``python args...`` in a fresh interpreter on this checkout's reinseg (``src/`` first on

@@ -192,7 +192,8 @@ def write_png(path, array: np.ndarray, palette: bool = False) -> Path:
         image = image.convert("P")
         image.putpalette([(7 * i) % 256 for i in range(768)])
         image.frombytes(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    image.save(path)
+    # Level 1: the pixels are what matters, and level 6 took seconds on the full-size golden images.
+    image.save(path, compress_level=1)
     return path
 
 

@@ -37,13 +37,6 @@ def finished_run(tmp_path_factory):
 
 
 @pytest.fixture
-def run_in_place(tmp_path):
-    """The finished run trained in this test's folder: for a test that resumes it (a copied run
-    resumes too, but Lightning's checkpoint callback then starts its bookkeeping afresh)."""
-    return tmp_path / "run", _train_finished_run(tmp_path)
-
-
-@pytest.fixture
 def run(finished_run, tmp_path):
     """A copy of the finished run, its data and a config pointing at them: each test its own
     (the copied files keep the first folder's paths inside, which a run moved by a user does too)."""
@@ -403,8 +396,8 @@ def test_a_demo_rerun_replaces_the_previous_run(tmp_path):
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
-def test_a_resume_removes_leftovers_of_killed_writes(run_in_place):
-    out, config_file = run_in_place
+def test_a_resume_removes_leftovers_of_killed_writes(run):
+    out, config_file = run
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     leftover = out / "checkpoints" / f".last.ckpt.{int(dead.stdout)}-partial-abcd1234.tmp"
     leftover.write_bytes(b"half a checkpoint")
