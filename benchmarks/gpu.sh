@@ -112,7 +112,7 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
     section "1024 crops (Cityscapes -> ACDC recipe), batch $half" &&
         train --backbone "$large" --img-size 1024 --batch "$half" --precision bf16 32 --strategies rein
 
-    # benchmarks/memory_estimate.py puts both at batch 4 well inside 80 GiB: ViT-g in bf16 17 GiB,
+    # benchmarks/memory_estimate.py puts both at batch 4 well inside 80 GiB (lower bounds): ViT-g in bf16 17 GiB,
     # the 7B with its frozen weights in bf16 37 GiB (RESULTS.md, sixteenth session).
     section "Larger VFMs, bf16: $giant and $huge (frozen weights in bf16), batch $batch" &&
         train --backbone "$giant" --batch "$batch" --precision bf16 --strategies rein &&

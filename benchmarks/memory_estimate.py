@@ -1,26 +1,33 @@
 """Peak GPU memory of a training step, estimated without a GPU: ViT-L, ViT-g and DINOv3-7B at 512
 and 1024 crops, per lever (issue 13 asks for the larger VFMs "with whatever makes them fit").
 
-    OMP_NUM_THREADS=2 python benchmarks/memory_estimate.py --threads 2             # the table
-    OMP_NUM_THREADS=2 python benchmarks/memory_estimate.py --check --threads 2     # test the method
+    OMP_NUM_THREADS=2 python benchmarks/memory_estimate.py --threads 2                        # the table
+    OMP_NUM_THREADS=2 python benchmarks/memory_estimate.py --check 24 --backbones dinov2_vitl14 --threads 2
 
-What ``torch.cuda.max_memory_allocated`` reports is the largest sum, over a run, of the live tensor
-storages, each rounded up to the caching allocator's 512-byte granule. This script counts exactly
-that while one training step (forward, loss, backward, fused AdamW step) runs on the CPU:
+``torch.cuda.max_memory_allocated`` reports the largest sum, over a run, of the allocator's blocks
+holding live tensors. This script counts the live tensor storages, each rounded up to the
+caching allocator's 512-byte granule, while one training step (forward, loss, backward, fused
+AdamW step) runs on the CPU in its steady state (AdamW's moments already made):
 :class:`LiveBytes`, a ``TorchDispatchMode``, sees every storage an operation makes, and a finalizer on
-the storage sees it freed; the parameters, buffers and inputs are counted from the start. The
-step takes the GPU's code paths where the CPU's differ (``eager_on_cpu`` answers no): the
-deformable attention samples with ``grid_sample``, not the CPU's CSR kernel, and the mask
-products and short softmaxes take their plain forms. What it cannot show: the allocator's
-fragmentation (``memory_reserved`` above ``max_memory_allocated``), cuBLAS/cuDNN workspaces, the
-CUDA context (~0.5 GiB), and which operations CPU autocast and CUDA autocast cast differently.
+the storage sees it freed; parameters, buffers, optimizer state and inputs are counted from the
+start. The step takes the GPU's code paths where the CPU's differ (``eager_on_cpu`` answers no):
+the deformable attention samples with ``grid_sample``, not the CPU's CSR kernel, and the mask
+products and short softmaxes take their plain forms.
+
+The count is a lower bound of the GPU's figure: the allocator charges whole blocks (it splits a
+block of the large pool only when more than 1 MiB would remain, so a tensor over 1 MiB may take
+up to 1 MiB more); kernels' own allocations (cuBLAS/cuDNN workspaces) count there and not here;
+CUDA autocast returns some outputs in fp32 that CPU autocast leaves in bf16 (normalisations,
+softmaxes, sums); and the CUDA context (~0.5 GiB) and the allocator's fragmentation
+(``memory_reserved``) come on top.
 
 A ViT is a stack of identical blocks, and the step's memory is a line in the depth: the frozen
 weights, Rein's tokens and their optimizer state, and the activations each block keeps for
-backward all grow by the same amount per block. So each estimate runs the step at two reduced
-depths (``--depths``, the backbone's four taps spread over each) and extends the line through the
-two peaks to the full depth; ``--check`` also runs ViT-L whole and prints the line's error.
-Each step runs in a fresh process.
+backward all grow by the same amount per block, as long as the peak falls at the same point of
+the step. So each estimate runs the step at two reduced depths (``--depths``; reinseg's four
+default taps spread over each) and extends the line through the two peaks to the full depth;
+``--check N`` runs the step at ``N`` blocks too (24 with ViT-L: the whole model) and prints the
+line's error there. Each step runs in a fresh process.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ class LiveBytes(TorchDispatchMode):
     """Live tensor bytes while the mode is on: ``current`` and its maximum ``peak``.
 
     Every storage an operation returns is counted once (views share it) until Python frees it;
-    :meth:`add` counts tensors made before the mode (parameters, inputs)."""
+    :meth:`add` counts tensors made before the mode (parameters, optimizer state, inputs)."""
 
     def __init__(self, granule: int = GRANULE) -> None:
         super().__init__()
@@ -87,11 +94,6 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _out_indices(depth: int) -> list[int]:
-    """reinseg's default taps (1/3, 1/2, 2/3 and all of the depth), distinct at any depth >= 4."""
-    return sorted({max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3)} | {depth - 1})
-
-
 def _never(tensor: torch.Tensor) -> bool:
     return False
 
@@ -112,9 +114,8 @@ def child(args) -> dict:
     torch.manual_seed(0)
     depth = args.depth
     timm_kwargs = {} if depth == FULL_DEPTHS[args.backbone] else {"depth": depth}
-    backbone = BackboneConfig(
-        name=args.backbone, img_size=args.crop, patch_size=16, out_indices=_out_indices(depth), timm_kwargs=timm_kwargs
-    )
+    # out_indices: reinseg's default, spread over the depth built (1/3, 1/2, 2/3 and the last).
+    backbone = BackboneConfig(name=args.backbone, img_size=args.crop, patch_size=16, timm_kwargs=timm_kwargs)
     options, autocast, _ = LEVERS[args.lever]
     config = check_values(Config(model=ModelConfig(backbone=backbone), train=TrainConfig(**options)))
     start = time.perf_counter()
@@ -123,12 +124,19 @@ def child(args) -> dict:
     built = time.perf_counter() - start
     trainable = [p for p in segmentor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05, fused=True)
+    # The steady state: from the second step on, AdamW's moments (made by its first step) are
+    # live through forward and backward. One step on zero gradients makes them without a forward.
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state = [v for per_param in optimizer.state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, args.crop, args.crop, generator=generator)
     labels = torch.randint(0, 19, (args.batch, args.crop, args.crop), generator=generator)
     labels[:, : args.crop // 8] = 255
     tracker = LiveBytes()
-    for tensor in [*segmentor.parameters(), *segmentor.buffers(), images, labels]:
+    for tensor in [*segmentor.parameters(), *segmentor.buffers(), *state, images, labels]:
         tracker.add(tensor)
     before = tracker.current
     start = time.perf_counter()
@@ -176,20 +184,33 @@ def gib(value: float) -> str:
 
 
 def check(args) -> None:
-    """The line's error: ViT-L's peak measured whole against the line through two reduced depths."""
+    """The line's error: the peak measured at ``--check`` blocks against the line through the two
+    reduced depths, per backbone, crop, batch and lever."""
     low_depth, high_depth = args.depths
-    print(f"# The method checked: dinov2_vitl14 (24 blocks) at {args.crop} px, measured whole and extended")
-    print(f"# from {low_depth} and {high_depth} blocks; GiB of live tensors (512-byte granules)\n")
-    print("| lever | batch | peak, 24 blocks measured | extended | error |")
-    print("|---|---|---|---|---|")
-    for lever in args.levers:
-        for batch in args.batch:
-            whole = measure(args, "dinov2_vitl14", 24, args.crop, batch, lever)
-            low = measure(args, "dinov2_vitl14", low_depth, args.crop, batch, lever)
-            high = measure(args, "dinov2_vitl14", high_depth, args.crop, batch, lever)
-            line = extend(low, high, 24)
-            error = (line - whole["peak_bytes"]) / whole["peak_bytes"]
-            print(f"| {lever} | {batch} | {gib(whole['peak_bytes'])} | {gib(line)} | {error:+.1%} |", flush=True)
+    print(f"# The method checked: the peak measured at {args.check} blocks and extended from {low_depth} and")
+    print(f"# {high_depth}; GiB of live tensors (512-byte granules); torch {torch.__version__}\n")
+    print(f"| backbone | crop | batch | lever | measured at {args.check} blocks | extended | error |")
+    print("|---|---|---|---|---|---|---|")
+    for backbone, crop, batch, lever in _grid(args):
+        measured = measure(args, backbone, args.check, crop, batch, lever)
+        low = measure(args, backbone, low_depth, crop, batch, lever)
+        high = measure(args, backbone, high_depth, crop, batch, lever)
+        line = extend(low, high, args.check)
+        error = (line - measured["peak_bytes"]) / measured["peak_bytes"]
+        row = (
+            f"| {backbone} | {crop} | {batch} | {lever} | {gib(measured['peak_bytes'])} | {gib(line)} | {error:+.2%} |"
+        )
+        print(row, flush=True)
+
+
+def _grid(args):
+    return [
+        (backbone, crop, batch, lever)
+        for backbone in args.backbones
+        for crop in args.crops
+        for batch in args.batch
+        for lever in args.levers
+    ]
 
 
 def estimate(args) -> None:
@@ -199,17 +220,13 @@ def estimate(args) -> None:
     print(f"# torch {torch.__version__}\n")
     print(f"| backbone | crop | batch | lever | peak GiB | fits {GPU_GIB} GiB | per block MiB |")
     print("|---|---|---|---|---|---|---|")
-    for backbone in args.backbones:
-        for crop in args.crops:
-            for batch in args.batch:
-                for lever in args.levers:
-                    low = measure(args, backbone, low_depth, crop, batch, lever)
-                    high = measure(args, backbone, high_depth, crop, batch, lever)
-                    line = extend(low, high, FULL_DEPTHS[backbone])
-                    per_block = (high["peak_bytes"] - low["peak_bytes"]) / (high_depth - low_depth) / 2**20
-                    fits = "yes" if line <= GPU_GIB * 2**30 else "no"
-                    row = f"| {backbone} | {crop} | {batch} | {lever} | {gib(line)} | {fits} | {per_block:.0f} |"
-                    print(row, flush=True)
+    for backbone, crop, batch, lever in _grid(args):
+        low = measure(args, backbone, low_depth, crop, batch, lever)
+        high = measure(args, backbone, high_depth, crop, batch, lever)
+        line = extend(low, high, FULL_DEPTHS[backbone])
+        per_block = (high["peak_bytes"] - low["peak_bytes"]) / (high_depth - low_depth) / 2**20
+        fits = "yes" if line <= GPU_GIB * 2**30 else "no"
+        print(f"| {backbone} | {crop} | {batch} | {lever} | {gib(line)} | {fits} | {per_block:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -219,20 +236,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[4])
     parser.add_argument("--levers", nargs="+", default=ESTIMATE_LEVERS, choices=list(LEVERS))
     parser.add_argument("--depths", type=int, nargs=2, default=[4, 8], help="the two reduced depths (>= 4)")
-    parser.add_argument("--crop", type=int, default=512, help="--check's crop")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--check", action="store_true", help="test the line on ViT-L, measured whole")
+    parser.add_argument("--check", type=int, metavar="N", help="measure at N blocks too: the line's error there")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--crop", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--backbone", default="dinov2_vitl14", help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=24, help=argparse.SUPPRESS)
     parser.add_argument("--lever", default="none", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if min(args.depths) < 4 or args.depths[0] >= args.depths[1]:
         parser.error("--depths: two depths, the first smaller, each at least 4 (four distinct taps)")
+    if args.check is not None and args.check < 4:
+        parser.error("--check: a depth of at least 4 (four distinct taps)")
     if args.child:
-        args.batch, args.crop = args.batch[0], args.crop
+        args.batch = args.batch[0]
         print(json.dumps(child(args)))
-    elif args.check:
+    elif args.check is not None:
         check(args)
     else:
         estimate(args)
