@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
-from levers import LEVERS  # noqa: E402
+from levers import LEVERS, apply_lever  # noqa: E402
 
 GRANULE = 512  # bytes: the CUDA caching allocator's smallest block (c10/cuda/CUDACachingAllocator.cpp)
 GPU_GIB = 80  # an H100's memory: the table says whether each estimate stays under it
@@ -102,8 +102,7 @@ def child(args) -> dict:
     import reinseg.heads.deformable_attention
     import reinseg.heads.mask2former
     from reinseg.build import build_segmentor
-    from reinseg.config import BackboneConfig, Config, ModelConfig, TrainConfig, check_values
-    from reinseg.train_options import apply_train_options
+    from reinseg.config import BackboneConfig, ModelConfig
 
     # The GPU's code paths: the CPU's eager fp32 forms (the deformable attention's CSR kernel,
     # the mask products' row-selecting backward, the short softmax) keep other tensors.
@@ -116,11 +115,9 @@ def child(args) -> dict:
     timm_kwargs = {} if depth == FULL_DEPTHS[args.backbone] else {"depth": depth}
     # out_indices: reinseg's default, spread over the depth built (1/3, 1/2, 2/3 and the last).
     backbone = BackboneConfig(name=args.backbone, img_size=args.crop, patch_size=16, timm_kwargs=timm_kwargs)
-    options, autocast, _ = LEVERS[args.lever]
-    config = check_values(Config(model=ModelConfig(backbone=backbone), train=TrainConfig(**options)))
     start = time.perf_counter()
-    segmentor = build_segmentor(config.model, load_backbone_weights=False).train()
-    apply_train_options(segmentor, config)
+    segmentor = build_segmentor(ModelConfig(backbone=backbone), load_backbone_weights=False).train()
+    autocast = apply_lever(segmentor, args.lever)
     built = time.perf_counter() - start
     trainable = [p for p in segmentor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05, fused=True)
@@ -173,10 +170,14 @@ def measure(args, backbone: str, depth: int, crop: int, batch: int, lever: str) 
     return found
 
 
+def per_block(low: dict, high: dict) -> float:
+    """The bytes each block adds to the peak: the slope of the line through two measured peaks."""
+    return (high["peak_bytes"] - low["peak_bytes"]) / (high["depth"] - low["depth"])
+
+
 def extend(low: dict, high: dict, depth: int) -> float:
     """The peak at ``depth`` blocks on the line through two measured peaks."""
-    per_block = (high["peak_bytes"] - low["peak_bytes"]) / (high["depth"] - low["depth"])
-    return high["peak_bytes"] + per_block * (depth - high["depth"])
+    return high["peak_bytes"] + per_block(low, high) * (depth - high["depth"])
 
 
 def gib(value: float) -> str:
@@ -224,9 +225,9 @@ def estimate(args) -> None:
         low = measure(args, backbone, low_depth, crop, batch, lever)
         high = measure(args, backbone, high_depth, crop, batch, lever)
         line = extend(low, high, FULL_DEPTHS[backbone])
-        per_block = (high["peak_bytes"] - low["peak_bytes"]) / (high_depth - low_depth) / 2**20
         fits = "yes" if line <= GPU_GIB * 2**30 else "no"
-        print(f"| {backbone} | {crop} | {batch} | {lever} | {gib(line)} | {fits} | {per_block:.0f} |", flush=True)
+        mib = per_block(low, high) / 2**20
+        print(f"| {backbone} | {crop} | {batch} | {lever} | {gib(line)} | {fits} | {mib:.0f} |", flush=True)
 
 
 def main() -> None:
