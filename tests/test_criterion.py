@@ -244,3 +244,26 @@ def test_sampling_ratios_outside_mmdets_range_are_refused(option, message):
     """A ratio over 1 drew more points than the mask losses divide by: 1.5x the mask loss, silently."""
     with pytest.raises(ValueError, match=message):
         Mask2FormerLoss(num_classes=3, **option)
+
+
+def test_the_segments_of_a_batch_are_each_images_own():
+    """One trip for the batch finds each image's classes as ``Segments.of`` finds them on its own:
+    also for an image of ignored pixels only, uint8 labels and another ignore index."""
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 19, (4, 24, 24), generator=generator)
+    labels[0, :12] = 255
+    labels[1] = 255
+    labels[2] = torch.randint(3, 6, (24, 24), generator=generator)
+    for batch, ignore_index in ((labels, 255), (labels.to(torch.uint8), 255), (labels.clamp(max=18), 4)):
+        found = Segments.of_images(batch, 19, ignore_index)
+        assert len(found) == len(batch)
+        for segments, label in zip(found, batch, strict=True):
+            alone = Segments.of(label, ignore_index)
+            assert segments.label is label or torch.equal(segments.label, label)
+            assert segments.classes.dtype == alone.classes.dtype and torch.equal(segments.classes, alone.classes)
+    assert torch.equal(Segments.of_images(labels, 19)[1].classes, torch.empty(0, dtype=labels.dtype))
+    assert Segments.of_images(labels[:0], 19) == []
+    bad = labels.clone()
+    bad[3, 0, :3] = torch.tensor([19, -1, 300])
+    with pytest.raises(ValueError, match=r"label values \[-1, 19, 300\] are outside 0..18 and not 255"):
+        Segments.of_images(bad, 19)

@@ -720,3 +720,44 @@ def test_a_run_with_data_workers_exits_after_a_failed_validation(tmp_path):
     assert "reinseg train: error: No space left on device: metrics" in ended.stderr
     kept = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert kept["global_step"] == 2  # saved before the validation's error
+
+
+@pytest.mark.slow  # two training runs
+def test_on_a_gpu_training_steps_read_values_only_when_they_are_logged(tmp_path, monkeypatch):
+    """Reading a tensor's value makes the host wait for a GPU. Outside the loss's own reads
+    (``test_segmentor``), a step reads values only when its logs are written, and the progress bar
+    shows the loss of the last logged step (Lightning reads its progress-bar metrics twice every
+    step, which is why the loss is not one). On the CPU, where reading is free, the bar reads every
+    step's loss."""
+    import inspect
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from reinseg.engine import SegmentationTask, _Progress, train
+
+    events: list[str] = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                files = [frame.filename for frame in inspect.stack(0)]
+                if not any("reinseg/heads" in f or "evaluation_loop" in f for f in files):
+                    events.append("read")
+            return func(*args, **(kwargs or {}))
+
+    training_step = SegmentationTask.training_step
+
+    def marked(self, *args, **kwargs):
+        events.append("step")
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SegmentationTask, "training_step", marked)
+    for on_a_gpu in (True, False):
+        monkeypatch.setattr(_Progress, "reads_freely", staticmethod(lambda module, free=not on_a_gpu: free))
+        config = tiny_config(tmp_path / str(on_a_gpu), max_iters=6, log_interval=3, checkpoint_interval=100)
+        events.clear()
+        with Reads():
+            train(config)
+        steps = " ".join(events).split("step")[1:]  # what each step read, to the next step's start
+        reading = [i + 1 for i, reads in enumerate(steps) if "read" in reads]
+        assert reading == ([3, 6] if on_a_gpu else [1, 2, 3, 4, 5, 6]), steps

@@ -205,3 +205,77 @@ def test_test_windows_and_training_crops_of_one_patch_are_refused():
     model.test.mode, model.test.crop_size, model.test.stride = "slide", [16, 16], [16, 16]
     with pytest.raises(ValueError, match="crop_size 16x16 must be at least two patches"):
         check_run_options(Config(model=model, data=DataConfig(crop_size=64)), build_segmentor(model))
+
+
+def test_a_train_step_waits_for_the_host_once_per_batch_and_once_per_prediction(monkeypatch):
+    """On a GPU every operation whose result the host must read (``.item()``, a boolean index,
+    ``unique``, a copy to the host) makes it wait for the device. A train step (forward, loss,
+    backward) on the GPU's code paths does so only where the loss needs the host: once for the
+    batch's segments (``Segments.of_images``) and once per prediction, for scipy's assignment
+    (``HungarianMatcher.assign``). The operations are counted on the CPU where a GPU would wait."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import reinseg.heads.deformable_attention as deformable_attention
+    import reinseg.heads.mask2former as mask2former
+    from reinseg.heads.criterion import HungarianMatcher, Segments
+
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config()).train()  # built first: initialising reads values
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, 19, (2, 64, 64), generator=torch.Generator().manual_seed(1))
+    labels[:, :8] = 255
+    aten = torch.ops.aten
+    waiting_ops = {
+        aten._local_scalar_dense.default,
+        aten.nonzero.default,
+        aten._unique2.default,
+        aten.unique_dim.default,
+        aten.unique_consecutive.default,
+        aten.masked_select.default,
+        aten.equal.default,
+        aten.is_nonzero.default,
+    }
+    region: list[str | None] = [None]
+    waits: list[str] = []  # where the host waited: the allowed function's name, or the op outside them
+
+    def wait(what: str) -> None:
+        waits.append(region[0] or what)
+
+    class Waits(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            boolean_index = func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1])
+            if func in waiting_ops or boolean_index:
+                wait(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for name in ("cpu", "numpy", "tolist", "item"):  # copies to the host (no-ops on the CPU)
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _m=method, _n=name, **k: (wait(f"Tensor.{_n}"), _m(self, *a, **k))[1]
+        )
+
+    calls = {"of_images": 0, "assign": 0}
+
+    def allowed(name, function):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            region[0], before = name, len(waits)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                region[0] = None
+                del waits[before + 1 :]  # one wait per call however many operations read the host
+
+        return run
+
+    monkeypatch.setattr(Segments, "of_images", classmethod(allowed("of_images", Segments.of_images.__func__)))
+    monkeypatch.setattr(HungarianMatcher, "assign", staticmethod(allowed("assign", HungarianMatcher.assign)))
+    for module in (deformable_attention, mask2former):  # the GPU's code paths
+        monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
+
+    with Waits():
+        losses = segmentor.loss(images, labels)
+        losses["loss"].backward()
+    predictions = 1 + len(segmentor.head.transformer_decoder.layers)
+    assert calls == {"of_images": 1, "assign": predictions}
+    assert waits == ["of_images"] + ["assign"] * predictions

@@ -163,7 +163,8 @@ class SegmentationTask(L.LightningModule):
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         losses = self.segmentor.loss(batch["image"], batch["label"])
-        self.log("loss", losses["loss"], prog_bar=True)
+        # Not a progress-bar metric: Lightning reads those from the device every step (_Progress).
+        self.log("loss", losses["loss"])
         self.log_dict({f"train/{k}": v for k, v in losses.items() if not k.startswith("d")})
         self.log("iteration", float(self.global_step + 1))
         return losses["loss"]
@@ -821,12 +822,33 @@ class _WeightAverage(L.Callback):
 
 
 class _Progress(TQDMProgressBar):
-    """Progress bar in iterations (the training stream is endless, so epochs mean nothing)."""
+    """Progress bar in iterations (the training stream is endless, so epochs mean nothing).
+
+    It shows the training loss as read on the CPU every step, and on a GPU every
+    ``train.log_interval`` steps, when the logs read it anyway: reading a value makes the host wait
+    for the device, which then idles until the next step is queued (Lightning's own progress-bar
+    metrics are read twice a step).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loss: float | None = None
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
-        return metrics
+        return metrics if self._loss is None else {"loss": self._loss, **metrics}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = trainer.callback_metrics.get("loss")
+        if loss is not None and (self.reads_freely(pl_module) or trainer.global_step % trainer.log_every_n_steps == 0):
+            self._loss = float(loss)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @staticmethod
+    def reads_freely(pl_module) -> bool:
+        """Whether reading the module's values costs the device nothing: on the CPU."""
+        return pl_module.device.type == "cpu"
 
     def on_train_start(self, trainer, *args) -> None:
         super().on_train_start(trainer, *args)

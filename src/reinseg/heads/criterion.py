@@ -8,7 +8,7 @@ uncertain, the rest uniform). Semantic labels become one binary mask per class p
 pixels (255) belong to no class, so, as in mmseg, they count as background of every mask.
 
 The numerics follow mmseg 1.2 / mmdet 3.3 term for term (pinned by ``tests/test_train_golden.py``):
-the classes of an image come in ``torch.unique(sorted=False)`` order; the matching points of every
+the classes of an image come in ``torch.unique`` order (ascending); the matching points of every
 image are drawn, also for an image without a labelled pixel, and all points come from
 ``torch.rand`` in mmdet's order, so a seeded run draws the same points; mask and dice losses are
 divided by the number of matched queries summed over the images, each image counting at least one
@@ -71,10 +71,37 @@ class Segments:
 
         The classes keep ``torch.unique(sorted=False)``'s order, as mmseg's
         ``_seg_data_to_instance_data`` takes them: the order of the segments decides ties in the
-        matching (on CUDA it is not sorted).
+        matching. PyTorch's CPU and CUDA kernels both sort, whatever ``sorted`` says.
         """
         classes = torch.unique(label, sorted=False)
         return cls(label, classes[classes != ignore_index])
+
+    @classmethod
+    def of_images(cls, labels: Tensor, num_classes: int, ignore_index: int = 255) -> list[Segments]:
+        """:meth:`of` for each image of ``labels (B, H, W)``, in one trip to the host.
+
+        One ``torch.unique`` over the batch's labels keyed by their image finds every image's
+        classes in ascending order, as :meth:`of` finds them; a GPU then waits for the host once
+        per batch, not twice per image. The same trip checks the labels: a value outside
+        ``0..num_classes - 1`` that is not ``ignore_index`` raises ValueError naming it.
+        """
+        batch = labels.shape[0]
+        ignored, invalid = num_classes, num_classes + 1  # codes of the other values
+        known = (labels >= 0) & (labels < num_classes)
+        codes = torch.where(labels == ignore_index, ignored, torch.where(known, labels.long(), invalid))
+        image = torch.arange(batch, device=labels.device).view(-1, 1, 1)
+        keys = torch.unique(codes + (invalid + 1) * image).tolist()
+        if any(key % (invalid + 1) == invalid for key in keys):
+            # Only on the error path: the values themselves, for the message.
+            bad = labels[(labels != ignore_index) & ~known].unique()[:8].tolist()
+            raise ValueError(f"label values {bad} are outside 0..{num_classes - 1} and not {ignore_index}")
+        per_image: list[list[int]] = [[] for _ in range(batch)]
+        for key in keys:
+            b, code = divmod(key, invalid + 1)
+            if code < num_classes:
+                per_image[b].append(code)
+        classes = torch.tensor(sum(per_image, []), dtype=labels.dtype).to(labels.device)
+        return [cls(label, c) for label, c in zip(labels, classes.split([len(c) for c in per_image]), strict=True)]
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -275,12 +302,8 @@ class Mask2FormerLoss(nn.Module):
     def forward(self, class_logits: list[Tensor], mask_logits: list[Tensor], labels: Tensor) -> dict[str, Tensor]:
         if labels.dim() != 3:
             raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
-        valid = (labels != self.ignore_index) & ((labels < 0) | (labels >= self.num_classes))
-        if valid.any():
-            bad = labels[valid].unique()[:8].tolist()
-            raise ValueError(f"label values {bad} are outside 0..{self.num_classes - 1} and not {self.ignore_index}")
         # The segments stay label maps: sampling them gives the binary masks' values.
-        targets = [Segments.of(label, self.ignore_index) for label in labels]
+        targets = Segments.of_images(labels, self.num_classes, self.ignore_index)
         # The Hungarian matching pairs min(Q, G) queries of an image; mmdet counts at least one per image.
         num_queries = class_logits[0].shape[1]
         num_matched = sum(max(min(num_queries, len(segments)), 1) for segments in targets)
