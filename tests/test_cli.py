@@ -255,13 +255,15 @@ def test_params_refuses_reins_sizes_for_a_strategy_that_does_not_use_them(capsys
 
 def test_predictions_another_evaluation_is_writing_are_left_alone(tmp_path, capsys):
     """A --save-preds folder marked by a process that runs (or ran on another machine, where it
-    cannot be seen) is refused; one marked by an ended process is emptied."""
+    cannot be seen) is refused; one marked by an ended evaluation is emptied; one an interrupted
+    `predict` left is refused and kept (it may hold other files than predictions)."""
     import os
     import subprocess
     import sys
 
     from reinseg.checkpoints import _HOST
-    from reinseg.cli import INCOMPLETE_PREDICTIONS, _start_predictions_folder
+    from reinseg.cli import _start_predictions_folder
+    from reinseg.unfinished import MARKER
 
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     folder = tmp_path / "preds"
@@ -269,12 +271,16 @@ def test_predictions_another_evaluation_is_writing_are_left_alone(tmp_path, caps
     (folder / "cityscapes").mkdir()
     (folder / "cityscapes" / "a.png").write_bytes(b"a prediction")
     for writer in (f"1@{_HOST}", f"{int(ended.stdout)}@{_HOST}x"):  # init runs; another machine
-        (folder / INCOMPLETE_PREDICTIONS).write_text(writer + "\n")
-        with pytest.raises(ValueError, match=f"another evaluation \\({writer}\\) is writing it"):
+        (folder / MARKER).write_text(writer + "\n")
+        with pytest.raises(ValueError, match=f"another `reinseg eval` \\({writer}\\) is writing it"):
             _start_predictions_folder(folder)
         assert (folder / "cityscapes" / "a.png").exists()
-    (folder / INCOMPLETE_PREDICTIONS).write_text(f"{int(ended.stdout)}@{_HOST}\n")
+    (folder / MARKER).write_text(f"{int(ended.stdout)}@{_HOST}\npredict\n")
+    with pytest.raises(ValueError, match="unfinished outputs of an interrupted `reinseg predict`"):
+        _start_predictions_folder(folder)
+    assert (folder / "cityscapes" / "a.png").exists()
+    (folder / MARKER).write_text(f"{int(ended.stdout)}@{_HOST}\n")  # an earlier release's evaluation
     _start_predictions_folder(folder)
-    assert [p.name for p in folder.iterdir()] == [INCOMPLETE_PREDICTIONS]
-    assert (folder / INCOMPLETE_PREDICTIONS).read_text() == f"{os.getpid()}@{_HOST}\n"
+    assert [p.name for p in folder.iterdir()] == [MARKER]
+    assert (folder / MARKER).read_text() == f"{os.getpid()}@{_HOST}\neval\n"
     assert "removing the incomplete predictions" in capsys.readouterr().err

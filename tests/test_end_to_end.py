@@ -453,3 +453,50 @@ def test_ctrl_c_in_another_command_is_one_line_and_status_130(trained, tmp_path,
     checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
     assert main(["predict", checkpoint, str(images), "--output", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err == "reinseg predict: stopped by Ctrl-C\n"
+
+
+def test_a_predict_stopped_midway_leaves_its_folder_marked_and_score_refuses_it(trained, tmp_path, monkeypatch, capsys):
+    """A predict into a folder of earlier predictions, stopped after its first file, left two
+    models' files side by side with nothing to tell: the folder now holds `.reinseg-incomplete`
+    until a run finishes, `reinseg score` refuses what is under it, and the same command
+    replaces the outputs and removes the marker."""
+    import reinseg.data.io as io
+    from reinseg.metrics import score_directories
+    from reinseg.unfinished import MARKER
+
+    photos, labels, out = tmp_path / "photos", tmp_path / "labels", tmp_path / "out"
+    photos.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(5)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(photos / f"{name}.png")
+        Image.fromarray(rng.integers(0, 19, (64, 128), dtype=np.uint8)).save(labels / f"{name}_labelTrainIds.png")
+    checkpoint = str(trained / "run" / "checkpoints" / "last.ckpt")
+    command = ["predict", checkpoint, str(photos), "--output", str(out)]
+    write_png = io.write_png
+    calls = []
+
+    def stopped_at_the_second_file(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write_png(*args, **kwargs)
+
+    monkeypatch.setattr(io, "write_png", stopped_at_the_second_file)
+    assert main(command) == 130
+    assert (out / MARKER).read_text().splitlines()[1] == "predict"
+    for folder in (out, out / "sub"):  # the marker reaches the folders below it too
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(ValueError, match=r"unfinished .*`reinseg predict` that writes them was interrupted"):
+            score_directories(folder, labels, [str(i) for i in range(19)])
+    monkeypatch.setattr(io, "write_png", write_png)
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "replacing the predictions an interrupted predict left in" in capsys.readouterr().err
+    assert not (out / MARKER).exists()
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "a_labelTrainIds.png",
+        "a_overlay.png",
+        "b_labelTrainIds.png",
+        "b_overlay.png",
+    ]

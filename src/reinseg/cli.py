@@ -245,42 +245,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.save_examples:
         print(f"examples (best, median, worst per domain) in {examples}; an HTML report with: reinseg report {target}")
     if args.save_preds:
-        (Path(args.save_preds) / INCOMPLETE_PREDICTIONS).unlink(missing_ok=True)
+        from .unfinished import MARKER
+
+        (Path(args.save_preds) / MARKER).unlink(missing_ok=True)
         _print_score_commands(args, task)
     return 0
-
-
-# In a --save-preds folder from the start of the evaluation until it has written everything.
-INCOMPLETE_PREDICTIONS = ".reinseg-incomplete"
 
 
 def _start_predictions_folder(folder: Path) -> None:
     """``--save-preds``: a new or empty folder (another evaluation's files would score with
     these), or one an interrupted or failed evaluation left (its marker names its process, gone),
-    emptied first; then marked with this process until the evaluation ends."""
+    emptied first; then marked with this process until the evaluation ends
+    (:mod:`reinseg.unfinished`)."""
     import shutil
 
-    from .checkpoints import writer_is_gone, writer_mark
+    from .unfinished import check_unfinished, claim_folder
 
-    marker = folder / INCOMPLETE_PREDICTIONS
-    if marker.is_file():
-        writer = marker.read_text(errors="replace").strip()
-        if writer != writer_mark() and not writer_is_gone(writer):  # (this process: an evaluation it ended)
-            raise ValueError(
-                f"--save-preds {folder}: another evaluation ({writer}) is writing it, or ran on another machine "
-                f"and stopped: choose a new folder, or empty it once that evaluation has ended"
-            )
+    marker = check_unfinished(folder, "eval", "--save-preds")
+    if marker is not None:
         print(f"removing the incomplete predictions an interrupted evaluation left in {folder}", file=sys.stderr)
         for entry in folder.iterdir():
-            if entry == marker:
+            if entry == marker.path:
                 continue  # last: a kill midway leaves a folder the next evaluation still empties
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        marker.unlink()
+        marker.path.unlink()
     _check_writable_folder(folder, "--save-preds", empty=True)
-    marker.write_text(writer_mark() + "\n")
+    claim_folder(folder, "eval")
 
 
 def _check_examples_folder(examples: Path) -> None:

@@ -144,7 +144,10 @@ def score_directories(
     Every label file (``*{label_suffix}`` under ``label_dir``; by default ``*labelTrainIds.png``
     where there are such files, as in Cityscapes, GTAV and ACDC, else every ``*.png``) needs a
     prediction at the same relative path under ``prediction_dir``; a missing or extra prediction,
-    a size mismatch or an unreadable file is an error naming the file.
+    a size mismatch or an unreadable file is an error naming the file. Predictions in a folder an
+    ``eval --save-preds`` or ``predict`` is writing, or one of them left unfinished (the
+    ``.reinseg-incomplete`` marker in it or a folder above, :mod:`reinseg.unfinished`), are refused:
+    they may be partial, or two models' side by side.
     """
     from pathlib import Path
 
@@ -152,11 +155,20 @@ def score_directories(
     from PIL import Image
 
     from .data.io import RASTER_FORMATS, files_below
+    from .unfinished import marker_above
 
     pred_root, label_root = Path(prediction_dir), Path(label_dir)
     for root, what in ((pred_root, "prediction"), (label_root, "label")):
         if not root.is_dir():
             raise FileNotFoundError(f"{what} folder not found: {root}")
+    marker = marker_above(pred_root)
+    if marker is not None:
+        state = "is writing them" if marker.is_running() else "was interrupted: run it again to finish them"
+        raise ValueError(
+            f"the predictions under {pred_root} are unfinished ({marker.path}): the `reinseg {marker.command}` that "
+            f"writes them {state}; they may be partial or mixed with earlier ones (remove the marker to score "
+            f"them anyway)"
+        )
     label_files = files_below(label_root)
     if label_suffix is None:
         label_suffix = "labelTrainIds.png" if any(p.name.endswith("labelTrainIds.png") for p in label_files) else ".png"

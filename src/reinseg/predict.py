@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -256,12 +257,20 @@ def predict_files(
 
     from .checkpoints import remove_stale_temporaries
     from .data.io import read_photo, write_png
+    from .unfinished import check_unfinished, claim_folder
 
     paths = collect_images(inputs)  # everything is checked before anything is written
+    out = Path(output)
+    interrupted = check_unfinished(out, "predict", "--output")
     segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone)
     print(f"segmenting {len(paths)} image(s) at {size}", flush=True)
-    out = Path(output)
+    if interrupted is not None:
+        print(f"replacing the predictions an interrupted predict left in {out}", file=sys.stderr)
     remove_stale_temporaries(out)  # a killed run's half-written files
+    # Marked until every file is written: a run killed midway into a folder of earlier
+    # predictions leaves two models' files side by side, which `reinseg score` then refuses.
+    out.mkdir(parents=True, exist_ok=True)
+    marker = claim_folder(out, "predict")
     written = []
     for path in tqdm(paths, desc="predict", unit="image", disable=not progress or len(paths) < 2):
         image = read_photo(path)
@@ -270,4 +279,5 @@ def predict_files(
             target = out / f"{path.stem}{suffix}"
             write_png(target, array, sync=True)
             written.append(target)
+    marker.unlink()
     return written
