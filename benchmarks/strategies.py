@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -133,8 +134,10 @@ def measure_training(args) -> dict:
         seconds, _ = timed(device, train_step)
         if step >= args.warmup:
             times.append(seconds)
+    host_waits = None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
+        host_waits = count_host_waits(train_step)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {
@@ -142,7 +145,23 @@ def measure_training(args) -> dict:
         "step_s": statistics.median(times),
         "peak_mib": peak,
         "trainable": sum(p.numel() for p in params),
+        "host_waits": host_waits,
     }
+
+
+def count_host_waits(step) -> int:
+    """The operations of one ``step()`` that make the host wait for the GPU (``.item()``, copies
+    between host and device, ``nonzero``, ``unique``...), as CUDA's sync debug mode flags them.
+    reinseg's tests count them on the CPU by another route (``tests/test_segmentor.py``: one
+    wait per batch and one per prediction, each of one to three such operations)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def cmd_train(args) -> None:
@@ -158,8 +177,11 @@ def cmd_train(args) -> None:
         autocast_levers = [lever for lever in args.levers if LEVERS[lever][1]]
         note = f" ({', '.join(autocast_levers)}: bf16 autocast, the lever's own)" if autocast_levers else ""
         print(f"\nprecision {precision}{note}\n")
-        print(f"| strategy | trainable | step (s) | images/s | {memory} | step / frozen | memory / frozen |")
-        print("|---|---|---|---|---|---|---|", flush=True)
+        print(
+            f"| strategy | trainable | step (s) | images/s | {memory} | step / frozen | memory / frozen "
+            "| host waits / step |"
+        )
+        print("|---|---|---|---|---|---|---|---|", flush=True)
         base, failures = None, []
         for strategy, lever in [(strategy, lever) for lever in args.levers for strategy in strategies]:
             command = [
@@ -188,7 +210,7 @@ def cmd_train(args) -> None:
             done = subprocess.run(command, capture_output=True, text=True)
             label = strategy if lever == "none" else f"{strategy}, {lever}"
             if done.returncode != 0:
-                print(f"| {label} | failed: {child_error(done.stderr)} | | | | | |", flush=True)
+                print(f"| {label} | failed: {child_error(done.stderr)} | | | | | | |", flush=True)
                 failures.append((label, done.stderr))
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -198,7 +220,8 @@ def cmd_train(args) -> None:
             ratio_m = f"{row['peak_mib'] / base['peak_mib']:.2f}" if base else "-"
             print(
                 f"| {label} | {row['trainable'] / 1e6:.2f} M | {row['step_s']:.3f} | "
-                f"{args.batch / row['step_s']:.2f} | {row['peak_mib']:.0f} | {ratio_t} | {ratio_m} |",
+                f"{args.batch / row['step_s']:.2f} | {row['peak_mib']:.0f} | {ratio_t} | {ratio_m} | "
+                f"{'-' if row['host_waits'] is None else row['host_waits']} |",
                 flush=True,
             )
         print_failures(failures)
