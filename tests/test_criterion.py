@@ -267,3 +267,7 @@ def test_the_segments_of_a_batch_are_each_images_own():
     bad[3, 0, :3] = torch.tensor([19, -1, 300])
     with pytest.raises(ValueError, match=r"label values \[-1, 19, 300\] are outside 0..18 and not 255"):
         Segments.of_images(bad, 19)
+    with pytest.raises(ValueError, match=r"labels must be \(B, H, W\), got \(24, 24\)"):
+        Segments.of_images(labels[0], 19)  # one image's: its rows would pass for images
+    with pytest.raises(ValueError, match="labels must hold integer class IDs, got torch.float32"):
+        Segments.of_images(labels + 0.5, 19)  # 1.5 would become class 1

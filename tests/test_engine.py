@@ -724,13 +724,11 @@ def test_a_run_with_data_workers_exits_after_a_failed_validation(tmp_path):
 
 @pytest.mark.slow  # two training runs
 def test_on_a_gpu_training_steps_read_values_only_when_they_are_logged(tmp_path, monkeypatch):
-    """Reading a tensor's value makes the host wait for a GPU. Outside the loss's own reads
-    (``test_segmentor``), a step reads values only when its logs are written, and the progress bar
-    shows the loss of the last logged step (Lightning reads its progress-bar metrics twice every
-    step, which is why the loss is not one). On the CPU, where reading is free, the bar reads every
-    step's loss."""
-    import inspect
-
+    """Reading a tensor's value makes the host wait for a GPU, and so does copying a Python number
+    to it. Outside the loss's own reads (``test_segmentor``), a step reads values only when its
+    logs are written, where the progress bar takes the loss it shows (Lightning reads its
+    progress-bar metrics twice every step, which is why the loss is not one), and logs nothing a
+    copy would bring to the device. On the CPU, where reading is free, the bar reads every step."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from reinseg.engine import SegmentationTask, _Progress, train
@@ -739,10 +737,21 @@ def test_on_a_gpu_training_steps_read_values_only_when_they_are_logged(tmp_path,
 
     class Reads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                files = [frame.filename for frame in inspect.stack(0)]
-                if not any("reinseg/heads" in f or "evaluation_loop" in f for f in files):
-                    events.append("read")
+            aten = torch.ops.aten
+            if func in (aten._local_scalar_dense.default, aten.lift_fresh.default):
+                frames, frame = [], sys._getframe()
+                while frame is not None:
+                    frames.append((frame.f_code.co_filename, frame.f_code.co_name))
+                    frame = frame.f_back
+                if not any("reinseg/heads" in file or "evaluation_loop" in file for file, _ in frames):
+                    if func is aten.lift_fresh.default:
+                        # A Python number logged: Lightning makes it torch.tensor(value, device=...).
+                        if any(name.endswith("__to_tensor") for _, name in frames):
+                            events.append("copy")
+                    elif any(name == "on_train_batch_end" and file.endswith("engine.py") for file, name in frames):
+                        events.append("bar")
+                    else:
+                        events.append("read")
             return func(*args, **(kwargs or {}))
 
     training_step = SegmentationTask.training_step
@@ -758,6 +767,7 @@ def test_on_a_gpu_training_steps_read_values_only_when_they_are_logged(tmp_path,
         events.clear()
         with Reads():
             train(config)
-        steps = " ".join(events).split("step")[1:]  # what each step read, to the next step's start
-        reading = [i + 1 for i, reads in enumerate(steps) if "read" in reads]
-        assert reading == ([3, 6] if on_a_gpu else [1, 2, 3, 4, 5, 6]), steps
+        steps = [step.split() for step in " ".join(events).split("step")[1:]]  # each step's, to the next one
+        assert [i + 1 for i, step in enumerate(steps) if "copy" in step] == [], steps
+        assert [i + 1 for i, step in enumerate(steps) if "read" in step] == [3, 6], steps  # the logs
+        assert [step.count("bar") for step in steps] == ([0, 0, 1, 0, 0, 1] if on_a_gpu else [1] * 6), steps

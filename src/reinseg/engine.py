@@ -166,7 +166,8 @@ class SegmentationTask(L.LightningModule):
         # Not a progress-bar metric: Lightning reads those from the device every step (_Progress).
         self.log("loss", losses["loss"])
         self.log_dict({f"train/{k}": v for k, v in losses.items() if not k.startswith("d")})
-        self.log("iteration", float(self.global_step + 1))
+        # A fill on the device: a Python number would be copied there, and the host would wait.
+        self.log("iteration", torch.full((), float(self.global_step + 1), device=self.device))
         return losses["loss"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

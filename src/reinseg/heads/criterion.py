@@ -85,6 +85,10 @@ class Segments:
         per batch, not twice per image. The same trip checks the labels: a value outside
         ``0..num_classes - 1`` that is not ``ignore_index`` raises ValueError naming it.
         """
+        if labels.dim() != 3:
+            raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must hold integer class IDs, got {labels.dtype}")
         batch = labels.shape[0]
         ignored, invalid = num_classes, num_classes + 1  # codes of the other values
         known = (labels >= 0) & (labels < num_classes)

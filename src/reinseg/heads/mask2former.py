@@ -260,7 +260,7 @@ def _attention_mask(embed: Tensor, level_mask_features: Tensor) -> Tensor:
         logits = torch.einsum("bqc,bchw->bqhw", embed, level_mask_features).flatten(2)
         # Written as mmdet's "masked where sigmoid < 0.5", negated, to treat NaN alike.
         attn_mask = ~(logits.sigmoid() < 0.5)
-        # One elementwise or, no boolean indexing (whose rows a GPU may have to send to the host).
+        # mmdet's assignment through a boolean index, as one elementwise or.
         attn_mask |= ~attn_mask.any(-1, keepdim=True)
     return attn_mask.unsqueeze(1)
 
