@@ -65,6 +65,50 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_atomic_directory_leaves_the_old_or_the_new_folder_at_every_moment(tmp_path, monkeypatch):
+    """Where the system can exchange two folders in one step (Linux), the new folder takes the
+    old one's place without a moment in which neither is there: a kill then leaves a whole folder.
+    Without the exchange the old folder steps aside first (the fallback, also checked)."""
+    import shutil
+
+    import reinseg.checkpoints as checkpoints
+
+    probe = [tmp_path / "probe_a", tmp_path / "probe_b"]
+    for folder in probe:
+        folder.mkdir()
+    if not checkpoints.exchange(*probe):
+        pytest.skip("this system or file system cannot exchange two folders in one step")
+    for folder in probe:
+        folder.rmdir()
+    target = tmp_path / "out"
+    with checkpoints.atomic_directory(target) as staging:
+        (staging / "old.txt").write_text("old")
+    seen = []
+
+    def watched(function):
+        def run(*args, **kwargs):
+            seen.append(target.is_dir())
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(checkpoints.os, "replace", watched(os.replace))
+    monkeypatch.setattr(shutil, "rmtree", watched(shutil.rmtree))
+    with checkpoints.atomic_directory(target) as staging:
+        (staging / "new.txt").write_text("new")
+    assert seen and all(seen)  # the old folder's removal came after the exchange
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    monkeypatch.setattr(checkpoints, "exchange", lambda a, b: False)
+    seen.clear()
+    with checkpoints.atomic_directory(target) as staging:
+        (staging / "fallback.txt").write_text("fallback")
+    assert False in seen  # the moment the exchange closes
+    assert [p.name for p in target.iterdir()] == ["fallback.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_temporary_is_removed_only_when_its_writer_ran_here_and_is_gone(tmp_path):
     """On a file system several machines write to, a process id of another machine says nothing
     here: its temporaries stay (a job array predicting into one folder lost its files)."""

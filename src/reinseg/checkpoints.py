@@ -9,10 +9,13 @@ leaves a half-written checkpoint behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
 import os
 import re
 import socket
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +34,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_directory",
+    "exchange",
     "remove_stale_temporaries",
     "RunInProgressError",
     "run_lock",
@@ -186,7 +190,12 @@ def staging_folder(path: Path) -> Path:
 def atomic_directory(path: str | Path):
     """Yield a fresh temporary folder beside ``path``; when the block ends without an error it
     replaces ``path`` (an older ``path`` is removed), otherwise it is deleted: ``path`` is never
-    half written. Staging folders that killed writers left beside ``path`` are removed."""
+    half written. Staging folders that killed writers left beside ``path`` are removed.
+
+    On Linux the new folder and an older one trade places in one step (:func:`exchange`), so a
+    kill at any moment leaves ``path`` whole, old or new. Elsewhere, or on a file system that
+    cannot exchange, the old folder steps aside first: a kill between the two renames leaves
+    neither at ``path`` (both are in staging folders, which the next write removes)."""
     import shutil
 
     path = Path(path)
@@ -199,6 +208,9 @@ def atomic_directory(path: str | Path):
         os.chmod(staging, 0o777 & ~_umask())
         if not path.exists():
             os.replace(staging, path)
+            return
+        if exchange(staging, path):
+            shutil.rmtree(staging, ignore_errors=True)  # the old folder, now
             return
         # A folder cannot be renamed over a non-empty one: the old one steps aside first, and
         # comes back if the new one cannot take its place.
@@ -214,6 +226,31 @@ def atomic_directory(path: str | Path):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# renameat2(2): the working directory as the base of relative paths, and the exchange flag.
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap the files or folders at ``a`` and ``b`` in one step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``). False, with nothing moved, where the system, its C library or the file
+    system cannot; an OSError for any other failure."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+, musl 1.2.5+
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # not supported here
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 RUN_LOCK = ".reinseg-run.lock"
