@@ -150,17 +150,20 @@ def measure_training(args) -> dict:
 
 
 def count_host_waits(step) -> int:
-    """The operations of one ``step()`` that make the host wait for the GPU (``.item()``, copies
-    between host and device, ``nonzero``, ``unique``...), as CUDA's sync debug mode flags them.
+    """The operations of one ``step()`` (forward, loss, backward, optimizer) that make the host
+    wait for the GPU as CUDA's sync debug mode flags them (``.item()``, copies between host and
+    device, ``nonzero``, ``unique``...): a lower bound, since it does not see every kind of wait
+    (``torch.cuda.synchronize``, the caching allocator's), nor Lightning's loop around the step.
     reinseg's tests count them on the CPU by another route (``tests/test_segmentor.py``: one
     wait per batch and one per prediction, each of one to three such operations)."""
+    before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             step()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(before)
     return sum("synchroniz" in str(w.message) for w in caught)
 
 

@@ -255,8 +255,9 @@ def test_params_refuses_reins_sizes_for_a_strategy_that_does_not_use_them(capsys
 
 def test_predictions_another_evaluation_is_writing_are_left_alone(tmp_path, capsys):
     """A --save-preds folder marked by a process that runs (or ran on another machine, where it
-    cannot be seen) is refused; one marked by an ended evaluation is emptied; one an interrupted
-    `predict` left is refused and kept (it may hold other files than predictions)."""
+    cannot be seen) is refused; one marked by an ended evaluation is emptied, unless a folder in it
+    holds a marker of its own (a predict writing there); one an interrupted `predict` left is
+    refused and kept (it may hold other files than predictions)."""
     import os
     import subprocess
     import sys
@@ -272,7 +273,7 @@ def test_predictions_another_evaluation_is_writing_are_left_alone(tmp_path, caps
     (folder / "cityscapes" / "a.png").write_bytes(b"a prediction")
     for writer in (f"1@{_HOST}", f"{int(ended.stdout)}@{_HOST}x"):  # init runs; another machine
         (folder / MARKER).write_text(writer + "\n")
-        with pytest.raises(ValueError, match=f"another `reinseg eval` \\({writer}\\) is writing it"):
+        with pytest.raises(ValueError, match=f"another `reinseg eval` \\({writer}\\) into {folder} is writing it"):
             _start_predictions_folder(folder)
         assert (folder / "cityscapes" / "a.png").exists()
     (folder / MARKER).write_text(f"{int(ended.stdout)}@{_HOST}\npredict\n")
@@ -280,7 +281,27 @@ def test_predictions_another_evaluation_is_writing_are_left_alone(tmp_path, caps
         _start_predictions_folder(folder)
     assert (folder / "cityscapes" / "a.png").exists()
     (folder / MARKER).write_text(f"{int(ended.stdout)}@{_HOST}\n")  # an earlier release's evaluation
+    (folder / "cityscapes" / MARKER).write_text(f"1@{_HOST}\npredict\n")  # a predict running inside it
+    with pytest.raises(ValueError, match="marks a folder inside it .* which emptying it would delete"):
+        _start_predictions_folder(folder)
+    assert (folder / "cityscapes" / "a.png").exists()
+    (folder / "cityscapes" / MARKER).unlink()
     _start_predictions_folder(folder)
     assert [p.name for p in folder.iterdir()] == [MARKER]
     assert (folder / MARKER).read_text() == f"{os.getpid()}@{_HOST}\neval\n"
     assert "removing the incomplete predictions" in capsys.readouterr().err
+
+
+def test_predict_of_videos_too_refuses_a_folder_another_command_writes(tmp_path, capsys):
+    """The marker check comes before any output, images' or videos': a video's overlay written
+    into a folder a running evaluation writes would be deleted by its rerun."""
+    from reinseg.checkpoints import _HOST
+    from reinseg.unfinished import MARKER
+
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / MARKER).write_text(f"1@{_HOST}\neval\n")
+    status = main(["predict", str(tmp_path / "x.ckpt"), str(tmp_path / "clip.mp4"), "--output", str(out)])
+    assert status != 0
+    assert f"--output {out}: another `reinseg eval` (1@{_HOST}) into {out} is writing it" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == [MARKER]

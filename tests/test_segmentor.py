@@ -214,7 +214,7 @@ def test_a_train_step_waits_for_the_host_once_per_batch_and_once_per_prediction(
     the batch's segments (``Segments.of_images``: the classes found and read) and once per
     prediction, for scipy's assignment (``HungarianMatcher.assign``: the costs read). Counted on
     the CPU, operation by operation; copies from the host to a device do not show on the CPU
-    (``benchmarks/strategies.py train`` counts every wait on a GPU)."""
+    (``benchmarks/strategies.py train`` counts on a GPU the operations CUDA's sync debug mode flags)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import reinseg.heads.deformable_attention as deformable_attention

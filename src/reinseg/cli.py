@@ -245,9 +245,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.save_examples:
         print(f"examples (best, median, worst per domain) in {examples}; an HTML report with: reinseg report {target}")
     if args.save_preds:
-        from .unfinished import MARKER
+        from .unfinished import release_folder
 
-        (Path(args.save_preds) / MARKER).unlink(missing_ok=True)
+        release_folder(Path(args.save_preds))
         _print_score_commands(args, task)
     return 0
 
@@ -255,25 +255,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _start_predictions_folder(folder: Path) -> None:
     """``--save-preds``: a new or empty folder (another evaluation's files would score with
     these), or one an interrupted or failed evaluation left (its marker names its process, gone),
-    emptied first; then marked with this process until the evaluation ends
-    (:mod:`reinseg.unfinished`)."""
+    emptied first unless a folder inside it holds a marker of its own; then marked with this
+    process until the evaluation ends (:mod:`reinseg.unfinished`)."""
     import shutil
 
-    from .unfinished import check_unfinished, claim_folder
+    from .unfinished import MARKER, check_folder, claim_folder, markers_below
 
-    marker = check_unfinished(folder, "eval", "--save-preds")
-    if marker is not None:
+    if check_folder(folder, "eval", "--save-preds"):
+        below = markers_below(folder)
+        if below:
+            raise ValueError(
+                f"--save-preds {folder}: {below[0]} marks a folder inside it that another command writes or left "
+                f"unfinished, which emptying it would delete: choose a new folder"
+            )
         print(f"removing the incomplete predictions an interrupted evaluation left in {folder}", file=sys.stderr)
+        marker = folder / MARKER
         for entry in folder.iterdir():
-            if entry == marker.path:
+            if entry == marker:
                 continue  # last: a kill midway leaves a folder the next evaluation still empties
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        marker.path.unlink()
+        marker.unlink()
     _check_writable_folder(folder, "--save-preds", empty=True)
-    claim_folder(folder, "eval")
+    claim_folder(folder, "eval", "--save-preds")
 
 
 def _check_examples_folder(examples: Path) -> None:
@@ -316,6 +322,7 @@ def _print_score_commands(args: argparse.Namespace, task) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
+    from .unfinished import check_folder
     from .video import is_video, predict_video, probe_video
 
     options = dict(
@@ -329,6 +336,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     ]
     videos = [item for item in inputs if is_video(item)]
     images = [item for item in inputs if not is_video(item)]
+    # Before any output, images' or videos': a folder another command writes or left unfinished is refused.
+    check_folder(Path(args.output), "predict", "--output")
     stems: dict[str, str] = {}
     for video in videos:  # a bad video is refused before any image's prediction is written
         probe_video(video)

@@ -163,11 +163,10 @@ def score_directories(
             raise FileNotFoundError(f"{what} folder not found: {root}")
     marker = marker_above(pred_root)
     if marker is not None:
-        state = "is writing them" if marker.is_running() else "was interrupted: run it again to finish them"
+        state = "is running" if marker.is_running() else "was interrupted: run it again to finish them"
         raise ValueError(
-            f"the predictions under {pred_root} are unfinished ({marker.path}): the `reinseg {marker.command}` that "
-            f"writes them {state}; they may be partial or mixed with earlier ones (remove the marker to score "
-            f"them anyway)"
+            f"the predictions in {pred_root} are unfinished: the {marker.describe()} {state}; they may be "
+            f"partial or mixed with earlier ones (remove {marker.path} to score them anyway)"
         )
     label_files = files_below(label_root)
     if label_suffix is None:

@@ -257,20 +257,19 @@ def predict_files(
 
     from .checkpoints import remove_stale_temporaries
     from .data.io import read_photo, write_png
-    from .unfinished import check_unfinished, claim_folder
+    from .unfinished import check_folder, claim_folder, release_folder
 
     paths = collect_images(inputs)  # everything is checked before anything is written
     out = Path(output)
-    interrupted = check_unfinished(out, "predict", "--output")
+    interrupted = check_folder(out, "predict", "--output")  # before the model loads; claimed after
     segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone)
     print(f"segmenting {len(paths)} image(s) at {size}", flush=True)
-    if interrupted is not None:
-        print(f"replacing the predictions an interrupted predict left in {out}", file=sys.stderr)
-    remove_stale_temporaries(out)  # a killed run's half-written files
     # Marked until every file is written: a run killed midway into a folder of earlier
     # predictions leaves two models' files side by side, which `reinseg score` then refuses.
-    out.mkdir(parents=True, exist_ok=True)
-    marker = claim_folder(out, "predict")
+    claim_folder(out, "predict", "--output")
+    if interrupted:
+        print(f"replacing the predictions an interrupted predict left in {out}", file=sys.stderr)
+    remove_stale_temporaries(out)  # a killed run's half-written files
     written = []
     for path in tqdm(paths, desc="predict", unit="image", disable=not progress or len(paths) < 2):
         image = read_photo(path)
@@ -279,5 +278,5 @@ def predict_files(
             target = out / f"{path.stem}{suffix}"
             write_png(target, array, sync=True)
             written.append(target)
-    marker.unlink()
+    release_folder(out)
     return written

@@ -4,79 +4,153 @@
 when they start and remove it once they have written everything. Its first line names the
 writing process (:func:`~reinseg.checkpoints.writer_mark`), its second the command (``eval`` or
 ``predict``; a marker of one line is an earlier release's evaluation). A marker whose process is
-gone is what an interrupted or failed run left: the same command's rerun replaces its outputs.
-Until then the folder may hold part of the predictions, or predictions of two models side by
-side, and ``reinseg score`` refuses to score anything under it.
+gone is what an interrupted or failed run left: a rerun of the same command into the folder
+replaces its outputs. Until then the folder may hold part of the predictions, or predictions of
+two models side by side, and ``reinseg score`` refuses to score them: those in the folder, and
+for an evaluation (which writes a tree, a folder per domain) those in the folders below it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-__all__ = ["MARKER", "Marker", "read_marker", "check_unfinished", "claim_folder", "marker_above"]
+__all__ = [
+    "MARKER",
+    "Marker",
+    "read_marker",
+    "check_folder",
+    "claim_folder",
+    "release_folder",
+    "marker_above",
+    "markers_below",
+]
 
 MARKER = ".reinseg-incomplete"
 
+# The commands whose marker covers the folders below theirs: an evaluation writes a tree.
+_TREE_WRITERS = ("eval",)
+
 
 class Marker:
-    """The writer (``<pid>@<host>``) and command a folder's marker names."""
+    """The writer (``<pid>@<host>``, empty when a kill came before it was written) and command a
+    folder's marker names."""
 
     def __init__(self, path: Path, writer: str, command: str) -> None:
         self.path, self.writer, self.command = path, writer, command
 
     def is_running(self) -> bool:
         """Whether its process may still write (it runs, or ran on another machine, unseen here);
-        this process's own marker (a run it finished or stopped) is not."""
+        not this process's own marker (a run it finished or stopped), nor an empty one."""
         from .checkpoints import writer_is_gone, writer_mark
 
-        return self.writer != writer_mark() and not writer_is_gone(self.writer)
+        return bool(self.writer) and self.writer != writer_mark() and not writer_is_gone(self.writer)
+
+    def covers_below(self) -> bool:
+        return self.command in _TREE_WRITERS
+
+    def describe(self) -> str:
+        writer = f" ({self.writer})" if self.writer else ""
+        return f"`reinseg {self.command}`{writer} into {self.path.parent}"
 
 
 def read_marker(folder: Path) -> Marker | None:
-    """The marker in ``folder``, if it holds one."""
+    """The marker in ``folder``, if it holds one; a ValueError naming it if it cannot be read."""
     path = folder / MARKER
     if not path.is_file():
         return None
-    lines = path.read_text(errors="replace").splitlines()
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as err:
+        raise ValueError(f"{path}: the marker of unfinished predictions cannot be read ({err.strerror})") from None
     writer = lines[0].strip() if lines else ""
     command = lines[1].strip() if len(lines) > 1 and lines[1].strip() else "eval"
     return Marker(path, writer, command)
 
 
-def check_unfinished(folder: Path, command: str, option: str) -> Marker | None:
-    """Before ``command`` writes into ``folder``: the marker an interrupted run of the same command
-    left there (its outputs to replace), or None; a ValueError naming ``option`` when another
-    process is writing the folder, or when an interrupted run of another command left it."""
+def _refuse_to_write(folder: Path, command: str, option: str) -> Marker | None:
+    """The marker an interrupted run of ``command`` left in ``folder`` (to replace), or None;
+    a ValueError naming ``option`` where ``folder`` may not be written: a running command marked
+    it, an interrupted run of another command did, or an evaluation's marker above covers it."""
     marker = read_marker(folder)
-    if marker is None:
-        return None
-    if marker.is_running():
+    if marker is not None:
+        if marker.is_running():
+            raise ValueError(
+                f"{option} {folder}: another {marker.describe()} is writing it, or ran on another machine and "
+                f"stopped: choose a new folder, or remove {marker.path} once that command has ended"
+            )
+        if marker.command != command:
+            raise ValueError(
+                f"{option} {folder}: it holds the unfinished outputs of an interrupted {marker.describe()} "
+                f"({marker.path}): choose a new folder, or run that command there again first"
+            )
+    above = _covering_marker(folder)
+    if above is not None:
+        state = "running" if above.is_running() else "interrupted"
         raise ValueError(
-            f"{option} {folder}: another `reinseg {marker.command}` ({marker.writer}) is writing it, or ran on "
-            f"another machine and stopped: choose a new folder, or empty it once that command has ended"
-        )
-    if marker.command != command:
-        raise ValueError(
-            f"{option} {folder}: it holds the unfinished outputs of an interrupted `reinseg {marker.command}` "
-            f"({marker.path}): choose a new folder, or finish that command there first"
+            f"{option} {folder}: it is inside the outputs of a {state} {above.describe()} ({above.path}), "
+            f"which would mix with these or delete them: choose a folder outside it"
         )
     return marker
 
 
-def claim_folder(folder: Path, command: str) -> Path:
-    """Mark ``folder`` (which exists) as written by this process running ``command``: the marker's path."""
+def check_folder(folder: Path, command: str, option: str) -> bool:
+    """Whether ``command`` may write into ``folder`` now (see :func:`claim_folder`; nothing is
+    written): True where it would replace an interrupted run's outputs, False for a folder
+    without a marker; a ValueError where it may not."""
+    return _refuse_to_write(folder, command, option) is not None
+
+
+def claim_folder(folder: Path, command: str, option: str) -> Path:
+    """Mark ``folder`` (created if missing) as written by this process running ``command``, in
+    one step that fails if another process marked it first; the marker's path. An interrupted
+    run's marker of the same command is replaced; anything else :func:`check_folder` refuses
+    raises its ValueError."""
     from .checkpoints import writer_mark
 
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / MARKER
-    path.write_text(f"{writer_mark()}\n{command}\n")
-    return path
+    for _ in range(3):
+        interrupted = _refuse_to_write(folder, command, option)
+        if interrupted is not None:
+            interrupted.path.unlink(missing_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue  # another process marked it in the meantime: read its marker again
+        with os.fdopen(descriptor, "w") as marker:
+            marker.write(f"{writer_mark()}\n{command}\n")
+            marker.flush()
+            os.fsync(marker.fileno())
+        return path
+    raise ValueError(f"{option} {folder}: other processes keep marking it ({path}): choose a new folder")
+
+
+def release_folder(folder: Path) -> None:
+    """Remove ``folder``'s marker if it is this process's (all written)."""
+    from .checkpoints import writer_mark
+
+    marker = read_marker(folder)
+    if marker is not None and marker.writer == writer_mark():
+        marker.path.unlink(missing_ok=True)
 
 
 def marker_above(path: Path) -> Marker | None:
-    """A marker in ``path`` or a folder above it: predictions there are not all written."""
+    """The marker that says the predictions in ``path`` are not all written: one in ``path``
+    itself, or an evaluation's in a folder above it."""
     resolved = path.resolve()
-    for folder in (resolved, *resolved.parents):
-        marker = read_marker(folder)
-        if marker is not None:
+    return read_marker(resolved) or _covering_marker(resolved)
+
+
+def _covering_marker(folder: Path) -> Marker | None:
+    """An evaluation's marker in a folder above ``folder`` (a predict's covers its own folder only)."""
+    for parent in folder.resolve().parents:
+        marker = read_marker(parent)
+        if marker is not None and marker.covers_below():
             return marker
     return None
+
+
+def markers_below(folder: Path) -> list[Path]:
+    """The markers in the folders below ``folder`` (not in ``folder`` itself)."""
+    return sorted(path for path in folder.rglob(MARKER) if path.parent != folder)
