@@ -322,7 +322,7 @@ def _hold_lock_in_another_process(folder):
 
 @pytest.mark.skipif(os.name != "posix", reason="advisory locks are POSIX flock")
 def test_a_folder_another_process_trains_into_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
-    from reinseg.checkpoints import RunInProgressError, refuse_running_run, run_lock
+    from reinseg.checkpoints import RunInProgressError, refuse_running_run, run_lock, writer_mark
 
     refuse_running_run(tmp_path / "absent")  # no folder, no lock file: nothing to refuse
     assert not (tmp_path / "absent").exists()
@@ -338,7 +338,7 @@ def test_a_folder_another_process_trains_into_is_refused_and_a_killed_holder_lea
         holder.wait()
     refuse_running_run(tmp_path)
     with run_lock(tmp_path) as lock_file:
-        assert lock_file.read_text().startswith(f"{os.getpid()} on ")
+        assert lock_file.read_text() == f"{writer_mark()}\n"  # as temporaries name their writer
         with pytest.raises(RunInProgressError):  # a second holder in this process is refused too
             with run_lock(tmp_path):
                 pass

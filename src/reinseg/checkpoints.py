@@ -265,9 +265,11 @@ def _holder(lock_file: Path) -> str:
         text = lock_file.read_text().strip()
     except OSError:
         text = ""
-    if text.split(" ")[0] == str(os.getpid()):
+    # writer_mark()'s "<pid>@<host>"; earlier releases wrote "<pid> on <host>".
+    pid, _, host = text.replace(" on ", "@", 1).partition("@")
+    if pid == str(os.getpid()) and host in ("", _HOST):
         return " (this process)"
-    return f" (pid {text})" if text else ""
+    return f" (pid {pid}{f' on {host}' if host else ''})" if pid else ""
 
 
 # The run locks this process holds: a forked child (a data worker) closes its copies, or the lock
@@ -340,7 +342,7 @@ def run_lock(folder: str | Path):
         if not _try_lock(fd):
             raise _running(folder, lock_file)
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} on {os.uname().nodename if hasattr(os, 'uname') else 'this host'}\n".encode())
+        os.write(fd, f"{writer_mark()}\n".encode())
         _HELD_LOCKS.add(fd)
         yield lock_file
     finally:
