@@ -146,8 +146,8 @@ def score_directories(
     prediction at the same relative path under ``prediction_dir``; a missing or extra prediction,
     a size mismatch or an unreadable file is an error naming the file. Predictions in a folder an
     ``eval --save-preds`` or ``predict`` is writing, or one of them left unfinished (the
-    ``.reinseg-incomplete`` marker in it or a folder above, :mod:`reinseg.unfinished`), are refused:
-    they may be partial, or two models' side by side.
+    ``.reinseg-incomplete`` marker in it, or an evaluation's in a folder above it;
+    :mod:`reinseg.unfinished`), are refused: they may be partial, or two models' side by side.
     """
     from pathlib import Path
 

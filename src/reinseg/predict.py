@@ -252,6 +252,8 @@ def predict_files(
     ``flip``: average with the mirrored image (True), never (False), or as the checkpoint's
     ``model.test.flip`` says (None, the default).
     ``backbone``: the VFM weight file, instead of the one the checkpoint references.
+    ``output`` holds ``.reinseg-incomplete`` until every file is written (:mod:`reinseg.unfinished`):
+    a folder another command is writing, or an interrupted evaluation left, is refused.
     """
     from tqdm import tqdm
 
