@@ -105,6 +105,10 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
         bounded $py benchmarks/strategies.py slide --device "$device" --backbone "$large" --precision 32 bf16 \
             --height 512 --width 1024 --steps "$steps" --warmup "$warmup"
 
+    section "Evaluation as reinseg eval scores a 2048x1024 Cityscapes image (official protocol: 1024x512, crop 512, stride 341)" &&
+        bounded $py benchmarks/eval_protocols.py --device "$device" --backbone "$large" --images "$steps" \
+            --protocols official
+
     section "Main levers, paper config with Rein (benchmarks/levers.py says what each changes)" &&
         train --backbone "$large" --batch "$batch" --strategies rein --levers "bf16-mixed + frozen bf16" \
             activation_checkpointing=true frozen_dtype=bfloat16 "bf16-mixed + frozen bf16 + checkpointing"
