@@ -271,3 +271,31 @@ def test_the_segments_of_a_batch_are_each_images_own():
         Segments.of_images(labels[0], 19)  # one image's: its rows would pass for images
     with pytest.raises(ValueError, match="labels must hold integer class IDs, got torch.float32"):
         Segments.of_images(labels + 0.5, 19)  # 1.5 would become class 1
+
+
+def test_a_batch_is_matched_and_sampled_as_each_image_alone():
+    """``HungarianMatcher.costs`` and ``SegmentBatch.sample_rows`` take all images in one pass;
+    their values are bit for bit those of ``cost`` and ``sample_each`` image by image, with the
+    same random points (an image without segments still draws its own)."""
+    generator = torch.Generator().manual_seed(11)
+    class_logits = torch.randn(3, 7, 20, generator=generator)
+    mask_logits = torch.randn(3, 7, 24, 20, generator=generator)
+    labels = torch.randint(0, 6, (3, 45, 38), generator=generator)  # sizes off the powers of two
+    labels[1] = 255
+    labels[2, :10] = 255
+    segments = Segments.of_images(labels, 19)
+    matcher = HungarianMatcher(num_points=300)
+    torch.manual_seed(4)
+    together = matcher.costs(class_logits, mask_logits, segments)
+    after_together = torch.rand(1)
+    torch.manual_seed(4)
+    alone = [matcher.cost(class_logits[b], mask_logits[b], s.classes, s) for b, s in enumerate(segments)]
+    assert torch.equal(after_together, torch.rand(1))  # the same draws
+    assert [tuple(c.shape) for c in together] == [(7, len(s)) for s in segments] == [(7, 6), (7, 0), (7, 6)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
+    coords = torch.rand(5, 64, 2, generator=generator)
+    images, index = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([1, 4, 0, 5, 2])
+    classes = torch.stack([segments[i].classes[g] for i, g in zip(images, index, strict=True)])
+    rows = segments.sample_rows(images, classes, coords)
+    each = torch.cat([segments[0].sample_each(index[:2], coords[:2]), segments[2].sample_each(index[2:], coords[2:])])
+    assert torch.equal(rows, each)

@@ -17,6 +17,7 @@ divided by the number of matched queries summed over the images, each image coun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import numpy as np
@@ -31,7 +32,7 @@ from .grid_sample_math import grid_sample_pixel, powers_of_two
 # mmdet divides summed losses by (avg_factor + eps).
 _EPS = torch.finfo(torch.float32).eps
 
-__all__ = ["point_sample", "semantic_to_masks", "Segments", "HungarianMatcher", "Mask2FormerLoss"]
+__all__ = ["point_sample", "semantic_to_masks", "Segments", "SegmentBatch", "HungarianMatcher", "Mask2FormerLoss"]
 
 
 def point_sample(maps: Tensor, coords: Tensor) -> Tensor:
@@ -77,7 +78,7 @@ class Segments:
         return cls(label, classes[classes != ignore_index])
 
     @classmethod
-    def of_images(cls, labels: Tensor, num_classes: int, ignore_index: int = 255) -> list[Segments]:
+    def of_images(cls, labels: Tensor, num_classes: int, ignore_index: int = 255) -> SegmentBatch:
         """:meth:`of` for each image of ``labels (B, H, W)``, in one trip to the host.
 
         One ``torch.unique`` over the batch's labels keyed by their image finds every image's
@@ -104,8 +105,15 @@ class Segments:
             b, code = divmod(key, invalid + 1)
             if code < num_classes:
                 per_image[b].append(code)
-        classes = torch.tensor(sum(per_image, []), dtype=labels.dtype).to(labels.device)
-        return [cls(label, c) for label, c in zip(labels, classes.split([len(c) for c in per_image]), strict=True)]
+        # Each image's classes, and the same padded to one row per image (for sampling every
+        # image at once; the rows past an image's classes are never read): one copy for both.
+        longest = max((len(c) for c in per_image), default=0)
+        padded = [c + [-1] * (longest - len(c)) for c in per_image]
+        both = torch.tensor(sum(per_image, []) + sum(padded, []), dtype=torch.int64).to(labels.device)
+        flat, rows = both.split([len(both) - batch * longest, batch * longest])
+        classes = flat.to(labels.dtype).split([len(c) for c in per_image])
+        segments = [cls(label, c) for label, c in zip(labels, classes, strict=True)]
+        return SegmentBatch(labels, segments, rows.to(torch.int32).view(batch, longest))
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -113,37 +121,97 @@ class Segments:
     def sample(self, coords: Tensor) -> Tensor:
         """Every segment at the same points ``coords (P, 2)`` (normalized ``(x, y)`` in [0, 1])
         -> ``(G, P)``."""
-        return self._interpolate(coords, self.classes.view(-1, 1))
+        return sample_label_maps(self._frame(), self.label.shape, coords[None], self.classes.view(1, -1))[0]
 
     def sample_each(self, index: Tensor, coords: Tensor) -> Tensor:
         """Segment ``index[n]`` at its own points ``coords[n]`` (``(N,)``, ``(N, P, 2)``) -> ``(N, P)``."""
-        return self._interpolate(coords, self.classes[index].view(-1, 1))
+        classes = self.classes[index].view(-1, 1)
+        return sample_label_maps(self._frame(), self.label.shape, coords, classes, images=None)[:, 0]
 
-    def _interpolate(self, coords: Tensor, classes: Tensor) -> Tensor:
-        height, width = self.label.shape
-        size = device_tensor([width, height], coords.dtype, coords.device)
-        pixel = grid_sample_pixel(coords, size, powers_of_two([width, height]))
-        corner = pixel.floor()
-        east, south = (pixel - corner).unbind(-1)
-        west, north = 1 - east, 1 - south
+    def _frame(self) -> Tensor:
         if self._framed is None:
-            # The label map framed by one pixel of no class (-1), where zero padding reads
-            # zeros: the four pixels of every sample are then in the frame, no bounds to check.
-            self._framed = F.pad(self.label.to(torch.int32), (1, 1, 1, 1), value=-1).flatten()
-        framed = self._framed
-        stride = width + 2
-        corner = corner.to(torch.int32).add_(1)
-        north_west = corner[..., 1] * stride + corner[..., 0]
-        classes = classes.to(torch.int32)
-        total = None
-        # grid_sample's order of the sum: nw, ne, sw, se.
-        corners = ((0, north * west), (1, north * east), (stride, south * west), (stride + 1, south * east))
-        for offset, weight in corners:
-            pixels = framed.index_select(0, (north_west + offset).flatten()).view_as(north_west)
-            term = torch.where(pixels == classes, weight, 0.0)
-            total = term if total is None else total.add_(term)
-        assert total is not None
-        return total
+            self._framed = framed_label_maps(self.label[None])
+        return self._framed
+
+
+class SegmentBatch(list):
+    """The segments of every image of a batch (a list of :class:`Segments`), sampled together:
+    one pass over all images instead of one per image, with the same values.
+
+    Args:
+        labels: ``(B, H, W)``; segments: each image's; classes: ``(B, G_max)`` int32, each
+            image's classes, padded.
+    """
+
+    def __init__(self, labels: Tensor, segments: list[Segments], classes: Tensor) -> None:
+        super().__init__(segments)
+        self.labels = labels
+        self.padded_classes = classes
+        self._framed: Tensor | None = None
+
+    def sample(self, coords: Tensor) -> Tensor:
+        """Each image's segments at that image's points ``coords (B, P, 2)`` -> ``(B, G_max, P)``:
+        image ``b``'s ``(G_b, P)`` in ``[b, :G_b]`` (its padding rows hold nothing to read)."""
+        return sample_label_maps(self._frame(), self.labels.shape[1:], coords, self.padded_classes)
+
+    def sample_rows(self, images: Tensor, classes: Tensor, coords: Tensor) -> Tensor:
+        """Segment ``classes[n]`` of image ``images[n]`` at its own points ``coords[n]``
+        (``(N,)``, ``(N,)``, ``(N, P, 2)``) -> ``(N, P)``."""
+        return sample_label_maps(self._frame(), self.labels.shape[1:], coords, classes.view(-1, 1), images)[:, 0]
+
+    def _frame(self) -> Tensor:
+        if self._framed is None:
+            self._framed = framed_label_maps(self.labels)
+        return self._framed
+
+
+def framed_label_maps(labels: Tensor) -> Tensor:
+    """``(B, H, W)`` labels -> ``(B, (H + 2) (W + 2))`` int32, each framed by one pixel of no
+    class (-1), where zero padding reads zeros: the four pixels of every sample are then in the
+    frame, no bounds to check."""
+    return F.pad(labels.to(torch.int32), (1, 1, 1, 1), value=-1).flatten(1)
+
+
+def sample_label_maps(
+    framed: Tensor, size: Sequence[int], coords: Tensor, classes: Tensor, images: Tensor | None = None
+) -> Tensor:
+    """The bilinear samples of binary masks ``label == class``, as ``grid_sample`` computes them.
+
+    Args:
+        framed: ``(B, L)`` from :func:`framed_label_maps` of ``(B, H, W)`` labels; size: ``(H, W)``.
+        coords: ``(M, P, 2)`` normalized ``(x, y)`` in [0, 1].
+        classes: ``(M, R)``: the classes sampled at row ``m``'s points.
+        images: ``(M,)``, the image of row ``m``; None for ``M == B`` rows, one per image.
+    Returns:
+        ``(M, R, P)``.
+    """
+    height, width = size
+    scale = device_tensor([width, height], coords.dtype, coords.device)
+    pixel = grid_sample_pixel(coords, scale, powers_of_two([width, height]))
+    corner = pixel.floor()
+    east, south = (pixel - corner).unbind(-1)
+    west, north = 1 - east, 1 - south
+    stride = width + 2
+    corner = corner.to(torch.int32).add_(1)
+    north_west = corner[..., 1] * stride + corner[..., 0]  # (M, P)
+    if images is not None:
+        north_west = north_west + images.to(torch.int32).view(-1, 1) * framed.shape[1]
+    elif framed.shape[0] > 1:
+        north_west = (
+            north_west
+            + torch.arange(framed.shape[0], dtype=torch.int32, device=framed.device).view(-1, 1) * framed.shape[1]
+        )
+    flat = framed.flatten()
+    classes = classes.to(torch.int32).unsqueeze(-1)  # (M, R, 1)
+    total = None
+    # grid_sample's order of the sum: nw, ne, sw, se.
+    corners = ((0, north * west), (1, north * east), (stride, south * west), (stride + 1, south * east))
+    for offset, weight in corners:
+        pixels = flat.index_select(0, (north_west + offset).flatten()).view_as(north_west)
+        term = torch.where(pixels.unsqueeze(1) == classes, weight.unsqueeze(1), 0.0)
+        total = term if total is None else total.add_(term)
+    assert total is not None
+    return total
 
 
 def uncertain_points(mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float) -> Tensor:
@@ -194,26 +262,61 @@ class HungarianMatcher:
             return class_logits.new_zeros(class_logits.shape[0], 0, dtype=torch.float32)
         # All masks at the same points: sampled as the channels of one map, which gives each
         # mask the values it gets on its own (the same bilinear weights), computing them once.
-        pred = point_sample(mask_logits.unsqueeze(0), coords)[0].float()
+        pred = point_sample(mask_logits.unsqueeze(0), coords).float()
         if isinstance(gt_masks, Segments):
-            target = gt_masks.sample(coords[0])
+            target = gt_masks.sample(coords[0])[None]
         else:
-            target = point_sample(gt_masks.unsqueeze(0).float(), coords)[0]
+            target = point_sample(gt_masks.unsqueeze(0).float(), coords)
+        return self._costs(class_logits[None], pred, target, [gt_classes])[0]
 
+    @torch.no_grad()
+    def costs(self, class_logits: Tensor, mask_logits: Tensor, segments: SegmentBatch) -> list[Tensor]:
+        """:meth:`cost` of every image of a batch, ``(Q, G_b)`` each, the same values: the points of
+        all images sampled in one pass (a GPU runs a few kernels per prediction, not per image).
+
+        Args:
+            class_logits: ``(B, Q, K + 1)``; mask_logits: ``(B, Q, h, w)``; segments: the batch's.
+        """
+        device = mask_logits.device
+        if not len(segments):
+            return []
+        # One draw per image, in mmdet's order, also for an image without segments.
+        coords = torch.cat([torch.rand(1, self.num_points, 2, device=device) for _ in segments])
+        pred = point_sample(mask_logits, coords).float()  # (B, Q, P)
+        return self._costs(class_logits, pred, segments.sample(coords), [image.classes for image in segments])
+
+    def _costs(self, class_logits: Tensor, pred: Tensor, target: Tensor, classes: list[Tensor]) -> list[Tensor]:
+        """Each image's ``(Q, G_b)`` cost from its predictions and targets at its points:
+        ``class_logits (B, Q, K + 1)``, ``pred (B, Q, P)``, ``target (B, G_max, P)`` (image ``b``'s
+        in its first ``G_b`` rows), ``classes[b] (G_b,)``."""
+        num_queries, num_points = pred.shape[1:]
         # In fp32 under autocast too: fp16 products over 12,544 points exceed its 65,504 (confident
         # masks over large segments), and the assignment refuses an infinite cost.
-        with torch.autocast(mask_logits.device.type, enabled=False):
-            cost_class = -class_logits.float().softmax(-1)[:, gt_classes]
+        with torch.autocast(pred.device.type, enabled=False):
+            probs = class_logits.float().softmax(-1)
             # Sigmoid BCE of every prediction against every target, averaged over points. torch's
             # BCE with logits is (1 - t) x - log_sigmoid(x): against 1 and against 0 it is these
             # two, bit for bit, from one log-sigmoid instead of two.
             log_sigmoid = F.logsigmoid(pred)
             pos = -log_sigmoid
             neg = pred - log_sigmoid
-            cost_mask = (pos @ target.t() + neg @ (1 - target).t()) / pred.shape[1]
             prob = pred.sigmoid()
-            cost_dice = 1 - (2 * prob @ target.t() + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None, :] + 1)
-        return self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
+            prob_sum, target_sum, background = prob.sum(-1), target.sum(-1), 1 - target
+            found = []
+            for b, gt_classes in enumerate(classes):
+                size = len(gt_classes)
+                if size == 0:
+                    found.append(pred.new_zeros(num_queries, 0))
+                    continue
+                # The matrix products one image at a time: each the product mmdet takes.
+                image_target = target[b, :size]
+                cost_class = -probs[b][:, gt_classes]
+                cost_mask = (pos[b] @ image_target.t() + neg[b] @ background[b, :size].t()) / num_points
+                dice = (2 * prob[b] @ image_target.t() + 1) / (prob_sum[b][:, None] + target_sum[b, :size][None, :] + 1)
+                cost_dice = 1 - dice
+                cost = self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
+                found.append(cost)
+        return found
 
     def __call__(
         self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor | Segments
@@ -328,14 +431,16 @@ class Mask2FormerLoss(nn.Module):
             (batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device
         )
         # Every image's cost first (each draws its points in mmdet's order), then one trip to the host.
-        costs = [self.matcher.cost(class_logits[b], mask_logits[b], s.classes, s) for b, s in enumerate(targets)]
-        matched_rows, matched = [], []
+        costs = self.matcher.costs(class_logits, mask_logits, targets)
+        matched_rows, matched_images, matched_classes = [], [], []
         for b, (segments, (query_idx, gt_idx)) in enumerate(zip(targets, self.matcher.assign(costs), strict=True)):
             if len(query_idx) == 0:
                 continue
-            target_classes[b, query_idx] = segments.classes[gt_idx]
+            classes = segments.classes[gt_idx]
+            target_classes[b, query_idx] = classes
             matched_rows.append(b * num_queries + query_idx)
-            matched.append((segments, gt_idx))
+            matched_images.append(torch.full_like(gt_idx, b))
+            matched_classes.append(classes)
 
         # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
         weights = cast(Tensor, self.ce_class_weights).float()
@@ -352,14 +457,7 @@ class Mask2FormerLoss(nn.Module):
         preds = mask_logits.flatten(0, 1)[torch.cat(matched_rows)].unsqueeze(1)  # (N, 1, h, w)
         with torch.no_grad():
             coords = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
-            point_targets = torch.cat(
-                [
-                    segments.sample_each(gt_idx, image_coords)
-                    for (segments, gt_idx), image_coords in zip(
-                        matched, coords.split([len(i) for _, i in matched]), strict=False
-                    )
-                ]
-            )
+            point_targets = targets.sample_rows(torch.cat(matched_images), torch.cat(matched_classes), coords)
         point_logits = point_sample(preds, coords)[:, 0].float()
 
         loss_mask = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
