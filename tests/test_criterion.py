@@ -260,8 +260,8 @@ def test_the_segments_of_a_batch_are_each_images_own():
         for segments, label in zip(found, batch, strict=True):
             alone = Segments.of(label, ignore_index)
             assert segments.label is label or torch.equal(segments.label, label)
-            assert segments.classes.dtype == alone.classes.dtype and torch.equal(segments.classes, alone.classes)
-    assert torch.equal(Segments.of_images(labels, 19)[1].classes, torch.empty(0, dtype=labels.dtype))
+            assert segments.classes.dtype == torch.int64 and torch.equal(segments.classes, alone.classes.long())
+    assert torch.equal(Segments.of_images(labels, 19)[1].classes, torch.empty(0, dtype=torch.int64))
     assert Segments.of_images(labels[:0], 19) == []
     bad = labels.clone()
     bad[3, 0, :3] = torch.tensor([19, -1, 300])
@@ -273,29 +273,57 @@ def test_the_segments_of_a_batch_are_each_images_own():
         Segments.of_images(labels + 0.5, 19)  # 1.5 would become class 1
 
 
-def test_a_batch_is_matched_and_sampled_as_each_image_alone():
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("num_points", [3, 300, 301])  # 3: few enough for a sum to show one ulp
+def test_a_batch_is_matched_and_sampled_as_each_image_alone(num_points, threads):
     """``HungarianMatcher.costs`` and ``SegmentBatch.sample_rows`` take all images in one pass;
     their values are bit for bit those of ``cost`` and ``sample_each`` image by image, with the
-    same random points (an image without segments still draws its own)."""
-    generator = torch.Generator().manual_seed(11)
-    class_logits = torch.randn(3, 7, 20, generator=generator)
-    mask_logits = torch.randn(3, 7, 24, 20, generator=generator)
-    labels = torch.randint(0, 6, (3, 45, 38), generator=generator)  # sizes off the powers of two
-    labels[1] = 255
-    labels[2, :10] = 255
-    segments = Segments.of_images(labels, 19)
-    matcher = HungarianMatcher(num_points=300)
-    torch.manual_seed(4)
-    together = matcher.costs(class_logits, mask_logits, segments)
-    after_together = torch.rand(1)
-    torch.manual_seed(4)
-    alone = [matcher.cost(class_logits[b], mask_logits[b], s.classes, s) for b, s in enumerate(segments)]
-    assert torch.equal(after_together, torch.rand(1))  # the same draws
-    assert [tuple(c.shape) for c in together] == [(7, len(s)) for s in segments] == [(7, 6), (7, 0), (7, 6)]
-    assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
+    same random points (an image without segments still draws its own). On the CPU a sigmoid's
+    values depend on where an element falls in its tensor, and a matrix product's on its
+    operands' alignment: confident logits (x 6) and an odd point count reach both."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed in range(12):
+            generator = torch.Generator().manual_seed(seed)
+            class_logits = torch.randn(4, 7, 20, generator=generator)
+            mask_logits = torch.randn(4, 7, 24, 20, generator=generator) * (1.0 if seed % 2 else 6.0)
+            labels = torch.randint(0, 5, (4, 45, 38), generator=generator)  # sizes off the powers of two
+            labels[1] = 255  # no segments
+            labels[2, :10] = 255
+            segments = Segments.of_images(labels, 19)
+            matcher = HungarianMatcher(num_points=num_points)
+            torch.manual_seed(4)
+            together = matcher.costs(class_logits, mask_logits, segments)
+            after_together = torch.rand(1)
+            torch.manual_seed(4)
+            alone = [matcher.cost(class_logits[b], mask_logits[b], s.classes, s) for b, s in enumerate(segments)]
+            assert torch.equal(after_together, torch.rand(1))  # the same draws
+            assert [tuple(c.shape) for c in together] == [(7, len(s)) for s in segments]
+            assert [len(s) for s in segments] == [5, 0, 5, 5]
+            assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True)), seed
+    finally:
+        torch.set_num_threads(threads_before)
     coords = torch.rand(5, 64, 2, generator=generator)
-    images, index = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([1, 4, 0, 5, 2])
+    images, index = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([1, 4, 0, 3, 2])
     classes = torch.stack([segments[i].classes[g] for i, g in zip(images, index, strict=True)])
     rows = segments.sample_rows(images, classes, coords)
     each = torch.cat([segments[0].sample_each(index[:2], coords[:2]), segments[2].sample_each(index[2:], coords[2:])])
     assert torch.equal(rows, each)
+
+
+def test_labels_of_any_integer_dtype_give_the_same_loss():
+    """uint8 labels (as PNGs read) and int32 ones: the classes are indices either way (uint8
+    ones indexed the class probabilities as a mask)."""
+    generator = torch.Generator().manual_seed(2)
+    class_logits = [torch.randn(2, 6, 20, generator=generator)]
+    mask_logits = [torch.randn(2, 6, 16, 16, generator=generator)]
+    labels = torch.randint(0, 5, (2, 32, 32), generator=generator)
+    labels[0, :4] = 255
+    criterion = Mask2FormerLoss(19, num_points=64)
+    found = {}
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        torch.manual_seed(3)
+        found[dtype] = criterion(class_logits, mask_logits, labels.to(dtype))
+    for dtype in (torch.int32, torch.uint8):
+        assert all(torch.equal(found[dtype][k], found[torch.int64][k]) for k in found[torch.int64]), dtype

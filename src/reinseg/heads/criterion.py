@@ -84,7 +84,8 @@ class Segments:
         One ``torch.unique`` over the batch's labels keyed by their image finds every image's
         classes in ascending order, as :meth:`of` finds them; a GPU then waits for the host once
         per batch, not twice per image. The same trip checks the labels: a value outside
-        ``0..num_classes - 1`` that is not ``ignore_index`` raises ValueError naming it.
+        ``0..num_classes - 1`` that is not ``ignore_index`` raises ValueError naming it. The
+        classes are int64 (indices) whatever the labels' dtype.
         """
         if labels.dim() != 3:
             raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
@@ -111,7 +112,7 @@ class Segments:
         padded = [c + [-1] * (longest - len(c)) for c in per_image]
         both = torch.tensor(sum(per_image, []) + sum(padded, []), dtype=torch.int64).to(labels.device)
         flat, rows = both.split([len(both) - batch * longest, batch * longest])
-        classes = flat.to(labels.dtype).split([len(c) for c in per_image])
+        classes = flat.split([len(c) for c in per_image])  # int64: indices, whatever the labels' dtype
         segments = [cls(label, c) for label, c in zip(labels, classes, strict=True)]
         return SegmentBatch(labels, segments, rows.to(torch.int32).view(batch, longest))
 
@@ -214,6 +215,13 @@ def sample_label_maps(
     return total
 
 
+def _aligned(tensor: Tensor) -> Tensor:
+    """``tensor``, copied where it starts off a 64-byte boundary (a slice into a batch's tensor;
+    never at the default 12,544 points): MKL's products change in the last bits with an operand
+    that starts off a 16-byte boundary (measured for the first operand)."""
+    return tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
+
+
 def uncertain_points(mask_logits: Tensor, num_points: int, oversample_ratio: float, importance_ratio: float) -> Tensor:
     """Sample points where masks are least certain (logit near 0), plus uniform ones.
 
@@ -288,31 +296,34 @@ class HungarianMatcher:
     def _costs(self, class_logits: Tensor, pred: Tensor, target: Tensor, classes: list[Tensor]) -> list[Tensor]:
         """Each image's ``(Q, G_b)`` cost from its predictions and targets at its points:
         ``class_logits (B, Q, K + 1)``, ``pred (B, Q, P)``, ``target (B, G_max, P)`` (image ``b``'s
-        in its first ``G_b`` rows), ``classes[b] (G_b,)``."""
+        in its first ``G_b`` rows), ``classes[b] (G_b,)``.
+
+        The sampling above is one pass for all images; the arithmetic here is one image at a time,
+        on tensors of that image alone, as mmdet's: on the CPU a sigmoid's values depend on where
+        an element falls in the tensor (the vector loop's remainder is computed by another
+        routine), and a matrix product's on where its operands start."""
         num_queries, num_points = pred.shape[1:]
+        found = []
         # In fp32 under autocast too: fp16 products over 12,544 points exceed its 65,504 (confident
         # masks over large segments), and the assignment refuses an infinite cost.
         with torch.autocast(pred.device.type, enabled=False):
-            probs = class_logits.float().softmax(-1)
-            # Sigmoid BCE of every prediction against every target, averaged over points. torch's
-            # BCE with logits is (1 - t) x - log_sigmoid(x): against 1 and against 0 it is these
-            # two, bit for bit, from one log-sigmoid instead of two.
-            log_sigmoid = F.logsigmoid(pred)
-            pos = -log_sigmoid
-            neg = pred - log_sigmoid
-            prob = pred.sigmoid()
-            prob_sum, target_sum, background = prob.sum(-1), target.sum(-1), 1 - target
-            found = []
+            probs = class_logits.float().softmax(-1)  # a row at a time, wherever the row is
             for b, gt_classes in enumerate(classes):
                 size = len(gt_classes)
                 if size == 0:
                     found.append(pred.new_zeros(num_queries, 0))
                     continue
-                # The matrix products one image at a time: each the product mmdet takes.
-                image_target = target[b, :size]
+                image_pred, image_target = pred[b], _aligned(target[b, :size])
                 cost_class = -probs[b][:, gt_classes]
-                cost_mask = (pos[b] @ image_target.t() + neg[b] @ background[b, :size].t()) / num_points
-                dice = (2 * prob[b] @ image_target.t() + 1) / (prob_sum[b][:, None] + target_sum[b, :size][None, :] + 1)
+                # Sigmoid BCE of every prediction against every target, averaged over points. torch's
+                # BCE with logits is (1 - t) x - log_sigmoid(x): against 1 and against 0 it is these
+                # two, bit for bit, from one log-sigmoid instead of two.
+                log_sigmoid = F.logsigmoid(image_pred)
+                pos = -log_sigmoid
+                neg = image_pred - log_sigmoid
+                cost_mask = (pos @ image_target.t() + neg @ (1 - image_target).t()) / num_points
+                prob = image_pred.sigmoid()
+                dice = (2 * prob @ image_target.t() + 1) / (prob.sum(-1)[:, None] + image_target.sum(-1)[None, :] + 1)
                 cost_dice = 1 - dice
                 cost = self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
                 found.append(cost)
