@@ -435,7 +435,9 @@ class Mask2FormerLoss(nn.Module):
         losses["loss"] = cast(Tensor, sum(losses.values()))
         return losses
 
-    def _single(self, class_logits: Tensor, mask_logits: Tensor, targets, num_masks: Tensor) -> dict[str, Tensor]:
+    def _single(
+        self, class_logits: Tensor, mask_logits: Tensor, targets: SegmentBatch, num_masks: Tensor
+    ) -> dict[str, Tensor]:
         """Losses of one prediction ``(B, Q, K + 1)``, ``(B, Q, h, w)``."""
         batch, num_queries = class_logits.shape[:2]
         target_classes = torch.full(
