@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 
 import torch
+from gpu_paths import synthetic_batch, take_gpu_code_paths
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Operations that launch no kernel: views, reshapes that are views, allocations.
@@ -70,13 +72,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="sources listed per phase")
     args = parser.parse_args()
 
-    import reinseg.heads.deformable_attention
-    import reinseg.heads.mask2former
     from reinseg.build import build_segmentor
     from reinseg.config import BackboneConfig, ModelConfig
 
-    for module in (reinseg.heads.deformable_attention, reinseg.heads.mask2former):
-        module.eager_on_cpu = lambda tensor: False  # type: ignore[attr-defined]
+    take_gpu_code_paths()
     torch.manual_seed(0)
     backbone = BackboneConfig(
         name=args.backbone, img_size=args.crop, patch_size=16, timm_kwargs={"embed_dim": args.width, "num_heads": 4}
@@ -84,13 +83,10 @@ def main() -> None:
     segmentor = build_segmentor(ModelConfig(backbone=backbone), load_backbone_weights=False).train()
     trainable = [p for p in segmentor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05, fused=True)
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(args.batch, 3, args.crop, args.crop, generator=generator)
-    labels = torch.randint(0, 19, (args.batch, args.crop, args.crop), generator=generator)
-    labels[:, : args.crop // 8] = 255
+    images, labels = synthetic_batch(args.batch, args.crop)
 
     def step(phases: dict[str, TorchDispatchMode] | None = None) -> None:
-        phase = phases or collections.defaultdict(lambda: _Nothing())
+        phase = phases or collections.defaultdict(contextlib.nullcontext)
         with phase["forward and loss"]:
             loss = segmentor.loss(images, labels)["loss"]
         with phase["backward"]:
@@ -114,14 +110,6 @@ def main() -> None:
         print(f"| {name} | {sum(counter.by_source.values())} | {counter.no_kernel} | {top} |")
     total = sum(sum(c.by_source.values()) for c in phases.values())
     print(f"\n{total} operations that compute per step")
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 if __name__ == "__main__":

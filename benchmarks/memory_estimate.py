@@ -45,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gpu_paths import synthetic_batch, take_gpu_code_paths  # noqa: E402
 from levers import LEVERS, apply_lever  # noqa: E402
 
 GRANULE = 512  # bytes: the CUDA caching allocator's smallest block (c10/cuda/CUDACachingAllocator.cpp)
@@ -94,21 +95,13 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _never(tensor: torch.Tensor) -> bool:
-    return False
-
-
 def child(args) -> dict:
-    import reinseg.heads.deformable_attention
-    import reinseg.heads.mask2former
     from reinseg.build import build_segmentor
     from reinseg.config import BackboneConfig, ModelConfig
 
     # The GPU's code paths: the CPU's eager fp32 forms (the deformable attention's CSR kernel,
     # the mask products' row-selecting backward, the short softmax) keep other tensors.
-    for module in (reinseg.heads.deformable_attention, reinseg.heads.mask2former):
-        module.eager_on_cpu = _never  # type: ignore[attr-defined]
-
+    take_gpu_code_paths()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     depth = args.depth
@@ -128,10 +121,7 @@ def child(args) -> dict:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     state = [v for per_param in optimizer.state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randn(args.batch, 3, args.crop, args.crop, generator=generator)
-    labels = torch.randint(0, 19, (args.batch, args.crop, args.crop), generator=generator)
-    labels[:, : args.crop // 8] = 255
+    images, labels = synthetic_batch(args.batch, args.crop)
     tracker = LiveBytes()
     for tensor in [*segmentor.parameters(), *segmentor.buffers(), *state, images, labels]:
         tracker.add(tensor)

@@ -155,19 +155,13 @@ def score_directories(
     from PIL import Image
 
     from .data.io import RASTER_FORMATS, files_below
-    from .unfinished import marker_above
+    from .unfinished import check_finished
 
     pred_root, label_root = Path(prediction_dir), Path(label_dir)
     for root, what in ((pred_root, "prediction"), (label_root, "label")):
         if not root.is_dir():
             raise FileNotFoundError(f"{what} folder not found: {root}")
-    marker = marker_above(pred_root)
-    if marker is not None:
-        state = "is running" if marker.is_running() else "was interrupted: run it again to finish them"
-        raise ValueError(
-            f"the predictions in {pred_root} are unfinished: the {marker.describe()} {state}; they may be "
-            f"partial or mixed with earlier ones (remove {marker.path} to score them anyway)"
-        )
+    check_finished(pred_root)
     label_files = files_below(label_root)
     if label_suffix is None:
         label_suffix = "labelTrainIds.png" if any(p.name.endswith("labelTrainIds.png") for p in label_files) else ".png"

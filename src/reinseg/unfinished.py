@@ -19,6 +19,7 @@ __all__ = [
     "MARKER",
     "Marker",
     "read_marker",
+    "check_finished",
     "check_folder",
     "claim_folder",
     "release_folder",
@@ -92,6 +93,18 @@ def _refuse_to_write(folder: Path, command: str, option: str) -> Marker | None:
             f"which would mix with these or delete them: choose a folder outside it"
         )
     return marker
+
+
+def check_finished(path: Path) -> None:
+    """A ValueError naming the marker where the predictions in ``path`` are not all written
+    (:func:`marker_above`): they may be partial, or two models' side by side."""
+    marker = marker_above(path)
+    if marker is not None:
+        state = "is running" if marker.is_running() else "was interrupted: run it again to finish them"
+        raise ValueError(
+            f"the predictions in {path} are unfinished: the {marker.describe()} {state}; they may be "
+            f"partial or mixed with earlier ones (remove {marker.path} to score them anyway)"
+        )
 
 
 def check_folder(folder: Path, command: str, option: str) -> bool:

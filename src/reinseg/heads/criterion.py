@@ -114,6 +114,7 @@ class Segments:
         flat, rows = both.split([len(both) - batch * longest, batch * longest])
         classes = flat.split([len(c) for c in per_image])  # int64: indices, whatever the labels' dtype
         segments = [cls(label, c) for label, c in zip(labels, classes, strict=True)]
+        # int32 here, once a step, as the sampler takes them (not once per prediction there).
         return SegmentBatch(labels, segments, rows.to(torch.int32).view(batch, longest))
 
     def __len__(self) -> int:
@@ -195,13 +196,10 @@ def sample_label_maps(
     stride = width + 2
     corner = corner.to(torch.int32).add_(1)
     north_west = corner[..., 1] * stride + corner[..., 0]  # (M, P)
+    if images is None and framed.shape[0] > 1:
+        images = torch.arange(framed.shape[0], dtype=torch.int32, device=framed.device)
     if images is not None:
         north_west = north_west + images.to(torch.int32).view(-1, 1) * framed.shape[1]
-    elif framed.shape[0] > 1:
-        north_west = (
-            north_west
-            + torch.arange(framed.shape[0], dtype=torch.int32, device=framed.device).view(-1, 1) * framed.shape[1]
-        )
     flat = framed.flatten()
     classes = classes.to(torch.int32).unsqueeze(-1)  # (M, R, 1)
     total = None
