@@ -9,7 +9,7 @@ from reinseg.backbones import resize_map
 from reinseg.build import build_segmentor
 from reinseg.heads import Mask2FormerHead
 from reinseg.heads.deformable_attention import _softmax_over_last, multi_scale_deformable_attention
-from reinseg.heads.mask2former import _attention_mask, mask_products
+from reinseg.heads.mask2former import _attention_mask, mask_products, resize_to_levels
 from reinseg.heads.position_encoding import sine_position_encoding
 
 
@@ -147,6 +147,23 @@ def test_bilinear_mask_upsampling_precedes_the_sigmoid():
     assert out.shape == (1, 4, 8, 8) and torch.allclose(out, expected)
 
 
+@pytest.mark.parametrize("size", [(4, 4), (8, 8)])
+def test_semantic_logits_leave_the_mask_logits_alone(size):
+    """The sigmoid runs in place on the upsampled masks, never on the caller's logits (at the
+    logits' own size too), and gradients still flow to them."""
+    from reinseg.heads import semantic_logits
+
+    class_logits = torch.randn(1, 3, 5)
+    mask_logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    before = mask_logits.detach().clone()
+    out = semantic_logits(class_logits, mask_logits, size)
+    assert torch.equal(mask_logits.detach(), before)
+    out.sum().backward()
+    up = F.interpolate(before.requires_grad_(), size=size, mode="bilinear", align_corners=False).sigmoid()
+    torch.einsum("bqc,bqhw->bchw", class_logits.softmax(-1)[..., :-1], up).sum().backward()
+    torch.testing.assert_close(mask_logits.grad, before.grad, rtol=0, atol=0)
+
+
 def test_last_only_returns_the_last_prediction_of_the_full_run():
     head = tiny_head().eval()
     features = [torch.randn(2, 64, s, 2 * s) for s in (16, 8, 4, 2)]
@@ -177,6 +194,30 @@ def test_attention_mask_from_resized_features_is_that_of_the_resized_masks():
         assert ours.shape == (2, 1, 10, size[0] * size[1])
         assert torch.equal(ours[:, 0], expected)
         assert ours[1, 0, 4].all() and 0 < expected.float().mean() < 1
+
+
+@pytest.mark.parametrize(
+    ("size", "level_sizes", "bitwise"),
+    [
+        ((128, 128), [(16, 16), (32, 32), (64, 64)], True),
+        ((96, 160), [(12, 20), (24, 40), (48, 80)], True),
+        ((127, 131), [(16, 17), (45, 37), (91, 96)], False),
+    ],
+)
+def test_mask_features_resized_to_the_levels_as_nchw_bilinear(size, level_sizes, bitwise):
+    """The CPU's channels-last resize gives what F.interpolate gives on the NCHW map: the same
+    bits at power-of-two factors (the paper's crops), float rounding elsewhere; the maps come
+    back NCHW-contiguous, as the attention masks' products read them."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 256, *size) * 5
+    resized = resize_to_levels(features, level_sizes)
+    for ours, level_size in zip(resized, level_sizes, strict=True):
+        expected = F.interpolate(features, size=level_size, mode="bilinear", align_corners=False)
+        assert ours.shape == expected.shape and ours.is_contiguous()
+        if bitwise:
+            assert torch.equal(ours, expected)
+        else:
+            torch.testing.assert_close(ours, expected, rtol=0, atol=4e-6)
 
 
 @pytest.mark.parametrize("reached", [[1, 4], list(range(6)), []])
