@@ -103,7 +103,7 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
 
     section "Sliding-window evaluation, 1024x512 images, crop 512, stride 341" &&
         bounded $py benchmarks/strategies.py slide --device "$device" --backbone "$large" --precision 32 bf16 \
-            --height 512 --width 1024 --steps "$steps" --warmup "$warmup"
+            --height 512 --width 1024 --steps "$steps" --warmup "$warmup" --window-batch 1 3
 
     section "Evaluation as reinseg eval scores a 2048x1024 Cityscapes image (official protocol: 1024x512, crop 512, stride 341)" &&
         bounded $py benchmarks/eval_protocols.py --device "$device" --backbone "$large" --images "$steps" \

@@ -369,7 +369,8 @@ def cmd_slide(args) -> None:
     device = torch.device(args.device)
     print(
         f"# {machine(args.device)}; {args.backbone} + Rein + head, sliding window 512 / stride 341 on "
-        f"{args.height}x{args.width} images, batch 1, median of {args.steps} after {args.warmup} warm-up"
+        f"{args.height}x{args.width} images, batch 1, median of {args.steps} after {args.warmup} warm-up; "
+        "window batch: the windows run through the model at once (model.test.window_batch)"
     )
     config = model_config(args.backbone, "rein", 512)
     config.test.mode = "slide"
@@ -377,14 +378,30 @@ def cmd_slide(args) -> None:
     image = torch.randn(1, 3, args.height, args.width, device=device)
     for precision in args.precision:
         dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
-        times = []
-        for step in range(args.warmup + args.steps):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                seconds, _ = timed(device, lambda: segmentor.predict(image))
-            if step >= args.warmup:
-                times.append(seconds)
-        median = statistics.median(times)
-        print(f"precision {precision}: {median:.3f} s per image, {1 / median:.2f} images/s")
+        for window_batch in args.window_batch:
+            segmentor.window_batch = window_batch
+            times = []
+            for step in range(args.warmup + args.steps):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    seconds, _ = timed(device, lambda: segmentor.predict(image))
+                if step >= args.warmup:
+                    times.append(seconds)
+            median = statistics.median(times)
+            print(
+                f"precision {precision}, window batch {window_batch}: {median:.3f} s per image, "
+                f"{1 / median:.2f} images/s"
+            )
+        if len(args.window_batch) > 1:  # the windows stacked give the same scores up to float rounding
+            scores = []
+            for window_batch in args.window_batch:
+                segmentor.window_batch = window_batch
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    scores.append(segmentor.predict(image).float())
+            differences = ", ".join(f"{(s - scores[0]).abs().max().item():.2e}" for s in scores[1:])
+            print(
+                f"precision {precision}: largest score difference from window batch "
+                f"{args.window_batch[0]}: {differences}"
+            )
 
 
 def main() -> None:
@@ -405,6 +422,7 @@ def main() -> None:
         p.add_argument("--strategies", nargs="+", default=list(strategy_names()), choices=strategy_names())
         p.add_argument("--height", type=int, default=512)
         p.add_argument("--width", type=int, default=1024)
+        p.add_argument("--window-batch", type=int, nargs="+", default=[1], help="slide: windows per forward")
         p.add_argument("--levers", nargs="+", default=["none"], choices=list(LEVERS))
         p.add_argument("--child", default=None, help=argparse.SUPPRESS)
         p.set_defaults(func=func)

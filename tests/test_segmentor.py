@@ -16,14 +16,18 @@ def test_sliding_windows_follow_mmseg():
     assert sliding_windows(40, 40, (64, 64), (42, 42)) == [(0, 40, 0, 40)]  # smaller than the crop
 
 
-def test_every_pixel_is_covered_and_overlaps_are_averaged(monkeypatch):
+@pytest.mark.parametrize("window_batch", [1, 3, 8])
+def test_every_pixel_is_covered_and_overlaps_are_averaged(monkeypatch, window_batch):
     """A stub model whose scores are a known function of position: channels 0 and 1 repeat the
     pixel's own row and column (coded in the image), channel 2 is the window's left edge. Stitched
     right, the first two come back unchanged and the third is the mean left edge of the windows
     covering each column, with the windows written out by hand from mmseg's rule."""
     segmentor = build_segmentor(tiny_model_config(num_classes=3)).eval()
+    segmentor.window_batch = window_batch
+    forwards = []
 
     def stub(crop):
+        forwards.append(len(crop))
         left_edge = crop[:, 1, :1, :1].expand_as(crop[:, 1])
         return torch.stack([crop[:, 0], crop[:, 1], left_edge], dim=1)
 
@@ -41,6 +45,44 @@ def test_every_pixel_is_covered_and_overlaps_are_averaged(monkeypatch):
     )
     assert torch.equal(slide[0, 0], rows[0]) and torch.equal(slide[0, 1], cols[0])
     assert torch.allclose(slide[0, 2], expected_left.expand(height, width), atol=1e-5)
+    # The 8 windows, window_batch at a time.
+    assert forwards == {1: [1] * 8, 3: [3, 3, 2], 8: [8]}[window_batch]
+
+
+def test_windows_run_together_give_the_scores_of_windows_run_alone():
+    """Two images, five windows each: stacked 2 or 5 at a time (the last group short) the
+    scores are those of one window at a time, up to float rounding."""
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config(num_classes=5)).eval()
+    images = torch.randn(2, 3, 64, 192)
+    alone = segmentor.predict(images, mode="slide", crop_size=64, stride=32)
+    for window_batch in (2, 5):
+        segmentor.window_batch = window_batch
+        together = segmentor.predict(images, mode="slide", crop_size=64, stride=32)
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_whose_images_mix_runs_its_windows_alone(monkeypatch):
+    segmentor = build_segmentor(tiny_model_config(num_classes=3)).eval()
+    segmentor.window_batch = 4
+    monkeypatch.setattr(type(segmentor), "mixes_batch", property(lambda self: True))
+    forwards = []
+
+    def stub(crop):
+        forwards.append(len(crop))
+        return crop.new_zeros(len(crop), 3, *crop.shape[-2:])
+
+    monkeypatch.setattr(segmentor, "encode_decode", stub)
+    segmentor.predict(torch.randn(1, 3, 64, 192), mode="slide", crop_size=64, stride=32)
+    assert forwards == [1] * 5
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_window_batch_must_be_a_positive_integer(value):
+    config = tiny_model_config()
+    config.test.window_batch = value
+    with pytest.raises(ConfigError, match="model.test"):
+        build_segmentor(config)
 
 
 def test_whole_mode_returns_scores_at_input_size():

@@ -62,7 +62,7 @@ def build_segmentor(config: ModelConfig, *, load_backbone_weights: bool = True) 
     test = config.test
     crop, stride = official_window(config, test.crop_size, test.stride)
     try:
-        segmentor = Segmentor(backbone, head, criterion, test.mode, crop, stride, test.flip)
+        segmentor = Segmentor(backbone, head, criterion, test.mode, crop, stride, test.flip, test.window_batch)
     except ValueError as err:
         raise ConfigError(f"model.test: {err}") from err
     # Official paramwise_cfg: the segmentor holds the norm and head keys; the strategy adds its own.

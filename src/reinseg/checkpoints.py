@@ -564,6 +564,7 @@ def check_same_model(saved: dict | None, current: dict, what: str) -> None:
         "test.crop_size",
         "test.stride",
         "test.flip",
+        "test.window_batch",
         "test.protocols",
     }
     # Sections that change no weight: the loss, and the options of strategies not in use.

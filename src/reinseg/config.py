@@ -108,6 +108,10 @@ class TestConfig:
     crop_size: int | list[int] | None = None
     stride: int | list[int] | None = None
     flip: bool = False
+    # Sliding windows run through the model at once (stacked on the batch axis): fewer, larger
+    # forwards, as a GPU prefers; 1 runs them one by one, as mmseg. The same scores up to float
+    # rounding; a model whose images mix in a batch (SET) runs them one by one whatever this says.
+    window_batch: int = 1
     # Named test protocols `reinseg eval` runs without --protocol (reinseg.protocols: config,
     # official, highres, ms-flip); empty: config (the settings above and the entries' scales).
     protocols: list[str] = field(default_factory=list)
@@ -460,6 +464,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
     "model.loss.importance_sample_ratio": (0, False),
     "model.test.crop_size": (1, False),
     "model.test.stride": (1, False),
+    "model.test.window_batch": (1, False),
     "data.crop_size": (1, False),
     "data.base_size": (1, False),
     "data.max_size": (1, False),

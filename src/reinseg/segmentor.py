@@ -49,6 +49,7 @@ class Segmentor(nn.Module):
         head: the Mask2Former head; it takes the backbone's queries when they are linked.
         criterion: the training loss (optional for inference-only models).
         test_mode, crop_size, stride, flip: default inference settings of :meth:`predict`.
+        window_batch: sliding windows run through the model at once (``model.test.window_batch``).
 
     Images are normalized RGB ``(B, 3, H, W)`` (ImageNet mean/std on 0-255 pixels).
     """
@@ -62,6 +63,7 @@ class Segmentor(nn.Module):
         crop_size: Sequence[int] | None = None,
         stride: Sequence[int] | None = None,
         flip: bool = False,
+        window_batch: int = 1,
     ) -> None:
         super().__init__()
         if head.linked_queries != backbone.links_queries:
@@ -77,6 +79,9 @@ class Segmentor(nn.Module):
         self.crop_size = None if crop_size is None else as_pair(crop_size, "crop_size")
         self.stride = None if stride is None else as_pair(stride, "stride")
         self.flip = flip
+        if isinstance(window_batch, bool) or not isinstance(window_batch, int) or window_batch < 1:
+            raise ValueError(f"window_batch must be a positive integer, got {window_batch!r}")
+        self.window_batch = window_batch
         # Parameter-name substrings without weight decay (the builder adds the strategy's).
         self.no_decay_keys: tuple[str, ...] = ("norm", *getattr(head, "no_decay_keys", ()))
         self._check_inference_settings(test_mode, self.crop_size, self.stride)
@@ -168,9 +173,17 @@ class Segmentor(nn.Module):
         batch, _, height, width = images.shape
         scores = images.new_zeros(batch, self.num_classes, height, width)
         counts = images.new_zeros(1, 1, height, width)
-        for y1, y2, x1, x2 in sliding_windows(height, width, crop, stride):
-            scores[:, :, y1:y2, x1:x2] += self.encode_decode(images[:, :, y1:y2, x1:x2])
-            counts[:, :, y1:y2, x1:x2] += 1
+        windows = sliding_windows(height, width, crop, stride)
+        # Every window has the same size (mmseg's windows stay inside the image), so that
+        # ``window_batch`` of them stack on the batch axis, window after window.
+        per_forward = 1 if self.mixes_batch else self.window_batch
+        for start in range(0, len(windows), per_forward):
+            group = windows[start : start + per_forward]
+            crops = [images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group]
+            group_scores = self.encode_decode(crops[0] if len(crops) == 1 else torch.cat(crops))
+            for (y1, y2, x1, x2), window_scores in zip(group, group_scores.split(batch), strict=True):
+                scores[:, :, y1:y2, x1:x2] += window_scores
+                counts[:, :, y1:y2, x1:x2] += 1
         return scores / counts
 
     def _check_inference_settings(
