@@ -228,6 +228,35 @@ def test_predict_flips_as_the_checkpoint_says_unless_told(tmp_path, monkeypatch)
     assert runs == [2, 2, 1]
 
 
+@pytest.mark.slow
+def test_predict_stacks_windows_as_the_checkpoint_says_unless_told(tmp_path, monkeypatch):
+    from reinseg.build import build_segmentor
+    from reinseg.checkpoints import checkpoint_state_dict, save_checkpoint
+    from reinseg.segmentor import Segmentor
+
+    model = tiny_model_config()
+    model.test.mode, model.test.crop_size, model.test.stride = "slide", [32, 32], [16, 16]
+    model.test.window_batch = 2
+    checkpoint = save_checkpoint(
+        tmp_path / "windows.ckpt", dict(model=_to_dict(model)), checkpoint_state_dict(build_segmentor(model))
+    )
+    Image.new("RGB", (96, 32)).save(tmp_path / "a.png")  # at its own size: five 32x32 windows
+    forwards = []  # windows per forward, per command
+    encode_decode = Segmentor.encode_decode
+
+    def recording(self, x):
+        forwards[-1].append(len(x))
+        return encode_decode(self, x)
+
+    monkeypatch.setattr(Segmentor, "encode_decode", recording)
+    for option in ([], ["--window-batch", "5"], ["--window-batch", "1"]):
+        forwards.append([])
+        out = tmp_path / f"out{len(forwards)}"
+        command = ["predict", str(checkpoint), str(tmp_path / "a.png"), "--output", str(out), "--scale", "96", "32"]
+        assert main([*command, *option]) == 0
+    assert forwards == [[2, 2, 1], [5], [1] * 5]
+
+
 def test_predict_of_a_checkpoint_without_validation_sets_uses_the_cityscapes_scale():
     from reinseg.predict import checkpoint_scale
 

@@ -264,3 +264,29 @@ def test_a_run_whose_grids_fada_cannot_split_is_refused_before_training():
     config.test.crop_size = [64, 32]
     with pytest.raises(ConfigError, match="model.test.crop_size 64x32 is 4x2 patches"):
         check_run_options(Config(model=config, data=DataConfig(crop_size=64)), build_segmentor(config))
+
+
+def test_an_image_is_refined_as_alone_whatever_its_batch():
+    """The official reshape puts tokens of every image of a batch into each Haar map: with
+    trained (here perturbed) filters an image's features depend on its batch, so prediction
+    runs FADA one image and one window at a time (``mixes_batch``), as the official test."""
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    config.tuning = "fada"
+    config.fada = FadaConfig(token_length=8, lora_dim=4, query_dims=32)
+    segmentor = build_segmentor(config).eval()
+    assert segmentor.mixes_batch
+    with torch.no_grad():
+        for conv in segmentor.backbone.rein.wavepool.children():
+            conv.weight.add_(0.3 * torch.randn_like(conv.weight))
+        for param in segmentor.backbone.rein.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        mixed = segmentor.backbone(images)[0][0]
+        alone = torch.cat([segmentor.backbone(image[None])[0][0] for image in images])
+    assert (mixed - alone).abs().max() > 1e-3  # the batch mixes: what makes one-at-a-time needed
+    wide = torch.randn(1, 3, 64, 192)  # five 64x64 windows
+    one_by_one = segmentor.predict(wide, mode="slide", crop_size=64, stride=32)
+    segmentor.window_batch = 5
+    torch.testing.assert_close(segmentor.predict(wide, mode="slide", crop_size=64, stride=32), one_by_one)

@@ -220,6 +220,22 @@ def test_mask_features_resized_to_the_levels_as_nchw_bilinear(size, level_sizes,
             torch.testing.assert_close(ours, expected, rtol=0, atol=4e-6)
 
 
+def test_the_cpu_resizes_the_mask_features_channels_last(monkeypatch):
+    """The fast kernel is the one that runs: every resize reads an NHWC map."""
+    import reinseg.heads.mask2former as mask2former
+
+    layouts = []
+    interpolate = F.interpolate
+
+    def recording(x, *args, **kwargs):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return interpolate(x, *args, **kwargs)
+
+    monkeypatch.setattr(mask2former.F, "interpolate", recording)
+    resize_to_levels(torch.randn(2, 8, 32, 32), [(4, 4), (8, 8), (16, 16)])
+    assert layouts == [True, True, True]
+
+
 @pytest.mark.parametrize("reached", [[1, 4], list(range(6)), []])
 def test_mask_products_gradients_equal_the_dense_products(reached):
     # The loss reaches only the matched queries' masks: the backward multiplies those rows only,

@@ -83,6 +83,10 @@ def test_window_batch_must_be_a_positive_integer(value):
     config.test.window_batch = value
     with pytest.raises(ConfigError, match="model.test"):
         build_segmentor(config)
+    segmentor = build_segmentor(tiny_model_config())
+    with pytest.raises(ValueError, match=f"window_batch must be a positive integer, got {value!r}"):
+        segmentor.window_batch = value
+    assert segmentor.window_batch == 1
 
 
 def test_whole_mode_returns_scores_at_input_size():

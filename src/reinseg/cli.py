@@ -326,7 +326,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .video import is_video, predict_video, probe_video
 
     options = dict(
-        scale=args.scale or "checkpoint", mode=args.mode, flip=args.flip, device=args.device, backbone=args.backbone
+        scale=args.scale or "checkpoint",
+        mode=args.mode,
+        flip=args.flip,
+        device=args.device,
+        backbone=args.backbone,
+        window_batch=args.window_batch,
     )
     # Glob patterns are expanded first, so that 'clips/*.mp4' names videos, not a file.
     inputs = [
@@ -624,6 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
         "1024 px crops)",
     )
     p.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's test mode")
+    p.add_argument(
+        "--window-batch",
+        type=_positive_int,
+        default=None,
+        help="slide mode: windows run through the model at once (default: the checkpoint's model.test.window_batch, "
+        "1 if it has none); the same scores up to float rounding",
+    )
     p.add_argument(
         "--flip",
         action=argparse.BooleanOptionalAction,

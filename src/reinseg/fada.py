@@ -110,6 +110,10 @@ class Fada(Rein):
 
     refines_rows_alone = False  # its transform reads the patch rows alone as an h x w map
     square_even_grid = True  # its Haar split takes square patch grids with an even side only
+    # The official reshape of (N, B, C) to (B, C, h, w) (`bands`) puts tokens of every image of
+    # a batch in each map: with trained filters an image's refinement depends on its batch.
+    # Prediction runs one image (and one window) at a time, as the official test (batch 1).
+    mixes_batch = True
 
     def __init__(
         self, num_layers: int, embed_dims: int, patch_size: int, *, learn_wavelet: bool = True, **rein

@@ -212,14 +212,19 @@ def load_for_prediction(
     scale: Sequence[int] | None | str = "checkpoint",
     device: str | None = None,
     backbone: str | None = None,
+    window_batch: int | None = None,
 ):
     """A checkpoint's segmentor, in eval mode on ``device`` (default: cuda if available), with the
     classes of the data it was trained on (the overlays' colours) and the scale to run at (as
     :func:`predict_files` takes it); ``backbone``: the VFM weight file instead of the one the
-    checkpoint references. Returns ``(segmentor, classes, scale, "the scale in words")``."""
+    checkpoint references; ``window_batch``: sliding windows per forward instead of the
+    checkpoint's ``model.test.window_batch``. Returns ``(segmentor, classes, scale, "the scale in
+    words")``."""
     from .data.layouts import config_classes
 
     segmentor, payload = segmentor_from_checkpoint(checkpoint, backbone=backbone)
+    if window_batch is not None:
+        segmentor.window_batch = window_batch
     classes = config_classes(payload["config"])
     if isinstance(scale, str):
         if scale != "checkpoint":
@@ -242,6 +247,7 @@ def predict_files(
     device: str | None = None,
     progress: bool = True,
     backbone: str | None = None,
+    window_batch: int | None = None,
 ) -> list[Path]:
     """Segment every input image; writes ``<stem>_labelTrainIds.png`` and ``<stem>_overlay.png``.
 
@@ -252,6 +258,7 @@ def predict_files(
     ``flip``: average with the mirrored image (True), never (False), or as the checkpoint's
     ``model.test.flip`` says (None, the default).
     ``backbone``: the VFM weight file, instead of the one the checkpoint references.
+    ``window_batch``: sliding windows per forward, instead of the checkpoint's ``model.test.window_batch``.
     ``output`` holds ``.reinseg-incomplete`` until every file is written (:mod:`reinseg.unfinished`):
     a folder another command is writing, or an interrupted evaluation left, is refused.
     """
@@ -264,7 +271,7 @@ def predict_files(
     paths = collect_images(inputs)  # everything is checked before anything is written
     out = Path(output)
     interrupted = check_folder(out, "predict", "--output")  # before the model loads; claimed after
-    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone)
+    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone, window_batch)
     print(f"segmenting {len(paths)} image(s) at {size}", flush=True)
     # Marked until every file is written: a run killed midway into a folder of earlier
     # predictions leaves two models' files side by side, which `reinseg score` then refuses.

@@ -59,7 +59,8 @@ class Rein(nn.Module):
     # refined and given back (Rein's does; FADA's and SET's transforms take the patch rows alone).
     refines_rows_alone = True
     # Whether an image's refinement depends on the other images of its batch (SET's FFT over the
-    # batch axis): prediction then runs one image at a time, as the official test (batch 1).
+    # batch axis, FADA's reshape): prediction then runs one image at a time, as the official test
+    # (batch 1).
     mixes_batch = False
 
     def __init__(

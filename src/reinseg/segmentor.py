@@ -79,8 +79,6 @@ class Segmentor(nn.Module):
         self.crop_size = None if crop_size is None else as_pair(crop_size, "crop_size")
         self.stride = None if stride is None else as_pair(stride, "stride")
         self.flip = flip
-        if isinstance(window_batch, bool) or not isinstance(window_batch, int) or window_batch < 1:
-            raise ValueError(f"window_batch must be a positive integer, got {window_batch!r}")
         self.window_batch = window_batch
         # Parameter-name substrings without weight decay (the builder adds the strategy's).
         self.no_decay_keys: tuple[str, ...] = ("norm", *getattr(head, "no_decay_keys", ()))
@@ -91,6 +89,17 @@ class Segmentor(nn.Module):
         parameters = inspect.signature(head.forward).parameters
         self._head_takes_last_only = "last_only" in parameters
         self._head_takes_scales = "scales" in parameters
+
+    @property
+    def window_batch(self) -> int:
+        """Sliding windows run through the model at once (stacked on the batch axis)."""
+        return self._window_batch
+
+    @window_batch.setter
+    def window_batch(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"window_batch must be a positive integer, got {value!r}")
+        self._window_batch = value
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Per-prediction class logits ``(B, Q, K + 1)`` and mask logits ``(B, Q, H/4, W/4)``."""
@@ -128,7 +137,8 @@ class Segmentor(nn.Module):
     @property
     def mixes_batch(self) -> bool:
         """Whether an image's scores depend on the other images of its batch: some module says so
-        (``mixes_batch``, e.g. SET's refinement, whose FFT runs over the batch axis)."""
+        (``mixes_batch``, e.g. SET's refinement, whose FFT runs over the batch axis, and FADA's,
+        whose Haar split reads tokens of several images as one map)."""
         return any(getattr(m, "mixes_batch", False) is True for m in self.modules() if m is not self)
 
     def encode_decode(self, images: Tensor) -> Tensor:

@@ -199,12 +199,14 @@ def predict_video(
     frames: bool = False,
     progress: bool = True,
     backbone: str | None = None,
+    window_batch: int | None = None,
 ) -> list[Path]:
     """Segment every frame of ``video``; writes ``<stem>_overlay.mp4`` (the classes' colours over
     the frames, at the video's size, frame rate and frame times) into ``output`` and, with ``frames``,
     ``<stem>_frames/<stem>_<n>_labelTrainIds.png`` and ``..._overlay.png`` per frame (n from 1).
 
-    ``scale``, ``mode``, ``flip``, ``device``, ``backbone``: as :func:`reinseg.predict.predict_files`.
+    ``scale``, ``mode``, ``flip``, ``device``, ``backbone``, ``window_batch``: as
+    :func:`reinseg.predict.predict_files`.
     ``batch``: frames run through the model at once. Returns the files written.
     """
     from tqdm import tqdm
@@ -219,7 +221,7 @@ def predict_video(
     if not video.is_file():
         raise FileNotFoundError(2, "No such file", str(video))
     info = probe_video(video)  # a video FFmpeg cannot read is refused before anything is written
-    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone)
+    segmentor, classes, scale, size = load_for_prediction(checkpoint, scale, device, backbone, window_batch)
     total = "?" if info.frames is None else info.frames
     shown = ", turned as its display matrix says" if info.display is not None else ""
     rate = f"{total} frames at {float(info.fps):g} fps"

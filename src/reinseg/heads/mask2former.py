@@ -251,13 +251,15 @@ class _MaskProducts(torch.autograd.Function):
 
 def resize_to_levels(mask_features: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
     """``mask_features (B, C, H, W)`` resized bilinearly (align_corners False) to each ``(h, w)``
-    of ``sizes``: ``(B, C, h, w)`` maps, contiguous.
+    of ``sizes``: ``(B, C, h, w)`` maps (NCHW-contiguous on the CPU; elsewhere in the layout of
+    ``mask_features``).
 
     On the CPU the maps are resized channels-last: PyTorch's CPU kernel downsamples an NCHW map
     of 256 channels 20-25x slower than the same map in NHWC (128 to 64 pixels at batch 2: 64
-    against 2.6 ms; three levels took about 0.1 s of every forward, benchmarks/RESULTS.md). The
-    two kernels give the same values up to float rounding, bit for bit at the power-of-two
-    factors of the paper's crops (tests/test_mask2former.py). On a GPU the layout is left alone.
+    against 2.6 ms; the three levels took about 0.1 s of every training forward,
+    benchmarks/RESULTS.md "Eighteenth session"). The two kernels give the same values up to float
+    rounding, bit for bit at the power-of-two factors of the paper's crops
+    (tests/test_heads.py). On a GPU the layout is left alone.
     """
     if eager_on_cpu(mask_features):
         source = mask_features.contiguous(memory_format=torch.channels_last)
