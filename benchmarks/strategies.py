@@ -404,13 +404,6 @@ def cmd_slide(args) -> None:
             )
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -429,7 +422,9 @@ def main() -> None:
         p.add_argument("--strategies", nargs="+", default=list(strategy_names()), choices=strategy_names())
         p.add_argument("--height", type=int, default=512)
         p.add_argument("--width", type=int, default=1024)
-        p.add_argument("--window-batch", type=positive_int, nargs="+", default=[1], help="slide: windows per forward")
+        p.add_argument(
+            "--window-batch", type=int, nargs="+", default=[1], help="slide: windows per forward (the segmentor checks)"
+        )
         p.add_argument("--levers", nargs="+", default=["none"], choices=list(LEVERS))
         p.add_argument("--child", default=None, help=argparse.SUPPRESS)
         p.set_defaults(func=func)

@@ -110,7 +110,7 @@ class TestConfig:
     flip: bool = False
     # Sliding windows run through the model at once (stacked on the batch axis): fewer, larger
     # forwards, as a GPU prefers; 1 runs them one by one, as mmseg. The same scores up to float
-    # rounding; a model whose images mix in a batch (SET) runs them one by one whatever this says.
+    # rounding; a model whose images mix in a batch (SET, FADA) runs them one by one whatever this says.
     window_batch: int = 1
     # Named test protocols `reinseg eval` runs without --protocol (reinseg.protocols: config,
     # official, highres, ms-flip); empty: config (the settings above and the entries' scales).

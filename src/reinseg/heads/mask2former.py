@@ -255,8 +255,8 @@ def resize_to_levels(mask_features: Tensor, sizes: Sequence[tuple[int, int]]) ->
     ``mask_features``).
 
     On the CPU the maps are resized channels-last: PyTorch's CPU kernel downsamples an NCHW map
-    of 256 channels 20-25x slower than the same map in NHWC (128 to 64 pixels at batch 2: 64
-    against 2.6 ms; the three levels took about 0.1 s of every training forward,
+    of 256 channels 20-500x slower than the same map in NHWC (128 to 64 pixels at batch 2: 64
+    against 2.6 ms, to 16: 53 against 0.1 ms; the three levels took about 0.1 s of every training forward,
     benchmarks/RESULTS.md "Eighteenth session"). The two kernels give the same values up to float
     rounding, bit for bit at the power-of-two factors of the paper's crops
     (tests/test_heads.py). On a GPU the layout is left alone.
