@@ -183,3 +183,26 @@ def test_a_cnn_is_traced_at_its_configured_size_by_default(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="recorded"):
         export.export_onnx(checkpoint, tmp_path / "cnn.onnx")
     assert traced == [(96, 96)]
+
+
+@pytest.mark.slow
+def test_a_dynamic_graph_of_a_model_whose_images_mix_keeps_batch_one():
+    """SET's and FADA's refinement depends on the batch (``mixes_batch``): their graph takes one
+    image, as predict runs them; H and W stay free. A model that does not mix keeps a free batch."""
+    needs_onnx()
+    import onnx
+
+    from reinseg.export import segmentor_to_onnx
+
+    def input_dims(segmentor):
+        graph = onnx.load_from_string(segmentor_to_onnx(segmentor.eval(), (64, 64), dynamic=True, fold=False))
+        (dims,) = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
+        return dims
+
+    segmentor = build_segmentor(tiny_model_config())
+    free = input_dims(segmentor)
+    assert isinstance(free[0], str) and free[1] == 3 and all(isinstance(d, str) for d in free[2:])
+    segmentor.backbone.rein.mixes_batch = True
+    assert segmentor.mixes_batch
+    fixed = input_dims(segmentor)
+    assert fixed[:2] == [1, 3] and all(isinstance(d, str) for d in fixed[2:])

@@ -266,27 +266,49 @@ def test_a_run_whose_grids_fada_cannot_split_is_refused_before_training():
         check_run_options(Config(model=config, data=DataConfig(crop_size=64)), build_segmentor(config))
 
 
-def test_an_image_is_refined_as_alone_whatever_its_batch():
-    """The official reshape puts tokens of every image of a batch into each Haar map: with
-    trained (here perturbed) filters an image's features depend on its batch, so prediction
-    runs FADA one image and one window at a time (``mixes_batch``), as the official test."""
+def trained_fada_segmentor():
+    """A tiny FADA segmentor in eval mode whose Haar filters and other weights moved off their
+    initial values, as training moves them (the initial Haar filters hide the batch effect)."""
     torch.manual_seed(0)
     config = tiny_model_config()
     config.tuning = "fada"
     config.fada = FadaConfig(token_length=8, lora_dim=4, query_dims=32)
     segmentor = build_segmentor(config).eval()
-    assert segmentor.mixes_batch
     with torch.no_grad():
         for conv in segmentor.backbone.rein.wavepool.children():
             conv.weight.add_(0.3 * torch.randn_like(conv.weight))
         for param in segmentor.backbone.rein.parameters():
             param.add_(0.05 * torch.randn_like(param))
+    return segmentor
+
+
+def test_an_image_is_refined_as_alone_whatever_its_batch():
+    """The official reshape gives a token's Haar block the map channel, and so the trained
+    filter, of its place in the batch: an image's features depend on its batch, so prediction
+    runs FADA one image and one window at a time (``mixes_batch``), as the official test."""
+    segmentor = trained_fada_segmentor()
+    assert segmentor.mixes_batch
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         mixed = segmentor.backbone(images)[0][0]
         alone = torch.cat([segmentor.backbone(image[None])[0][0] for image in images])
-    assert (mixed - alone).abs().max() > 1e-3  # the batch mixes: what makes one-at-a-time needed
+    assert (mixed - alone).abs().max() > 1e-3  # the batch matters: what makes one-at-a-time needed
     wide = torch.randn(1, 3, 64, 192)  # five 64x64 windows
     one_by_one = segmentor.predict(wide, mode="slide", crop_size=64, stride=32)
     segmentor.window_batch = 5
     torch.testing.assert_close(segmentor.predict(wide, mode="slide", crop_size=64, stride=32), one_by_one)
+
+
+def test_a_batch_is_predicted_as_its_images_alone():
+    """Whole images and video frames (segment_images) too: each image as alone."""
+    from reinseg.predict import segment_images
+
+    segmentor = trained_fada_segmentor()
+    images = torch.randn(3, 3, 64, 64)
+    together = segmentor.predict(images, mode="whole")
+    alone = torch.cat([segmentor.predict(image[None], mode="whole") for image in images])
+    assert torch.equal(together, alone)
+    frames = [(torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy() for _ in range(3)]
+    batched = segment_images(segmentor, frames, scale=None, mode="whole")
+    single = [segment_images(segmentor, [frame], scale=None, mode="whole")[0] for frame in frames]
+    assert all((b == s).all() for b, s in zip(batched, single, strict=True))

@@ -634,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="slide mode: windows run through the model at once (default: the checkpoint's model.test.window_batch, "
-        "1 if it has none); the same scores up to float rounding",
+        "1 if it has none); the same scores up to float rounding; SET and FADA models run one at a time",
     )
     p.add_argument(
         "--flip",

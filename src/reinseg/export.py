@@ -188,7 +188,9 @@ def export_onnx(
         size: the input ``(H, W)``, multiples of the patch size (default: the backbone's
             ``img_size``: a ViT's as built, a CNN's ``model.backbone.img_size``). With
             ``dynamic``, the size traced at and checked first.
-        dynamic: batch, H and W are free in the graph (checked at a second, other size too).
+        dynamic: batch, H and W are free in the graph (checked at a second, other size too); the
+            batch stays 1 for a model whose images mix in a batch (SET, FADA:
+            :attr:`Segmentor.mixes_batch`), as ``predict`` runs them one at a time.
         fold: precompute what depends on Rein's tokens alone (:class:`FoldedRein`).
         check: compare onnxruntime's logits with PyTorch's before writing (needs onnxruntime).
         backbone: the VFM weight file, instead of the one the checkpoint references.
@@ -230,7 +232,7 @@ def export_onnx(
     if check:
         sizes = [size] + ([(size[0] + 2 * patch[0], size[1] + patch[1])] if dynamic else [])
         for checked in sizes:
-            batch = 3 if dynamic and checked != size else 1
+            batch = 3 if dynamic and checked != size and not segmentor.mixes_batch else 1
             errors["x".join(map(str, checked))] = check_parity(segmentor, data, checked, batch=batch)
         worst = max(errors.values())
         if not worst <= PARITY_TOLERANCE:
@@ -247,19 +249,18 @@ def segmentor_to_onnx(segmentor: nn.Module, size: tuple[int, int], dynamic: bool
     :func:`export_onnx`."""
     patch = segmentor.backbone.patch_size
     model = SegmentationLogits(fold_rein(segmentor) if fold else segmentor).eval()
+    # An image's logits must not depend on its batch: a model whose images mix keeps batch 1.
+    free_batch = dynamic and not segmentor.mixes_batch
     # torch.export takes a dimension of size 1 for a constant: a dynamic batch is traced at 2.
-    example = torch.randn(2 if dynamic else 1, 3, *size, generator=torch.Generator().manual_seed(0))
+    example = torch.randn(2 if free_batch else 1, 3, *size, generator=torch.Generator().manual_seed(0))
     dynamic_shapes = None
     if dynamic:
         dim = torch.export.Dim
         # H = ph * h' keeps H a multiple of the patch (the graph has no padding).
-        dynamic_shapes = (
-            {
-                0: dim("batch", min=1, max=1024),
-                2: patch[0] * dim("rows", min=1, max=1024),
-                3: patch[1] * dim("cols", min=1, max=1024),
-            },
-        )
+        free: dict[int, Any] = {0: dim("batch", min=1, max=1024)} if free_batch else {}
+        free[2] = patch[0] * dim("rows", min=1, max=1024)
+        free[3] = patch[1] * dim("cols", min=1, max=1024)
+        dynamic_shapes = (free,)
     with torch.no_grad(), _traceable_positions(model.segmentor.backbone, dynamic), _quiet_folding():
         program = torch.onnx.export(
             model,

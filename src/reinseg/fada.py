@@ -34,8 +34,11 @@ What the official code computes, which this module reproduces (``tests/test_fada
   ``h = w = sqrt(N)``: the token grid must be square with an even side (512 px crops at patch 16:
   32 x 32). Where ``2 w`` divides ``C`` (every released setting: w = 32, C = 384 ... 1536) each
   block lies within one token's channels: the transform is a Haar transform of each token's
-  ``C`` channels laid out as a ``(C / w) x w`` grid, and no token or image mixes with another;
-  other shapes would mix neighbouring tokens, and images of a batch.
+  ``C`` channels laid out as a ``(C / w) x w`` grid, and no token's values mix with another's;
+  other shapes would mix neighbouring tokens, and images of a batch. Even so, the map channel,
+  and so the trained filter, that a token's block meets follows from its place ``n * B + b`` in
+  that layout: the refinement depends on the batch size and the image's place in the batch
+  (prediction runs one image at a time: ``mixes_batch``).
 - The four Haar filters are depthwise ``Conv2d`` weights (``wavepool.LL.weight``, ... ``(C, 1, 2, 2)``)
   that the official training trains: the filters are made with ``requires_grad=False``, but the
   official ``train()`` turns on every parameter whose name holds "reins". ``learn_wavelet=False``
@@ -110,9 +113,9 @@ class Fada(Rein):
 
     refines_rows_alone = False  # its transform reads the patch rows alone as an h x w map
     square_even_grid = True  # its Haar split takes square patch grids with an even side only
-    # The official reshape of (N, B, C) to (B, C, h, w) (`bands`) puts tokens of every image of
-    # a batch in each map: with trained filters an image's refinement depends on its batch.
-    # Prediction runs one image (and one window) at a time, as the official test (batch 1).
+    # The official reshape of (N, B, C) to (B, C, h, w) (`bands`) gives a token's block the map
+    # channel, and so the trained filter, of its place n * B + b: an image's refinement depends
+    # on its batch. Prediction runs one image (and one window) at a time, as the official test.
     mixes_batch = True
 
     def __init__(

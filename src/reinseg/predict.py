@@ -114,7 +114,7 @@ def segment_images(
 ) -> np.ndarray:
     """Train IDs ``(N, H, W)`` of RGB images ``(H, W, 3)`` uint8 of one size (video frames), run
     through the model as one batch; each as :func:`segment_image` (a model whose images mix in a
-    batch, :attr:`Segmentor.mixes_batch`, runs them one at a time)."""
+    batch, :attr:`Segmentor.mixes_batch`, runs them one at a time: :meth:`Segmentor.predict`)."""
     from .data.transforms import Normalize, rescale_size, resize_image
 
     height, width = images[0].shape[:2]
@@ -126,8 +126,6 @@ def segment_images(
             )
         if image.shape[:2] != (height, width):  # one size per batch: else resized to the first's
             raise ValueError(f"image {i} of the batch is {image.shape[0]}x{image.shape[1]}, the first {height}x{width}")
-    if len(images) > 1 and segmentor.mixes_batch:
-        return np.concatenate([segment_images(segmentor, [image], scale, mode, flip) for image in images])
     batch = []
     for image in images:
         if scale is not None:

@@ -138,7 +138,8 @@ class Segmentor(nn.Module):
     def mixes_batch(self) -> bool:
         """Whether an image's scores depend on the other images of its batch: some module says so
         (``mixes_batch``, e.g. SET's refinement, whose FFT runs over the batch axis, and FADA's,
-        whose Haar split reads tokens of several images as one map)."""
+        whose trained Haar filters follow a token's place in the batch); :meth:`predict` then runs
+        one image at a time."""
         return any(getattr(m, "mixes_batch", False) is True for m in self.modules() if m is not self)
 
     def encode_decode(self, images: Tensor) -> Tensor:
@@ -173,6 +174,8 @@ class Segmentor(nn.Module):
         step = self.stride if stride is None else as_pair(stride, "stride")
         flip = self.flip if flip is None else flip
         self._check_inference_settings(mode, crop, step)
+        if self.mixes_batch and len(images) > 1:  # each image as the official test runs it, alone
+            return torch.cat([self.predict(image[None], mode, crop, step, flip) for image in images])
         run = self.encode_decode if mode == "whole" else lambda x: self._slide(x, crop, step)
         if not flip:
             return run(images)
