@@ -378,25 +378,22 @@ def cmd_slide(args) -> None:
     image = torch.randn(1, 3, args.height, args.width, device=device)
     for precision in args.precision:
         dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
+        scores = []  # each window batch's, from its last timed step
         for window_batch in args.window_batch:
             segmentor.window_batch = window_batch
             times = []
             for step in range(args.warmup + args.steps):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    seconds, _ = timed(device, lambda: segmentor.predict(image))
+                    seconds, result = timed(device, lambda: segmentor.predict(image))
                 if step >= args.warmup:
                     times.append(seconds)
+            scores.append(result.float())
             median = statistics.median(times)
             print(
                 f"precision {precision}, window batch {window_batch}: {median:.3f} s per image, "
                 f"{1 / median:.2f} images/s"
             )
-        if len(args.window_batch) > 1:  # the windows stacked give the same scores up to float rounding
-            scores = []
-            for window_batch in args.window_batch:
-                segmentor.window_batch = window_batch
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    scores.append(segmentor.predict(image).float())
+        if len(scores) > 1:  # the windows stacked give the same scores up to float rounding
             differences = ", ".join(f"{(s - scores[0]).abs().max().item():.2e}" for s in scores[1:])
             print(
                 f"precision {precision}: largest score difference from window batch "

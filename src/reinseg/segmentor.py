@@ -174,22 +174,23 @@ class Segmentor(nn.Module):
         step = self.stride if stride is None else as_pair(stride, "stride")
         flip = self.flip if flip is None else flip
         self._check_inference_settings(mode, crop, step)
-        if self.mixes_batch and len(images) > 1:  # each image as the official test runs it, alone
+        mixes = self.mixes_batch
+        if mixes and len(images) > 1:  # each image as the official test runs it, alone
             return torch.cat([self.predict(image[None], mode, crop, step, flip) for image in images])
-        run = self.encode_decode if mode == "whole" else lambda x: self._slide(x, crop, step)
+        per_forward = 1 if mixes else self.window_batch  # windows, stacked on the batch axis
+        run = self.encode_decode if mode == "whole" else lambda x: self._slide(x, crop, step, per_forward)
         if not flip:
             return run(images)
         scores = run(images).softmax(1) + run(images.flip(-1)).flip(-1).softmax(1)
         return scores / 2
 
-    def _slide(self, images: Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+    def _slide(self, images: Tensor, crop: tuple[int, int], stride: tuple[int, int], per_forward: int) -> Tensor:
         batch, _, height, width = images.shape
         scores = images.new_zeros(batch, self.num_classes, height, width)
         counts = images.new_zeros(1, 1, height, width)
         windows = sliding_windows(height, width, crop, stride)
         # Every window has the same size (mmseg's windows stay inside the image), so that
-        # ``window_batch`` of them stack on the batch axis, window after window.
-        per_forward = 1 if self.mixes_batch else self.window_batch
+        # ``per_forward`` of them stack on the batch axis, window after window.
         for start in range(0, len(windows), per_forward):
             group = windows[start : start + per_forward]
             crops = [images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in group]
