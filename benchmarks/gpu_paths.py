@@ -8,12 +8,14 @@ import torch
 
 def take_gpu_code_paths() -> None:
     """Make the head take the GPU's code paths on the CPU: ``eager_on_cpu`` answers no, so the
-    deformable attention samples with ``grid_sample`` (not the CPU's CSR kernel), and the mask
-    products and short softmaxes take their plain forms, keeping and launching what a GPU does."""
+    deformable attention samples with ``grid_sample`` (not the CPU's CSR kernel), the mask
+    products and short softmaxes take their plain forms, and the matching's costs are one batched
+    pass, keeping and launching what a GPU does."""
+    import reinseg.heads.criterion
     import reinseg.heads.deformable_attention
     import reinseg.heads.mask2former
 
-    for module in (reinseg.heads.deformable_attention, reinseg.heads.mask2former):
+    for module in (reinseg.heads.criterion, reinseg.heads.deformable_attention, reinseg.heads.mask2former):
         module.eager_on_cpu = _never  # type: ignore[attr-defined]
 
 

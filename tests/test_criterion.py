@@ -134,14 +134,14 @@ def test_the_loss_takes_one_trip_to_the_host_per_prediction(monkeypatch):
     """All images' costs of a prediction go to scipy together (a GPU waits once per prediction),
     with the losses of solving each image's cost on its own."""
     sizes = []
-    assign = HungarianMatcher.assign
+    solve = HungarianMatcher.solve
 
     def counted(costs):
         sizes.append([tuple(c.shape) for c in costs])
-        return assign(costs)
+        return solve(costs)
 
     def one_at_a_time(costs):
-        return [assign([cost])[0] for cost in costs]
+        return [solve([cost])[0] for cost in costs]
 
     generator = torch.Generator().manual_seed(3)
     class_logits = [torch.randn(3, 6, 20, generator=generator) for _ in range(4)]
@@ -151,7 +151,7 @@ def test_the_loss_takes_one_trip_to_the_host_per_prediction(monkeypatch):
     criterion = Mask2FormerLoss(19, num_points=64)
     found = {}
     for name, solver in (("together", counted), ("apart", one_at_a_time)):
-        monkeypatch.setattr(HungarianMatcher, "assign", staticmethod(solver))
+        monkeypatch.setattr(HungarianMatcher, "solve", staticmethod(solver))
         torch.manual_seed(7)
         found[name] = criterion(class_logits, mask_logits, labels)
     assert sizes == [[(6, 4), (6, 0), (6, 4)]] * 4
@@ -310,6 +310,56 @@ def test_a_batch_is_matched_and_sampled_as_each_image_alone(num_points, threads)
     rows = segments.sample_rows(images, classes, coords)
     each = torch.cat([segments[0].sample_each(index[:2], coords[:2]), segments[2].sample_each(index[2:], coords[2:])])
     assert torch.equal(rows, each)
+
+
+def test_off_the_cpu_the_costs_of_all_images_are_one_batched_pass(monkeypatch):
+    """On a GPU (the CPU's per-image route switched off here) the matching's costs of all images
+    are one batched computation: the values of the per-image ones up to rounding, the same
+    assignments and losses up to rounding, and an image without segments gets a (Q, 0) cost.
+    Each image's cost is also checked against a plain oracle: the class, BCE and dice costs
+    written out from the sampled logits and binary masks."""
+    import reinseg.heads.criterion as criterion_module
+
+    generator = torch.Generator().manual_seed(0)
+    class_logits = torch.randn(3, 7, 20, generator=generator)
+    mask_logits = torch.randn(3, 7, 24, 20, generator=generator) * 3
+    labels = torch.randint(0, 5, (3, 45, 38), generator=generator)
+    labels[1] = 255  # no segments
+    labels[2, :, :20] = 7
+    segments = Segments.of_images(labels, 19)
+    matcher = HungarianMatcher(num_points=300)
+    torch.manual_seed(4)
+    per_image = matcher.costs(class_logits, mask_logits, segments)
+    monkeypatch.setattr(criterion_module, "eager_on_cpu", lambda tensor: False)
+    torch.manual_seed(4)
+    batched = matcher.costs(class_logits, mask_logits, segments)
+    torch.manual_seed(4)
+    coords = torch.cat([torch.rand(1, 300, 2) for _ in segments])
+    assert [tuple(c.shape) for c in batched] == [(7, 5), (7, 0), (7, 6)]
+    for b, (found, alone) in enumerate(zip(batched, per_image, strict=True)):
+        torch.testing.assert_close(found, alone, rtol=1e-6, atol=1e-6)
+        if not len(segments[b]):
+            continue
+        pred = point_sample(mask_logits[b : b + 1], coords[b : b + 1])[0].double()  # (Q, P)
+        masks = (labels[b].unsqueeze(0) == segments[b].classes.view(-1, 1, 1)).double()
+        target = point_sample(masks.unsqueeze(0), coords[b : b + 1].double())[0]  # (G, P)
+        prob = pred.sigmoid()
+        bce = -(target[None] * torch.log(prob[:, None]) + (1 - target[None]) * torch.log(1 - prob[:, None])).mean(-1)
+        dice = 1 - (2 * (prob[:, None] * target[None]).sum(-1) + 1) / (prob.sum(-1)[:, None] + target.sum(-1)[None] + 1)
+        cost_class = -class_logits[b].double().softmax(-1)[:, segments[b].classes]
+        expected = 2.0 * cost_class + 5.0 * bce + 5.0 * dice
+        torch.testing.assert_close(found.double(), expected, rtol=1e-5, atol=1e-5)
+    assert [[t.tolist() for t in pair] for pair in HungarianMatcher.assign(batched)] == [
+        [t.tolist() for t in pair] for pair in HungarianMatcher.assign(per_image)
+    ]
+    criterion = Mask2FormerLoss(19, num_points=300)
+    losses = {}
+    for route in (lambda tensor: False, lambda tensor: True):
+        monkeypatch.setattr(criterion_module, "eager_on_cpu", route)
+        torch.manual_seed(5)
+        losses[route(None)] = criterion([class_logits] * 2, [mask_logits] * 2, labels)
+    for key, value in losses[True].items():
+        torch.testing.assert_close(losses[False][key], value, rtol=1e-6, atol=0)
 
 
 def test_labels_of_any_integer_dtype_give_the_same_loss():

@@ -258,11 +258,12 @@ def test_a_train_step_waits_for_the_host_once_per_batch_and_once_per_prediction(
     ``unique``, a copy to the host) makes the host wait for the device. A train step (forward,
     loss, backward) on the GPU's code paths does so only where the loss needs the host: once for
     the batch's segments (``Segments.of_images``: the classes found and read) and once per
-    prediction, for scipy's assignment (``HungarianMatcher.assign``: the costs read). Counted on
+    prediction, for scipy's assignment (``HungarianMatcher.solve``: the costs read). Counted on
     the CPU, operation by operation; copies from the host to a device do not show on the CPU
     (``benchmarks/strategies.py train`` counts on a GPU the operations CUDA's sync debug mode flags)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    import reinseg.heads.criterion as criterion
     import reinseg.heads.deformable_attention as deformable_attention
     import reinseg.heads.mask2former as mask2former
     from reinseg.heads.criterion import HungarianMatcher, Segments
@@ -286,7 +287,7 @@ def test_a_train_step_waits_for_the_host_once_per_batch_and_once_per_prediction(
         aten.repeat_interleave.Tensor,
     }
     region: list[str | None] = [None]
-    calls = {"of_images": 0, "assign": 0}
+    calls = {"of_images": 0, "solve": 0}
     waits: list[tuple[str | None, str]] = []  # (the allowed call it came in, or None; the operation)
 
     def wait(what: str) -> None:
@@ -319,16 +320,16 @@ def test_a_train_step_waits_for_the_host_once_per_batch_and_once_per_prediction(
         return run
 
     monkeypatch.setattr(Segments, "of_images", classmethod(allowed("of_images", Segments.of_images.__func__)))
-    monkeypatch.setattr(HungarianMatcher, "assign", staticmethod(allowed("assign", HungarianMatcher.assign)))
-    for module in (deformable_attention, mask2former):  # the GPU's code paths
+    monkeypatch.setattr(HungarianMatcher, "solve", staticmethod(allowed("solve", HungarianMatcher.solve)))
+    for module in (criterion, deformable_attention, mask2former):  # the GPU's code paths
         monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
 
     with Waits():
         losses = segmentor.loss(images, labels)
         losses["loss"].backward()
     predictions = 1 + len(segmentor.head.transformer_decoder.layers)
-    assert calls == {"of_images": 1, "assign": predictions}
+    assert calls == {"of_images": 1, "solve": predictions}
     expected = [("of_images 1", "aten._unique2.default"), ("of_images 1", "Tensor.tolist")]  # one unique, read
     for i in range(1, predictions + 1):  # every image's costs to the host in one copy
-        expected += [(f"assign {i}", "Tensor.cpu"), (f"assign {i}", "Tensor.numpy")]
+        expected += [(f"solve {i}", "Tensor.cpu"), (f"solve {i}", "Tensor.numpy")]
     assert waits == expected

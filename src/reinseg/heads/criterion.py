@@ -27,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..device import device_tensor
+from .deformable_csr import eager_on_cpu
 from .grid_sample_math import grid_sample_pixel, powers_of_two
 
 # mmdet divides summed losses by (avg_factor + eps).
@@ -115,7 +116,7 @@ class Segments:
         classes = flat.split([len(c) for c in per_image])  # int64: indices, whatever the labels' dtype
         segments = [cls(label, c) for label, c in zip(labels, classes, strict=True)]
         # int32 here, once a step, as the sampler takes them (not once per prediction there).
-        return SegmentBatch(labels, segments, rows.to(torch.int32).view(batch, longest))
+        return SegmentBatch(labels, segments, flat, rows.to(torch.int32).view(batch, longest))
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -141,14 +142,16 @@ class SegmentBatch(list):
     one pass over all images instead of one per image, with the same values.
 
     Args:
-        labels: ``(B, H, W)``; segments: each image's; classes: ``(B, G_max)`` int32, each
+        labels: ``(B, H, W)``; segments: each image's; classes: ``(G_0 + ... + G_{B-1},)`` int64,
+            the images' classes one after the other; padded_classes: ``(B, G_max)`` int32, each
             image's classes, padded.
     """
 
-    def __init__(self, labels: Tensor, segments: list[Segments], classes: Tensor) -> None:
+    def __init__(self, labels: Tensor, segments: list[Segments], classes: Tensor, padded_classes: Tensor) -> None:
         super().__init__(segments)
         self.labels = labels
-        self.padded_classes = classes
+        self.classes = classes
+        self.padded_classes = padded_classes
         self._framed: Tensor | None = None
 
     def sample(self, coords: Tensor) -> Tensor:
@@ -168,10 +171,10 @@ class SegmentBatch(list):
 
 
 def framed_label_maps(labels: Tensor) -> Tensor:
-    """``(B, H, W)`` labels -> ``(B, (H + 2) (W + 2))`` int32, each framed by one pixel of no
+    """``(B, H, W)`` labels -> ``(B (H + 2) (W + 2),)`` int32, each image framed by one pixel of no
     class (-1), where zero padding reads zeros: the four pixels of every sample are then in the
     frame, no bounds to check."""
-    return F.pad(labels.to(torch.int32), (1, 1, 1, 1), value=-1).flatten(1)
+    return F.pad(labels.to(torch.int32), (1, 1, 1, 1), value=-1).flatten()
 
 
 def sample_label_maps(
@@ -180,7 +183,7 @@ def sample_label_maps(
     """The bilinear samples of binary masks ``label == class``, as ``grid_sample`` computes them.
 
     Args:
-        framed: ``(B, L)`` from :func:`framed_label_maps` of ``(B, H, W)`` labels; size: ``(H, W)``.
+        framed: from :func:`framed_label_maps` of ``(B, H, W)`` labels; size: ``(H, W)``.
         coords: ``(M, P, 2)`` normalized ``(x, y)`` in [0, 1].
         classes: ``(M, R)``: the classes sampled at row ``m``'s points.
         images: ``(M,)``, the image of row ``m``; None for ``M == B`` rows, one per image.
@@ -191,26 +194,28 @@ def sample_label_maps(
     scale = device_tensor([width, height], coords.dtype, coords.device)
     pixel = grid_sample_pixel(coords, scale, powers_of_two([width, height]))
     corner = pixel.floor()
-    east, south = (pixel - corner).unbind(-1)
-    west, north = 1 - east, 1 - south
-    stride = width + 2
+    east, south = (pixel - corner).permute(2, 0, 1)  # (M, P) each
+    stride, frame = width + 2, (height + 2) * (width + 2)
     corner = corner.to(torch.int32).add_(1)
     north_west = corner[..., 1] * stride + corner[..., 0]  # (M, P)
-    if images is None and framed.shape[0] > 1:
-        images = torch.arange(framed.shape[0], dtype=torch.int32, device=framed.device)
+    if images is None and len(framed) > frame:
+        images = torch.arange(coords.shape[0], dtype=torch.int32, device=coords.device)
     if images is not None:
-        north_west = north_west + images.to(torch.int32).view(-1, 1) * framed.shape[1]
-    flat = framed.flatten()
-    classes = classes.to(torch.int32).unsqueeze(-1)  # (M, R, 1)
-    total = None
+        north_west = north_west + images.to(torch.int32).view(-1, 1) * frame
+    # The four pixels of each sample, nw, ne, sw, se: one gather each from the frames shifted by
+    # the corner's offset (views: the same indices serve all four).
+    index = north_west.flatten()
+    pixels = torch.empty(4, index.numel(), dtype=framed.dtype, device=framed.device)
+    for k, offset in enumerate((0, 1, stride, stride + 1)):
+        torch.index_select(framed[offset:], 0, index, out=pixels[k])
+    # grid_sample's weights, one product each: (north, south) x (west, east) gives nw, ne, sw, se.
+    north_south = torch.stack([1 - south, south]).unsqueeze(1)
+    west_east = torch.stack([1 - east, east]).unsqueeze(0)
+    weights = (north_south * west_east).view(4, *north_west.shape).unsqueeze(2)  # (4, M, 1, P)
+    inside = pixels.view(4, *north_west.shape).unsqueeze(2) == classes.to(torch.int32).unsqueeze(-1)  # (4, M, R, P)
+    terms = torch.where(inside, weights, 0.0)
     # grid_sample's order of the sum: nw, ne, sw, se.
-    corners = ((0, north * west), (1, north * east), (stride, south * west), (stride + 1, south * east))
-    for offset, weight in corners:
-        pixels = flat.index_select(0, (north_west + offset).flatten()).view_as(north_west)
-        term = torch.where(pixels.unsqueeze(1) == classes, weight.unsqueeze(1), 0.0)
-        total = term if total is None else total.add_(term)
-    assert total is not None
-    return total
+    return terms[0].add(terms[1]).add_(terms[2]).add_(terms[3])
 
 
 def _aligned(tensor: Tensor) -> Tensor:
@@ -289,43 +294,58 @@ class HungarianMatcher:
         # One draw per image, in mmdet's order, also for an image without segments.
         coords = torch.cat([torch.rand(1, self.num_points, 2, device=device) for _ in segments])
         pred = point_sample(mask_logits, coords).float()  # (B, Q, P)
-        return self._costs(class_logits, pred, segments.sample(coords), [image.classes for image in segments])
+        classes = [image.classes for image in segments]
+        return self._costs(class_logits, pred, segments.sample(coords), classes, segments.padded_classes)
 
-    def _costs(self, class_logits: Tensor, pred: Tensor, target: Tensor, classes: list[Tensor]) -> list[Tensor]:
+    def _costs(
+        self, class_logits: Tensor, pred: Tensor, target: Tensor, classes: list[Tensor], padded: Tensor | None = None
+    ) -> list[Tensor]:
         """Each image's ``(Q, G_b)`` cost from its predictions and targets at its points:
         ``class_logits (B, Q, K + 1)``, ``pred (B, Q, P)``, ``target (B, G_max, P)`` (image ``b``'s
-        in its first ``G_b`` rows), ``classes[b] (G_b,)``.
+        in its first ``G_b`` rows), ``classes[b] (G_b,)``; ``padded`` ``(B, G_max)``, the same
+        classes padded with -1 (None for one image).
 
-        The sampling above is one pass for all images; the arithmetic here is one image at a time,
-        on tensors of that image alone, as mmdet's: on the CPU a sigmoid's values depend on where
-        an element falls in the tensor (the vector loop's remainder is computed by another
-        routine), and a matrix product's on where its operands start."""
-        num_queries, num_points = pred.shape[1:]
+        On the CPU the arithmetic is one image at a time, on tensors of that image alone, as
+        mmdet's: there a sigmoid's values depend on where an element falls in the tensor (the
+        vector loop's remainder is computed by another routine), and a matrix product's on where
+        its operands start. Elsewhere all images are one batched pass (a GPU runs some thirty
+        kernels per prediction, not twenty per image); the sums may round otherwise there."""
+        num_queries = pred.shape[1]
         found = []
         # In fp32 under autocast too: fp16 products over 12,544 points exceed its 65,504 (confident
         # masks over large segments), and the assignment refuses an infinite cost.
         with torch.autocast(pred.device.type, enabled=False):
             probs = class_logits.float().softmax(-1)  # a row at a time, wherever the row is
+            if not eager_on_cpu(pred):
+                index = classes[0].view(1, -1) if padded is None else padded.clamp(min=0)
+                cost = self._weighted(
+                    -probs.gather(2, index.long().unsqueeze(1).expand(-1, num_queries, -1)), pred, target
+                )
+                return [cost[b, :, : len(gt_classes)] for b, gt_classes in enumerate(classes)]
             for b, gt_classes in enumerate(classes):
                 size = len(gt_classes)
                 if size == 0:
                     found.append(pred.new_zeros(num_queries, 0))
                     continue
-                image_pred, image_target = pred[b], _aligned(target[b, :size])
-                cost_class = -probs[b][:, gt_classes]
-                # Sigmoid BCE of every prediction against every target, averaged over points. torch's
-                # BCE with logits is (1 - t) x - log_sigmoid(x): against 1 and against 0 it is these
-                # two, bit for bit, from one log-sigmoid instead of two.
-                log_sigmoid = F.logsigmoid(image_pred)
-                pos = -log_sigmoid
-                neg = image_pred - log_sigmoid
-                cost_mask = (pos @ image_target.t() + neg @ (1 - image_target).t()) / num_points
-                prob = image_pred.sigmoid()
-                dice = (2 * prob @ image_target.t() + 1) / (prob.sum(-1)[:, None] + image_target.sum(-1)[None, :] + 1)
-                cost_dice = 1 - dice
-                cost = self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
-                found.append(cost)
+                found.append(self._weighted(-probs[b][:, gt_classes], pred[b], _aligned(target[b, :size])))
         return found
+
+    def _weighted(self, cost_class: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+        """The weighted sum of the three costs: ``cost_class (..., Q, G)``, the mask logits ``pred
+        (..., Q, P)`` and the targets ``target (..., G, P)`` at the same points -> ``(..., Q, G)``."""
+        num_points = pred.shape[-1]
+        target_t = target.transpose(-1, -2)
+        # Sigmoid BCE of every prediction against every target, averaged over points. torch's BCE
+        # with logits is (1 - t) x - log_sigmoid(x): against 1 and against 0 it is these two, bit
+        # for bit, from one log-sigmoid instead of two.
+        pos = F.logsigmoid(pred).neg_()
+        neg = pred + pos  # x - log_sigmoid(x), the same bits
+        cost_mask = (pos @ target_t + neg @ (1 - target).transpose(-1, -2)) / num_points
+        del pos, neg  # (B, Q, P) each: not held beside the sigmoid's
+        prob = pred.sigmoid()
+        dice = (2 * prob @ target_t + 1) / (prob.sum(-1).unsqueeze(-1) + target.sum(-1).unsqueeze(-2) + 1)
+        cost_dice = 1 - dice
+        return self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
 
     def __call__(
         self, class_logits: Tensor, mask_logits: Tensor, gt_classes: Tensor, gt_masks: Tensor | Segments
@@ -349,7 +369,22 @@ class HungarianMatcher:
         """
         if not costs:
             return []
-        device = costs[0].device
+        pairs = HungarianMatcher.solve(costs)
+        sizes = [len(rows) for rows, _ in pairs]
+        indices = np.concatenate([np.concatenate(pair) for pair in pairs]).astype(np.int64)
+        on_device = torch.from_numpy(indices).to(costs[0].device).split([2 * size for size in sizes])
+        return [(both[:size], both[size:]) for both, size in zip(on_device, sizes, strict=True)]
+
+    @staticmethod
+    def solve(costs: list[Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`assign`'s pairs on the host, ``(query_indices, gt_indices)`` of each cost: the
+        costs copied to the host at once (where a GPU makes the host wait), then scipy on each.
+
+        Raises:
+            FloatingPointError: a cost is NaN or infinite.
+        """
+        if not costs:
+            return []
         flat = torch.cat([cost.flatten() for cost in costs]).cpu().numpy()
         if not np.isfinite(flat).all():
             raise FloatingPointError(
@@ -362,10 +397,7 @@ class HungarianMatcher:
             block = flat[start : start + num_queries * num_segments].reshape(num_queries, num_segments)
             pairs.append(linear_sum_assignment(block))
             start += num_queries * num_segments
-        sizes = [len(rows) for rows, _ in pairs]
-        indices = np.concatenate([np.concatenate(pair) for pair in pairs]).astype(np.int64)
-        on_device = torch.from_numpy(indices).to(device).split([2 * size for size in sizes])
-        return [(both[:size], both[size:]) for both, size in zip(on_device, sizes, strict=True)]
+        return pairs
 
 
 class Mask2FormerLoss(nn.Module):
@@ -443,15 +475,8 @@ class Mask2FormerLoss(nn.Module):
         )
         # Every image's cost first (each draws its points in mmdet's order), then one trip to the host.
         costs = self.matcher.costs(class_logits, mask_logits, targets)
-        matched_rows, matched_images, matched_classes = [], [], []
-        for b, (segments, (query_idx, gt_idx)) in enumerate(zip(targets, self.matcher.assign(costs), strict=True)):
-            if len(query_idx) == 0:
-                continue
-            classes = segments.classes[gt_idx]
-            target_classes[b, query_idx] = classes
-            matched_rows.append(b * num_queries + query_idx)
-            matched_images.append(torch.full_like(gt_idx, b))
-            matched_classes.append(classes)
+        rows, images, classes = self._matched(costs, targets, num_queries)
+        target_classes.view(-1)[rows] = classes
 
         # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
         weights = cast(Tensor, self.ce_class_weights).float()
@@ -460,15 +485,15 @@ class Mask2FormerLoss(nn.Module):
         )
         loss_cls = ce / (weights[target_classes].sum() + _EPS)
 
-        if not matched_rows:
+        if not len(rows):
             # Nothing to match: keep the graph (and DDP's gradient buckets) alive with zeros.
             zero = mask_logits.sum() * 0.0
             return {"loss_cls": self.class_weight * loss_cls, "loss_mask": zero, "loss_dice": zero}
         # The matched queries' masks of all images in one selection (one gradient buffer in backward).
-        preds = mask_logits.flatten(0, 1)[torch.cat(matched_rows)].unsqueeze(1)  # (N, 1, h, w)
+        preds = mask_logits.flatten(0, 1)[rows].unsqueeze(1)  # (N, 1, h, w)
         with torch.no_grad():
             coords = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
-            point_targets = targets.sample_rows(torch.cat(matched_images), torch.cat(matched_classes), coords)
+            point_targets = targets.sample_rows(images, classes, coords)
         point_logits = point_sample(preds, coords)[:, 0].float()
 
         loss_mask = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
@@ -481,6 +506,23 @@ class Mask2FormerLoss(nn.Module):
             "loss_mask": self.mask_weight * loss_mask,
             "loss_dice": self.dice_weight * loss_dice,
         }
+
+    def _matched(self, costs: list[Tensor], targets: SegmentBatch, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The matched pairs of every image of a prediction, image by image, queries ascending:
+        ``rows`` (``b Q + q``, into the batch's flattened queries), ``images`` (``b``) and the
+        segments' ``classes``, ``(N,)`` each. The indices are worked out on the host and come to
+        the device in one copy (a GPU then runs a few kernels per prediction, not per image)."""
+        device = targets.labels.device
+        if not costs:
+            empty = torch.empty(0, dtype=torch.int64, device=device)
+            return empty, empty, empty
+        pairs = self.matcher.solve(costs)
+        offsets = np.cumsum([0] + [len(segments) for segments in targets])
+        rows = np.concatenate([b * num_queries + queries for b, (queries, _) in enumerate(pairs)])
+        images = np.concatenate([np.full(len(queries), b) for b, (queries, _) in enumerate(pairs)])
+        segments = np.concatenate([offsets[b] + found for b, (_, found) in enumerate(pairs)])
+        indices = torch.from_numpy(np.stack([rows, images, segments]).astype(np.int64)).to(device)
+        return indices[0], indices[1], targets.classes[indices[2]]
 
 
 def _mean_over_ranks(count: int, device: torch.device) -> Tensor:
