@@ -37,6 +37,29 @@ def test_sine_encoding_matches_mmdet():
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
+def test_the_sine_encoding_is_made_once_per_size_and_kept():
+    """Kept per size and device (a GPU ran some twenty kernels per map and forward), with the
+    values of a fresh computation; first asked for under inference mode (prediction), it is
+    still a plain tensor that training can save for backward."""
+    from reinseg.heads import position_encoding
+
+    position_encoding._kept_encoding.cache_clear()
+    with torch.inference_mode():
+        first = sine_position_encoding(2, 5, 7, 16)
+    again = sine_position_encoding(3, 5, 7, 16)
+    info = position_encoding._kept_encoding.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    assert not again.is_inference() and again.shape == (3, 32, 5, 7)
+    assert torch.equal(first[0], again[0]) and torch.equal(again[2], again[0])
+    fresh = position_encoding._encoding(5, 7, 16, 10000.0, True, 2 * math.pi, 1e-6, torch.device("cpu"))
+    assert torch.equal(again[0], fresh)
+    weights = torch.ones(32, 1, 1, requires_grad=True)
+    (again * weights).sum().backward()  # the encoding saved for backward
+    torch.testing.assert_close(weights.grad.flatten(), fresh.sum((1, 2)) * 3)
+    sine_position_encoding(1, 6, 7, 16)
+    assert position_encoding._kept_encoding.cache_info().misses == 2  # another size, another one
+
+
 def naive_deformable_attention(value, shapes, locations, weights):
     """Per-point bilinear sampling with zero padding (pixel centres at +0.5), looped."""
     batch, _, heads, dim = value.shape

@@ -62,6 +62,44 @@ def test_windows_run_together_give_the_scores_of_windows_run_alone():
         torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_one_predict_call_makes_reins_weight_only_parts_once(monkeypatch):
+    """``predict`` holds ``Rein.weights_fixed`` for the call: the folded matrices of each layer
+    and the queries are made once for all five windows of both images (and the flipped run),
+    with the scores of making them per window; a change of the weights between calls is seen."""
+    import contextlib
+
+    from reinseg.rein import Rein
+    from reinseg.segmentor import Segmentor
+
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config(num_classes=5)).eval()
+    rein = segmentor.backbone.rein
+    images = torch.randn(2, 3, 64, 192)
+    kept = []
+    weights_fixed = Rein.weights_fixed
+
+    @contextlib.contextmanager
+    def recorded(self):
+        with weights_fixed(self):
+            yield
+            kept.append(sorted(map(str, self._fixed or {})))
+
+    def predict():
+        return segmentor.predict(images, mode="slide", crop_size=64, stride=32, flip=True)
+
+    monkeypatch.setattr(Rein, "weights_fixed", recorded)
+    fixed = predict()
+    layers = [str((layer, torch.float32, torch.device("cpu"))) for layer in range(rein.num_layers)]
+    assert kept == [sorted(layers + ["queries"])]
+    monkeypatch.setattr(Segmentor, "_weights_fixed", lambda self: contextlib.nullcontext())
+    assert torch.equal(fixed, predict())
+    with torch.no_grad():
+        rein.mlp_delta_f.weight.mul_(2)
+    changed = predict()
+    monkeypatch.undo()
+    assert torch.equal(predict(), changed) and not torch.equal(changed, fixed)
+
+
 def test_a_model_whose_images_mix_runs_its_windows_alone(monkeypatch):
     segmentor = build_segmentor(tiny_model_config(num_classes=3)).eval()
     segmentor.window_batch = 4

@@ -23,7 +23,9 @@ w1oves/Rein) so that its checkpoints load strictly.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,8 @@ class Rein(nn.Module):
         self.use_softmax = bool(use_softmax)
         self.zero_mlp_delta_f = bool(zero_mlp_delta_f)
         self.num_prefix_tokens = int(num_prefix_tokens)
+        # What depends on the weights alone, kept inside :meth:`weights_fixed` (None outside).
+        self._fixed: dict | None = None
         self._create_parameters()
         if not self.link_token_to_query:
             # Made (the official state dict and random draws hold them) but unused: frozen, so that
@@ -300,20 +304,35 @@ class Rein(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
+        rows = x.reshape(-1, x.shape[-1])  # (B*N, C)
+        identity_plus, bias, keys, factor, mixed = self._folded_weights(layer, rows.dtype, rows.device)
+        out = rows @ identity_plus if bias is None else torch.addmm(bias, rows, identity_plus)
+        attn = rows
+        for key in keys:  # (B*N, m): through the factors B^T, A^T, or the tokens T^T
+            attn = attn @ key
+        if self.use_softmax:
+            attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
+        weights = attn[:, 1:] if factor is None else attn[:, 1:] @ factor
+        return out.addmm_(weights, mixed).view_as(x)
+
+    def _folded_weights(self, layer: int, dtype: torch.dtype, device: torch.device) -> tuple:
+        """What :meth:`_folded_refinement` takes from the weights alone: ``((I + s W)^T (C, C),
+        s b or None, the attention's right factors, the sum's factor (m - 1, r [+ 1]) or None,
+        s G W^T (., C))``; computed once per layer inside :meth:`weights_fixed`."""
+        kept = self._fixed
+        key = (layer, dtype, device)
+        if kept is not None and key in kept:
+            return kept[key]
         scale = self.scale
         delta_f, token2feat = self.mlp_delta_f, self.mlp_token2feat
-        rows = x.reshape(-1, x.shape[-1])  # (B*N, C)
+        channels = delta_f.weight.shape[-1]
         # (C, C): (I + s W)^T = I + s W^T, made per layer from W's own rows (C^2, against the
         # rows' N C^2; a transposed read of W costs as much as a pass over the rows at C = 1024).
-        identity_plus = delta_f.weight * scale + torch.eye(rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        identity_plus = delta_f.weight * scale + torch.eye(channels, dtype=dtype, device=device)
         bias = None if delta_f.bias is None else delta_f.bias * scale
-        if bias is None:
-            out = rows @ identity_plus.t()
-        else:
-            out = torch.addmm(bias, rows, identity_plus.t())
-        if self._low_rank_pays(rows.shape[-1]):
+        if self._low_rank_pays(channels):
             a, b = self.learnable_tokens_a[layer], self.learnable_tokens_b[layer]  # (m, r), (r, C)
-            attn = (rows @ b.t()) @ a.t()  # (B*N, m)
+            keys: tuple[Tensor, ...] = (b.t(), a.t())
             # (m - 1, r [+ 1]): the sink's row dropped; a column of ones sums S' for token2feat's bias.
             factor = a[1:] if token2feat.bias is None else torch.cat([a[1:], a.new_ones(a.shape[0] - 1, 1)], 1)
             mixed = b @ token2feat.weight.t()  # (r, C)
@@ -321,24 +340,44 @@ class Rein(nn.Module):
                 mixed = torch.cat([mixed, token2feat.bias[None]], 0)
         else:
             tokens = self.tokens(layer)
-            attn = rows @ tokens.t()
-            factor, mixed = None, token2feat(tokens[1:])  # (m - 1, C)
-        if self.use_softmax:
-            attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
-        weights = attn[:, 1:] if factor is None else attn[:, 1:] @ factor
+            keys, factor, mixed = (tokens.t(),), None, token2feat(tokens[1:])  # (m - 1, C)
         # mixed (., C) through W, scaled: (., C).
-        mixed = (mixed @ delta_f.weight.t()) * scale
-        return out.addmm_(weights, mixed).view_as(x)
+        found = (identity_plus.t(), bias, keys, factor, (mixed @ delta_f.weight.t()) * scale)
+        if kept is not None:
+            kept[key] = found
+        return found
+
+    @contextlib.contextmanager
+    def weights_fixed(self) -> Iterator[None]:
+        """Within this context, what inference computes from Rein's weights alone (the folded
+        refinement's matrices, per layer; the linked queries) is computed once and reused: a GPU
+        then runs some ten kernels fewer per layer and forward. The weights must not change
+        inside (:meth:`reinseg.segmentor.Segmentor.predict` holds it for one call). Nested uses
+        share the outer one's."""
+        if self._fixed is not None:
+            yield
+            return
+        self._fixed = {}
+        try:
+            yield
+        finally:
+            self._fixed = None
 
     def queries(self) -> Tensor:
         """Object queries linked from the tokens of all layers, ``(m, query_dims)``."""
         if not self.link_token_to_query:
             raise RuntimeError("this Rein was built with link_token_to_query=False: it has no queries")
+        kept = self._fixed if not torch.is_grad_enabled() else None
+        if kept is not None and "queries" in kept:
+            return kept["queries"]
         per_layer = self.transform(self.tokens())  # (L, m, D)
         pooled = torch.stack([per_layer.amax(0), per_layer.mean(0), per_layer[-1]], dim=-1)  # (m, D, 3)
         # Flattening (D, 3) interleaves the three poolings per channel, as the official
         # merge weight expects.
-        return self.merge(pooled.flatten(-2))
+        queries = self.merge(pooled.flatten(-2))
+        if kept is not None:
+            kept["queries"] = queries
+        return queries
 
     def extra_repr(self) -> str:
         rank = "full" if self.lora_dim is None else self.lora_dim

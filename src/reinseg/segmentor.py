@@ -11,8 +11,9 @@ to the label's size first, in the order of mmseg's ``SegTTAModel``
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from .backbones import ReinBackbone, as_pair
 from .heads import Mask2FormerHead, semantic_logits
 from .heads.criterion import Mask2FormerLoss
+from .rein import Rein
 
 __all__ = ["Segmentor", "sliding_windows"]
 
@@ -169,6 +171,26 @@ class Segmentor(nn.Module):
                 (default: the segmentor's ``flip``); :func:`reinseg.predict.scores_at_sizes`
                 resizes each to the output size first, as mmseg.
         """
+        with self._weights_fixed():
+            return self._predict(images, mode, crop_size, stride, flip)
+
+    @contextlib.contextmanager
+    def _weights_fixed(self) -> Iterator[None]:
+        """Every Rein's :meth:`~reinseg.rein.Rein.weights_fixed` at once (one prediction call)."""
+        with contextlib.ExitStack() as stack:
+            for module in self.modules():
+                if isinstance(module, Rein):
+                    stack.enter_context(module.weights_fixed())
+            yield
+
+    def _predict(
+        self,
+        images: Tensor,
+        mode: str | None,
+        crop_size: Sequence[int] | None,
+        stride: Sequence[int] | None,
+        flip: bool | None,
+    ) -> Tensor:
         mode = self.test_mode if mode is None else mode
         crop = self.crop_size if crop_size is None else as_pair(crop_size, "crop_size")
         step = self.stride if stride is None else as_pair(stride, "stride")
