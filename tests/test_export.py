@@ -139,19 +139,81 @@ def test_a_size_off_the_patch_grid_is_refused(tiny_checkpoint, tmp_path, capsys)
     assert not target.exists()
 
 
+def _tiny_config(tuning: str):
+    """The tiny model with Rein, SET or FADA tokens of the tiny Rein's sizes."""
+    model = tiny_model_config()
+    model.tuning = tuning
+    if tuning in ("set", "fada"):
+        options = getattr(model, tuning)
+        options.token_length, options.lora_dim, options.query_dims = 8, 4, 32
+    return model
+
+
+def _checkpoint_of(tuning: str, path):
+    model = _tiny_config(tuning)
+    torch.manual_seed(0)
+    segmentor = build_segmentor(model, load_backbone_weights=False)
+    return save_checkpoint(path, to_dict(Config(model=model)), checkpoint_state_dict(segmentor))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--dynamic"], "--dynamic: FADA's Haar split takes the token grid as a square"),
+        (["--size", "64", "96"], "--size 64 96: FADA needs a square patch grid with an even side, got 4x6"),
+        (["--size", "48", "48"], "got 3x3 patches"),
+    ],
+)
+def test_fada_is_exported_at_one_square_size_with_an_even_side(tmp_path, capsys, options, message):
+    """FADA's graph takes the square grid it was traced at alone: a dynamic or another-shaped
+    export is refused before exporting (onnxruntime failed on a reshape at the check's size)."""
+    checkpoint = _checkpoint_of("fada", tmp_path / "fada.ckpt")
+    target = tmp_path / "fada.onnx"
+    assert main(["export", str(checkpoint), *options, "--output", str(target)]) == 2
+    assert message in capsys.readouterr().err
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1e-3", "nan"])
+def test_a_tolerance_that_is_not_positive_is_refused(tiny_checkpoint, tmp_path, capsys, value):
+    target = tmp_path / "model.onnx"
+    assert main(["export", str(tiny_checkpoint), f"--tolerance={value}", "--output", str(target)]) == 2
+    assert "--tolerance" in capsys.readouterr().err and not target.exists()
+
+
+@pytest.mark.slow
+def test_set_exports_within_a_tolerance_of_its_own(tmp_path, capsys):
+    """SET's phase jumps by 2 pi where the sign of an exactly zero imaginary part changes
+    (flipping those zeros' sign in PyTorch itself moves the tiny model's logits by 6e-4):
+    ``--tolerance`` accepts what onnxruntime's FFT gives, and a tolerance under the measured
+    difference refuses the graph."""
+    needs_onnx()
+    from reinseg.export import export_onnx
+
+    checkpoint = _checkpoint_of("set", tmp_path / "set.ckpt")
+    target = tmp_path / "set.onnx"
+    assert main(["export", str(checkpoint), "--tolerance", "1e-2", "--output", str(target)]) == 0
+    (error,) = export_onnx(checkpoint, tmp_path / "again.onnx", tolerance=1e-2)["max_error"].values()
+    assert f"64x64: {error:.1e}" in capsys.readouterr().out
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    segmentor, _ = segmentor_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        expected = segmentor.eval().encode_decode(images)
+    assert (onnx_logits(target, images) - expected).abs().max().item() <= 1e-2
+    if error > 0:
+        with pytest.raises(RuntimeError, match="> --tolerance"):
+            export_onnx(checkpoint, tmp_path / "refused.onnx", tolerance=error / 2)
+        assert not (tmp_path / "refused.onnx").exists()
+
+
 @pytest.mark.parametrize("tuning", ["rein", "set", "fada"])
 def test_folding_keeps_what_each_rein_computes(tuning):
     """Only plain Rein folds; SET and FADA refine otherwise and are exported as they are (their
     folded form gave 0.12 off for SET and a shape error for FADA)."""
     from reinseg.export import FoldedRein, fold_rein
 
-    model = tiny_model_config()
-    model.tuning = tuning
-    if tuning in ("set", "fada"):
-        options = getattr(model, tuning)
-        options.token_length, options.lora_dim, options.query_dims = 8, 4, 32
     torch.manual_seed(0)
-    segmentor = build_segmentor(model, load_backbone_weights=False).eval()
+    segmentor = build_segmentor(_tiny_config(tuning), load_backbone_weights=False).eval()
     folded = fold_rein(segmentor)
     assert isinstance(folded.backbone.rein, FoldedRein) == (tuning == "rein")
     images = torch.randn(1, 3, 64, 64)

@@ -368,6 +368,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dynamic=args.dynamic,
         fold=not args.no_fold,
         backbone=args.backbone,
+        **({} if args.tolerance is None else {"tolerance": args.tolerance}),
     )
     size = "x".join(map(str, result["size"]))
     shape = f"(B, 3, H, W), traced at {size}" if result["dynamic"] else f"(1, 3, {size.replace('x', ', ')})"
@@ -675,6 +676,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dynamic", action="store_true", help="free batch, H and W (multiples of the patch size)")
     p.add_argument(
         "--no-fold", action="store_true", help="keep Rein's token computations in the graph (default: precomputed)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        metavar="T",
+        help="the largest |onnxruntime - PyTorch| logit difference accepted before writing (default 1e-4; "
+        "SET's graphs need more, see README)",
     )
     _backbone_option(p)
     p.set_defaults(func=_cmd_export)
