@@ -2,6 +2,7 @@
 
     python benchmarks/launches.py                                  # DINOv2-L's 24 blocks, batch 4
     python benchmarks/launches.py --backbone dinov2_vitg14 --batch 2
+    python benchmarks/launches.py --predict                        # one image's prediction, three windows
 
 In eager PyTorch every operation that computes (not a view, not an allocation) is at least one
 kernel launch, and the host spends several microseconds on each: with thousands per step the
@@ -11,7 +12,9 @@ a ``TorchDispatchMode`` that counts what each phase dispatches, by the source fi
 it. The count does not depend on the widths or the image size, so the model is built at the
 backbone's real depth and the head's real structure, with a narrow backbone (``--width``) and a
 small crop: seconds instead of minutes. Counts, not times: what a launch costs depends on the
-GPU's host.
+GPU's host. ``--predict`` counts one ``Segmentor.predict`` call instead: a Cityscapes-shaped
+image (2:1) as three sliding windows (the crop and the stride of 512 / 341 scaled to ``--crop``),
+one window per forward and all three at once (``model.test.window_batch``).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main() -> None:
     )
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--top", type=int, default=8, help="sources listed per phase")
+    parser.add_argument("--predict", action="store_true", help="count one image's prediction instead of a step")
     args = parser.parse_args()
 
     from reinseg.build import build_segmentor
@@ -81,6 +85,9 @@ def main() -> None:
         name=args.backbone, img_size=args.crop, patch_size=16, timm_kwargs={"embed_dim": args.width, "num_heads": 4}
     )
     segmentor = build_segmentor(ModelConfig(backbone=backbone), load_backbone_weights=False).train()
+    if args.predict:
+        count_prediction(segmentor.eval(), args)
+        return
     trainable = [p for p in segmentor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05, fused=True)
     images, labels = synthetic_batch(args.batch, args.crop)
@@ -110,6 +117,29 @@ def main() -> None:
         print(f"| {name} | {sum(counter.by_source.values())} | {counter.no_kernel} | {top} |")
     total = sum(sum(c.by_source.values()) for c in phases.values())
     print(f"\n{total} operations that compute per step")
+
+
+def count_prediction(segmentor, args: argparse.Namespace) -> None:
+    """Prints the operations of one ``predict`` call of a ``(crop, 2 crop)`` image, three windows."""
+    image = torch.randn(1, 3, args.crop, 2 * args.crop, generator=torch.Generator().manual_seed(0))
+    stride = round(args.crop * 341 / 512)
+    depth = len(segmentor.backbone.vit.blocks)
+    print(
+        f"# {args.backbone} ({depth} blocks, width {args.width}) + Rein + Mask2Former head, one "
+        f"{args.crop} x {2 * args.crop} image as three {args.crop} windows (stride {stride}), GPU code paths; "
+        f"torch {torch.__version__}"
+    )
+    print("| windows per forward | operations that compute | views and allocations | the most from |")
+    print("|---|---|---|---|")
+    for window_batch in (1, 3):
+        segmentor.window_batch = window_batch
+        with torch.inference_mode():
+            segmentor.predict(image, mode="slide", crop_size=args.crop, stride=stride)  # warm: caches made
+            counter = Launches()
+            with counter:
+                segmentor.predict(image, mode="slide", crop_size=args.crop, stride=stride)
+        top = ", ".join(f"{source} {n}" for source, n in counter.by_source.most_common(args.top))
+        print(f"| {window_batch} | {sum(counter.by_source.values())} | {counter.no_kernel} | {top} |")
 
 
 if __name__ == "__main__":
