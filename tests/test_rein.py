@@ -316,6 +316,20 @@ def test_inside_weights_fixed_the_weight_only_parts_are_made_once_with_the_same_
         assert not torch.equal(after_queries, queries)
 
 
+def test_under_a_tracer_weights_fixed_keeps_nothing(monkeypatch):
+    """A compiled graph computes the weight-only parts itself: a dict filled between windows
+    gave torch.compile a second graph for the later windows of a call."""
+    import reinseg.rein as rein_module
+
+    rein = _trained_rein(dict(lora_dim=4)).float()
+    x = torch.randn(2, 3 + 20, 64)
+    monkeypatch.setattr(rein_module, "tracing", lambda: True)
+    with torch.no_grad(), rein.weights_fixed():
+        rein._folded_refinement(x, 0)  # forward() takes the traced route itself
+        rein.queries()
+        assert rein._fixed == {}
+
+
 @pytest.mark.parametrize("kwargs", VARIANTS)
 def test_training_refinement_gives_autograds_values_and_gradients(kwargs):
     """Low-rank Rein trains through one autograd node (reinseg.rein_fused): the same forward bits

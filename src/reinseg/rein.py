@@ -319,7 +319,9 @@ class Rein(nn.Module):
         """What :meth:`_folded_refinement` takes from the weights alone: ``((I + s W)^T (C, C),
         s b or None, the attention's right factors, the sum's factor (m - 1, r [+ 1]) or None,
         s G W^T (., C))``; computed once per layer inside :meth:`weights_fixed`."""
-        kept = self._fixed
+        # Not under a tracer: a compiled graph computes them itself (a dict filled between
+        # windows and made anew per call would change its guards and recompile it).
+        kept = self._fixed if not tracing() else None
         key = (layer, dtype, device)
         if kept is not None and key in kept:
             return kept[key]
@@ -353,7 +355,7 @@ class Rein(nn.Module):
         refinement's matrices, per layer; the linked queries) is computed once and reused: a GPU
         then runs some ten kernels fewer per layer and forward. The weights must not change
         inside (:meth:`reinseg.segmentor.Segmentor.predict` holds it for one call). Nested uses
-        share the outer one's."""
+        share the outer one's; under a tracer (torch.compile, export) nothing is kept."""
         if self._fixed is not None:
             yield
             return
@@ -367,7 +369,7 @@ class Rein(nn.Module):
         """Object queries linked from the tokens of all layers, ``(m, query_dims)``."""
         if not self.link_token_to_query:
             raise RuntimeError("this Rein was built with link_token_to_query=False: it has no queries")
-        kept = self._fixed if not torch.is_grad_enabled() else None
+        kept = self._fixed if not torch.is_grad_enabled() and not tracing() else None
         if kept is not None and "queries" in kept:
             return kept["queries"]
         per_layer = self.transform(self.tokens())  # (L, m, D)
