@@ -331,8 +331,16 @@ def test_off_the_cpu_the_costs_of_all_images_are_one_batched_pass(monkeypatch):
     torch.manual_seed(4)
     per_image = matcher.costs(class_logits, mask_logits, segments)
     monkeypatch.setattr(criterion_module, "eager_on_cpu", lambda tensor: False)
+    shapes = []
+    weighted = HungarianMatcher._weighted
+    monkeypatch.setattr(
+        HungarianMatcher,
+        "_weighted",
+        lambda self, *args: (shapes.append([a.shape for a in args]), weighted(self, *args))[1],
+    )
     torch.manual_seed(4)
     batched = matcher.costs(class_logits, mask_logits, segments)
+    assert shapes == [[(3, 7, 6), (3, 7, 300), (3, 6, 300)]]  # all images at once, padded to 6 segments
     torch.manual_seed(4)
     coords = torch.cat([torch.rand(1, 300, 2) for _ in segments])
     assert [tuple(c.shape) for c in batched] == [(7, 5), (7, 0), (7, 6)]

@@ -37,27 +37,31 @@ def test_sine_encoding_matches_mmdet():
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_the_sine_encoding_is_made_once_per_size_and_kept():
-    """Kept per size and device (a GPU ran some twenty kernels per map and forward), with the
-    values of a fresh computation; first asked for under inference mode (prediction), it is
-    still a plain tensor that training can save for backward."""
+def test_the_sine_encodings_axis_tables_are_made_once_per_size_and_kept():
+    """Each axis's table is kept per size and device (a GPU ran some twenty kernels per map and
+    forward); the map is a fresh tensor with the values of mmdet's (above). First asked for
+    under inference mode (prediction), a table is still a plain tensor that training can use."""
     from reinseg.heads import position_encoding
 
-    position_encoding._kept_encoding.cache_clear()
+    kept = position_encoding._kept_axis_encoding
+    kept.cache_clear()
     with torch.inference_mode():
         first = sine_position_encoding(2, 5, 7, 16)
+    assert (kept.cache_info().misses, kept.cache_info().hits) == (2, 0)  # a 5-row and a 7-column table
     again = sine_position_encoding(3, 5, 7, 16)
-    info = position_encoding._kept_encoding.cache_info()
-    assert (info.misses, info.hits) == (1, 1)
+    assert (kept.cache_info().misses, kept.cache_info().hits) == (2, 2)
     assert not again.is_inference() and again.shape == (3, 32, 5, 7)
     assert torch.equal(first[0], again[0]) and torch.equal(again[2], again[0])
-    fresh = position_encoding._encoding(5, 7, 16, 10000.0, True, 2 * math.pi, 1e-6, torch.device("cpu"))
-    assert torch.equal(again[0], fresh)
+    theirs = mmdet_sine_encoding(torch.zeros(1, 5, 7, dtype=torch.bool), 16)[0]
+    torch.testing.assert_close(again[0], theirs, rtol=0, atol=1e-6)
+    again[0].zero_()  # the map is the caller's own: the tables are untouched
+    assert torch.equal(sine_position_encoding(1, 5, 7, 16)[0], first[0])
     weights = torch.ones(32, 1, 1, requires_grad=True)
-    (again * weights).sum().backward()  # the encoding saved for backward
-    torch.testing.assert_close(weights.grad.flatten(), fresh.sum((1, 2)) * 3)
-    sine_position_encoding(1, 6, 7, 16)
-    assert position_encoding._kept_encoding.cache_info().misses == 2  # another size, another one
+    (again * weights).sum().backward()
+    assert weights.grad is not None
+    sine_position_encoding(1, 7, 5, 16)  # the same two sizes on the other axes: no new table
+    assert kept.cache_info().misses == 2
+    assert position_encoding._resolved(None) == torch.get_default_device()
 
 
 def naive_deformable_attention(value, shapes, locations, weights):

@@ -63,8 +63,8 @@ def test_windows_run_together_give_the_scores_of_windows_run_alone():
 
 
 def test_one_predict_call_makes_reins_weight_only_parts_once(monkeypatch):
-    """``predict`` holds ``Rein.weights_fixed`` for the call: the folded matrices of each layer
-    and the queries are made once for all five windows of both images (and the flipped run),
+    """``predict`` holds ``Rein.weights_fixed`` for the call: the folded token products of each
+    layer and the queries are made once for all five windows of both images (and the flipped run),
     with the scores of making them per window; a change of the weights between calls is seen."""
     import contextlib
 
@@ -90,7 +90,7 @@ def test_one_predict_call_makes_reins_weight_only_parts_once(monkeypatch):
     monkeypatch.setattr(Rein, "weights_fixed", recorded)
     fixed = predict()
     layers = [str((layer, torch.float32, torch.device("cpu"))) for layer in range(rein.num_layers)]
-    assert kept == [sorted(layers + ["queries"])]
+    assert kept == [sorted(layers + [str(("queries", torch.float32, torch.device("cpu"), False))])]
     monkeypatch.setattr(Segmentor, "_weights_fixed", lambda self: contextlib.nullcontext())
     assert torch.equal(fixed, predict())
     with torch.no_grad():

@@ -304,9 +304,17 @@ class Rein(nn.Module):
         Returns:
             ``(B, N, C)``.
         """
+        scale, delta_f = self.scale, self.mlp_delta_f
         rows = x.reshape(-1, x.shape[-1])  # (B*N, C)
-        identity_plus, bias, keys, factor, mixed = self._folded_weights(layer, rows.dtype, rows.device)
-        out = rows @ identity_plus if bias is None else torch.addmm(bias, rows, identity_plus)
+        # (C, C): (I + s W)^T = I + s W^T, made per layer from W's own rows (C^2, against the
+        # rows' N C^2; a transposed read of W costs as much as a pass over the rows at C = 1024).
+        # Not kept in weights_fixed: 24 of them are 96 MiB at C = 1024.
+        identity_plus = delta_f.weight * scale + torch.eye(rows.shape[-1], dtype=rows.dtype, device=rows.device)
+        if delta_f.bias is None:
+            out = rows @ identity_plus.t()
+        else:
+            out = torch.addmm(delta_f.bias * scale, rows, identity_plus.t())
+        keys, factor, mixed = self._folded_tokens(layer, rows.dtype, rows.device)
         attn = rows
         for key in keys:  # (B*N, m): through the factors B^T, A^T, or the tokens T^T
             attn = attn @ key
@@ -315,24 +323,20 @@ class Rein(nn.Module):
         weights = attn[:, 1:] if factor is None else attn[:, 1:] @ factor
         return out.addmm_(weights, mixed).view_as(x)
 
-    def _folded_weights(self, layer: int, dtype: torch.dtype, device: torch.device) -> tuple:
-        """What :meth:`_folded_refinement` takes from the weights alone: ``((I + s W)^T (C, C),
-        s b or None, the attention's right factors, the sum's factor (m - 1, r [+ 1]) or None,
-        s G W^T (., C))``; computed once per layer inside :meth:`weights_fixed`."""
+    def _folded_tokens(
+        self, layer: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[tuple[Tensor, ...], Tensor | None, Tensor]:
+        """What :meth:`_folded_refinement` takes from the tokens and MLPs alone: the attention's
+        right factors (``B^T, A^T``, or ``T^T``), the sum's factor ``(m - 1, r [+ 1])`` or None,
+        and ``s G W^T`` ``(r [+ 1] or m - 1, C)``; kept per layer inside :meth:`weights_fixed`."""
         # Not under a tracer: a compiled graph computes them itself (a dict filled between
-        # windows and made anew per call would change its guards and recompile it).
+        # windows and made anew per call gave it a second graph).
         kept = self._fixed if not tracing() else None
         key = (layer, dtype, device)
         if kept is not None and key in kept:
             return kept[key]
-        scale = self.scale
-        delta_f, token2feat = self.mlp_delta_f, self.mlp_token2feat
-        channels = delta_f.weight.shape[-1]
-        # (C, C): (I + s W)^T = I + s W^T, made per layer from W's own rows (C^2, against the
-        # rows' N C^2; a transposed read of W costs as much as a pass over the rows at C = 1024).
-        identity_plus = delta_f.weight * scale + torch.eye(channels, dtype=dtype, device=device)
-        bias = None if delta_f.bias is None else delta_f.bias * scale
-        if self._low_rank_pays(channels):
+        token2feat = self.mlp_token2feat
+        if self._low_rank_pays(self.embed_dims):
             a, b = self.learnable_tokens_a[layer], self.learnable_tokens_b[layer]  # (m, r), (r, C)
             keys: tuple[Tensor, ...] = (b.t(), a.t())
             # (m - 1, r [+ 1]): the sink's row dropped; a column of ones sums S' for token2feat's bias.
@@ -344,16 +348,16 @@ class Rein(nn.Module):
             tokens = self.tokens(layer)
             keys, factor, mixed = (tokens.t(),), None, token2feat(tokens[1:])  # (m - 1, C)
         # mixed (., C) through W, scaled: (., C).
-        found = (identity_plus.t(), bias, keys, factor, (mixed @ delta_f.weight.t()) * scale)
+        found = (keys, factor, (mixed @ self.mlp_delta_f.weight.t()) * self.scale)
         if kept is not None:
             kept[key] = found
         return found
 
     @contextlib.contextmanager
     def weights_fixed(self) -> Iterator[None]:
-        """Within this context, what inference computes from Rein's weights alone (the folded
-        refinement's matrices, per layer; the linked queries) is computed once and reused: a GPU
-        then runs some ten kernels fewer per layer and forward. The weights must not change
+        """Within this context, what inference computes from Rein's tokens and MLPs alone (the
+        folded refinement's token products, per layer; the linked queries) is computed once and
+        reused: a GPU then runs some six kernels fewer per layer and forward. The weights must not change
         inside (:meth:`reinseg.segmentor.Segmentor.predict` holds it for one call). Nested uses
         share the outer one's; under a tracer (torch.compile, export) nothing is kept."""
         if self._fixed is not None:
@@ -370,15 +374,17 @@ class Rein(nn.Module):
         if not self.link_token_to_query:
             raise RuntimeError("this Rein was built with link_token_to_query=False: it has no queries")
         kept = self._fixed if not torch.is_grad_enabled() and not tracing() else None
-        if kept is not None and "queries" in kept:
-            return kept["queries"]
+        weight = self.merge.weight
+        key = ("queries", weight.dtype, weight.device, autocast_enabled(weight.device.type))
+        if kept is not None and key in kept:
+            return kept[key]
         per_layer = self.transform(self.tokens())  # (L, m, D)
         pooled = torch.stack([per_layer.amax(0), per_layer.mean(0), per_layer[-1]], dim=-1)  # (m, D, 3)
         # Flattening (D, 3) interleaves the three poolings per channel, as the official
         # merge weight expects.
         queries = self.merge(pooled.flatten(-2))
         if kept is not None:
-            kept["queries"] = queries
+            kept[key] = queries
         return queries
 
     def extra_repr(self) -> str:

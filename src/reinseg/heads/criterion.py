@@ -282,8 +282,9 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def costs(self, class_logits: Tensor, mask_logits: Tensor, segments: SegmentBatch) -> list[Tensor]:
-        """:meth:`cost` of every image of a batch, ``(Q, G_b)`` each, the same values: the points of
-        all images sampled in one pass (a GPU runs a few kernels per prediction, not per image).
+        """:meth:`cost` of every image of a batch, ``(Q, G_b)`` each, the same values on the CPU (off
+        it up to float rounding: :meth:`_costs`): the points of all images sampled in one pass (a
+        GPU runs a few kernels per prediction, not per image).
 
         Args:
             class_logits: ``(B, Q, K + 1)``; mask_logits: ``(B, Q, h, w)``; segments: the batch's.
