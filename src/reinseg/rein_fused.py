@@ -9,7 +9,8 @@ block's output (see :mod:`reinseg.rein` for the equation)::
 
 Autograd would keep a dozen tensors per block for this (the rows twice, ``y``, the delta, the
 softmax and its slices) and run one node per operation. :class:`LowRankRefinement` keeps the
-rows, the softmax and the rank-``r`` products ``t`` and ``p``, computes ``y`` again in backward
+rows, the softmax, the rank-``r`` products ``t`` and ``p``, ``K = B W_t^T`` and the row sums of
+``S'`` (small: ``(r, C)``, ``(n, 1)``), computes ``y`` again in backward
 (one product through the rank, cheap next to the ``C x C`` ones), and takes the scale's gradient
 from the delta MLP's weight gradient instead of from a kept delta::
 
@@ -48,15 +49,21 @@ class LowRankRefinement(torch.autograd.Function):
         if use_softmax:
             attn = F.softmax(attn * channels**-0.5, dim=-1)
         mix = attn[:, 1:] @ a[1:]  # p (n, r)
-        mixed = mix @ (b @ w_t.t())
+        tokens_to_features = b @ w_t.t()  # K (r, C)
+        mixed = mix @ tokens_to_features
+        weight_sums = None
         if b_t is not None:
-            mixed = mixed + attn[:, 1:].sum(-1, keepdim=True) * b_t
+            weight_sums = attn[:, 1:].sum(-1, keepdim=True)  # (n, 1)
+            mixed = mixed + weight_sums * b_t
         refined = rows + F.linear(mixed + rows, w_d, b_d) * scale
         refined = refined.view_as(x)
         if prefix:
             refined[:, :prefix] = x[:, :prefix]
         saved_scale = scale if isinstance(scale, Tensor) else None
-        ctx.save_for_backward(rows, attn, projected, mix, a, b, w_t, b_t, w_d, b_d, saved_scale)
+        # K and the row sums are small ((r, C), (n, 1)): kept rather than made again in backward.
+        ctx.save_for_backward(
+            rows, attn, projected, mix, tokens_to_features, weight_sums, a, b, w_t, b_t, w_d, b_d, saved_scale
+        )
         ctx.constant_scale = None if isinstance(scale, Tensor) else scale
         ctx.prefix = prefix
         ctx.use_softmax = use_softmax
@@ -66,7 +73,9 @@ class LowRankRefinement(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        rows, attn, projected, mix, a, b, w_t, b_t, w_d, b_d, saved_scale = ctx.saved_tensors
+        rows, attn, projected, mix, tokens_to_features, weight_sums, a, b, w_t, b_t, w_d, b_d, saved_scale = (
+            ctx.saved_tensors
+        )
         scale = ctx.constant_scale if saved_scale is None else saved_scale
         prefix = ctx.prefix
         channels = rows.shape[-1]
@@ -80,11 +89,8 @@ class LowRankRefinement(torch.autograd.Function):
 
         # The rows' mixture again: y = p K + rowsum(S') b_t + x.
         weights = attn[:, 1:]  # S' (n, m - 1)
-        tokens_to_features = b @ w_t.t()  # K (r, C)
         mixed = mix @ tokens_to_features
-        weight_sums = None
         if b_t is not None:
-            weight_sums = weights.sum(-1, keepdim=True)  # (n, 1)
             mixed = mixed + weight_sums * b_t
         inputs = mixed + rows  # y (n, C)
 
@@ -111,14 +117,13 @@ class LowRankRefinement(torch.autograd.Function):
             grad_b_t = (weight_sums.t() @ grad_inputs).view_as(b_t)
             grad_weights = grad_weights + (grad_inputs @ b_t)[:, None]
         grad_w_t = grad_tokens_to_features.t() @ b  # (C, C)
-        grad_a = torch.zeros_like(a)
-        grad_a[1:] = weights.t() @ grad_mix
         # The sink's column of S gets no gradient: it never contributes.
         grad_attn = torch.cat([grad_weights.new_zeros(grad_weights.shape[0], 1), grad_weights], 1)
         if ctx.use_softmax:
             grad_attn = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype) * channels**-0.5
-        # attn logits = (x B^T) A^T
-        grad_a += grad_attn.t() @ projected
+        # attn logits = (x B^T) A^T; A[1:] also mixes the rows (p = S' A[1:]).
+        grad_a = grad_attn.t() @ projected
+        grad_a[1:] += weights.t() @ grad_mix
         grad_projected = grad_attn @ a  # (n, r)
         grad_b = grad_projected.t() @ rows + grad_tokens_to_features @ w_t
         grad_x = torch.addmm(grad_out.reshape(-1, channels) + grad_inputs, grad_projected, b).view(ctx.x_shape)
