@@ -106,7 +106,7 @@ class Rein(nn.Module):
         self.use_softmax = bool(use_softmax)
         self.zero_mlp_delta_f = bool(zero_mlp_delta_f)
         self.num_prefix_tokens = int(num_prefix_tokens)
-        # What depends on the weights alone, kept inside :meth:`weights_fixed` (None outside).
+        # What depends on the tokens and MLPs alone, kept inside :meth:`weights_fixed` (None outside).
         self._fixed: dict | None = None
         self._create_parameters()
         if not self.link_token_to_query:
@@ -357,9 +357,9 @@ class Rein(nn.Module):
     def weights_fixed(self) -> Iterator[None]:
         """Within this context, what inference computes from Rein's tokens and MLPs alone (the
         folded refinement's token products, per layer; the linked queries) is computed once and
-        reused: a GPU then runs some six kernels fewer per layer and forward. The weights must not change
-        inside (:meth:`reinseg.segmentor.Segmentor.predict` holds it for one call). Nested uses
-        share the outer one's; under a tracer (torch.compile, export) nothing is kept."""
+        reused: a GPU then runs some six kernels fewer per layer and forward. The weights must
+        not change inside (:meth:`reinseg.segmentor.Segmentor.predict` holds it for one call).
+        Nested uses share the outer one's; under a tracer (torch.compile, export) nothing is kept."""
         if self._fixed is not None:
             yield
             return
