@@ -149,11 +149,17 @@ def _tiny_config(tuning: str):
     return model
 
 
-def _checkpoint_of(tuning: str, path):
+def _checkpoint_of(tuning: str, path, img_size: int = 64):
     model = _tiny_config(tuning)
+    model.backbone.img_size = img_size
     torch.manual_seed(0)
     segmentor = build_segmentor(model, load_backbone_weights=False)
     return save_checkpoint(path, to_dict(Config(model=model)), checkpoint_state_dict(segmentor))
+
+
+@pytest.fixture(scope="module")
+def fada_checkpoint(tmp_path_factory):
+    return _checkpoint_of("fada", tmp_path_factory.mktemp("fada") / "fada.ckpt", img_size=48)  # 3 x 3 by default
 
 
 @pytest.mark.parametrize(
@@ -161,32 +167,38 @@ def _checkpoint_of(tuning: str, path):
     [
         (["--dynamic"], "--dynamic: FADA's Haar split takes the token grid as a square"),
         (["--size", "64", "96"], "--size 64 96: FADA needs a square patch grid with an even side, got 4x6"),
+        ([], "the default size 48x48 (the backbone's img_size): FADA needs a square patch grid with an even side"),
         (["--size", "48", "48"], "got 3x3 patches"),
     ],
 )
-def test_fada_is_exported_at_one_square_size_with_an_even_side(tmp_path, capsys, options, message):
+def test_fada_is_exported_at_one_square_size_with_an_even_side(fada_checkpoint, tmp_path, capsys, options, message):
     """FADA's graph takes the square grid it was traced at alone: a dynamic or another-shaped
     export is refused before exporting (onnxruntime failed on a reshape at the check's size)."""
-    checkpoint = _checkpoint_of("fada", tmp_path / "fada.ckpt")
+    checkpoint = fada_checkpoint
     target = tmp_path / "fada.onnx"
     assert main(["export", str(checkpoint), *options, "--output", str(target)]) == 2
     assert message in capsys.readouterr().err
     assert not target.exists()
 
 
-@pytest.mark.parametrize("value", ["0", "-1e-3", "nan"])
-def test_a_tolerance_that_is_not_positive_is_refused(tiny_checkpoint, tmp_path, capsys, value):
+@pytest.mark.parametrize("value", ["0", "-1e-3", "nan", "inf"])
+def test_a_tolerance_that_is_not_positive_and_finite_is_refused_first(tmp_path, capsys, monkeypatch, value):
+    """Refused before the checkpoint is read (inf would accept any graph, even one of another
+    output shape, whose difference is inf)."""
+    import reinseg.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "segmentor_from_checkpoint", lambda *a, **k: pytest.fail("read the checkpoint"))
     target = tmp_path / "model.onnx"
-    assert main(["export", str(tiny_checkpoint), f"--tolerance={value}", "--output", str(target)]) == 2
-    assert "--tolerance" in capsys.readouterr().err and not target.exists()
+    assert main(["export", str(tmp_path / "model.ckpt"), f"--tolerance={value}", "--output", str(target)]) == 2
+    assert f"--tolerance {float(value)}: must be a positive, finite number" in capsys.readouterr().err
+    assert not target.exists()
 
 
 @pytest.mark.slow
 def test_set_exports_within_a_tolerance_of_its_own(tmp_path, capsys):
-    """SET's phase jumps by 2 pi where the sign of an exactly zero imaginary part changes
-    (flipping those zeros' sign in PyTorch itself moves the tiny model's logits by 6e-4):
-    ``--tolerance`` accepts what onnxruntime's FFT gives, and a tolerance under the measured
-    difference refuses the graph."""
+    """SET's graphs differ from PyTorch's by more than the default 1e-4 (its phase, ``atan2`` of
+    a spectrum, follows an FFT's last bits): ``--tolerance`` accepts what onnxruntime gives, and
+    a tolerance under the measured difference refuses the graph."""
     needs_onnx()
     from reinseg.export import export_onnx
 

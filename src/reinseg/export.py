@@ -209,12 +209,15 @@ def export_onnx(
     output = Path(output)
     if output.is_dir():
         raise IsADirectoryError(21, "Is a directory", str(output))
+    if not (math.isfinite(tolerance) and tolerance > 0):  # inf would accept any graph, even of another shape
+        raise ValueError(f"--tolerance {tolerance}: must be a positive, finite number")
     segmentor, payload = segmentor_from_checkpoint(checkpoint, backbone=backbone)
     segmentor = segmentor.cpu().eval()
     family = segmentor.backbone.family
     if not getattr(family, "onnx_exportable", True):
         raise ValueError(f"{checkpoint}: ONNX export of {family.name} backbones is not supported (torch's exporter)")
     patch = segmentor.backbone.patch_size
+    chosen = "--size {} {}" if size is not None else "the default size {}x{} (the backbone's img_size)"
     if size is None:
         # A ViT's grid as built; a CNN's, which has none, from its configuration.
         img_size = getattr(getattr(segmentor.backbone.vit, "patch_embed", None), "img_size", None)
@@ -226,8 +229,6 @@ def export_onnx(
         raise ValueError(
             f"--size {' '.join(map(str, size))}: H and W must be positive multiples of the patch size {patch[0]}"
         )
-    if not tolerance > 0:  # also NaN
-        raise ValueError(f"--tolerance {tolerance}: must be a positive number")
     if getattr(getattr(segmentor.backbone, "rein", None), "square_even_grid", False):
         # FADA's Haar split reshapes the tokens to a square of the traced side: its graph takes
         # that size alone (onnxruntime failed at a second size with a reshape error).
@@ -239,8 +240,8 @@ def export_onnx(
         grid = (size[0] // patch[0], size[1] // patch[1])
         if grid[0] != grid[1] or grid[0] % 2:
             raise ValueError(
-                f"--size {size[0]} {size[1]}: FADA needs a square patch grid with an even side, got "
-                f"{grid[0]}x{grid[1]} patches"
+                f"{chosen.format(*size)}: FADA needs a square patch grid with an even side, got "
+                f"{grid[0]}x{grid[1]} patches (export with --size H W)"
             )
     try:
         import onnx  # noqa: F401  (the dynamo exporter needs it; fail before the long export)

@@ -36,8 +36,10 @@ def sine_position_encoding(
         ``(batch, 2 * num_feats, height, width)``: the y encoding in the first ``num_feats``
         channels, then the x encoding; each interleaves sin (even) and cos (odd) frequencies.
     """
-    device = _resolved(device)
-    table = _axis_encoding if tracing() else _kept_axis_encoding
+    if tracing():  # the tables computed in the graph (a tracer follows no default-device query)
+        table = _axis_encoding
+    else:
+        device, table = _resolved(device), _kept_axis_encoding
     pos_y = table(height, num_feats, temperature, normalize, scale, eps, device)  # (H, F)
     pos_x = table(width, num_feats, temperature, normalize, scale, eps, device)  # (W, F)
     pos = torch.cat((pos_y[:, None].expand(-1, width, -1), pos_x[None].expand(height, -1, -1)), dim=-1)
@@ -67,7 +69,7 @@ def _axis_encoding(
     normalize: bool,
     scale: float,
     eps: float,
-    device: torch.device,
+    device: torch.device | str | int | None,
 ) -> Tensor:
     """The encoding of positions ``1..size`` along one axis, ``(size, num_feats)``."""
     position = torch.arange(1, size + 1, dtype=torch.float32, device=device)
