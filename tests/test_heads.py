@@ -64,6 +64,17 @@ def test_the_sine_encodings_axis_tables_are_made_once_per_size_and_kept():
     assert position_encoding._resolved(None) == torch.get_default_device()
 
 
+def test_the_sine_encoding_compiles_as_one_graph_with_and_without_a_device():
+    """Under a tracer the tables are computed in the graph, the device taken as given (a
+    default-device query is not traceable)."""
+    for device in (None, "cpu"):
+        torch._dynamo.reset()
+        traced = torch.compile(
+            lambda d=device: sine_position_encoding(2, 5, 7, 16, device=d), fullgraph=True, backend="eager"
+        )
+        torch.testing.assert_close(traced(), sine_position_encoding(2, 5, 7, 16), rtol=0, atol=1e-6)
+
+
 def naive_deformable_attention(value, shapes, locations, weights):
     """Per-point bilinear sampling with zero padding (pixel centres at +0.5), looped."""
     batch, _, heads, dim = value.shape
