@@ -69,6 +69,7 @@ from .datamodule import (
     validation_sets,
 )
 from .ema import ExponentialAverage
+from .fada import fits_haar_split
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
 from .optim import build_optimizer, lr_factor, parameter_groups, set_tf32
 from .safe_load import UnsafeFileError, damaged_record, load_torch_file
@@ -1124,12 +1125,13 @@ def _check_square_even_grids(config: Config, segmentor: Segmentor) -> None:
         return
     patch = segmentor.backbone.patch_size[0]
     need = f"model.tuning={config.model.tuning} needs square patch grids with an even side"
-    if (config.data.crop_size // patch) % 2:
-        raise ConfigError(f"{need}: data.crop_size={config.data.crop_size} is {config.data.crop_size // patch} patches")
+    crop_grid = config.data.crop_size // patch
+    if not fits_haar_split(crop_grid, crop_grid):
+        raise ConfigError(f"{need}: data.crop_size={config.data.crop_size} is {crop_grid} patches")
     if segmentor.test_mode != "slide":
         raise ConfigError(f"{need}: set model.test.mode=slide (whole images give their own grids)")
     h, w = segmentor.crop_size
-    if h != w or (h // patch) % 2:
+    if not fits_haar_split(h // patch, w // patch):
         raise ConfigError(f"{need}: model.test.crop_size {h}x{w} is {h // patch}x{w // patch} patches")
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .fada import fits_haar_split
 from .rein import Rein
 
 __all__ = [
@@ -238,7 +239,7 @@ def export_onnx(
                 "so its graph takes one size; export with --size H W"
             )
         grid = (size[0] // patch[0], size[1] // patch[1])
-        if grid[0] != grid[1] or grid[0] % 2:
+        if not fits_haar_split(*grid):
             raise ValueError(
                 f"{chosen.format(*size)}: FADA needs a square patch grid with an even side, got "
                 f"{grid[0]}x{grid[1]} patches (export with --size H W)"

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 
 from .rein import Rein
 
-__all__ = ["Fada", "HaarSplit"]
+__all__ = ["Fada", "HaarSplit", "fits_haar_split"]
 
 # One-level 2-D Haar analysis filters, outer products of L = [1, 1] / sqrt(2) and H = [-1, 1] / sqrt(2)
 # (rows: vertical filter, columns: horizontal), applied by cross-correlation to each 2 x 2 block.
@@ -75,6 +75,12 @@ HAAR_FILTERS = {
     "HL": ((-0.5, -0.5), (0.5, 0.5)),
     "HH": ((0.5, -0.5), (-0.5, 0.5)),
 }
+
+
+def fits_haar_split(rows: int, cols: int) -> bool:
+    """Whether FADA's Haar split takes a patch grid of ``rows x cols``: square, with an even side
+    (the official reshape of the tokens to ``sqrt(N) x sqrt(N)`` maps halved by 2 x 2 filters)."""
+    return rows == cols and rows % 2 == 0
 
 
 class HaarSplit(nn.Module):
@@ -188,7 +194,7 @@ class Fada(Rein):
         """
         batch, n, channels = feats.shape
         side = math.isqrt(n)
-        if side * side != n or side % 2:
+        if side * side != n or not fits_haar_split(side, side):
             raise ValueError(
                 f"FADA needs a square token grid with an even side (as the official code), got {n} patch tokens"
             )

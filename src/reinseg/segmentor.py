@@ -198,7 +198,7 @@ class Segmentor(nn.Module):
         self._check_inference_settings(mode, crop, step)
         mixes = self.mixes_batch
         if mixes and len(images) > 1:  # each image as the official test runs it, alone
-            return torch.cat([self.predict(image[None], mode, crop, step, flip) for image in images])
+            return torch.cat([self._predict(image[None], mode, crop, step, flip) for image in images])
         per_forward = 1 if mixes else self.window_batch  # windows, stacked on the batch axis
         run = self.encode_decode if mode == "whole" else lambda x: self._slide(x, crop, step, per_forward)
         if not flip:
