@@ -487,8 +487,8 @@ def test_ctrl_c_in_another_command_is_one_line_and_status_130(trained, tmp_path,
 def test_a_predict_stopped_midway_leaves_its_folder_marked_and_score_refuses_it(trained, tmp_path, monkeypatch, capsys):
     """A predict into a folder of earlier predictions, stopped after its first file, left two
     models' files side by side with nothing to tell: the folder now holds `.reinseg-incomplete`
-    until a run finishes, `reinseg score` refuses what is under it, and the same command
-    replaces the outputs and removes the marker."""
+    until a run finishes, `reinseg score` refuses what is under it; a rerun on one image keeps it
+    (listing the other's files), and the same command replaces the outputs and removes it."""
     import reinseg.data.io as io
     from reinseg.metrics import score_directories
     from reinseg.unfinished import MARKER
@@ -518,6 +518,13 @@ def test_a_predict_stopped_midway_leaves_its_folder_marked_and_score_refuses_it(
         score_directories(out, labels, [str(i) for i in range(19)])
     monkeypatch.setattr(io, "write_png", write_png)
     capsys.readouterr()
+    # A rerun on one of the images writes it and keeps the marker, owing the other's files.
+    assert main(["predict", checkpoint, str(photos / "b.png"), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "replacing the predictions an interrupted predict left in" in err
+    assert "stays marked unfinished" in err and "owes 2 file(s) (a_labelTrainIds.png, a_overlay.png)" in err
+    with pytest.raises(ValueError, match=r"2 file\(s\) \(a_labelTrainIds.png, a_overlay.png\) it owes are missing"):
+        score_directories(out, labels, [str(i) for i in range(19)])
     assert main(command) == 0
     assert "replacing the predictions an interrupted predict left in" in capsys.readouterr().err
     assert not (out / MARKER).exists()

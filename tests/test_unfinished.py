@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -6,6 +7,7 @@ import pytest
 from reinseg.checkpoints import _HOST, writer_mark
 from reinseg.unfinished import (
     MARKER,
+    check_finished,
     check_folder,
     claim_folder,
     marker_above,
@@ -100,3 +102,45 @@ def test_of_two_processes_claiming_a_folder_at_once_the_second_is_refused(tmp_pa
     with pytest.raises(ValueError, match=r"another `reinseg predict` \(1@.*\) into .* is writing it"):
         claim_folder(tmp_path, "predict", "--output")
     assert (tmp_path / MARKER).read_text() == f"{RUNNING[0]}\npredict\n"
+
+
+def test_a_predicts_marker_lists_the_files_it_owes_and_goes_once_none_is_left(tmp_path, ended_writer):
+    """A rerun on some of an interrupted predict's images takes its marker over and, when done,
+    keeps it listing the interrupted run's other files: those may be missing, or an earlier
+    model's beside this run's (before, the marker went and the mix was silent)."""
+    first = ["a_labelTrainIds.png", "a_overlay.png", "b_labelTrainIds.png", "b_overlay.png"]
+    path = claim_folder(tmp_path, "predict", "--output", owes=first)
+    assert read_marker(tmp_path).owed == tuple(first)
+    assert release_folder(tmp_path, first) == () and not path.exists()  # all written
+
+    path.write_text(f"{ended_writer}\npredict\n" + json.dumps(first) + "\n")  # killed midway
+    claim_folder(tmp_path, "predict", "--output", owes=["b_labelTrainIds.png", "b_overlay.png"])
+    assert read_marker(tmp_path).owed == ("b_labelTrainIds.png", "b_overlay.png", *first[:2])
+    assert release_folder(tmp_path, ["b_labelTrainIds.png", "b_overlay.png"]) == tuple(first[:2])
+    marker = read_marker(tmp_path)
+    assert (marker.writer, marker.command, marker.owed) == (writer_mark(), "predict", tuple(first[:2]))
+    with pytest.raises(ValueError, match=r"was interrupted, and 2 file\(s\) \(a_labelTrainIds.png, a_overlay.png\)"):
+        check_finished(tmp_path)
+    claim_folder(tmp_path, "predict", "--output", owes=first[:2])  # this process's own leftover, taken over
+    assert release_folder(tmp_path, first[:2]) == () and not path.exists()
+
+
+def test_an_unreadable_owed_list_carries_nothing(tmp_path, ended_writer):
+    """A list cut short (a kill inside the claim's write, before the run wrote any file) or not
+    a list of names is read as owing nothing; the marker still marks the folder."""
+    for listed in ('["a_labelTrainIds.png", "a_ov', '{"a": 1}', "[1, 2]", '"a_overlay.png"'):
+        (tmp_path / MARKER).write_text(f"{ended_writer}\npredict\n{listed}\n")
+        assert read_marker(tmp_path).owed == ()
+        with pytest.raises(ValueError, match="was interrupted: run it again to finish them"):
+            check_finished(tmp_path)
+        claim_folder(tmp_path, "predict", "--output", owes=["b_overlay.png"])
+        assert read_marker(tmp_path).owed == ("b_overlay.png",)
+        assert release_folder(tmp_path, ["b_overlay.png"]) == ()
+
+
+def test_names_with_line_breaks_and_other_characters_are_listed_whole(tmp_path):
+    # The last: a name holding a byte that is not UTF-8, as Python decodes it.
+    names = ["a\nb_overlay.png", '\u00e9t\u00e9 "x"_overlay.png', "\udcff_overlay.png"]
+    claim_folder(tmp_path, "predict", "--output", owes=names)
+    assert len((tmp_path / MARKER).read_text().splitlines()) == 3
+    assert read_marker(tmp_path).owed == tuple(names)

@@ -258,13 +258,15 @@ def predict_files(
     ``backbone``: the VFM weight file, instead of the one the checkpoint references.
     ``window_batch``: sliding windows per forward, instead of the checkpoint's ``model.test.window_batch``.
     ``output`` holds ``.reinseg-incomplete`` until every file is written (:mod:`reinseg.unfinished`):
-    a folder another command is writing, or an interrupted evaluation left, is refused.
+    a folder another command is writing, or an interrupted evaluation left, is refused. Taking
+    over an interrupted predict's marker, a run on other images keeps it, listing the interrupted
+    run's files it did not write.
     """
     from tqdm import tqdm
 
     from .checkpoints import remove_stale_temporaries
     from .data.io import read_photo, write_png
-    from .unfinished import check_folder, claim_folder, release_folder
+    from .unfinished import check_folder, claim_folder, read_marker, release_folder
 
     paths = collect_images(inputs)  # everything is checked before anything is written
     out = Path(output)
@@ -273,7 +275,9 @@ def predict_files(
     print(f"segmenting {len(paths)} image(s) at {size}", flush=True)
     # Marked until every file is written: a run killed midway into a folder of earlier
     # predictions leaves two models' files side by side, which `reinseg score` then refuses.
-    claim_folder(out, "predict", "--output")
+    suffixes = ("_labelTrainIds.png", "_overlay.png")
+    names = [f"{path.stem}{suffix}" for path in paths for suffix in suffixes]
+    claim_folder(out, "predict", "--output", owes=names)
     if interrupted:
         print(f"replacing the predictions an interrupted predict left in {out}", file=sys.stderr)
     remove_stale_temporaries(out)  # a killed run's half-written files
@@ -281,9 +285,16 @@ def predict_files(
     for path in tqdm(paths, desc="predict", unit="image", disable=not progress or len(paths) < 2):
         image = read_photo(path)
         train_ids = segment_image(segmentor, image, scale, mode, flip)
-        for suffix, array in (("_labelTrainIds.png", train_ids), ("_overlay.png", overlay(image, train_ids, classes))):
+        for suffix, array in zip(suffixes, (train_ids, overlay(image, train_ids, classes)), strict=True):
             target = out / f"{path.stem}{suffix}"
             write_png(target, array, sync=True)
             written.append(target)
-    release_folder(out)
+    if release_folder(out, names):
+        marker = read_marker(out)
+        owed = marker.describe_owed() if marker else "files"
+        print(
+            f"note: {out} stays marked unfinished: the interrupted predict this run took over owes {owed}, "
+            "which this run did not write: predict those images there again",
+            file=sys.stderr,
+        )
     return written

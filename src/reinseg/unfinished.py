@@ -3,16 +3,22 @@
 ``reinseg eval --save-preds DIR`` and ``reinseg predict ... --output DIR`` put the marker in DIR
 when they start and remove it once they have written everything. Its first line names the
 writing process (:func:`~reinseg.checkpoints.writer_mark`), its second the command (``eval`` or
-``predict``; a marker of one line is an earlier release's evaluation). A marker whose process is
-gone is what an interrupted or failed run left: a rerun of the same command into the folder
-replaces its outputs. Until then the folder may hold part of the predictions, or predictions of
-two models side by side, and ``reinseg score`` refuses to score them: those in the folder, and
-for an evaluation (which writes a tree, a folder per domain) those in the folders below it.
+``predict``; a marker of one line is an earlier release's evaluation). A predict's marker then
+lists the files it owes, as one JSON list on its third line: its own images' files and those an
+interrupted predict it took over still owed. A marker whose process is gone is what an
+interrupted or failed run left: a rerun of the same command into the folder replaces its
+outputs, and a predict removes the marker only once no owed file is left (a rerun on some of the
+images keeps it, listing the others). Until then the folder may hold part of the predictions, or
+predictions of two models side by side, and ``reinseg score`` refuses to score them: those in the
+folder, and for an evaluation (which writes a tree, a folder per domain) those in the folders
+below it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
@@ -34,11 +40,12 @@ _TREE_WRITERS = ("eval",)
 
 
 class Marker:
-    """The writer (``<pid>@<host>``, empty when a kill came before it was written) and command a
-    folder's marker names."""
+    """The writer (``<pid>@<host>``, empty when a kill came before it was written), command and
+    owed files (names in its folder; empty where unknown: an evaluation's, an earlier release's)
+    a folder's marker names."""
 
-    def __init__(self, path: Path, writer: str, command: str) -> None:
-        self.path, self.writer, self.command = path, writer, command
+    def __init__(self, path: Path, writer: str, command: str, owed: tuple[str, ...] = ()) -> None:
+        self.path, self.writer, self.command, self.owed = path, writer, command, owed
 
     def is_running(self) -> bool:
         """Whether its process may still write (it runs, or ran on another machine, unseen here);
@@ -54,6 +61,19 @@ class Marker:
         writer = f" ({self.writer})" if self.writer else ""
         return f"`reinseg {self.command}`{writer} into {self.path.parent}"
 
+    def describe_owed(self) -> str:
+        """The owed files in words (the first few named), or "" where the marker lists none."""
+        if not self.owed:
+            return ""
+        named = ", ".join(self.owed[:3]) + (", ..." if len(self.owed) > 3 else "")
+        return f"{len(self.owed)} file(s) ({named})"
+
+
+def _marker_text(writer: str, command: str, owed: Iterable[str]) -> str:
+    # One JSON list: a file name may hold a line break, and a list cut short fails to parse.
+    owed = list(owed)
+    return f"{writer}\n{command}\n" + (f"{json.dumps(owed)}\n" if owed else "")
+
 
 def read_marker(folder: Path) -> Marker | None:
     """The marker in ``folder``, if it holds one; a ValueError naming it if it cannot be read."""
@@ -66,7 +86,15 @@ def read_marker(folder: Path) -> Marker | None:
         raise ValueError(f"{path}: the marker of unfinished predictions cannot be read ({err.strerror})") from None
     writer = lines[0].strip() if lines else ""
     command = lines[1].strip() if len(lines) > 1 and lines[1].strip() else "eval"
-    return Marker(path, writer, command)
+    owed: tuple[str, ...] = ()
+    if len(lines) > 2 and lines[2].strip():
+        try:
+            listed = json.loads(lines[2])
+        except json.JSONDecodeError:  # cut by a kill in the claim, before any file of its was written
+            listed = []
+        if isinstance(listed, list) and all(isinstance(name, str) for name in listed):
+            owed = tuple(listed)
+    return Marker(path, writer, command, owed)
 
 
 def _refuse_to_write(folder: Path, command: str, option: str) -> Marker | None:
@@ -100,7 +128,15 @@ def check_finished(path: Path) -> None:
     (:func:`marker_above`): they may be partial, or two models' side by side."""
     marker = marker_above(path)
     if marker is not None:
-        state = "is running" if marker.is_running() else "was interrupted: run it again to finish them"
+        if marker.is_running():
+            state = "is running"
+        elif marker.owed:
+            state = (
+                f"was interrupted, and {marker.describe_owed()} it owes are missing or an earlier "
+                "model's: predict those images there again"
+            )
+        else:
+            state = "was interrupted: run it again to finish them"
         raise ValueError(
             f"the predictions in {path} are unfinished: the {marker.describe()} {state}; they may be "
             f"partial or mixed with earlier ones (remove {marker.path} to score them anyway)"
@@ -114,38 +150,55 @@ def check_folder(folder: Path, command: str, option: str) -> bool:
     return _refuse_to_write(folder, command, option) is not None
 
 
-def claim_folder(folder: Path, command: str, option: str) -> Path:
+def claim_folder(folder: Path, command: str, option: str, owes: Iterable[str] = ()) -> Path:
     """Mark ``folder`` (created if missing) as written by this process running ``command``, in
-    one step that fails if another process marked it first; the marker's path. An interrupted
-    run's marker of the same command is replaced; anything else :func:`check_folder` refuses
-    raises its ValueError."""
+    one step that fails if another process marked it first; the marker's path. ``owes``: the
+    files (names in ``folder``) this run writes; the marker lists them, after those that an
+    interrupted run's marker it replaces still owed (and listed). Anything else :func:`check_folder`
+    refuses raises its ValueError."""
     from .checkpoints import writer_mark
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MARKER
+    owes = list(owes)
     for _ in range(3):
         interrupted = _refuse_to_write(folder, command, option)
+        owed = owes
         if interrupted is not None:
+            owed = owes + sorted(set(interrupted.owed) - set(owes))  # not yet written by any later run
             interrupted.path.unlink(missing_ok=True)
         try:
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue  # another process marked it in the meantime: read its marker again
-        with os.fdopen(descriptor, "w") as marker:
-            marker.write(f"{writer_mark()}\n{command}\n")
-            marker.flush()
-            os.fsync(marker.fileno())
+        text = _marker_text(writer_mark(), command, owed).encode()
+        try:
+            while text:  # os.write, not a buffered file: no signal handler runs inside one call
+                text = text[os.write(descriptor, text) :]
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
         return path
     raise ValueError(f"{option} {folder}: other processes keep marking it ({path}): choose a new folder")
 
 
-def release_folder(folder: Path) -> None:
-    """Remove ``folder``'s marker if it is this process's (all written)."""
-    from .checkpoints import writer_mark
+def release_folder(folder: Path, written: Iterable[str] = ()) -> tuple[str, ...]:
+    """Remove ``folder``'s marker if it is this process's, once it owes no file but those in
+    ``written`` (names in ``folder``, as :func:`claim_folder` took them); else the marker is
+    rewritten to list the files still owed (those of an interrupted run this one took over),
+    which are returned."""
+    from .checkpoints import atomic_write_bytes, writer_mark
 
     marker = read_marker(folder)
-    if marker is not None and marker.writer == writer_mark():
+    if marker is None or marker.writer != writer_mark():
+        return ()
+    done = set(written)
+    owed = tuple(name for name in marker.owed if name not in done)
+    if owed:
+        atomic_write_bytes(marker.path, _marker_text(marker.writer, marker.command, owed).encode())
+    else:
         marker.path.unlink(missing_ok=True)
+    return owed
 
 
 def marker_above(path: Path) -> Marker | None:
