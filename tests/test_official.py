@@ -72,6 +72,63 @@ def test_convert_official_round_trip(golden, tmp_path, capsys):
     assert max_error(segmentor.predict(golden["slide_input"]), golden["slide_seg_logits"]) <= 1e-4
 
 
+def full_release(golden):
+    """A release holding the VFM weights too, as the official ``generate_full_weights.py`` writes it."""
+    return {**golden["release_state_dict"], **{f"backbone.{k}": v for k, v in golden["backbone_state_dict"].items()}}
+
+
+def without_backbone(argv):
+    return argv[: argv.index("--backbone")] + argv[argv.index("--backbone") + 2 :]
+
+
+def test_a_conversion_killed_midway_leaves_the_earlier_one_whole(golden, tmp_path, monkeypatch):
+    """Into a folder holding only an earlier conversion, the new one is written whole: a kill
+    after its backbone file left the old config and checkpoint beside the new backbone file,
+    refused only when used."""
+    import reinseg.official as official
+
+    assert main(without_backbone(write_release(golden, tmp_path, release=full_release(golden)))) == 0
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["backbone.safetensors", "checkpoint.pt", "config.yaml"]
+    assert str(out.resolve() / "backbone.safetensors") in before["config.yaml"].decode()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(official, "save_checkpoint", killed)
+    config = dict(golden["model_config"], test_cfg=dict(mode="whole"))  # another conversion, other VFM weights
+    other = {k: v + 1 if k.startswith("backbone.") else v for k, v in full_release(golden).items()}
+    argv_other = write_release(golden, tmp_path, release=other, config=config)
+    with pytest.raises(KeyboardInterrupt):
+        official.convert_official(tmp_path / "config.py", tmp_path / "release.pth", None, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.py", "dinov2_converted.pth", "out", "release.pth"]
+    monkeypatch.undo()
+    assert main(without_backbone(argv_other)) == 0
+    assert "mode: whole" in (out / "config.yaml").read_text()
+    assert (out / "backbone.safetensors").read_bytes() != before["backbone.safetensors"]
+
+
+def test_a_conversion_into_a_folder_of_other_files_keeps_them(golden, tmp_path):
+    """Other files in the folder, or the backbone file the new conversion references there,
+    are never removed: those conversions write file by file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(write_release(golden, tmp_path)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "notes.txt"]
+
+    (out / "notes.txt").unlink()
+    assert main(without_backbone(write_release(golden, tmp_path, release=full_release(golden)))) == 0
+    argv = write_release(golden, tmp_path)  # a release without the VFM's weights
+    argv[argv.index("--backbone") + 1] = str(out / "backbone.safetensors")  # the earlier conversion's file
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "checkpoint.pt", "config.yaml"]
+    segmentor, _ = segmentor_from_checkpoint(out / "checkpoint.pt")
+    assert max_error(segmentor.eval().predict(golden["slide_input"]), golden["slide_seg_logits"]) <= 1e-4
+
+
 def test_release_keys_that_do_not_fit_are_named(golden, tmp_path, capsys):
     release = dict(golden["release_state_dict"])
     del release["decode_head.querys2feat.weight"]

@@ -32,6 +32,7 @@ __all__ = [
     "convert_official",
     "read_official_model_config",
     "OFFICIAL_PREFIXES",
+    "CONVERTED_FILES",
 ]
 
 # Official name prefix -> reinseg name prefix.
@@ -789,6 +790,17 @@ def read_official_model_config(path: str | Path) -> dict[str, Any]:
     return config["model"]
 
 
+# What a conversion writes: a folder holding nothing else is replaced whole by the next one.
+CONVERTED_FILES = ("config.yaml", "checkpoint.pt", "backbone.safetensors")
+
+
+def _holds_only_a_conversion(folder: Path) -> bool:
+    """Whether ``folder`` is missing, or a folder holding nothing but :data:`CONVERTED_FILES`."""
+    if not folder.exists():
+        return True
+    return folder.is_dir() and all(entry.name in CONVERTED_FILES for entry in folder.iterdir())
+
+
 def convert_official(
     config_path: str | Path, checkpoint_path: str | Path, backbone_path: str | Path | None, output_dir: str | Path
 ) -> tuple[Path, Path]:
@@ -797,10 +809,18 @@ def convert_official(
     The written configuration references the backbone file (absolute path) rather than copying
     it; only when the release itself holds the VFM weights (``backbone.*`` keys, as the official
     ``generate_full_weights.py`` writes them) are those saved as ``output_dir/backbone.safetensors``.
-    Everything is read and checked before anything is written.
+    Everything is read and checked before anything is written. A new ``output_dir``, or one that
+    holds nothing but an earlier conversion (:data:`CONVERTED_FILES`), is written whole
+    (:func:`~reinseg.checkpoints.atomic_directory`): a kill midway leaves the earlier conversion.
+    Into a folder holding other files, or the ``backbone_path`` file, they are written one by one
+    (each whole).
     """
+    import contextlib
+
     import yaml
     from safetensors.torch import save as safetensors_bytes
+
+    from .checkpoints import atomic_directory
 
     model = read_official_model_config(config_path)
     release = read_state_dict(checkpoint_path)
@@ -808,19 +828,25 @@ def convert_official(
     segmentor = from_official(model, release, backbone)
     config = official_model_config(model)
     output_dir = Path(output_dir)
-    if backbone_path is not None:
-        config.backbone.checkpoint = str(Path(backbone_path).resolve())
-    else:
-        vfm = {k: v.contiguous() for k, v in segmentor.backbone.vit.state_dict().items()}
-        backbone_file = atomic_write_bytes(output_dir / "backbone.safetensors", safetensors_bytes(vfm))
-        config.backbone.checkpoint = str(backbone_file.resolve())
-    full_config = {"model": to_dict(config)}
-    checkpoint = save_checkpoint(
-        output_dir / "checkpoint.pt",
-        full_config,
-        checkpoint_state_dict(segmentor),
-        source={"config": str(config_path), "checkpoint": str(checkpoint_path)},
-        **vfm_record(segmentor),
-    )
-    config_file = atomic_write_bytes(output_dir / "config.yaml", yaml.safe_dump(full_config, sort_keys=False).encode())
-    return config_file, checkpoint
+    target = output_dir.resolve()  # a link to a folder stays a link: the folder it names is written
+    # A backbone file inside the folder (an earlier conversion's) must outlive the replacement.
+    inside = backbone_path is not None and target in Path(backbone_path).resolve().parents
+    whole = _holds_only_a_conversion(target) and not inside
+    with atomic_directory(target) if whole else contextlib.nullcontext(target) as folder:
+        folder = Path(folder)
+        if backbone_path is not None:
+            config.backbone.checkpoint = str(Path(backbone_path).resolve())
+        else:
+            vfm = {k: v.contiguous() for k, v in segmentor.backbone.vit.state_dict().items()}
+            atomic_write_bytes(folder / "backbone.safetensors", safetensors_bytes(vfm))
+            config.backbone.checkpoint = str(target / "backbone.safetensors")  # where it is once written
+        full_config = {"model": to_dict(config)}
+        save_checkpoint(
+            folder / "checkpoint.pt",
+            full_config,
+            checkpoint_state_dict(segmentor),
+            source={"config": str(config_path), "checkpoint": str(checkpoint_path)},
+            **vfm_record(segmentor),
+        )
+        atomic_write_bytes(folder / "config.yaml", yaml.safe_dump(full_config, sort_keys=False).encode())
+    return output_dir / "config.yaml", output_dir / "checkpoint.pt"
