@@ -194,3 +194,59 @@ def python_sigint_handler():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+class HostWaits:
+    """Records each operation that makes the host wait for a device (``.item()``, a boolean
+    index, ``unique``, ``bincount``, a copy to the host, ...) while it is entered, as
+    ``(where(), operation)`` in ``waits``; counted on the CPU, operation by operation. Copies
+    from the host to a device do not show on the CPU."""
+
+    def __init__(self, monkeypatch, where=lambda: None) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        waiting_ops = {
+            aten._local_scalar_dense.default,  # .item(), bool(), float()
+            aten.nonzero.default,
+            aten._unique2.default,
+            aten.unique_dim.default,
+            aten.unique_consecutive.default,
+            aten.masked_select.default,
+            aten.equal.default,
+            aten.is_nonzero.default,
+            aten.bincount.default,  # its size is the largest value
+            aten.repeat_interleave.Tensor,
+        }
+        self.waits: list[tuple] = []
+        waits = self.waits
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                by_mask = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
+                    i is not None and i.dtype == torch.bool for i in args[1]
+                )
+                if func in waiting_ops or by_mask:
+                    waits.append((where(), str(func)))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.active = False
+        for name in ("cpu", "numpy", "tolist", "item"):  # copies to the host (no-ops on the CPU)
+            method = getattr(torch.Tensor, name)
+
+            def recorded(tensor, *a, _method=method, _name=name, **k):
+                if self.active:
+                    waits.append((where(), f"Tensor.{_name}"))
+                return _method(tensor, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, recorded)
+
+    def __enter__(self) -> "HostWaits":
+        self.active = True
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+        self.active = False

@@ -159,6 +159,46 @@ def test_the_loss_takes_one_trip_to_the_host_per_prediction(monkeypatch):
     assert together.keys() == apart.keys() and all(torch.equal(together[k], apart[k]) for k in together)
 
 
+@pytest.mark.parametrize("importance", [0.75, 1.0])
+@pytest.mark.parametrize("labelled", [True, False])
+def test_off_the_cpu_every_prediction_is_matched_in_one_trip_with_mmdets_draws(monkeypatch, importance, labelled):
+    """On a GPU all predictions' costs go to scipy together (one wait a step, not one per
+    prediction). mmdet draws a prediction's loss points before the next prediction's matching
+    points: those draws are made and dropped in their place and replayed from the generator's
+    state, so the losses, the gradients and the generator's state after the loss are the same
+    bits as matching one prediction at a time."""
+    import reinseg.heads.criterion as criterion_module
+
+    monkeypatch.setattr(criterion_module, "eager_on_cpu", lambda tensor: False)
+    solved = []
+    solve = HungarianMatcher.solve
+    monkeypatch.setattr(
+        HungarianMatcher, "solve", staticmethod(lambda costs: (solved.append(len(costs)), solve(costs))[1])
+    )
+    generator = torch.Generator().manual_seed(3)
+    class_logits = [torch.randn(3, 6, 20, generator=generator) for _ in range(4)]
+    mask_logits = [torch.randn(3, 6, 16, 16, generator=generator) for _ in range(4)]
+    labels = torch.randint(0, 4, (3, 32, 32), generator=generator)
+    labels[1] = 255  # an image without segments
+    if not labelled:
+        labels[:] = 255  # nothing to match: no loss points are drawn
+    criterion = Mask2FormerLoss(19, num_points=64, importance_sample_ratio=importance)
+    found = {}
+    for route, one_trip in (("per prediction", lambda device: None), ("one trip", criterion_module._default_generator)):
+        monkeypatch.setattr(criterion_module, "_default_generator", one_trip)
+        logits = [t.clone().requires_grad_() for t in class_logits + mask_logits]
+        torch.manual_seed(7)
+        losses = criterion(logits[:4], logits[4:], labels)
+        losses["loss"].backward()
+        found[route] = (losses, [t.grad for t in logits], torch.rand(5))
+    assert solved == [3] * 4 + [12]  # 3 images' costs a trip: 4 trips, then one
+    (apart, apart_grads, apart_next), (together, together_grads, together_next) = found.values()
+    assert apart.keys() == together.keys() and all(torch.equal(apart[k], together[k]) for k in apart)
+    assert all(torch.equal(a, b) for a, b in zip(apart_grads, together_grads, strict=True))
+    assert torch.equal(apart_next, together_next)  # the generator is where mmdet's would be
+    assert labelled == bool(together["loss_mask"])
+
+
 def tiny_batch():
     labels = torch.full((2, 64, 64), 255, dtype=torch.long)
     labels[0, :32] = 0

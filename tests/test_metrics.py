@@ -37,6 +37,60 @@ def test_targets_outside_the_classes_are_refused():
         ConfusionMatrix(3).update(torch.tensor([0]), torch.tensor([3]))
 
 
+def counted_by_a_loop(prediction, target, classes, ignore=255):
+    """The oracle: ``matrix[true, predicted]`` pixel by pixel."""
+    matrix = np.zeros((classes, classes + 1), dtype=np.int64)
+    for p, t in zip(prediction.flatten().tolist(), target.flatten().tolist(), strict=True):
+        if t != ignore:
+            matrix[t, p if 0 <= p < classes else classes] += 1
+    return matrix
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_an_update_counts_every_pixel_and_off_the_cpu_makes_the_host_wait_for_nothing(monkeypatch, at_once):
+    """Off the CPU (here the CPU standing in, ``_checks_each_update`` answering no) an update
+    reads nothing back: no target check read, no boolean index, no bincount (whose size is the
+    largest value). It was five waits an image in an evaluation. The counts are the loop's."""
+    from conftest import HostWaits
+
+    import reinseg.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_checks_each_update", lambda device: at_once)
+    rng = np.random.default_rng(0)
+    confusion = ConfusionMatrix(5)
+    expected = np.zeros((5, 6), dtype=np.int64)
+    host = HostWaits(monkeypatch)
+    for size in ((7, 9), (16, 3)):
+        target = rng.integers(0, 5, size)
+        target[rng.random(size) < 0.3] = 255
+        prediction = rng.integers(-2, 8, size)  # some outside the classes: misses
+        with host:
+            confusion.update(torch.from_numpy(prediction), torch.from_numpy(target))
+        expected += counted_by_a_loop(prediction, target, 5)
+    assert np.array_equal(confusion.matrix.numpy(), expected)
+    checks = [(None, "aten._local_scalar_dense.default")] * 2  # on the CPU: each update's check, read
+    assert host.waits == (checks if at_once else [])
+
+
+def test_off_the_cpu_targets_outside_the_classes_are_refused_by_check_reduce_and_scores(monkeypatch):
+    import reinseg.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_checks_each_update", lambda device: False)
+    confusion = ConfusionMatrix(3)
+    confusion.update(torch.tensor([0, 1]), torch.tensor([0, 255]))
+    confusion.check()  # 255 is ignored
+    confusion.update(torch.tensor([0, 1, 2, 0]), torch.tensor([7, 1, -1, 7]))
+    confusion.update(torch.tensor([0]), torch.tensor([1]))
+    for read in (confusion.check, confusion.reduce, confusion.scores):
+        with pytest.raises(ValueError, match=r"target values from -1 to 7 are outside 0..2 and not 255: 3 pixel\(s\)"):
+            read()
+    confusion.reset()
+    assert not confusion.matrix.any()
+    confusion.update(torch.tensor([2]), torch.tensor([9]))
+    with pytest.raises(ValueError, match=r"target values \[9\] are outside 0..2 and not 255: 1 pixel\(s\)"):
+        confusion.scores()
+
+
 def test_mean_over_domains_and_table():
     results = {
         "a": {"mIoU": 40.0, "aAcc": 80.0, "IoU": {"road": 40.0}},

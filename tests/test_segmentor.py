@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import HostWaits, tiny_model_config
 
 from reinseg.build import build_segmentor
 from reinseg.config import ConfigError, HeadConfig, ReinConfig
@@ -291,16 +291,15 @@ def test_test_windows_and_training_crops_of_one_patch_are_refused():
         check_run_options(Config(model=model, data=DataConfig(crop_size=64)), build_segmentor(model))
 
 
-def test_a_train_step_waits_for_the_host_once_per_batch_and_once_per_prediction(monkeypatch):
+def test_a_train_step_waits_for_the_device_twice_once_for_the_segments_and_once_for_every_matching(monkeypatch):
     """On a GPU every operation whose result the host must read (``.item()``, a boolean index,
     ``unique``, a copy to the host) makes the host wait for the device. A train step (forward,
     loss, backward) on the GPU's code paths does so only where the loss needs the host: once for
-    the batch's segments (``Segments.of_images``: the classes found and read) and once per
-    prediction, for scipy's assignment (``HungarianMatcher.solve``: the costs read). Counted on
+    the batch's segments (``Segments.of_images``: the classes found and read) and once for
+    scipy's assignments of every prediction (``HungarianMatcher.solve``: all costs read at once;
+    it was once per prediction, ten a step at the paper's nine decoder layers). Counted on
     the CPU, operation by operation; copies from the host to a device do not show on the CPU
     (``benchmarks/strategies.py train`` counts on a GPU the operations CUDA's sync debug mode flags)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import reinseg.heads.criterion as criterion
     import reinseg.heads.deformable_attention as deformable_attention
     import reinseg.heads.mask2former as mask2former
@@ -311,40 +310,9 @@ def test_a_train_step_waits_for_the_host_once_per_batch_and_once_per_prediction(
     images = torch.randn(2, 3, 64, 64)
     labels = torch.randint(0, 19, (2, 64, 64), generator=torch.Generator().manual_seed(1))
     labels[:, :8] = 255
-    aten = torch.ops.aten
-    waiting_ops = {
-        aten._local_scalar_dense.default,  # .item(), bool(), float()
-        aten.nonzero.default,
-        aten._unique2.default,
-        aten.unique_dim.default,
-        aten.unique_consecutive.default,
-        aten.masked_select.default,
-        aten.equal.default,
-        aten.is_nonzero.default,
-        aten.bincount.default,  # its size is the largest value
-        aten.repeat_interleave.Tensor,
-    }
     region: list[str | None] = [None]
     calls = {"of_images": 0, "solve": 0}
-    waits: list[tuple[str | None, str]] = []  # (the allowed call it came in, or None; the operation)
-
-    def wait(what: str) -> None:
-        waits.append((region[0], what))
-
-    class Waits(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            by_mask = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
-                i is not None and i.dtype == torch.bool for i in args[1]
-            )
-            if func in waiting_ops or by_mask:
-                wait(str(func))
-            return func(*args, **(kwargs or {}))
-
-    for name in ("cpu", "numpy", "tolist", "item"):  # copies to the host (no-ops on the CPU)
-        method = getattr(torch.Tensor, name)
-        monkeypatch.setattr(
-            torch.Tensor, name, lambda self, *a, _m=method, _n=name, **k: (wait(f"Tensor.{_n}"), _m(self, *a, **k))[1]
-        )
+    host = HostWaits(monkeypatch, where=lambda: region[0])  # (the allowed call it came in, or None; the operation)
 
     def allowed(name, function):
         def run(*args, **kwargs):
@@ -362,12 +330,41 @@ def test_a_train_step_waits_for_the_host_once_per_batch_and_once_per_prediction(
     for module in (criterion, deformable_attention, mask2former):  # the GPU's code paths
         monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
 
-    with Waits():
+    with host:
         losses = segmentor.loss(images, labels)
         losses["loss"].backward()
-    predictions = 1 + len(segmentor.head.transformer_decoder.layers)
-    assert calls == {"of_images": 1, "solve": predictions}
-    expected = [("of_images 1", "aten._unique2.default"), ("of_images 1", "Tensor.tolist")]  # one unique, read
-    for i in range(1, predictions + 1):  # every image's costs to the host in one copy
-        expected += [(f"solve {i}", "Tensor.cpu"), (f"solve {i}", "Tensor.numpy")]
-    assert waits == expected
+    assert calls == {"of_images": 1, "solve": 1}
+    assert host.waits == [
+        ("of_images 1", "aten._unique2.default"),  # one unique, read
+        ("of_images 1", "Tensor.tolist"),
+        ("solve 1", "Tensor.cpu"),  # every prediction's and image's costs to the host in one copy
+        ("solve 1", "Tensor.numpy"),
+    ]
+
+
+def test_an_evaluated_image_makes_the_host_wait_for_nothing_on_the_gpus_code_paths(monkeypatch):
+    """Sliding windows with flip, the scores at the label's size, the argmax and the confusion
+    matrix's update queue every operation: on a GPU the host reads nothing back per image and
+    can prepare the next one while the device works (the update read its check, two boolean
+    indexes and bincount's size: five waits per image). Counted on the CPU as in the train step's test."""
+    import reinseg.heads.criterion as criterion
+    import reinseg.heads.deformable_attention as deformable_attention
+    import reinseg.heads.mask2former as mask2former
+    import reinseg.metrics as metrics
+    from reinseg.metrics import ConfusionMatrix
+    from reinseg.predict import scores_at_sizes
+
+    torch.manual_seed(0)
+    segmentor = build_segmentor(tiny_model_config()).eval()
+    segmentor.test_mode, segmentor.crop_size, segmentor.stride = "slide", (32, 32), (21, 21)
+    for module in (criterion, deformable_attention, mask2former):  # the GPU's code paths
+        monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
+    monkeypatch.setattr(metrics, "_checks_each_update", lambda device: False)
+    images, labels = torch.randn(2, 3, 48, 80), torch.randint(0, 19, (2, 50, 78))
+    confusion = ConfusionMatrix(19)
+    host = HostWaits(monkeypatch)
+    with torch.no_grad(), host:
+        for score, label in zip(scores_at_sizes(segmentor, images, [(50, 78)] * 2, flip=True), labels, strict=True):
+            confusion.update(score.argmax(0), label)
+    assert host.waits == []
+    assert confusion.scores()["pixels"] == 2 * 50 * 78

@@ -272,6 +272,7 @@ class SegmentationTask(L.LightningModule):
         confusion = self._confusions[0][dataloader_idx]  # the first protocol's
         own = ConfusionMatrix(confusion.num_classes, confusion.ignore_index, device=confusion.matrix.device)
         own.update(prediction, batch["label"][i])
+        own.check()  # its matrix is read here, and added to the domain's without an update
         record = {"image": str(batch["image_path"][i]), "label": str(batch["label_path"][i])}
         self.image_records[dataloader_idx].append(record | image_scores(own.matrix))
         return own.matrix

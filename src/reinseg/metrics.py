@@ -20,40 +20,85 @@ __all__ = ["ConfusionMatrix", "scores_from_confusion", "format_scores_table", "m
 
 
 class ConfusionMatrix:
-    """Pixel counts ``matrix[true, predicted]``; column ``num_classes`` collects out-of-range predictions."""
+    """Pixel counts ``matrix[true, predicted]``; column ``num_classes`` collects out-of-range predictions.
+
+    A target value outside the classes (and not ``ignore_index``) is an error. On the CPU
+    :meth:`update` raises it at once, listing the values. On a device it is counted there and
+    raised by :meth:`check` (which :meth:`reduce` and :meth:`scores` call): reading it in every
+    update would make the host wait for the device once per image, where it can queue the next
+    image's work instead.
+    """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu") -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64, device=device)
+        # Target pixels outside the classes since the last reset, and their lowest and highest values.
+        self._outside = torch.zeros(3, dtype=torch.int64, device=device)
+        self.reset()
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
-        """Count ``prediction`` against ``target`` (same shape, integer class ids)."""
+        """Count ``prediction`` against ``target`` (same shape, integer class ids), without reading
+        anything back from the device."""
         if prediction.shape != target.shape:
             raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+        classes = self.num_classes
         target = target.to(self.matrix.device).long().flatten()
         prediction = prediction.to(self.matrix.device).long().flatten()
         valid = target != self.ignore_index
-        if ((target[valid] < 0) | (target[valid] >= self.num_classes)).any():
-            bad = target[valid & ((target < 0) | (target >= self.num_classes))].unique()[:8].tolist()
-            raise ValueError(f"target values {bad} are outside 0..{self.num_classes - 1} and not {self.ignore_index}")
-        target, prediction = target[valid], prediction[valid]
-        prediction = torch.where((prediction < 0) | (prediction >= self.num_classes), self.num_classes, prediction)
-        counts = torch.bincount(
-            target * (self.num_classes + 1) + prediction, minlength=self.num_classes * (self.num_classes + 1)
-        )
-        self.matrix += counts.view(self.num_classes, self.num_classes + 1)
+        inside = (target >= 0) & (target < classes)
+        outside = valid & ~inside
+        if _checks_each_update(self.matrix.device):
+            if outside.any():  # nothing counted: the error names this update
+                bad = target[outside].unique()[:8].tolist()
+                raise ValueError(f"target values {bad} are outside 0..{classes - 1} and not {self.ignore_index}")
+        else:
+            self._outside[0] += outside.sum()
+            self._outside[1] = torch.minimum(self._outside[1], target.masked_fill(~outside, self._outside[1]).min())
+            self._outside[2] = torch.maximum(self._outside[2], target.masked_fill(~outside, self._outside[2]).max())
+        prediction = torch.where((prediction < 0) | (prediction >= classes), classes, prediction)
+        # Ignored and outside pixels go to one extra bin, dropped: no boolean index (its size is
+        # read by the host), and a fixed-size scatter rather than bincount (which reads the largest value).
+        bins = torch.where(valid & inside, target * (classes + 1) + prediction, classes * (classes + 1))
+        counts = torch.zeros(classes * (classes + 1) + 1, dtype=torch.int64, device=bins.device)
+        counts.scatter_add_(0, bins, torch.ones_like(bins))
+        self.matrix += counts[:-1].view(classes, classes + 1)
+
+    def check(self) -> None:
+        """A ValueError if an update since the last reset had target values outside the classes."""
+        count, low, high = self._outside.tolist()
+        if count:
+            # None of them on this DDP rank: the count is all ranks'.
+            values = "" if low > high else f" [{low}]" if low == high else f" from {low} to {high}"
+            raise ValueError(
+                f"target values{values} are outside 0..{self.num_classes - 1} and not {self.ignore_index}: "
+                f"{count} pixel(s)"
+            )
 
     def reduce(self) -> None:
-        """Sum the counts of all DDP ranks (a no-op outside distributed runs)."""
+        """Sum the counts of all DDP ranks (a no-op outside distributed runs); then :meth:`check`,
+        on every rank alike."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(self.matrix)
+            torch.distributed.all_reduce(self._outside[:1])
+        self.check()
 
     def reset(self) -> None:
         self.matrix.zero_()
+        # Fills, not a copy from the host (which a GPU's stream waits for).
+        self._outside[0].fill_(0)
+        self._outside[1].fill_(torch.iinfo(torch.int64).max)
+        self._outside[2].fill_(torch.iinfo(torch.int64).min)
 
     def scores(self, class_names: Sequence[str] | None = None) -> dict:
+        self.check()
         return scores_from_confusion(self.matrix, class_names)
+
+
+def _checks_each_update(device: torch.device) -> bool:
+    """Whether :meth:`ConfusionMatrix.update` checks its targets at once: on the CPU, where
+    reading a value makes no host wait for a device."""
+    return device.type == "cpu"
 
 
 def scores_from_confusion(matrix: Tensor, class_names: Sequence[str] | None = None) -> dict:

@@ -13,6 +13,11 @@ image are drawn, also for an image without a labelled pixel, and all points come
 ``torch.rand`` in mmdet's order, so a seeded run draws the same points; mask and dice losses are
 divided by the number of matched queries summed over the images, each image counting at least one
 (mmdet's ``MaskSamplingResult.avg_factor``), averaged over DDP ranks and at least one.
+
+On the CPU each prediction is matched and then scored, as mmdet does. Off it (where reading the
+costs makes the host wait for the device) every prediction is matched first, with one trip to the
+host for all: each prediction's loss points are drawn and dropped where mmdet draws them, and
+drawn again from the generator's state saved there, so every draw is still mmdet's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..device import device_tensor
+from ..tracing import tracing
 from .deformable_csr import eager_on_cpu
 from .grid_sample_math import grid_sample_pixel, powers_of_two
 
@@ -233,17 +239,27 @@ def uncertain_points(mask_logits: Tensor, num_points: int, oversample_ratio: flo
     Returns:
         ``(N, num_points, 2)`` normalized coordinates.
     """
-    n = mask_logits.shape[0]
-    num_candidates = int(num_points * oversample_ratio)
-    candidates = torch.rand(n, num_candidates, 2, device=mask_logits.device)
+    candidates, uniform = point_draws(
+        mask_logits.shape[0], num_points, oversample_ratio, importance_ratio, mask_logits.device
+    )
     uncertainty = -point_sample(mask_logits, candidates)[:, 0].abs()
-    num_uncertain = int(importance_ratio * num_points)
+    num_uncertain = num_points - uniform.shape[1]
     # Unsorted: the points form a set (the losses sum over them), and sorting is half the cost.
     chosen = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices
     coords = torch.gather(candidates, 1, chosen.unsqueeze(-1).expand(-1, -1, 2))
-    if num_points > num_uncertain:
-        coords = torch.cat([coords, torch.rand(n, num_points - num_uncertain, 2, device=mask_logits.device)], dim=1)
-    return coords
+    return torch.cat([coords, uniform], dim=1) if uniform.shape[1] else coords
+
+
+def point_draws(
+    n: int, num_points: int, oversample_ratio: float, importance_ratio: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """The random draws of :func:`uncertain_points` for ``n`` masks, in mmdet's order: the
+    candidates ``(n, num_points * oversample_ratio, 2)``, then the uniform points ``(n,
+    num_points - num_points * importance_ratio, 2)`` (none drawn when that is 0)."""
+    candidates = torch.rand(n, int(num_points * oversample_ratio), 2, device=device)
+    num_uniform = num_points - int(importance_ratio * num_points)
+    uniform = torch.rand(n, num_uniform, 2, device=device) if num_uniform > 0 else candidates.new_empty(n, 0, 2)
+    return candidates, uniform
 
 
 class HungarianMatcher:
@@ -457,26 +473,62 @@ class Mask2FormerLoss(nn.Module):
         num_queries = class_logits[0].shape[1]
         num_matched = sum(max(min(num_queries, len(segments)), 1) for segments in targets)
         num_masks = _mean_over_ranks(num_matched, labels.device)
+        predictions = list(zip(class_logits, mask_logits, strict=True))
+        generator = _default_generator(labels.device)
+        matches: list[tuple[Tensor, Tensor, Tensor]] | None = None  # None: a trip per prediction,
+        states: list[Tensor] = []  # as on the CPU, where a trip costs no wait
+        if generator is not None and not eager_on_cpu(labels) and not tracing():
+            matches, states = self._match_all(predictions, targets, num_queries, generator)
         losses: dict[str, Tensor] = {}
-        last = len(class_logits) - 1
-        for i, (cls, masks) in enumerate(zip(class_logits, mask_logits, strict=False)):
+        last = len(predictions) - 1
+        for i, (cls, masks) in enumerate(predictions):
+            if matches is None:
+                # Every image's cost first (each draws its points in mmdet's order), then the host.
+                matched = self._matches([self.matcher.costs(cls, masks, targets)], targets, num_queries)[0]
+            else:
+                matched = matches[i]
+                cast(torch.Generator, generator).set_state(states[i])  # its points, as drawn after its matching
             prefix = "" if i == last else f"d{i}."
-            for name, value in self._single(cls, masks, targets, num_masks).items():
+            for name, value in self._single(cls, masks, targets, num_masks, matched).items():
                 losses[prefix + name] = value
         losses["loss"] = cast(Tensor, sum(losses.values()))
         return losses
 
+    def _match_all(
+        self,
+        predictions: list[tuple[Tensor, Tensor]],
+        targets: SegmentBatch,
+        num_queries: int,
+        generator: torch.Generator,
+    ) -> tuple[list[tuple[Tensor, Tensor, Tensor]], list[Tensor]]:
+        """Every prediction's matched pairs (:meth:`_matches`) in one trip to the host, and
+        ``generator``'s state after each prediction's matching draws, from which its loss draws
+        its points. mmdet draws a prediction's loss points before the next prediction's matching
+        points: here they are drawn and dropped in their place, so that every draw is mmdet's."""
+        n = sum(min(num_queries, len(segments)) for segments in targets)  # the pairs of each prediction
+        costs, states = [], []
+        for class_logits, mask_logits in predictions:
+            costs.append(self.matcher.costs(class_logits, mask_logits, targets))
+            states.append(generator.get_state())
+            if n:
+                point_draws(n, self.num_points, self.oversample_ratio, self.importance_sample_ratio, mask_logits.device)
+        return self._matches(costs, targets, num_queries), states
+
     def _single(
-        self, class_logits: Tensor, mask_logits: Tensor, targets: SegmentBatch, num_masks: Tensor
+        self,
+        class_logits: Tensor,
+        mask_logits: Tensor,
+        targets: SegmentBatch,
+        num_masks: Tensor,
+        matched: tuple[Tensor, Tensor, Tensor],
     ) -> dict[str, Tensor]:
-        """Losses of one prediction ``(B, Q, K + 1)``, ``(B, Q, h, w)``."""
+        """Losses of one prediction ``(B, Q, K + 1)``, ``(B, Q, h, w)`` and its ``matched`` pairs
+        (:meth:`_matches`)."""
         batch, num_queries = class_logits.shape[:2]
         target_classes = torch.full(
             (batch, num_queries), self.num_classes, dtype=torch.long, device=class_logits.device
         )
-        # Every image's cost first (each draws its points in mmdet's order), then one trip to the host.
-        costs = self.matcher.costs(class_logits, mask_logits, targets)
-        rows, images, classes = self._matched(costs, targets, num_queries)
+        rows, images, classes = matched
         target_classes.view(-1)[rows] = classes
 
         # In fp32 also under bf16 autocast: 0.1 in bf16 would be 0.10009765625.
@@ -508,22 +560,36 @@ class Mask2FormerLoss(nn.Module):
             "loss_dice": self.dice_weight * loss_dice,
         }
 
-    def _matched(self, costs: list[Tensor], targets: SegmentBatch, num_queries: int) -> tuple[Tensor, Tensor, Tensor]:
-        """The matched pairs of every image of a prediction, image by image, queries ascending:
-        ``rows`` (``b Q + q``, into the batch's flattened queries), ``images`` (``b``) and the
-        segments' ``classes``, ``(N,)`` each. The indices are worked out on the host and come to
-        the device in one copy (a GPU then runs a few kernels per prediction, not per image)."""
-        device = targets.labels.device
-        if not costs:
-            empty = torch.empty(0, dtype=torch.int64, device=device)
-            return empty, empty, empty
-        pairs = self.matcher.solve(costs)
+    def _matches(
+        self, costs: list[list[Tensor]], targets: SegmentBatch, num_queries: int
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """The matched pairs of each prediction (its images' ``(Q, G_b)`` costs), image by image,
+        queries ascending: ``rows`` (``b Q + q``, into the batch's flattened queries), ``images``
+        (``b``) and the segments' ``classes``, ``(N,)`` each. All costs go to the host at once and
+        the indices come back in one copy (a GPU waits once, runs a few kernels per prediction)."""
+        pairs = self.matcher.solve([cost for prediction in costs for cost in prediction])
         offsets = np.cumsum([0] + [len(segments) for segments in targets])
-        rows = np.concatenate([b * num_queries + queries for b, (queries, _) in enumerate(pairs)])
-        images = np.concatenate([np.full(len(queries), b) for b, (queries, _) in enumerate(pairs)])
-        segments = np.concatenate([offsets[b] + found for b, (_, found) in enumerate(pairs)])
-        indices = torch.from_numpy(np.stack([rows, images, segments]).astype(np.int64)).to(device)
-        return indices[0], indices[1], targets.classes[indices[2]]
+        blocks = []
+        for p, prediction in enumerate(costs):
+            start = sum(len(earlier) for earlier in costs[:p])
+            mine = pairs[start : start + len(prediction)]
+            rows = [b * num_queries + queries for b, (queries, _) in enumerate(mine)]
+            images = [np.full(len(queries), b) for b, (queries, _) in enumerate(mine)]
+            segments = [offsets[b] + found for b, (_, found) in enumerate(mine)]
+            blocks.append(np.stack([np.concatenate(part or [np.zeros(0)]) for part in (rows, images, segments)]))
+        device = targets.labels.device
+        indices = torch.from_numpy(np.concatenate(blocks, axis=1).astype(np.int64)).to(device)
+        split = indices.split([block.shape[1] for block in blocks], dim=1)
+        return [(index[0], index[1], targets.classes[index[2]]) for index in split]
+
+
+def _default_generator(device: torch.device) -> torch.Generator | None:
+    """The generator ``torch.rand`` draws from on ``device``; None where not known here."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return None
 
 
 def _mean_over_ranks(count: int, device: torch.device) -> Tensor:
