@@ -237,6 +237,19 @@ KILLED_RUN = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cuda", [True, False])
+def test_training_and_validation_batches_come_in_pinned_memory_where_a_gpu_is(tmp_path, monkeypatch, cuda):
+    """Pinned, a batch's copy to the GPU queues behind the work before it; from pageable memory
+    the host would first wait for the previous step's or image's work (validation's loaders were
+    not pinned)."""
+    from reinseg.datamodule import SegmentationDataModule
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    data = SegmentationDataModule(tiny_config(tmp_path))
+    loaders = [data.train_dataloader(), *data.val_dataloader()]
+    assert len(loaders) == 2 and all(loader.pin_memory is cuda for loader in loaders)
+
+
 def test_a_killed_run_resumes_exactly(tmp_path):
     from reinseg.engine import train
 
