@@ -155,7 +155,8 @@ def count_host_waits(step) -> int:
     device, ``nonzero``, ``unique``...): a lower bound, since it does not see every kind of wait
     (``torch.cuda.synchronize``, the caching allocator's), nor Lightning's loop around the step.
     reinseg's tests count them on the CPU by another route (``tests/test_segmentor.py``: one
-    wait per batch and one per prediction, each of one to three such operations)."""
+    wait per batch and one for the assignments of all predictions, each of one to three such
+    operations)."""
     before = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

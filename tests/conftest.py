@@ -199,8 +199,11 @@ def python_sigint_handler():
 class HostWaits:
     """Records each operation that makes the host wait for a device (``.item()``, a boolean
     index, ``unique``, ``bincount``, a copy to the host, ...) while it is entered, as
-    ``(where(), operation)`` in ``waits``; counted on the CPU, operation by operation. Copies
-    from the host to a device do not show on the CPU."""
+    ``(where(), operation)`` in ``waits``; counted on the CPU, operation by operation. A value
+    read inside another operation (``masked_fill`` with a tensor fill value calls ``.item()``),
+    which a dispatch mode does not see, is found by the profiler and recorded at the block's end
+    as ``(None, "aten._local_scalar_dense inside another operation")``. Copies from the host to
+    a device do not show on the CPU."""
 
     def __init__(self, monkeypatch, where=lambda: None) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -243,10 +246,33 @@ class HostWaits:
             monkeypatch.setattr(torch.Tensor, name, recorded)
 
     def __enter__(self) -> "HostWaits":
-        self.active = True
+        self.active, self.start = True, len(self.waits)
+        self.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self.profile.__enter__()
         self.mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.mode.__exit__(*exc)
+        self.profile.__exit__(*exc)
         self.active = False
+        self.waits += [(None, "aten._local_scalar_dense inside another operation")] * sum(
+            event.name == "aten::_local_scalar_dense" and _inside_another_operation(event)
+            for event in self.profile.events()
+        )
+
+
+# The operations that are a read themselves (``.item()``, ``bool()``), or the dispatch mode's own
+# second record of one.
+_READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero"}
+
+
+def _inside_another_operation(event) -> bool:
+    """Whether a profiler event ran inside an operation other than a read (the dispatch mode
+    sees only the outermost operation)."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::") and parent.name not in _READS:
+            return True
+        parent = parent.cpu_parent
+    return False

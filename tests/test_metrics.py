@@ -78,6 +78,7 @@ def test_off_the_cpu_targets_outside_the_classes_are_refused_by_check_reduce_and
     monkeypatch.setattr(metrics, "_checks_each_update", lambda device: False)
     confusion = ConfusionMatrix(3)
     confusion.update(torch.tensor([0, 1]), torch.tensor([0, 255]))
+    confusion.update(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))  # no pixel
     confusion.check()  # 255 is ignored
     confusion.update(torch.tensor([0, 1, 2, 0]), torch.tensor([7, 1, -1, 7]))
     confusion.update(torch.tensor([0]), torch.tensor([1]))

@@ -82,15 +82,17 @@ def without_backbone(argv):
 
 
 def test_a_conversion_killed_midway_leaves_the_earlier_one_whole(golden, tmp_path, monkeypatch):
-    """Into a folder holding only an earlier conversion, the new one is written whole: a kill
-    after its backbone file left the old config and checkpoint beside the new backbone file,
-    refused only when used."""
+    """A conversion into an earlier one's folder wrote its files there one by one: a kill after
+    the backbone file left the new backbone beside the old checkpoint and config (refused only
+    when used). Now they are staged inside the folder and renamed in at the end; the next
+    conversion removes a killed one's staging folder. Other files are never touched."""
     import reinseg.official as official
 
     assert main(without_backbone(write_release(golden, tmp_path, release=full_release(golden)))) == 0
     out = tmp_path / "out"
+    (out / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(before) == ["backbone.safetensors", "checkpoint.pt", "config.yaml"]
+    assert sorted(before) == ["backbone.safetensors", "checkpoint.pt", "config.yaml", "notes.txt"]
     assert str(out.resolve() / "backbone.safetensors") in before["config.yaml"].decode()
 
     def killed(*args, **kwargs):
@@ -103,23 +105,28 @@ def test_a_conversion_killed_midway_leaves_the_earlier_one_whole(golden, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         official.convert_official(tmp_path / "config.py", tmp_path / "release.pth", None, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.py", "dinov2_converted.pth", "out", "release.pth"]
     monkeypatch.undo()
     assert main(without_backbone(argv_other)) == 0
     assert "mode: whole" in (out / "config.yaml").read_text()
     assert (out / "backbone.safetensors").read_bytes() != before["backbone.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no staging folder left
 
 
-def test_a_conversion_into_a_folder_of_other_files_keeps_them(golden, tmp_path):
-    """Other files in the folder, or the backbone file the new conversion references there,
-    are never removed: those conversions write file by file."""
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next(golden, tmp_path):
+    from conftest import killed_writers_leftover
+
     out = tmp_path / "out"
     out.mkdir()
-    (out / "notes.txt").write_text("mine")
+    leftover = killed_writers_leftover(out, "config.yaml", is_folder=True)
     assert main(write_release(golden, tmp_path)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "notes.txt"]
+    assert not leftover.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml"]
 
-    (out / "notes.txt").unlink()
+
+def test_a_conversion_keeps_the_backbone_file_of_an_earlier_one(golden, tmp_path):
+    """A conversion that references its backbone elsewhere leaves an earlier conversion's
+    ``backbone.safetensors`` in the folder: another config may reference it (here, its own)."""
+    out = tmp_path / "out"
     assert main(without_backbone(write_release(golden, tmp_path, release=full_release(golden)))) == 0
     argv = write_release(golden, tmp_path)  # a release without the VFM's weights
     argv[argv.index("--backbone") + 1] = str(out / "backbone.safetensors")  # the earlier conversion's file

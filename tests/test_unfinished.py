@@ -144,3 +144,23 @@ def test_names_with_line_breaks_and_other_characters_are_listed_whole(tmp_path):
     claim_folder(tmp_path, "predict", "--output", owes=names)
     assert len((tmp_path / MARKER).read_text().splitlines()) == 3
     assert read_marker(tmp_path).owed == tuple(names)
+
+
+def test_a_takeover_stopped_midway_leaves_the_interrupted_runs_marker_whole(tmp_path, ended_writer, monkeypatch):
+    """The taken-over marker is replaced by a whole one in one rename: before, it was deleted and
+    then made again, and a stop in between left the folder unmarked, its owed files forgotten."""
+    import reinseg.checkpoints as checkpoints
+
+    old = f"{ended_writer}\npredict\n" + json.dumps(["a_overlay.png"]) + "\n"
+    (tmp_path / MARKER).write_text(old)
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        claim_folder(tmp_path, "predict", "--output", owes=["b_overlay.png"])
+    assert [p.name for p in tmp_path.iterdir()] == [MARKER] and (tmp_path / MARKER).read_text() == old
+    monkeypatch.undo()
+    claim_folder(tmp_path, "predict", "--output", owes=["b_overlay.png"])
+    assert read_marker(tmp_path).owed == ("b_overlay.png", "a_overlay.png")

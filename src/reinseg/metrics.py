@@ -18,6 +18,9 @@ from torch import Tensor
 
 __all__ = ["ConfusionMatrix", "scores_from_confusion", "format_scores_table", "mean_over_domains"]
 
+# The running lowest and highest invalid target values before any is seen.
+_NO_LOW, _NO_HIGH = torch.iinfo(torch.int64).max, torch.iinfo(torch.int64).min
+
 
 class ConfusionMatrix:
     """Pixel counts ``matrix[true, predicted]``; column ``num_classes`` collects out-of-range predictions.
@@ -52,10 +55,11 @@ class ConfusionMatrix:
             if outside.any():  # nothing counted: the error names this update
                 bad = target[outside].unique()[:8].tolist()
                 raise ValueError(f"target values {bad} are outside 0..{classes - 1} and not {self.ignore_index}")
-        else:
+        elif target.numel():
             self._outside[0] += outside.sum()
-            self._outside[1] = torch.minimum(self._outside[1], target.masked_fill(~outside, self._outside[1]).min())
-            self._outside[2] = torch.maximum(self._outside[2], target.masked_fill(~outside, self._outside[2]).max())
+            # Filled with Python numbers: CUDA's masked_fill reads a tensor fill value on the host.
+            self._outside[1] = torch.minimum(self._outside[1], target.masked_fill(~outside, _NO_LOW).min())
+            self._outside[2] = torch.maximum(self._outside[2], target.masked_fill(~outside, _NO_HIGH).max())
         prediction = torch.where((prediction < 0) | (prediction >= classes), classes, prediction)
         # Ignored and outside pixels go to one extra bin, dropped: no boolean index (its size is
         # read by the host), and a fixed-size scatter rather than bincount (which reads the largest value).
@@ -79,16 +83,18 @@ class ConfusionMatrix:
         """Sum the counts of all DDP ranks (a no-op outside distributed runs); then :meth:`check`,
         on every rank alike."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.matrix)
-            torch.distributed.all_reduce(self._outside[:1])
+            counts = torch.cat([self.matrix.flatten(), self._outside[:1]])  # one all-reduce for both
+            torch.distributed.all_reduce(counts)
+            self.matrix.copy_(counts[:-1].view_as(self.matrix))
+            self._outside[0] = counts[-1]
         self.check()
 
     def reset(self) -> None:
         self.matrix.zero_()
         # Fills, not a copy from the host (which a GPU's stream waits for).
         self._outside[0].fill_(0)
-        self._outside[1].fill_(torch.iinfo(torch.int64).max)
-        self._outside[2].fill_(torch.iinfo(torch.int64).min)
+        self._outside[1].fill_(_NO_LOW)
+        self._outside[2].fill_(_NO_HIGH)
 
     def scores(self, class_names: Sequence[str] | None = None) -> dict:
         self.check()

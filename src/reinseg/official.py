@@ -11,6 +11,7 @@ builds the :class:`~reinseg.segmentor.Segmentor` and loads the released weights
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +33,6 @@ __all__ = [
     "convert_official",
     "read_official_model_config",
     "OFFICIAL_PREFIXES",
-    "CONVERTED_FILES",
 ]
 
 # Official name prefix -> reinseg name prefix.
@@ -790,17 +790,6 @@ def read_official_model_config(path: str | Path) -> dict[str, Any]:
     return config["model"]
 
 
-# What a conversion writes: a folder holding nothing else is replaced whole by the next one.
-CONVERTED_FILES = ("config.yaml", "checkpoint.pt", "backbone.safetensors")
-
-
-def _holds_only_a_conversion(folder: Path) -> bool:
-    """Whether ``folder`` is missing, or a folder holding nothing but :data:`CONVERTED_FILES`."""
-    if not folder.exists():
-        return True
-    return folder.is_dir() and all(entry.name in CONVERTED_FILES for entry in folder.iterdir())
-
-
 def convert_official(
     config_path: str | Path, checkpoint_path: str | Path, backbone_path: str | Path | None, output_dir: str | Path
 ) -> tuple[Path, Path]:
@@ -809,18 +798,17 @@ def convert_official(
     The written configuration references the backbone file (absolute path) rather than copying
     it; only when the release itself holds the VFM weights (``backbone.*`` keys, as the official
     ``generate_full_weights.py`` writes them) are those saved as ``output_dir/backbone.safetensors``.
-    Everything is read and checked before anything is written. A new ``output_dir``, or one that
-    holds nothing but an earlier conversion (:data:`CONVERTED_FILES`), is written whole
-    (:func:`~reinseg.checkpoints.atomic_directory`): a kill midway leaves the earlier conversion.
-    Into a folder holding other files, or the ``backbone_path`` file, they are written one by one
-    (each whole).
+    Everything is read and checked before anything is written. The files are written in a
+    staging folder inside ``output_dir`` and then renamed into place, one after another: a kill
+    while they are written (gigabytes for a VFM) leaves an earlier conversion there as it was,
+    and the next conversion removes the staging folder. Nothing else in ``output_dir`` is touched.
     """
-    import contextlib
+    import shutil
 
     import yaml
     from safetensors.torch import save as safetensors_bytes
 
-    from .checkpoints import atomic_directory
+    from .checkpoints import staging_folder
 
     model = read_official_model_config(config_path)
     release = read_state_dict(checkpoint_path)
@@ -828,25 +816,29 @@ def convert_official(
     segmentor = from_official(model, release, backbone)
     config = official_model_config(model)
     output_dir = Path(output_dir)
-    target = output_dir.resolve()  # a link to a folder stays a link: the folder it names is written
-    # A backbone file inside the folder (an earlier conversion's) must outlive the replacement.
-    inside = backbone_path is not None and target in Path(backbone_path).resolve().parents
-    whole = _holds_only_a_conversion(target) and not inside
-    with atomic_directory(target) if whole else contextlib.nullcontext(target) as folder:
-        folder = Path(folder)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = staging_folder(output_dir / "config.yaml")  # and a killed conversion's, removed
+    try:
         if backbone_path is not None:
             config.backbone.checkpoint = str(Path(backbone_path).resolve())
         else:
             vfm = {k: v.contiguous() for k, v in segmentor.backbone.vit.state_dict().items()}
-            atomic_write_bytes(folder / "backbone.safetensors", safetensors_bytes(vfm))
-            config.backbone.checkpoint = str(target / "backbone.safetensors")  # where it is once written
+            atomic_write_bytes(staging / "backbone.safetensors", safetensors_bytes(vfm))
+            config.backbone.checkpoint = str(output_dir.resolve() / "backbone.safetensors")  # where it will be
         full_config = {"model": to_dict(config)}
         save_checkpoint(
-            folder / "checkpoint.pt",
+            staging / "checkpoint.pt",
             full_config,
             checkpoint_state_dict(segmentor),
             source={"config": str(config_path), "checkpoint": str(checkpoint_path)},
             **vfm_record(segmentor),
         )
-        atomic_write_bytes(folder / "config.yaml", yaml.safe_dump(full_config, sort_keys=False).encode())
+        atomic_write_bytes(staging / "config.yaml", yaml.safe_dump(full_config, sort_keys=False).encode())
+        for name in ("backbone.safetensors", "checkpoint.pt", "config.yaml"):  # the config, naming both, last
+            if (staging / name).exists():
+                target = output_dir / name
+                # Written through a link, as every atomic write here (the link stays a link).
+                os.replace(staging / name, os.path.realpath(target) if target.is_symlink() else target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output_dir / "config.yaml", output_dir / "checkpoint.pt"

@@ -151,27 +151,28 @@ def check_folder(folder: Path, command: str, option: str) -> bool:
 
 
 def claim_folder(folder: Path, command: str, option: str, owes: Iterable[str] = ()) -> Path:
-    """Mark ``folder`` (created if missing) as written by this process running ``command``, in
-    one step that fails if another process marked it first; the marker's path. ``owes``: the
-    files (names in ``folder``) this run writes; the marker lists them, after those that an
-    interrupted run's marker it replaces still owed (and listed). Anything else :func:`check_folder`
-    refuses raises its ValueError."""
-    from .checkpoints import writer_mark
+    """Mark ``folder`` (created if missing) as written by this process running ``command``; the
+    marker's path. ``owes``: the files (names in ``folder``) this run writes; the marker lists
+    them, then those an interrupted run's marker it replaces still owed (and listed). A new
+    marker is made in one step that fails if another process marked the folder first; an
+    interrupted run's marker of the same command is replaced by a whole one in one rename (a
+    kill leaves one or the other). Anything else :func:`check_folder` refuses raises its ValueError."""
+    from .checkpoints import atomic_write_bytes, writer_mark
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MARKER
     owes = list(owes)
     for _ in range(3):
         interrupted = _refuse_to_write(folder, command, option)
-        owed = owes
         if interrupted is not None:
-            owed = owes + sorted(set(interrupted.owed) - set(owes))  # not yet written by any later run
-            interrupted.path.unlink(missing_ok=True)
+            carried = sorted(set(interrupted.owed) - set(owes))  # not yet written by any later run
+            atomic_write_bytes(path, _marker_text(writer_mark(), command, owes + carried).encode())
+            return path
+        text = _marker_text(writer_mark(), command, owes).encode()  # made before the marker exists
         try:
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue  # another process marked it in the meantime: read its marker again
-        text = _marker_text(writer_mark(), command, owed).encode()
         try:
             while text:  # os.write, not a buffered file: no signal handler runs inside one call
                 text = text[os.write(descriptor, text) :]

@@ -14,10 +14,11 @@ image are drawn, also for an image without a labelled pixel, and all points come
 divided by the number of matched queries summed over the images, each image counting at least one
 (mmdet's ``MaskSamplingResult.avg_factor``), averaged over DDP ranks and at least one.
 
-On the CPU each prediction is matched and then scored, as mmdet does. Off it (where reading the
-costs makes the host wait for the device) every prediction is matched first, with one trip to the
-host for all: each prediction's loss points are drawn and dropped where mmdet draws them, and
-drawn again from the generator's state saved there, so every draw is still mmdet's.
+On the CPU (and devices whose generator is not known here) each prediction is matched and then
+scored, as mmdet does. On CUDA, where reading the costs makes the host wait for the device,
+every prediction is matched first, with one trip to the host for all: each prediction's loss
+points are drawn and dropped where mmdet draws them, and drawn again from the generator's state
+saved there, so every draw is still mmdet's.
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ class HungarianMatcher:
         gt_indices)``, ``min(Q, G)`` pairs, queries ascending, on the costs' device.
 
         The costs go to the host in one copy and the indices come back in one: on a GPU the
-        host waits for the device once per prediction, not once per image and index tensor.
+        host waits for the device once per call, not once per image and index tensor.
         """
         if not costs:
             return []
