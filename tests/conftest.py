@@ -256,9 +256,8 @@ class HostWaits:
         self.mode.__exit__(*exc)
         self.profile.__exit__(*exc)
         self.active = False
-        self.waits += [(None, "aten._local_scalar_dense inside another operation")] * sum(
-            event.name == "aten::_local_scalar_dense" and _inside_another_operation(event)
-            for event in self.profile.events()
+        self.waits += [(None, "aten._local_scalar_dense inside another operation")] * _reads_inside_operations(
+            self.profile.profiler.kineto_results.events()  # raw: building the event tree takes seconds
         )
 
 
@@ -267,12 +266,12 @@ class HostWaits:
 _READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero"}
 
 
-def _inside_another_operation(event) -> bool:
-    """Whether a profiler event ran inside an operation other than a read (the dispatch mode
-    sees only the outermost operation)."""
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::") and parent.name not in _READS:
-            return True
-        parent = parent.cpu_parent
-    return False
+def _reads_inside_operations(events) -> int:
+    """How many reads (``_local_scalar_dense``) ran inside an operation other than a read, by the
+    profiler's raw events' times (the dispatch mode sees only the outermost operation)."""
+    spans = [(e.name(), e.start_thread_id(), e.start_ns(), e.end_ns()) for e in events if e.name().startswith("aten::")]
+    reads = [span for span in spans if span[0] == "aten::_local_scalar_dense"]
+    return sum(
+        any(name not in _READS and thread == t and start <= s and e <= end for name, thread, start, end in spans)
+        for _, t, s, e in reads
+    )
