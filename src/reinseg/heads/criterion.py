@@ -570,10 +570,9 @@ class Mask2FormerLoss(nn.Module):
         the indices come back in one copy (a GPU waits once, runs a few kernels per prediction)."""
         pairs = self.matcher.solve([cost for prediction in costs for cost in prediction])
         offsets = np.cumsum([0] + [len(segments) for segments in targets])
-        blocks = []
-        for p, prediction in enumerate(costs):
-            start = sum(len(earlier) for earlier in costs[:p])
-            mine = pairs[start : start + len(prediction)]
+        blocks, start = [], 0
+        for prediction in costs:
+            mine, start = pairs[start : start + len(prediction)], start + len(prediction)
             rows = [b * num_queries + queries for b, (queries, _) in enumerate(mine)]
             images = [np.full(len(queries), b) for b, (queries, _) in enumerate(mine)]
             segments = [offsets[b] + found for b, (_, found) in enumerate(mine)]
