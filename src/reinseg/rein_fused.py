@@ -87,12 +87,12 @@ class LowRankRefinement(torch.autograd.Function):
             grad_branch[:, :prefix] = 0
         grad_branch = grad_branch.reshape(-1, channels)  # (n, C)
 
-        # The rows' mixture again: y = p K + rowsum(S') b_t + x.
+        # The rows' mixture again: y = p K + rowsum(S') b_t + x (fused: each fused operation is one
+        # kernel launch fewer on a GPU, whose host sets the pace of a step).
         weights = attn[:, 1:]  # S' (n, m - 1)
-        mixed = mix @ tokens_to_features
+        inputs = torch.addmm(rows, mix, tokens_to_features)  # y (n, C)
         if b_t is not None:
-            mixed = mixed + weight_sums * b_t
-        inputs = mixed + rows  # y (n, C)
+            inputs.addcmul_(weight_sums, b_t)
 
         # out = x + s (y W_d^T + b_d)
         outer = grad_branch.t() @ inputs  # G (C, C)
@@ -101,30 +101,36 @@ class LowRankRefinement(torch.autograd.Function):
         grad_b_d = column_sums * scale if b_d is not None else None
         grad_scale = None
         if isinstance(scale, Tensor) and ctx.needs_input_grad[7]:
-            grad_scale = (outer * w_d).sum()
+            grad_scale = torch.dot(outer.flatten(), w_d.flatten())
             if b_d is not None:
-                grad_scale = grad_scale + (column_sums * b_d).sum()
+                grad_scale = grad_scale + torch.dot(column_sums, b_d)
             grad_scale = grad_scale.view_as(scale)
         grad_inputs = (grad_branch @ w_d) * scale  # dL/dy (n, C)
 
         # y = p K + rowsum(S') b_t + x
         grad_tokens_to_features = mix.t() @ grad_inputs  # (r, C)
         grad_mix = grad_inputs @ tokens_to_features.t()  # (n, r)
-        grad_weights = grad_mix @ a[1:].t()  # dL/dS' (n, m - 1)
+        # dL/dS' (n, m - 1), already times the softmax's logit scale (its backward is linear).
+        logit_scale = channels**-0.5 if ctx.use_softmax else 1.0
         grad_b_t = None
         if b_t is not None:
             assert weight_sums is not None
             grad_b_t = (weight_sums.t() @ grad_inputs).view_as(b_t)
-            grad_weights = grad_weights + (grad_inputs @ b_t)[:, None]
+            row_term = (grad_inputs @ b_t)[:, None]
+            grad_weights = torch.addmm(row_term, grad_mix, a[1:].t(), beta=logit_scale, alpha=logit_scale)
+        else:
+            grad_weights = grad_mix @ a[1:].t()
+            if ctx.use_softmax:
+                grad_weights.mul_(logit_scale)
         grad_w_t = grad_tokens_to_features.t() @ b  # (C, C)
         # The sink's column of S gets no gradient: it never contributes.
-        grad_attn = torch.cat([grad_weights.new_zeros(grad_weights.shape[0], 1), grad_weights], 1)
+        grad_attn = F.pad(grad_weights, (1, 0))
         if ctx.use_softmax:
-            grad_attn = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype) * channels**-0.5
+            grad_attn = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
         # attn logits = (x B^T) A^T; A[1:] also mixes the rows (p = S' A[1:]).
         grad_a = grad_attn.t() @ projected
-        grad_a[1:] += weights.t() @ grad_mix
+        grad_a[1:].addmm_(weights.t(), grad_mix)
         grad_projected = grad_attn @ a  # (n, r)
-        grad_b = grad_projected.t() @ rows + grad_tokens_to_features @ w_t
+        grad_b = torch.addmm(grad_tokens_to_features @ w_t, grad_projected.t(), rows)
         grad_x = torch.addmm(grad_out.reshape(-1, channels) + grad_inputs, grad_projected, b).view(ctx.x_shape)
         return grad_x, grad_a, grad_b, grad_w_t, grad_b_t, grad_w_d, grad_b_d, grad_scale, None, None
