@@ -250,6 +250,7 @@ def test_training_and_validation_batches_come_in_pinned_memory_where_a_gpu_is(tm
     assert len(loaders) == 2 and all(loader.pin_memory is cuda for loader in loaders)
 
 
+@pytest.mark.slow  # a process of its own, killed (6 s); tests/test_resume.py kills runs at every other point
 def test_a_killed_run_resumes_exactly(tmp_path):
     from reinseg.engine import train
 
