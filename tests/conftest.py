@@ -264,14 +264,31 @@ class HostWaits:
 # The operations that are a read themselves (``.item()``, ``bool()``), or the dispatch mode's own
 # second record of one.
 _READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero"}
+# Operations the dispatch mode records as waits already (a read inside them is theirs), by the
+# profiler's names; boolean indexing reads inside ``index`` and ``index_put_``.
+_RECORDED_WAITS = {
+    "aten::nonzero",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::masked_select",
+    "aten::equal",
+    "aten::bincount",
+    "aten::repeat_interleave",
+    "aten::index",
+    "aten::index_put_",
+    "aten::index_put",
+}
 
 
 def _reads_inside_operations(events) -> int:
-    """How many reads (``_local_scalar_dense``) ran inside an operation other than a read, by the
-    profiler's raw events' times (the dispatch mode sees only the outermost operation)."""
+    """How many reads (``_local_scalar_dense``) ran inside an operation other than a read or a
+    wait the dispatch mode records, by the profiler's raw events' times on one thread (the mode
+    sees only the outermost operation)."""
     spans = [(e.name(), e.start_thread_id(), e.start_ns(), e.end_ns()) for e in events if e.name().startswith("aten::")]
     reads = [span for span in spans if span[0] == "aten::_local_scalar_dense"]
-    return sum(
-        any(name not in _READS and thread == t and start <= s and e <= end for name, thread, start, end in spans)
-        for _, t, s, e in reads
-    )
+    hidden = 0
+    for _, thread, start, end in reads:
+        around = {name for name, t, s, e in spans if t == thread and s <= start < e and end <= e}
+        hidden += bool(around - _READS) and not around & _RECORDED_WAITS
+    return hidden

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,3 +397,37 @@ def test_a_forked_child_such_as_a_data_worker_does_not_keep_the_run_lock(tmp_pat
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_signals_deferred_holds_ctrl_c_until_the_block_ends(python_sigint_handler):
+    import signal
+
+    from reinseg.checkpoints import signals_deferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("after the signal")  # still inside: the signal waits
+        steps.append("after the block")  # never: it is delivered as the block ends
+    assert steps == ["after the signal"]
+
+
+def test_moved_beside_crosses_file_systems_and_names_a_missing_folder(tmp_path):
+    from reinseg.checkpoints import moved_beside
+
+    source = tmp_path / "staged.bin"
+    source.write_bytes(b"new")
+    other = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path  # another file system where there is one
+    target = other / f"reinseg-test-{os.getpid()}.bin"
+    try:
+        beside = moved_beside(source, target)
+        assert beside.parent == other and beside.read_bytes() == b"new" and not source.exists()
+        os.replace(beside, target)
+        assert target.read_bytes() == b"new"
+    finally:
+        target.unlink(missing_ok=True)
+    source.write_bytes(b"new")
+    with pytest.raises(OSError, match=r"cannot write .*missing.*target\.bin"):
+        moved_beside(source, tmp_path / "missing" / "target.bin")
+    assert source.read_bytes() == b"new"

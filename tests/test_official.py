@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import load_golden
@@ -134,6 +136,37 @@ def test_a_conversion_keeps_the_backbone_file_of_an_earlier_one(golden, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "checkpoint.pt", "config.yaml"]
     segmentor, _ = segmentor_from_checkpoint(out / "checkpoint.pt")
     assert max_error(segmentor.eval().predict(golden["slide_input"]), golden["slide_seg_logits"]) <= 1e-4
+
+
+def test_a_conversion_writes_through_links_and_stops_whole_at_a_link_to_nowhere(golden, tmp_path):
+    """A file moved elsewhere (another disk) and linked back is written through the link, the
+    link kept; a link into a missing folder stops the conversion before any file is replaced
+    (the renames happened one by one: the backbone was replaced, then the checkpoint failed)."""
+    import os
+
+    assert main(without_backbone(write_release(golden, tmp_path, release=full_release(golden)))) == 0
+    out = tmp_path / "out"
+    elsewhere = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path  # another file system where there is one
+    moved = elsewhere / f"reinseg-test-{os.getpid()}.pt"
+    try:
+        moved.write_bytes((out / "checkpoint.pt").read_bytes())
+        (out / "checkpoint.pt").unlink()
+        (out / "checkpoint.pt").symlink_to(moved)
+        config = dict(golden["model_config"], test_cfg=dict(mode="whole"))
+        assert main(without_backbone(write_release(golden, tmp_path, release=full_release(golden), config=config))) == 0
+        assert (out / "checkpoint.pt").is_symlink() and "mode: whole" in (out / "config.yaml").read_text()
+        assert segmentor_from_checkpoint(out / "checkpoint.pt")[1]["config"]["model"]["test"]["mode"] == "whole"
+        assert sorted(p.name for p in moved.parent.glob(f".{moved.name}.*")) == []  # no temporary left there
+
+        (out / "checkpoint.pt").unlink()
+        (out / "checkpoint.pt").symlink_to(tmp_path / "missing" / "checkpoint.pt")
+        before = {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()}
+        other = {k: v + 1 if k.startswith("backbone.") else v for k, v in full_release(golden).items()}
+        assert main(without_backbone(write_release(golden, tmp_path, release=other))) == 2
+        assert {p.name: p.read_bytes() for p in out.iterdir() if not p.is_symlink()} == before
+        assert sorted(p.name for p in out.iterdir()) == ["backbone.safetensors", "checkpoint.pt", "config.yaml"]
+    finally:
+        moved.unlink(missing_ok=True)
 
 
 def test_release_keys_that_do_not_fit_are_named(golden, tmp_path, capsys):

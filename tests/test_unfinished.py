@@ -84,23 +84,32 @@ def test_an_evaluations_marker_covers_the_folders_below_it_a_predicts_only_its_o
     assert markers_below(tmp_path / "preds") == []
 
 
-def test_of_two_processes_claiming_a_folder_at_once_the_second_is_refused(tmp_path, monkeypatch):
-    """The claim is one step that fails if the marker exists (O_EXCL): a predict that another
-    one marked while its model loaded reads that marker again and stops, instead of writing over
-    the other's marker (whose end would then have removed this one's)."""
+def test_of_two_processes_claiming_a_folder_at_once_the_second_is_refused(tmp_path):
+    """The folder is locked while a claim reads and writes its marker: a predict that another
+    one marked while it waited for the lock reads that marker and stops, instead of writing over
+    it (the other's end would then have removed this one's marker, or both written the folder)."""
+    import fcntl
     import os
+    import threading
 
-    import reinseg.unfinished as unfinished
+    holder = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # the other process, mid-claim
+    outcome = []
 
-    real_open = os.open
+    def claim():
+        try:
+            claim_folder(tmp_path, "predict", "--output")
+        except ValueError as err:
+            outcome.append(str(err))
 
-    def another_first(path, flags, *args):
-        (tmp_path / MARKER).write_text(f"{RUNNING[0]}\npredict\n")  # the other process, just before
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(unfinished.os, "open", another_first)
-    with pytest.raises(ValueError, match=r"another `reinseg predict` \(1@.*\) into .* is writing it"):
-        claim_folder(tmp_path, "predict", "--output")
+    waiting = threading.Thread(target=claim)
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive() and not (tmp_path / MARKER).exists()  # it waits for the lock
+    (tmp_path / MARKER).write_text(f"{RUNNING[0]}\npredict\n")  # the other's claim, done
+    os.close(holder)
+    waiting.join(10)
+    assert len(outcome) == 1 and "another `reinseg predict` (1@" in outcome[0] and "is writing it" in outcome[0]
     assert (tmp_path / MARKER).read_text() == f"{RUNNING[0]}\npredict\n"
 
 

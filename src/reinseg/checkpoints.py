@@ -187,6 +187,42 @@ def staging_folder(path: Path) -> Path:
 
 
 @contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM held back while the block runs, delivered when it ends: for a few renames
+    that must happen all or none (Ctrl-C between two of them would leave half). POSIX only;
+    elsewhere nothing is held."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def moved_beside(source: Path, target: Path) -> Path:
+    """``source`` moved to a new temporary file beside ``target`` (copied where they are on two
+    file systems), from which a rename replaces ``target`` in one step; an OSError naming
+    ``target`` where that cannot be done (a missing folder, a full disk)."""
+    import shutil
+
+    try:
+        descriptor, beside = tempfile.mkstemp(prefix=_temporary_prefix(target.name), suffix=".tmp", dir=target.parent)
+        os.close(descriptor)
+        try:
+            shutil.move(str(source), beside)
+        except BaseException:
+            Path(beside).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write {target} ({err.strerror or err})", str(target)) from err
+    return Path(beside)
+
+
+@contextlib.contextmanager
 def atomic_directory(path: str | Path):
     """Yield a fresh temporary folder beside ``path``; when the block ends without an error it
     replaces ``path`` (an older ``path`` is removed), otherwise it is deleted: ``path`` is never

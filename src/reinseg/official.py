@@ -808,7 +808,7 @@ def convert_official(
     import yaml
     from safetensors.torch import save as safetensors_bytes
 
-    from .checkpoints import staging_folder
+    from .checkpoints import moved_beside, signals_deferred, staging_folder
 
     model = read_official_model_config(config_path)
     release = read_state_dict(checkpoint_path)
@@ -818,6 +818,7 @@ def convert_official(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = staging_folder(output_dir / "config.yaml")  # and a killed conversion's, removed
+    moves: list[tuple[Path, Path]] = []
     try:
         if backbone_path is not None:
             config.backbone.checkpoint = str(Path(backbone_path).resolve())
@@ -834,11 +835,20 @@ def convert_official(
             **vfm_record(segmentor),
         )
         atomic_write_bytes(staging / "config.yaml", yaml.safe_dump(full_config, sort_keys=False).encode())
-        for name in ("backbone.safetensors", "checkpoint.pt", "config.yaml"):  # the config, naming both, last
+        # Each file beside its destination first: a link is written through, as every atomic
+        # write here (the link stays a link), and its target may be on another file system or
+        # missing. Then the renames, the config (naming both) last, none of them able to fail
+        # on a device, and without a signal between them.
+        for name in ("backbone.safetensors", "checkpoint.pt", "config.yaml"):
+            target = output_dir / name
             if (staging / name).exists():
-                target = output_dir / name
-                # Written through a link, as every atomic write here (the link stays a link).
-                os.replace(staging / name, os.path.realpath(target) if target.is_symlink() else target)
+                real = Path(os.path.realpath(target)) if target.is_symlink() else target
+                moves.append((moved_beside(staging / name, real) if real != target else staging / name, real))
+        with signals_deferred():
+            for source, destination in moves:
+                os.replace(source, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        for source, _ in moves:  # a link's moved file, where a later step failed
+            source.unlink(missing_ok=True)
     return output_dir / "config.yaml", output_dir / "checkpoint.pt"

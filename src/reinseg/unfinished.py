@@ -16,6 +16,7 @@ below it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -153,34 +154,40 @@ def check_folder(folder: Path, command: str, option: str) -> bool:
 def claim_folder(folder: Path, command: str, option: str, owes: Iterable[str] = ()) -> Path:
     """Mark ``folder`` (created if missing) as written by this process running ``command``; the
     marker's path. ``owes``: the files (names in ``folder``) this run writes; the marker lists
-    them, then those an interrupted run's marker it replaces still owed (and listed). A new
-    marker is made in one step that fails if another process marked the folder first; an
-    interrupted run's marker of the same command is replaced by a whole one in one rename (a
-    kill leaves one or the other). Anything else :func:`check_folder` refuses raises its ValueError."""
+    them, then those an interrupted run's marker it replaces still owed (and listed). The folder
+    is locked while its marker is read and written (two commands claiming it at once: the second
+    finds the first's marker), and the marker is written whole in one rename (a kill leaves the
+    old one or the new one). Anything else :func:`check_folder` refuses raises its ValueError."""
     from .checkpoints import atomic_write_bytes, writer_mark
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / MARKER
     owes = list(owes)
-    for _ in range(3):
+    with _locked(folder):
         interrupted = _refuse_to_write(folder, command, option)
-        if interrupted is not None:
-            carried = sorted(set(interrupted.owed) - set(owes))  # not yet written by any later run
-            atomic_write_bytes(path, _marker_text(writer_mark(), command, owes + carried).encode())
-            return path
-        text = _marker_text(writer_mark(), command, owes).encode()  # made before the marker exists
+        carried = sorted(set(interrupted.owed) - set(owes)) if interrupted is not None else []
+        atomic_write_bytes(path, _marker_text(writer_mark(), command, owes + carried).encode())
+    return path
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive ``flock`` on ``folder`` while the block runs, released however the process
+    ends; none where the system or the file system has no such lock (some network mounts)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
         try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue  # another process marked it in the meantime: read its marker again
-        try:
-            while text:  # os.write, not a buffered file: no signal handler runs inside one call
-                text = text[os.write(descriptor, text) :]
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        return path
-    raise ValueError(f"{option} {folder}: other processes keep marking it ({path}): choose a new folder")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locks here: claims are then as exclusive as reading and writing apart allow
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def release_folder(folder: Path, written: Iterable[str] = ()) -> tuple[str, ...]:
