@@ -294,6 +294,7 @@ def test_checkpoints_hold_the_trainable_weights_and_reference_the_vfm(tmp_path):
     assert leftovers == []  # atomic writes leave no temporary files
 
 
+@pytest.mark.slow  # an in-process training run
 def test_a_randomly_initialised_vfm_is_stored_since_it_cannot_be_referenced(tmp_path):
     from reinseg.checkpoints import segmentor_from_checkpoint
     from reinseg.engine import train

@@ -104,7 +104,7 @@ def test_of_two_processes_claiming_a_folder_at_once_the_second_is_refused(tmp_pa
 
     waiting = threading.Thread(target=claim)
     waiting.start()
-    waiting.join(0.5)
+    waiting.join(0.2)
     assert waiting.is_alive() and not (tmp_path / MARKER).exists()  # it waits for the lock
     (tmp_path / MARKER).write_text(f"{RUNNING[0]}\npredict\n")  # the other's claim, done
     os.close(holder)
