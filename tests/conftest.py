@@ -208,28 +208,13 @@ class HostWaits:
     def __init__(self, monkeypatch, where=lambda: None) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        aten = torch.ops.aten
-        waiting_ops = {
-            aten._local_scalar_dense.default,  # .item(), bool(), float()
-            aten.nonzero.default,
-            aten._unique2.default,
-            aten.unique_dim.default,
-            aten.unique_consecutive.default,
-            aten.masked_select.default,
-            aten.equal.default,
-            aten.is_nonzero.default,
-            aten.bincount.default,  # its size is the largest value
-            aten.repeat_interleave.Tensor,
-        }
         self.waits: list[tuple] = []
         waits = self.waits
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                by_mask = func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) and any(
-                    i is not None and i.dtype == torch.bool for i in args[1]
-                )
-                if func in waiting_ops or by_mask:
+                by_mask = func in _INDEXING_OPS and any(i is not None and i.dtype == torch.bool for i in args[1])
+                if func in _WAITING_OPS or by_mask:
                     waits.append((where(), str(func)))
                 return func(*args, **(kwargs or {}))
 
@@ -261,24 +246,28 @@ class HostWaits:
         )
 
 
+_aten = torch.ops.aten
+# The operations whose result the host reads (HostWaits records them), and the indexing ones that
+# read where their index is a boolean mask.
+_WAITING_OPS = {
+    _aten._local_scalar_dense.default,  # .item(), bool(), float()
+    _aten.nonzero.default,
+    _aten._unique2.default,
+    _aten.unique_dim.default,
+    _aten.unique_consecutive.default,
+    _aten.masked_select.default,
+    _aten.equal.default,
+    _aten.is_nonzero.default,
+    _aten.bincount.default,  # its size is the largest value
+    _aten.repeat_interleave.Tensor,
+}
+_INDEXING_OPS = {_aten.index.Tensor, _aten.index_put_.default, _aten.index_put.default}
 # The operations that are a read themselves (``.item()``, ``bool()``), or the dispatch mode's own
-# second record of one.
+# second record of one, by the profiler's names.
 _READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero"}
 # Operations the dispatch mode records as waits already (a read inside them is theirs), by the
-# profiler's names; boolean indexing reads inside ``index`` and ``index_put_``.
-_RECORDED_WAITS = {
-    "aten::nonzero",
-    "aten::_unique2",
-    "aten::unique_dim",
-    "aten::unique_consecutive",
-    "aten::masked_select",
-    "aten::equal",
-    "aten::bincount",
-    "aten::repeat_interleave",
-    "aten::index",
-    "aten::index_put_",
-    "aten::index_put",
-}
+# profiler's names (an overload's name without the overload).
+_RECORDED_WAITS = {op.name().split(".")[0] for op in _WAITING_OPS | _INDEXING_OPS} - _READS
 
 
 def _reads_inside_operations(events) -> int:

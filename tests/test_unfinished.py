@@ -135,8 +135,8 @@ def test_a_predicts_marker_lists_the_files_it_owes_and_goes_once_none_is_left(tm
 
 
 def test_an_unreadable_owed_list_carries_nothing(tmp_path, ended_writer):
-    """A list cut short (a kill inside the claim's write, before the run wrote any file) or not
-    a list of names is read as owing nothing; the marker still marks the folder."""
+    """A list cut short or not a list of names (markers are written whole: a hand edit) is read
+    as owing nothing; the marker still marks the folder."""
     for listed in ('["a_labelTrainIds.png", "a_ov', '{"a": 1}', "[1, 2]", '"a_overlay.png"'):
         (tmp_path / MARKER).write_text(f"{ended_writer}\npredict\n{listed}\n")
         assert read_marker(tmp_path).owed == ()

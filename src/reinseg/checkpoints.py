@@ -97,15 +97,19 @@ def _left_by_a_killed_writer(temporary: str) -> bool:
     return writer_is_gone(temporary[: temporary.rindex(_TMP_MARK)].rpartition(".")[2])
 
 
+def written_through(path: Path) -> Path:
+    """Where a write to ``path`` lands: a link's target, as a plain ``open()`` writes it (the link
+    stays a link), else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def atomic_write(path: str | Path, write, sync: bool = True) -> Path:
     """Call ``write(file_object)`` on a temporary file, then rename it to ``path``.
 
     ``sync`` flushes the file to disk before the rename (for checkpoints and results); files
     that can be regenerated, such as prepared labels, skip it.
     """
-    path = Path(path)
-    if path.is_symlink():  # written through, as a plain open() would: the link stays a link
-        path = Path(os.path.realpath(path))
+    path = written_through(Path(path))
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -808,7 +808,7 @@ def convert_official(
     import yaml
     from safetensors.torch import save as safetensors_bytes
 
-    from .checkpoints import moved_beside, signals_deferred, staging_folder
+    from .checkpoints import moved_beside, signals_deferred, staging_folder, written_through
 
     model = read_official_model_config(config_path)
     release = read_state_dict(checkpoint_path)
@@ -842,7 +842,7 @@ def convert_official(
         for name in ("backbone.safetensors", "checkpoint.pt", "config.yaml"):
             target = output_dir / name
             if (staging / name).exists():
-                real = Path(os.path.realpath(target)) if target.is_symlink() else target
+                real = written_through(target)
                 moves.append((moved_beside(staging / name, real) if real != target else staging / name, real))
         with signals_deferred():
             for source, destination in moves:

@@ -266,7 +266,7 @@ def predict_files(
 
     from .checkpoints import remove_stale_temporaries
     from .data.io import read_photo, write_png
-    from .unfinished import check_folder, claim_folder, read_marker, release_folder
+    from .unfinished import check_folder, claim_folder, describe_files, release_folder
 
     paths = collect_images(inputs)  # everything is checked before anything is written
     out = Path(output)
@@ -289,12 +289,11 @@ def predict_files(
             target = out / f"{path.stem}{suffix}"
             write_png(target, array, sync=True)
             written.append(target)
-    if release_folder(out, names):
-        marker = read_marker(out)
-        owed = marker.describe_owed() if marker else "files"
+    owed = release_folder(out, names)
+    if owed:
         print(
-            f"note: {out} stays marked unfinished: the interrupted predict this run took over owes {owed}, "
-            "which this run did not write: predict those images there again",
+            f"note: {out} stays marked unfinished: the interrupted predict this run took over owes "
+            f"{describe_files(owed)}, which this run did not write: predict those images there again",
             file=sys.stderr,
         )
     return written

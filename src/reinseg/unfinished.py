@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "check_folder",
     "claim_folder",
     "release_folder",
+    "describe_files",
     "marker_above",
     "markers_below",
 ]
@@ -41,7 +42,7 @@ _TREE_WRITERS = ("eval",)
 
 
 class Marker:
-    """The writer (``<pid>@<host>``, empty when a kill came before it was written), command and
+    """The writer (``<pid>@<host>``; empty in an earlier release's marker cut by a kill), command and
     owed files (names in its folder; empty where unknown: an evaluation's, an earlier release's)
     a folder's marker names."""
 
@@ -63,11 +64,16 @@ class Marker:
         return f"`reinseg {self.command}`{writer} into {self.path.parent}"
 
     def describe_owed(self) -> str:
-        """The owed files in words (the first few named), or "" where the marker lists none."""
-        if not self.owed:
-            return ""
-        named = ", ".join(self.owed[:3]) + (", ..." if len(self.owed) > 3 else "")
-        return f"{len(self.owed)} file(s) ({named})"
+        """The owed files in words (:func:`describe_files`)."""
+        return describe_files(self.owed)
+
+
+def describe_files(names: Sequence[str]) -> str:
+    """``names`` in words, the first few named (``"2 file(s) (a.png, b.png)"``), or "" for none."""
+    if not names:
+        return ""
+    named = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"{len(names)} file(s) ({named})"
 
 
 def _marker_text(writer: str, command: str, owed: Iterable[str]) -> str:
@@ -91,7 +97,7 @@ def read_marker(folder: Path) -> Marker | None:
     if len(lines) > 2 and lines[2].strip():
         try:
             listed = json.loads(lines[2])
-        except json.JSONDecodeError:  # cut by a kill in the claim, before any file of its was written
+        except json.JSONDecodeError:  # edited by hand (markers are written whole): nothing known owed
             listed = []
         if isinstance(listed, list) and all(isinstance(name, str) for name in listed):
             owed = tuple(listed)
