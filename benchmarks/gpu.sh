@@ -134,6 +134,9 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
             encoder_ffn_recompute=false pixel_decoder_checkpointing=true "both checkpointings" \
             "bf16-mixed + frozen bf16 + both checkpointings" channels_last=true "bf16-mixed + channels_last"
 
+    section "The batch's classes read back from the GPU after the forward (as before 2026-12-07), paper config" &&
+        train --backbone "$large" --batch "$batch" --precision 32 bf16 --strategies rein --segments device
+
     section "Channels-last on a CNN: ResNet-50 V1c + Rein + Mask2Former, batch $batch, bf16" &&
         train --backbone resnet50_v1c --batch "$batch" --strategies rein --levers precision=bf16-mixed \
             "bf16-mixed + channels_last"

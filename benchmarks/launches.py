@@ -78,6 +78,7 @@ def main() -> None:
 
     from reinseg.build import build_segmentor
     from reinseg.config import BackboneConfig, ModelConfig
+    from reinseg.data import label_values
 
     take_gpu_code_paths()
     torch.manual_seed(0)
@@ -91,11 +92,12 @@ def main() -> None:
     trainable = [p for p in segmentor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05, fused=True)
     images, labels = synthetic_batch(args.batch, args.crop)
+    values = [label_values(label) for label in labels]  # as the training loader's batches hold them
 
     def step(phases: dict[str, TorchDispatchMode] | None = None) -> None:
         phase = phases or collections.defaultdict(contextlib.nullcontext)
         with phase["forward and loss"]:
-            loss = segmentor.loss(images, labels)["loss"]
+            loss = segmentor.loss(images, labels, label_values=values)["loss"]
         with phase["backward"]:
             loss.backward()
         with phase["optimizer"]:

@@ -35,8 +35,14 @@ from levers import LEVERS, apply_lever
 from reinseg.backbones import backbone_kind, list_backbones
 from reinseg.build import build_segmentor, plan_segmentor
 from reinseg.config import BackboneConfig, Config, ModelConfig
+from reinseg.data import label_values
 from reinseg.optim import build_optimizer
 from reinseg.tuning import STRATEGIES, strategy_names
+
+SEGMENTS = {
+    "host": "the labels' values found on the host, as the training loader gives them",
+    "device": "the batch's classes found on the device and read back (a wait after the forward)",
+}
 
 
 def machine(device: str) -> str:
@@ -117,7 +123,11 @@ def measure_training(args) -> dict:
     # The trainer's optimizer (its parameter groups; fused AdamW on a CPU or GPU), as `reinseg train` runs it.
     optimizer, _ = build_optimizer(segmentor, Config(model=config))
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, 19, (args.batch, args.img_size, args.img_size), device=device)
+    labels = torch.randint(0, 19, (args.batch, args.img_size, args.img_size))
+    # Each label's values found on the host, as the training loader's workers find them; with
+    # --segments device the loss reads the classes back from the device instead.
+    values = [label_values(label) for label in labels] if args.segments == "host" else None
+    labels = labels.to(device)
     dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
     times = []
     if device.type == "cuda":
@@ -125,7 +135,7 @@ def measure_training(args) -> dict:
 
     def train_step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = segmentor.loss(images, labels)["loss"]
+            loss = segmentor.loss(images, labels, label_values=values)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,7 +181,8 @@ def count_host_waits(step) -> int:
 def cmd_train(args) -> None:
     print(
         f"# {machine(args.device)}; {args.backbone} at {args.img_size} px, batch {args.batch}, "
-        f"median of {args.steps} steps after {args.warmup} warm-up, one process per strategy"
+        f"median of {args.steps} steps after {args.warmup} warm-up, one process per strategy; "
+        + SEGMENTS[args.segments]
     )
     memory = "peak allocated (MiB)" if args.device.startswith("cuda") else "peak resident (MiB)"
     # The frozen VFM first (the ratios' base), and each row printed when its process ends: a run
@@ -210,6 +221,8 @@ def cmd_train(args) -> None:
                 precision,
                 "--levers",
                 lever,
+                "--segments",
+                args.segments,
             ]
             done = subprocess.run(command, capture_output=True, text=True)
             label = strategy if lever == "none" else f"{strategy}, {lever}"
@@ -424,6 +437,9 @@ def main() -> None:
             "--window-batch", type=int, nargs="+", default=[1], help="slide: windows per forward (the segmentor checks)"
         )
         p.add_argument("--levers", nargs="+", default=["none"], choices=list(LEVERS))
+        p.add_argument(
+            "--segments", default="host", choices=list(SEGMENTS), help="train: where the batch's classes are found"
+        )
         p.add_argument("--child", default=None, help=argparse.SUPPRESS)
         p.set_defaults(func=func)
     p = sub.add_parser("synthetic")

@@ -286,15 +286,27 @@ def test_sampling_ratios_outside_mmdets_range_are_refused(option, message):
         Mask2FormerLoss(num_classes=3, **option)
 
 
-def test_the_segments_of_a_batch_are_each_images_own():
-    """One trip for the batch finds each image's classes as ``Segments.of`` finds them on its own:
-    also for an image of ignored pixels only, uint8 labels and another ignore index."""
+def _varied_labels(batch: int) -> torch.Tensor:
+    """``(batch, 24, 24)`` labels of 19 classes: image 0 half ignored, image 1 all ignored, image
+    2 three classes (3..5), the rest all classes."""
     generator = torch.Generator().manual_seed(5)
-    labels = torch.randint(0, 19, (4, 24, 24), generator=generator)
+    labels = torch.randint(0, 19, (batch, 24, 24), generator=generator)
     labels[0, :12] = 255
     labels[1] = 255
     labels[2] = torch.randint(3, 6, (24, 24), generator=generator)
-    for batch, ignore_index in ((labels, 255), (labels.to(torch.uint8), 255), (labels.clamp(max=18), 4)):
+    return labels
+
+
+def _label_variants(labels: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """``(labels, ignore_index)``: as they are, in uint8, and with another ignore index."""
+    return [(labels, 255), (labels.to(torch.uint8), 255), (labels.clamp(max=18), 4)]
+
+
+def test_the_segments_of_a_batch_are_each_images_own():
+    """One trip for the batch finds each image's classes as ``Segments.of`` finds them on its own:
+    also for an image of ignored pixels only, uint8 labels and another ignore index."""
+    labels = _varied_labels(4)
+    for batch, ignore_index in _label_variants(labels):
         found = Segments.of_images(batch, 19, ignore_index)
         assert len(found) == len(batch)
         for segments, label in zip(found, batch, strict=True):
@@ -311,6 +323,41 @@ def test_the_segments_of_a_batch_are_each_images_own():
         Segments.of_images(labels[0], 19)  # one image's: its rows would pass for images
     with pytest.raises(ValueError, match="labels must hold integer class IDs, got torch.float32"):
         Segments.of_images(labels + 0.5, 19)  # 1.5 would become class 1
+
+
+@pytest.mark.parametrize("on_gpu_paths", [True, False])
+def test_the_segments_from_the_hosts_label_values_are_those_read_back(monkeypatch, on_gpu_paths):
+    """Each label's values as the data pipeline finds them on the host (``label_values``) give the
+    segments that reading the labels back gives, and are checked as the labels are. Off the CPU
+    they replace the read; on the CPU, where it costs no wait, they are checked against it."""
+    import reinseg.heads.criterion as criterion
+    from reinseg.data import label_values
+
+    monkeypatch.setattr(criterion, "eager_on_cpu", lambda tensor: not on_gpu_paths)
+    labels = _varied_labels(3)
+    for batch, ignore_index in _label_variants(labels):
+        values = [label_values(label) for label in batch]
+        read_back = Segments.of_images(batch, 19, ignore_index)
+        given = Segments.of_images(batch, 19, ignore_index, values=values)
+        assert torch.equal(given.classes, read_back.classes) and given.classes.dtype == torch.int64
+        assert torch.equal(given.padded_classes, read_back.padded_classes)
+        for ours, theirs in zip(given, read_back, strict=True):
+            assert torch.equal(ours.classes, theirs.classes) and torch.equal(ours.label, theirs.label)
+    bad = labels.clone()
+    bad[2, 0, :3] = torch.tensor([19, -1, 300])
+    with pytest.raises(ValueError, match=r"label values \[-1, 19, 300\] are outside 0..18 and not 255"):
+        Segments.of_images(bad, 19, values=[label_values(label) for label in bad])
+    with pytest.raises(ValueError, match="label_values holds 2 images' values for 3 labels"):
+        Segments.of_images(labels, 19, values=[[0], [1]])
+    stale = [label_values(label) for label in labels]
+    stale[2] = stale[2][1:]  # one class lost on the way
+    if on_gpu_paths:  # taken as given: the classes the values name, and no others
+        assert Segments.of_images(labels, 19, values=stale)[2].classes.tolist() == stale[2]
+    else:
+        with pytest.raises(
+            ValueError, match=r"label_values of image 2 give classes \[4, 5\], its label holds \[3, 4, 5\]"
+        ):
+            Segments.of_images(labels, 19, values=stale)
 
 
 @pytest.mark.parametrize("threads", [1, 3])

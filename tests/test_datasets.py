@@ -29,6 +29,8 @@ from reinseg.data import (
     build_dataset,
     build_datasets,
     collate,
+    collate_training,
+    label_values,
     train_transform,
 )
 
@@ -298,6 +300,36 @@ def test_collate_batches_through_a_dataloader(tmp_path):
     items = [dataset[0], {**dataset[1], "image": torch.zeros(3, 8, 8)}]
     with pytest.raises(ValueError, match="different sizes"):
         collate(items)
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        torch.tensor([[3, 255, 3], [0, 18, 255]], dtype=torch.uint8),
+        torch.randint(0, 19, (64, 64), generator=torch.Generator().manual_seed(0)),
+        torch.tensor([[-1, 5], [70000, 5]]),  # past the counted range: sorted by unique instead
+        torch.tensor([[1 << 16, 0]]),
+        torch.zeros(0, 4, dtype=torch.int64),
+        torch.full((2, 2), 7, dtype=torch.int32),
+    ],
+)
+def test_label_values_are_a_labels_distinct_values_ascending(label):
+    assert label_values(label) == torch.unique(label).tolist()
+    assert all(type(v) is int for v in label_values(label))
+
+
+def test_training_batches_carry_each_labels_values(tmp_path):
+    """Found in the data workers, where they cost the training nothing; the loss takes the
+    images' classes from them (``Segments.of_images``) instead of reading them back from a GPU."""
+    fake = make_fake_cityscapes(tmp_path, n=3)
+    dataset = build_dataset("cityscapes", fake.root, "train", transform=train_transform(crop_size=16, base_size=32))
+    batch = next(iter(DataLoader(dataset, batch_size=3, collate_fn=collate_training)))
+    assert batch["label_values"] == [torch.unique(label).tolist() for label in batch["label"]]
+    assert {k: v for k, v in batch.items() if k != "label_values"}.keys() == collate([dataset[0]]).keys()
+    unlabeled = build_dataset(
+        "acdc", make_fake_acdc(tmp_path / "acdc", conditions=("fog",)).root, "test", condition="fog"
+    )
+    assert collate_training([unlabeled[0]])["label_values"] is None
 
 
 def test_sources_concatenate_for_training(tmp_path):

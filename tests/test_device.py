@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from reinseg.device import autocast_enabled, autocast_serves, device_tensor, filled
+from reinseg.device import autocast_enabled, autocast_serves, device_tensor, filled, host_to_device
 
 SIZES = [[512, 1024], [[128, 64], [64, 32], [32, 16]]]
 FRACTIONS = [[0.1, 1 / 3, 1e-40], [[0.1, 0.7], [2 / 3, 1e-300]]]
@@ -44,6 +44,28 @@ def test_device_tensor_fills_off_the_cpu_and_is_torch_tensor_on_it():
     # Four fills, no copy: `out[i] = value` would make a CPU scalar tensor and copy it over.
     assert ops.names.count("fill_.Scalar") == 4
     assert not any(name.startswith(("scalar_tensor", "copy_")) for name in ops.names), ops.names
+
+
+def test_host_to_device_copies_to_cuda_from_pinned_memory_without_waiting():
+    """A blocking copy from pageable memory makes the host wait for everything queued on the
+    GPU; from pinned memory with ``non_blocking`` it is queued behind it. (No GPU here: the
+    calls are recorded.)"""
+    calls = []
+
+    class HostTensor:
+        def pin_memory(self):
+            calls.append("pin_memory")
+            return self
+
+        def to(self, device, **kwargs):
+            calls.append(("to", device, kwargs))
+            return "on the device"
+
+    assert host_to_device(HostTensor(), torch.device("cuda", 1)) == "on the device"  # type: ignore[arg-type]
+    assert calls == ["pin_memory", ("to", torch.device("cuda", 1), {"non_blocking": True})]
+    values = torch.arange(5)
+    assert host_to_device(values, torch.device("cpu")) is values
+    assert host_to_device(values, torch.device("meta")).device.type == "meta"
 
 
 def test_filled_refuses_ragged_rows_as_torch_tensor_does():

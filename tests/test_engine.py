@@ -250,6 +250,32 @@ def test_training_and_validation_batches_come_in_pinned_memory_where_a_gpu_is(tm
     assert len(loaders) == 2 and all(loader.pin_memory is cuda for loader in loaders)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # a step outside a Trainer
+def test_the_training_step_gives_the_loss_the_labels_values_found_by_the_data_workers(tmp_path, monkeypatch):
+    """The training loader's batches carry each label's values (``collate_training``) and the
+    step passes them on: on a GPU the loss then reads no classes back (``Segments.of_images``)."""
+    from reinseg.build import build_segmentor
+    from reinseg.data import label_values
+    from reinseg.datamodule import SegmentationDataModule
+    from reinseg.engine import SegmentationTask
+    from reinseg.heads.criterion import Segments
+
+    config = tiny_config(tmp_path)
+    batch = next(iter(SegmentationDataModule(config).train_dataloader()))
+    assert batch["label_values"] == [label_values(label) for label in batch["label"]]
+    given = []
+    of_images = Segments.of_images.__func__
+
+    def recorded(cls, labels, *args, values=None, **kwargs):
+        given.append(values)
+        return of_images(cls, labels, *args, values=values, **kwargs)
+
+    monkeypatch.setattr(Segments, "of_images", classmethod(recorded))
+    task = SegmentationTask(config, segmentor=build_segmentor(config.model), write_metrics=False)
+    assert torch.isfinite(task.training_step(batch, 0))
+    assert given == [batch["label_values"]]
+
+
 @pytest.mark.slow  # a process of its own, killed (6 s); tests/test_resume.py kills runs at every other point
 def test_a_killed_run_resumes_exactly(tmp_path):
     from reinseg.engine import train
@@ -758,7 +784,11 @@ def test_on_a_gpu_training_steps_read_values_only_when_they_are_logged(tmp_path,
                 while frame is not None:
                     frames.append((frame.f_code.co_filename, frame.f_code.co_name))
                     frame = frame.f_back
-                if not any("reinseg/heads" in file or "evaluation_loop" in file for file, _ in frames):
+                # (The data pipeline's reads are of host tensors: collate runs here without workers.)
+                if not any(
+                    "reinseg/heads" in file or "evaluation_loop" in file or "reinseg/data/" in file
+                    for file, _ in frames
+                ):
                     if func is aten.lift_fresh.default:
                         # A Python number logged: Lightning makes it torch.tensor(value, device=...).
                         if any(name.endswith("__to_tensor") for _, name in frames):

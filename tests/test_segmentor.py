@@ -291,18 +291,25 @@ def test_test_windows_and_training_crops_of_one_patch_are_refused():
         check_run_options(Config(model=model, data=DataConfig(crop_size=64)), build_segmentor(model))
 
 
-def test_a_train_step_waits_for_the_device_twice_once_for_the_segments_and_once_for_every_matching(monkeypatch):
+@pytest.mark.parametrize("values_from_the_host", [False, True])
+def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segments_it_is_not_given(
+    monkeypatch, values_from_the_host
+):
     """On a GPU every operation whose result the host must read (``.item()``, a boolean index,
     ``unique``, a copy to the host) makes the host wait for the device. A train step (forward,
     loss, backward) on the GPU's code paths does so only where the loss needs the host: once for
-    the batch's segments (``Segments.of_images``: the classes found and read) and once for
     scipy's assignments of every prediction (``HungarianMatcher.solve``: all costs read at once;
-    it was once per prediction, ten a step at the paper's nine decoder layers). Counted on
-    the CPU, operation by operation; copies from the host to a device do not show on the CPU
-    (``benchmarks/strategies.py train`` counts on a GPU the operations CUDA's sync debug mode flags)."""
+    it was once per prediction, ten a step at the paper's nine decoder layers), and, unless the
+    labels' values come from the host (``label_values``, as the training loader gives them),
+    once for the batch's segments (``Segments.of_images``: the classes found and read; a wait
+    for the whole forward, after which the device idled while the host queued the matching's
+    684 operations at the paper config). Counted on the CPU, operation by operation; copies from
+    the host to a device do not show on the CPU (``benchmarks/strategies.py train`` counts on a
+    GPU the operations CUDA's sync debug mode flags)."""
     import reinseg.heads.criterion as criterion
     import reinseg.heads.deformable_attention as deformable_attention
     import reinseg.heads.mask2former as mask2former
+    from reinseg.data import label_values
     from reinseg.heads.criterion import HungarianMatcher, Segments
 
     torch.manual_seed(0)
@@ -330,16 +337,23 @@ def test_a_train_step_waits_for_the_device_twice_once_for_the_segments_and_once_
     for module in (criterion, deformable_attention, mask2former):  # the GPU's code paths
         monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
 
+    values = [label_values(label) for label in labels] if values_from_the_host else None
     with host:
-        losses = segmentor.loss(images, labels)
+        losses = segmentor.loss(images, labels, label_values=values)
         losses["loss"].backward()
     assert calls == {"of_images": 1, "solve": 1}
+    segments = [("of_images 1", "aten._unique2.default"), ("of_images 1", "Tensor.tolist")]  # one unique, read
     assert host.waits == [
-        ("of_images 1", "aten._unique2.default"),  # one unique, read
-        ("of_images 1", "Tensor.tolist"),
+        *([] if values_from_the_host else segments),
         ("solve 1", "Tensor.cpu"),  # every prediction's and image's costs to the host in one copy
         ("solve 1", "Tensor.numpy"),
     ]
+    with torch.no_grad():  # the same losses either way
+        torch.manual_seed(3)
+        read_back = segmentor.loss(images, labels)
+        torch.manual_seed(3)
+        given = segmentor.loss(images, labels, label_values=values)
+    assert read_back.keys() == given.keys() and all(torch.equal(read_back[k], given[k]) for k in read_back)
 
 
 def test_an_evaluated_image_makes_the_host_wait_for_nothing_on_the_gpus_code_paths(monkeypatch):

@@ -354,7 +354,7 @@ class SegmentationDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def train_dataloader(self) -> DataLoader:
-        from .data import collate
+        from .data import collate_training
 
         data = self.config.data
         rank, world = self._rank_and_world()
@@ -374,7 +374,7 @@ class SegmentationDataModule(L.LightningDataModule):
             stream,
             batch_size=data.batch_size,
             num_workers=data.num_workers,
-            collate_fn=collate,
+            collate_fn=collate_training,  # each label's values, for the loss (no read from a GPU)
             persistent_workers=data.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             generator=generator,

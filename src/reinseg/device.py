@@ -1,13 +1,14 @@
 """Device helpers of the forward's hot path: small constants made on an accelerator without
-making the host wait (:func:`device_tensor`), and whether autocast is on (:func:`autocast_enabled`,
-:func:`autocast_serves`).
+making the host wait (:func:`device_tensor`, :func:`host_to_device`), and whether autocast is
+on (:func:`autocast_enabled`, :func:`autocast_serves`).
 
 ``torch.tensor(values, device="cuda")`` copies from pageable host memory, and PyTorch
 synchronizes the stream after such a copy: the host waits until every kernel queued before it
 has run. The loss's label-map sampling made one such constant per image and prediction twice
 (80 waits a step at the paper's batch 4, 10 predictions) among small kernels, each wait leaving
 the GPU idle while the host queues the next ones. Writing each value with a fill kernel (the
-value travels as the kernel's argument) queues instead of waiting.
+value travels as the kernel's argument) queues instead of waiting; a tensor the host holds
+goes over from pinned memory, asynchronously (:func:`host_to_device`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from .tracing import tracing
 
-__all__ = ["autocast_enabled", "autocast_serves", "device_tensor", "filled", "usable_device"]
+__all__ = ["autocast_enabled", "autocast_serves", "device_tensor", "filled", "host_to_device", "usable_device"]
 
 # The device types autocast serves here, found once at import: torch.compile of torch 2.11 (the
 # GPU image's) cannot trace torch.amp.is_autocast_available and breaks the graph at every call.
@@ -64,6 +65,15 @@ def filled(values: Sequence[float] | Sequence[Sequence[float]], dtype: torch.dty
     for i, value in enumerate(flat):
         out[i].fill_(value)
     return out.view(len(rows), -1) if nested else out
+
+
+def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` (in host memory) copied to ``device`` without making the host wait: on CUDA
+    from pinned memory, asynchronously (PyTorch keeps the pinned block until the copy has run);
+    elsewhere, and under a tracer, ``tensor.to(device)``."""
+    if device.type != "cuda" or tracing():
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def usable_device(name: str) -> torch.device:

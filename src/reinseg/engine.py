@@ -163,7 +163,7 @@ class SegmentationTask(L.LightningModule):
 
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.segmentor.loss(batch["image"], batch["label"])
+        losses = self.segmentor.loss(batch["image"], batch["label"], label_values=batch.get("label_values"))
         # Not a progress-bar metric: Lightning reads those from the device every step (_Progress).
         self.log("loss", losses["loss"])
         self.log_dict({f"train/{k}": v for k, v in losses.items() if not k.startswith("d")})

@@ -116,9 +116,17 @@ class Segmentor(nn.Module):
         features, queries = self.backbone(images)
         return features, queries, {}
 
-    def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def loss(
+        self, images: Tensor, labels: Tensor, label_values: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, Tensor]:
         """Training losses for ``images (B, 3, H, W)`` and semantic ``labels (B, H, W)`` of an
         integer dtype (class IDs, 255 ignored; uint8 as read from PNGs is fine).
+
+        ``label_values``, if given, holds each label's distinct values as the host found them
+        (:func:`reinseg.data.label_values`; the training loader's batches carry them): on a GPU
+        the loss then takes the images' classes from them instead of reading them back, a wait
+        for the whole forward (:meth:`~reinseg.heads.criterion.Segments.of_images`). On the CPU
+        they are checked against the labels.
 
         Returns the criterion's terms: ``loss_cls``, ``loss_mask``, ``loss_dice`` of the last
         prediction, ``d<i>.loss_*`` of the decoder layer ``i``'s, and ``loss``, their sum (the one
@@ -134,7 +142,7 @@ class Segmentor(nn.Module):
             )
         labels = labels.long()
         class_logits, mask_logits = self(images)
-        return self.criterion(class_logits, mask_logits, labels)
+        return self.criterion(class_logits, mask_logits, labels, label_values=label_values)
 
     @property
     def mixes_batch(self) -> bool:

@@ -50,6 +50,8 @@ _EXPORTS = {
     "build_dataset": ".datasets",
     "build_datasets": ".datasets",
     "collate": ".datasets",
+    "collate_training": ".datasets",
+    "label_values": ".datasets",
 }
 
 __all__ = [
@@ -72,6 +74,8 @@ __all__ = [
     "build_dataset",
     "build_datasets",
     "collate",
+    "collate_training",
+    "label_values",
     "colorize",
     "ClassList",
     "CITYSCAPES_CLASSES",
@@ -85,7 +89,15 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .classes import CITYSCAPES_CLASSES, CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, ClassList, colorize
-    from .datasets import ConcatSegmentationDataset, SegmentationDataset, build_dataset, build_datasets, collate
+    from .datasets import (
+        ConcatSegmentationDataset,
+        SegmentationDataset,
+        build_dataset,
+        build_datasets,
+        collate,
+        collate_training,
+        label_values,
+    )
     from .encodings import LabelEncoding
     from .entries import DatasetEntry, parse_entries
     from .io import DataError

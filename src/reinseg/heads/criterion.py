@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from ..device import device_tensor
+from ..device import device_tensor, host_to_device
 from ..tracing import tracing
 from .deformable_csr import eager_on_cpu
 from .grid_sample_math import grid_sample_pixel, powers_of_two
@@ -86,7 +86,13 @@ class Segments:
         return cls(label, classes[classes != ignore_index])
 
     @classmethod
-    def of_images(cls, labels: Tensor, num_classes: int, ignore_index: int = 255) -> SegmentBatch:
+    def of_images(
+        cls,
+        labels: Tensor,
+        num_classes: int,
+        ignore_index: int = 255,
+        values: Sequence[Sequence[int]] | None = None,
+    ) -> SegmentBatch:
         """:meth:`of` for each image of ``labels (B, H, W)``, in one trip to the host.
 
         One ``torch.unique`` over the batch's labels keyed by their image finds every image's
@@ -94,31 +100,35 @@ class Segments:
         per batch, not twice per image. The same trip checks the labels: a value outside
         ``0..num_classes - 1`` that is not ``ignore_index`` raises ValueError naming it. The
         classes are int64 (indices) whatever the labels' dtype.
+
+        ``values``, each label's distinct values as the host already holds them
+        (:func:`reinseg.data.label_values`), spare that trip off the CPU: the classes are taken
+        from them, checked the same way, and the host does not wait. On the CPU, where the trip
+        costs no wait, the labels' own values are found and ``values`` must equal them
+        (ValueError otherwise): a pipeline whose values drift from its labels fails in the CPU
+        tests instead of training on wrong segments on a GPU.
         """
         if labels.dim() != 3:
             raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
         if labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"labels must hold integer class IDs, got {labels.dtype}")
         batch = labels.shape[0]
-        ignored, invalid = num_classes, num_classes + 1  # codes of the other values
-        known = (labels >= 0) & (labels < num_classes)
-        codes = torch.where(labels == ignore_index, ignored, torch.where(known, labels.long(), invalid))
-        image = torch.arange(batch, device=labels.device).view(-1, 1, 1)
-        keys = torch.unique(codes + (invalid + 1) * image).tolist()
-        if any(key % (invalid + 1) == invalid for key in keys):
-            # Only on the error path: the values themselves, for the message.
-            bad = labels[(labels != ignore_index) & ~known].unique()[:8].tolist()
-            raise ValueError(f"label values {bad} are outside 0..{num_classes - 1} and not {ignore_index}")
-        per_image: list[list[int]] = [[] for _ in range(batch)]
-        for key in keys:
-            b, code = divmod(key, invalid + 1)
-            if code < num_classes:
-                per_image[b].append(code)
+        if values is not None and len(values) != batch:
+            raise ValueError(f"label_values holds {len(values)} images' values for {batch} labels")
+        if values is None or eager_on_cpu(labels):
+            per_image = _classes_read_back(labels, num_classes, ignore_index)
+            if values is not None:
+                given = _classes_of_values(values, num_classes, ignore_index)
+                for b, (found, held) in enumerate(zip(per_image, given, strict=True)):
+                    if found != held:
+                        raise ValueError(f"label_values of image {b} give classes {held}, its label holds {found}")
+        else:
+            per_image = _classes_of_values(values, num_classes, ignore_index)
         # Each image's classes, and the same padded to one row per image (for sampling every
         # image at once; the rows past an image's classes are never read): one copy for both.
         longest = max((len(c) for c in per_image), default=0)
         padded = [c + [-1] * (longest - len(c)) for c in per_image]
-        both = torch.tensor(sum(per_image, []) + sum(padded, []), dtype=torch.int64).to(labels.device)
+        both = host_to_device(torch.tensor(sum(per_image, []) + sum(padded, []), dtype=torch.int64), labels.device)
         flat, rows = both.split([len(both) - batch * longest, batch * longest])
         classes = flat.split([len(c) for c in per_image])  # int64: indices, whatever the labels' dtype
         segments = [cls(label, c) for label, c in zip(labels, classes, strict=True)]
@@ -142,6 +152,40 @@ class Segments:
         if self._framed is None:
             self._framed = framed_label_maps(self.label[None])
         return self._framed
+
+
+def _classes_read_back(labels: Tensor, num_classes: int, ignore_index: int) -> list[list[int]]:
+    """Each image's classes in ``labels (B, H, W)``, ascending, found on the labels' device and
+    read back in one trip; ValueError naming the values outside the classes and not ignored."""
+    batch = labels.shape[0]
+    ignored, invalid = num_classes, num_classes + 1  # codes of the other values
+    known = (labels >= 0) & (labels < num_classes)
+    codes = torch.where(labels == ignore_index, ignored, torch.where(known, labels.long(), invalid))
+    image = torch.arange(batch, device=labels.device).view(-1, 1, 1)
+    keys = torch.unique(codes + (invalid + 1) * image).tolist()
+    if any(key % (invalid + 1) == invalid for key in keys):
+        # Only on the error path: the values themselves, for the message.
+        _raise_outside(labels[(labels != ignore_index) & ~known].unique()[:8].tolist(), num_classes, ignore_index)
+    per_image: list[list[int]] = [[] for _ in range(batch)]
+    for key in keys:
+        b, code = divmod(key, invalid + 1)
+        if code < num_classes:
+            per_image[b].append(code)
+    return per_image
+
+
+def _classes_of_values(values: Sequence[Sequence[int]], num_classes: int, ignore_index: int) -> list[list[int]]:
+    """Each image's classes, ascending, from its label's distinct ``values``; ValueError as
+    :func:`_classes_read_back` raises it."""
+    per_image = [sorted({int(v) for v in image if v != ignore_index}) for image in values]
+    bad = sorted({v for image in per_image for v in image if not 0 <= v < num_classes})
+    if bad:
+        _raise_outside(bad[:8], num_classes, ignore_index)
+    return per_image
+
+
+def _raise_outside(bad: list[int], num_classes: int, ignore_index: int) -> None:
+    raise ValueError(f"label values {bad} are outside 0..{num_classes - 1} and not {ignore_index}")
 
 
 class SegmentBatch(list):
@@ -465,11 +509,19 @@ class Mask2FormerLoss(nn.Module):
         weights[-1] = no_object_weight
         self.register_buffer("ce_class_weights", weights, persistent=False)
 
-    def forward(self, class_logits: list[Tensor], mask_logits: list[Tensor], labels: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self,
+        class_logits: list[Tensor],
+        mask_logits: list[Tensor],
+        labels: Tensor,
+        label_values: Sequence[Sequence[int]] | None = None,
+    ) -> dict[str, Tensor]:
+        """The losses of every prediction for ``labels (B, H, W)``; ``label_values``: each
+        label's distinct values, known on the host (:meth:`Segments.of_images`)."""
         if labels.dim() != 3:
             raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
         # The segments stay label maps: sampling them gives the binary masks' values.
-        targets = Segments.of_images(labels, self.num_classes, self.ignore_index)
+        targets = Segments.of_images(labels, self.num_classes, self.ignore_index, values=label_values)
         # The Hungarian matching pairs min(Q, G) queries of an image; mmdet counts at least one per image.
         num_queries = class_logits[0].shape[1]
         num_matched = sum(max(min(num_queries, len(segments)), 1) for segments in targets)
