@@ -161,15 +161,21 @@ def test_the_loss_takes_one_trip_to_the_host_per_prediction(monkeypatch):
 
 @pytest.mark.parametrize("importance", [0.75, 1.0])
 @pytest.mark.parametrize("labelled", [True, False])
-def test_off_the_cpu_every_prediction_is_matched_in_one_trip_with_mmdets_draws(monkeypatch, importance, labelled):
+@pytest.mark.parametrize("points_per_pass", [1, 1 << 20])  # each prediction's in a pass; all in one
+def test_off_the_cpu_every_prediction_is_matched_in_one_trip_and_scored_at_once_with_mmdets_draws(
+    monkeypatch, importance, labelled, points_per_pass
+):
     """On a GPU all predictions' costs go to scipy together (one wait a step, not one per
+    prediction), and all predictions are then scored in one pass (a few kernels, not a few per
     prediction). mmdet draws a prediction's loss points before the next prediction's matching
     points: those draws are made and dropped in their place and replayed from the generator's
-    state, so the losses, the gradients and the generator's state after the loss are the same
-    bits as matching one prediction at a time."""
+    state, so the points are mmdet's, the generator ends where mmdet's does, and the losses and
+    gradients are those of one prediction at a time up to the order of their sums (a class
+    loss here differs in its last bit)."""
     import reinseg.heads.criterion as criterion_module
 
     monkeypatch.setattr(criterion_module, "eager_on_cpu", lambda tensor: False)
+    monkeypatch.setattr(criterion_module, "_MASK_POINTS_PER_PASS", points_per_pass)
     solved = []
     solve = HungarianMatcher.solve
     monkeypatch.setattr(
@@ -193,8 +199,11 @@ def test_off_the_cpu_every_prediction_is_matched_in_one_trip_with_mmdets_draws(m
         found[route] = (losses, [t.grad for t in logits], torch.rand(5))
     assert solved == [3] * 4 + [12]  # 3 images' costs a trip: 4 trips, then one
     (apart, apart_grads, apart_next), (together, together_grads, together_next) = found.values()
-    assert apart.keys() == together.keys() and all(torch.equal(apart[k], together[k]) for k in apart)
-    assert all(torch.equal(a, b) for a, b in zip(apart_grads, together_grads, strict=True))
+    assert list(apart) == list(together)
+    for key in apart:
+        torch.testing.assert_close(together[key], apart[key], rtol=1e-6, atol=0, msg=key)
+    for a, b in zip(apart_grads, together_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-12)
     assert torch.equal(apart_next, together_next)  # the generator is where mmdet's would be
     assert labelled == bool(together["loss_mask"])
 
