@@ -161,9 +161,10 @@ def test_the_loss_takes_one_trip_to_the_host_per_prediction(monkeypatch):
 
 @pytest.mark.parametrize("importance", [0.75, 1.0])
 @pytest.mark.parametrize("labelled", [True, False])
-@pytest.mark.parametrize("points_per_pass", [1, 1 << 20])  # each prediction's in a pass; all in one
+@pytest.mark.parametrize("points_per_pass", [1, 5000, 1 << 20])  # at 6 queries: passes of 1, 3 + 1, all 4
+@pytest.mark.parametrize("queries", [6, 2])  # 2: fewer queries than segments
 def test_off_the_cpu_every_prediction_is_matched_in_one_trip_and_scored_at_once_with_mmdets_draws(
-    monkeypatch, importance, labelled, points_per_pass
+    monkeypatch, importance, labelled, points_per_pass, queries
 ):
     """On a GPU all predictions' costs go to scipy together (one wait a step, not one per
     prediction), and all predictions are then scored in one pass (a few kernels, not a few per
@@ -182,22 +183,33 @@ def test_off_the_cpu_every_prediction_is_matched_in_one_trip_and_scored_at_once_
         HungarianMatcher, "solve", staticmethod(lambda costs: (solved.append(len(costs)), solve(costs))[1])
     )
     generator = torch.Generator().manual_seed(3)
-    class_logits = [torch.randn(3, 6, 20, generator=generator) for _ in range(4)]
-    mask_logits = [torch.randn(3, 6, 16, 16, generator=generator) for _ in range(4)]
+    class_logits = [torch.randn(3, queries, 20, generator=generator) for _ in range(4)]
+    mask_logits = [torch.randn(3, queries, 16, 16, generator=generator) for _ in range(4)]
     labels = torch.randint(0, 4, (3, 32, 32), generator=generator)
     labels[1] = 255  # an image without segments
     if not labelled:
         labels[:] = 255  # nothing to match: no loss points are drawn
     criterion = Mask2FormerLoss(19, num_points=64, importance_sample_ratio=importance)
+    passes: list[int] = []  # the masks of each pass choosing points
+    uncertain = criterion_module.uncertain_points
+    monkeypatch.setattr(
+        criterion_module,
+        "uncertain_points",
+        lambda masks, *args, **kwargs: (passes.append(len(masks)), uncertain(masks, *args, **kwargs))[1],
+    )
     found = {}
     for route, one_trip in (("per prediction", lambda device: None), ("one trip", criterion_module._default_generator)):
         monkeypatch.setattr(criterion_module, "_default_generator", one_trip)
+        passes.clear()
         logits = [t.clone().requires_grad_() for t in class_logits + mask_logits]
         torch.manual_seed(7)
         losses = criterion(logits[:4], logits[4:], labels)
         losses["loss"].backward()
         found[route] = (losses, [t.grad for t in logits], torch.rand(5))
     assert solved == [3] * 4 + [12]  # 3 images' costs a trip: 4 trips, then one
+    n = 2 * min(queries, 4)  # the pairs of a prediction: two images of 4 classes
+    expected = {1: [n] * 4, 5000: [3 * n, n] if queries == 6 else [4 * n], 1 << 20: [4 * n]}[points_per_pass]
+    assert passes == (expected if labelled else [])
     (apart, apart_grads, apart_next), (together, together_grads, together_next) = found.values()
     assert list(apart) == list(together)
     for key in apart:
