@@ -616,9 +616,7 @@ class Mask2FormerLoss(nn.Module):
 
         loss_mask = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
         loss_mask = loss_mask / (num_masks * self.num_points + _EPS)
-        prob = point_logits.sigmoid()
-        dice = 1 - (2 * (prob * point_targets).sum(-1) + 1) / (prob.sum(-1) + point_targets.sum(-1) + 1)
-        loss_dice = dice.sum() / (num_masks + _EPS)
+        loss_dice = _dice_losses(point_logits, point_targets).sum() / (num_masks + _EPS)
         return {
             "loss_cls": self.class_weight * loss_cls,
             "loss_mask": self.mask_weight * loss_mask,
@@ -681,9 +679,7 @@ class Mask2FormerLoss(nn.Module):
             point_logits = point_sample(preds, coords)[:, 0].float()
             bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none")
             bce_sums.append(bce.view(len(these), -1).sum(1))
-            prob = point_logits.sigmoid()
-            dice = 1 - (2 * (prob * point_targets).sum(-1) + 1) / (prob.sum(-1) + point_targets.sum(-1) + 1)
-            dice_sums.append(dice.view(len(these), n).sum(1))
+            dice_sums.append(_dice_losses(point_logits, point_targets).view(len(these), n).sum(1))
         loss_mask = _joined(bce_sums) / (num_masks * self.num_points + _EPS)
         loss_dice = _joined(dice_sums) / (num_masks + _EPS)
         terms = {
@@ -722,6 +718,13 @@ class Mask2FormerLoss(nn.Module):
 # classes an image, 3 x 12544 candidates a mask). GPU peak estimate there (memory_estimate.py):
 # 7.68 GiB one prediction at a time, 7.86 two a pass (5201 operations a step), 8.84 all ten (4891).
 _MASK_POINTS_PER_PASS = 1 << 23
+
+
+def _dice_losses(point_logits: Tensor, point_targets: Tensor) -> Tensor:
+    """mmdet's dice loss (smoothed by 1) of each mask's ``(..., P)`` logits at its points
+    against its targets there -> ``(...)``."""
+    prob = point_logits.sigmoid()
+    return 1 - (2 * (prob * point_targets).sum(-1) + 1) / (prob.sum(-1) + point_targets.sum(-1) + 1)
 
 
 def _joined(parts: Sequence[Tensor]) -> Tensor:
