@@ -196,6 +196,19 @@ def python_sigint_handler():
     signal.signal(signal.SIGINT, previous)
 
 
+def take_gpu_code_paths(monkeypatch) -> None:
+    """The head's and the loss's GPU code paths on the CPU for the test (``eager_on_cpu``
+    answers no, as ``benchmarks/gpu_paths.py`` sets it): the deformable attention through
+    ``grid_sample`` (not the CSR kernel), the plain mask products and short softmaxes, the
+    matching of every prediction in one trip and every prediction scored together."""
+    import reinseg.heads.criterion as criterion
+    import reinseg.heads.deformable_attention as deformable_attention
+    import reinseg.heads.mask2former as mask2former
+
+    for module in (criterion, deformable_attention, mask2former):
+        monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
+
+
 class HostWaits:
     """Records each operation that makes the host wait for a device (``.item()``, a boolean
     index, ``unique``, ``bincount``, a copy to the host, ...) while it is entered, as

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_golden
+from conftest import load_golden, take_gpu_code_paths
 
 from reinseg.build import build_segmentor
 from reinseg.checkpoints import segmentor_from_checkpoint
@@ -26,7 +26,19 @@ def max_error(a, b):
     return (a - b).abs().max().item()
 
 
-def test_per_layer_head_outputs_match_the_official_code(golden, segmentor):
+# Each also on the GPU's code paths (taken on the CPU), which the official numerics would not
+# otherwise pin: the deformable attention through grid_sample, the plain mask products.
+GPU_CODE_PATHS = pytest.mark.parametrize("gpu_code_paths", [False, True])
+
+
+@pytest.fixture
+def code_paths(gpu_code_paths, monkeypatch):
+    if gpu_code_paths:
+        take_gpu_code_paths(monkeypatch)
+
+
+@GPU_CODE_PATHS
+def test_per_layer_head_outputs_match_the_official_code(golden, segmentor, code_paths):
     with torch.no_grad():
         class_logits, mask_logits = segmentor(golden["crop_input"])
     assert len(class_logits) == len(golden["crop_class_logits_per_layer"]) == 10
@@ -36,11 +48,13 @@ def test_per_layer_head_outputs_match_the_official_code(golden, segmentor):
         assert max_error(ours, theirs) <= 1e-4
 
 
-def test_whole_image_logits_match_the_official_code(golden, segmentor):
+@GPU_CODE_PATHS
+def test_whole_image_logits_match_the_official_code(golden, segmentor, code_paths):
     assert max_error(segmentor.predict(golden["crop_input"], mode="whole"), golden["crop_seg_logits"]) <= 1e-4
 
 
-def test_sliding_window_logits_match_the_official_code(golden, segmentor):
+@GPU_CODE_PATHS
+def test_sliding_window_logits_match_the_official_code(golden, segmentor, code_paths):
     assert segmentor.test_mode == "slide" and segmentor.crop_size == tuple(golden["slide_crop"])
     assert segmentor.stride == tuple(golden["slide_stride"])
     assert max_error(segmentor.predict(golden["slide_input"]), golden["slide_seg_logits"]) <= 1e-4

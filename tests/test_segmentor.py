@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import HostWaits, tiny_model_config
+from conftest import HostWaits, take_gpu_code_paths, tiny_model_config
 
 from reinseg.build import build_segmentor
 from reinseg.config import ConfigError, HeadConfig, ReinConfig
@@ -306,9 +306,6 @@ def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segme
     684 operations at the paper config). Counted on the CPU, operation by operation; copies from
     the host to a device do not show on the CPU (``benchmarks/strategies.py train`` counts on a
     GPU the operations CUDA's sync debug mode flags)."""
-    import reinseg.heads.criterion as criterion
-    import reinseg.heads.deformable_attention as deformable_attention
-    import reinseg.heads.mask2former as mask2former
     from reinseg.data import label_values
     from reinseg.heads.criterion import HungarianMatcher, Segments
 
@@ -334,8 +331,7 @@ def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segme
 
     monkeypatch.setattr(Segments, "of_images", classmethod(allowed("of_images", Segments.of_images.__func__)))
     monkeypatch.setattr(HungarianMatcher, "solve", staticmethod(allowed("solve", HungarianMatcher.solve)))
-    for module in (criterion, deformable_attention, mask2former):  # the GPU's code paths
-        monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
+    take_gpu_code_paths(monkeypatch)
 
     values = [label_values(label) for label in labels] if values_from_the_host else None
     with host:
@@ -361,9 +357,6 @@ def test_an_evaluated_image_makes_the_host_wait_for_nothing_on_the_gpus_code_pat
     matrix's update queue every operation: on a GPU the host reads nothing back per image and
     can prepare the next one while the device works (the update read its check, two boolean
     indexes and bincount's size: five waits per image). Counted on the CPU as in the train step's test."""
-    import reinseg.heads.criterion as criterion
-    import reinseg.heads.deformable_attention as deformable_attention
-    import reinseg.heads.mask2former as mask2former
     import reinseg.metrics as metrics
     from reinseg.metrics import ConfusionMatrix
     from reinseg.predict import scores_at_sizes
@@ -371,8 +364,7 @@ def test_an_evaluated_image_makes_the_host_wait_for_nothing_on_the_gpus_code_pat
     torch.manual_seed(0)
     segmentor = build_segmentor(tiny_model_config()).eval()
     segmentor.test_mode, segmentor.crop_size, segmentor.stride = "slide", (32, 32), (21, 21)
-    for module in (criterion, deformable_attention, mask2former):  # the GPU's code paths
-        monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
+    take_gpu_code_paths(monkeypatch)
     monkeypatch.setattr(metrics, "_checks_each_update", lambda device: False)
     images, labels = torch.randn(2, 3, 48, 80), torch.randint(0, 19, (2, 50, 78))
     confusion = ConfusionMatrix(19)

@@ -8,7 +8,7 @@ and the sizes of the official code's ``torch.rand`` calls in order.
 
 import pytest
 import torch
-from conftest import golden_rand, load_golden, relative_errors, shape_rand
+from conftest import golden_rand, load_golden, relative_errors, shape_rand, take_gpu_code_paths
 
 from reinseg.official import from_official
 
@@ -47,8 +47,13 @@ def test_the_random_stand_in_matches_the_golden_probe(golden):
         assert torch.equal(rand(tuple(probe.shape)), probe)
 
 
+@pytest.mark.parametrize("gpu_code_paths", [False, True])
 @pytest.mark.parametrize("name", CASES)
-def test_loss_terms_and_gradients_match_the_official_code(golden, segmentor, name):
+def test_loss_terms_and_gradients_match_the_official_code(golden, segmentor, name, gpu_code_paths, monkeypatch):
+    """On the CPU's code paths, and on the GPU's (taken here on the CPU), which the official
+    code's numerics would not otherwise pin."""
+    if gpu_code_paths:
+        take_gpu_code_paths(monkeypatch)
     case = case_of(golden, name)
     segmentor.zero_grad(set_to_none=True)
     with golden_rand(golden["rand_seed"]):
@@ -65,6 +70,19 @@ def test_loss_terms_and_gradients_match_the_official_code(golden, segmentor, nam
     errors = relative_errors(grads, case["grads"])
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-5, (worst, errors[worst])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_on_the_gpus_code_paths_a_seeded_run_gives_the_official_terms(golden, seeded, segmentor, name, monkeypatch):
+    """There every prediction is matched first and its loss points are drawn again from the
+    generator's state after its matching (more calls than the official code's), so the points,
+    and the terms of a seeded run, are still the official ones."""
+    take_gpu_code_paths(monkeypatch)
+    torch.manual_seed(golden["rand_seed"])
+    with torch.no_grad():
+        losses = segmentor.loss(case_of(golden, name)["images"], case_of(golden, name)["labels"])
+    for term, value in seeded[name]["losses"].items():
+        assert losses[term].item() == pytest.approx(value, rel=1e-5), term
 
 
 @pytest.mark.parametrize("name", CASES)
