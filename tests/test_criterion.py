@@ -161,10 +161,11 @@ def test_the_loss_takes_one_trip_to_the_host_per_prediction(monkeypatch):
 
 @pytest.mark.parametrize("importance", [0.75, 1.0])
 @pytest.mark.parametrize("labelled", [True, False])
-@pytest.mark.parametrize("points_per_pass", [1, 5000, 1 << 20])  # at 6 queries: passes of 1, 3 + 1, all 4
+# At 6 queries: passes of 1, 3 + 1 and all 4 predictions choosing points; of 1, 3 + 1 and all 4 matching.
+@pytest.mark.parametrize(("points_per_pass", "values_per_pass"), [(1, 1), (5000, 3500), (1 << 20, 1 << 20)])
 @pytest.mark.parametrize("queries", [6, 2])  # 2: fewer queries than segments
 def test_off_the_cpu_every_prediction_is_matched_in_one_trip_and_scored_at_once_with_mmdets_draws(
-    monkeypatch, importance, labelled, points_per_pass, queries
+    monkeypatch, importance, labelled, points_per_pass, values_per_pass, queries
 ):
     """On a GPU all predictions' costs go to scipy together (one wait a step, not one per
     prediction), and all predictions are then scored in one pass (a few kernels, not a few per
@@ -177,6 +178,7 @@ def test_off_the_cpu_every_prediction_is_matched_in_one_trip_and_scored_at_once_
 
     monkeypatch.setattr(criterion_module, "eager_on_cpu", lambda tensor: False)
     monkeypatch.setattr(criterion_module, "_MASK_POINTS_PER_PASS", points_per_pass)
+    monkeypatch.setattr(criterion_module, "_MATCH_VALUES_PER_PASS", values_per_pass)
     solved = []
     solve = HungarianMatcher.solve
     monkeypatch.setattr(
@@ -197,10 +199,18 @@ def test_off_the_cpu_every_prediction_is_matched_in_one_trip_and_scored_at_once_
         "uncertain_points",
         lambda masks, *args, **kwargs: (passes.append(len(masks)), uncertain(masks, *args, **kwargs))[1],
     )
+    matched: list[int] = []  # the predictions of each matching pass
+    costs_at = HungarianMatcher.costs_at
+    monkeypatch.setattr(
+        HungarianMatcher,
+        "costs_at",
+        lambda self, predictions, *args: (matched.append(len(predictions)), costs_at(self, predictions, *args))[1],
+    )
     found = {}
     for route, one_trip in (("per prediction", lambda device: None), ("one trip", criterion_module._default_generator)):
         monkeypatch.setattr(criterion_module, "_default_generator", one_trip)
         passes.clear()
+        matched.clear()
         logits = [t.clone().requires_grad_() for t in class_logits + mask_logits]
         torch.manual_seed(7)
         losses = criterion(logits[:4], logits[4:], labels)
@@ -210,6 +220,8 @@ def test_off_the_cpu_every_prediction_is_matched_in_one_trip_and_scored_at_once_
     n = 2 * min(queries, 4)  # the pairs of a prediction: two images of 4 classes
     expected = {1: [n] * 4, 5000: [3 * n, n] if queries == 6 else [4 * n], 1 << 20: [4 * n]}[points_per_pass]
     assert passes == (expected if labelled else [])
+    # 3 images x queries x 64 points a prediction
+    assert matched == {1: [1] * 4, 3500: [3, 1] if queries == 6 else [4], 1 << 20: [4]}[values_per_pass]
     (apart, apart_grads, apart_next), (together, together_grads, together_next) = found.values()
     assert list(apart) == list(together)
     for key in apart:

@@ -401,8 +401,8 @@ def collate_training(items: list[dict]) -> dict:
 
     Found here, in a data worker, the loss takes each image's classes from them
     (``Segmentor.loss(..., label_values=)``) instead of reading them back from a GPU: that read
-    made the host wait for the forward, and the device then idled while the host queued the
-    matching's ~700 operations (paper config, batch 4)."""
+    makes the host wait for the forward, and the device then idles while the host queues the
+    matching's operations."""
     batch = collate(items)
     batch["label_values"] = None if batch["label"] is None else [label_values(label) for label in batch["label"]]
     return batch
