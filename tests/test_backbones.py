@@ -67,6 +67,30 @@ def test_zero_delta_leaves_the_backbone_output_unchanged(golden, tmp_path):
     assert not torch.allclose(moved[2], expected[2])
 
 
+def test_a_forward_takes_reins_layers_from_one_unbind_of_their_stacked_tokens(monkeypatch):
+    """``Rein.one_forward`` around the blocks: no layer's tokens indexed out of their stack
+    (whose backward fills a zero gradient of the whole stack per layer)."""
+    from reinseg.rein import Rein
+
+    backbone = build_backbone(
+        "dinov2_vits14", img_size=64, patch_size=16, rein=TINY_REIN, **tiny_overrides("dinov2_vits14")
+    )
+    taken: list[tuple[str, int, bool]] = []  # (parameter, layer, inside one_forward)
+    of_layer = Rein._of_layer
+
+    def recorded(self, name, layer):
+        taken.append((name, layer, self._per_layer is not None))
+        return of_layer(self, name, layer)
+
+    monkeypatch.setattr(Rein, "_of_layer", recorded)
+    backbone.train()(torch.randn(1, 3, 64, 64))
+    depth = len(backbone.vit.blocks)
+    assert sorted({(name, layer) for name, layer, _ in taken}) == [
+        (name, layer) for name in ("learnable_tokens_a", "learnable_tokens_b") for layer in range(depth)
+    ]
+    assert all(inside for *_, inside in taken) and backbone.rein._per_layer is None
+
+
 @pytest.mark.parametrize("name", VIT_NAMES)
 def test_every_zoo_entry_runs_forward_and_backward_with_only_rein_learning(name):
     backbone = build_backbone(name, img_size=64, patch_size=16, rein=TINY_REIN, **tiny_overrides(name))

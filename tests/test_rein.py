@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -350,6 +351,45 @@ def test_training_refinement_gives_autograds_values_and_gradients(kwargs):
         assert (g is None) == (e is None)
         if e is not None:
             assert (g - e).abs().max().item() <= 1e-12 * max(1.0, e.abs().max().item())
+
+
+@pytest.mark.parametrize("kwargs", [dict(lora_dim=4), dict(lora_dim=None), dict(lora_dim=64)])
+def test_inside_one_forward_the_layers_tokens_are_one_unbind_with_the_same_gradients(kwargs):
+    """Indexing a layer of the stacked tokens makes, in backward, a zero-filled gradient of the
+    whole stack and a sum into it, for every layer; inside ``one_forward`` every layer's part
+    comes from one unbind, whose backward stacks them: the same bits, fewer operations."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.operations: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.operations.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    rein = Rein(num_layers=4, embed_dims=64, patch_size=16, query_dims=8, token_length=10, **kwargs)
+    x = torch.randn(2, 1 + 20, 64)
+    found = {}
+    for per_forward in (False, True):
+        rein.zero_grad(set_to_none=True)
+        with rein.one_forward() if per_forward else contextlib.nullcontext():
+            out = x
+            for layer in range(rein.num_layers):
+                out = rein(out, layer)
+            loss = out.square().sum()
+        count = Count()
+        with count:
+            loss.backward()
+        found[per_forward] = ({n: p.grad for n, p in rein.named_parameters() if p.grad is not None}, count.operations)
+    (indexed, indexed_ops), (unbound, unbound_ops) = found[False], found[True]
+    assert indexed.keys() == unbound.keys() and all(torch.equal(indexed[n], unbound[n]) for n in indexed)
+    stacked = 1 if kwargs["lora_dim"] is None else 2  # the tokens, or their two factors
+    assert unbound_ops.count("select_backward") == 0 and indexed_ops.count("select_backward") == 4 * stacked
+    assert unbound_ops.count("stack") == stacked
+    assert len(unbound_ops) < len(indexed_ops)
+    assert rein._per_layer is None  # nothing kept after the forward
 
 
 def _kept_row_bytes(refine, rows: int) -> int:

@@ -12,6 +12,7 @@ How each family embeds images, runs its blocks and lays out its tokens is its ad
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Sequence
@@ -278,16 +279,17 @@ class ReinBackbone(FrozenBackbone):
         # timm keeps them under autocast: it casts the rotated queries and keys to the values' dtype.
         x, block_kwargs = family.embed(self.vit, images)
         maps = []
-        for index, block in enumerate(self.vit.blocks):
-            x = self._run_block(index, block, x, block_kwargs)
-            if frozen_dtype is not None:
-                # Rein, the prompts and the maps the head sees stay in fp32: only the frozen
-                # blocks run in frozen_dtype.
-                x = x.float()
-            if self.rein is not None:
-                x = family.from_tokens(self.rein(family.to_tokens(x), index), x)
-            if index in self.out_indices:
-                maps.append(family.patch_map(x, self.num_prefix_tokens, height // ph, width // pw))
+        with self.rein.one_forward() if self.rein is not None else contextlib.nullcontext():
+            for index, block in enumerate(self.vit.blocks):
+                x = self._run_block(index, block, x, block_kwargs)
+                if frozen_dtype is not None:
+                    # Rein, the prompts and the maps the head sees stay in fp32: only the frozen
+                    # blocks run in frozen_dtype.
+                    x = x.float()
+                if self.rein is not None:
+                    x = family.from_tokens(self.rein(family.to_tokens(x), index), x)
+                if index in self.out_indices:
+                    maps.append(family.patch_map(x, self.num_prefix_tokens, height // ph, width // pw))
         out = BackboneMaps(maps, VIT_MAP_SCALES, self.rein.queries() if self.links_queries else None)
         return out.output() if resize else out
 

@@ -92,6 +92,11 @@ class FoldedRein(nn.Module):
         """The linked object queries ``(m, D)``."""
         return self.folded_queries
 
+    def one_forward(self) -> contextlib.AbstractContextManager[None]:
+        """:meth:`reinseg.rein.Rein.one_forward`, which the backbone enters around its blocks:
+        nothing to share here (buffers, no gradients)."""
+        return contextlib.nullcontext()
+
 
 def fold_rein(segmentor: nn.Module) -> nn.Module:
     """A copy of ``segmentor`` whose Rein (if any, one per ViT) is a :class:`FoldedRein`."""

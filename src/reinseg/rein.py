@@ -108,6 +108,8 @@ class Rein(nn.Module):
         self.num_prefix_tokens = int(num_prefix_tokens)
         # What depends on the tokens and MLPs alone, kept inside :meth:`weights_fixed` (None outside).
         self._fixed: dict | None = None
+        # Each stacked parameter's per-layer views, inside :meth:`one_forward` (None outside).
+        self._per_layer: dict[str, tuple[Tensor, ...]] | None = None
         self._create_parameters()
         if not self.link_token_to_query:
             # Made (the official state dict and random draws hold them) but unused: frozen, so that
@@ -161,10 +163,38 @@ class Rein(nn.Module):
     def tokens(self, layer: int | None = None) -> Tensor:
         """The tokens of one layer, ``(m, C)``, or of all layers, ``(L, m, C)``, when ``layer`` is None."""
         if self.lora_dim is None:
-            return self.learnable_tokens if layer is None else self.learnable_tokens[layer]
+            return self.learnable_tokens if layer is None else self._of_layer("learnable_tokens", layer)
         if layer is None:
             return self.learnable_tokens_a @ self.learnable_tokens_b
-        return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]
+        return self._of_layer("learnable_tokens_a", layer) @ self._of_layer("learnable_tokens_b", layer)
+
+    def _of_layer(self, name: str, layer: int) -> Tensor:
+        """``getattr(self, name)[layer]`` of a parameter stacked over the layers; inside
+        :meth:`one_forward` a view of one unbind of it per forward."""
+        stacked = getattr(self, name)
+        views = self._per_layer
+        if views is None or tracing():
+            return stacked[layer]
+        if name not in views:
+            views[name] = stacked.unbind(0)
+        return views[name][layer]
+
+    @contextlib.contextmanager
+    def one_forward(self) -> Iterator[None]:
+        """Within this context (one forward of the backbone's blocks), each layer's tokens or
+        token factors are views of one ``unbind`` of their stacked parameter: in backward one
+        operation stacks every layer's gradient, where indexing a layer made a zero-filled
+        gradient of the whole stack and a sum into it, per layer (about 150 operations, each a
+        kernel launch on a GPU, a step at DINOv2-L's 24 blocks). The same values. Nested uses
+        share the outer one's; under a tracer the layers are indexed."""
+        if self._per_layer is not None:
+            yield
+            return
+        self._per_layer = {}
+        try:
+            yield
+        finally:
+            self._per_layer = None
 
     def delta(self, feats: Tensor, layer: int) -> Tensor:
         """The refinement ``mlp_delta_f(S[..., 1:] @ mlp_token2feat(T[1:]) + f)`` before scaling.
@@ -198,7 +228,10 @@ class Rein(nn.Module):
         with ``S' = S[..., 1:]`` and ``token2feat(t) = t @ W^T + b``. For the paper's 100 tokens of
         rank 16 on DINOv2-L this makes Rein's token products about 5x cheaper.
         """
-        a, b = self.learnable_tokens_a[layer], self.learnable_tokens_b[layer]  # (m, r), (r, C)
+        a, b = (
+            self._of_layer("learnable_tokens_a", layer),
+            self._of_layer("learnable_tokens_b", layer),
+        )  # (m, r), (r, C)
         attn = (feats @ b.transpose(0, 1)) @ a.transpose(0, 1)  # (..., N, m)
         if self.use_softmax:
             attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
@@ -277,8 +310,8 @@ class Rein(nn.Module):
         token2feat, delta_f = self.mlp_token2feat, self.mlp_delta_f
         return LowRankRefinement.apply(
             x,
-            self.learnable_tokens_a[layer],
-            self.learnable_tokens_b[layer],
+            self._of_layer("learnable_tokens_a", layer),
+            self._of_layer("learnable_tokens_b", layer),
             token2feat.weight,
             token2feat.bias,
             delta_f.weight,
@@ -337,7 +370,7 @@ class Rein(nn.Module):
             return kept[key]
         token2feat = self.mlp_token2feat
         if self._low_rank_pays(self.embed_dims):
-            a, b = self.learnable_tokens_a[layer], self.learnable_tokens_b[layer]  # (m, r), (r, C)
+            a, b = self._of_layer("learnable_tokens_a", layer), self._of_layer("learnable_tokens_b", layer)
             keys: tuple[Tensor, ...] = (b.t(), a.t())
             # (m - 1, r [+ 1]): the sink's row dropped; a column of ones sums S' for token2feat's bias.
             factor = a[1:] if token2feat.bias is None else torch.cat([a[1:], a.new_ones(a.shape[0] - 1, 1)], 1)

@@ -644,7 +644,7 @@ class Mask2FormerLoss(nn.Module):
         with torch.no_grad():
             coords = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
             point_targets = targets.sample_rows(images, classes, coords)
-        point_logits = point_sample(preds, coords)[:, 0].float()
+        point_logits = point_sample(preds, coords).squeeze(1).float()  # a view: no zero-filled gradient
 
         loss_mask = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="sum")
         loss_mask = loss_mask / (num_masks * self.num_points + _EPS)
@@ -708,7 +708,7 @@ class Mask2FormerLoss(nn.Module):
                 candidates, uniform = (_joined(parts) for parts in zip(*draws, strict=True))
                 coords = uncertain_points(preds, *ratios, draws=(candidates, uniform))
                 point_targets = targets.sample_rows(images[pairs], classes[pairs], coords)
-            point_logits = point_sample(preds, coords)[:, 0].float()
+            point_logits = point_sample(preds, coords).squeeze(1).float()  # a view: no zero-filled gradient
             bce = F.binary_cross_entropy_with_logits(point_logits, point_targets, reduction="none")
             bce_sums.append(bce.view(len(these), -1).sum(1))
             dice_sums.append(_dice_losses(point_logits, point_targets).view(len(these), n).sum(1))

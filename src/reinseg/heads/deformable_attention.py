@@ -45,6 +45,9 @@ def multi_scale_deformable_attention(
     # which is about twice as fast on CPU as summing the last, 4-long dimension.
     # (B, Q, heads, levels, points) -> (B*heads, levels, points, Q)
     weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(batch * heads, levels, points, queries)
+    # Each level's part as a view of one unbind: its backward stacks the levels' gradients in
+    # one operation, where indexing each level made a zero-filled full-size gradient and a sum.
+    grids_per_level, weights_per_level = grids.unbind(3), weights.unsqueeze(1).unbind(2)
     # Each level's weighted sum is added up as it comes (levels differ in size, so one
     # grid_sample each), rather than stacking all the samples into one more full-size copy.
     out = None
@@ -52,9 +55,9 @@ def multi_scale_deformable_attention(
         # (B, h*w, heads, d) -> (B*heads, d, h, w)
         value_l = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
         # (B, Q, heads, points, 2) -> (B*heads, points, Q, 2)
-        grid_l = grids[:, :, :, level].permute(0, 2, 3, 1, 4).flatten(0, 1)
+        grid_l = grids_per_level[level].permute(0, 2, 3, 1, 4).flatten(0, 1)
         sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-        term = (sampled * weights[:, None, level]).sum(2)  # (B*heads, d, points, Q) -> (B*heads, d, Q)
+        term = (sampled * weights_per_level[level]).sum(2)  # (B*heads, d, points, Q) -> (B*heads, d, Q)
         out = term if out is None else out + term
     assert out is not None  # at least one level
     return out.view(batch, heads * head_dim, queries).transpose(1, 2)
