@@ -380,6 +380,8 @@ def test_the_segments_from_the_hosts_label_values_are_those_read_back(monkeypatc
     bad[2, 0, :3] = torch.tensor([19, -1, 300])
     with pytest.raises(ValueError, match=r"label values \[-1, 19, 300\] are outside 0..18 and not 255"):
         Segments.of_images(bad, 19, values=[label_values(label) for label in bad])
+    with pytest.raises(ValueError, match="coords hold 4 images' points for a batch of 3 images"):
+        Segments.of_images(labels, 19).sample(torch.rand(4, 5, 2))
     with pytest.raises(ValueError, match="label_values holds 2 images' values for 3 labels"):
         Segments.of_images(labels, 19, values=[[0], [1]])
     stale = [label_values(label) for label in labels]

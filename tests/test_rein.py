@@ -390,6 +390,13 @@ def test_inside_one_forward_the_layers_tokens_are_one_unbind_with_the_same_gradi
     assert unbound_ops.count("stack") == stacked
     assert len(unbound_ops) < len(indexed_ops)
     assert rein._per_layer is None  # nothing kept after the forward
+    # A layer taken without a graph first (no_grad) does not cost the next ones their gradient.
+    rein.zero_grad(set_to_none=True)
+    with rein.one_forward():
+        with torch.no_grad():
+            rein(x, 0)
+        rein(x, 1).square().sum().backward()
+    assert all(rein.get_parameter(name).grad is not None for name in indexed if "tokens" in name)
 
 
 def _kept_row_bytes(refine, rows: int) -> int:

@@ -303,7 +303,8 @@ def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segme
     labels' values come from the host (``label_values``, as the training loader gives them),
     once for the batch's segments (``Segments.of_images``: the classes found and read; a wait
     for the whole forward, after which the device idled while the host queued the matching's
-    684 operations at the paper config). Counted on the CPU, operation by operation; copies from
+    684 operations at the paper config then, 355 since they are computed for several
+    predictions a pass). Counted on the CPU, operation by operation; copies from
     the host to a device do not show on the CPU (``benchmarks/strategies.py train`` counts on a
     GPU the operations CUDA's sync debug mode flags)."""
     from reinseg.data import label_values

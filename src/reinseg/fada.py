@@ -181,8 +181,8 @@ class Fada(Rein):
     def tokens2(self, layer: int) -> Tensor:
         """The high-frequency branch's tokens of one layer, ``(m, 3C/4)``."""
         if self.lora_dim is None:
-            return self.learnable_tokens2[layer]
-        return self.learnable_tokens_a2[layer] @ self.learnable_tokens_b2[layer]
+            return self._of_layer("learnable_tokens2", layer)
+        return self._of_layer("learnable_tokens_a2", layer) @ self._of_layer("learnable_tokens_b2", layer)
 
     def bands(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """The low- and high-frequency features, in the official sequence-first layout.

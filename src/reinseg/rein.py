@@ -175,9 +175,10 @@ class Rein(nn.Module):
         views = self._per_layer
         if views is None or tracing():
             return stacked[layer]
-        if name not in views:
-            views[name] = stacked.unbind(0)
-        return views[name][layer]
+        key = f"{name} {torch.is_grad_enabled()}"  # views made without a graph carry no gradient
+        if key not in views:
+            views[key] = stacked.unbind(0)
+        return views[key][layer]
 
     @contextlib.contextmanager
     def one_forward(self) -> Iterator[None]:

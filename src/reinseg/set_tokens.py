@@ -110,7 +110,7 @@ class SpectralRein(Rein):
 
     def amplitude_tokens(self, layer: int | None = None) -> Tensor:
         """The amplitude tokens of one layer, ``(m, C)``, or of all layers, ``(L, m, C)``."""
-        return self.learnable_tokens2 if layer is None else self.learnable_tokens2[layer]
+        return self.learnable_tokens2 if layer is None else self._of_layer("learnable_tokens2", layer)
 
     def delta(self, feats: Tensor, layer: int) -> Tensor:
         """``compose(d_phase, d_amplitude)`` for patch features ``(B, N, C)``; ``(B, N, C)``."""

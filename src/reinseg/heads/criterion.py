@@ -214,7 +214,9 @@ class SegmentBatch(list):
         image ``b``'s ``(G_b, P)`` in ``[b, :G_b]`` (its padding rows hold nothing to read). For
         ``coords (k B, P, 2)``, ``k`` rounds of the images (``k`` predictions' points): ``(k B,
         G_max, P)``, row ``i`` image ``i mod B``'s."""
-        rounds = coords.shape[0] // len(self)
+        rounds, left = divmod(coords.shape[0], len(self))
+        if left or not rounds:
+            raise ValueError(f"coords hold {coords.shape[0]} images' points for a batch of {len(self)} images")
         if rounds == 1:
             return sample_label_maps(self._frame(), self.labels.shape[1:], coords, self.padded_classes)
         images = torch.arange(len(self), dtype=torch.int32, device=coords.device).repeat(rounds)
@@ -753,7 +755,8 @@ _MATCH_VALUES_PER_PASS = 1 << 24
 # The candidate points (masks x oversampled points) whose mask terms Mask2FormerLoss._all_at_once
 # computes in one pass: 2^23 takes two predictions a pass at the paper config (batch 4, 19
 # classes an image, 3 x 12544 candidates a mask). GPU peak estimate there (memory_estimate.py):
-# 7.68 GiB one prediction at a time, 7.86 two a pass (5201 operations a step), 8.84 all ten (4891).
+# 7.68 GiB one prediction at a time, 7.86 two a pass, 8.84 all ten (launches.py: 347 operations
+# after the matching two a pass, 109 all ten, 740 one prediction at a time).
 _MASK_POINTS_PER_PASS = 1 << 23
 
 
