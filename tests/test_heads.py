@@ -352,3 +352,26 @@ def test_the_deformable_attention_weights_are_a_softmax_over_levels_and_points()
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-15)
     torch.testing.assert_close(*(torch.autograd.grad(y, x, grad)[0] for y in (ours, theirs)), rtol=0, atol=1e-15)
     assert ours.shape == x.shape
+
+
+def test_the_heads_relu_is_in_place_without_a_graph_and_one_backward_node_with_one():
+    """mmcv's in-place ReLU on a linear layer's output (a view): in training autograd rewrites
+    it as a copy into slices of the view's base (CopySlices and AsStrided nodes, several kernels
+    in backward); out of place it is one node. At inference it stays in place (no copy)."""
+    from reinseg.heads.pixel_decoder import FFN, ReLUInPlaceWithoutGraph
+
+    linear, relu = torch.nn.Linear(8, 8), ReLUInPlaceWithoutGraph()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        hidden = linear(x)
+        assert relu(hidden).data_ptr() == hidden.data_ptr()  # in place
+    hidden = linear(x)
+    out = relu(hidden)
+    assert torch.equal(out, F.relu(hidden)) and out.data_ptr() != hidden.data_ptr()
+    assert type(out.grad_fn).__name__ == "ReluBackward0"
+    head = build_segmentor(tiny_model_config()).head
+    relus = [m for m in head.modules() if isinstance(m, torch.nn.ReLU)]
+    # the mask embedding's two and each FFN's (decoder and encoder layers); the FPN's follows a GroupNorm
+    ffns = sum(isinstance(m, FFN) for m in head.modules())
+    assert ffns == len(head.transformer_decoder.layers) + len(head.pixel_decoder.encoder.layers)
+    assert sum(isinstance(m, ReLUInPlaceWithoutGraph) for m in relus) == 2 + ffns

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from .criterion import Mask2FormerLoss
 from .deformable_csr import eager_on_cpu
-from .pixel_decoder import PixelDecoder
+from .pixel_decoder import PixelDecoder, ReLUInPlaceWithoutGraph
 from .position_encoding import sine_position_encoding
 from .registry import register_head
 from .transformer_decoder import TransformerDecoder
@@ -104,9 +104,9 @@ class Mask2FormerHead(nn.Module):
         self.cls_embed = nn.Linear(feat_channels, num_classes + 1)
         self.mask_embed = nn.Sequential(
             nn.Linear(feat_channels, feat_channels),
-            nn.ReLU(inplace=True),
+            ReLUInPlaceWithoutGraph(),
             nn.Linear(feat_channels, feat_channels),
-            nn.ReLU(inplace=True),
+            ReLUInPlaceWithoutGraph(),
             nn.Linear(feat_channels, out_channels),
         )
         if linked_queries:
