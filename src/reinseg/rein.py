@@ -166,7 +166,12 @@ class Rein(nn.Module):
             return self.learnable_tokens if layer is None else self._of_layer("learnable_tokens", layer)
         if layer is None:
             return self.learnable_tokens_a @ self.learnable_tokens_b
-        return self._of_layer("learnable_tokens_a", layer) @ self._of_layer("learnable_tokens_b", layer)
+        a, b = self._factors(layer)
+        return a @ b
+
+    def _factors(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Low-rank tokens' factors of one layer, ``A (m, r)`` and ``B (r, C)``."""
+        return self._of_layer("learnable_tokens_a", layer), self._of_layer("learnable_tokens_b", layer)
 
     def _of_layer(self, name: str, layer: int) -> Tensor:
         """``getattr(self, name)[layer]`` of a parameter stacked over the layers; inside
@@ -229,10 +234,7 @@ class Rein(nn.Module):
         with ``S' = S[..., 1:]`` and ``token2feat(t) = t @ W^T + b``. For the paper's 100 tokens of
         rank 16 on DINOv2-L this makes Rein's token products about 5x cheaper.
         """
-        a, b = (
-            self._of_layer("learnable_tokens_a", layer),
-            self._of_layer("learnable_tokens_b", layer),
-        )  # (m, r), (r, C)
+        a, b = self._factors(layer)  # (m, r), (r, C)
         attn = (feats @ b.transpose(0, 1)) @ a.transpose(0, 1)  # (..., N, m)
         if self.use_softmax:
             attn = F.softmax(attn * self.embed_dims**-0.5, dim=-1)
@@ -311,8 +313,7 @@ class Rein(nn.Module):
         token2feat, delta_f = self.mlp_token2feat, self.mlp_delta_f
         return LowRankRefinement.apply(
             x,
-            self._of_layer("learnable_tokens_a", layer),
-            self._of_layer("learnable_tokens_b", layer),
+            *self._factors(layer),
             token2feat.weight,
             token2feat.bias,
             delta_f.weight,
@@ -371,7 +372,7 @@ class Rein(nn.Module):
             return kept[key]
         token2feat = self.mlp_token2feat
         if self._low_rank_pays(self.embed_dims):
-            a, b = self._of_layer("learnable_tokens_a", layer), self._of_layer("learnable_tokens_b", layer)
+            a, b = self._factors(layer)  # (m, r), (r, C)
             keys: tuple[Tensor, ...] = (b.t(), a.t())
             # (m - 1, r [+ 1]): the sink's row dropped; a column of ones sums S' for token2feat's bias.
             factor = a[1:] if token2feat.bias is None else torch.cat([a[1:], a.new_ones(a.shape[0] - 1, 1)], 1)

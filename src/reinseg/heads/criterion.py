@@ -582,6 +582,12 @@ class Mask2FormerLoss(nn.Module):
         losses["loss"] = cast(Tensor, sum(losses.values()))
         return losses
 
+    @property
+    def _point_ratios(self) -> tuple[int, float, float]:
+        """``(num_points, oversample_ratio, importance_sample_ratio)``, as the loss points' draws
+        (:func:`point_draws`, :func:`uncertain_points`) take them."""
+        return self.num_points, self.oversample_ratio, self.importance_sample_ratio
+
     def _match_all(
         self,
         predictions: list[tuple[Tensor, Tensor]],
@@ -608,7 +614,7 @@ class Mask2FormerLoss(nn.Module):
                 coords.append(self.matcher.points(batch, device))
                 states.append(generator.get_state())
                 if n:
-                    point_draws(n, self.num_points, self.oversample_ratio, self.importance_sample_ratio, device)
+                    point_draws(n, *self._point_ratios, device)
             found = self.matcher.costs_at(these, targets, coords) if batch else []
             costs.extend(found[i * batch : (i + 1) * batch] for i in range(len(these)))
         return self._matches(costs, targets, num_queries), states
@@ -644,7 +650,7 @@ class Mask2FormerLoss(nn.Module):
         # The matched queries' masks of all images in one selection (one gradient buffer in backward).
         preds = mask_logits.flatten(0, 1)[rows].unsqueeze(1)  # (N, 1, h, w)
         with torch.no_grad():
-            coords = uncertain_points(preds, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+            coords = uncertain_points(preds, *self._point_ratios)
             point_targets = targets.sample_rows(images, classes, coords)
         point_logits = point_sample(preds, coords).squeeze(1).float()  # a view: no zero-filled gradient
 
@@ -695,7 +701,7 @@ class Mask2FormerLoss(nn.Module):
         # temporaries for all ten predictions at once add 1.2 GiB to the paper config's peak.
         own_rows = rows.view(count, n)
         per_pass = max(1, _MASK_POINTS_PER_PASS // (n * int(self.num_points * self.oversample_ratio)))
-        ratios = self.num_points, self.oversample_ratio, self.importance_sample_ratio
+        ratios = self._point_ratios
         bce_sums, dice_sums = [], []
         for first in range(0, count, per_pass):
             these = range(first, min(first + per_pass, count))
