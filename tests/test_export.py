@@ -19,11 +19,27 @@ def needs_onnx():
     return pytest.importorskip("onnxruntime", reason="ONNX export needs the [export] extra (onnxruntime)")
 
 
-@pytest.fixture
-def tiny_checkpoint(tmp_path):
+def _tiny_checkpoint(path):
     model = tiny_model_config()
     segmentor = build_segmentor(model)
-    return save_checkpoint(tmp_path / "model.ckpt", to_dict(Config(model=model)), checkpoint_state_dict(segmentor))
+    return save_checkpoint(path, to_dict(Config(model=model)), checkpoint_state_dict(segmentor))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return _tiny_checkpoint(tmp_path / "model.ckpt")
+
+
+@pytest.fixture(scope="module")
+def dynamic_export(tmp_path_factory):
+    """The tiny checkpoint and its dynamic graph, written by ``reinseg export --dynamic --no-fold``
+    (about 30 s: made once for the tests that read it)."""
+    needs_onnx()
+    folder = tmp_path_factory.mktemp("dynamic")
+    checkpoint = _tiny_checkpoint(folder / "model.ckpt")
+    target = folder / "model.onnx"
+    assert main(["export", str(checkpoint), "--dynamic", "--no-fold", "--output", str(target)]) == 0
+    return checkpoint, target
 
 
 def onnx_logits(path, images: torch.Tensor) -> torch.Tensor:
@@ -59,14 +75,12 @@ def test_fixed_size_export_matches_pytorch(tiny_checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_dynamic_export_follows_the_input_size(tiny_checkpoint, tmp_path):
+def test_dynamic_export_follows_the_input_size(dynamic_export):
     """Traced at 64x64 (the stored position grid, used as it is), run at other grids (interpolated)
     and batch sizes."""
-    needs_onnx()
-    target = tmp_path / "model.onnx"
-    assert main(["export", str(tiny_checkpoint), "--dynamic", "--no-fold", "--output", str(target)]) == 0
+    checkpoint, target = dynamic_export
     for shape in ((1, 3, 64, 64), (2, 3, 96, 64), (1, 3, 48, 128)):
-        assert_parity(tiny_checkpoint, target, torch.randn(*shape))
+        assert_parity(checkpoint, target, torch.randn(*shape))
 
 
 def test_folded_rein_computes_what_rein_does():
@@ -200,15 +214,16 @@ def test_set_exports_within_a_tolerance_of_its_own(tmp_path, capsys):
     a spectrum, follows an FFT's last bits): ``--tolerance`` accepts what onnxruntime gives, and
     a tolerance under the measured difference refuses the graph."""
     needs_onnx()
-    from reinseg.export import export_onnx
+    from reinseg.export import check_parity, export_onnx
 
     checkpoint = _checkpoint_of("set", tmp_path / "set.ckpt")
     target = tmp_path / "set.onnx"
     assert main(["export", str(checkpoint), "--tolerance", "1e-2", "--output", str(target)]) == 0
-    (error,) = export_onnx(checkpoint, tmp_path / "again.onnx", tolerance=1e-2)["max_error"].values()
+    segmentor, _ = segmentor_from_checkpoint(checkpoint)
+    with torch.no_grad():  # the export's own check (its images, seed 1), run again on the written graph
+        error = check_parity(segmentor.eval(), target, (64, 64))
     assert f"64x64: {error:.1e}" in capsys.readouterr().out
     images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    segmentor, _ = segmentor_from_checkpoint(checkpoint)
     with torch.no_grad():
         expected = segmentor.eval().encode_decode(images)
     assert (onnx_logits(target, images) - expected).abs().max().item() <= 1e-2
@@ -260,23 +275,22 @@ def test_a_cnn_is_traced_at_its_configured_size_by_default(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_a_dynamic_graph_of_a_model_whose_images_mix_keeps_batch_one():
+def test_a_dynamic_graph_of_a_model_whose_images_mix_keeps_batch_one(dynamic_export):
     """SET's and FADA's refinement depends on the batch (``mixes_batch``): their graph takes one
     image, as predict runs them; H and W stay free. A model that does not mix keeps a free batch."""
-    needs_onnx()
     import onnx
 
     from reinseg.export import segmentor_to_onnx
 
-    def input_dims(segmentor):
-        graph = onnx.load_from_string(segmentor_to_onnx(segmentor.eval(), (64, 64), dynamic=True, fold=False))
+    def input_dims(graph):
         (dims,) = [[d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
         return dims
 
-    segmentor = build_segmentor(tiny_model_config())
-    free = input_dims(segmentor)
+    checkpoint, target = dynamic_export
+    free = input_dims(onnx.load(str(target)))
     assert isinstance(free[0], str) and free[1] == 3 and all(isinstance(d, str) for d in free[2:])
+    segmentor, _ = segmentor_from_checkpoint(checkpoint)
     segmentor.backbone.rein.mixes_batch = True
     assert segmentor.mixes_batch
-    fixed = input_dims(segmentor)
+    fixed = input_dims(onnx.load_from_string(segmentor_to_onnx(segmentor.eval(), (64, 64), dynamic=True, fold=False)))
     assert fixed[:2] == [1, 3] and all(isinstance(d, str) for d in fixed[2:])
