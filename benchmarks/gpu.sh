@@ -117,7 +117,7 @@ train() { bounded $py benchmarks/strategies.py train --device "$device" --steps 
         train --backbone "$large" --img-size 1024 --batch "$half" --precision bf16 32 --strategies rein
 
     # benchmarks/memory_estimate.py puts both at batch 4 well inside 80 GiB (lower bounds): ViT-g in bf16 17 GiB,
-    # the 7B with its frozen weights in bf16 37 GiB (RESULTS.md, sixteenth session).
+    # the 7B with its frozen weights in bf16 37 GiB (RESULTS.md, sixteenth and twenty-second sessions).
     section "Larger VFMs, bf16: $giant and $huge (frozen weights in bf16), batch $batch" &&
         train --backbone "$giant" --batch "$batch" --precision bf16 --strategies rein &&
         train --backbone "$huge" --batch "$batch" --strategies rein --levers "bf16-mixed + frozen bf16"
