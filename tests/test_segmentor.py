@@ -304,9 +304,11 @@ def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segme
     once for the batch's segments (``Segments.of_images``: the classes found and read; a wait
     for the whole forward, after which the device idled while the host queued the matching's
     684 operations at the paper config then, 355 since they are computed for several
-    predictions a pass). Counted on the CPU, operation by operation; copies from
-    the host to a device do not show on the CPU (``benchmarks/strategies.py train`` counts on a
-    GPU the operations CUDA's sync debug mode flags)."""
+    predictions a pass). Counted on the CPU, operation by operation. Copies from the host to a
+    device do not show on the CPU (``benchmarks/strategies.py train`` counts on a GPU the
+    operations CUDA's sync debug mode flags); from pageable memory they would wait too, so the
+    loss's two (the classes, the matched indices) are checked to go through ``host_to_device``."""
+    import reinseg.heads.criterion as criterion
     from reinseg.data import label_values
     from reinseg.heads.criterion import HungarianMatcher, Segments
 
@@ -333,6 +335,12 @@ def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segme
     monkeypatch.setattr(Segments, "of_images", classmethod(allowed("of_images", Segments.of_images.__func__)))
     monkeypatch.setattr(HungarianMatcher, "solve", staticmethod(allowed("solve", HungarianMatcher.solve)))
     take_gpu_code_paths(monkeypatch)
+    # What the host sends to the device in the step, which would wait from pageable memory.
+    sent: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    to_device = criterion.host_to_device
+    monkeypatch.setattr(
+        criterion, "host_to_device", lambda t, device: (sent.append((t.dtype, tuple(t.shape))), to_device(t, device))[1]
+    )
 
     values = [label_values(label) for label in labels] if values_from_the_host else None
     with host:
@@ -345,6 +353,13 @@ def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segme
         ("solve 1", "Tensor.cpu"),  # every prediction's and image's costs to the host in one copy
         ("solve 1", "Tensor.numpy"),
     ]
+    # From pinned memory, without a wait: the batch's classes (each image's and padded, one copy)
+    # and every prediction's matched (rows, images, segments), one copy after the one read.
+    (classes, indices) = sent
+    assert classes[0] == indices[0] == torch.int64 and len(classes[1]) == 1 and indices[1][0] == 3
+    queries, predictions = segmentor.head.num_queries, 4  # the tiny head: 3 decoder layers
+    pairs = sum(min(queries, len(set(label[label != 255].tolist()))) for label in labels)
+    assert indices[1][1] == predictions * pairs
     with torch.no_grad():  # the same losses either way
         torch.manual_seed(3)
         read_back = segmentor.loss(images, labels)

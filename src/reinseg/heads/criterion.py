@@ -461,15 +461,16 @@ class HungarianMatcher:
         """The Hungarian assignment of each ``(Q, G)`` cost (scipy's): ``(query_indices,
         gt_indices)``, ``min(Q, G)`` pairs, queries ascending, on the costs' device.
 
-        The costs go to the host in one copy and the indices come back in one: on a GPU the
-        host waits for the device once per call, not once per image and index tensor.
+        The costs go to the host in one copy and the indices come back in one, from pinned
+        memory: on a GPU the host waits for the device once per call, not once per image and
+        index tensor.
         """
         if not costs:
             return []
         pairs = HungarianMatcher.solve(costs)
         sizes = [len(rows) for rows, _ in pairs]
         indices = np.concatenate([np.concatenate(pair) for pair in pairs]).astype(np.int64)
-        on_device = torch.from_numpy(indices).to(costs[0].device).split([2 * size for size in sizes])
+        on_device = host_to_device(torch.from_numpy(indices), costs[0].device).split([2 * size for size in sizes])
         return [(both[:size], both[size:]) for both, size in zip(on_device, sizes, strict=True)]
 
     @staticmethod
@@ -738,7 +739,8 @@ class Mask2FormerLoss(nn.Module):
         queries ascending, one prediction's after the other: ``rows`` (``b Q + q``, into the
         batch's flattened queries), ``images`` (``b``) and the segments' ``classes``, ``(N_0 +
         N_1 + ...,)`` each. All costs go to the host at once and the indices come back in one
-        copy (a GPU waits once)."""
+        copy from pinned memory (a GPU waits once: a copy from pageable memory would wait again,
+        for nothing)."""
         pairs = self.matcher.solve([cost for prediction in costs for cost in prediction])
         offsets = np.cumsum([0] + [len(segments) for segments in targets])
         blocks, start = [], 0
@@ -749,7 +751,7 @@ class Mask2FormerLoss(nn.Module):
             segments = [offsets[b] + found for b, (_, found) in enumerate(mine)]
             blocks.append(np.stack([np.concatenate(part or [np.zeros(0)]) for part in (rows, images, segments)]))
         device = targets.labels.device
-        indices = torch.from_numpy(np.concatenate(blocks, axis=1).astype(np.int64)).to(device)
+        indices = host_to_device(torch.from_numpy(np.concatenate(blocks, axis=1).astype(np.int64)), device)
         return indices[0], indices[1], targets.classes[indices[2]]
 
 
