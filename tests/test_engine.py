@@ -353,6 +353,38 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert metrics["domains"]["cityscapes"]["pixels"] == labelled
 
 
+EXIT_WITH_A_PROCESS_GROUP = textwrap.dedent(
+    """
+    import atexit, sys
+    import torch
+    import torch.distributed as dist
+
+    # Registered before reinseg's own exit handler, so it runs after it.
+    atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))
+    import reinseg.engine
+
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+    total = torch.ones(2)
+    dist.all_reduce(total)
+    print("reduced:", total.tolist())
+    """
+)
+
+
+@pytest.mark.slow  # a process importing Lightning
+def test_the_process_group_a_run_leaves_is_destroyed_at_exit(tmp_path):
+    """Lightning destroys NCCL's process group at exit, not gloo's: a two-rank CPU run that had
+    finished its work then aborted now and then in the interpreter's teardown (exit -6,
+    "terminate called without an active exception"). reinseg's exit handler destroys it first."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_WITH_A_PROCESS_GROUP)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["reduced: [1.0, 1.0]", "initialized at exit: False"]
+
+
 EVAL_WITH_SIGTERM = textwrap.dedent(
     """
     import json, os, signal, sys

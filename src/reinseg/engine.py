@@ -19,6 +19,7 @@ importable from here too.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -100,6 +101,18 @@ __all__ = [
 ]
 
 log = logging.getLogger("reinseg")
+
+
+def _destroy_process_group() -> None:
+    """At the interpreter's exit, the default process group a DDP run leaves behind. Lightning
+    destroys NCCL's at exit, not gloo's (DDP on the CPU): then the interpreter's teardown
+    destroys it, and gloo's threads now and then abort the process there ("terminate called
+    without an active exception", exit -6 after a finished run; pytorch/pytorch#190489)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+atexit.register(_destroy_process_group)
 
 
 def prediction_at_size(scores: torch.Tensor, size) -> torch.Tensor:
