@@ -361,28 +361,37 @@ EXIT_WITH_A_PROCESS_GROUP = textwrap.dedent(
 
     # Registered before reinseg's own exit handler, so it runs after it.
     atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))
-    import reinseg.engine
+    import reinseg.engine as engine
+
+    def run():  # a run's collectives (train, evaluate): returns, or fails in the middle
+        total = torch.ones(2)
+        dist.all_reduce(total)
+        print("reduced:", total.tolist())
+        if sys.argv[2] == "fails":
+            raise SystemExit(3)
 
     dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
-    total = torch.ones(2)
-    dist.all_reduce(total)
-    print("reduced:", total.tolist())
+    engine._records_completion(run)()
     """
 )
 
 
-@pytest.mark.slow  # a process importing Lightning
-def test_the_process_group_a_run_leaves_is_destroyed_at_exit(tmp_path):
+@pytest.mark.slow  # processes importing Lightning
+@pytest.mark.parametrize(("ending", "status", "destroyed"), [("returns", 0, True), ("fails", 3, False)])
+def test_the_process_group_a_run_leaves_is_destroyed_at_exit(tmp_path, ending, status, destroyed):
     """Lightning destroys NCCL's process group at exit, not gloo's: a two-rank CPU run that had
     finished its work then aborted now and then in the interpreter's teardown (exit -6,
-    "terminate called without an active exception"). reinseg's exit handler destroys it first."""
+    "terminate called without an active exception"). reinseg's exit handler destroys it first,
+    after a run that returned; after one that failed it is left as before (a collective still in
+    flight would make the destroy wait for the other ranks, up to the group's timeout)."""
     script = tmp_path / "exit.py"
     script.write_text(EXIT_WITH_A_PROCESS_GROUP)
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script), str(tmp_path / "store"), ending], capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[:2] == ["reduced: [1.0, 1.0]", "initialized at exit: False"]
+    assert result.returncode == status, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["reduced: [1.0, 1.0]", f"initialized at exit: {not destroyed}"]
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
 
 
 EVAL_WITH_SIGTERM = textwrap.dedent(

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import lightning as L
 import torch
@@ -103,13 +105,33 @@ __all__ = [
 log = logging.getLogger("reinseg")
 
 
+_Run = TypeVar("_Run", bound=Callable[..., Any])
+_run_completed = False  # whether the last train() or evaluate() returned: no collective in flight
+
+
 def _destroy_process_group() -> None:
     """At the interpreter's exit, the default process group a DDP run leaves behind. Lightning
     destroys NCCL's at exit, not gloo's (DDP on the CPU): then the interpreter's teardown
     destroys it, and gloo's threads now and then abort the process there ("terminate called
-    without an active exception", exit -6 after a finished run; pytorch/pytorch#190489)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    without an active exception", exit -6 after a finished run; pytorch/pytorch#190489). Only
+    after a run that returned: a rank that failed with a collective in flight would wait in the
+    destroy for the other ranks, up to the group's timeout, where it exits at once."""
+    if _run_completed and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _records_completion(function: _Run) -> _Run:
+    """``function`` (train, evaluate), noting for :func:`_destroy_process_group` whether it returned."""
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        global _run_completed
+        _run_completed = False
+        result = function(*args, **kwargs)
+        _run_completed = True
+        return result
+
+    return cast(_Run, run)
 
 
 atexit.register(_destroy_process_group)
@@ -1010,6 +1032,7 @@ def process_count(devices: int | str, on_gpu: bool) -> int:
     return every if devices == -1 else int(devices)
 
 
+@_records_completion
 def train(
     config: Config, resume: str = "auto", callbacks: list | None = None, overwrite: bool = False
 ) -> SegmentationTask:
@@ -1305,6 +1328,7 @@ def _clear_run(out: Path) -> None:
     (out / "config.yaml").unlink(missing_ok=True)
 
 
+@_records_completion
 def evaluate(
     config: Config,
     checkpoint: str,
