@@ -209,6 +209,22 @@ def take_gpu_code_paths(monkeypatch) -> None:
         monkeypatch.setattr(module, "eager_on_cpu", lambda tensor: False)
 
 
+def copies_to_device(monkeypatch) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """Records ``(dtype, shape)`` of each tensor the loss sends from the host to the device through
+    ``host_to_device`` (pinned, without a wait on a GPU; a pageable copy would wait)."""
+    import reinseg.heads.criterion as criterion
+
+    sent: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    to_device = criterion.host_to_device
+
+    def recorded(tensor, device):
+        sent.append((tensor.dtype, tuple(tensor.shape)))
+        return to_device(tensor, device)
+
+    monkeypatch.setattr(criterion, "host_to_device", recorded)
+    return sent
+
+
 class HostWaits:
     """Records each operation that makes the host wait for a device (``.item()``, a boolean
     index, ``unique``, ``bincount``, a copy to the host, ...) while it is entered, as

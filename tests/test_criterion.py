@@ -2,7 +2,7 @@ import functools
 
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import copies_to_device, tiny_model_config
 
 from reinseg.build import build_segmentor
 from reinseg.heads.criterion import HungarianMatcher, Mask2FormerLoss, Segments, point_sample, semantic_to_masks
@@ -116,16 +116,12 @@ def test_the_matching_cost_is_fp32_under_autocast(dtype):
 def test_assign_solves_each_cost_as_scipy_does_in_one_call(monkeypatch):
     from scipy.optimize import linear_sum_assignment
 
-    import reinseg.heads.criterion as criterion
-
-    sent = []  # the indices go back in one copy, from pinned memory on a GPU (no second wait)
-    to_device = criterion.host_to_device
-    monkeypatch.setattr(criterion, "host_to_device", lambda t, device: (sent.append(t.shape), to_device(t, device))[1])
+    sent = copies_to_device(monkeypatch)  # the indices go back in one copy, pinned on a GPU (no second wait)
     generator = torch.Generator().manual_seed(0)
     # More segments than queries, fewer, none, one.
     costs = [torch.rand(5, g, generator=generator) for g in (7, 3, 0, 1)]
     found = HungarianMatcher.assign(costs)
-    assert sent == [(2 * (5 + 3 + 0 + 1),)]
+    assert sent == [(torch.int64, (2 * (5 + 3 + 0 + 1),))]
     assert len(found) == len(costs)
     for cost, (queries, segments) in zip(costs, found, strict=True):
         rows, cols = linear_sum_assignment(cost.numpy())

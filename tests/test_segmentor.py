@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import HostWaits, take_gpu_code_paths, tiny_model_config
+from conftest import HostWaits, copies_to_device, take_gpu_code_paths, tiny_model_config
 
 from reinseg.build import build_segmentor
 from reinseg.config import ConfigError, HeadConfig, ReinConfig
@@ -308,7 +308,6 @@ def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segme
     device do not show on the CPU (``benchmarks/strategies.py train`` counts on a GPU the
     operations CUDA's sync debug mode flags); from pageable memory they would wait too, so the
     loss's two (the classes, the matched indices) are checked to go through ``host_to_device``."""
-    import reinseg.heads.criterion as criterion
     from reinseg.data import label_values
     from reinseg.heads.criterion import HungarianMatcher, Segments
 
@@ -335,12 +334,7 @@ def test_a_train_step_waits_for_the_device_once_for_every_matching_and_for_segme
     monkeypatch.setattr(Segments, "of_images", classmethod(allowed("of_images", Segments.of_images.__func__)))
     monkeypatch.setattr(HungarianMatcher, "solve", staticmethod(allowed("solve", HungarianMatcher.solve)))
     take_gpu_code_paths(monkeypatch)
-    # What the host sends to the device in the step, which would wait from pageable memory.
-    sent: list[tuple[torch.dtype, tuple[int, ...]]] = []
-    to_device = criterion.host_to_device
-    monkeypatch.setattr(
-        criterion, "host_to_device", lambda t, device: (sent.append((t.dtype, tuple(t.shape))), to_device(t, device))[1]
-    )
+    sent = copies_to_device(monkeypatch)  # what the host sends to the device in the step
 
     values = [label_values(label) for label in labels] if values_from_the_host else None
     with host:
