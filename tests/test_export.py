@@ -19,15 +19,11 @@ def needs_onnx():
     return pytest.importorskip("onnxruntime", reason="ONNX export needs the [export] extra (onnxruntime)")
 
 
-def _tiny_checkpoint(path):
-    model = tiny_model_config()
-    segmentor = build_segmentor(model)
-    return save_checkpoint(path, to_dict(Config(model=model)), checkpoint_state_dict(segmentor))
-
-
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    return _tiny_checkpoint(tmp_path / "model.ckpt")
+    model = tiny_model_config()
+    segmentor = build_segmentor(model)
+    return save_checkpoint(tmp_path / "model.ckpt", to_dict(Config(model=model)), checkpoint_state_dict(segmentor))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +32,7 @@ def dynamic_export(tmp_path_factory):
     (about 30 s: made once for the tests that read it)."""
     needs_onnx()
     folder = tmp_path_factory.mktemp("dynamic")
-    checkpoint = _tiny_checkpoint(folder / "model.ckpt")
+    checkpoint = _checkpoint_of("rein", folder / "model.ckpt")
     target = folder / "model.onnx"
     assert main(["export", str(checkpoint), "--dynamic", "--no-fold", "--output", str(target)]) == 0
     return checkpoint, target
