@@ -23,6 +23,14 @@ with :func:`reinseg.from_official`. Each measurement runs in a child process of 
 ratios and their median. reinseg keeps freed memory (below), so its first steps still fault in
 pages the later ones reuse: ``--warmup 3`` measures both codes in their steady state.
 
+``--products`` runs one train step of each code under a counter of its matrix products
+(``mm``/``addmm``/``bmm``/``baddbmm``, convolutions and attention kernels, forward and backward:
+:class:`Products`): their multiply-adds and seconds, the rest of the step's seconds, and this
+CPU's rate on one large ``sgemm``. The official step's products at that rate are the least time
+any code computing them can take here: the floor under the 0.5x train-step target::
+
+    OMP_NUM_THREADS=1 python benchmarks/vs_official.py --official /path/to/Rein --threads 1 --products
+
 ``--levers`` measures reinseg's train step and inference once per lever of ``train``
 (:mod:`reinseg.train_options`, bf16 autocast, fused AdamW), each in its own process, against the
 official fp32 figures (CPU seconds too: on a shared machine they move less than wall seconds)::
@@ -42,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -66,6 +75,7 @@ def _allocator_before_torch(argv: list[str]) -> None:
 _allocator_before_torch(sys.argv)
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 # The golden scripts' way of importing the official code on the CPU (stand-ins for the compiled
 # mmcv ops), its config flattening and its data samples.
@@ -169,6 +179,68 @@ def optimizer_step_seconds(model, repeats: int) -> dict:
     return found
 
 
+def _macs(func, args: tuple, out) -> int:
+    """Multiply-adds of one matrix-product, convolution or attention call (0 for anything else).
+
+    Attention backward counts what the CPU's flash kernel computes: the scores again, then the
+    gradients of values, probabilities, queries and keys (five products of the forward's two).
+    Sparse products (reinseg's CSR deformable attention on the CPU, where the official code
+    samples with ``grid_sample``) count as the rest of the step, not as dense products.
+    """
+    name = func.__name__  # e.g. "mm.default", "addmm_.default", "convolution_backward.default"
+    op = name.split(".")[0]
+    if op in ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"):
+        a, b = (args[0], args[1]) if op in ("mm", "bmm") else (args[1], args[2])
+        return math.prod(a.shape) * b.shape[-1] if a.layout == b.layout == torch.strided else 0
+    if op == "convolution":
+        inputs, weight, transposed = args[0], args[1], args[6]
+        return (inputs if transposed else out).numel() * weight[0].numel()
+    if op == "convolution_backward":
+        grad_output, inputs, weight, transposed, mask = args[0], args[1], args[2], args[7], args[10]
+        per_gradient = (inputs if transposed else grad_output).numel() * weight[0].numel()
+        return per_gradient * (int(mask[0]) + int(mask[1]))
+    if "scaled_dot_product" in op:
+        backward = op.endswith("_backward")
+        q, k, v = args[1:4] if backward else args[0:3]
+        scores = math.prod(q.shape[:-1]) * k.shape[-2]  # (B, heads, L) x S
+        return scores * (3 * q.shape[-1] + 2 * v.shape[-1] if backward else q.shape[-1] + v.shape[-1])
+    return 0
+
+
+class Products(TorchDispatchMode):
+    """Counts the multiply-adds of every matrix product, convolution and attention kernel run
+    under it (:func:`_macs`) and the seconds they take, by operation name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        macs = _macs(func, args, out)
+        if macs:
+            op = func.__name__.split(".")[0]
+            self.macs[op] = self.macs.get(op, 0) + macs
+            self.seconds[op] = self.seconds.get(op, 0.0) + elapsed
+        return out
+
+
+def sgemm_rate(threads: int) -> float:
+    """This CPU's multiply-adds per second on a 2048^3 float32 product, the best of five."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2048**3 / best
+
+
 def child(args) -> dict:
     torch.set_num_threads(args.threads)
     # The allocator was set up before torch loaded (_allocator_before_torch).
@@ -192,7 +264,7 @@ def child(args) -> dict:
             autocast = apply_lever(model, args.lever)
     else:
         model = official
-    if what == "train":
+    if what in ("train", "products"):
         model.train()
         images, labels = inputs(2)
         samples = golden.data_samples(labels)
@@ -220,6 +292,11 @@ def child(args) -> dict:
             return model.inference(images, metas)
 
     found = measure(step, args.warmup, args.repeats)
+    if what == "products":
+        products = Products()
+        with products:
+            step()
+        found.update(macs=products.macs, product_seconds=products.seconds)
     if what == "train" and side == "reinseg" and args.lever == "none":
         found.update(optimizer_step_seconds(model, args.repeats))
     return found
@@ -283,6 +360,9 @@ def main() -> None:
         "--rounds", type=int, default=1, help="repeat the plain comparison in fresh processes; report the median ratios"
     )
     parser.add_argument("--levers", action="store_true", help="one row per training lever (see the docstring)")
+    parser.add_argument(
+        "--products", action="store_true", help="the train steps' matrix products and the floor they set (docstring)"
+    )
     parser.add_argument("--only", nargs="+", choices=list(LEVERS), help="with --levers: these levers only")
     parser.add_argument(
         "--official-allocator",
@@ -302,6 +382,9 @@ def main() -> None:
                 if name not in args.only and name != "none":
                     del LEVERS[name]
         levers(args)
+        return
+    if args.products:
+        products(args)
         return
     compare(args)
 
@@ -349,6 +432,34 @@ def compare(args) -> None:
         print(f"| {i} | " + " | ".join(cells) + " |")
     if len(rows) > 1:
         print("| median | | | " + " | | | ".join(f"{statistics.median(ratios[k]):.3f}" for k in ratios) + " |")
+
+
+def products(args) -> None:
+    """Each code's train-step products (:class:`Products`) against the 0.5x target."""
+    rate = sgemm_rate(args.threads)
+    found = {side: run_child(args, f"{side}-products") for side in ("official", "reinseg")}
+    official_step = found["official"]["seconds"]
+    print(f"torch {torch.__version__}, {args.threads} threads, ViT-S/16 + LoRA-Rein + Mask2Former, 512 px, batch 2")
+    print(f"this CPU: {rate / 1e9:.1f} GMAC/s on a 2048^3 float32 product (best of 5)\n")
+    print("| code | step s | products GMAC | products s | GMAC/s in them | the rest s | products at 2048^3 rate s |")
+    print("|---|---|---|---|---|---|---|")
+    for side, row in found.items():
+        macs, seconds = sum(row["macs"].values()), sum(row["product_seconds"].values())
+        print(
+            f"| {side} | {row['seconds']:.2f} | {macs / 1e9:.1f} | {seconds:.2f} | {macs / seconds / 1e9:.1f} | "
+            f"{row['seconds'] - seconds:.2f} | {macs / rate:.2f} |"
+        )
+    print(f"\n0.5x the official step: {official_step / 2:.2f} s")
+    print("\n| operation | official GMAC | official s | reinseg GMAC | reinseg s |")
+    print("|---|---|---|---|---|")
+    counted = {op for row in found.values() for op in row["macs"]}
+    ops = sorted(counted, key=lambda op: -max(row["macs"].get(op, 0) for row in found.values()))
+    for op in ops:
+        cells = [
+            f"{found[side]['macs'].get(op, 0) / 1e9:.1f} | {found[side]['product_seconds'].get(op, 0.0):.2f}"
+            for side in found
+        ]
+        print(f"| `{op}` | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
