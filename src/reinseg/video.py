@@ -63,15 +63,16 @@ def display_matrix(frame) -> tuple[int, int, int, int] | None:
     """The display matrix a decoded frame carries, ``(a, b, c, d)`` with each entry -1, 0 or 1, when
     it is a quarter turn, a half turn or a mirror (what phones and editors write); None without one
     or for any other (a degenerate or an oblique matrix is left alone, as players do)."""
-    for data in frame.side_data:
-        if str(data.type).rsplit(".", 1)[-1] != "DISPLAYMATRIX":
-            continue
-        a, b, _, c, d, *_ = struct.unpack("=9i", bytes(data))  # 16.16 fixed point, native order
-        sa, sb, sc, sd = (0 if abs(v) < 1 << 15 else (1 if v > 0 else -1) for v in (a, b, c, d))
-        straight = sb == sc == 0 and sa * sd != 0  # a half turn or a mirror
-        turned = sa == sd == 0 and sb * sc != 0  # a quarter turn, perhaps mirrored
-        return (sa, sb, sc, sd) if (straight or turned) and (sa, sb, sc, sd) != (1, 0, 0, 1) else None
-    return None
+    # Looked up by name: iterating the side data yields the entries up to PyAV 18.1.0 and their
+    # types from 18.1.1 on; get() by name answers alike from 14.1 on.
+    data = frame.side_data.get("DISPLAYMATRIX")
+    if data is None:
+        return None
+    a, b, _, c, d, *_ = struct.unpack("=9i", bytes(data))  # 16.16 fixed point, native order
+    sa, sb, sc, sd = (0 if abs(v) < 1 << 15 else (1 if v > 0 else -1) for v in (a, b, c, d))
+    straight = sb == sc == 0 and sa * sd != 0  # a half turn or a mirror
+    turned = sa == sd == 0 and sb * sc != 0  # a quarter turn, perhaps mirrored
+    return (sa, sb, sc, sd) if (straight or turned) and (sa, sb, sc, sd) != (1, 0, 0, 1) else None
 
 
 def upright(image: np.ndarray, display: tuple[int, int, int, int] | None) -> np.ndarray:
