@@ -1,7 +1,7 @@
 """float32 linear products on the CPU: MKL's ``sgemm`` (what ``F.linear`` calls) against oneDNN's
 inner product with the weight packed once (``torch.ops.mkldnn._reorder_linear_weight`` and
-``_linear_pointwise``, the operations inductor's CPU freezing uses), at the linear shapes of the
-``vs_official.py`` train step (ViT-S/16 at 512 px, batch 2; the paper head's encoder FFN).
+``_linear_pointwise``), at the forward linear shapes of the ``vs_official.py`` train step
+(ViT-S/16 at 512 px, batch 2; the paper head's encoder FFN).
 
 On this project's AMD EPYC the oneDNN route ran 11-24 % faster on one thread and 11-49 % on two
 (RESULTS.md, "Twenty-third session"); its sums run in another order, so the outputs differ in

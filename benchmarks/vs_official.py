@@ -1,4 +1,4 @@
-"""reinseg against the official Rein code on the CPU: same model, same weights, same inputs.
+r"""reinseg against the official Rein code on the CPU: same model, same weights, same inputs.
 
 Needs one environment holding both: the official one (torch, mmcv-lite 2.1.0, mmengine,
 mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain; see tests/data/README.md) with reinseg
