@@ -1,4 +1,5 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -411,6 +412,53 @@ def test_signals_deferred_holds_ctrl_c_until_the_block_ends(python_sigint_handle
             steps.append("after the signal")  # still inside: the signal waits
         steps.append("after the block")  # never: it is delivered as the block ends
     assert steps == ["after the signal"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX threads")
+def test_signals_deferred_holds_a_ctrl_c_that_another_thread_receives(python_sigint_handler):
+    """The kernel hands a process's signal to any thread that does not block it (PyTorch's
+    worker threads): a mask on the calling thread let it through, and Python raised at once."""
+    import threading
+    import time
+
+    from reinseg.checkpoints import signals_deferred
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                signal.pthread_kill(worker.ident, signal.SIGINT)
+                time.sleep(0.05)  # Python runs handlers in the main thread at its next check
+                steps.append("after the signal")
+            steps.append("after the block")
+    finally:
+        stop.set()
+        worker.join()
+    assert steps == ["after the signal"]
+
+
+def test_signals_deferred_hands_sigterm_to_its_handler_when_the_block_ends():
+    import time
+
+    from reinseg.checkpoints import signals_deferred
+
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert received == []
+        assert received == [signal.SIGTERM]  # once, as a blocked signal is
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler is back
+        time.sleep(0.05)
+        assert received == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_moved_beside_crosses_file_systems_and_names_a_missing_folder(tmp_path):

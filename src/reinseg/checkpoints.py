@@ -193,14 +193,51 @@ def staging_folder(path: Path) -> Path:
 @contextlib.contextmanager
 def signals_deferred():
     """SIGINT and SIGTERM held back while the block runs, delivered when it ends: for a few renames
-    that must happen all or none (Ctrl-C between two of them would leave half). POSIX only;
-    elsewhere nothing is held."""
+    that must happen all or none (Ctrl-C between two of them would leave half).
+
+    In the main thread the two signals' handlers are swapped for the block with one that notes
+    them; the block's end puts the handlers back and raises each noted signal once, so that the
+    handler in place then acts (KeyboardInterrupt, a run's own handler, the default action). The
+    calling thread's signal mask alone would not hold them: the kernel hands a process's signal to
+    any thread not blocking it (PyTorch's worker threads), and Python runs the handler in the main
+    thread at once. Off the main thread (where handlers cannot change), or where a handler was not
+    installed from Python, the calling thread blocks them (POSIX; elsewhere nothing is held)."""
+    import signal
+    import threading
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    swappable = threading.current_thread() is threading.main_thread() and all(
+        signal.getsignal(signum) is not None for signum in held
+    )
+    if not swappable:
+        with _signals_blocked(held):
+            yield
+        return
+    noted: list[int] = []
+
+    def note(signum, frame) -> None:
+        if signum not in noted:
+            noted.append(signum)
+
+    previous = {signum: signal.signal(signum, note) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in noted:
+            signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def _signals_blocked(signums):
+    """``signums`` blocked in the calling thread while the block runs (POSIX; elsewhere nothing)."""
     import signal
 
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(signums))
     try:
         yield
     finally:
