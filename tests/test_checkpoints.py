@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -414,49 +415,72 @@ def test_signals_deferred_holds_ctrl_c_until_the_block_ends(python_sigint_handle
     assert steps == ["after the signal"]
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX threads")
-def test_signals_deferred_holds_a_ctrl_c_that_another_thread_receives(python_sigint_handler):
-    """The kernel hands a process's signal to any thread that does not block it (PyTorch's
-    worker threads): a mask on the calling thread let it through, and Python raised at once."""
+@contextlib.contextmanager
+def signals_to_another_thread():
+    """A send(signum) that hands the signal to a thread other than the main one, as the kernel may
+    hand a process's signal to PyTorch's worker threads, and returns once its C-level handler has
+    run there (a wakeup byte): Python runs the handler in the main thread at its next check."""
     import threading
-    import time
-
-    from reinseg.checkpoints import signals_deferred
 
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
     worker.start()
-    steps = []
+    woken, wakeup = os.pipe()
+    os.set_blocking(wakeup, False)
+    previous_wakeup = signal.set_wakeup_fd(wakeup)
+
+    def send(signum: int) -> None:
+        signal.pthread_kill(worker.ident, signum)
+        os.read(woken, 1)
+
     try:
-        with pytest.raises(KeyboardInterrupt):
-            with signals_deferred():
-                signal.pthread_kill(worker.ident, signal.SIGINT)
-                time.sleep(0.05)  # Python runs handlers in the main thread at its next check
-                steps.append("after the signal")
-            steps.append("after the block")
+        yield send
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(woken)
+        os.close(wakeup)
         stop.set()
         worker.join()
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX threads")
+def test_signals_deferred_holds_a_ctrl_c_that_another_thread_receives(python_sigint_handler):
+    """A mask on the calling thread let such a signal through, and Python raised at once."""
+    from reinseg.checkpoints import signals_deferred
+
+    steps = []
+    with signals_to_another_thread() as send, pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            send(signal.SIGINT)
+            steps.append("after the signal")
+        steps.append("after the block")
     assert steps == ["after the signal"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_signals_deferred_hands_sigterm_to_its_handler_when_the_block_ends():
-    import time
-
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="POSIX threads")
+def test_signals_deferred_hands_each_held_signal_on_once_in_order(python_sigint_handler):
+    """SIGTERM twice, then Ctrl-C: SIGTERM's own handler runs once and Ctrl-C's KeyboardInterrupt
+    follows, also where SIGTERM's handler raises (an undeferred Ctrl-C would still arrive)."""
     from reinseg.checkpoints import signals_deferred
 
     received = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+
+    def on_sigterm(signum, frame):
+        received.append(signum)
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with signals_deferred():
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
-            assert received == []
+        with signals_to_another_thread() as send, pytest.raises(KeyboardInterrupt) as interrupted:
+            with signals_deferred():
+                send(signal.SIGTERM)
+                send(signal.SIGTERM)
+                send(signal.SIGINT)
+                assert received == []
         assert received == [signal.SIGTERM]  # once, as a blocked signal is
-        os.kill(os.getpid(), signal.SIGTERM)  # its handler is back
-        time.sleep(0.05)
-        assert received == [signal.SIGTERM, signal.SIGTERM]
+        assert isinstance(interrupted.value.__context__, SystemExit)  # SIGTERM's, handled first
+        assert signal.getsignal(signal.SIGTERM) is on_sigterm
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -196,20 +196,20 @@ def signals_deferred():
     that must happen all or none (Ctrl-C between two of them would leave half).
 
     In the main thread the two signals' handlers are swapped for the block with one that notes
-    them; the block's end puts the handlers back and raises each noted signal once, so that the
-    handler in place then acts (KeyboardInterrupt, a run's own handler, the default action). The
-    calling thread's signal mask alone would not hold them: the kernel hands a process's signal to
-    any thread not blocking it (PyTorch's worker threads), and Python runs the handler in the main
-    thread at once. Off the main thread (where handlers cannot change), or where a handler was not
-    installed from Python, the calling thread blocks them (POSIX; elsewhere nothing is held)."""
+    them; the block's end puts the handlers back and raises each noted signal once, in the order
+    they came, so that the handler in place then acts (KeyboardInterrupt, a run's own handler, the
+    default action). The calling thread's signal mask alone would not hold them: the kernel hands
+    a process's signal to any thread not blocking it (PyTorch's worker threads), and Python runs
+    the handler in the main thread at once. Off the main thread (where handlers cannot change),
+    or where a handler was not installed from Python (``signal.getsignal`` is None: it could not
+    be put back), the calling thread's mask is the fallback, which holds only the signals the
+    kernel hands to that thread (POSIX; elsewhere nothing is held)."""
     import signal
     import threading
 
     held = (signal.SIGINT, signal.SIGTERM)
-    swappable = threading.current_thread() is threading.main_thread() and all(
-        signal.getsignal(signum) is not None for signum in held
-    )
-    if not swappable:
+    previous = {signum: signal.getsignal(signum) for signum in held}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
         with _signals_blocked(held):
             yield
         return
@@ -219,14 +219,43 @@ def signals_deferred():
         if signum not in noted:
             noted.append(signum)
 
-    previous = {signum: signal.signal(signum, note) for signum in held}
     try:
+        for signum in held:
+            signal.signal(signum, note)
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in noted:
-            signal.raise_signal(signum)
+        try:
+            _put_back(previous)
+        finally:
+            _raise_each(noted)
+
+
+def _put_back(handlers: dict) -> None:
+    """Each signal's handler put back. ``signal.signal`` first runs the handlers of signals that
+    have arrived, which may raise: the others are put back all the same, then the error raised."""
+    import signal
+
+    error: BaseException | None = None
+    for signum, handler in handlers.items():
+        while signal.getsignal(signum) is not handler:
+            try:
+                signal.signal(signum, handler)
+            except BaseException as err:  # a handler's KeyboardInterrupt, SystemExit, ...
+                error = error or err
+    if error is not None:
+        raise error
+
+
+def _raise_each(signums: list[int]) -> None:
+    """Each signal raised in turn, the later ones also when a handler raises for an earlier one
+    (as signals that were never held would all have arrived)."""
+    import signal
+
+    if signums:
+        try:
+            signal.raise_signal(signums[0])
+        finally:
+            _raise_each(signums[1:])
 
 
 @contextlib.contextmanager
