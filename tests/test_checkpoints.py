@@ -382,8 +382,6 @@ def test_atomic_write_names_the_file_and_writes_through_a_link(tmp_path):
 def test_a_forked_child_such_as_a_data_worker_does_not_keep_the_run_lock(tmp_path):
     """flock belongs to the open file, which a fork shares: a lingering data worker kept the
     lock after its run had ended."""
-    import signal
-
     from reinseg.checkpoints import refuse_running_run, run_lock
 
     started, ready = os.pipe()
@@ -402,8 +400,6 @@ def test_a_forked_child_such_as_a_data_worker_does_not_keep_the_run_lock(tmp_pat
 
 
 def test_signals_deferred_holds_ctrl_c_until_the_block_ends(python_sigint_handler):
-    import signal
-
     from reinseg.checkpoints import signals_deferred
 
     steps = []
