@@ -86,6 +86,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 # mmcv ops), its config flattening and its data samples.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "golden"))
 import make_optim_golden as golden  # noqa: E402
+from cpu_linear import best_seconds  # noqa: E402
 from levers import LEVERS, apply_lever  # noqa: E402
 
 CONFIG = "configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py"
@@ -244,16 +245,7 @@ def product_rates(threads: int) -> dict[str, float]:
         "sgemm": (lambda: a @ b, 2048**3),
         "conv3x3": (lambda: F.conv2d(maps, filters, padding=1), maps.numel() * filters[0].numel()),
     }
-    rates = {}
-    for name, (call, macs) in calls.items():
-        call()
-        best = math.inf
-        for _ in range(5):
-            start = time.perf_counter()
-            call()
-            best = min(best, time.perf_counter() - start)
-        rates[name] = macs / best
-    return rates
+    return {name: macs / best_seconds(call, 5) for name, (call, macs) in calls.items()}
 
 
 def child(args) -> dict:

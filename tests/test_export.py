@@ -21,9 +21,7 @@ def needs_onnx():
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
-    model = tiny_model_config()
-    segmentor = build_segmentor(model)
-    return save_checkpoint(tmp_path / "model.ckpt", to_dict(Config(model=model)), checkpoint_state_dict(segmentor))
+    return _checkpoint_of("rein", tmp_path / "model.ckpt")
 
 
 @pytest.fixture(scope="module")
