@@ -221,10 +221,11 @@ def test_set_exports_within_a_tolerance_of_its_own(tmp_path, capsys):
     with torch.no_grad():
         expected = segmentor.eval().encode_decode(images)
     assert (onnx_logits(target, images) - expected).abs().max().item() <= 1e-2
-    if error > 0:
-        with pytest.raises(RuntimeError, match="> --tolerance"):
-            export_onnx(checkpoint, tmp_path / "refused.onnx", tolerance=error / 2)
-        assert not (tmp_path / "refused.onnx").exists()
+    # 1.9e-4 with torch 2.14.1 and onnxruntime 1.32: never 0, so a tolerance under it exists.
+    assert error > 0, "SET's graph matched PyTorch exactly: its phase no longer follows the FFT's last bits"
+    with pytest.raises(RuntimeError, match="> --tolerance"):
+        export_onnx(checkpoint, tmp_path / "refused.onnx", tolerance=error / 2)
+    assert not (tmp_path / "refused.onnx").exists()
 
 
 @pytest.mark.parametrize("tuning", ["rein", "set", "fada"])

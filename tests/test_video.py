@@ -1,6 +1,8 @@
 """`reinseg predict` on videos: a synthetic clip made here with PyAV round-trips; frames stream."""
 
+import numbers
 import struct
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -144,6 +146,35 @@ def test_a_variable_frame_rate_video_keeps_its_timing(checkpoint, tmp_path):
     with av.open(str(written[0])) as container:
         shown = [float(f.pts * f.time_base) for f in container.decode(video=0)]
     assert shown == pytest.approx(times, abs=1e-3)
+
+
+class ZeroTimeBase:
+    """PyAV 19's unset time base as its ``av.AVRational(0, 1)`` behaves: a falsy ``numbers.Rational``."""
+
+    numerator, denominator = 0, 1
+
+    def __bool__(self):
+        return False
+
+
+numbers.Rational.register(ZeroTimeBase)
+
+
+@pytest.mark.parametrize(
+    "pts, time_base, seconds",
+    [
+        (None, Fraction(1, 1000), None),
+        (2300, None, None),  # PyAV 18 and older: an unset time base is None
+        (2300, ZeroTimeBase(), None),  # PyAV 19: a zero rational, never None
+        (2300, Fraction(1, 1000), Fraction(23, 10)),
+        (0, Fraction(1, 90000), Fraction(0)),
+    ],
+)
+def test_a_frame_without_a_time_base_has_no_time(pts, time_base, seconds):
+    from reinseg.video import presentation_time
+
+    assert presentation_time(pts, time_base) == seconds
+    assert seconds is None or isinstance(presentation_time(pts, time_base), Fraction)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a video at all" * 100, "truncated"])

@@ -9,6 +9,7 @@ or an interrupted run leaves no half-written folder.
 
 from __future__ import annotations
 
+import numbers
 import os
 import shutil
 import struct
@@ -125,10 +126,18 @@ def read_timed_frames(path: str | Path) -> Iterator[tuple[np.ndarray, Fraction |
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(container.streams.video[0]):
-                time = None if frame.pts is None or frame.time_base is None else frame.pts * frame.time_base
+                time = presentation_time(frame.pts, frame.time_base)
                 yield upright(frame.to_ndarray(format="rgb24"), display_matrix(frame)), time
     except av.error.FFmpegError as err:
         raise ValueError(f"{path}: decoding failed ({err})") from None
+
+
+def presentation_time(pts: int | None, time_base: numbers.Rational | None) -> Fraction | None:
+    """``pts`` ticks of ``time_base`` seconds, or None where either is unset: PyAV 18 and older
+    give an unset time base as None, PyAV 19 as a zero ``av.AVRational`` (a ``numbers.Rational``)."""
+    if pts is None or not time_base:
+        return None
+    return pts * Fraction(time_base)
 
 
 class VideoWriter:
