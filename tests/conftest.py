@@ -1,4 +1,3 @@
-import collections
 import contextlib
 import os
 from pathlib import Path
@@ -14,17 +13,6 @@ DATA = Path(__file__).parent / "data"
 # One intra-op thread: the tests' tensors are tiny, and a second thread's hand-offs cost more than
 # it computes (fast tier 62.8 -> 57.3 s on 2 cores). A test about thread counts sets its own.
 torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The test files with the most ``slow`` tests first, each file's tests in their order.
-
-    The suite runs on every core (``-n auto --dist loadfile`` in pyproject.toml): each file goes
-    whole to one worker, the next file to the first worker that is free. A long file that starts
-    last would run alone at the end, so the files of processes, kills and exports go first.
-    """
-    slow_tests = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow_tests[item.path])  # a stable sort: the files' own order otherwise
 
 
 def run_reinseg(args: list[str], env_without: tuple[str, ...] = ()):

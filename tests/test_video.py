@@ -177,6 +177,14 @@ def test_a_frame_without_a_time_base_has_no_time(pts, time_base, seconds):
     assert seconds is None or isinstance(presentation_time(pts, time_base), Fraction)
 
 
+@pytest.mark.skipif(not hasattr(av, "AVRational"), reason="no av.AVRational in this PyAV (18.1.1 has it)")
+def test_pyavs_own_rational_time_bases():
+    from reinseg.video import presentation_time
+
+    assert presentation_time(2300, av.AVRational(0, 1)) is None
+    assert presentation_time(2300, av.AVRational(1, 1000)) == Fraction(23, 10)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a video at all" * 100, "truncated"])
 def test_a_corrupt_video_is_named_and_nothing_is_written(checkpoint, tmp_path, capsys, content):
     bad = tmp_path / "bad.mp4"
