@@ -100,8 +100,9 @@ def main() -> None:
         convolution = functools.partial(as_pointwise_convolution, rows, weight, bias)
         mkl, onednn = best_seconds(plain, args.repeats), best_seconds(inner_product, args.repeats)
         pointwise = best_seconds(convolution, args.repeats)
+        expected = plain()
         difference = max(
-            (inner_product() - plain()).abs().max().item(), (convolution() - plain()[: len(rows)]).abs().max().item()
+            (inner_product() - expected).abs().max().item(), (convolution() - expected[: len(rows)]).abs().max().item()
         )
         macs = m * k * n
         print(
