@@ -220,6 +220,8 @@ def torchscript_archive(tmp_path):
 
 
 def test_torchscript_archives_are_read_as_data(tmp_path, monkeypatch):
+    """OpenAI ships CLIP as a TorchScript archive: its modules' tensors are the state dict, read
+    without torch.jit.load."""
     source, path = torchscript_archive(tmp_path)
 
     def no_jit_load(*args, **kwargs):
