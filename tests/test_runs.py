@@ -405,6 +405,22 @@ def test_a_resume_removes_leftovers_of_killed_writes(run):
     assert not leftover.exists()
 
 
+@pytest.mark.slow  # trains four steps
+def test_a_moved_run_resumed_keeps_only_its_newest_checkpoints(run, recwarn):
+    """A run folder copied elsewhere (another disk, another machine) and resumed: its checkpoints
+    name the first folder, yet the resume still knows them and removes the oldest beyond
+    ``train.keep_checkpoints`` (3), as the run would have where it started."""
+    out, config_file = run
+    assert main(["train", str(config_file), "train.max_iters=8"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "iter_000004.ckpt",
+        "iter_000006.ckpt",
+        "iter_000008.ckpt",
+        "last.ckpt",
+    ]
+    assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+
+
 @pytest.mark.slow  # trains six steps
 def test_an_output_folder_reached_through_a_link_keeps_only_its_newest_checkpoints(tmp_path):
     """Lightning names checkpoints by their real path (macOS's /tmp, a linked scratch disk):

@@ -492,6 +492,33 @@ def test_a_loaded_checkpoint_names_no_file_outside_the_checkpoint_folder(tmp_pat
     assert state["best_k_models"] == {own: 4}
 
 
+def test_a_moved_runs_checkpoint_names_the_same_files_in_its_new_folder_only(tmp_path):
+    from reinseg.engine import AtomicCheckpointIO
+
+    before = "/scratch/old/run/checkpoints"  # where the run was saved; not on this machine
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("iter_000002.ckpt", "iter_000004.ckpt", "last.ckpt"):
+        (folder / name).write_bytes(b"x")
+    (tmp_path / "elsewhere.ckpt").write_bytes(b"x")
+    (folder / "iter_000006.ckpt").symlink_to(tmp_path / "elsewhere.ckpt")
+    moved = {
+        "dirpath": before,
+        "last_model_path": f"{before}/last.ckpt",
+        "best_model_path": f"{before}/iter_000004.ckpt",
+        "kth_best_model_path": f"{before}/iter_000000.ckpt",  # not copied along
+        "best_k_models": {f"{before}/iter_00000{i}.ckpt": i for i in (0, 2, 4, 6)},
+    }
+    torch.save(_checkpoint_naming(moved), tmp_path / "given.ckpt")
+    state = next(iter(AtomicCheckpointIO(folder).load_checkpoint(tmp_path / "given.ckpt")["callbacks"].values()))
+    here = os.path.realpath(folder)
+    assert state["dirpath"] == here  # Lightning then restores the bookkeeping
+    assert state["last_model_path"] == f"{here}/last.ckpt" and state["best_model_path"] == f"{here}/iter_000004.ckpt"
+    assert state["kth_best_model_path"] == ""
+    # The link leads out of the folder: not one of the run's checkpoints.
+    assert state["best_k_models"] == {f"{here}/iter_000002.ckpt": 2, f"{here}/iter_000004.ckpt": 4}
+
+
 def test_only_checkpoints_in_the_folder_are_removed_and_never_recursively(tmp_path):
     from reinseg.engine import AtomicCheckpointIO
 

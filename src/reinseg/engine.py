@@ -575,12 +575,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return candidate.suffix == ".ckpt" and candidate.parent == self.checkpoint_dir
 
     def _keep_own_paths(self, state: dict) -> None:
-        """ModelCheckpoint's state without any path outside the checkpoint folder."""
+        """ModelCheckpoint's state without any path outside the checkpoint folder.
+
+        A run folder moved since it was saved (to another disk or machine) names its checkpoints
+        in the folder it left: those are read as the same files here, where they exist, and the
+        state as this folder's. Lightning drops the bookkeeping of a state from another folder,
+        and the resumed run would then never remove the checkpoints it had before
+        (``train.keep_checkpoints``)."""
+        previous = state.get("dirpath")
+
+        def own(path) -> str:
+            if self.owns(path):
+                return str(path)
+            if isinstance(previous, str) and isinstance(path, str) and "://" not in path:
+                if os.path.dirname(path) == previous:
+                    here = self.checkpoint_dir / os.path.basename(path)
+                    if here.is_file() and self.owns(here):
+                        return str(here)
+            return ""
+
         for field in ("best_model_path", "kth_best_model_path", "last_model_path"):
-            if field in state and not self.owns(state[field]):
-                state[field] = ""
+            if field in state:
+                state[field] = own(state[field])
         if isinstance(state.get("best_k_models"), dict):
-            state["best_k_models"] = {p: v for p, v in state["best_k_models"].items() if self.owns(p)}
+            state["best_k_models"] = {path: v for p, v in state["best_k_models"].items() if (path := own(p))}
+        if "dirpath" in state:  # every path left is in this folder
+            state["dirpath"] = str(self.checkpoint_dir)
 
 
 def _drop_partial_last_line(path: Path) -> None:
