@@ -406,12 +406,15 @@ def test_a_resume_removes_leftovers_of_killed_writes(run):
 
 
 @pytest.mark.slow  # trains four steps
-def test_a_moved_run_resumed_keeps_only_its_newest_checkpoints(run, recwarn):
+def test_a_moved_run_resumed_keeps_only_its_newest_checkpoints(run, finished_run, recwarn):
     """A run folder copied elsewhere (another disk, another machine) and resumed: its checkpoints
     name the first folder, yet the resume still knows them and removes the oldest beyond
-    ``train.keep_checkpoints`` (3), as the run would have where it started."""
+    ``train.keep_checkpoints`` (3), as the run would have where it started; the first folder's
+    files are left alone."""
     out, config_file = run
+    first = snapshot(finished_run / "run" / "checkpoints")
     assert main(["train", str(config_file), "train.max_iters=8"]) == 0
+    assert snapshot(finished_run / "run" / "checkpoints") == first
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "iter_000004.ckpt",
         "iter_000006.ckpt",

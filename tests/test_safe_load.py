@@ -498,7 +498,7 @@ def test_a_moved_runs_checkpoint_names_the_same_files_in_its_new_folder_only(tmp
     before = "/scratch/old/run/checkpoints"  # where the run was saved; not on this machine
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
-    for name in ("iter_000002.ckpt", "iter_000004.ckpt", "last.ckpt"):
+    for name in ("iter_000002.ckpt", "iter_000004.ckpt"):
         (folder / name).write_bytes(b"x")
     (tmp_path / "elsewhere.ckpt").write_bytes(b"x")
     (folder / "iter_000006.ckpt").symlink_to(tmp_path / "elsewhere.ckpt")
@@ -506,17 +506,23 @@ def test_a_moved_runs_checkpoint_names_the_same_files_in_its_new_folder_only(tmp
         "dirpath": before,
         "last_model_path": f"{before}/last.ckpt",
         "best_model_path": f"{before}/iter_000004.ckpt",
-        "kth_best_model_path": f"{before}/iter_000000.ckpt",  # not copied along
-        "best_k_models": {f"{before}/iter_00000{i}.ckpt": i for i in (0, 2, 4, 6)},
+        "kth_best_model_path": f"{before}/iter_000000.ckpt",  # not copied along: removed as a missing file
+        "best_k_models": {f"{before}/iter_00000{i}.ckpt": i for i in (0, 2, 4, 6)}
+        | {f"{before}/..": 7, f"{before}/": 8, f"{before}/sub/iter_000009.ckpt": 9},
     }
-    torch.save(_checkpoint_naming(moved), tmp_path / "given.ckpt")
-    state = next(iter(AtomicCheckpointIO(folder).load_checkpoint(tmp_path / "given.ckpt")["callbacks"].values()))
+    torch.save(_checkpoint_naming(moved), folder / "last.ckpt")
+    torch.save(_checkpoint_naming(moved), tmp_path / "other_run_last.ckpt")
+    io_ = AtomicCheckpointIO(folder)
+    state = next(iter(io_.load_checkpoint(str(folder / "last.ckpt"))["callbacks"].values()))
     here = os.path.realpath(folder)
     assert state["dirpath"] == here  # Lightning then restores the bookkeeping
     assert state["last_model_path"] == f"{here}/last.ckpt" and state["best_model_path"] == f"{here}/iter_000004.ckpt"
-    assert state["kth_best_model_path"] == ""
-    # The link leads out of the folder: not one of the run's checkpoints.
-    assert state["best_k_models"] == {f"{here}/iter_000002.ckpt": 2, f"{here}/iter_000004.ckpt": 4}
+    assert state["kth_best_model_path"] == f"{here}/iter_000000.ckpt"
+    # The link leads out of the folder; the others name no file directly in it.
+    assert state["best_k_models"] == {f"{here}/iter_00000{i}.ckpt": i for i in (0, 2, 4)}
+    # Another run's checkpoint (--resume PATH): its folder's names are not this folder's files.
+    state = next(iter(io_.load_checkpoint(tmp_path / "other_run_last.ckpt")["callbacks"].values()))
+    assert state["dirpath"] == before and state["best_k_models"] == {} and state["last_model_path"] == ""
 
 
 def test_only_checkpoints_in_the_folder_are_removed_and_never_recursively(tmp_path):
@@ -528,10 +534,13 @@ def test_only_checkpoints_in_the_folder_are_removed_and_never_recursively(tmp_pa
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "key").write_text("k")
     (folder / "iter_000002.ckpt").write_bytes(b"x")
+    (folder / "kept.ckpt").mkdir()  # a folder with a checkpoint's name
+    (folder / "kept.ckpt" / "notes").write_text("n")
     io_ = AtomicCheckpointIO(folder)
     for path in ("local://" + str(home), str(home), str(folder / ".." / ".." / "home"), str(folder)):
         io_.remove_checkpoint(path)
-    assert (home / ".ssh" / "key").exists() and folder.is_dir()
+    io_.remove_checkpoint(str(folder / "kept.ckpt"))
+    assert (home / ".ssh" / "key").exists() and folder.is_dir() and (folder / "kept.ckpt" / "notes").exists()
     io_.remove_checkpoint(str(folder / "iter_000002.ckpt"))
     assert not (folder / "iter_000002.ckpt").exists()
 

@@ -545,7 +545,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def __init__(self, checkpoint_dir: str | Path) -> None:
         super().__init__()
         # Real paths (Lightning's own are): a folder reached through a link is still this one.
-        self.checkpoint_dir = Path(os.path.realpath(checkpoint_dir))
+        self.checkpoint_dir = Path(os.path.realpath(os.path.expanduser(checkpoint_dir)))
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         remove_stale_temporaries(Path(path).parent)
@@ -557,41 +557,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         checkpoint = load_torch_file(path, what="checkpoint")
         for key, state in (checkpoint.get("callbacks") or {}).items():
             if isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict):
-                self._keep_own_paths(state)
+                self._keep_own_paths(state, moved_here=self.owns(path))
         return checkpoint
 
     def remove_checkpoint(self, path) -> None:
         if not self.owns(path):
             log.warning("not removing %s: only checkpoints in %s are removed", path, self.checkpoint_dir)
             return
+        if Path(path).is_dir():  # a folder named *.ckpt: not a checkpoint of the run's
+            log.warning("not removing %s: a folder", path)
+            return
         Path(path).unlink(missing_ok=True)
 
     def owns(self, path) -> bool:
         """Whether ``path`` is a ``*.ckpt`` file name directly inside the checkpoint folder
         (links and ``..`` resolved, no URL scheme)."""
-        if not isinstance(path, (str, Path)) or "://" in str(path):
+        if not isinstance(path, (str, Path)) or "://" in str(path) or "\0" in str(path):
             return False
         candidate = Path(os.path.realpath(path))
         return candidate.suffix == ".ckpt" and candidate.parent == self.checkpoint_dir
 
-    def _keep_own_paths(self, state: dict) -> None:
+    def _keep_own_paths(self, state: dict, moved_here: bool) -> None:
         """ModelCheckpoint's state without any path outside the checkpoint folder.
 
-        A run folder moved since it was saved (to another disk or machine) names its checkpoints
-        in the folder it left: those are read as the same files here, where they exist, and the
-        state as this folder's. Lightning drops the bookkeeping of a state from another folder,
-        and the resumed run would then never remove the checkpoints it had before
-        (``train.keep_checkpoints``)."""
-        previous = state.get("dirpath")
+        ``moved_here``: the checkpoint read is one of this folder's. A run folder moved since it
+        was saved (to another disk or machine) names its checkpoints in the folder it left: those
+        names are then read as the same names in this folder, and the state as this folder's.
+        Lightning drops the bookkeeping of a state from another folder, and the resumed run would
+        then never remove the checkpoints it had before (``train.keep_checkpoints``). A checkpoint
+        from another run's folder (``--resume PATH``) keeps only the paths in this one."""
+        previous = state.get("dirpath") if moved_here else None
 
         def own(path) -> str:
             if self.owns(path):
                 return str(path)
-            if isinstance(previous, str) and isinstance(path, str) and "://" not in path:
-                if os.path.dirname(path) == previous:
-                    here = self.checkpoint_dir / os.path.basename(path)
-                    if here.is_file() and self.owns(here):
-                        return str(here)
+            if isinstance(previous, str) and isinstance(path, str) and os.path.dirname(path) == previous:
+                here = self.checkpoint_dir / os.path.basename(path)
+                if self.owns(here):  # missing files too, as in an unmoved run: every rank agrees
+                    return str(here)
             return ""
 
         for field in ("best_model_path", "kth_best_model_path", "last_model_path"):
@@ -599,7 +602,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 state[field] = own(state[field])
         if isinstance(state.get("best_k_models"), dict):
             state["best_k_models"] = {path: v for p, v in state["best_k_models"].items() if (path := own(p))}
-        if "dirpath" in state:  # every path left is in this folder
+        if moved_here and "dirpath" in state:  # every path left is in this folder
             state["dirpath"] = str(self.checkpoint_dir)
 
 
