@@ -405,23 +405,42 @@ def test_a_resume_removes_leftovers_of_killed_writes(run):
     assert not leftover.exists()
 
 
+def checkpoint_names(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
 @pytest.mark.slow  # trains four steps
 def test_a_moved_run_resumed_keeps_only_its_newest_checkpoints(run, finished_run, recwarn):
-    """A run folder copied elsewhere (another disk, another machine) and resumed: its checkpoints
-    name the first folder, yet the resume still knows them and removes the oldest beyond
+    """A run folder copied elsewhere (another disk, another machine) and resumed: its checkpoint's
+    state names the first folder, yet the resume removes the oldest beyond
     ``train.keep_checkpoints`` (3), as the run would have where it started; the first folder's
     files are left alone."""
     out, config_file = run
     first = snapshot(finished_run / "run" / "checkpoints")
     assert main(["train", str(config_file), "train.max_iters=8"]) == 0
-    assert snapshot(finished_run / "run" / "checkpoints") == first
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
-        "iter_000004.ckpt",
-        "iter_000006.ckpt",
-        "iter_000008.ckpt",
-        "last.ckpt",
-    ]
+    assert checkpoint_names(out) == ["iter_000004.ckpt", "iter_000006.ckpt", "iter_000008.ckpt", "last.ckpt"]
     assert not [w for w in recwarn if "dirpath has changed" in str(w.message)]
+    assert snapshot(finished_run / "run" / "checkpoints") == first
+
+
+@pytest.mark.slow  # trains five steps in all
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        # Fewer to keep than the run has: the extra ones go when training starts again.
+        (["train.keep_checkpoints=1", "train.max_iters=6"], ["iter_000006.ckpt", "last.ckpt"]),
+        # Another interval: Lightning keys the state by it and would find none.
+        (
+            ["train.checkpoint_interval=3", "train.max_iters=9"],
+            ["iter_000004.ckpt", "iter_000006.ckpt", "iter_000009.ckpt", "last.ckpt"],
+        ),
+    ],
+    ids=["fewer_kept", "another_interval"],
+)
+def test_a_resume_with_other_checkpoint_options_keeps_only_the_newest(run, options, expected):
+    out, config_file = run  # iterations 2 and 4 saved, 3 to keep
+    assert main(["train", str(config_file), *options]) == 0
+    assert checkpoint_names(out) == expected
 
 
 @pytest.mark.slow  # trains six steps

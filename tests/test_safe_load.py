@@ -492,37 +492,34 @@ def test_a_loaded_checkpoint_names_no_file_outside_the_checkpoint_folder(tmp_pat
     assert state["best_k_models"] == {own: 4}
 
 
-def test_a_moved_runs_checkpoint_names_the_same_files_in_its_new_folder_only(tmp_path):
+def test_a_moved_runs_own_checkpoint_counts_as_this_folders_and_names_nothing_outside(tmp_path):
     from reinseg.engine import AtomicCheckpointIO
 
     before = "/scratch/old/run/checkpoints"  # where the run was saved; not on this machine
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
-    for name in ("iter_000002.ckpt", "iter_000004.ckpt"):
-        (folder / name).write_bytes(b"x")
     (tmp_path / "elsewhere.ckpt").write_bytes(b"x")
     (folder / "iter_000006.ckpt").symlink_to(tmp_path / "elsewhere.ckpt")
+    own = str(folder / "iter_000004.ckpt")
     moved = {
         "dirpath": before,
         "last_model_path": f"{before}/last.ckpt",
-        "best_model_path": f"{before}/iter_000004.ckpt",
-        "kth_best_model_path": f"{before}/iter_000000.ckpt",  # not copied along: removed as a missing file
-        "best_k_models": {f"{before}/iter_00000{i}.ckpt": i for i in (0, 2, 4, 6)}
-        | {f"{before}/..": 7, f"{before}/": 8, f"{before}/sub/iter_000009.ckpt": 9},
+        "best_model_path": own,
+        "kth_best_model_path": f"{before}/iter_000002.ckpt",
+        "best_k_models": {f"{before}/iter_000002.ckpt": 2, own: 4, str(folder / "iter_000006.ckpt"): 6},
     }
     torch.save(_checkpoint_naming(moved), folder / "last.ckpt")
     torch.save(_checkpoint_naming(moved), tmp_path / "other_run_last.ckpt")
     io_ = AtomicCheckpointIO(folder)
     state = next(iter(io_.load_checkpoint(str(folder / "last.ckpt"))["callbacks"].values()))
-    here = os.path.realpath(folder)
-    assert state["dirpath"] == here  # Lightning then restores the bookkeeping
-    assert state["last_model_path"] == f"{here}/last.ckpt" and state["best_model_path"] == f"{here}/iter_000004.ckpt"
-    assert state["kth_best_model_path"] == f"{here}/iter_000000.ckpt"
-    # The link leads out of the folder; the others name no file directly in it.
-    assert state["best_k_models"] == {f"{here}/iter_00000{i}.ckpt": i for i in (0, 2, 4)}
-    # Another run's checkpoint (--resume PATH): its folder's names are not this folder's files.
+    # Lightning restores a state of this folder's without a warning (the run's list of
+    # checkpoints is then rebuilt from the folder: tests/test_runs.py).
+    assert state["dirpath"] == os.path.realpath(folder)
+    assert state["last_model_path"] == state["kth_best_model_path"] == "" and state["best_model_path"] == own
+    assert state["best_k_models"] == {own: 4}  # the link leads out of the folder
+    # Another run's checkpoint (--resume PATH) keeps the folder it names.
     state = next(iter(io_.load_checkpoint(tmp_path / "other_run_last.ckpt")["callbacks"].values()))
-    assert state["dirpath"] == before and state["best_k_models"] == {} and state["last_model_path"] == ""
+    assert state["dirpath"] == before and state["best_k_models"] == {own: 4}
 
 
 def test_only_checkpoints_in_the_folder_are_removed_and_never_recursively(tmp_path):

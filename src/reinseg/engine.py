@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import warnings
@@ -555,8 +556,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # A resume reads the file like any other: nothing in it may run (torch's default would
         # follow TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
         checkpoint = load_torch_file(path, what="checkpoint")
-        for key, state in (checkpoint.get("callbacks") or {}).items():
-            if isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, dict):
+        for state in (checkpoint.get("callbacks") or {}).values():
+            if isinstance(state, dict):  # ModelCheckpoint's, whatever its key; others hold no such paths
                 self._keep_own_paths(state, moved_here=self.owns(path))
         return checkpoint
 
@@ -578,32 +579,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return candidate.suffix == ".ckpt" and candidate.parent == self.checkpoint_dir
 
     def _keep_own_paths(self, state: dict, moved_here: bool) -> None:
-        """ModelCheckpoint's state without any path outside the checkpoint folder.
-
-        ``moved_here``: the checkpoint read is one of this folder's. A run folder moved since it
-        was saved (to another disk or machine) names its checkpoints in the folder it left: those
-        names are then read as the same names in this folder, and the state as this folder's.
-        Lightning drops the bookkeeping of a state from another folder, and the resumed run would
-        then never remove the checkpoints it had before (``train.keep_checkpoints``). A checkpoint
-        from another run's folder (``--resume PATH``) keeps only the paths in this one."""
-        previous = state.get("dirpath") if moved_here else None
-
-        def own(path) -> str:
-            if self.owns(path):
-                return str(path)
-            if isinstance(previous, str) and isinstance(path, str) and os.path.dirname(path) == previous:
-                here = self.checkpoint_dir / os.path.basename(path)
-                if self.owns(here):  # missing files too, as in an unmoved run: every rank agrees
-                    return str(here)
-            return ""
-
+        """ModelCheckpoint's state without any path outside the checkpoint folder. ``moved_here``:
+        the checkpoint read is one of this folder's, whose state then counts as this folder's
+        wherever it was saved (a run folder moved to another disk or machine): Lightning would
+        otherwise warn that it drops the state (which :class:`_RunCheckpoints` rebuilds anyway)."""
         for field in ("best_model_path", "kth_best_model_path", "last_model_path"):
-            if field in state:
-                state[field] = own(state[field])
+            if field in state and not self.owns(state[field]):
+                state[field] = ""
         if isinstance(state.get("best_k_models"), dict):
-            state["best_k_models"] = {path: v for p, v in state["best_k_models"].items() if (path := own(p))}
-        if moved_here and "dirpath" in state:  # every path left is in this folder
+            state["best_k_models"] = {p: v for p, v in state["best_k_models"].items() if self.owns(p)}
+        if moved_here and "dirpath" in state and "best_k_models" in state:  # every path left is in this folder
             state["dirpath"] = str(self.checkpoint_dir)
+
+
+ITERATION_CHECKPOINT = re.compile(r"iter_(\d+)\.ckpt")
+
+
+class _RunCheckpoints(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (``iter_NNNNNN.ckpt``, the newest ``save_top_k`` kept), whose
+    list of the run's checkpoints is, when training starts, the ``iter_*.ckpt`` files in its
+    folder: a resumed run keeps ``train.keep_checkpoints`` of them whatever its checkpoint's state
+    says. That state names the folder it was saved in and is keyed by the checkpoint interval:
+    Lightning drops it for a run moved elsewhere or resumed with another interval, and with fewer
+    checkpoints to keep than it lists it never removes one again."""
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's own key: checkpoints written before this class read alike.
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        folder = Path(self.dirpath or "")
+        found = None
+        if trainer.is_global_zero:  # rank 0 writes and removes; every rank must agree on the list
+            found = sorted(
+                (int(match.group(1)), str(path))
+                for path in folder.glob("iter_*.ckpt")
+                if (match := ITERATION_CHECKPOINT.fullmatch(path.name)) and path.is_file()
+            )
+        found = trainer.strategy.broadcast(found, src=0)
+        if self.save_top_k > 0 and len(found) > self.save_top_k:
+            for _, path in found[: len(found) - self.save_top_k]:
+                trainer.strategy.remove_checkpoint(path)
+            found = found[len(found) - self.save_top_k :]
+        self.best_k_models = {path: torch.tensor(float(iteration)) for iteration, path in found}
+        if found:  # monitor "iteration", mode "max": the oldest is the k-th best, the newest the best
+            self.kth_best_model_path, self.kth_value = found[0][1], self.best_k_models[found[0][1]]
+            self.best_model_path, self.best_model_score = found[-1][1], self.best_k_models[found[-1][1]]
+        else:  # as ModelCheckpoint starts
+            self.kth_best_model_path, self.best_model_path = "", ""
+            self.kth_value, self.best_model_score = torch.tensor(-torch.inf), None
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -969,6 +995,9 @@ def build_trainer(
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     # A resume's folder holds checkpoints by design; a new run into one is refused before (train()).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # A resume with another train.checkpoint_interval: ModelCheckpoint's state is keyed by it, and
+    # _RunCheckpoints rebuilds what it held from the folder.
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
     tc = config.train
     set_tf32(tc.tf32)
     out = Path(tc.output_dir)
@@ -979,7 +1008,7 @@ def build_trainer(
     many = tc.num_nodes > 1 or process_count(devices, on_gpu) > 1
     # Every trainable parameter gets a gradient each step: no find_unused_parameters.
     strategy = DDPStrategy(find_unused_parameters=False) if many else "auto"
-    checkpoint = ModelCheckpoint(
+    checkpoint = _RunCheckpoints(
         dirpath=out / "checkpoints",
         filename="iter_{iteration:06.0f}",
         auto_insert_metric_name=False,
