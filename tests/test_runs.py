@@ -429,18 +429,56 @@ def test_a_moved_run_resumed_keeps_only_its_newest_checkpoints(run, finished_run
     [
         # Fewer to keep than the run has: the extra ones go when training starts again.
         (["train.keep_checkpoints=1", "train.max_iters=6"], ["iter_000006.ckpt", "last.ckpt"]),
+        (["train.keep_checkpoints=0", "train.max_iters=6"], ["last.ckpt"]),
         # Another interval: Lightning keys the state by it and would find none.
         (
             ["train.checkpoint_interval=3", "train.max_iters=9"],
             ["iter_000004.ckpt", "iter_000006.ckpt", "iter_000009.ckpt", "last.ckpt"],
         ),
     ],
-    ids=["fewer_kept", "another_interval"],
+    ids=["fewer_kept", "none_kept", "another_interval"],
 )
 def test_a_resume_with_other_checkpoint_options_keeps_only_the_newest(run, options, expected):
     out, config_file = run  # iterations 2 and 4 saved, 3 to keep
     assert main(["train", str(config_file), *options]) == 0
     assert checkpoint_names(out) == expected
+
+
+@pytest.mark.slow  # trains two steps
+@pytest.mark.parametrize("keep, written_again", [(1, True), (0, False)])
+def test_a_resume_from_an_earlier_checkpoint_keeps_it_and_writes_the_later_ones_again(run, keep, written_again):
+    """``--resume PATH`` of iteration 2 with iteration 4 in the folder: the file it resumed from is
+    not removed (as Lightning), though fewer are to be kept; with one to keep, the run's checkpoint
+    at 4 is written again (not skipped as older than the file there); with none, it is not written
+    and the earlier run's file is left."""
+    out, config_file = run
+    before = (out / "checkpoints" / "iter_000004.ckpt").read_bytes()
+    resume = out / "checkpoints" / "iter_000002.ckpt"
+    assert main(["train", str(config_file), "--resume", str(resume), f"train.keep_checkpoints={keep}"]) == 0
+    assert checkpoint_names(out) == ["iter_000002.ckpt", "iter_000004.ckpt", "last.ckpt"]
+    assert ((out / "checkpoints" / "iter_000004.ckpt").read_bytes() != before) == written_again
+
+
+def test_a_runs_checkpoints_are_its_folders_iteration_files_up_to_its_step(tmp_path):
+    from reinseg.engine import _run_checkpoints
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("iter_000010.ckpt", "iter_000002.ckpt", "iter_1000000.ckpt", "iter_000012.ckpt", "last.ckpt"):
+        (folder / name).write_bytes(b"x")
+    (folder / ".iter_000004.ckpt.1@host-partial-ab.tmp").write_bytes(b"x")  # a killed write
+    (folder / "iter_x.ckpt").write_bytes(b"x")
+    (folder / "iter_000006.ckpt").mkdir()
+    (tmp_path / "elsewhere.ckpt").write_bytes(b"x")
+    (folder / "iter_000008.ckpt").symlink_to(tmp_path / "elsewhere.ckpt")
+    real = os.path.realpath(folder)
+    assert _run_checkpoints(folder, up_to=1_000_000) == [
+        (2, f"{real}/iter_000002.ckpt"),
+        (10, f"{real}/iter_000010.ckpt"),
+        (12, f"{real}/iter_000012.ckpt"),
+        (1_000_000, f"{real}/iter_1000000.ckpt"),
+    ]
+    assert [i for i, _ in _run_checkpoints(folder, up_to=10)] == [2, 10]
 
 
 @pytest.mark.slow  # trains six steps

@@ -592,16 +592,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             state["dirpath"] = str(self.checkpoint_dir)
 
 
-ITERATION_CHECKPOINT = re.compile(r"iter_(\d+)\.ckpt")
+ITERATION_CHECKPOINT = re.compile(r"iter_([0-9]+)\.ckpt")
 
 
 class _RunCheckpoints(ModelCheckpoint):
     """Lightning's ModelCheckpoint (``iter_NNNNNN.ckpt``, the newest ``save_top_k`` kept), whose
     list of the run's checkpoints is, when training starts, the ``iter_*.ckpt`` files in its
-    folder: a resumed run keeps ``train.keep_checkpoints`` of them whatever its checkpoint's state
-    says. That state names the folder it was saved in and is keyed by the checkpoint interval:
-    Lightning drops it for a run moved elsewhere or resumed with another interval, and with fewer
-    checkpoints to keep than it lists it never removes one again."""
+    folder up to the step it starts from: a resumed run keeps ``train.keep_checkpoints`` of them
+    whatever its checkpoint's state says. Lightning drops that state for a run moved elsewhere (it
+    names the folder it was saved in) or resumed with another interval (it is keyed by it); with
+    fewer checkpoints to keep than the state lists it never removes one again, or fails."""
 
     @property
     def state_key(self) -> str:
@@ -610,19 +610,18 @@ class _RunCheckpoints(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        folder = Path(self.dirpath or "")
+        if self.dirpath is None:
+            return
         found = None
         if trainer.is_global_zero:  # rank 0 writes and removes; every rank must agree on the list
-            found = sorted(
-                (int(match.group(1)), str(path))
-                for path in folder.glob("iter_*.ckpt")
-                if (match := ITERATION_CHECKPOINT.fullmatch(path.name)) and path.is_file()
-            )
+            found = _run_checkpoints(Path(self.dirpath), up_to=trainer.global_step)
         found = trainer.strategy.broadcast(found, src=0)
-        if self.save_top_k > 0 and len(found) > self.save_top_k:
-            for _, path in found[: len(found) - self.save_top_k]:
-                trainer.strategy.remove_checkpoint(path)
-            found = found[len(found) - self.save_top_k :]
+        if self.save_top_k >= 0 and len(found) > self.save_top_k:
+            resumed = os.path.realpath(trainer.ckpt_path) if trainer.ckpt_path else None
+            extra, found = found[: len(found) - self.save_top_k], found[len(found) - self.save_top_k :]
+            for _, path in extra:
+                if path != resumed:  # as Lightning, never the file the run resumed from
+                    trainer.strategy.remove_checkpoint(path)
         self.best_k_models = {path: torch.tensor(float(iteration)) for iteration, path in found}
         if found:  # monitor "iteration", mode "max": the oldest is the k-th best, the newest the best
             self.kth_best_model_path, self.kth_value = found[0][1], self.best_k_models[found[0][1]]
@@ -630,6 +629,20 @@ class _RunCheckpoints(ModelCheckpoint):
         else:  # as ModelCheckpoint starts
             self.kth_best_model_path, self.best_model_path = "", ""
             self.kth_value, self.best_model_score = torch.tensor(-torch.inf), None
+
+
+def _run_checkpoints(folder: Path, up_to: int) -> list[tuple[int, str]]:
+    """``(iteration, real path)`` of the ``iter_*.ckpt`` files directly in ``folder`` (not links
+    out of it) up to iteration ``up_to``, oldest first. Later ones belong to a run resumed from an
+    earlier checkpoint (``--resume PATH``): left for it to overwrite as it gets there."""
+    folder = Path(os.path.realpath(folder))
+    found = []
+    for path in folder.glob("iter_*.ckpt"):
+        match = ITERATION_CHECKPOINT.fullmatch(path.name)
+        real = Path(os.path.realpath(path))
+        if match and real.parent == folder and real.is_file() and int(match.group(1)) <= up_to:
+            found.append((int(match.group(1)), str(folder / path.name)))
+    return sorted(found)
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -997,7 +1010,9 @@ def build_trainer(
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     # A resume with another train.checkpoint_interval: ModelCheckpoint's state is keyed by it, and
     # _RunCheckpoints rebuilds what it held from the folder.
-    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
+    warnings.filterwarnings(
+        "ignore", message=r"Be aware that when using `ckpt_path`.*callbacks: \[\"ModelCheckpoint\{[^\"]*\}\"\]\.$"
+    )
     tc = config.train
     set_tf32(tc.tf32)
     out = Path(tc.output_dir)
