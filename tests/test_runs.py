@@ -448,12 +448,13 @@ def test_a_resume_with_other_checkpoint_options_keeps_only_the_newest(run, optio
 @pytest.mark.parametrize("keep, written_again", [(1, True), (0, False)])
 def test_a_resume_from_an_earlier_checkpoint_keeps_it_and_writes_the_later_ones_again(run, keep, written_again):
     """``--resume PATH`` of iteration 2 with iteration 4 in the folder: the file it resumed from is
-    not removed (as Lightning), though fewer are to be kept; with one to keep, the run's checkpoint
-    at 4 is written again (not skipped as older than the file there); with none, it is not written
-    and the earlier run's file is left."""
+    not removed by the run (as Lightning), though fewer are to be kept, also when the path reaches
+    it through a link; with one to keep, the run's checkpoint at 4 is written again (not skipped as
+    older than the file there); with none, it is not written and the earlier run's file is left."""
     out, config_file = run
     before = (out / "checkpoints" / "iter_000004.ckpt").read_bytes()
-    resume = out / "checkpoints" / "iter_000002.ckpt"
+    (out.parent / "alias").symlink_to(out, target_is_directory=True)
+    resume = out.parent / "alias" / "checkpoints" / "iter_000002.ckpt"
     assert main(["train", str(config_file), "--resume", str(resume), f"train.keep_checkpoints={keep}"]) == 0
     assert checkpoint_names(out) == ["iter_000002.ckpt", "iter_000004.ckpt", "last.ckpt"]
     assert ((out / "checkpoints" / "iter_000004.ckpt").read_bytes() != before) == written_again

@@ -558,7 +558,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         checkpoint = load_torch_file(path, what="checkpoint")
         for state in (checkpoint.get("callbacks") or {}).values():
             if isinstance(state, dict):  # ModelCheckpoint's, whatever its key; others hold no such paths
-                self._keep_own_paths(state, moved_here=self.owns(path))
+                self._keep_own_paths(state, in_this_folder=self.owns(path))
         return checkpoint
 
     def remove_checkpoint(self, path) -> None:
@@ -578,8 +578,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         candidate = Path(os.path.realpath(path))
         return candidate.suffix == ".ckpt" and candidate.parent == self.checkpoint_dir
 
-    def _keep_own_paths(self, state: dict, moved_here: bool) -> None:
-        """ModelCheckpoint's state without any path outside the checkpoint folder. ``moved_here``:
+    def _keep_own_paths(self, state: dict, in_this_folder: bool) -> None:
+        """ModelCheckpoint's state without any path outside the checkpoint folder. ``in_this_folder``:
         the checkpoint read is one of this folder's, whose state then counts as this folder's
         wherever it was saved (a run folder moved to another disk or machine): Lightning would
         otherwise warn that it drops the state (which :class:`_RunCheckpoints` rebuilds anyway)."""
@@ -588,7 +588,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 state[field] = ""
         if isinstance(state.get("best_k_models"), dict):
             state["best_k_models"] = {p: v for p, v in state["best_k_models"].items() if self.owns(p)}
-        if moved_here and "dirpath" in state and "best_k_models" in state:  # every path left is in this folder
+        if in_this_folder and "dirpath" in state and "best_k_models" in state:  # every path left is in this folder
             state["dirpath"] = str(self.checkpoint_dir)
 
 
@@ -617,7 +617,7 @@ class _RunCheckpoints(ModelCheckpoint):
             found = _run_checkpoints(Path(self.dirpath), up_to=trainer.global_step)
         found = trainer.strategy.broadcast(found, src=0)
         if self.save_top_k >= 0 and len(found) > self.save_top_k:
-            resumed = os.path.realpath(trainer.ckpt_path) if trainer.ckpt_path else None
+            resumed = trainer.ckpt_path and os.path.realpath(trainer.ckpt_path)
             extra, found = found[: len(found) - self.save_top_k], found[len(found) - self.save_top_k :]
             for _, path in extra:
                 if path != resumed:  # as Lightning, never the file the run resumed from
@@ -632,9 +632,10 @@ class _RunCheckpoints(ModelCheckpoint):
 
 
 def _run_checkpoints(folder: Path, up_to: int) -> list[tuple[int, str]]:
-    """``(iteration, real path)`` of the ``iter_*.ckpt`` files directly in ``folder`` (not links
-    out of it) up to iteration ``up_to``, oldest first. Later ones belong to a run resumed from an
-    earlier checkpoint (``--resume PATH``): left for it to overwrite as it gets there."""
+    """``(iteration, path in the folder's real path)`` of the ``iter_*.ckpt`` files directly in
+    ``folder`` (not links out of it) up to iteration ``up_to``, oldest first. Later ones belong to
+    the run a ``--resume PATH`` of an earlier checkpoint left: the run writes its own over them at
+    its checkpoint steps."""
     folder = Path(os.path.realpath(folder))
     found = []
     for path in folder.glob("iter_*.ckpt"):
@@ -1183,7 +1184,10 @@ def train(
                 _stop_if_signalled(trainer, stopped)
             if task.already_finished is not None:
                 return task
-            trainer.fit(task, datamodule=task.data, ckpt_path=None if ckpt_path is None else str(ckpt_path))
+            # A real path: Lightning keeps the file a run resumed from by comparing it with its list
+            # (real paths), and reads a bare "last" or "best" as its own names.
+            resume_from = None if ckpt_path is None else os.path.realpath(ckpt_path)
+            trainer.fit(task, datamodule=task.data, ckpt_path=resume_from)
             last_validated = task.last_results is not None and task.last_results["step"] == trainer.global_step
             if config.data.val and not last_validated and trainer.global_step >= config.train.max_iters:
                 trainer.validate(task, datamodule=task.data, verbose=False)
@@ -1299,7 +1303,7 @@ def validate_missed_step(trainer: L.Trainer, task: SegmentationTask, ckpt_path: 
     log.info("validating iteration %d, whose validation was interrupted", step)
     task.results_step = step
     try:
-        trainer.validate(task, datamodule=task.data, ckpt_path=str(ckpt_path), verbose=False)
+        trainer.validate(task, datamodule=task.data, ckpt_path=os.path.realpath(ckpt_path), verbose=False)
     finally:
         task.results_step = None
     if trainer.is_global_zero and task.last_results is not None:
