@@ -460,6 +460,24 @@ def test_a_resume_from_an_earlier_checkpoint_keeps_it_and_writes_the_later_ones_
     assert ((out / "checkpoints" / "iter_000004.ckpt").read_bytes() != before) == written_again
 
 
+@pytest.mark.slow  # trains two steps
+def test_a_run_resumed_to_train_further_takes_the_configurations_schedule_from_its_step(run, caplog):
+    """Raising train.max_iters of a finished run (as it says to) and changing train.lr: the first
+    further iteration trains at the new schedule's lr, not at the finished one's last (0)."""
+    import csv
+
+    from reinseg.optim import lr_factor
+
+    out, config_file = run  # 4 iterations at lr 1e-3
+    assert main(["train", str(config_file), "train.max_iters=8", "train.lr=0.5"]) == 0
+    rows = [r for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("lr-AdamW/pg1")]
+    lrs = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in rows}
+    assert lrs[3] == 0.0  # the finished schedule's last iteration
+    for step in (4, 5, 6):
+        assert lrs[step] == pytest.approx(0.5 * lr_factor(step, 8), rel=1e-6) and lrs[step] > 0
+    assert "train.lr 0.001 -> 0.5, train.max_iters 4 -> 8" in caplog.text
+
+
 def test_a_runs_checkpoints_are_its_folders_iteration_files_up_to_its_step(tmp_path):
     from reinseg.engine import _run_checkpoints
 

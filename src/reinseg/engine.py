@@ -75,7 +75,7 @@ from .datamodule import (
 from .ema import ExponentialAverage
 from .fada import fits_haar_split
 from .metrics import ConfusionMatrix, format_scores_table, mean_over_domains
-from .optim import build_optimizer, lr_factor, parameter_groups, set_tf32
+from .optim import SCHEDULE_KEYS, build_optimizer, lr_factor, parameter_groups, set_tf32
 from .safe_load import UnsafeFileError, damaged_record, load_torch_file
 from .segmentor import Segmentor
 from .train_options import apply_train_options
@@ -437,6 +437,16 @@ class SegmentationTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_resumable(checkpoint)
+        saved = (checkpoint.get("config") or {}).get("train") or {}
+        now = to_dict(self.config.train)
+        changed = [f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in SCHEDULE_KEYS if k in saved and saved[k] != now[k]]
+        if changed and self.global_rank == 0:
+            log.warning(
+                "the checkpoint's run had other optimizer settings (%s): the run goes on with this configuration's, "
+                "its learning rate and weight decay as they are at iteration %d of its schedule",
+                ", ".join(changed),
+                int(checkpoint.get("global_step", 0)),
+            )
         rng = checkpoint.get("rng")
         if rng is not None:
             ranks = rng.get("ranks", [rng])  # older checkpoints: rank 0's state only

@@ -30,7 +30,9 @@ __all__ = [
     "lr_factor",
     "set_tf32",
     "build_optimizer",
+    "ConfiguredSchedule",
     "ScheduleWithWeightDecay",
+    "SCHEDULE_KEYS",
     "state_in_parameter_layouts",
 ]
 
@@ -115,24 +117,66 @@ def set_tf32(mode: str) -> None:
     torch.backends.cudnn.allow_tf32 = mode != "none"
 
 
-class ScheduleWithWeightDecay(torch.optim.lr_scheduler.LambdaLR):
-    """The lr schedule that also sets every group's weight decay to ``decay(initial, step)`` (as
-    mmengine's parameter schedulers on ``weight_decay``, stepped after every iteration)."""
+class ConfiguredSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The per-iteration lr schedule of the configuration, and with ``decay`` every group's weight
+    decay set to ``decay(initial, step)`` (as mmengine's parameter schedulers on ``weight_decay``,
+    stepped after every iteration).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda, decay) -> None:
+    Loading a checkpoint's state keeps its step but not its hyperparameters: each group's lr,
+    weight decay, betas and eps are the configuration's again, at that step. (The optimizer's own
+    ``load_state_dict``, which runs first, would keep the checkpoint's: a resume that raises
+    ``train.max_iters`` would train its first iteration at the finished schedule's last lr, 0,
+    and one that changes ``train.lr`` would never take it.) An unchanged configuration gives the
+    same values bit for bit (the same products as ``step``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda, decay=None) -> None:
         self.decay = decay
+        hyperparameters = ("lr", "weight_decay", "betas", "eps")
+        self.configured = [{k: group[k] for k in hyperparameters if k in group} for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             group.setdefault("initial_weight_decay", group["weight_decay"])
         super().__init__(optimizer, lr_lambda)
 
     def step(self, epoch: int | None = None) -> None:
         super().step(epoch)
-        for group in self.optimizer.param_groups:
-            group["weight_decay"] = self.decay(group["initial_weight_decay"], self.last_epoch)
+        if self.decay is not None:
+            for group in self.optimizer.param_groups:
+                group["weight_decay"] = self.decay(group["initial_weight_decay"], self.last_epoch)
 
     def state_dict(self) -> dict:
-        # The function is rebuilt from the configuration; checkpoints hold data only.
-        return {k: v for k, v in super().state_dict().items() if k != "decay"}
+        # The functions and hyperparameters come from the configuration; checkpoints hold the step.
+        return {k: v for k, v in super().state_dict().items() if k not in ("decay", "configured")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        configured = self.configured
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("decay", "configured")})
+        self.configured = configured
+        self.base_lrs = [group["lr"] for group in configured]
+        for group, values, lr_lambda in zip(self.optimizer.param_groups, configured, self.lr_lambdas, strict=True):
+            group.update({k: v for k, v in values.items() if k != "lr"})
+            group["initial_lr"] = values["lr"]
+            group["lr"] = values["lr"] * lr_lambda(self.last_epoch)
+            group["initial_weight_decay"] = values["weight_decay"]
+            if self.decay is not None:
+                group["weight_decay"] = self.decay(values["weight_decay"], self.last_epoch)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+ScheduleWithWeightDecay = ConfiguredSchedule  # its name before 2026-12-08
+
+# The train keys that shape the optimizer's hyperparameters and schedule (a resume applies them).
+SCHEDULE_KEYS = (
+    "lr",
+    "max_iters",
+    "warmup_iters",
+    "warmup_start_factor",
+    "poly_power",
+    "min_lr",
+    "weight_decay",
+    "betas",
+    "eps",
+    "backbone_lr_mult",
+)
 
 
 def state_in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
@@ -150,7 +194,7 @@ def state_in_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
 
 def build_optimizer(
     segmentor: Segmentor, config: Config, precision: str = "32-true"
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+) -> tuple[torch.optim.AdamW, ConfiguredSchedule]:
     """The AdamW optimizer and its per-iteration schedule for ``segmentor`` as ``config.train`` says,
     under the Lightning ``precision`` the trainer runs (``config.train.precision`` resolved)."""
     tc = config.train
@@ -177,7 +221,4 @@ def build_optimizer(
     def lr_lambda(step: int) -> float:
         return lr_factor(step, tc.max_iters, tc.warmup_iters, tc.warmup_start_factor, tc.poly_power, min_factor)
 
-    decay = strategy.weight_decay_schedule(options, tc.max_iters)
-    if decay is None:
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    return optimizer, ScheduleWithWeightDecay(optimizer, lr_lambda, decay)
+    return optimizer, ConfiguredSchedule(optimizer, lr_lambda, strategy.weight_decay_schedule(options, tc.max_iters))
