@@ -439,12 +439,14 @@ class SegmentationTask(L.LightningModule):
         self.check_resumable(checkpoint)
         saved = (checkpoint.get("config") or {}).get("train") or {}
         now = to_dict(self.config.train)
-        changed = [f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in SCHEDULE_KEYS if k in saved and saved[k] != now[k]]
-        if changed and self.global_rank == 0:
-            log.warning(
+        changed = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != now[k]]
+        resuming = self._trainer is not None and self.trainer.state.fn == "fit"  # not validate_missed_step's
+        if changed and resuming and self.global_rank == 0:
+            # A longer run (README's way to train further) is expected: told, not warned.
+            (log.info if changed == ["max_iters"] else log.warning)(
                 "the checkpoint's run had other optimizer settings (%s): the run goes on with this configuration's, "
                 "its learning rate and weight decay as they are at iteration %d of its schedule",
-                ", ".join(changed),
+                ", ".join(f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in changed),
                 int(checkpoint.get("global_step", 0)),
             )
         rng = checkpoint.get("rng")
