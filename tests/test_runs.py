@@ -478,6 +478,15 @@ def test_a_run_resumed_to_train_further_takes_the_configurations_schedule_from_i
     assert "train.lr 0.001 -> 0.5, train.max_iters 4 -> 8" in caplog.text
 
 
+def test_a_resume_that_regroups_the_parameters_is_refused_naming_the_keys(run, capsys):
+    out, config_file = run  # weight decay 0.05 on some tensors, none on norms and biases
+    before = snapshot(out)
+    assert main(["train", str(config_file), "train.max_iters=6", "train.weight_decay=0"]) == 2
+    error = capsys.readouterr().err
+    assert "in groups of" in error and "train.weight_decay" in error and "--resume never" in error
+    assert snapshot(out) == before
+
+
 def test_a_runs_checkpoints_are_its_folders_iteration_files_up_to_its_step(tmp_path):
     from reinseg.engine import _run_checkpoints
 

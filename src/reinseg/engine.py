@@ -425,6 +425,14 @@ class SegmentationTask(L.LightningModule):
         if states and isinstance(states[0], dict):
             saved = [len(group.get("params", [])) for group in states[0].get("param_groups", [])]
             now = [len(group["params"]) for group in build_optimizer(self.segmentor, self.config)[0].param_groups]
+            if saved != now and sum(saved) == sum(now):
+                # The groups are keyed by (lr, weight decay): a value made equal or different regroups.
+                raise ValueError(
+                    f"{name} holds the optimizer state of {sum(saved)} trainable tensors in groups of {saved}, this "
+                    f"run groups them as {now}: a train.weight_decay, train.lr or train.backbone_lr_mult changed to "
+                    "or from 0 (1 for the multiplier) regroups them; resume with the checkpoint's values (its "
+                    "config.yaml), or start a new run (--resume never)"
+                )
             if saved != now:
                 # Checkpoints of runs without linked queries written before Rein's unused transform
                 # and merge were frozen (2026-12-06) train four tensors more.
