@@ -1,5 +1,6 @@
 """What a user ran is never lost: finished runs, refused resumes, re-runs, evaluation, leftovers."""
 
+import csv
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from reinseg.checkpoints import atomic_write, remove_stale_temporaries
 from reinseg.cli import main
 from reinseg.config import dump_config, load_config
 from reinseg.engine import latest_checkpoint
+from reinseg.optim import lr_factor
 
 
 def _finished_run_config(folder):
@@ -464,10 +466,6 @@ def test_a_resume_from_an_earlier_checkpoint_keeps_it_and_writes_the_later_ones_
 def test_a_run_resumed_to_train_further_takes_the_configurations_schedule_from_its_step(run, caplog):
     """Raising train.max_iters of a finished run (as it says to) and changing train.lr: the first
     further iteration trains at the new schedule's lr, not at the finished one's last (0)."""
-    import csv
-
-    from reinseg.optim import lr_factor
-
     out, config_file = run  # 4 iterations at lr 1e-3
     assert main(["train", str(config_file), "train.max_iters=8", "train.lr=0.5"]) == 0
     rows = [r for r in csv.DictReader((out / "csv" / "metrics.csv").open()) if r.get("lr-AdamW/pg1")]

@@ -125,9 +125,9 @@ class ConfiguredSchedule(torch.optim.lr_scheduler.LambdaLR):
     Loading a checkpoint's state keeps its step but not its hyperparameters: each group's lr,
     weight decay, betas and eps are the configuration's again, at that step. (The optimizer's own
     ``load_state_dict``, which runs first, would keep the checkpoint's: a resume that raises
-    ``train.max_iters`` would train its first iteration at the finished schedule's last lr, 0,
-    and one that changes ``train.lr`` would never take it.) An unchanged configuration gives the
-    same values bit for bit (the same products as ``step``)."""
+    ``train.max_iters`` would train its first iteration at the finished schedule's last lr
+    (``min_lr``, 0 by default), and one that changes ``train.lr`` would never take it.) An
+    unchanged configuration gives the same values bit for bit (the same products as ``step``)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda, decay=None) -> None:
         self.decay = decay
