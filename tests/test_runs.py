@@ -49,6 +49,11 @@ def run(finished_run, tmp_path):
     return tmp_path / "run", config_file
 
 
+def checkpoint_names(out):
+    """The files in the run folder ``out``'s checkpoint folder."""
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
 def snapshot(folder):
     """Every file below ``folder`` with its bytes."""
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -125,7 +130,7 @@ def test_a_new_run_into_a_used_folder_is_refused_unless_overwritten(run, capsys)
     assert snapshot(out) == before
     assert main(["train", str(config_file), "train.max_iters=3", "--resume", "never", "--overwrite"]) == 0
     # The new run alone: no stale last.ckpt beside a last-v1.ckpt, no rows of the old run.
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000002.ckpt", "last.ckpt"]
+    assert checkpoint_names(out) == ["iter_000002.ckpt", "last.ckpt"]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
     assert sorted(p.name for p in (out / "metrics").iterdir()) == ["val_step0000003.json"]
 
@@ -393,9 +398,8 @@ def test_a_demo_rerun_replaces_the_previous_run(tmp_path):
 
     run_demo(tmp_path, max_iters=3, num_train=4, num_val=1)
     run_demo(tmp_path, max_iters=2, num_train=4, num_val=1)
-    checkpoints = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000002.ckpt", "last.ckpt"]
-    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert checkpoint_names(tmp_path / "run") == ["iter_000002.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
 def test_a_resume_removes_leftovers_of_killed_writes(run):
@@ -405,10 +409,6 @@ def test_a_resume_removes_leftovers_of_killed_writes(run):
     leftover.write_bytes(b"half a checkpoint")
     assert main(["train", str(config_file), "train.max_iters=5"]) == 0
     assert not leftover.exists()
-
-
-def checkpoint_names(out):
-    return sorted(p.name for p in (out / "checkpoints").iterdir())
 
 
 @pytest.mark.slow  # trains four steps
@@ -519,7 +519,7 @@ def test_an_output_folder_reached_through_a_link_keeps_only_its_newest_checkpoin
     config.train.output_dir = str(tmp_path / "link" / "run")
     config.train.keep_checkpoints = 1
     train(config)
-    assert sorted(p.name for p in (tmp_path / "scratch" / "run" / "checkpoints").iterdir()) == [
+    assert checkpoint_names(tmp_path / "scratch" / "run") == [
         "iter_000006.ckpt",
         "last.ckpt",
     ]

@@ -433,7 +433,7 @@ class SegmentationTask(L.LightningModule):
                     "or from 0 (1 for the multiplier) regroups them; resume with the checkpoint's values (its "
                     "config.yaml), or start a new run (--resume never)"
                 )
-            if saved != now:
+            elif saved != now:
                 # Checkpoints of runs without linked queries written before Rein's unused transform
                 # and merge were frozen (2026-12-06) train four tensors more.
                 raise ValueError(
@@ -576,9 +576,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # A resume reads the file like any other: nothing in it may run (torch's default would
         # follow TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD).
         checkpoint = load_torch_file(path, what="checkpoint")
+        in_this_folder = self.owns(path)
         for state in (checkpoint.get("callbacks") or {}).values():
             if isinstance(state, dict):  # ModelCheckpoint's, whatever its key; others hold no such paths
-                self._keep_own_paths(state, in_this_folder=self.owns(path))
+                self._keep_own_paths(state, in_this_folder)
         return checkpoint
 
     def remove_checkpoint(self, path) -> None:
@@ -593,10 +594,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def owns(self, path) -> bool:
         """Whether ``path`` is a ``*.ckpt`` file name directly inside the checkpoint folder
         (links and ``..`` resolved, no URL scheme)."""
-        if not isinstance(path, (str, Path)) or "://" in str(path) or "\0" in str(path):
-            return False
-        candidate = Path(os.path.realpath(path))
-        return candidate.suffix == ".ckpt" and candidate.parent == self.checkpoint_dir
+        return _names_a_checkpoint_in(self.checkpoint_dir, path)
 
     def _keep_own_paths(self, state: dict, in_this_folder: bool) -> None:
         """ModelCheckpoint's state without any path outside the checkpoint folder. ``in_this_folder``:
@@ -610,6 +608,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             state["best_k_models"] = {p: v for p, v in state["best_k_models"].items() if self.owns(p)}
         if in_this_folder and "dirpath" in state and "best_k_models" in state:  # every path left is in this folder
             state["dirpath"] = str(self.checkpoint_dir)
+
+
+def _names_a_checkpoint_in(folder: Path, path) -> bool:
+    """Whether ``path`` is a ``*.ckpt`` file name directly inside ``folder`` (a real path), links
+    and ``..`` resolved, no URL scheme."""
+    if not isinstance(path, (str, Path)) or "://" in str(path) or "\0" in str(path):
+        return False
+    candidate = Path(os.path.realpath(path))
+    return candidate.suffix == ".ckpt" and candidate.parent == folder
 
 
 ITERATION_CHECKPOINT = re.compile(r"iter_([0-9]+)\.ckpt")
@@ -660,9 +667,9 @@ def _run_checkpoints(folder: Path, up_to: int) -> list[tuple[int, str]]:
     found = []
     for path in folder.glob("iter_*.ckpt"):
         match = ITERATION_CHECKPOINT.fullmatch(path.name)
-        real = Path(os.path.realpath(path))
-        if match and real.parent == folder and real.is_file() and int(match.group(1)) <= up_to:
-            found.append((int(match.group(1)), str(folder / path.name)))
+        if match and (iteration := int(match.group(1))) <= up_to and _names_a_checkpoint_in(folder, path):
+            if path.is_file():  # not a folder, nor a link to one
+                found.append((iteration, str(path)))
     return sorted(found)
 
 
